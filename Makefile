@@ -1,0 +1,36 @@
+# Two commands from a fresh clone: `make demo` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+NPROC ?= 2
+
+.PHONY: venv demo test test-fast bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# torch first (a CPU build unless one is already there), then the package and its extras;
+# DS_BUILD_OPS=0 keeps DeepSpeed from compiling CUDA ops.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -e ".[test,fp8,deepspeed]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	OMP_NUM_THREADS=1 $(BIN)/overdrive launch --nproc $(NPROC) examples/train_llm.py --steps 8 --save-every 4 --out out/demo
+	OMP_NUM_THREADS=1 $(BIN)/overdrive launch --nproc $(NPROC) examples/train_llm.py --steps 12 --save-every 4 --out out/demo --resume
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not dist and not inductor"
+
+bench: venv
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,26 @@
+"""overdrive: make a plain PyTorch model fast and distributed with one call.
+
+    import overdrive as od
+    rt = od.accelerate(model, plan="fsdp+compile", optimizer=lambda p: torch.optim.AdamW(p))
+    print(rt.report)
+"""
+
+from .api import accelerate, inspect
+from .errors import BackendUnavailable, OverdriveError, PassFailed, PlanError
+from .rewrite.graph import ModuleGraph
+from .rewrite.manager import Pass, register_pass
+from .rewrite.plan import (DDP, FP8, FSDP, PRESETS, Casting, Checkpointing, Compile,
+                           DeepSpeed, Parallel, Plan)
+from .rewrite.report import MemoryEstimate, PassRecord, Report
+from .runtime.runtime import Runtime
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "accelerate", "inspect",
+    "Plan", "Compile", "FP8", "Checkpointing", "Casting", "Parallel", "FSDP", "DDP",
+    "DeepSpeed", "PRESETS",
+    "Runtime", "Report", "PassRecord", "MemoryEstimate", "ModuleGraph",
+    "Pass", "register_pass",
+    "OverdriveError", "PlanError", "BackendUnavailable", "PassFailed",
+]

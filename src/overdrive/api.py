@@ -1,0 +1,162 @@
+"""``accelerate`` and ``inspect``: the one call, and its dry run.
+
+The flow (DESIGN.md): resolve the plan → inspect the model → order the passes → check
+every pass → (only then) mutate: place the model, apply the passes, build the optimizer.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import passes as _builtin_passes  # noqa: F401  (registers the built-in passes)
+from .errors import PlanError
+from .rewrite.estimate import estimate_memory
+from .rewrite.graph import ModuleGraph
+from .rewrite.manager import PassManager
+from .rewrite.plan import Plan, resolve_plan
+from .rewrite.report import Report
+from .rewrite.trace import meta_copy, trace_model
+from .runtime.runtime import Runtime
+from .runtime.state import make_env
+
+log = logging.getLogger("overdrive")
+
+OptimizerArg = torch.optim.Optimizer | Callable[..., torch.optim.Optimizer] | None
+
+
+def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
+               optimizer: OptimizerArg = None, scheduler: Any = None) -> Runtime:
+    """Transform ``model`` in place according to ``plan`` and return a ``Runtime``.
+
+    ``optimizer`` may be an optimizer or a factory ``params -> optimizer``; a factory is
+    called after sharding, which FSDP/TP need. ``scheduler`` may be a scheduler or a
+    factory ``optimizer -> scheduler``.
+    """
+    if not isinstance(model, nn.Module):
+        raise PlanError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    plan = resolve_plan(plan)
+    plan, env = make_env(plan)
+    graph = ModuleGraph(model, plan.blocks)
+    graph.blocks()  # resolves a user override now: a bad glob is refused before mutation
+    manager = PassManager(plan)
+    _check_optimizer_arg(optimizer, manager, plan)
+    manager.check_all(graph, env)
+
+    # ---- nothing above this line mutates the model ----
+    param_names = {id(p): n for n, p in model.named_parameters()}
+    _place_model(model, plan, env)
+    env.optimizer_factory = _optimizer_factory(optimizer, param_names, model)
+    model, records = manager.apply_all(model, graph, env)
+
+    opt = env.extras.get("optimizer")  # an engine (DeepSpeed) may have built it
+    if opt is None and env.optimizer_factory is not None:
+        opt = env.optimizer_factory(model)
+    sched = scheduler(opt) if callable(scheduler) and not _is_scheduler(scheduler) else scheduler
+    report = Report(records, model=type(model).__name__, plan=plan.to_dict(),
+                    blocks=graph.blocks())
+    rt = Runtime(model, plan=plan, report=report, env=env, optimizer=opt, scheduler=sched)
+    if rt.is_main:
+        log.info("overdrive: applied %s", " → ".join(report.names()) or "no passes")
+    return rt
+
+
+def inspect(model: nn.Module, plan: Plan | dict | str | None = None, *,
+            world_size: int | None = None, example_inputs: Any = None) -> Report:
+    """What ``accelerate`` would do, worked out on a meta-device copy; touches nothing.
+
+    Runs plan resolution, block detection, ordering and every pass's ``check`` against a
+    ``world_size``-rank world, and estimates per-rank memory. With ``example_inputs`` the
+    model is also traced on meta (FLOPs, activation bytes).
+    """
+    if not isinstance(model, nn.Module):
+        raise PlanError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    plan = resolve_plan(plan)
+    plan, env = make_env(plan, world_size=world_size, dry_run=True)
+    on_meta = all(p.device.type == "meta" for p in model.parameters())
+    shadow = model if on_meta else meta_copy(model)
+    graph = ModuleGraph(shadow, plan.blocks)
+    graph.blocks()
+    manager = PassManager(plan)
+    manager.check_all(graph, env)
+    records = manager.preview_all(graph, env)
+    trace = trace_model(shadow, example_inputs) if example_inputs is not None else None
+    memory = estimate_memory(graph, plan, records, env.world_size, trace=trace)
+    return Report(records, model=type(model).__name__, plan=plan.to_dict(),
+                  blocks=graph.blocks(), memory=memory, dry_run=True, trace=trace)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_optimizer_arg(optimizer: OptimizerArg, manager: PassManager, plan: Plan) -> None:
+    if optimizer is None or callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
+        if plan.casting is not None and optimizer is not None:
+            raise PlanError(
+                "casting is an inference pass: accelerate() got an optimizer with a casting "
+                "plan; drop the optimizer, or use fp8 / mixed_precision for training"
+            )
+        return
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise PlanError(
+            f"optimizer={optimizer!r} is not valid; pass a torch.optim.Optimizer or a "
+            "factory such as lambda params: torch.optim.AdamW(params, lr=3e-4)"
+        )
+    if plan.casting is not None:
+        raise PlanError(
+            "casting is an inference pass: accelerate() got an optimizer with a casting plan; "
+            "drop the optimizer, or use fp8 / mixed_precision for training"
+        )
+    if optimizer.state:
+        replacing = [p.name for p in manager.passes if p.replaces_parameters]
+        if replacing:
+            raise PlanError(
+                f"optimizer already holds state, but pass(es) {', '.join(replacing)} replace "
+                "the parameters; pass a factory (lambda params: ...) so the optimizer is "
+                "built after sharding"
+            )
+
+
+def _optimizer_factory(optimizer: OptimizerArg, param_names: dict[int, str],
+                       model: nn.Module) -> Callable[[nn.Module], Any] | None:
+    """A function ``model -> optimizer`` to run after the passes.
+
+    A factory is called with the transformed parameters. An optimizer instance is rebuilt
+    over the transformed parameters, matched by name (passes keep the names), so param
+    groups and hyper-parameters survive sharding.
+    """
+    if optimizer is None:
+        return None
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        return lambda m: optimizer(m.parameters())
+    groups = [[param_names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+
+    def rebuild(m: nn.Module):
+        current = dict(m.named_parameters(remove_duplicate=False))
+        if all(current.get(n) is p for g, names in zip(optimizer.param_groups, groups)
+               for n, p in zip(names, g["params"])):
+            return optimizer  # the passes kept every parameter object
+        new_groups = []
+        for g, names in zip(optimizer.param_groups, groups):
+            ng = {k: v for k, v in g.items() if k != "params"}
+            ng["params"] = [current[n] for n in names]
+            new_groups.append(ng)
+        return type(optimizer)(new_groups, **optimizer.defaults)
+
+    return rebuild
+
+
+def _place_model(model: nn.Module, plan: Plan, env) -> None:
+    """Move a real (non-meta) model to the runtime's device; meta models stay for fsdp."""
+    devices = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
+    if any(d.type == "meta" for d in devices):
+        return  # materialised by the fsdp pass after sharding
+    if devices and devices != {env.device}:
+        model.to(env.device)
+
+
+def _is_scheduler(obj: Any) -> bool:
+    return hasattr(obj, "step") and hasattr(obj, "state_dict")

@@ -1,0 +1,126 @@
+"""The ``overdrive`` command: inspect, env (and launch, bench as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+from typing import Any, Callable
+
+
+def load_factory(spec: str) -> Callable[[], Any]:
+    """``pkg.module:factory`` (or ``path/to/file.py:factory``) → the callable."""
+    if ":" not in spec:
+        raise SystemExit(f"overdrive: expected MODULE:FACTORY, got {spec!r} "
+                         "(e.g. examples.models:llama_8b)")
+    mod_name, _, attr = spec.rpartition(":")
+    if mod_name.endswith(".py"):
+        import importlib.util
+
+        loader = importlib.util.spec_from_file_location("_overdrive_user_module", mod_name)
+        if loader is None:
+            raise SystemExit(f"overdrive: cannot load {mod_name!r}")
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+    else:
+        sys.path.insert(0, os.getcwd())
+        module = importlib.import_module(mod_name)
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise SystemExit(f"overdrive: {mod_name!r} has no attribute {attr!r}") from None
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import torch
+
+    import overdrive as od
+
+    factory = load_factory(args.model)
+    with torch.device("meta"):
+        model = factory()
+    report = od.inspect(model, args.plan, world_size=args.world_size)
+    print(report.to_json() if args.json else report)
+    return 0
+
+
+def _version(dist_name: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """What a bug report needs: versions, devices, optional backends."""
+    import torch
+
+    info: dict[str, Any] = {
+        "overdrive": _version("overdrive") or "source checkout",
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_version": torch.version.cuda,
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "cpu_count": os.cpu_count(),
+        "distributed_backends": {b: getattr(torch.distributed, f"is_{b}_available", lambda: False)()
+                                 for b in ("gloo", "nccl", "mpi")},
+    }
+    for name, dist_name in (("torchao", "torchao"), ("transformer_engine", "transformer-engine"),
+                            ("deepspeed", "deepspeed"), ("transformers", "transformers"),
+                            ("accelerate", "accelerate"), ("safetensors", "safetensors"),
+                            ("networkx", "networkx")):
+        info[name] = _version(dist_name)
+    return info
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    info = environment()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(len(k) for k in info)
+        for key, value in info.items():
+            shown = "not installed" if value is None else value
+            print(f"{key.ljust(width)}  {shown}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="overdrive", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="dry-run a plan on a meta-device model; print the report")
+    p.add_argument("model", help="MODULE:FACTORY returning an nn.Module (built on meta)")
+    p.add_argument("--plan", default=None, help="preset (fsdp+compile), YAML or JSON path")
+    p.add_argument("--world-size", type=int, default=None, help="ranks to plan for")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("env", help="versions and backends, for bug reports")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_env)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    from .errors import OverdriveError
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except OverdriveError as err:
+        print(f"overdrive: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""The errors overdrive raises. They are part of the public API.
+
+A message names the field (or pass), the value that was refused and what would work.
+"""
+
+
+class OverdriveError(Exception):
+    """Base class of every error overdrive raises on purpose."""
+
+
+class PlanError(OverdriveError, ValueError):
+    """The plan is malformed, contradictory, or does not fit the model / world size.
+
+    Raised before any pass mutates the model: the model is left exactly as it was.
+    """
+
+
+class BackendUnavailable(OverdriveError, ImportError):
+    """A pass needs a package or device that is not present (names the install extra)."""
+
+
+class PassFailed(OverdriveError, RuntimeError):
+    """A pass raised inside ``apply``; names the pass and the modules it had touched."""
+
+    def __init__(self, pass_name: str, touched: list[str], cause: BaseException):
+        self.pass_name = pass_name
+        self.touched = list(touched)
+        shown = ", ".join(self.touched[:8]) + (" …" if len(self.touched) > 8 else "")
+        super().__init__(
+            f"pass '{pass_name}' failed: {type(cause).__name__}: {cause}. "
+            f"It had touched {len(self.touched)} module(s){': ' + shown if shown else ''}; "
+            "the model is partially transformed and should be rebuilt."
+        )

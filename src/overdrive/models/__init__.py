@@ -1,0 +1,1 @@
+"""Reference models: overdrive.models.llama (Llama-style decoder, 8B/70B shapes)."""

@@ -1,0 +1,210 @@
+"""PassManager: the registry, ordering by topological sort, check-all-then-apply.
+
+A pass declares which passes it runs ``after`` and ``before``. The manager keeps the
+enabled passes, builds a DiGraph of those constraints and takes a deterministic
+topological order (ties broken by registration order, which is the canonical order for
+the built-ins). Every pass's ``check`` runs before any ``apply``: a refused plan leaves
+the model untouched.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import networkx as nx
+from torch import nn
+
+from ..errors import OverdriveError, PassFailed, PlanError
+from .graph import ModuleGraph, tensor_bytes
+from .plan import Plan
+from .report import PassRecord
+
+
+class Pass:
+    """One transformation. Subclass it and register it with ``@register_pass``.
+
+    ``enabled(plan)`` says whether the plan asks for it; ``check(graph, plan, env)`` raises
+    ``PlanError`` / ``BackendUnavailable`` for anything it cannot do and must not mutate;
+    ``apply(model, graph, plan, env)`` does the work and returns a ``PassRecord``;
+    ``preview(graph, plan, env)`` is the dry-run account used by ``od.inspect``.
+    """
+
+    name: str = ""
+    after: tuple[str, ...] = ()
+    before: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()
+    # True when apply replaces nn.Parameter objects (sharding, wrapping engines):
+    # an optimizer built beforehand would then point at stale tensors.
+    replaces_parameters: bool = False
+
+    def enabled(self, plan: Plan) -> bool:
+        return True
+
+    def check(self, graph: ModuleGraph, plan: Plan, env: Any) -> None:
+        return None
+
+    def apply(self, model: nn.Module, graph: ModuleGraph, plan: Plan, env: Any) -> PassRecord:
+        raise NotImplementedError(f"pass {self.name!r} has no apply()")
+
+    def preview(self, graph: ModuleGraph, plan: Plan, env: Any) -> PassRecord:
+        return PassRecord(self.name, dry_run=True)
+
+    def record(self, **kwargs: Any) -> PassRecord:
+        return PassRecord(self.name, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<pass {self.name}>"
+
+
+@dataclass
+class _Entry:
+    cls: type[Pass]
+    after: tuple[str, ...]
+    before: tuple[str, ...]
+    requires: tuple[str, ...]
+    index: int  # registration order: the tie-breaker of the topological sort
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_pass(name: str, after: tuple[str, ...] | str = (), before: tuple[str, ...] | str = (),
+                  requires: tuple[str, ...] | str = ()) -> Callable[[type[Pass]], type[Pass]]:
+    """Class decorator: add a ``Pass`` subclass to the pipeline under ``name``.
+
+    ``after`` / ``before`` name passes this one must follow / precede when both are
+    enabled; ``requires`` names passes that must be enabled whenever this one is.
+    """
+
+    def as_tuple(v):
+        return (v,) if isinstance(v, str) else tuple(v)
+
+    def decorate(cls: type[Pass]) -> type[Pass]:
+        if not (isinstance(cls, type) and issubclass(cls, Pass)):
+            raise TypeError(f"register_pass({name!r}) decorates a subclass of od.Pass, got {cls!r}")
+        if name in _REGISTRY and _REGISTRY[name].cls is not cls \
+                and _REGISTRY[name].cls.__qualname__ != cls.__qualname__:
+            raise PlanError(f"a pass named {name!r} is already registered "
+                            f"({_REGISTRY[name].cls.__qualname__}); choose another name")
+        cls.name = name
+        cls.after, cls.before, cls.requires = as_tuple(after), as_tuple(before), as_tuple(requires)
+        index = _REGISTRY[name].index if name in _REGISTRY else len(_REGISTRY)
+        _REGISTRY[name] = _Entry(cls, cls.after, cls.before, cls.requires, index)
+        return cls
+
+    return decorate
+
+
+def unregister_pass(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def registered_passes() -> list[str]:
+    return sorted(_REGISTRY, key=lambda n: _REGISTRY[n].index)
+
+
+def order_passes(plan: Plan) -> list[Pass]:
+    """The enabled passes in a valid, deterministic order."""
+    instances = {name: e.cls() for name, e in _REGISTRY.items()}
+    enabled = {name: p for name, p in instances.items() if p.enabled(plan)}
+    for name in plan.requested_passes():
+        if name not in enabled:
+            why = "is not registered" if name not in _REGISTRY else "did not enable itself"
+            raise PlanError(f"the plan asks for pass '{name}', which {why}; "
+                            f"registered passes: {', '.join(registered_passes()) or 'none'}")
+    g = nx.DiGraph()
+    g.add_nodes_from(enabled)
+    for name, p in enabled.items():
+        for dep in p.requires:
+            if dep not in enabled:
+                why = "is not registered" if dep not in _REGISTRY else "is not enabled by the plan"
+                raise PlanError(f"pass '{name}' requires pass '{dep}', which {why}")
+        for other in p.after + p.before:
+            if other not in _REGISTRY:
+                raise PlanError(
+                    f"pass '{name}' is ordered relative to pass '{other}', which is not "
+                    f"registered; registered passes: {', '.join(registered_passes())}"
+                )
+        for other in p.after:
+            if other in enabled:
+                g.add_edge(other, name)
+        for other in p.before:
+            if other in enabled:
+                g.add_edge(name, other)
+    try:
+        order = list(nx.lexicographical_topological_sort(g, key=lambda n: _REGISTRY[n].index))
+    except nx.NetworkXUnfeasible:
+        cycle = nx.find_cycle(g)
+        path = " → ".join([a for a, _ in cycle] + [cycle[0][0]])
+        raise PlanError(f"pass ordering has a cycle: {path}; fix their after=/before=") from None
+    return [enabled[n] for n in order]
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes of parameters this rank holds (DTensor shards count locally)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += tensor_bytes(p)
+    return total
+
+
+def _module_snapshot(model: nn.Module) -> dict[str, tuple[int, type]]:
+    return {n: (id(m), type(m)) for n, m in model.named_modules()}
+
+
+def _changed_modules(before: dict[str, tuple[int, type]], model: nn.Module) -> list[str]:
+    after = _module_snapshot(model)
+    changed = [n for n, v in after.items() if before.get(n) != v]
+    changed += [n for n in before if n not in after]
+    return changed
+
+
+class PassManager:
+    """Orders, checks and applies the passes a plan enables."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.passes = order_passes(plan)
+
+    def names(self) -> list[str]:
+        return [p.name for p in self.passes]
+
+    def check_all(self, graph: ModuleGraph, env: Any) -> None:
+        for p in self.passes:
+            p.check(graph, self.plan, env)
+
+    def preview_all(self, graph: ModuleGraph, env: Any) -> list[PassRecord]:
+        records = []
+        for p in self.passes:
+            rec = p.preview(graph, self.plan, env)
+            rec.name, rec.dry_run = p.name, True
+            records.append(rec)
+        return records
+
+    def apply_all(self, model: nn.Module, graph: ModuleGraph, env: Any) -> tuple[nn.Module, list[PassRecord]]:
+        """Apply in order. A pass may hand back a different root (``env.model``)."""
+        records: list[PassRecord] = []
+        for p in self.passes:
+            before = _module_snapshot(model)
+            bytes_before = parameter_bytes(model)
+            t0 = time.perf_counter()
+            try:
+                rec = p.apply(model, graph, self.plan, env)
+            except OverdriveError:
+                raise
+            except Exception as err:  # noqa: BLE001 - re-raised with the pass named
+                raise PassFailed(p.name, _changed_modules(before, model), err) from err
+            if rec is None:
+                rec = PassRecord(p.name)
+            rec.name = p.name
+            rec.seconds = time.perf_counter() - t0
+            rec.bytes_before = bytes_before
+            rec.bytes_after = parameter_bytes(model)
+            records.append(rec)
+            graph = ModuleGraph(model, self.plan.blocks)
+        return model, records

@@ -1,0 +1,572 @@
+"""The plan: frozen dataclasses, presets, parsing from dict / YAML / JSON, validation.
+
+A plan says *what* to do; the passes say *how*. ``resolve_plan`` turns whatever the user
+handed in (a ``Plan``, a dict, a file path or a preset string such as ``"fsdp+compile+ac"``)
+into one frozen, fully defaulted ``Plan`` and refuses anything malformed with a
+``PlanError`` that names the field, the value and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import re
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, Mapping
+
+from ..errors import PlanError
+
+# --------------------------------------------------------------------------- parts
+
+
+@dataclass(frozen=True)
+class Compile:
+    """Regional (per block), full-model or no ``torch.compile``."""
+
+    mode: str = "regional"  # "regional" | "full" | "off"
+    backend: str = "inductor"
+    compile_mode: str | None = None  # torch.compile's own `mode`
+    fullgraph: bool = False
+    dynamic: bool | None = None
+    options: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class FP8:
+    """FP8 training layers: torchao everywhere, Transformer Engine on NVIDIA GPUs."""
+
+    backend: str = "auto"  # "auto" | "torchao" | "te"
+    recipe: str = "tensorwise"  # "tensorwise" | "rowwise" | "mxfp8"
+    filter: str | Callable[[str], bool] | None = None  # regex or fn(qualified name) -> keep
+    layernorm: bool = False  # te only: also swap LayerNorm
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """Activation checkpointing of the repeated blocks."""
+
+    mode: str = "full"  # "full" | "every" | "selective" | "budget"
+    every: int = 2
+    budget_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class Casting:
+    """Layerwise casting for inference: store in `storage`, compute in `compute`."""
+
+    storage: str = "float8_e4m3fn"
+    compute: str = "bfloat16"
+    skip: tuple[str, ...] = ("norm", "embed", "lm_head")
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """Mesh sizes. One of them may be -1: it takes the ranks the others leave."""
+
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    tp: int = 1
+    cp: int = 1
+    sequence_parallel: bool = False  # with tp: shard norms/activations along the sequence
+
+
+@dataclass(frozen=True)
+class FSDP:
+    """FSDP2 ``fully_shard`` per block, then leftovers, then the root."""
+
+    reshard_after_forward: bool = True
+    offload: bool = False
+    param_dtype: str | None = None  # None: from Plan.mixed_precision
+    reduce_dtype: str | None = "float32"
+
+
+@dataclass(frozen=True)
+class DDP:
+    """Plain data parallel: every rank keeps the whole model, gradients are all-reduced."""
+
+    bucket_cap_mb: int = 25
+    find_unused_parameters: bool = False
+    static_graph: bool = False
+
+
+@dataclass(frozen=True)
+class DeepSpeed:
+    """DeepSpeed ZeRO as the data-parallel engine."""
+
+    zero_stage: int = 2
+    config: Mapping[str, Any] | str | None = None  # dict or path to a DeepSpeed JSON
+    offload_optimizer: bool = False
+
+
+PARTS: dict[str, type] = {
+    "compile": Compile,
+    "fp8": FP8,
+    "checkpointing": Checkpointing,
+    "casting": Casting,
+    "parallel": Parallel,
+    "fsdp": FSDP,
+    "ddp": DDP,
+    "deepspeed": DeepSpeed,
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything ``accelerate`` will do to a model. Parts left as ``None`` are off."""
+
+    parallel: Parallel = field(default_factory=Parallel)
+    compile: Compile | None = None
+    fp8: FP8 | None = None
+    checkpointing: Checkpointing | None = None
+    casting: Casting | None = None
+    fsdp: FSDP | None = None
+    ddp: DDP | None = None
+    deepspeed: DeepSpeed | None = None
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
+    grad_accum: int = 1
+    blocks: tuple[str, ...] | None = None  # qualified names or globs of the repeated blocks
+    tp_plan: str | Mapping[str, str] | None = "auto"  # used when parallel.tp > 1
+    seed: int | None = None  # one seed for shuffling and RNG on every rank
+
+    # -- conversions ---------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (JSON/YAML friendly except for callables the user put in)."""
+        return _to_plain(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
+        return plan_from_dict(data)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "Plan":
+        return plan_from_file(path)
+
+    @classmethod
+    def preset(cls, name: str) -> "Plan":
+        return plan_from_preset(name)
+
+    def replace(self, **changes: Any) -> "Plan":
+        return validate_plan(replace(self, **changes))
+
+    # -- derived ------------------------------------------------------------------
+    @property
+    def data_parallel(self) -> str | None:
+        """Which data-parallel engine the plan uses: "fsdp", "ddp", "deepspeed" or None."""
+        for name in ("fsdp", "ddp", "deepspeed"):
+            if getattr(self, name) is not None:
+                return name
+        return None
+
+    def compile_enabled(self) -> bool:
+        return self.compile is not None and self.compile.mode != "off"
+
+    def requested_passes(self) -> list[str]:
+        """Names of the passes this plan asks for; each must exist and be enabled."""
+        wanted = [n for n in ("casting", "fp8", "checkpointing", "fsdp", "ddp", "deepspeed")
+                  if getattr(self, n) is not None]
+        if self.compile_enabled():
+            wanted.append("compile")
+        if self.parallel.tp > 1:
+            wanted.append("tensor_parallel")
+        if self.parallel.cp > 1:
+            wanted.append("context_parallel")
+        return wanted
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, Mapping):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return list(obj)
+    return obj
+
+
+# --------------------------------------------------------------------------- choices
+
+CHOICES: dict[tuple[str, str], tuple] = {
+    ("compile", "mode"): ("regional", "full", "off"),
+    ("compile", "compile_mode"): (None, "default", "reduce-overhead", "max-autotune",
+                                  "max-autotune-no-cudagraphs"),
+    ("fp8", "backend"): ("auto", "torchao", "te"),
+    ("fp8", "recipe"): ("tensorwise", "rowwise", "mxfp8"),
+    ("checkpointing", "mode"): ("full", "every", "selective", "budget"),
+    ("casting", "storage"): ("float8_e4m3fn", "float8_e5m2", "bfloat16", "float16"),
+    ("casting", "compute"): ("bfloat16", "float16", "float32"),
+    ("fsdp", "param_dtype"): (None, "float32", "bfloat16", "float16"),
+    ("fsdp", "reduce_dtype"): (None, "float32", "bfloat16", "float16"),
+    ("deepspeed", "zero_stage"): (0, 1, 2, 3),
+    ("plan", "mixed_precision"): ("no", "bf16", "fp16"),
+}
+
+
+def _choices_error(path: str, value: Any, choices) -> PlanError:
+    shown = ", ".join(repr(c) for c in choices)
+    return PlanError(f"{path}={value!r} is not valid; choose one of: {shown}")
+
+
+def _unknown_key_error(path: str, key: str, valid) -> PlanError:
+    close = difflib.get_close_matches(str(key), list(valid), n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return PlanError(
+        f"{path}: unknown key '{key}'.{hint} Valid keys: {', '.join(sorted(valid))}"
+    )
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate_plan(plan: Plan) -> Plan:
+    """Field-level checks that need neither the model nor the world size.
+
+    Returns the plan (so it can be used inline); raises ``PlanError``.
+    """
+    if not isinstance(plan, Plan):
+        raise PlanError(f"plan must be an overdrive Plan, got {type(plan).__name__}")
+    for name, part_cls in PARTS.items():
+        part = getattr(plan, name)
+        if part is None:
+            continue
+        if not isinstance(part, part_cls):
+            raise PlanError(
+                f"plan.{name} must be od.{part_cls.__name__}(...) or None, got {part!r}"
+            )
+        for f in fields(part):
+            choices = CHOICES.get((name, f.name))
+            value = getattr(part, f.name)
+            if choices is not None and value not in choices:
+                raise _choices_error(f"{name}.{f.name}", value, choices)
+    _check_part_values(plan)
+    if plan.mixed_precision not in CHOICES[("plan", "mixed_precision")]:
+        raise _choices_error("mixed_precision", plan.mixed_precision,
+                             CHOICES[("plan", "mixed_precision")])
+    if not isinstance(plan.grad_accum, int) or isinstance(plan.grad_accum, bool) \
+            or plan.grad_accum < 1:
+        raise PlanError(f"grad_accum={plan.grad_accum!r} is not valid; use an integer >= 1")
+    if plan.blocks is not None:
+        if isinstance(plan.blocks, str) or not all(isinstance(b, str) and b for b in plan.blocks):
+            raise PlanError(
+                f"blocks={plan.blocks!r} is not valid; use a tuple of qualified module names "
+                "or globs, e.g. ('model.layers.*',)"
+            )
+    _check_tp_plan(plan.tp_plan)
+    if plan.seed is not None and (not isinstance(plan.seed, int) or plan.seed < 0):
+        raise PlanError(f"seed={plan.seed!r} is not valid; use a non-negative integer or None")
+    _check_contradictions(plan)
+    return plan
+
+
+def _check_int(path: str, value: Any, minimum: int, allow_minus_one: bool = False) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and (
+        value >= minimum or (allow_minus_one and value == -1))
+    if not ok:
+        extra = " or -1 (inferred from the world size)" if allow_minus_one else ""
+        raise PlanError(f"{path}={value!r} is not valid; use an integer >= {minimum}{extra}")
+
+
+def _check_part_values(plan: Plan) -> None:
+    par = plan.parallel
+    for name in ("dp_replicate", "dp_shard", "tp", "cp"):
+        _check_int(f"parallel.{name}", getattr(par, name), 1, allow_minus_one=True)
+    inferred = [n for n in ("dp_replicate", "dp_shard", "tp", "cp") if getattr(par, n) == -1]
+    if len(inferred) > 1:
+        raise PlanError(
+            f"parallel: only one size may be -1, got -1 for {', '.join(inferred)}; "
+            "give the others explicit sizes"
+        )
+    if plan.checkpointing is not None:
+        ac = plan.checkpointing
+        _check_int("checkpointing.every", ac.every, 1)
+        if ac.mode == "budget":
+            if ac.budget_bytes is None:
+                raise PlanError(
+                    "checkpointing.budget_bytes=None is not valid with mode='budget'; "
+                    "give the activation memory budget in bytes"
+                )
+            _check_int("checkpointing.budget_bytes", ac.budget_bytes, 0)
+    if plan.fp8 is not None and plan.fp8.filter is not None:
+        flt = plan.fp8.filter
+        if isinstance(flt, str):
+            try:
+                re.compile(flt)
+            except re.error as err:
+                raise PlanError(f"fp8.filter={flt!r} is not a valid regex: {err}") from None
+        elif not callable(flt):
+            raise PlanError(
+                f"fp8.filter={flt!r} is not valid; use a regex string or a callable "
+                "taking the qualified module name and returning True to convert it"
+            )
+    if plan.fp8 is not None and plan.fp8.recipe == "mxfp8" and plan.fp8.backend == "torchao":
+        raise PlanError(
+            "fp8.recipe='mxfp8' is not available with fp8.backend='torchao' training; "
+            "use backend='te' (NVIDIA Blackwell) or recipe 'tensorwise' / 'rowwise'"
+        )
+    if plan.casting is not None and isinstance(plan.casting.skip, str):
+        raise PlanError(
+            f"casting.skip={plan.casting.skip!r} must be a tuple of name fragments, "
+            "e.g. ('norm', 'embed', 'lm_head')"
+        )
+    if plan.deepspeed is not None:
+        cfg = plan.deepspeed.config
+        if cfg is not None and not isinstance(cfg, (Mapping, str, os.PathLike)):
+            raise PlanError(
+                f"deepspeed.config={cfg!r} is not valid; use None, a dict or a JSON path"
+            )
+        if isinstance(cfg, (str, os.PathLike)) and not os.path.isfile(cfg):
+            raise PlanError(f"deepspeed.config={str(cfg)!r}: no such file")
+    for name in ("fsdp", "ddp"):
+        part = getattr(plan, name)
+        if part is not None and name == "ddp":
+            _check_int("ddp.bucket_cap_mb", part.bucket_cap_mb, 1)
+
+
+TP_STYLES = ("colwise", "rowwise", "sequence_parallel", "colwise_rep", "rowwise_rep",
+             "local_colwise", "local_rowwise", "replicate", "gather", "embedding_rowwise")
+
+
+def _check_tp_plan(tp_plan: Any) -> None:
+    if tp_plan is None or tp_plan == "auto":
+        return
+    if isinstance(tp_plan, str):
+        raise PlanError(
+            f"tp_plan={tp_plan!r} is not valid; use 'auto' or a dict "
+            "{module glob: style}, e.g. {'layers.*.attn.q_proj': 'colwise'}"
+        )
+    if not isinstance(tp_plan, Mapping):
+        raise PlanError(f"tp_plan must be 'auto' or a dict, got {type(tp_plan).__name__}")
+    for glob, style in tp_plan.items():
+        if style not in TP_STYLES:
+            raise _choices_error(f"tp_plan[{glob!r}]", style, TP_STYLES)
+
+
+def _check_contradictions(plan: Plan) -> None:
+    engines = [n for n in ("fsdp", "ddp", "deepspeed") if getattr(plan, n) is not None]
+    if len(engines) > 1:
+        raise PlanError(
+            f"plan enables {' and '.join(engines)} together; choose one data-parallel engine "
+            "(fsdp, ddp or deepspeed)"
+        )
+    par = plan.parallel
+    if plan.deepspeed is not None and (par.tp not in (1,) or par.cp != 1):
+        raise PlanError(
+            f"deepspeed with parallel.tp={par.tp}, parallel.cp={par.cp} is not supported; "
+            "use fsdp for 2-D/3-D parallelism or set tp=1, cp=1"
+        )
+    if plan.casting is not None and plan.fp8 is not None:
+        raise PlanError(
+            "casting and fp8 together are not valid: casting is for inference, fp8 for "
+            "training; drop one of them"
+        )
+    if plan.casting is not None and (plan.fsdp or plan.deepspeed or plan.ddp):
+        raise PlanError(
+            "casting is an inference pass and cannot be combined with "
+            f"{plan.data_parallel}; drop one of them"
+        )
+    if plan.mixed_precision == "fp16" and plan.deepspeed is not None:
+        # DeepSpeed keeps its own loss scaler; it is configured through its config.
+        pass
+    if par.sequence_parallel and par.tp == 1:
+        raise PlanError(
+            "parallel.sequence_parallel=True needs parallel.tp > 1 (it shards the norms' "
+            "activations across the tensor-parallel ranks)"
+        )
+
+
+def resolve_sizes(parallel: Parallel, world_size: int) -> Parallel:
+    """Fill the one -1 size and check the product equals the world size."""
+    sizes = {n: getattr(parallel, n) for n in ("dp_replicate", "dp_shard", "tp", "cp")}
+    known = 1
+    for v in sizes.values():
+        if v != -1:
+            known *= v
+    missing = [n for n, v in sizes.items() if v == -1]
+    if missing:
+        if world_size % known != 0:
+            raise PlanError(
+                f"parallel.{missing[0]}=-1 cannot be inferred: world size {world_size} is not "
+                f"divisible by the product of the other sizes ({known}); valid world sizes "
+                f"are multiples of {known}"
+            )
+        sizes[missing[0]] = world_size // known
+    product = 1
+    for v in sizes.values():
+        product *= v
+    if product != world_size:
+        desc = " × ".join(f"{n}={v}" for n, v in sizes.items())
+        raise PlanError(
+            f"parallel sizes {desc} = {product} do not match the world size {world_size}; "
+            "make their product equal the number of processes (one size may be -1)"
+        )
+    return replace(parallel, **sizes)
+
+
+def resolve_for_world(plan: Plan, world_size: int) -> Plan:
+    """The plan with concrete mesh sizes for ``world_size`` processes.
+
+    When the data-parallel size is > 1 and the plan names no data-parallel engine,
+    ddp is turned on: ranks that each train alone on their slice would silently diverge.
+    """
+    plan = replace(plan, parallel=resolve_sizes(plan.parallel, world_size))
+    dp = plan.parallel.dp_replicate * plan.parallel.dp_shard
+    if dp > 1 and plan.data_parallel is None and plan.casting is None:
+        plan = replace(plan, ddp=DDP())
+    if plan.parallel.dp_shard > 1 and plan.ddp is not None:
+        # ddp has no sharding dimension: all data ranks replicate.
+        pass
+    return plan
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _part_from_value(name: str, value: Any):
+    cls = PARTS[name]
+    if value is None or value is False:
+        return None if name != "parallel" else Parallel()
+    if value is True:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if name == "compile" and isinstance(value, str):
+        return Compile(mode=value)
+    if name == "checkpointing" and isinstance(value, str):
+        return Checkpointing(mode=value)
+    if name == "deepspeed" and isinstance(value, int):
+        return DeepSpeed(zero_stage=value)
+    if not isinstance(value, Mapping):
+        raise PlanError(
+            f"plan.{name}={value!r} is not valid; use a dict of {cls.__name__} fields, "
+            "true/false, or null"
+        )
+    valid = {f.name for f in fields(cls)}
+    for key in value:
+        if key not in valid:
+            raise _unknown_key_error(name, key, valid)
+    kwargs = dict(value)
+    if name == "casting" and isinstance(kwargs.get("skip"), list):
+        kwargs["skip"] = tuple(kwargs["skip"])
+    return cls(**kwargs)
+
+
+def plan_from_dict(data: Mapping[str, Any]) -> Plan:
+    if not isinstance(data, Mapping):
+        raise PlanError(f"a plan dict is expected, got {type(data).__name__}")
+    valid = {f.name for f in fields(Plan)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in valid:
+            raise _unknown_key_error("plan", key, valid)
+        if key in PARTS:
+            kwargs[key] = _part_from_value(key, value)
+        elif key == "blocks" and value is not None:
+            kwargs[key] = (value,) if isinstance(value, str) else tuple(value)
+        else:
+            kwargs[key] = value
+    return validate_plan(Plan(**kwargs))
+
+
+def plan_from_file(path: str | os.PathLike) -> Plan:
+    path = os.fspath(path)
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    if path.endswith(".json"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise PlanError(f"plan file {path!r} is not valid JSON: {err}") from None
+    else:
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise PlanError(f"plan file {path!r} is not valid YAML: {err}") from None
+    if data is None:
+        data = {}
+    return plan_from_dict(data)
+
+
+# --------------------------------------------------------------------------- presets
+
+_SIMPLE_TOKENS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "ddp": {"ddp": DDP()},
+    "fsdp": {"fsdp": FSDP()},
+    "hsdp": {"fsdp": FSDP(), "parallel": {"dp_replicate": 2}},
+    "zero1": {"deepspeed": DeepSpeed(zero_stage=1)},
+    "zero2": {"deepspeed": DeepSpeed(zero_stage=2)},
+    "zero3": {"deepspeed": DeepSpeed(zero_stage=3)},
+    "deepspeed": {"deepspeed": DeepSpeed()},
+    "compile": {"compile": Compile(mode="regional")},
+    "compile-full": {"compile": Compile(mode="full")},
+    "ac": {"checkpointing": Checkpointing(mode="full")},
+    "sac": {"checkpointing": Checkpointing(mode="selective")},
+    "fp8": {"fp8": FP8()},
+    "bf16": {"mixed_precision": "bf16"},
+    "fp16": {"mixed_precision": "fp16"},
+    "sp": {"parallel": {"sequence_parallel": True}},
+    "inference-fp8": {"casting": Casting()},
+    "casting": {"casting": Casting()},
+}
+_SIZED_TOKENS = {"tp": ("tp", 2), "cp": ("cp", 2)}  # "tp" = tp2, "tp4" = 4
+
+PRESETS = tuple(_SIMPLE_TOKENS) + ("tp", "tpN", "cp", "cpN")
+
+
+def plan_from_preset(name: str) -> Plan:
+    """``"fsdp+compile+ac+fp8"``, ``"fsdp+tp4"``, ``"ddp"``… tokens joined with ``+``."""
+    tokens = [t.strip().lower() for t in name.split("+")]
+    kwargs: dict[str, Any] = {}
+    parallel: dict[str, Any] = {}
+    for tok in tokens:
+        if tok in _SIMPLE_TOKENS:
+            for key, value in _SIMPLE_TOKENS[tok].items():
+                if key == "parallel":
+                    parallel.update(value)
+                elif key in kwargs and kwargs[key] != value:
+                    raise PlanError(f"preset {name!r}: '{tok}' contradicts an earlier token")
+                else:
+                    kwargs[key] = value
+            continue
+        m = re.fullmatch(r"(tp|cp)(\d*)", tok)
+        if m:
+            dim, default = _SIZED_TOKENS[m.group(1)]
+            size = int(m.group(2)) if m.group(2) else default
+            if size < 1:
+                raise PlanError(f"preset {name!r}: '{tok}' needs a size >= 1")
+            parallel[dim] = size
+            continue
+        close = difflib.get_close_matches(tok, PRESETS, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise PlanError(
+            f"plan={name!r}: unknown preset token '{tok}'.{hint} Tokens (joined with '+'): "
+            f"{', '.join(PRESETS)}"
+        )
+    if parallel:
+        kwargs["parallel"] = Parallel(**parallel)
+    return validate_plan(Plan(**kwargs))
+
+
+def resolve_plan(plan: Plan | Mapping[str, Any] | str | os.PathLike | None) -> Plan:
+    """Whatever the user handed in → one frozen, validated ``Plan``."""
+    if plan is None:
+        return validate_plan(Plan())
+    if isinstance(plan, Plan):
+        return validate_plan(plan)
+    if isinstance(plan, Mapping):
+        return plan_from_dict(plan)
+    if isinstance(plan, os.PathLike):
+        return plan_from_file(plan)
+    if isinstance(plan, str):
+        if plan.endswith((".yaml", ".yml", ".json")):
+            if not os.path.isfile(plan):
+                raise PlanError(f"plan={plan!r}: no such plan file")
+            return plan_from_file(plan)
+        return plan_from_preset(plan)
+    raise PlanError(
+        f"plan={plan!r} is not valid; use an od.Plan, a dict, a YAML/JSON path or a preset "
+        "string such as 'fsdp+compile'"
+    )

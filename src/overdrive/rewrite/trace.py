@@ -1,0 +1,168 @@
+"""Meta-device trace: per-module call order, output shapes, FLOPs and activation bytes.
+
+Runs one forward (and, for FLOPs, one backward) of a meta-device copy of the model with
+example inputs. No real weights are touched and nothing is allocated: meta tensors carry
+shapes only. Activation bytes are what autograd saves for backward inside each module
+(counted with ``saved_tensors_hooks``), which is what activation checkpointing trades away.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.flop_counter import FlopCounterMode
+
+
+@dataclass
+class ModuleTrace:
+    name: str
+    order: int  # position in call order (first call)
+    calls: int = 0
+    output_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    flops: int = 0  # forward FLOPs, this module and below
+    activation_bytes: int = 0  # bytes saved for backward, this module and below
+
+
+@dataclass
+class Trace:
+    modules: dict[str, ModuleTrace]
+    forward_flops: int
+    backward_flops: int
+    activation_bytes: int
+
+    @property
+    def call_order(self) -> list[str]:
+        return sorted(self.modules, key=lambda n: self.modules[n].order)
+
+    def __getitem__(self, name: str) -> ModuleTrace:
+        return self.modules[name]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "forward_flops": self.forward_flops,
+            "backward_flops": self.backward_flops,
+            "activation_bytes": self.activation_bytes,
+            "modules": len(self.modules),
+        }
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers live on the meta device.
+
+    Weights are never copied: each tensor is replaced by an empty meta tensor of the same
+    shape and dtype before ``deepcopy`` reaches it. Tied weights stay tied.
+    """
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        if id(p) not in memo:
+            memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"),
+                                       requires_grad=p.requires_grad)
+    for b in model.buffers():
+        if id(b) not in memo:
+            memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
+
+
+def _to_meta(x: Any) -> Any:
+    return tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, x)
+
+
+def _shapes(out: Any) -> list[tuple[int, ...]]:
+    leaves, _ = tree_flatten(out)
+    return [tuple(t.shape) for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def _first_loss(out: Any) -> torch.Tensor | None:
+    loss = getattr(out, "loss", None)
+    if isinstance(loss, torch.Tensor):
+        return loss
+    if dataclasses.is_dataclass(out):
+        out = [getattr(out, f.name) for f in dataclasses.fields(out)]
+    elif hasattr(out, "to_tuple"):  # transformers' ModelOutput
+        out = out.to_tuple()
+    leaves, _ = tree_flatten(out)
+    for t in leaves:
+        if isinstance(t, torch.Tensor) and t.requires_grad and t.is_floating_point():
+            return t
+    return None
+
+
+def trace_model(model: nn.Module, example_inputs: Any, *, backward: bool = True) -> Trace:
+    """Trace ``model`` (copied to meta unless it is already there) with ``example_inputs``.
+
+    ``example_inputs`` is a tensor, a tuple of positional arguments, or a dict of keyword
+    arguments. Tensors are moved to meta.
+    """
+    on_meta = all(p.device.type == "meta" for p in model.parameters())
+    meta_model = model if on_meta else meta_copy(model)
+    inputs = _to_meta(example_inputs)
+    if isinstance(inputs, dict):
+        args, kwargs = (), inputs
+    elif isinstance(inputs, (tuple, list)):
+        args, kwargs = tuple(inputs), {}
+    else:
+        args, kwargs = (inputs,), {}
+
+    names = {m: n for n, m in meta_model.named_modules()}
+    records: dict[str, ModuleTrace] = {}
+    stack: list[str] = []
+    saved_ids: set[int] = set()
+    flop_counter = FlopCounterMode(display=False)
+
+    def pre_hook(module, _args):
+        name = names[module]
+        rec = records.get(name)
+        if rec is None:
+            rec = records[name] = ModuleTrace(name, order=len(records))
+        rec.calls += 1
+        stack.append(name)
+
+    def post_hook(module, _args, out):
+        name = stack.pop()
+        records[name].output_shapes = _shapes(out)
+
+    param_ids = {id(p) for p in meta_model.parameters()}
+
+    def pack(t: torch.Tensor):
+        is_weight = id(t) in param_ids or id(t._base) in param_ids
+        if not is_weight and id(t) not in saved_ids:
+            saved_ids.add(id(t))
+            size = t.numel() * t.element_size()
+            for name in stack:  # counts toward every enclosing module
+                records[name].activation_bytes += size
+        return t
+
+    handles = [m.register_forward_pre_hook(pre_hook) for m in meta_model.modules()]
+    handles += [m.register_forward_hook(post_hook) for m in meta_model.modules()]
+    try:
+        with flop_counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = meta_model(*args, **kwargs)
+        forward_flops = flop_counter.get_total_flops()
+        backward_flops = 0
+        loss = _first_loss(out) if backward else None
+        if loss is not None:
+            with FlopCounterMode(display=False) as bwd_counter:
+                loss.sum().backward()
+            backward_flops = bwd_counter.get_total_flops()
+    finally:
+        for h in handles:
+            h.remove()
+
+    per_module = flop_counter.get_flop_counts()  # keys: "<RootClass>.<qualified name>"
+    root_name = type(meta_model).__name__
+    for name, rec in records.items():
+        key = root_name if name == "" else f"{root_name}.{name}"
+        rec.flops = int(sum(per_module.get(key, {}).values()))
+    root = records.get("")
+    return Trace(
+        modules=records,
+        forward_flops=int(forward_flops),
+        backward_flops=int(backward_flops),
+        activation_bytes=root.activation_bytes if root else 0,
+    )

@@ -1,0 +1,185 @@
+"""Process group, device and DeviceMesh from the plan and torchrun's environment.
+
+``Env`` is what every pass's ``check``/``apply`` receives: ranks, device, the mesh (built
+lazily, so a single process with no parallelism never needs a process group) and the
+hand-off slots through which passes give the runtime what it must call later
+(post-optimizer-step hooks, forward contexts, an engine that owns backward/step).
+
+Under torchrun (``WORLD_SIZE`` > 1) the environment is always distributed — on CPU too,
+with gloo. A run never silently trains each rank alone.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from ..errors import PlanError
+from ..rewrite.plan import Plan, resolve_for_world
+
+log = logging.getLogger("overdrive")
+
+MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")
+
+
+def launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def pick_device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        return torch.device("xpu", local_rank % xpu.device_count())
+    return torch.device("cpu")
+
+
+def backend_for(device: torch.device) -> str:
+    return {"cuda": "nccl", "xpu": "xccl", "npu": "hccl"}.get(device.type, "gloo")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def timeout_from_env() -> datetime.timedelta:
+    return datetime.timedelta(seconds=float(os.environ.get("OVERDRIVE_PG_TIMEOUT", "600")))
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """Initialise the default process group once: torchrun's env, or a 1-rank group."""
+    if dist.is_initialized():
+        return
+    if "MASTER_ADDR" not in os.environ:  # a plain `python script.py`: a 1-rank group
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(_free_port())
+    backend = backend_for(device)
+    if backend == "nccl":
+        backend = "cpu:gloo,cuda:nccl"  # CPU tensors (objects, metrics) still work
+    kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout_from_env()}
+    if device.type == "cuda":
+        kwargs["device_id"] = device
+    dist.init_process_group(**kwargs)
+
+
+@dataclass
+class Env:
+    """The world a pass runs in. ``dry_run`` envs (od.inspect) have no process group."""
+
+    plan: Plan
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    dry_run: bool = False
+    _mesh: Any = None
+    # hand-off slots, filled by passes, read by the runtime
+    optimizer_factory: Callable[..., Any] | None = None
+    post_step_hooks: list[Callable[..., None]] = field(default_factory=list)
+    forward_contexts: list[Callable[[], AbstractContextManager]] = field(default_factory=list)
+    engine: Any = None  # e.g. a DeepSpeed engine that owns backward/step
+    # fn(bool): turn gradient all-reduce on/off (DDP no_sync, FSDP2
+    # set_requires_gradient_sync); set by the data-parallel pass, called by rt.accumulate
+    set_gradient_sync: Callable[[bool], None] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def backend(self) -> str:
+        return backend_for(self.device)
+
+    @property
+    def parallel(self):
+        return self.plan.parallel
+
+    def ensure_process_group(self) -> None:
+        if self.dry_run:
+            raise RuntimeError("a dry-run environment has no process group")
+        ensure_process_group(self.device)
+
+    @property
+    def mesh(self):
+        """The 4-D mesh (dp_replicate, dp_shard, cp, tp) with flattened ``dp``,
+        ``dp_shard_cp`` and ``dp_cp`` views; built on first use."""
+        if self._mesh is None:
+            if self.dry_run:
+                raise RuntimeError("a dry-run environment has no DeviceMesh")
+            self.ensure_process_group()
+            self._mesh = build_mesh(self.plan, self.device)
+        return self._mesh
+
+    @property
+    def dp_size(self) -> int:
+        return self.parallel.dp_replicate * self.parallel.dp_shard
+
+    @property
+    def dp_rank(self) -> int:
+        """Data-parallel rank: TP and CP peers share it (they see the same batch)."""
+        coords = mesh_coordinates(self.rank, self.plan)
+        return coords["dp_replicate"] * self.parallel.dp_shard + coords["dp_shard"]
+
+
+def mesh_coordinates(rank: int, plan: Plan) -> dict[str, int]:
+    """Row-major coordinates of ``rank`` in the (dp_replicate, dp_shard, cp, tp) mesh."""
+    sizes = [getattr(plan.parallel, d) for d in MESH_DIMS]
+    coords = {}
+    for dim, size in zip(reversed(MESH_DIMS), reversed(sizes)):
+        coords[dim] = rank % size
+        rank //= size
+    return coords
+
+
+def build_mesh(plan: Plan, device: torch.device):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    sizes = tuple(getattr(plan.parallel, d) for d in MESH_DIMS)
+    mesh = init_device_mesh(device.type, sizes, mesh_dim_names=MESH_DIMS)
+    mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+    mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+    return mesh
+
+
+def make_env(plan: Plan, *, world_size: int | None = None, dry_run: bool = False) -> tuple[Plan, Env]:
+    """Resolve the plan's sizes against the world and build the ``Env``.
+
+    For a real run the world is torchrun's (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``);
+    ``od.inspect`` passes ``world_size`` and ``dry_run=True``.
+    """
+    if dry_run:
+        ws = world_size if world_size is not None else launched_world_size()
+        if not isinstance(ws, int) or ws < 1:
+            raise PlanError(f"world_size={ws!r} is not valid; use an integer >= 1")
+        plan = resolve_for_world(plan, ws)
+        return plan, Env(plan, rank=0, local_rank=0, world_size=ws,
+                         device=torch.device("meta"), dry_run=True)
+    ws = dist.get_world_size() if dist.is_initialized() else launched_world_size()
+    if world_size is not None and world_size != ws:
+        raise PlanError(f"world_size={world_size} does not match the launched world ({ws})")
+    plan = resolve_for_world(plan, ws)
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(local_rank)
+    env = Env(plan, rank=rank, local_rank=local_rank, world_size=ws, device=device)
+    if ws > 1:
+        env.ensure_process_group()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return plan, env
