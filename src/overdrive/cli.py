@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -19,8 +20,6 @@ def load_factory(spec: str) -> Callable[[], Any]:
                          "(e.g. examples.models:llama_8b)")
     mod_name, _, attr = spec.rpartition(":")
     if mod_name.endswith(".py"):
-        import importlib.util
-
         loader = importlib.util.spec_from_file_location("_overdrive_user_module", mod_name)
         if loader is None:
             raise SystemExit(f"overdrive: cannot load {mod_name!r}")

@@ -1,0 +1,116 @@
+"""accelerate() / inspect(): flow, runtime core, refusal leaves the model untouched."""
+
+import pytest
+import torch
+
+import overdrive as od
+from overdrive.models.llama import Llama, LlamaConfig, tiny
+from tests.helpers import assert_untouched, snapshot
+
+
+def batch(b=2, s=16, vocab=256):
+    ids = torch.randint(0, vocab, (b, s))
+    return {"input_ids": ids, "labels": ids}
+
+
+@pytest.mark.parametrize("plan", [
+    "fsdp+turbo",
+    {"fsdp": True, "ddp": True},
+    {"compile": {"mode": "fast"}},
+    {"grad_accum": 0},
+    od.Plan(parallel=od.Parallel(tp=2)),  # world size 1 ≠ tp 2
+    od.Plan(casting=od.Casting(), fp8=od.FP8()),
+    od.Plan(blocks=("decoder.*",)),
+], ids=["token", "engines", "value", "accum", "world", "contradiction", "blocks"])
+def test_refused_plan_leaves_model_exactly_as_it_was(plan):
+    model = tiny(n_layers=2)
+    before = snapshot(model)
+    with pytest.raises(od.PlanError):
+        od.accelerate(model, plan, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    assert_untouched(model, before)
+
+
+def test_single_process_runtime_trains_with_no_launcher():
+    model = tiny(n_layers=2)
+    keys = list(model.state_dict())
+    rt = od.accelerate(model, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    assert (rt.rank, rt.world_size, rt.dp_rank, rt.dp_size, rt.is_main) == (0, 1, 0, 1, True)
+    assert rt.device.type == "cpu" and rt.mesh is None
+    data = batch()
+    losses = []
+    for _ in range(5):
+        loss = rt.model(**data).loss
+        rt.backward(loss)
+        rt.optimizer.step()
+        rt.optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert list(rt.state_dict()) == keys
+
+
+def test_optimizer_instance_is_kept_when_parameters_survive():
+    model = tiny(n_layers=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rt = od.accelerate(model, optimizer=opt)
+    assert rt.optimizer is opt
+
+
+def test_scheduler_factory_gets_the_built_optimizer():
+    rt = od.accelerate(tiny(n_layers=1), optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+                       scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1))
+    assert rt.scheduler.optimizer is rt.optimizer
+
+
+def test_bad_optimizer_argument():
+    with pytest.raises(od.PlanError, match="optimizer=.*factory"):
+        od.accelerate(tiny(n_layers=1), optimizer=42)
+
+
+def test_backward_scales_by_grad_accum():
+    torch.manual_seed(0)
+    a, b = tiny(n_layers=1), tiny(n_layers=1)
+    rt = od.accelerate(a, {"grad_accum": 4})
+    data = batch()
+    rt.backward(rt.model(**data).loss)
+    b(**data).loss.div(4).backward()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad)
+
+
+def test_autocast_follows_mixed_precision():
+    rt = od.accelerate(tiny(n_layers=1), {"mixed_precision": "bf16"})
+    with rt.autocast():
+        y = torch.nn.functional.linear(torch.randn(2, 4), torch.randn(3, 4))
+    assert y.dtype == torch.bfloat16
+    plain = od.accelerate(tiny(n_layers=1))
+    with plain.autocast():
+        assert torch.nn.functional.linear(torch.randn(2, 4), torch.randn(3, 4)).dtype \
+            == torch.float32
+
+
+def test_print_only_on_rank_zero(capsys):
+    rt = od.accelerate(tiny(n_layers=1))
+    rt.print("hello")
+    rt.barrier()
+    assert capsys.readouterr().out == "hello\n"
+
+
+def test_inspect_touches_nothing_and_estimates_memory():
+    model = tiny(n_layers=2)
+    before = snapshot(model)
+    rep = od.inspect(model, None, world_size=1, example_inputs=torch.randint(0, 256, (2, 16)))
+    assert_untouched(model, before)
+    assert rep.dry_run and rep.blocks == ["layers.0", "layers.1"]
+    n = sum(p.numel() for p in model.parameters())
+    assert rep.memory.parameters == n * 4 and rep.memory.gradients == n * 4
+    assert rep.memory.optimizer == n * 8
+    assert rep.memory.activations > 0
+    assert rep.trace.forward_flops > 0
+    assert '"memory_per_rank"' in rep.to_json()
+
+
+def test_inspect_refuses_bad_world_size():
+    with torch.device("meta"):
+        model = Llama(LlamaConfig(n_layers=2))
+    with pytest.raises(od.PlanError, match="world size 3"):
+        od.inspect(model, od.Plan(parallel=od.Parallel(tp=2)), world_size=3)
