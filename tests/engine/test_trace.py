@@ -42,3 +42,14 @@ def test_meta_copy_keeps_ties_and_shapes():
     assert m.lm_head.weight is m.embed_tokens.weight
     assert m.lm_head.weight.device.type == "meta"
     assert model.lm_head.weight.device.type == "cpu"
+
+
+def test_attention_activations_grow_linearly_like_a_fused_kernel():
+    """On meta, SDPA would take the math path and save an (s × s) matrix; the trace routes
+    it to the fused kernel so the estimate matches what flash attention keeps."""
+    with torch.device("meta"):
+        model = Llama(LlamaConfig(n_layers=1, max_seq_len=1024))
+    short = trace_model(model, torch.randint(0, 256, (1, 256)))["layers.0.attn"]
+    long = trace_model(model, torch.randint(0, 256, (1, 1024)))["layers.0.attn"]
+    assert long.activation_bytes == 4 * short.activation_bytes
+    assert long.flops > 4 * short.flops  # the s² score matmuls are still counted

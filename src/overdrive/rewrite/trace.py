@@ -15,8 +15,43 @@ from typing import Any
 
 import torch
 from torch import nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils import flop_counter
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode
+
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+class FusedAttentionOnMeta(TorchFunctionMode):
+    """On meta tensors ``F.scaled_dot_product_attention`` falls back to the math path,
+    which materialises the (s × s) score matrix and would make the activation estimate
+    describe a kernel no GPU run uses. Route mask-free calls to the fused (flash) op,
+    whose saved tensors are O(s), like the flash/cuDNN kernels on real devices."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            q, k, v = args[:3]
+            mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+            if q.device.type == "meta" and mask is None and not kwargs.get("enable_gqa") \
+                    and q.shape[-1] == v.shape[-1] and q.shape[1] == k.shape[1]:
+                dropout = kwargs.get("dropout_p", args[4] if len(args) > 4 else 0.0)
+                causal = kwargs.get("is_causal", args[5] if len(args) > 5 else False)
+                return _FLASH(q, k, v, dropout, causal, scale=kwargs.get("scale"))[0]
+        return func(*args, **kwargs)
+
+
+@flop_counter.register_flop_formula(_FLASH)
+def _flash_cpu_flop(query, key, value,  # shapes, not tensors
+                     *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+@flop_counter.register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)
+def _flash_cpu_backward_flop(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
 
 
 @dataclass
@@ -113,7 +148,7 @@ def trace_model(model: nn.Module, example_inputs: Any, *, backward: bool = True)
     records: dict[str, ModuleTrace] = {}
     stack: list[str] = []
     saved_ids: set[int] = set()
-    flop_counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False)
 
     def pre_hook(module, _args):
         name = names[module]
@@ -141,20 +176,21 @@ def trace_model(model: nn.Module, example_inputs: Any, *, backward: bool = True)
     handles = [m.register_forward_pre_hook(pre_hook) for m in meta_model.modules()]
     handles += [m.register_forward_hook(post_hook) for m in meta_model.modules()]
     try:
-        with flop_counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with counter, FusedAttentionOnMeta(), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = meta_model(*args, **kwargs)
-        forward_flops = flop_counter.get_total_flops()
+        forward_flops = counter.get_total_flops()
         backward_flops = 0
         loss = _first_loss(out) if backward else None
         if loss is not None:
-            with FlopCounterMode(display=False) as bwd_counter:
+            with FlopCounterMode(display=False) as bwd_counter, FusedAttentionOnMeta():
                 loss.sum().backward()
             backward_flops = bwd_counter.get_total_flops()
     finally:
         for h in handles:
             h.remove()
 
-    per_module = flop_counter.get_flop_counts()  # keys: "<RootClass>.<qualified name>"
+    per_module = counter.get_flop_counts()  # keys: "<RootClass>.<qualified name>"
     root_name = type(meta_model).__name__
     for name, rec in records.items():
         key = root_name if name == "" else f"{root_name}.{name}"
