@@ -317,10 +317,8 @@ def _check_part_values(plan: Plan) -> None:
             )
         if isinstance(cfg, (str, os.PathLike)) and not os.path.isfile(cfg):
             raise PlanError(f"deepspeed.config={str(cfg)!r}: no such file")
-    for name in ("fsdp", "ddp"):
-        part = getattr(plan, name)
-        if part is not None and name == "ddp":
-            _check_int("ddp.bucket_cap_mb", part.bucket_cap_mb, 1)
+    if plan.ddp is not None:
+        _check_int("ddp.bucket_cap_mb", plan.ddp.bucket_cap_mb, 1)
 
 
 TP_STYLES = ("colwise", "rowwise", "sequence_parallel", "colwise_rep", "rowwise_rep",
@@ -365,9 +363,6 @@ def _check_contradictions(plan: Plan) -> None:
             "casting is an inference pass and cannot be combined with "
             f"{plan.data_parallel}; drop one of them"
         )
-    if plan.mixed_precision == "fp16" and plan.deepspeed is not None:
-        # DeepSpeed keeps its own loss scaler; it is configured through its config.
-        pass
     if par.sequence_parallel and par.tp == 1:
         raise PlanError(
             "parallel.sequence_parallel=True needs parallel.tp > 1 (it shards the norms' "
@@ -413,9 +408,6 @@ def resolve_for_world(plan: Plan, world_size: int) -> Plan:
     dp = plan.parallel.dp_replicate * plan.parallel.dp_shard
     if dp > 1 and plan.data_parallel is None and plan.casting is None:
         plan = replace(plan, ddp=DDP())
-    if plan.parallel.dp_shard > 1 and plan.ddp is not None:
-        # ddp has no sharding dimension: all data ranks replicate.
-        pass
     return plan
 
 
