@@ -81,9 +81,9 @@ def shard_sequence(batch: Any, env: Any, seq_dim: int = 1) -> Any:
     cp = env.plan.parallel.cp
     if cp == 1:
         return batch
-    rank = cp_rank(env)
     if isinstance(batch, torch.Tensor):
-        idx = balanced_positions(batch.shape[seq_dim], cp, rank, batch.device)
+        balanced_positions(batch.shape[seq_dim], cp, 0)  # refuses a bad length first
+        idx = balanced_positions(batch.shape[seq_dim], cp, cp_rank(env), batch.device)
         return batch.index_select(seq_dim, idx)
     if not isinstance(batch, Mapping):
         raise TypeError(f"shard_sequence takes a tensor or a mapping, got {type(batch).__name__}")
@@ -91,7 +91,8 @@ def shard_sequence(batch: Any, env: Any, seq_dim: int = 1) -> Any:
     if not isinstance(ref, torch.Tensor):
         ref = next(v for v in batch.values() if isinstance(v, torch.Tensor) and v.ndim > seq_dim)
     seq_len = ref.shape[seq_dim]
-    idx = balanced_positions(seq_len, cp, rank, ref.device)
+    balanced_positions(seq_len, cp, 0)  # refuses a bad length before touching the mesh
+    idx = balanced_positions(seq_len, cp, cp_rank(env), ref.device)
     out = {k: v.index_select(seq_dim, idx.to(v.device))
            if isinstance(v, torch.Tensor) and v.ndim > seq_dim and v.shape[seq_dim] == seq_len
            else v for k, v in batch.items()}

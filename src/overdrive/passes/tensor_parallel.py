@@ -151,20 +151,16 @@ def _default_plan(graph: ModuleGraph, sp: bool) -> tuple[dict[str, str], list[st
 
 def _untie(graph: ModuleGraph, styles: dict[str, str], notes: list[str]):
     """Auto plans leave modules whose weights are shared with another module alone."""
+    owners: dict[int, set[str]] = {}
+    for name, data in graph.g.nodes(data=True):
+        for p in data["module"].parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(name)
     for name in list(styles):
-        if styles[name] in SHARDING_STYLES and _shared_params(graph, name):
+        params = graph.module(name).parameters(recurse=False)
+        if styles[name] in SHARDING_STYLES and any(len(owners[id(p)]) > 1 for p in params):
             del styles[name]
             notes.append(f"{name} skipped: its weight is tied to another module")
     return styles, notes
-
-
-def _shared_params(graph: ModuleGraph, name: str) -> bool:
-    own = {id(p) for p in graph.module(name).parameters()}
-    for other, data in graph.g.nodes(data=True):
-        if other != name and not other.startswith(name + ".") and not name.startswith(other + "."):
-            if own & {id(p) for p in data["module"].parameters(recurse=False)}:
-                return True
-    return False
 
 
 def _is_norm(module: nn.Module) -> bool:
