@@ -83,6 +83,10 @@ def test_nothing_to_shard():
     refused(model, tp(2), 2, "parallel.tp=2", "shards no module")
 
 
+def test_tp_plan_none_with_tp_refused():
+    refused(llama(), tp(2, tp_plan=None), 2, "tp_plan=None", "parallel.tp=2", "'auto'")
+
+
 def test_style_on_wrong_module_type():
     refused(llama(), tp(2, tp_plan={"layers.*.attn_norm": "colwise"}), 2,
             "layers.0.attn_norm", "RMSNorm", "nn.Linear")

@@ -36,7 +36,7 @@ def two_ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tp_cp")
     out = tmp / "out.json"
     run_torchrun(WORKER, 2, str(out), "tp", "sp", "divide", "hf", "cp_attention", "cp",
-                 tmp_path=tmp)
+                 "cp_ac", tmp_path=tmp)
     return read_json(out)
 
 
@@ -88,6 +88,16 @@ def test_cp_matches_single_process(two_ranks):
     assert cp["keys_kept"]
     assert "parallel.cp=2" in cp["bad_len"] and "2·cp = 4" in cp["bad_len"]
     assert any("averaged over the cp group" in n for n in cp["notes"])
+
+
+def test_cp_under_checkpointing_and_compile(two_ranks):
+    assert_curve(two_ranks["cp_ac"]["losses"], reference(llama))
+
+
+def test_tp_2_by_cp_2_four_ranks(tmp_path):
+    out = tmp_path / "out.json"
+    run_torchrun(WORKER, 4, str(out), "tp_cp", tmp_path=tmp_path)
+    assert_curve(read_json(out)["tp_cp"]["losses"], reference(llama))
 
 
 needs_fsdp = pytest.mark.skipif("fsdp" not in registered_passes(), reason="needs the fsdp pass")

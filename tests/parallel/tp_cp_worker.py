@@ -122,6 +122,24 @@ def scenario_cp():
             "keys_kept": sorted(rt.model.state_dict()) == sorted(llama().state_dict())}
 
 
+def scenario_cp_ac():
+    """CP under activation checkpointing (recompute in backward) and a compiled block."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    rt = od.accelerate(llama(), od.Plan(parallel=od.Parallel(cp=2, dp_shard=1)), optimizer=sgd)
+    rt.model.layers[0] = checkpoint_wrapper(rt.model.layers[0])  # as the checkpointing pass does
+    rt.model.layers[1].compile(backend="eager")
+    return {"losses": mean_over(run(rt, batches(), shard=rt.shard_sequence),
+                                rt.mesh["cp"].get_group())}
+
+
+def scenario_tp_cp():
+    rt = od.accelerate(llama(), od.Plan(parallel=od.Parallel(cp=2, tp=2, dp_shard=1)),
+                       optimizer=sgd)
+    return {"losses": mean_over(run(rt, batches(), shard=rt.shard_sequence),
+                                rt.mesh["cp"].get_group())}
+
+
 def dp_slice(rt):
     """This data-parallel rank's rows of a global batch (TP peers share them)."""
     return lambda b: {k: v[rt.dp_rank::rt.dp_size] for k, v in b.items()}

@@ -76,6 +76,11 @@ def model_tp_plan(model: nn.Module) -> dict[str, str] | None:
 def resolve_tp_plan(graph: ModuleGraph, plan: Plan) -> tuple[dict[str, str], list[str]]:
     """``({module name: style}, notes)``; raises PlanError for what cannot be honoured."""
     sp = plan.parallel.sequence_parallel
+    if plan.tp_plan is None:
+        raise PlanError(
+            f"tp_plan=None with parallel.tp={plan.parallel.tp}: nothing says what to shard; "
+            "use tp_plan='auto' or a dict {module glob: style}"
+        )
     if isinstance(plan.tp_plan, Mapping):
         return _explicit_plan(graph, plan.tp_plan), []
     own = model_tp_plan(graph.model)
