@@ -79,3 +79,12 @@ def train(model: nn.Module, data: list[dict], step_fn=None) -> list[float]:
         opt.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+def fp8_llama() -> nn.Module:
+    """The tiny Llama with torchao tensorwise Float8Linear layers (what the fp8 pass makes)."""
+    from torchao.float8 import convert_to_float8_training
+
+    torch.manual_seed(0)
+    return convert_to_float8_training(llama(ffn_dim=128),
+                                      module_filter_fn=lambda mod, fqn: fqn != "lm_head")

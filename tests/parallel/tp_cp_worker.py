@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 import overdrive as od
 from overdrive.passes.context_parallel import ContextParallelAttention, balanced_positions
-from tests.parallel.common import LR, batches, hf_llama, llama, stored_heads_llama
+from tests.parallel.common import LR, batches, fp8_llama, hf_llama, llama, stored_heads_llama
 from tests.parallel.neighbours import ensure_neighbour_passes
 
 ensure_neighbour_passes()
@@ -79,6 +79,13 @@ def scenario_hf():
     rt = od.accelerate(hf_llama(), tp_plan(), optimizer=sgd)
     return {"losses": [x.item() for x in run(rt, batches(vocab=128))],
             "styles": rt.report["tensor_parallel"].details["styles"], "bytes": sharded_bytes(rt)}
+
+
+def scenario_fp8():
+    rt = od.accelerate(fp8_llama(), tp_plan(sequence_parallel=True), optimizer=sgd)
+    rec = rt.report["tensor_parallel"]
+    return {"losses": [x.item() for x in run(rt, batches())], "notes": rec.notes,
+            "float8_modules": len(rec.details["float8_modules"])}
 
 
 def scenario_cp_attention():

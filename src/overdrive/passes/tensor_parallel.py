@@ -299,13 +299,15 @@ def _is_float8_tensorwise(module: nn.Module) -> bool:
         cfg.cast_config_input, cfg.cast_config_weight, cfg.cast_config_grad_output))
 
 
-def make_style(style: str, module: nn.Module, sp: bool):
-    """The DTensor ParallelStyle for one module."""
+def make_style(style: str, module: nn.Module, sp: bool, float8_collectives: bool = True):
+    """The DTensor ParallelStyle for one module. ``float8_collectives``: the backend can
+    move float8 tensors (nccl; gloo cannot), so tensorwise Float8Linear modules get
+    torchao's styles that all-gather in float8."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
                                                    SequenceParallel)
 
-    if _is_float8_tensorwise(module):
+    if float8_collectives and _is_float8_tensorwise(module):
         from torchao.float8.float8_tensor_parallel import (Float8ColwiseParallel,
                                                            Float8RowwiseParallel)
         Col, Row = Float8ColwiseParallel, Float8RowwiseParallel
@@ -327,7 +329,8 @@ def make_style(style: str, module: nn.Module, sp: bool):
     raise PlanError(f"unknown tp style {style!r}; choose one of: {', '.join(TP_STYLES)}")
 
 
-def gather_sequence_style(owner: nn.Module, children: list[nn.Module]):
+def gather_sequence_style(owner: nn.Module, children: list[nn.Module],
+                          float8_collectives: bool = True):
     """PrepareModuleInput for a module owning colwise layers under sequence parallel: its
     first positional input arrives sequence-sharded and is all-gathered."""
     from torch.distributed.tensor import Replicate, Shard
@@ -337,7 +340,7 @@ def gather_sequence_style(owner: nn.Module, children: list[nn.Module]):
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
     rest = (None,) * max(len(params) - 1, 0)
     cls = PrepareModuleInput
-    if children and all(_is_float8_tensorwise(c) for c in children):
+    if float8_collectives and children and all(_is_float8_tensorwise(c) for c in children):
         from torchao.float8.float8_tensor_parallel import PrepareFloat8ModuleInput
         cls = PrepareFloat8ModuleInput
     return cls(input_layouts=(Shard(1), *rest), desired_input_layouts=(Replicate(), *rest),
@@ -383,22 +386,27 @@ class TensorParallel(Pass):
         styles, notes = resolve_tp_plan(graph, plan)
         mesh = env.mesh["tp"]
         fp8 = sorted(n for n in styles if _is_float8_tensorwise(graph.module(n)))
+        f8c = env.backend != "gloo"  # gloo has no float8 collectives
         for name, style in styles.items():
-            parallelize_module(graph.module(name), mesh, make_style(style, graph.module(name), sp))
+            module = graph.module(name)
+            parallelize_module(module, mesh, make_style(style, module, sp, f8c))
         if sp:
             for owner in _sp_owners(graph, styles):
                 kids = [graph.module(n) for n, s in styles.items()
                         if s == "colwise" and n.rpartition(".")[0] == owner]
                 parallelize_module(graph.module(owner), mesh,
-                                   gather_sequence_style(graph.module(owner), kids))
+                                   gather_sequence_style(graph.module(owner), kids, f8c))
         for owner in _owners_of_sharded(styles):
             for attr in plan.tp_divide_attrs:
                 value = getattr(graph.module(owner), attr, None)
                 if isinstance(value, int):
                     setattr(graph.module(owner), attr, value // tp)
         rec = self._record(styles, notes, plan)
-        if fp8:
+        if fp8 and f8c:
             rec.note(f"{len(fp8)} Float8Linear modules use torchao's float8 TP styles")
+        elif fp8:
+            rec.note(f"{len(fp8)} Float8Linear modules use the plain TP styles: the "
+                     f"{env.backend} backend cannot all-gather float8 tensors")
         rec.details["float8_modules"] = fp8
         return rec
 
