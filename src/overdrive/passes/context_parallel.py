@@ -285,9 +285,10 @@ class ContextParallel(Pass):
         mesh = env.mesh["cp"]
         use_torch_cp = env.device.type == "cuda"
         if use_torch_cp:
-            from torch.distributed.tensor.experimental._attention import \
-                _enable_context_parallel_dispatcher
+            from torch.distributed.tensor.experimental._attention import (
+                _cp_options, _enable_context_parallel_dispatcher)
             _enable_context_parallel_dispatcher()  # process-wide: DTensor SDPA → ring attention
+            _cp_options.enable_load_balance = True  # head-tail, as balanced_positions lays out
         make_mode = functools.partial(ContextParallelAttention, mesh, cp, use_torch_cp)
         for name in self._targets(graph):
             run_under(graph.module(name), name, make_mode)
