@@ -1,7 +1,7 @@
 """tensor / sequence / context parallel on 2 CPU ranks (gloo) against one process, and
 fsdp+tp / 2-D (dp_shard=2 × tp=2) on 4 ranks once the fsdp pass is in the tree.
 
-One torchrun launch runs every 2-rank scenario (tests/parallel/tp_cp_worker.py) and
+One torchrun launch runs every 2-rank scenario (tests/tp_cp/tp_cp_worker.py) and
 writes JSON; the tests below compare it with single-process runs made here."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from overdrive.rewrite.manager import registered_passes
 from tests.helpers import read_json, run_torchrun
-from tests.parallel.common import (batches, fp8_llama, hf_llama, llama, stored_heads_llama,
+from tests.tp_cp.common import (batches, fp8_llama, hf_llama, llama, stored_heads_llama,
                                    train)
 
 WORKER = Path(__file__).with_name("tp_cp_worker.py")

@@ -10,8 +10,8 @@ import torch
 import overdrive as od
 from overdrive.passes.context_parallel import balanced_positions, shard_sequence
 from tests.helpers import assert_untouched, snapshot
-from tests.parallel.common import hf_llama, llama
-from tests.parallel.neighbours import ensure_neighbour_passes
+from tests.tp_cp.common import hf_llama, llama
+from tests.tp_cp.neighbours import ensure_neighbour_passes
 
 ensure_neighbour_passes()
 

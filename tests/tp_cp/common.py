@@ -1,5 +1,5 @@
 """Models, batches and the single-process training loop shared by the tp/cp tests and
-their torchrun worker (tests/parallel/tp_cp_worker.py)."""
+their torchrun worker (tests/tp_cp/tp_cp_worker.py)."""
 
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ import overdrive as od
 from overdrive.passes.tensor_parallel import head_counts, make_style, resolve_tp_plan
 from overdrive.rewrite.graph import ModuleGraph
 from tests.helpers import assert_untouched, snapshot
-from tests.parallel.common import hf_llama, llama
-from tests.parallel.neighbours import ensure_neighbour_passes
+from tests.tp_cp.common import hf_llama, llama
+from tests.tp_cp.neighbours import ensure_neighbour_passes
 
 ensure_neighbour_passes()
 
@@ -105,7 +105,7 @@ def test_unsupported_style_in_model_plan():
 
 
 def test_divide_attrs_checked():
-    from tests.parallel.common import stored_heads_llama
+    from tests.tp_cp.common import stored_heads_llama
 
     refused(llama(), tp(2, tp_divide_attrs=("n_heads",)), 2, "tp_divide_attrs", "'n_heads'")
     od.inspect(stored_heads_llama(), tp(2, tp_divide_attrs=("n_heads", "n_kv_heads")), world_size=2)
