@@ -128,6 +128,9 @@ class Plan:
     grad_accum: int = 1
     blocks: tuple[str, ...] | None = None  # qualified names or globs of the repeated blocks
     tp_plan: str | Mapping[str, str] | None = "auto"  # used when parallel.tp > 1
+    # integer attributes (e.g. "n_heads") of modules whose children tensor_parallel shards,
+    # divided by tp on each rank: for attention that reshapes with a stored head count
+    tp_divide_attrs: tuple[str, ...] = ()
     seed: int | None = None  # one seed for shuffling and RNG on every rank
 
     # -- conversions ---------------------------------------------------------------
@@ -253,6 +256,12 @@ def validate_plan(plan: Plan) -> Plan:
                 "or globs, e.g. ('model.layers.*',)"
             )
     _check_tp_plan(plan.tp_plan)
+    if isinstance(plan.tp_divide_attrs, str) or not all(
+            isinstance(a, str) and a.isidentifier() for a in plan.tp_divide_attrs):
+        raise PlanError(
+            f"tp_divide_attrs={plan.tp_divide_attrs!r} is not valid; use a tuple of attribute "
+            "names, e.g. ('n_heads', 'n_kv_heads')"
+        )
     if plan.seed is not None and (not isinstance(plan.seed, int) or plan.seed < 0):
         raise PlanError(f"seed={plan.seed!r} is not valid; use a non-negative integer or None")
     _check_contradictions(plan)
@@ -322,7 +331,7 @@ def _check_part_values(plan: Plan) -> None:
 
 
 TP_STYLES = ("colwise", "rowwise", "sequence_parallel", "colwise_rep", "rowwise_rep",
-             "local_colwise", "local_rowwise", "replicate", "gather", "embedding_rowwise")
+             "embedding_rowwise")
 
 
 def _check_tp_plan(tp_plan: Any) -> None:
@@ -453,7 +462,7 @@ def plan_from_dict(data: Mapping[str, Any]) -> Plan:
             raise _unknown_key_error("plan", key, valid)
         if key in PARTS:
             kwargs[key] = _part_from_value(key, value)
-        elif key == "blocks" and value is not None:
+        elif key in ("blocks", "tp_divide_attrs") and value is not None:
             kwargs[key] = (value,) if isinstance(value, str) else tuple(value)
         else:
             kwargs[key] = value

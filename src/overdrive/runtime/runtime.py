@@ -147,6 +147,14 @@ class Runtime:
         """The model as the user built it (passes act in place, so this is ``rt.model``)."""
         return self.model
 
+    # -- context parallel -----------------------------------------------------------
+    def shard_sequence(self, batch: Any) -> Any:
+        """This cp rank's load-balanced slice of ``batch`` along the sequence (dim 1), with
+        ``position_ids``; the batch itself when cp == 1 (passes/context_parallel.py)."""
+        from ..passes.context_parallel import shard_sequence
+
+        return shard_sequence(batch, self.env)
+
     # -- process helpers --------------------------------------------------------------
     def barrier(self) -> None:
         if dist.is_initialized() and dist.get_world_size() > 1:

@@ -1,0 +1,422 @@
+"""tensor_parallel: shard Linear / Embedding weights over the "tp" mesh dim with DTensor.
+
+The pass resolves ``Plan.tp_plan`` into ``{qualified module name: style}`` and hands each
+entry to torch's ``parallelize_module`` on ``env.mesh["tp"]``. ``tp_plan="auto"`` takes the
+model's own plan when it carries one (transformers: ``model._tp_plan`` or
+``config.base_model_tp_plan``), else a Llama-style default found from module names, laid
+out as torchtitan does:
+
+    q/k/v, gate/up projections   colwise            weight rows split, output sharded
+    o, down projections          rowwise            weight columns split, outputs summed
+    token embedding              embedding_rowwise  vocabulary rows split
+    lm_head                      colwise_rep        vocabulary split, logits gathered
+    norms (sequence_parallel)    sequence_parallel  activations sharded on the sequence
+
+With ``Parallel(sequence_parallel=True)`` the residual stream stays sharded on the
+sequence dim between sublayers; the modules that own colwise layers (attention, mlp) get a
+``PrepareModuleInput`` that all-gathers their first input. When the fp8 pass left torchao
+``Float8Linear`` modules with tensorwise scaling, torchao's float8 TP styles are used so
+the all-gathers run in float8.
+
+Attention that reshapes with ``-1`` heads and a stored ``head_dim`` needs nothing else;
+for attention that reshapes with a stored head count, ``Plan.tp_divide_attrs`` names the
+integer attributes (e.g. ``("n_heads", "n_kv_heads")``) to divide by tp on the modules
+whose children are sharded.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Mapping
+
+from torch import nn
+
+from ..errors import PlanError
+from ..rewrite.graph import ModuleGraph
+from ..rewrite.manager import Pass, register_pass
+from ..rewrite.plan import TP_STYLES, Plan
+from ..rewrite.report import PassRecord
+
+# transformers' style names -> ours (None: the module stays as it is)
+HF_STYLES: dict[str, str | None] = {
+    "colwise": "colwise",
+    "rowwise": "rowwise",
+    "colwise_rep": "colwise_rep",
+    "colwise_gather_output": "colwise_rep",
+    "rowwise_rep": "rowwise_rep",
+    "rowwise_split_input": "rowwise_rep",
+    "embedding_rowwise": "embedding_rowwise",
+    "sequence_parallel": "sequence_parallel",
+    "replicate": None,
+}
+COLWISE_NAMES = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "wq", "wk", "wv", "w1", "w3"}
+ROWWISE_NAMES = {"o_proj", "down_proj", "out_proj", "wo", "w2"}
+SHARDING_STYLES = {"colwise", "rowwise", "colwise_rep", "rowwise_rep", "embedding_rowwise"}
+HEAD_ATTRS = ("num_attention_heads", "n_heads", "num_heads", "n_head")
+KV_HEAD_ATTRS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "kv_heads")
+
+
+# --------------------------------------------------------------------------- resolving
+
+
+def model_tp_plan(model: nn.Module) -> dict[str, str] | None:
+    """The model's own plan with globs relative to ``model`` (transformers convention)."""
+    own = getattr(model, "_tp_plan", None)
+    if isinstance(own, Mapping) and own:
+        return dict(own)
+    base = getattr(getattr(model, "config", None), "base_model_tp_plan", None)
+    if not isinstance(base, Mapping) or not base:
+        return None
+    prefix = getattr(model, "base_model_prefix", "")
+    prefix = f"{prefix}." if prefix and isinstance(getattr(model, prefix, None), nn.Module) else ""
+    return {prefix + glob: style for glob, style in base.items()}
+
+
+def resolve_tp_plan(graph: ModuleGraph, plan: Plan) -> tuple[dict[str, str], list[str]]:
+    """``({module name: style}, notes)``; raises PlanError for what cannot be honoured."""
+    sp = plan.parallel.sequence_parallel
+    if plan.tp_plan is None:
+        raise PlanError(
+            f"tp_plan=None with parallel.tp={plan.parallel.tp}: nothing says what to shard; "
+            "use tp_plan='auto' or a dict {module glob: style}"
+        )
+    if isinstance(plan.tp_plan, Mapping):
+        return _explicit_plan(graph, plan.tp_plan), []
+    own = model_tp_plan(graph.model)
+    if own is not None:
+        if sp:
+            raise PlanError(
+                "parallel.sequence_parallel=True is not supported with the model's own tp plan "
+                f"({type(graph.model).__name__}: it derives positions and masks from the "
+                "embedding output's length); use sequence_parallel=False"
+            )
+        return _model_plan(graph, own)
+    return _default_plan(graph, sp)
+
+
+def _explicit_plan(graph: ModuleGraph, tp_plan: Mapping[str, str]) -> dict[str, str]:
+    styles: dict[str, str] = {}
+    for glob, style in tp_plan.items():
+        hits = graph.match(glob)
+        if not hits:
+            raise PlanError(
+                f"tp_plan[{glob!r}] matches no module of {type(graph.model).__name__}; use "
+                f"qualified names or globs such as {_example(graph)!r}"
+            )
+        styles.update((h, style) for h in hits)
+    return styles
+
+
+def _model_plan(graph: ModuleGraph, own: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    styles, notes = {}, []
+    for glob, hf_style in own.items():
+        hits = graph.match(glob)
+        if not hits:
+            notes.append(f"model tp plan entry {glob!r} matches no module: skipped")
+            continue
+        if hf_style not in HF_STYLES:
+            raise PlanError(
+                f"tp_plan='auto': the model's own plan gives {glob!r} the style {hf_style!r}, "
+                f"which overdrive does not support (supported: {', '.join(HF_STYLES)}); "
+                "give tp_plan as a dict {glob: style} with styles from "
+                f"{', '.join(TP_STYLES)}"
+            )
+        if HF_STYLES[hf_style] is not None:
+            styles.update((h, HF_STYLES[hf_style]) for h in hits)
+    return _untie(graph, styles, notes)
+
+
+def _default_plan(graph: ModuleGraph, sp: bool) -> tuple[dict[str, str], list[str]]:
+    styles: dict[str, str] = {}
+    inside: set[str] = set()
+    for block in graph.blocks():
+        for name in graph.subtree(block):
+            inside.add(name)
+            module, leaf = graph.module(name), name.rpartition(".")[2]
+            if isinstance(module, nn.Linear) and leaf in COLWISE_NAMES:
+                styles[name] = "colwise"
+            elif isinstance(module, nn.Linear) and leaf in ROWWISE_NAMES:
+                styles[name] = "rowwise"
+            elif sp and _is_norm(module):
+                styles[name] = "sequence_parallel"
+    outside = [n for n in graph.names() if n and n not in inside]
+    embeds = [n for n in outside if isinstance(graph.module(n), nn.Embedding)]
+    if len(embeds) == 1:
+        styles[embeds[0]] = "embedding_rowwise"
+        vocab = graph.module(embeds[0]).num_embeddings
+        heads = [n for n in outside if isinstance(graph.module(n), nn.Linear)
+                 and graph.module(n).out_features == vocab]
+        if len(heads) == 1:
+            styles[heads[0]] = "colwise_rep"
+    if sp:
+        styles.update((n, "sequence_parallel") for n in outside if _is_norm(graph.module(n)))
+    return _untie(graph, styles, [])
+
+
+def _untie(graph: ModuleGraph, styles: dict[str, str], notes: list[str]):
+    """Auto plans leave modules whose weights are shared with another module alone."""
+    owners: dict[int, set[str]] = {}
+    for name, data in graph.g.nodes(data=True):
+        for p in data["module"].parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(name)
+    for name in list(styles):
+        params = graph.module(name).parameters(recurse=False)
+        if styles[name] in SHARDING_STYLES and any(len(owners[id(p)]) > 1 for p in params):
+            del styles[name]
+            notes.append(f"{name} skipped: its weight is tied to another module")
+    return styles, notes
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(
+        ("RMSNorm", "LayerNorm"))
+
+
+def _example(graph: ModuleGraph) -> str:
+    blocks = graph.blocks()
+    return f"{blocks[0].rpartition('.')[0]}.*.<name>" if blocks else "layers.*.attn.q_proj"
+
+
+def _sp_owners(graph: ModuleGraph, styles: dict[str, str]) -> list[str]:
+    """Modules owning colwise layers: their input is all-gathered under sequence parallel."""
+    owners = []
+    for name, style in styles.items():
+        parent = name.rpartition(".")[0]
+        if style == "colwise" and parent not in styles and parent not in owners:
+            owners.append(parent)
+    return owners
+
+
+def _owners_of_sharded(styles: dict[str, str]) -> list[str]:
+    return sorted({n.rpartition(".")[0] for n, s in styles.items() if s in SHARDING_STYLES})
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def head_counts(graph: ModuleGraph) -> dict[str, int]:
+    """Attention and key/value head counts from the model's config, else from the q/k
+    projections' out_features ÷ the attention module's ``head_dim``; {} when unknown."""
+    model = graph.model
+    for cfg in (getattr(model, "config", None), getattr(model, "cfg", None)):
+        if cfg is None:
+            continue
+        if hasattr(cfg, "get_text_config"):
+            cfg = cfg.get_text_config()
+        heads = _first_int(cfg, HEAD_ATTRS)
+        if heads:
+            return {"heads": heads, "kv_heads": _first_int(cfg, KV_HEAD_ATTRS) or heads}
+    for name in graph.names():
+        module = graph.module(name)
+        hd, q, k = (getattr(module, a, None) for a in ("head_dim", "q_proj", "k_proj"))
+        if isinstance(hd, int) and hd > 0 and isinstance(q, nn.Linear):
+            kv = k.out_features // hd if isinstance(k, nn.Linear) else q.out_features // hd
+            return {"heads": q.out_features // hd, "kv_heads": kv}
+    return {}
+
+
+def _first_int(obj: Any, names: tuple[str, ...]) -> int | None:
+    for n in names:
+        v = getattr(obj, n, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def _check_heads(graph: ModuleGraph, tp: int) -> None:
+    counts = head_counts(graph)
+    if not counts or all(v % tp == 0 for v in counts.values()):
+        return
+    g = math.gcd(*counts.values())
+    valid = [d for d in range(1, g + 1) if g % d == 0]
+    raise PlanError(
+        f"parallel.tp={tp} does not divide the attention heads ({counts['heads']} heads, "
+        f"{counts['kv_heads']} key/value heads); valid tp values: {valid}"
+    )
+
+
+def _check_modules(graph: ModuleGraph, styles: dict[str, str]) -> None:
+    for name, style in styles.items():
+        module = graph.module(name)
+        want = nn.Embedding if style == "embedding_rowwise" else nn.Linear
+        if style in SHARDING_STYLES and not isinstance(module, want):
+            raise PlanError(
+                f"tp_plan: {name!r} is a {type(module).__name__}; style {style!r} needs an "
+                f"nn.{want.__name__} (colwise/rowwise styles shard Linear weights, "
+                "embedding_rowwise an Embedding's rows)"
+            )
+
+
+def _check_divide_attrs(graph: ModuleGraph, styles: dict[str, str], plan: Plan) -> None:
+    tp = plan.parallel.tp
+    owners = _owners_of_sharded(styles)
+    for attr in plan.tp_divide_attrs:
+        found = [(o, getattr(graph.module(o), attr)) for o in owners
+                 if isinstance(getattr(graph.module(o), attr, None), int)]
+        if not found:
+            raise PlanError(
+                f"tp_divide_attrs: no module owning a sharded layer has an integer attribute "
+                f"{attr!r} (owners: {', '.join(owners[:4]) or 'none'}…)"
+            )
+        for owner, value in found:
+            if value % tp:
+                raise PlanError(
+                    f"parallel.tp={tp} does not divide {owner}.{attr}={value} "
+                    f"(tp_divide_attrs); choose a tp that divides it"
+                )
+
+
+def _check_sequence_parallel(graph: ModuleGraph, styles: dict[str, str]) -> None:
+    have = set(styles.values())
+    if not {"embedding_rowwise", "colwise_rep"} <= have or "sequence_parallel" not in have:
+        raise PlanError(
+            "parallel.sequence_parallel=True needs the token embedding (embedding_rowwise), "
+            "the lm_head (colwise_rep) and the norms (sequence_parallel) in the tp plan, so "
+            "the activations enter and leave the blocks sequence-sharded; found styles "
+            f"{sorted(have)} (tied embeddings are not sharded); use sequence_parallel=False"
+        )
+    blocks = set(graph.blocks())
+    for owner in _sp_owners(graph, styles):
+        if owner in blocks or owner == "":
+            raise PlanError(
+                f"parallel.sequence_parallel=True: colwise layers directly under {owner!r} "
+                "need an attention/mlp module around them to all-gather the sequence; use "
+                "sequence_parallel=False"
+            )
+
+
+# --------------------------------------------------------------------------- styles
+
+
+def _is_float8_tensorwise(module: nn.Module) -> bool:
+    if type(module).__name__ != "Float8Linear":
+        return False
+    from torchao.float8.config import ScalingGranularity
+
+    cfg = module.config
+    return all(c.scaling_granularity is ScalingGranularity.TENSORWISE for c in (
+        cfg.cast_config_input, cfg.cast_config_weight, cfg.cast_config_grad_output))
+
+
+def make_style(style: str, module: nn.Module, sp: bool, float8_collectives: bool = True):
+    """The DTensor ParallelStyle for one module. ``float8_collectives``: the backend can
+    move float8 tensors (nccl; gloo cannot), so tensorwise Float8Linear modules get
+    torchao's styles that all-gather in float8."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   SequenceParallel)
+
+    if float8_collectives and _is_float8_tensorwise(module):
+        from torchao.float8.float8_tensor_parallel import (Float8ColwiseParallel,
+                                                           Float8RowwiseParallel)
+        Col, Row = Float8ColwiseParallel, Float8RowwiseParallel
+    else:
+        Col, Row = ColwiseParallel, RowwiseParallel
+    stream = Shard(1) if sp else Replicate()  # layout of the residual stream
+    if style == "colwise":
+        return Col()
+    if style == "rowwise":
+        return Row(output_layouts=stream)
+    if style == "colwise_rep":
+        return Col(input_layouts=stream, output_layouts=Replicate())
+    if style == "rowwise_rep":
+        return Row(input_layouts=Replicate(), output_layouts=stream)
+    if style == "embedding_rowwise":
+        return RowwiseParallel(input_layouts=Replicate(), output_layouts=stream)
+    if style == "sequence_parallel":
+        return SequenceParallel()
+    raise PlanError(f"unknown tp style {style!r}; choose one of: {', '.join(TP_STYLES)}")
+
+
+def gather_sequence_style(owner: nn.Module, children: list[nn.Module],
+                          float8_collectives: bool = True):
+    """PrepareModuleInput for a module owning colwise layers under sequence parallel: its
+    first positional input arrives sequence-sharded and is all-gathered."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import PrepareModuleInput
+
+    params = [p for p in inspect.signature(owner.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    rest = (None,) * max(len(params) - 1, 0)
+    cls = PrepareModuleInput
+    if float8_collectives and children and all(_is_float8_tensorwise(c) for c in children):
+        from torchao.float8.float8_tensor_parallel import PrepareFloat8ModuleInput
+        cls = PrepareFloat8ModuleInput
+    return cls(input_layouts=(Shard(1), *rest), desired_input_layouts=(Replicate(), *rest),
+               use_local_output=True)
+
+
+# --------------------------------------------------------------------------- the pass
+
+
+@register_pass("tensor_parallel", after=("fp8",), before=("context_parallel",))
+class TensorParallel(Pass):
+    replaces_parameters = True
+
+    def enabled(self, plan: Plan) -> bool:
+        return plan.parallel.tp > 1
+
+    def check(self, graph: ModuleGraph, plan: Plan, env: Any) -> None:
+        tp = plan.parallel.tp
+        styles, _ = resolve_tp_plan(graph, plan)
+        if not any(s in SHARDING_STYLES for s in styles.values()):
+            raise PlanError(
+                f"parallel.tp={tp} but the tp plan shards no module of "
+                f"{type(graph.model).__name__} (plan {plan.tp_plan!r}); give tp_plan as a "
+                f"dict {{glob: style}}, e.g. {{{_example(graph)!r}: 'colwise'}}"
+            )
+        _check_modules(graph, styles)
+        _check_heads(graph, tp)
+        _check_divide_attrs(graph, styles, plan)
+        if plan.parallel.sequence_parallel:
+            _check_sequence_parallel(graph, styles)
+
+    def preview(self, graph: ModuleGraph, plan: Plan, env: Any) -> PassRecord:
+        styles, notes = resolve_tp_plan(graph, plan)
+        rec = self._record(styles, notes, plan)
+        if plan.fp8 is not None and plan.fp8.recipe == "tensorwise":
+            rec.note("fp8 tensorwise: torchao's Float8 TP styles (float8 all-gathers)")
+        return rec
+
+    def apply(self, model: nn.Module, graph: ModuleGraph, plan: Plan, env: Any) -> PassRecord:
+        from torch.distributed.tensor.parallel import parallelize_module
+
+        sp, tp = plan.parallel.sequence_parallel, plan.parallel.tp
+        styles, notes = resolve_tp_plan(graph, plan)
+        mesh = env.mesh["tp"]
+        fp8 = sorted(n for n in styles if _is_float8_tensorwise(graph.module(n)))
+        f8c = env.backend != "gloo"  # gloo has no float8 collectives
+        for name, style in styles.items():
+            module = graph.module(name)
+            parallelize_module(module, mesh, make_style(style, module, sp, f8c))
+        if sp:
+            for owner in _sp_owners(graph, styles):
+                kids = [graph.module(n) for n, s in styles.items()
+                        if s == "colwise" and n.rpartition(".")[0] == owner]
+                parallelize_module(graph.module(owner), mesh,
+                                   gather_sequence_style(graph.module(owner), kids, f8c))
+        for owner in _owners_of_sharded(styles):
+            for attr in plan.tp_divide_attrs:
+                value = getattr(graph.module(owner), attr, None)
+                if isinstance(value, int):
+                    setattr(graph.module(owner), attr, value // tp)
+        rec = self._record(styles, notes, plan)
+        if fp8 and f8c:
+            rec.note(f"{len(fp8)} Float8Linear modules use torchao's float8 TP styles")
+        elif fp8:
+            rec.note(f"{len(fp8)} Float8Linear modules use the plain TP styles: the "
+                     f"{env.backend} backend cannot all-gather float8 tensors")
+        rec.details["float8_modules"] = fp8
+        return rec
+
+    def _record(self, styles: dict[str, str], notes: list[str], plan: Plan) -> PassRecord:
+        rec = self.record(modules=list(styles), notes=list(notes))
+        rec.details["styles"] = dict(styles)
+        rec.details["sharded_modules"] = [n for n, s in styles.items() if s in SHARDING_STYLES]
+        rec.details["tp"] = plan.parallel.tp
+        counts: dict[str, int] = {}
+        for s in styles.values():
+            counts[s] = counts.get(s, 0) + 1
+        rec.note(f"tp={plan.parallel.tp}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+        return rec

@@ -1,0 +1,136 @@
+"""tensor_parallel: plan resolution, refusals (single process, via od.inspect's dry run)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import overdrive as od
+from overdrive.passes.tensor_parallel import head_counts, make_style, resolve_tp_plan
+from overdrive.rewrite.graph import ModuleGraph
+from tests.helpers import assert_untouched, snapshot
+from tests.tp_cp.common import hf_llama, llama
+from tests.tp_cp.neighbours import ensure_neighbour_passes
+
+ensure_neighbour_passes()
+
+
+def tp(n: int, **kw) -> od.Plan:
+    extra = {k: kw.pop(k) for k in ("tp_plan", "tp_divide_attrs") if k in kw}
+    return od.Plan(parallel=od.Parallel(tp=n, dp_shard=1, **kw), **extra)
+
+
+def refused(model, plan, world_size, *fragments):
+    before = snapshot(model)
+    with pytest.raises(od.PlanError) as err:
+        od.inspect(model, plan, world_size=world_size)
+    for f in fragments:
+        assert f in str(err.value), str(err.value)
+    assert_untouched(model, before)
+    return str(err.value)
+
+
+def test_auto_plan_llama_default():
+    styles, notes = resolve_tp_plan(ModuleGraph(llama()), tp(2))
+    assert styles["layers.0.attn.q_proj"] == "colwise"
+    assert styles["layers.1.mlp.up_proj"] == "colwise"
+    assert styles["layers.0.attn.o_proj"] == styles["layers.1.mlp.down_proj"] == "rowwise"
+    assert styles["embed_tokens"] == "embedding_rowwise" and styles["lm_head"] == "colwise_rep"
+    assert "norm" not in styles and not notes
+    sp, _ = resolve_tp_plan(ModuleGraph(llama()), tp(2, sequence_parallel=True))
+    assert sp["norm"] == sp["layers.0.attn_norm"] == sp["layers.1.mlp_norm"] == "sequence_parallel"
+
+
+def test_auto_plan_uses_transformers_own_plan():
+    styles, _ = resolve_tp_plan(ModuleGraph(hf_llama()), tp(2))
+    assert styles["lm_head"] == "colwise_rep"  # transformers' colwise_gather_output
+    assert styles["model.embed_tokens"] == "embedding_rowwise"
+    assert styles["model.layers.1.self_attn.k_proj"] == "colwise"
+    assert styles["model.layers.0.mlp.down_proj"] == "rowwise"
+    assert head_counts(ModuleGraph(hf_llama())) == {"heads": 4, "kv_heads": 2}
+
+
+def test_tied_embeddings_are_left_whole():
+    styles, notes = resolve_tp_plan(ModuleGraph(llama(tie_embeddings=True)), tp(2))
+    assert "embed_tokens" not in styles and "lm_head" not in styles
+    assert any("tied" in n for n in notes)
+
+
+def test_inspect_reports_sharded_modules_and_halves_their_bytes():
+    model = llama()
+    report = od.inspect(model, tp(2), world_size=2)
+    rec = report["tensor_parallel"]
+    assert len(rec.details["sharded_modules"]) == 16
+    full = sum(p.numel() * 4 for p in model.parameters())
+    norms = sum(p.numel() * 4 for n, p in model.named_parameters() if "norm" in n)
+    assert report.memory.parameters == pytest.approx((full - norms) / 2 + norms)
+
+
+def test_heads_not_divisible():
+    msg = refused(llama(), tp(8), 8, "parallel.tp=8", "4 heads", "valid tp values: [1, 2, 4]")
+    assert "4 key/value heads" in msg
+    refused(llama(n_kv_heads=2), tp(4), 4, "parallel.tp=4", "2 key/value heads", "[1, 2]")
+
+
+def test_glob_matching_nothing():
+    refused(llama(), tp(2, tp_plan={"layers.*.attn.q_proj": "colwise", "layers.*.nope": "rowwise"}),
+            2, "tp_plan['layers.*.nope'] matches no module", "layers.*")
+
+
+def test_nothing_to_shard():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    refused(model, tp(2), 2, "parallel.tp=2", "shards no module")
+
+
+def test_tp_plan_none_with_tp_refused():
+    refused(llama(), tp(2, tp_plan=None), 2, "tp_plan=None", "parallel.tp=2", "'auto'")
+
+
+def test_style_on_wrong_module_type():
+    refused(llama(), tp(2, tp_plan={"layers.*.attn_norm": "colwise"}), 2,
+            "layers.0.attn_norm", "RMSNorm", "nn.Linear")
+
+
+def test_unknown_or_dropped_style_is_refused_by_the_plan():
+    for style in ("local_colwise", "gather", "diagonal"):
+        with pytest.raises(od.PlanError, match="choose one of"):
+            od.inspect(llama(), tp(2, tp_plan={"layers.*.attn.q_proj": style}), world_size=2)
+
+
+def test_unsupported_style_in_model_plan():
+    model = llama()
+    model._tp_plan = {"layers.*.mlp.gate_proj": "packed_colwise"}
+    refused(model, tp(2), 2, "packed_colwise", "layers.*.mlp.gate_proj")
+
+
+def test_divide_attrs_checked():
+    from tests.tp_cp.common import stored_heads_llama
+
+    refused(llama(), tp(2, tp_divide_attrs=("n_heads",)), 2, "tp_divide_attrs", "'n_heads'")
+    od.inspect(stored_heads_llama(), tp(2, tp_divide_attrs=("n_heads", "n_kv_heads")), world_size=2)
+    with pytest.raises(od.PlanError, match="tp_divide_attrs"):
+        od.Plan.from_dict({"parallel": {"tp": 2}, "tp_divide_attrs": ["n heads"]})
+
+
+def test_sequence_parallel_refusals():
+    refused(hf_llama(), tp(2, sequence_parallel=True), 2, "sequence_parallel", "own tp plan")
+    refused(llama(tie_embeddings=True), tp(2, sequence_parallel=True), 2,
+            "sequence_parallel=True needs the token embedding")
+
+
+def test_fp8_tensorwise_picks_torchao_styles():
+    pytest.importorskip("torchao")
+    from torch.distributed.tensor.parallel import ColwiseParallel
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    from torchao.float8.float8_tensor_parallel import (Float8ColwiseParallel,
+                                                       Float8RowwiseParallel)
+
+    tensorwise = convert_to_float8_training(nn.Sequential(nn.Linear(32, 32)))[0]
+    rowwise = convert_to_float8_training(
+        nn.Sequential(nn.Linear(32, 32)), config=Float8LinearConfig.from_recipe_name("rowwise"))[0]
+    assert type(make_style("colwise", tensorwise, False)) is Float8ColwiseParallel
+    assert type(make_style("rowwise", tensorwise, True)) is Float8RowwiseParallel
+    assert type(make_style("colwise", rowwise, False)) is ColwiseParallel
+    assert type(make_style("colwise", nn.Linear(4, 4), False)) is ColwiseParallel
+    assert torch.is_tensor(tensorwise.weight)

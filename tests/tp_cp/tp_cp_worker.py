@@ -1,0 +1,185 @@
+"""Runs on every rank under torchrun: the scenarios named on argv, results as JSON (rank 0).
+
+    python -m torch.distributed.run --nproc-per-node=2 tp_cp_worker.py OUT.json tp sp cp ...
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+import overdrive as od
+from overdrive.passes.context_parallel import ContextParallelAttention, balanced_positions
+from tests.tp_cp.common import LR, batches, fp8_llama, hf_llama, llama, stored_heads_llama
+from tests.tp_cp.neighbours import ensure_neighbour_passes
+
+ensure_neighbour_passes()
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=LR)
+
+
+def run(rt, data, shard=lambda b: b) -> list[float]:
+    losses = []
+    for batch in data:
+        loss = rt.model(**shard(batch)).loss
+        rt.backward(loss)
+        rt.optimizer.step()
+        rt.optimizer.zero_grad()
+        losses.append(loss.detach())
+    return losses
+
+
+def mean_over(values, group) -> list[float]:
+    t = torch.stack(values)
+    dist.all_reduce(t, group=group)
+    return (t / dist.get_world_size(group)).tolist()
+
+
+def sharded_bytes(rt) -> dict:
+    names = set(rt.report["tensor_parallel"].details["sharded_modules"])
+    local = full = 0
+    for name, module in rt.model.named_modules():
+        if name in names:
+            for p in module.parameters(recurse=False):
+                local += p.to_local().numel() * p.element_size()
+                full += p.numel() * p.element_size()
+    return {"local": local, "full": full}
+
+
+def tp_plan(**parallel):
+    return od.Plan(parallel=od.Parallel(tp=2, dp_shard=1, **parallel))
+
+
+def scenario_tp():
+    rt = od.accelerate(llama(), tp_plan(), optimizer=sgd)
+    return {"losses": [x.item() for x in run(rt, batches())], "bytes": sharded_bytes(rt),
+            "keys_kept": sorted(rt.model.state_dict()) == sorted(llama().state_dict()),
+            "bytes_after": rt.report["tensor_parallel"].bytes_after,
+            "bytes_before": rt.report["tensor_parallel"].bytes_before}
+
+
+def scenario_sp():
+    rt = od.accelerate(llama(), tp_plan(sequence_parallel=True), optimizer=sgd)
+    return {"losses": [x.item() for x in run(rt, batches())]}
+
+
+def scenario_divide():
+    plan = od.Plan(parallel=od.Parallel(tp=2, dp_shard=1), tp_divide_attrs=("n_heads", "n_kv_heads"))
+    rt = od.accelerate(stored_heads_llama(), plan, optimizer=sgd)
+    return {"losses": [x.item() for x in run(rt, batches())],
+            "n_heads": rt.model.layers[0].attn.n_heads}
+
+
+def scenario_hf():
+    rt = od.accelerate(hf_llama(), tp_plan(), optimizer=sgd)
+    return {"losses": [x.item() for x in run(rt, batches(vocab=128))],
+            "styles": rt.report["tensor_parallel"].details["styles"], "bytes": sharded_bytes(rt)}
+
+
+def scenario_fp8():
+    rt = od.accelerate(fp8_llama(), tp_plan(sequence_parallel=True), optimizer=sgd)
+    rec = rt.report["tensor_parallel"]
+    return {"losses": [x.item() for x in run(rt, batches())], "notes": rec.notes,
+            "float8_modules": len(rec.details["float8_modules"])}
+
+
+def scenario_cp_attention():
+    """Context-parallel attention vs unsharded SDPA: outputs and q/k/v gradients."""
+    mesh = od.accelerate(llama(), od.Plan(parallel=od.Parallel(cp=2, dp_shard=1))).mesh["cp"]
+    cp, rank = 2, mesh.get_local_rank()
+    g = torch.Generator().manual_seed(3)
+    q, k, v, w = (torch.randn(2, 4, 16, 8, generator=g) for _ in range(4))
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = torch.nn.functional.scaled_dot_product_attention(*full, is_causal=True)
+    (out * w).sum().backward()
+    idx = balanced_positions(16, cp, rank)
+    local = [t[:, :, idx].clone().requires_grad_() for t in (q, k, v)]
+    with ContextParallelAttention(mesh, cp, use_torch_cp=False):
+        out_local = torch.nn.functional.scaled_dot_product_attention(*local, is_causal=True)
+    (out_local * w[:, :, idx]).sum().backward()
+    errs = {"out": (out_local - out[:, :, idx]).abs().max().item()}
+    for name, a, b in zip("qkv", local, full):
+        errs[f"grad_{name}"] = (a.grad - b.grad[:, :, idx]).abs().max().item()
+    refused = {}
+    for what, kwargs in (("mask", {"attn_mask": torch.ones(16, 16, dtype=torch.bool)}),
+                         ("non_causal", {"is_causal": False})):
+        try:
+            with ContextParallelAttention(mesh, cp, use_torch_cp=False):
+                torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+            refused[what] = None
+        except od.PlanError as err:
+            refused[what] = str(err)
+    return {"errors": errs, "refused": refused}
+
+
+def scenario_cp():
+    rt = od.accelerate(llama(), od.Plan(parallel=od.Parallel(cp=2, dp_shard=1)), optimizer=sgd)
+    losses = mean_over(run(rt, batches(), shard=rt.shard_sequence), rt.mesh["cp"].get_group())
+    try:
+        rt.shard_sequence(batches(1, seq=10)[0])
+        bad_len = None
+    except od.PlanError as err:
+        bad_len = str(err)
+    return {"losses": losses, "bad_len": bad_len, "notes": rt.report["context_parallel"].notes,
+            "keys_kept": sorted(rt.model.state_dict()) == sorted(llama().state_dict())}
+
+
+def scenario_cp_ac():
+    """CP under activation checkpointing (recompute in backward) and a compiled block."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    rt = od.accelerate(llama(), od.Plan(parallel=od.Parallel(cp=2, dp_shard=1)), optimizer=sgd)
+    rt.model.layers[0] = checkpoint_wrapper(rt.model.layers[0])  # as the checkpointing pass does
+    rt.model.layers[1].compile(backend="eager")
+    return {"losses": mean_over(run(rt, batches(), shard=rt.shard_sequence),
+                                rt.mesh["cp"].get_group())}
+
+
+def scenario_tp_cp():
+    rt = od.accelerate(llama(), od.Plan(parallel=od.Parallel(cp=2, tp=2, dp_shard=1)),
+                       optimizer=sgd)
+    return {"losses": mean_over(run(rt, batches(), shard=rt.shard_sequence),
+                                rt.mesh["cp"].get_group())}
+
+
+def dp_slice(rt):
+    """This data-parallel rank's rows of a global batch (TP peers share them)."""
+    return lambda b: {k: v[rt.dp_rank::rt.dp_size] for k, v in b.items()}
+
+
+def fsdp_tp(model, data):
+    plan = od.Plan(parallel=od.Parallel(dp_shard=-1, tp=2), fsdp=od.FSDP())
+    rt = od.accelerate(model, plan, optimizer=sgd)
+    losses = mean_over(run(rt, data, shard=dp_slice(rt)), None)
+    return {"losses": losses, "bytes_after": rt.report.passes[-1].bytes_after,
+            "passes": rt.report.names()}
+
+
+def scenario_fsdp_tp():
+    return fsdp_tp(llama(), batches())
+
+
+def scenario_fsdp_tp_hf():
+    return fsdp_tp(hf_llama(), batches(vocab=128))
+
+
+def main() -> None:
+    out, names = sys.argv[1], sys.argv[2:]
+    results = {}
+    for name in names:
+        torch.manual_seed(0)
+        results[name] = globals()[f"scenario_{name}"]()
+    if dist.get_rank() == 0:
+        with open(out, "w") as fh:
+            json.dump(results, fh)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
