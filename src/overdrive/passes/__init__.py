@@ -1,5 +1,6 @@
 """The built-in passes, imported in canonical order (the tie-breaker of the sort):
 casting → fp8 → tensor_parallel → context_parallel → checkpointing → compile →
-fsdp | ddp | deepspeed. Importing a module registers its pass."""
+mixed_precision → fsdp | ddp | deepspeed. Importing a module registers its pass."""
+
 from . import tensor_parallel  # noqa: F401
 from . import context_parallel  # noqa: F401
