@@ -84,9 +84,11 @@ def install_failure_hook(rank: int) -> None:
         try:
             _previous_hook(exc_type, exc, tb)
             if not issubclass(exc_type, KeyboardInterrupt):
-                log.error("overdrive: rank %d failed: %s: %s", rank, exc_type.__name__, exc)
-                print(f"overdrive: rank {rank} failed: {exc_type.__name__}: {exc}",
-                      file=sys.stderr)
+                msg = f"overdrive: rank {rank} failed: {exc_type.__name__}: {exc}"
+                if log.hasHandlers() and log.isEnabledFor(logging.ERROR):
+                    log.error(msg)
+                else:
+                    print(msg, file=sys.stderr)
         finally:
             sys.stdout.flush(), sys.stderr.flush()
             _abort_process_group()
