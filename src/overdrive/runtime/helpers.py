@@ -31,7 +31,7 @@ def main_process_first(rt):
 
 def progress(rt, iterable: Iterable, **tqdm_kwargs: Any) -> Iterable:
     """A tqdm bar on rank 0; the plain iterable on the other ranks."""
-    if not rt.is_main or tqdm_kwargs.pop("disable", False):
+    if not rt.is_main or tqdm_kwargs.get("disable") is True:
         return iterable
     from tqdm.auto import tqdm
 
