@@ -1,6 +1,7 @@
 """Data sharding: ``rt.shard(loader)`` → this data-parallel rank's slice of every epoch.
 
-Map-style data is sharded at the index level: the user's batch sampler (with a seeded,
+Map-style data is always sharded at the index level (``dispatch`` is for iterable
+datasets only: indices cost nothing to read on every rank): the user's batch sampler (with a seeded,
 epoch-aware permutation in place of ``shuffle=True``) yields the *global* batches, and
 ``shard_indices`` hands this rank its share. Resuming skips consumed batches there, so
 their samples are never read. Iterable data is either read by rank 0 and scattered

@@ -57,9 +57,10 @@ class Runtime:
             self.optimizer = grad.Optimizer(optimizer, self)
         if scheduler is not None:
             self.scheduler = grad.Scheduler(scheduler, self)
-        helpers.configure_logging(self.rank)
-        if self.world_size > 1:
-            helpers.install_failure_hook(self.rank)
+        launched = dist.is_initialized() and dist.get_world_size() > 1
+        helpers.configure_logging(dist.get_rank() if launched else 0)
+        if launched:
+            helpers.install_failure_hook(dist.get_rank())
 
     # -- identity -------------------------------------------------------------------
     @property
