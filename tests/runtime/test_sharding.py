@@ -10,7 +10,7 @@ from torch.utils.data import BatchSampler, DataLoader, Sampler, SequentialSample
 from overdrive.errors import OverdriveError
 from overdrive.rewrite.plan import Parallel, Plan, resolve_for_world
 from overdrive.rewrite.report import Report
-from overdrive.runtime.data import sharded_len, shard_indices
+from overdrive.runtime.sampling import shard_indices, sharded_len
 from overdrive.runtime.runtime import Runtime
 from overdrive.runtime.state import Env
 
