@@ -65,6 +65,8 @@ def shards(rt):
     loader = rt.shard(DataLoader(Stream(11), batch_size=2), dispatch=False)
     out["iterable_no_dispatch"] = {"batches": [(b.flatten().tolist(), loader.n_real)
                                                for b in loader]}
+    loader = rt.shard(DataLoader(Stream(9), batch_size=2), even_batches=False)
+    out["dispatch_uneven"] = [b.flatten().tolist() for b in loader]
     three = TensorDataset(torch.arange(3))
     for even in (True, False):
         loader = rt.shard(DataLoader(three, batch_size=1), even_batches=even)
@@ -84,6 +86,9 @@ def metrics(rt):
     loader = rt.shard(DataLoader(TensorDataset(torch.arange(37)), batch_size=4),
                       even_batches=False)
     out["uneven"] = [v for (x,) in loader for v in rt.gather_for_metrics(x).tolist()]
+    loader = rt.shard(DataLoader(TensorDataset(torch.arange(37)), batch_size=4))
+    out["strings"] = [s for (x,) in loader
+                      for s in rt.gather_for_metrics([f"s{v}" for v in x.tolist()])]
     return out
 
 

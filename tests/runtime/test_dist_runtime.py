@@ -66,6 +66,16 @@ def test_iterable_datasets(ranks, key):
         assert ranks[0]["shards"][key]["dispatch"] is True
 
 
+def test_dispatch_without_even_batches_ends_cleanly(ranks):
+    assert ranks[0]["shards"]["dispatch_uneven"] == [[0, 1], [4, 5], [8]]
+    assert ranks[1]["shards"]["dispatch_uneven"] == [[2, 3], [6, 7]]
+
+
+def test_gather_for_metrics_of_python_objects(ranks):
+    for r in ranks:
+        assert sorted(r["metrics"]["strings"]) == sorted(f"s{i}" for i in range(37))
+
+
 def test_even_batches_on_and_off(ranks):
     assert [r["shards"]["three_even=True"] for r in ranks] == [[1, 1], [1, 1]]
     assert [r["shards"]["three_even=False"] for r in ranks] == [[1, 1], [1]]

@@ -151,3 +151,25 @@ def test_sharded_len_matches_shard_indices():
                                 len(batches), last, rank, size, split=split, even=even,
                                 batch_size=bs, drop_last=drop_last), (n_items, size, split,
                                                                        even, drop_last, rank)
+
+
+@pytest.mark.parametrize("dispatch", [True, False])
+def test_iterable_resume_in_one_process(dispatch):
+    from torch.utils.data import IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(torch.arange(9).split(1))
+
+    def make():
+        return fake_rt(0, 1).shard(DataLoader(Stream(), batch_size=2), dispatch=dispatch)
+
+    want = [b.flatten().tolist() for b in make()]
+    assert want == [[0, 1], [2, 3], [4, 5], [6, 7], [8]]  # one rank: never padded
+    part = make()
+    it = iter(part)
+    next(it), next(it)
+    resumed = make()
+    resumed.load_state_dict(part.state_dict())
+    assert [b.flatten().tolist() for b in resumed] == want[2:]
+    assert resumed.n_real == 1 and resumed.end_of_epoch

@@ -131,6 +131,22 @@ def gather_uneven(data: Any, group=None, keep: Callable[[torch.Tensor], int] | N
     return rebuild(data, out)
 
 
+def gather_for_metrics(data: Any, rows: tuple[int, int] | None, group=None) -> Any:
+    """Gather the current batch's results without the even_batches padding.
+
+    ``rows`` is ``(rows in the batch, real rows)`` of the loader being iterated: tensors
+    (and lists) with that many rows keep the real ones before gathering; ranks may then
+    hold different row counts.
+    """
+    batch_len, n_real = rows if rows is not None else (-1, -1)
+    if not all(isinstance(t, torch.Tensor) for t in leaves(data)):
+        if isinstance(data, list) and len(data) == batch_len:
+            data = data[:n_real]
+        return gather_object(data, group)
+    return gather_uneven(data, group, keep=lambda t: n_real if t.shape[0] == batch_len
+                         else t.shape[0])
+
+
 def gather_object(obj: Any, group=None) -> list:
     """Every rank's object; lists/tuples are concatenated in rank order."""
     if world(group) == 1:

@@ -52,7 +52,8 @@ class ShardedLoader:
         self.rt = rt
         self.base = loader
         self.rank, self.size = rt.dp_rank, rt.dp_size
-        self.split, self.even = split_batches, even_batches
+        self.split = split_batches
+        self.even = even_batches and self.size > 1  # one rank: nothing to even out
         self.iterable = isinstance(loader.dataset, IterableDataset)
         self.dispatch = self.iterable if dispatch is None else bool(dispatch)
         self.device = rt.device if device_placement else None
@@ -216,10 +217,11 @@ class ShardedLoader:
             _scatter(out, msgs, self.size)
             if out[0] is None:
                 return
-            samples, n_real, last = out[0]
-            if step >= skip:
-                yield collate(samples), n_real
-            step += 1
+            entry, last = out[0]
+            if entry is not None:  # (samples, n_real); None once this rank ran out
+                if step >= skip:
+                    yield collate(entry[0]), entry[1]
+                step += 1
             if last:
                 return
 
@@ -250,18 +252,12 @@ def _grouped(chunks: Iterator[list], size: int, split: bool, even: bool, batch_s
 
 
 def _with_last(groups: Iterator[list]) -> Iterator[list]:
-    """Attach a "this is your last batch" flag to every rank's message."""
+    """Each rank's ``(entry, last_step)``: every rank takes part in every scatter until
+    the last step, also after its own batches ran out (no collective is left waiting)."""
     prev = next(groups, None)
     while prev is not None:
         cur = next(groups, None)
-        msgs = []
-        for r, entry in enumerate(prev):
-            if entry is None:
-                msgs.append(None)
-            else:
-                nxt_has = cur is not None and cur[r] is not None
-                msgs.append((entry[0], entry[1], not nxt_has))
-        yield msgs
+        yield [(entry, cur is None) for entry in prev]
         prev = cur
 
 

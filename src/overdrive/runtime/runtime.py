@@ -172,16 +172,8 @@ class Runtime:
         """``gather`` over the data-parallel ranks without even_batches padding: the
         gathered values of a whole epoch are exactly the dataset."""
         loader = self._active_loader
-        keep = None
-        if loader is not None:
-            rows, real = loader.batch_len, loader.n_real
-            keep = lambda t: real if t.shape[0] == rows else t.shape[0]  # noqa: E731
-        if not isinstance(x, torch.Tensor) and not all(
-                isinstance(t, torch.Tensor) for t in collectives.leaves(x)):
-            if loader is not None and isinstance(x, list) and len(x) == loader.batch_len:
-                x = x[: loader.n_real]
-            return collectives.gather_object(x, group=self._dp_group())
-        return collectives.gather_uneven(x, group=self._dp_group(), keep=keep)
+        rows = (loader.batch_len, loader.n_real) if loader is not None else None
+        return collectives.gather_for_metrics(x, rows, group=self._dp_group())
 
     def gather_object(self, obj: Any) -> list:
         return collectives.gather_object(obj)
