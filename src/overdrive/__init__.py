@@ -12,6 +12,7 @@ from .rewrite.manager import Pass, register_pass
 from .rewrite.plan import (DDP, FP8, FSDP, PRESETS, Casting, Checkpointing, Compile,
                            DeepSpeed, Parallel, Plan)
 from .rewrite.report import MemoryEstimate, PassRecord, Report
+from .runtime.helpers import find_executable_batch_size
 from .runtime.runtime import Runtime
 
 __version__ = "0.1.0"
@@ -21,6 +22,6 @@ __all__ = [
     "Plan", "Compile", "FP8", "Checkpointing", "Casting", "Parallel", "FSDP", "DDP",
     "DeepSpeed", "PRESETS",
     "Runtime", "Report", "PassRecord", "MemoryEstimate", "ModuleGraph",
-    "Pass", "register_pass",
+    "Pass", "register_pass", "find_executable_batch_size",
     "OverdriveError", "PlanError", "BackendUnavailable", "PassFailed",
 ]

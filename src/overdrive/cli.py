@@ -1,4 +1,4 @@
-"""The ``overdrive`` command: inspect, env (and launch, bench as they land)."""
+"""The ``overdrive`` command: inspect, launch, env (and bench as it lands)."""
 
 from __future__ import annotations
 
@@ -90,6 +90,50 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def torchrun_command(args: argparse.Namespace) -> list[str]:
+    """The ``python -m torch.distributed.run …`` command ``overdrive launch`` runs."""
+    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    if args.nnodes == "1" and args.rdzv_endpoint is None:
+        cmd.append("--standalone")
+    else:
+        if args.rdzv_endpoint is None:
+            raise SystemExit("overdrive launch: --nnodes > 1 needs --rdzv-endpoint HOST:PORT "
+                             "(the address of one node, the same on every node)")
+        cmd += [f"--nnodes={args.nnodes}", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={args.rdzv_endpoint}", f"--rdzv-id={args.rdzv_id}"]
+        if args.node_rank is not None:
+            cmd.append(f"--node-rank={args.node_rank}")
+    cmd += [f"--nproc-per-node={args.nproc}", f"--max-restarts={args.max_restarts}"]
+    return cmd + [args.script, *args.script_args]
+
+
+def launch_env(nproc: int) -> dict[str, str]:
+    """The environment of the ranks: OMP_NUM_THREADS = cores / processes unless set."""
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, nproc)))
+    return env
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    import shlex
+    import subprocess
+
+    if args.nproc == "auto":
+        import torch
+
+        args.nproc = str(torch.cuda.device_count() or 1)
+    cmd = torchrun_command(args)
+    env = launch_env(int(args.nproc))
+    if args.dry_run:
+        print(f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} {shlex.join(cmd)}")
+        return 0
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 130
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="overdrive", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -100,6 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, default=None, help="ranks to plan for")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("launch", help="run a training script on several processes "
+                                      "(torch.distributed.run underneath)")
+    p.add_argument("--nproc", default="auto",
+                   help="processes per node (default: the GPUs, or 1 without any)")
+    p.add_argument("--nnodes", default="1", help="nodes, or MIN:MAX for elastic runs")
+    p.add_argument("--node-rank", type=int, default=None, help="this node's rank")
+    p.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the rendezvous")
+    p.add_argument("--rdzv-id", default="overdrive", help="job id shared by all nodes")
+    p.add_argument("--max-restarts", type=int, default=0, help="elastic restarts on failure")
+    p.add_argument("--dry-run", action="store_true", help="print the torchrun command only")
+    p.add_argument("script", help="the training script")
+    p.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
+    p.set_defaults(func=cmd_launch)
 
     p = sub.add_parser("env", help="versions and backends, for bug reports")
     p.add_argument("--json", action="store_true")

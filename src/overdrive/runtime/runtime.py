@@ -17,6 +17,7 @@ from torch import nn
 
 from ..rewrite.plan import Plan
 from ..rewrite.report import Report
+from . import collectives, data, grad, helpers
 from .state import Env
 
 log = logging.getLogger("overdrive")
@@ -49,6 +50,17 @@ class Runtime:
         self._scaler = self._make_scaler()
         self.step = 0  # optimizer steps really taken (skipped micro-steps do not count)
         self._loaders: list[Any] = []  # every loader made by rt.shard (checkpointed)
+        self._active_loader = None  # the sharded loader being iterated (its last batch syncs)
+        self._grad_sync = grad.GradSync(self, self.grad_accum)
+        self._dtensor_grads = _has_dtensor(model)
+        if optimizer is not None:
+            self.optimizer = grad.Optimizer(optimizer, self)
+        if scheduler is not None:
+            self.scheduler = grad.Scheduler(scheduler, self)
+        launched = dist.is_initialized() and dist.get_world_size() > 1
+        helpers.configure_logging(dist.get_rank() if launched else 0)
+        if launched:
+            helpers.install_failure_hook(dist.get_rank())
 
     # -- identity -------------------------------------------------------------------
     @property
@@ -126,6 +138,62 @@ class Runtime:
             loss = self._scaler.scale(loss)
         loss.backward(**kwargs)
 
+    # -- data (data.py) ---------------------------------------------------------------
+    def shard(self, dataloader, *, split_batches: bool = False, even_batches: bool = True,
+              dispatch: bool | None = None, device_placement: bool = True):
+        """This data-parallel rank's share of ``dataloader``: a resumable sharded loader."""
+        return data.shard(self, dataloader, split_batches=split_batches,
+                          even_batches=even_batches, dispatch=dispatch,
+                          device_placement=device_placement)
+
+    # -- gradients (grad.py) ----------------------------------------------------------
+    def accumulate(self) -> grad.GradSync:
+        """``with rt.accumulate():`` around each micro-step of ``Plan(grad_accum=N)``."""
+        return self._grad_sync
+
+    @property
+    def sync_gradients(self) -> bool:
+        """True on the micro-step whose gradients are synced and stepped."""
+        return self._grad_sync.sync
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0):
+        """Clip the gradients; returns the global norm across every shard."""
+        return grad.clip_grad_norm_(self, max_norm, norm_type)
+
+    def clip_grad_value_(self, clip_value: float) -> None:
+        grad.clip_grad_value_(self, clip_value)
+
+    # -- collectives (collectives.py) -------------------------------------------------
+    def gather(self, x: Any) -> Any:
+        """Every rank's tensors concatenated along dim 0 (nested structures kept)."""
+        return collectives.gather(x)
+
+    def gather_for_metrics(self, x: Any) -> Any:
+        """``gather`` over the data-parallel ranks without even_batches padding: the
+        gathered values of a whole epoch are exactly the dataset."""
+        loader = self._active_loader
+        rows = (loader.batch_len, loader.n_real) if loader is not None else None
+        return collectives.gather_for_metrics(x, rows, group=self._dp_group())
+
+    def gather_object(self, obj: Any) -> list:
+        return collectives.gather_object(obj)
+
+    def reduce(self, x: Any, op: str = "sum") -> Any:
+        return collectives.reduce(x, op)
+
+    def broadcast(self, x: Any, src: int = 0) -> Any:
+        return collectives.broadcast(x, src)
+
+    def pad_across_processes(self, x: Any, dim: int = 0, pad_index: int = 0,
+                             pad_first: bool = False) -> Any:
+        return collectives.pad_across_processes(x, dim, pad_index, pad_first)
+
+    def _dp_group(self):
+        """The data-parallel process group (None: the default group is the dp group)."""
+        if self.dp_size == self.world_size:
+            return None
+        return self.mesh["dp"].get_group()
+
     # -- state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The full, unwrapped model state with the original model's keys.
@@ -164,6 +232,14 @@ class Runtime:
         """``print`` on rank 0 only."""
         if self.is_main:
             print(*args, **kwargs)
+
+    def main_process_first(self):
+        """``with rt.main_process_first():`` rank 0 runs the block before the others."""
+        return helpers.main_process_first(self)
+
+    def progress(self, iterable, **tqdm_kwargs: Any):
+        """A tqdm progress bar on rank 0 only."""
+        return helpers.progress(self, iterable, **tqdm_kwargs)
 
     def __repr__(self) -> str:
         return (f"Runtime(passes={self.report.names()}, rank={self.rank}/{self.world_size}, "

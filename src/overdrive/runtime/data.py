@@ -1,0 +1,307 @@
+"""Data sharding: ``rt.shard(loader)`` → this data-parallel rank's slice of every epoch.
+
+Map-style data is sharded at the index level (sampling.py): the user's batch sampler —
+with a seeded, epoch-aware permutation in place of ``shuffle=True`` — yields the global
+batches and this rank takes its share. Resuming skips consumed batches there, so their
+samples are never read. Iterable data is either read by rank 0 and scattered
+(``dispatch``, the default for iterable datasets) or read by every rank, each keeping its
+share. (``dispatch`` does not apply to map-style data: indices are free to read anywhere.)
+
+``even_batches`` pads the tail by wrapping around to the epoch's first samples so every
+rank yields the same number of equally sized batches; each batch remembers how many of
+its rows are real, and ``rt.gather_for_metrics`` drops the rest.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler
+from torch.utils.data._utils.collate import default_collate
+
+from ..errors import OverdriveError
+from .sampling import (FlaggedCollate, IterableShard, SeededRandomSampler, ShardBatchSampler,
+                       shard_indices, sharded_len)
+
+# DataLoader arguments copied from the user's loader when it is rebuilt.
+_LOADER_ARGS = ("num_workers", "pin_memory", "timeout", "worker_init_fn",
+                "multiprocessing_context", "generator", "prefetch_factor",
+                "persistent_workers", "pin_memory_device", "in_order")
+
+
+# --------------------------------------------------------------------------- the loader
+
+
+class ShardedLoader:
+    """What ``rt.shard`` returns: iterate it like the user's loader.
+
+    ``state_dict()`` / ``load_state_dict()`` hold (seed, epoch, position); ``set_epoch``
+    changes the permutation; ``len()`` is this rank's number of batches.
+    """
+
+    def __init__(self, loader: DataLoader, rt, *, split_batches: bool = False,
+                 even_batches: bool = True, dispatch: bool | None = None,
+                 device_placement: bool = True):
+        if not isinstance(loader, DataLoader):
+            raise OverdriveError(f"rt.shard expects a torch DataLoader, got "
+                                 f"{type(loader).__name__}")
+        self.rt = rt
+        self.base = loader
+        self.rank, self.size = rt.dp_rank, rt.dp_size
+        self.split = split_batches
+        self.even = even_batches and self.size > 1  # one rank: nothing to even out
+        self.iterable = isinstance(loader.dataset, IterableDataset)
+        self.dispatch = self.iterable if dispatch is None else bool(dispatch)
+        self.device = rt.device if device_placement else None
+        self.non_blocking = rt.device.type == "cuda"
+        self.shard_sequence = getattr(rt, "shard_sequence", None) \
+            if rt.plan.parallel.cp > 1 else None
+        self.batch_size = self._batch_size(loader)
+        if split_batches and self.batch_size % self.size:
+            raise OverdriveError(
+                f"split_batches=True: the loader's batch size {self.batch_size} is not "
+                f"divisible by the {self.size} data-parallel ranks; use a multiple of "
+                f"{self.size} or split_batches=False")
+        self.drop_last = self._drop_last(loader)
+        self.epoch, self.position, self._skip = 0, 0, 0
+        self.seed = self._agree_on_seed(loader)
+        self.sampler = None
+        self.loader = self._rebuild(loader)
+        # the batch being consumed: its row count, real rows, and whether it is the last
+        self.batch_len, self.n_real, self.end_of_epoch = 0, 0, False
+
+    # -- construction ------------------------------------------------------------
+    @staticmethod
+    def _batch_size(loader: DataLoader) -> int:
+        if loader.batch_size is not None:
+            return loader.batch_size
+        bs = getattr(loader.batch_sampler, "batch_size", None)
+        if bs is None:
+            raise OverdriveError(
+                "rt.shard needs to know the batch size: give the DataLoader batch_size=N or "
+                "a batch_sampler with a batch_size attribute")
+        return bs
+
+    @staticmethod
+    def _drop_last(loader: DataLoader) -> bool:
+        return bool(getattr(loader.batch_sampler, "drop_last", loader.drop_last))
+
+    def _agree_on_seed(self, loader: DataLoader) -> int:
+        if self.rt.plan.seed is not None:
+            return self.rt.plan.seed
+        gen = loader.generator
+        seed = gen.initial_seed() if gen is not None else random.SystemRandom().randrange(2**31)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            box = [seed]
+            dist.broadcast_object_list(box, src=0)
+            seed = box[0]
+        return int(seed)
+
+    def _loader_kwargs(self, loader: DataLoader) -> dict[str, Any]:
+        kw = {k: getattr(loader, k) for k in _LOADER_ARGS if hasattr(loader, k)}
+        if kw.get("num_workers", 0) == 0:
+            kw.pop("prefetch_factor", None), kw.pop("persistent_workers", None)
+        if self.device is not None and self.device.type == "cuda":
+            kw["pin_memory"] = True
+        return kw
+
+    def _rebuild(self, loader: DataLoader) -> DataLoader | None:
+        collate = loader.collate_fn or default_collate
+        kw = self._loader_kwargs(loader)
+        if self.iterable and self.dispatch:
+            return None  # rank 0 iterates the user's loader itself (see _dispatched)
+        common = dict(split=self.split, even=self.even, batch_size=self.batch_size,
+                      drop_last=self.drop_last)
+        if self.iterable:
+            per_rank = self.batch_size // self.size if self.split else self.batch_size
+            ds = IterableShard(loader.dataset, self.rank, self.size, **common)
+            return DataLoader(ds, batch_size=per_rank, collate_fn=FlaggedCollate(collate), **kw)
+        self.sampler = self._global_batch_sampler(loader)
+        self.batch_sampler = ShardBatchSampler(self.sampler, self.rank, self.size, **common)
+        return DataLoader(loader.dataset, batch_sampler=self.batch_sampler, collate_fn=collate,
+                          **kw)
+
+    def _global_batch_sampler(self, loader: DataLoader):
+        bs = loader.batch_sampler
+        if type(bs) is not BatchSampler:
+            return bs  # a custom batch sampler yields the global batches itself
+        sampler = bs.sampler
+        if type(sampler) is RandomSampler:
+            sampler = SeededRandomSampler(len(sampler.data_source), self.seed,
+                                          replacement=sampler.replacement,
+                                          num_samples=sampler._num_samples)
+        return BatchSampler(sampler, bs.batch_size, bs.drop_last)
+
+    # -- epochs and resumption ---------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's permutation. Setting the epoch a loaded state is in keeps
+        the resume position."""
+        if epoch != self.epoch:
+            self.epoch, self._skip = epoch, 0
+
+    def _apply_epoch(self) -> None:
+        for obj in (self.sampler, getattr(self.sampler, "sampler", None), self.base.dataset):
+            if obj is not None and hasattr(obj, "set_epoch"):
+                obj.set_epoch(self.epoch)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.seed = int(state["epoch"]), int(state.get("seed", self.seed))
+        self.position = self._skip = int(state["position"])
+        if isinstance(self.sampler, BatchSampler) and \
+                isinstance(self.sampler.sampler, SeededRandomSampler):
+            self.sampler.sampler.seed = self.seed
+
+    def __len__(self) -> int:
+        if self.loader is not None and not self.iterable:
+            return len(self.batch_sampler)
+        n_samples = len(self.base.dataset)  # iterable datasets that define __len__
+        n = n_samples // self.batch_size if self.drop_last else -(-n_samples // self.batch_size)
+        last = n_samples - (n - 1) * self.batch_size if n and not self.drop_last else \
+            self.batch_size
+        return sharded_len(n, last, self.rank, self.size, split=self.split, even=self.even,
+                           batch_size=self.batch_size, drop_last=self.drop_last)
+
+    # -- iteration ---------------------------------------------------------------
+    def __iter__(self) -> Iterator[Any]:
+        self._apply_epoch()
+        skip, self._skip = self._skip, 0
+        self.position = skip
+        batches = self._batches(skip)
+        self.rt._active_loader = self
+        try:
+            nxt = next(batches, _END)
+            while nxt is not _END:
+                batch, n_real = nxt
+                nxt = next(batches, _END)
+                self.end_of_epoch = nxt is _END
+                self.batch_len, self.n_real = _rows(batch), n_real
+                self.position += 1
+                yield self._place(batch)
+            self.epoch, self.position = self.epoch + 1, 0
+        finally:
+            if self.rt._active_loader is self:
+                self.rt._active_loader = None
+
+    def _batches(self, skip: int) -> Iterator[tuple[Any, int]]:
+        if self.loader is None:
+            return self._dispatched(skip)
+        if self.iterable:
+            return itertools.islice(iter(self.loader), skip, None)  # streams must be read
+        self.batch_sampler.skip = skip
+        meta = self.batch_sampler.meta
+        return ((batch, meta.popleft()[1]) for batch in self.loader)
+
+    def _dispatched(self, skip: int) -> Iterator[tuple[Any, int]]:
+        """Rank 0 reads raw samples with the user's loader settings and scatters each rank
+        its batch; every rank collates its own."""
+        source = msgs = None
+        if self.rank == 0:
+            raw = DataLoader(self.base.dataset, batch_size=self.batch_size,
+                             collate_fn=_as_list, **self._loader_kwargs(self.base))
+            source = _with_last(_grouped(iter(raw), self.size, self.split, self.even,
+                                         self.batch_size, self.drop_last))
+        collate = self.base.collate_fn or default_collate
+        step = 0
+        while True:
+            if self.rank == 0:
+                item = next(source, None)
+                msgs = [None] * self.size if item is None else item
+            out = [None]
+            _scatter(out, msgs, self.size)
+            if out[0] is None:
+                return
+            entry, last = out[0]
+            if entry is not None:  # (samples, n_real); None once this rank ran out
+                if step >= skip:
+                    yield collate(entry[0]), entry[1]
+                step += 1
+            if last:
+                return
+
+    def _place(self, batch: Any) -> Any:
+        if self.device is not None:
+            batch = _to_device(batch, self.device, self.non_blocking)
+        if self.shard_sequence is not None:
+            batch = self.shard_sequence(batch)
+        return batch
+
+    def __repr__(self) -> str:
+        return (f"ShardedLoader(rank={self.rank}/{self.size}, batch_size={self.batch_size}, "
+                f"split={self.split}, even={self.even}, dispatch={self.dispatch}, "
+                f"epoch={self.epoch}, position={self.position})")
+
+
+_END = object()
+
+
+def _grouped(chunks: Iterator[list], size: int, split: bool, even: bool, batch_size: int,
+             drop_last: bool) -> Iterator[list]:
+    """Rank 0's view for dispatch: per step, one ``(samples, n_real)`` per rank (or None)."""
+    rank_streams = [shard_indices(c, r, size, split=split, even=even, batch_size=batch_size,
+                                  drop_last=drop_last)
+                    for r, c in enumerate(itertools.tee(chunks, size))]
+    for row in itertools.zip_longest(*rank_streams):
+        yield list(row)
+
+
+def _with_last(groups: Iterator[list]) -> Iterator[list]:
+    """Each rank's ``(entry, last_step)``: every rank takes part in every scatter until
+    the last step, also after its own batches ran out (no collective is left waiting)."""
+    prev = next(groups, None)
+    while prev is not None:
+        cur = next(groups, None)
+        yield [(entry, cur is None) for entry in prev]
+        prev = cur
+
+
+def _scatter(out: list, msgs: list | None, size: int) -> None:
+    if size == 1:
+        out[0] = msgs[0]
+        return
+    dist.scatter_object_list(out, msgs, src=0)
+
+
+def _as_list(samples: list) -> list:
+    return samples
+
+
+def _rows(batch: Any) -> int:
+    """Rows of a collated batch: the first dimension of its first tensor (or list)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.ndim else 1
+    if isinstance(batch, dict):
+        for v in batch.values():
+            return _rows(v)
+    if isinstance(batch, (list, tuple)) and batch:
+        if isinstance(batch[0], (torch.Tensor, dict, list, tuple)):
+            return _rows(batch[0])
+        return len(batch)
+    return 0
+
+
+def _to_device(batch: Any, device: torch.device, non_blocking: bool) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device, non_blocking) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(_to_device(v, device, non_blocking) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device, non_blocking) for v in batch)
+    return batch
+
+
+def shard(rt, dataloader: DataLoader, *, split_batches: bool = False, even_batches: bool = True,
+          dispatch: bool | None = None, device_placement: bool = True) -> ShardedLoader:
+    loader = ShardedLoader(dataloader, rt, split_batches=split_batches,
+                           even_batches=even_batches, dispatch=dispatch,
+                           device_placement=device_placement)
+    rt._loaders.append(loader)
+    return loader

@@ -1,0 +1,216 @@
+"""Gradient accumulation, the optimizer/scheduler wrappers, gradient clipping.
+
+``Plan(grad_accum=N)``: inside ``with rt.accumulate():`` micro-steps before the N-th (and
+not the last batch of a sharded loader) turn the data-parallel gradient sync off through
+``env.set_gradient_sync``; ``rt.optimizer.step()`` and ``rt.scheduler.step()`` do nothing
+on those micro-steps. Which engine owns the step (a DeepSpeed engine, an fp16 GradScaler,
+a plain optimizer) is decided once, when the wrapper is built.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class GradSync:
+    """The accumulation counter; ``rt.accumulate()`` returns it as a context manager."""
+
+    __slots__ = ("rt", "n", "micro", "sync", "_set_sync", "_synced", "_ds_boundary")
+
+    def __init__(self, rt, n: int):
+        self.rt, self.n, self.micro, self.sync = rt, n, 0, True
+        self._set_sync = rt.env.set_gradient_sync
+        self._synced = True  # what the data-parallel engine currently does
+        engine = rt.env.engine
+        self._ds_boundary = getattr(engine, "set_gradient_accumulation_boundary", None)
+
+    def __enter__(self):
+        if self.n == 1:
+            return self
+        self.micro += 1
+        loader = self.rt._active_loader
+        sync = self.micro >= self.n or (loader is not None and loader.end_of_epoch)
+        if sync:
+            self.micro = 0
+        self.sync = sync
+        if self._set_sync is not None and sync != self._synced:
+            self._set_sync(sync)
+            self._synced = sync
+        if self._ds_boundary is not None:
+            self._ds_boundary(sync)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+class Optimizer(torch.optim.Optimizer):
+    """``rt.optimizer``: steps only on sync micro-steps; fp16 scaler, post-step hooks
+    and ``rt.step`` are handled here. The wrapped optimizer is ``.optimizer``.
+
+    (Subclasses ``torch.optim.Optimizer`` for isinstance checks; its ``__init__`` is not
+    called — state and param groups are the wrapped optimizer's.)
+    """
+
+    def __init__(self, optimizer, rt):
+        self.optimizer = optimizer
+        self.rt = rt
+        self._grad = rt._grad_sync
+        self._scaler = rt.scaler
+        self._engine = rt.env.engine
+        self._hooks = rt.env.post_step_hooks  # the list itself: passes may append later
+        self._model = rt.model
+        self.step_was_skipped = False
+        self.unscaled = False  # grads of this step already unscaled (clip before step)
+
+    # -- the step path ------------------------------------------------------------
+    def step(self, closure=None):
+        if self._engine is not None:
+            self._engine.step()  # DeepSpeed counts accumulation boundaries itself
+            if not self._grad.sync:
+                return None
+            return self._after_step(None)
+        if not self._grad.sync:
+            return None
+        if self._scaler is not None:
+            scale = self._scaler.get_scale()
+            out = self._scaler.step(self.optimizer) if closure is None else \
+                self._scaler.step(self.optimizer, closure)
+            self._scaler.update()
+            self.step_was_skipped = self._scaler.get_scale() < scale
+        else:
+            out = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        return self._after_step(out)
+
+    def _after_step(self, out):
+        for hook in self._hooks:
+            hook(self._model, self.optimizer)
+        self.rt.step += 1
+        self.unscaled = False
+        return out
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if not self._grad.sync:
+            return  # the next micro-step keeps accumulating
+        if self._engine is not None:
+            self._engine.zero_grad()
+        else:
+            self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    # -- the wrapped optimizer's face ---------------------------------------------
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @property
+    def defaults(self):
+        return self.optimizer.defaults
+
+    def state_dict(self):
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+    def add_param_group(self, param_group) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "optimizer":  # not set yet (e.g. during unpickling)
+            raise AttributeError(name)
+        return getattr(self.optimizer, name)
+
+    def __getstate__(self):
+        return self.__dict__
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return f"overdrive.Optimizer({self.optimizer!r})"
+
+
+class Scheduler:
+    """``rt.scheduler``: steps only after a real optimizer step (not a skipped fp16 one)."""
+
+    def __init__(self, scheduler, rt):
+        self.scheduler = scheduler
+        self._grad = rt._grad_sync
+        self._opt = rt.optimizer
+
+    def step(self, *args, **kwargs):
+        if not self._grad.sync:
+            return None
+        if self._opt is not None and self._opt.step_was_skipped:
+            return None
+        return self.scheduler.step(*args, **kwargs)
+
+    def state_dict(self):
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state_dict) -> None:
+        self.scheduler.load_state_dict(state_dict)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "scheduler":
+            raise AttributeError(name)
+        return getattr(self.scheduler, name)
+
+
+# --------------------------------------------------------------------------- clipping
+
+
+def grads_of(model: nn.Module) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if p.grad is not None]
+
+
+def unscale_once(rt) -> None:
+    """Unscale fp16 gradients before they are read (once per optimizer step)."""
+    opt = rt.optimizer
+    if rt.scaler is None or opt is None or opt.unscaled:
+        return
+    rt.scaler.unscale_(opt.optimizer)
+    opt.unscaled = True
+
+
+def clip_grad_norm_(rt, max_norm: float, norm_type: float = 2.0) -> torch.Tensor | None:
+    """Clip to ``max_norm`` and return the global gradient norm across all shards.
+
+    DTensor (FSDP/TP) gradients give a partial norm; its ``full_tensor()`` is the norm of
+    the whole model, identical to a single process's. On micro-steps that do not sync the
+    gradients are partial and nothing is done (returns None).
+    """
+    if not rt._grad_sync.sync:
+        return None
+    engine = rt.env.engine
+    if engine is not None:  # DeepSpeed clips inside engine.step (config gradient_clipping)
+        get = getattr(engine, "get_global_grad_norm", None)
+        norm = get() if get is not None else None
+        return torch.as_tensor(norm) if norm is not None else None
+    unscale_once(rt)
+    params = grads_of(rt.model)
+    grads = [p.grad for p in params]
+    total = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite=False)
+    if rt._dtensor_grads and hasattr(total, "full_tensor"):
+        total = total.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
+def clip_grad_value_(rt, clip_value: float) -> None:
+    if not rt._grad_sync.sync:
+        return None
+    unscale_once(rt)
+    torch.nn.utils.clip_grad_value_(grads_of(rt.model), clip_value)
+    return None

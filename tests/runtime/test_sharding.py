@@ -1,0 +1,175 @@
+"""rt.shard in one process: each data-parallel rank simulated by its own Env (no process
+group is needed when the plan carries the seed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Sampler, SequentialSampler, TensorDataset
+
+from overdrive.errors import OverdriveError
+from overdrive.rewrite.plan import Parallel, Plan, resolve_for_world
+from overdrive.rewrite.report import Report
+from overdrive.runtime.sampling import shard_indices, sharded_len
+from overdrive.runtime.runtime import Runtime
+from overdrive.runtime.state import Env
+
+
+def fake_rt(rank: int, size: int, plan: Plan | None = None) -> Runtime:
+    plan = resolve_for_world(plan or Plan(seed=3), size)
+    env = Env(plan, rank=rank, local_rank=rank, world_size=size, device=torch.device("cpu"))
+    return Runtime(torch.nn.Linear(2, 2), plan=plan, report=Report([]), env=env)
+
+
+def per_rank(size: int, make_loader, **kw) -> list[list[tuple[list[int], int]]]:
+    out = []
+    for r in range(size):
+        loader = fake_rt(r, size).shard(make_loader(), **kw)
+        out.append([(b[0].tolist(), loader.n_real) for b in loader])
+        assert len(loader) == len(out[-1]), "len() must equal the number of batches"
+    return out
+
+
+def real(batches) -> list[int]:
+    return [v for values, n in batches for v in values[:n]]
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 37])
+@pytest.mark.parametrize("size", [2, 3])
+@pytest.mark.parametrize("kw", [{}, {"even_batches": False}, {"split_batches": True},
+                                {"split_batches": True, "even_batches": False}])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_every_sample_once_and_len_right(n, size, kw, drop_last):
+    bs = 6 if kw.get("split_batches") else 4
+    if kw.get("split_batches") and bs % size:
+        bs = 2 * size
+    ds = TensorDataset(torch.arange(n))
+    ranks = per_rank(size, lambda: DataLoader(ds, batch_size=bs, shuffle=True,
+                                              drop_last=drop_last), **kw)
+    seen = [v for r in ranks for v in real(r)]
+    assert len(seen) == len(set(seen))
+    if not drop_last:
+        assert sorted(seen) == list(range(n))
+    elif kw.get("split_batches") or not kw.get("even_batches", True):
+        assert len(seen) == (n // bs) * bs  # every full batch, nothing else
+    else:  # even_batches + drop_last: an incomplete group of batches is dropped everywhere
+        assert len(seen) == (n // bs) // size * size * bs
+    if kw.get("even_batches", True):
+        assert len({len(r) for r in ranks}) == 1
+        assert len({len(v) for r in ranks for v, _ in r}) <= 1
+
+
+def test_shuffle_same_permutation_everywhere_and_set_epoch_changes_it():
+    ds = TensorDataset(torch.arange(20))
+    a = fake_rt(0, 1).shard(DataLoader(ds, batch_size=5, shuffle=True))
+    b = fake_rt(0, 1).shard(DataLoader(ds, batch_size=5, shuffle=True))
+    first = [x[0].tolist() for x in a]
+    assert first == [x[0].tolist() for x in b]
+    assert sorted(sum(first, [])) == list(range(20)) and first[0] != [0, 1, 2, 3, 4]
+    second = [x[0].tolist() for x in a]  # a full pass advanced the epoch
+    assert second != first and a.epoch == 2
+    b.set_epoch(1)
+    assert [x[0].tolist() for x in b] == second
+
+
+def test_resume_skips_without_reading_and_state_round_trips():
+    ds = TensorDataset(torch.arange(30))
+    ref = fake_rt(0, 1).shard(DataLoader(ds, batch_size=3, shuffle=True))
+    want = [x[0].tolist() for x in ref]
+    part = fake_rt(0, 1).shard(DataLoader(ds, batch_size=3, shuffle=True))
+    it = iter(part)
+    for _ in range(4):
+        next(it)
+    state = part.state_dict()
+    assert state["position"] == 4 and state["epoch"] == 0
+    resumed = fake_rt(0, 1, Plan(seed=99)).shard(DataLoader(ds, batch_size=3, shuffle=True))
+    resumed.load_state_dict(state)  # the seed travels with the state
+    assert [x[0].tolist() for x in resumed] == want[4:]
+
+
+def test_custom_batch_sampler_and_sampler():
+    class Reversed(Sampler[int]):
+        def __init__(self, n):
+            self.n = n
+
+        def __iter__(self):
+            return iter(range(self.n - 1, -1, -1))
+
+        def __len__(self):
+            return self.n
+
+    ds = TensorDataset(torch.arange(10))
+    ranks = per_rank(2, lambda: DataLoader(ds, batch_size=2, sampler=Reversed(10)))
+    assert ranks[0][0][0] == [9, 8] and ranks[1][0][0] == [7, 6]
+    bsampler = BatchSampler(SequentialSampler(range(10)), batch_size=5, drop_last=False)
+    ranks = per_rank(2, lambda: DataLoader(ds, batch_sampler=bsampler))
+    assert ranks == [[([0, 1, 2, 3, 4], 5)], [([5, 6, 7, 8, 9], 5)]]
+
+
+def test_collate_fn_and_device_placement_kept():
+    ds = [{"x": torch.tensor([i])} for i in range(4)]
+    rt = fake_rt(0, 1)
+    loader = rt.shard(DataLoader(ds, batch_size=2, collate_fn=lambda b: {"n": len(b),
+                                                                         "x": [d["x"] for d in b]}))
+    batches = list(loader)
+    assert batches[0]["n"] == 2 and batches[0]["x"][0].device == rt.device
+
+
+def test_split_batches_not_divisible_is_refused():
+    with pytest.raises(OverdriveError, match="not divisible by the 2 data-parallel ranks"):
+        fake_rt(0, 2).shard(DataLoader(TensorDataset(torch.arange(9)), batch_size=3),
+                            split_batches=True)
+
+
+def test_tensor_parallel_peers_get_the_same_batch():
+    plan = Plan(seed=1, parallel=Parallel(dp_shard=2, tp=2))
+    ds = TensorDataset(torch.arange(8))
+    got = {}
+    for rank in range(4):
+        plan_w = resolve_for_world(plan, 4)
+        env = Env(plan_w, rank=rank, local_rank=rank, world_size=4, device=torch.device("cpu"))
+        rt = Runtime(torch.nn.Linear(2, 2), plan=plan_w, report=Report([]), env=env)
+        got[rank] = [b[0].tolist() for b in rt.shard(DataLoader(ds, batch_size=2))]
+    assert got[0] == got[1] and got[2] == got[3] and got[0] != got[2]
+
+
+def test_sharded_len_matches_shard_indices():
+    for n_items in range(0, 30):
+        for size in (1, 2, 3, 4):
+            for split in (False, True):
+                for even in (False, True):
+                    for drop_last in (False, True):
+                        bs = 4 if not split else 4 * (1 if size in (1, 2, 4) else 0) or 6
+                        if split and bs % size:
+                            continue
+                        batches = list(BatchSampler(range(n_items), bs, drop_last))
+                        last = len(batches[-1]) if batches else 0
+                        for rank in range(size):
+                            got = list(shard_indices(batches, rank, size, split=split, even=even,
+                                                     batch_size=bs, drop_last=drop_last))
+                            assert len(got) == sharded_len(
+                                len(batches), last, rank, size, split=split, even=even,
+                                batch_size=bs, drop_last=drop_last), (n_items, size, split,
+                                                                       even, drop_last, rank)
+
+
+@pytest.mark.parametrize("dispatch", [True, False])
+def test_iterable_resume_in_one_process(dispatch):
+    from torch.utils.data import IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(torch.arange(9).split(1))
+
+    def make():
+        return fake_rt(0, 1).shard(DataLoader(Stream(), batch_size=2), dispatch=dispatch)
+
+    want = [b.flatten().tolist() for b in make()]
+    assert want == [[0, 1], [2, 3], [4, 5], [6, 7], [8]]  # one rank: never padded
+    part = make()
+    it = iter(part)
+    next(it), next(it)
+    resumed = make()
+    resumed.load_state_dict(part.state_dict())
+    assert [b.flatten().tolist() for b in resumed] == want[2:]
+    assert resumed.n_real == 1 and resumed.end_of_epoch
