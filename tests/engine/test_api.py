@@ -52,13 +52,13 @@ def test_optimizer_instance_is_kept_when_parameters_survive():
     model = tiny(n_layers=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     rt = od.accelerate(model, optimizer=opt)
-    assert rt.optimizer is opt
+    assert rt.optimizer.optimizer is opt  # wrapped for accumulation, same optimizer
 
 
 def test_scheduler_factory_gets_the_built_optimizer():
     rt = od.accelerate(tiny(n_layers=1), optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
                        scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1))
-    assert rt.scheduler.optimizer is rt.optimizer
+    assert rt.scheduler.scheduler.optimizer is rt.optimizer.optimizer
 
 
 def test_bad_optimizer_argument():
