@@ -1,3 +1,6 @@
 """The built-in passes, imported in canonical order (the tie-breaker of the sort):
 casting → fp8 → tensor_parallel → context_parallel → checkpointing → compile →
 fsdp | ddp | deepspeed. Importing a module registers its pass."""
+from . import casting  # noqa: F401
+from . import fp8  # noqa: F401
+from . import mixed_precision  # noqa: F401
