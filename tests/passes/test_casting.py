@@ -12,7 +12,7 @@ from torch import nn
 import overdrive as od
 from overdrive.errors import PlanError
 from overdrive.models.llama import tiny
-from overdrive.passes.casting import CastConv2d, CastLinear
+from overdrive.passes.casting import CastConv2d, CastLinear, upcast
 from overdrive.rewrite.manager import parameter_bytes
 from overdrive.rewrite.plan import Plan
 
@@ -162,3 +162,37 @@ def test_preview_reports_bytes_without_touching():
     assert rec.dry_run and len(rec.modules) == 28
     assert rec.details["cast_weight_bytes_after"] * 2 == rec.details["cast_weight_bytes_before"]
     assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("storage", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("compute", [torch.bfloat16, torch.float16, torch.float32])
+def test_upcast_is_exact_for_every_float8_value(storage, compute):
+    every = torch.arange(256, dtype=torch.uint8).view(storage)
+    finite = every[torch.isfinite(every.float())]
+    copy_, scale = upcast(finite, compute)
+    want = finite.float()  # every float8 value is exact in bf16, fp16 and fp32
+    assert copy_.dtype == compute
+    assert torch.equal(copy_.float() * scale, want)
+    assert torch.equal(copy_.float() * scale, finite.to(compute).float())
+
+
+def test_fp16_compute_matches_fp16_model_with_rounded_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)).to(torch.float16)
+    rounded = copy.deepcopy(model)
+    od.accelerate(model, Plan(casting=od.Casting(compute="float16", skip=())))
+    with torch.no_grad():
+        for m in rounded:
+            m.weight.copy_(m.weight.to(torch.float8_e4m3fn).to(torch.float16))
+        x = torch.randn(8, 64, dtype=torch.float16) * 300  # x * 256 would overflow fp16
+        out = model(x)
+        assert torch.isfinite(out).all() and torch.equal(out, rounded(x))
+
+
+def test_weights_outside_e4m3_range_are_skipped_not_clipped():
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    with torch.no_grad():
+        model[1].weight[0, 0] = 1000.0
+    rec = od.accelerate(model, Plan(casting=od.Casting(skip=()))).report["casting"]
+    assert rec.modules == ["0"]
+    assert "range" in rec.details["skipped"]["1"] and model[1].weight[0, 0] == 1000.0

@@ -3,14 +3,17 @@
 The weights of every Linear and Conv1d/2d/3d (except those whose qualified name contains
 a ``skip`` fragment: norms, embeddings, the output head by default) are stored in the
 ``storage`` dtype (float8_e4m3fn: a quarter of fp32, half of bf16). Each forward computes
-from a *temporary* upcast copy::
+from a *temporary* upcast copy, roughly::
 
-    F.linear(x.to(compute), self.weight.to(compute), bias)
+    F.linear(x.to(compute), upcast(self.weight), bias)
 
 The stored weight is never cast back and forth (Accelerate's layerwise-casting hooks call
-``module.to`` twice per forward, which about doubles the forward time on CPU). The module
+``module.to`` twice per forward, which about doubles the forward time on CPU), and the
+upcast itself moves the float8 bits through float16 with vectorised integer ops (see
+``upcast``), exact and about 3x faster than torch's float8 conversion on CPU. The module
 keeps its object, its parameter names and so its state_dict keys: only its class is
-switched to a subclass whose ``forward`` does the upcast.
+switched to a subclass whose ``forward`` does the upcast. Weights that do not fit the
+storage range (|w| > 448 for e4m3) are left alone rather than clipped.
 """
 
 from __future__ import annotations
@@ -28,6 +31,28 @@ from ..rewrite.plan import Plan
 from ..rewrite.report import PassRecord
 
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+FP16_MASK_E4M3 = -16512  # 0xBF80: sign, fp16 exponent bits 13..10 and 3 mantissa bits
+
+
+def upcast(weight: torch.Tensor, compute: torch.dtype) -> tuple[torch.Tensor, float]:
+    """A temporary ``compute``-dtype copy of a stored weight, as ``(copy, scale)`` with
+    ``weight == copy * scale`` exactly.
+
+    torch's float8 -> bf16 conversion runs element by element on CPU (~4 ns/element
+    here); moving the bits into float16 takes three vectorised int16 ops and one fast
+    fp16 conversion (~3x faster). float8_e5m2 *is* float16's top byte. float8_e4m3fn's
+    exponent/mantissa bits placed in float16's low exponent bits read exactly 2^-8 of the
+    value, subnormals included (both formats' subnormal grids line up), so the caller
+    multiplies by ``scale`` = 256 somewhere exact (a power of two).
+    """
+    if weight.dtype == torch.float8_e5m2:
+        bits = weight.view(torch.int8).to(torch.int16).bitwise_left_shift_(8)
+        return bits.view(torch.float16).to(compute), 1.0
+    if weight.dtype == torch.float8_e4m3fn:
+        bits = weight.view(torch.int8).to(torch.int16)
+        bits.bitwise_left_shift_(7).bitwise_and_(FP16_MASK_E4M3)
+        return bits.view(torch.float16).to(compute), 256.0
+    return weight.to(compute), 1.0
 
 
 class _UpcastForward:
@@ -41,12 +66,18 @@ class _UpcastForward:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.compute_dtype
-        weight = self.weight.to(c)
+        weight, scale = upcast(self.weight, c)
+        inp = x.to(c)
+        if scale != 1.0:  # exact: a power of two; fp16 could overflow on activations
+            if c == torch.float16:
+                weight.mul_(scale)
+            else:
+                inp = inp * scale
         bias = None if self.bias is None else self.bias.to(c)
         if isinstance(self, nn.Linear):
-            out = F.linear(x.to(c), weight, bias)
+            out = F.linear(inp, weight, bias)
         else:
-            out = self._conv_forward(x.to(c), weight, bias)
+            out = self._conv_forward(inp, weight, bias)
         return out.to(x.dtype)
 
 
@@ -82,7 +113,15 @@ def _base(module: nn.Module) -> type | None:
     return None
 
 
-def select(graph: ModuleGraph, skip: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
+def _out_of_range(weight: torch.Tensor, storage: torch.dtype) -> bool:
+    """Would storing ``weight`` clip it (or is it not finite)? Unknown on meta: False."""
+    if weight.device.type == "meta" or storage not in FLOAT8:
+        return False
+    return not bool((weight.detach().abs() <= torch.finfo(storage).max).all())
+
+
+def select(graph: ModuleGraph, skip: tuple[str, ...],
+           storage: torch.dtype) -> tuple[list[str], dict[str, str]]:
     """(modules to cast, {skipped module: reason}); touches nothing."""
     candidates = [n for n in graph.modules_of_type(*CAST_CLASSES) if n]
     owners: dict[int, set[str]] = {}
@@ -98,6 +137,9 @@ def select(graph: ModuleGraph, skip: tuple[str, ...]) -> tuple[list[str], dict[s
         elif _base(module) is None:
             skipped[name] = (f"{type(module).__name__} is a subclass (its forward may differ); "
                              "only plain Linear / Conv1d / Conv2d / Conv3d are cast")
+        elif _out_of_range(module.weight, storage):
+            skipped[name] = (f"weights outside {storage}'s range "
+                             f"±{torch.finfo(storage).max:g} (or not finite) would be clipped")
         else:
             cast.append(name)
     chosen = set(cast)
@@ -130,7 +172,7 @@ class LayerwiseCasting(Pass):
         return plan.casting is not None
 
     def check(self, graph: ModuleGraph, plan: Plan, env: Any) -> None:
-        cast, skipped = select(graph, tuple(plan.casting.skip))
+        cast, skipped = select(graph, tuple(plan.casting.skip), _dtype(plan.casting.storage))
         if not cast:
             why = "; ".join(f"{n}: {r}" for n, r in list(skipped.items())[:6])
             raise PlanError(
@@ -141,7 +183,7 @@ class LayerwiseCasting(Pass):
     def apply(self, model: nn.Module, graph: ModuleGraph, plan: Plan, env: Any) -> PassRecord:
         cfg = plan.casting
         storage, compute = _dtype(cfg.storage), _dtype(cfg.compute)
-        cast, skipped = select(graph, tuple(cfg.skip))
+        cast, skipped = select(graph, tuple(cfg.skip), _dtype(cfg.storage))
         before = sum(tensor_bytes(graph.module(n).weight) for n in cast)
         for name in cast:
             cast_module(model.get_submodule(name), storage, compute)
@@ -150,7 +192,7 @@ class LayerwiseCasting(Pass):
 
     def preview(self, graph: ModuleGraph, plan: Plan, env: Any) -> PassRecord:
         cfg = plan.casting
-        cast, skipped = select(graph, tuple(cfg.skip))
+        cast, skipped = select(graph, tuple(cfg.skip), _dtype(cfg.storage))
         before = sum(tensor_bytes(graph.module(n).weight) for n in cast)
         after = sum(graph.module(n).weight.numel() for n in cast) * _dtype(cfg.storage).itemsize
         return self._record(cast, skipped, cfg, before, after)
