@@ -101,6 +101,24 @@ def test_last_linear_is_the_output_projection_when_none_is_named():
     assert type(model[4]) is nn.Linear
 
 
+class _BlockWithOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(32, 32)
+        self.output = nn.Linear(32, 32)  # a block's own projection, not the model's head
+
+    def forward(self, x):
+        return self.output(self.inner(x))
+
+
+def test_an_output_linear_inside_the_blocks_is_not_the_head():
+    model = nn.Sequential(nn.ModuleList([_BlockWithOutput(), _BlockWithOutput()]),
+                          nn.Linear(32, 16))
+    rec = _fp8(model).report["fp8"]
+    assert rec.details["output_projection"] == "1"
+    assert sorted(rec.modules) == ["0.0.inner", "0.0.output", "0.1.inner", "0.1.output"]
+
+
 def test_regex_filter_selects_by_qualified_name():
     model = tiny(2)
     rec = _fp8(model, filter=r"mlp\.").report["fp8"]

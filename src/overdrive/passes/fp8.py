@@ -133,11 +133,13 @@ def _plain_linear(module: nn.Module) -> bool:
 
 
 def output_projection(graph: ModuleGraph) -> str | None:
-    """The output projection: a Linear named lm_head/output, else the last Linear."""
+    """The output projection: the last Linear named lm_head/output outside the repeated
+    blocks (a block may have its own ``output`` Linear), else the last Linear."""
     linears = [n for n in graph.modules_of_type(nn.Linear) if n]
-    for name in linears:
-        if name.rpartition(".")[2] in OUTPUT_NAMES:
-            return name
+    inside = {n for b in graph.blocks() for n in graph.subtree(b)}
+    named = [n for n in linears if n.rpartition(".")[2] in OUTPUT_NAMES and n not in inside]
+    if named:
+        return named[-1]
     return linears[-1] if linears else None
 
 
