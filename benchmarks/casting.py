@@ -10,8 +10,8 @@ Three copies of one Llama-style model, all computing in bf16:
 
 Latency: medians over interleaved rounds (each round times every variant once, in
 rotating order, so load drifts hit all variants alike), one thread, as process CPU time
-(the wall clock is reported too; on a shared machine it mostly measures the neighbours). Targets (issue 3 / 7): bytes
-<= 0.55x bf16, forward <= 1.5x bf16 and below Accelerate.
+(the wall clock is reported too; on a shared machine it mostly measures the neighbours).
+Targets (issue 3 / 7): bytes <= 0.55x bf16, forward <= 1.5x bf16 and below Accelerate.
 
     python benchmarks/casting.py [--dim 512 --layers 4 --tokens 256,1024 --rounds 9]
 """

@@ -140,7 +140,8 @@ def main() -> None:
         "benchmark": "fp8",
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "mode": "speed + correctness" if cuda else "correctness only (CPU fp8 is emulated)",
-        "timing": "wall clock (synchronised)" if cuda else f"process CPU time, {args.threads} thread(s)",
+        "timing": ("wall clock (synchronised)" if cuda
+                   else f"process CPU time, {args.threads} thread(s)"),
         "config": vars(args) | {"torch": torch.__version__},
         "variants": {t.name: summary(t) for t in trainers},
         "skipped": skipped,

@@ -21,6 +21,7 @@ name, or ``fn(name) -> bool``) leaves it out. Every skip is recorded with its re
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import re
 from dataclasses import dataclass, field
@@ -237,6 +238,7 @@ def te_recipe(recipe: str):
     return current() if current is not None else te_recipes.DelayedScaling()
 
 
+@functools.lru_cache(maxsize=None)
 def _without_extra_state(cls: type) -> type:
     """A subclass that saves no ``_extra_state`` entry, so state_dict keys stay the
     model's own (the tensorwise/mxfp8 recipes keep no scaling history to save)."""
