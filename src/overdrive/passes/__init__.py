@@ -2,5 +2,8 @@
 casting → fp8 → tensor_parallel → context_parallel → checkpointing → compile →
 mixed_precision → fsdp | ddp | deepspeed. Importing a module registers its pass."""
 
+from . import casting  # noqa: F401
+from . import fp8  # noqa: F401
 from . import tensor_parallel  # noqa: F401
 from . import context_parallel  # noqa: F401
+from . import mixed_precision  # noqa: F401

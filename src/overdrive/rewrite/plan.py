@@ -41,6 +41,7 @@ class FP8:
     recipe: str = "tensorwise"  # "tensorwise" | "rowwise" | "mxfp8"
     filter: str | Callable[[str], bool] | None = None  # regex or fn(qualified name) -> keep
     layernorm: bool = False  # te only: also swap LayerNorm
+    fsdp_float8_all_gather: bool = True  # torchao tensorwise + fsdp: all-gather in fp8
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,8 @@ class Plan:
             wanted.append("tensor_parallel")
         if self.parallel.cp > 1:
             wanted.append("context_parallel")
+        if self.mixed_precision != "no" and self.fsdp is None and self.deepspeed is None:
+            wanted.append("mixed_precision")  # autocast; fsdp/deepspeed cast themselves
         return wanted
 
 

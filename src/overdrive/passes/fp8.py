@@ -1,0 +1,355 @@
+"""fp8: swap ``nn.Linear`` layers for FP8 training layers.
+
+Two backends, one selection rule:
+
+- ``torchao``: ``convert_to_float8_training`` with a ``Float8LinearConfig`` recipe
+  (tensorwise / rowwise dynamic scaling). Runs on CPU too; on CUDA it needs compute
+  capability >= 8.9 for the fp8 matmuls.
+- ``te``: NVIDIA Transformer Engine. Each eligible ``nn.Linear`` (and, with
+  ``layernorm=True``, each LayerNorm / RMSNorm) becomes the ``transformer_engine.pytorch``
+  module with the same weights; the forward runs under ``te.fp8_autocast`` with the recipe,
+  registered in ``env.forward_contexts`` for the runtime to enter. Needs CUDA.
+- ``auto``: ``te`` when CUDA and Transformer Engine are present (and the recipe is one TE
+  has), else ``torchao``.
+
+Which layers: a Linear is converted unless its in/out features are not multiples of 16
+(fp8 matmuls need that), it is the output projection (``lm_head``; kept in high precision
+unless the filter selects it), or the user's filter (a regex searched in the qualified
+name, or ``fn(name) -> bool``) leaves it out. Every skip is recorded with its reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import BackendUnavailable, PlanError
+from ..rewrite.graph import ModuleGraph
+from ..rewrite.manager import Pass, register_pass
+from ..rewrite.plan import FP8, Plan
+from ..rewrite.report import PassRecord
+
+TORCHAO_EXTRA = "pip install overdrive[fp8]"
+TE_EXTRA = "pip install overdrive[te]"
+TORCHAO_RECIPES = ("tensorwise", "rowwise")
+TE_RECIPES = ("tensorwise", "mxfp8")
+OUTPUT_NAMES = ("lm_head", "output")
+MULTIPLE = 16
+
+
+# --------------------------------------------------------------------------- availability
+
+
+def torchao_importable() -> bool:
+    try:
+        importlib.import_module("torchao.float8")
+    except Exception:  # noqa: BLE001 - a broken install is as unavailable as a missing one
+        return False
+    return True
+
+
+def te_importable() -> bool:
+    try:
+        importlib.import_module("transformer_engine.pytorch")
+    except Exception:  # noqa: BLE001 - TE raises OSError/RuntimeError without CUDA libs
+        return False
+    return True
+
+
+def choose_backend(cfg: FP8, device_type: str, te_ok: bool) -> str:
+    """The backend ``cfg.backend`` resolves to on a ``device_type`` device."""
+    if cfg.backend != "auto":
+        return cfg.backend
+    if device_type == "cuda" and te_ok and cfg.recipe in TE_RECIPES:
+        return "te"
+    if cfg.recipe not in TORCHAO_RECIPES:
+        raise BackendUnavailable(
+            f"fp8.recipe={cfg.recipe!r} needs Transformer Engine on a CUDA device "
+            f"(device here: {device_type}; Transformer Engine importable: {te_ok}); "
+            f"{TE_EXTRA}, or use recipe 'tensorwise' / 'rowwise' with torchao")
+    return "torchao"
+
+
+def _check_backend(backend: str, cfg: FP8, device: torch.device) -> None:
+    """Raise ``BackendUnavailable`` / ``PlanError`` when ``backend`` cannot run here."""
+    if backend == "torchao":
+        if not torchao_importable():
+            raise BackendUnavailable(
+                f"fp8.backend='torchao' needs torchao (torchao.float8 could not be "
+                f"imported); {TORCHAO_EXTRA}")
+        if cfg.recipe not in TORCHAO_RECIPES:
+            raise PlanError(f"fp8.recipe={cfg.recipe!r} is not a torchao training recipe; "
+                            f"choose one of {TORCHAO_RECIPES} or backend='te'")
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+            cap = torch.cuda.get_device_capability(device)
+            raise BackendUnavailable(
+                f"fp8 (torchao) needs fp8 matmuls: CUDA compute capability >= 8.9 "
+                f"(Ada, Hopper, Blackwell); this GPU is {cap[0]}.{cap[1]}. "
+                "Use mixed_precision='bf16' instead")
+        return
+    if cfg.recipe not in TE_RECIPES:
+        raise PlanError(f"fp8.recipe={cfg.recipe!r} is not available with backend='te'; "
+                        f"choose one of {TE_RECIPES}, or backend='torchao' for 'rowwise'")
+    if device.type != "cuda":
+        raise BackendUnavailable(
+            f"fp8.backend='te' needs a CUDA device with Transformer Engine ({TE_EXTRA}); "
+            f"this run's device is {device.type}. Use backend='torchao' ({TORCHAO_EXTRA}), "
+            "which also runs on CPU")
+    if not te_importable():
+        raise BackendUnavailable(
+            f"fp8.backend='te' needs Transformer Engine (transformer_engine.pytorch could "
+            f"not be imported); {TE_EXTRA}")
+    need = (10, 0) if cfg.recipe == "mxfp8" else (8, 9)
+    cap = torch.cuda.get_device_capability(device)
+    if cap < need:
+        raise BackendUnavailable(
+            f"fp8.recipe={cfg.recipe!r} with Transformer Engine needs CUDA compute capability "
+            f">= {need[0]}.{need[1]}; this GPU is {cap[0]}.{cap[1]}")
+
+
+# --------------------------------------------------------------------------- selection
+
+
+@dataclass
+class Selection:
+    """Which modules the pass converts, which it skips and why."""
+
+    convert: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    norms: list[str] = field(default_factory=list)  # te + layernorm=True only
+    output: str | None = None
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """A Linear whose forward is nn.Linear's own (a subclass with its own forward, or an
+    already converted fp8 layer, would lose behaviour in a swap)."""
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
+def output_projection(graph: ModuleGraph) -> str | None:
+    """The output projection: the last Linear named lm_head/output outside the repeated
+    blocks (a block may have its own ``output`` Linear), else the last Linear."""
+    linears = [n for n in graph.modules_of_type(nn.Linear) if n]
+    inside = {n for b in graph.blocks() for n in graph.subtree(b)}
+    named = [n for n in linears if n.rpartition(".")[2] in OUTPUT_NAMES and n not in inside]
+    if named:
+        return named[-1]
+    return linears[-1] if linears else None
+
+
+def _filter_says(flt: Any, name: str) -> bool:
+    if isinstance(flt, str):
+        return re.search(flt, name) is not None
+    return bool(flt(name))
+
+
+def _skip_reason(name: str, module: nn.Linear, cfg: FP8, output: str | None) -> str | None:
+    if not _plain_linear(module):
+        return f"{type(module).__name__} has its own forward; only plain nn.Linear is swapped"
+    i, o = module.in_features, module.out_features
+    if i % MULTIPLE or o % MULTIPLE:
+        return (f"in_features={i}, out_features={o}: fp8 matmuls need multiples of "
+                f"{MULTIPLE}")
+    if cfg.filter is None:
+        if name == output:
+            return ("output projection kept in high precision (select it with fp8.filter "
+                    "to convert it)")
+        return None
+    if _filter_says(cfg.filter, name):
+        return None
+    if isinstance(cfg.filter, str):
+        return f"fp8.filter {cfg.filter!r} does not match the name"
+    return "fp8.filter returned False"
+
+
+def select(graph: ModuleGraph, cfg: FP8, backend: str) -> Selection:
+    """Decide, without touching anything, which modules the pass converts."""
+    sel = Selection(output=output_projection(graph))
+    for name in graph.modules_of_type(nn.Linear):
+        if not name:
+            sel.skipped["<root>"] = "the root module itself cannot be swapped in place"
+            continue
+        reason = _skip_reason(name, graph.module(name), cfg, sel.output)
+        if reason is None:
+            sel.convert.append(name)
+        else:
+            sel.skipped[name] = reason
+    if backend == "te" and cfg.layernorm:
+        sel.norms = [n for n in graph.modules_of_type(nn.LayerNorm, nn.RMSNorm) if n
+                     and getattr(graph.module(n), "elementwise_affine", False)]
+    return sel
+
+
+# --------------------------------------------------------------------------- torchao
+
+
+def _fsdp_float8_all_gather(plan: Plan) -> bool:
+    cfg = plan.fp8
+    return (plan.fsdp is not None and cfg.recipe == "tensorwise"
+            and cfg.fsdp_float8_all_gather)
+
+
+def torchao_config(plan: Plan):
+    from torchao.float8 import Float8LinearConfig
+
+    config = Float8LinearConfig.from_recipe_name(plan.fp8.recipe)
+    if _fsdp_float8_all_gather(plan):
+        config = dataclasses.replace(config, enable_fsdp_float8_all_gather=True)
+    return config
+
+
+def apply_torchao(model: nn.Module, sel: Selection, plan: Plan, env: Any) -> dict[str, Any]:
+    from torchao.float8 import convert_to_float8_training
+
+    chosen = set(sel.convert)
+    config = torchao_config(plan)
+    convert_to_float8_training(model, config=config,
+                               module_filter_fn=lambda _m, fqn: fqn in chosen)
+    details: dict[str, Any] = {"fsdp_float8_all_gather": config.enable_fsdp_float8_all_gather}
+    if config.enable_fsdp_float8_all_gather:
+        env.post_step_hooks.append(precompute_fsdp_scales)
+    return details
+
+
+def precompute_fsdp_scales(model: nn.Module, optimizer: Any = None) -> None:
+    """Post-optimizer-step hook: one all-reduce computes every fp8 weight's scale for the
+    next FSDP float8 all-gather (torchao's ``precompute_float8_dynamic_scale_for_fsdp``)."""
+    from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+
+    precompute_float8_dynamic_scale_for_fsdp(model)
+
+
+# --------------------------------------------------------------------------- transformer engine
+
+
+def te_recipe(recipe: str):
+    from transformer_engine.common import recipe as te_recipes
+
+    if recipe == "mxfp8":
+        return te_recipes.MXFP8BlockScaling()
+    current = getattr(te_recipes, "Float8CurrentScaling", None)  # TE >= 2.2
+    return current() if current is not None else te_recipes.DelayedScaling()
+
+
+@functools.lru_cache(maxsize=None)
+def _without_extra_state(cls: type) -> type:
+    """A subclass that saves no ``_extra_state`` entry, so state_dict keys stay the
+    model's own (the tensorwise/mxfp8 recipes keep no scaling history to save)."""
+    return type(cls.__name__, (cls,), {"get_extra_state": nn.Module.get_extra_state,
+                                       "set_extra_state": nn.Module.set_extra_state,
+                                       "__module__": __name__})
+
+
+def _te_module(te, module: nn.Module) -> nn.Module:
+    w = module.weight
+    kw = {"params_dtype": w.dtype, "device": w.device}
+    if isinstance(module, nn.Linear):
+        new = _without_extra_state(te.Linear)(module.in_features, module.out_features,
+                                               bias=module.bias is not None, **kw)
+    elif isinstance(module, nn.LayerNorm):
+        new = _without_extra_state(te.LayerNorm)(module.normalized_shape[-1],
+                                                  eps=module.eps, **kw)
+    else:  # nn.RMSNorm
+        eps = module.eps if module.eps is not None else torch.finfo(w.dtype).eps
+        new = _without_extra_state(te.RMSNorm)(module.normalized_shape[-1], eps=eps, **kw)
+    _copy_params(module, new)
+    return new
+
+
+@torch.no_grad()
+def _copy_params(old: nn.Module, new: nn.Module) -> None:
+    ours = dict(old.named_parameters())
+    theirs = dict(new.named_parameters())
+    if set(ours) != set(theirs) or set(old.state_dict()) != set(new.state_dict()):
+        raise PlanError(
+            f"Transformer Engine's {type(new).__name__} has parameters {sorted(theirs)} where "
+            f"{type(old).__name__} has {sorted(ours)}; swapping would change the state_dict "
+            "keys. Use backend='torchao'")
+    for name, p in ours.items():
+        theirs[name].copy_(p)
+        theirs[name].requires_grad_(p.requires_grad)
+
+
+def apply_te(model: nn.Module, sel: Selection, plan: Plan, env: Any) -> dict[str, Any]:
+    te = importlib.import_module("transformer_engine.pytorch")
+    names = sel.convert + sel.norms
+    # build every replacement first: a refusal leaves the model as it was
+    replacements = {n: _te_module(te, model.get_submodule(n)) for n in names}
+    for name, new in replacements.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+    recipe = te_recipe(plan.fp8.recipe)
+    autocast = getattr(te, "fp8_autocast")
+    env.forward_contexts.append(lambda: autocast(enabled=True, fp8_recipe=recipe))
+    return {"te_recipe": type(recipe).__name__, "norms": list(sel.norms)}
+
+
+# --------------------------------------------------------------------------- the pass
+
+
+@register_pass("fp8", after=("casting",), before=("tensor_parallel",))
+class FP8Training(Pass):
+    """Swap eligible Linears for FP8 training layers (torchao or Transformer Engine)."""
+
+    replaces_parameters = True  # te builds new modules; torchao + FSDP all-gather re-wraps
+
+    def enabled(self, plan: Plan) -> bool:
+        return plan.fp8 is not None
+
+    def backend(self, plan: Plan, env: Any) -> str:
+        device_type = env.device.type
+        if env.dry_run:  # the real device is unknown: resolve as this machine would
+            if plan.fp8.backend == "auto" and plan.fp8.recipe not in TORCHAO_RECIPES:
+                return "te"
+            device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        return choose_backend(plan.fp8, device_type, te_importable())
+
+    def check(self, graph: ModuleGraph, plan: Plan, env: Any) -> None:
+        backend = self.backend(plan, env)
+        if not env.dry_run:  # od.inspect plans for another machine: notes, not errors
+            _check_backend(backend, plan.fp8, env.device)
+        sel = select(graph, plan.fp8, backend)
+        if not sel.convert:
+            shown = "; ".join(f"{n}: {r}" for n, r in list(sel.skipped.items())[:6])
+            raise PlanError(
+                "fp8: no nn.Linear is eligible for conversion"
+                + (f" ({shown})" if shown else " (the model has no nn.Linear)")
+                + "; check fp8.filter, or use mixed_precision='bf16' for this model")
+
+    def apply(self, model: nn.Module, graph: ModuleGraph, plan: Plan, env: Any) -> PassRecord:
+        backend = self.backend(plan, env)
+        sel = select(graph, plan.fp8, backend)
+        details = apply_torchao(model, sel, plan, env) if backend == "torchao" \
+            else apply_te(model, sel, plan, env)
+        return self._record(sel, backend, plan, details)
+
+    def preview(self, graph: ModuleGraph, plan: Plan, env: Any) -> PassRecord:
+        backend = self.backend(plan, env)
+        sel = select(graph, plan.fp8, backend)
+        rec = self._record(sel, backend, plan, {})
+        if backend == "te":
+            rec.note("te: the real run needs a CUDA device (compute capability >= 8.9, "
+                     ">= 10.0 for mxfp8)")
+            if not te_importable():
+                rec.note(f"te: Transformer Engine is not importable on this machine; {TE_EXTRA}")
+        elif not torchao_importable():
+            rec.note(f"torchao is not importable on this machine; {TORCHAO_EXTRA}")
+        return rec
+
+    def _record(self, sel: Selection, backend: str, plan: Plan,
+                details: dict[str, Any]) -> PassRecord:
+        rec = self.record(modules=sel.convert + sel.norms)
+        rec.note(f"backend {backend}, recipe {plan.fp8.recipe}: "
+                 f"{len(sel.convert)} Linear layer(s) converted")
+        for name, reason in sel.skipped.items():
+            rec.note(f"{name} skipped: {reason}")
+        rec.details.update(backend=backend, recipe=plan.fp8.recipe, converted=list(sel.convert),
+                           skipped=dict(sel.skipped), output_projection=sel.output, **details)
+        return rec
