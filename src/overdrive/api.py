@@ -6,7 +6,9 @@ every pass → (only then) mutate: place the model, apply the passes, build the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import types
 from typing import Any, Callable
 
 import torch
@@ -51,6 +53,7 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
     _place_model(model, plan, env)
     env.optimizer_factory = _optimizer_factory(optimizer, param_names, model)
     model, records = manager.apply_all(model, graph, env)
+    _enter_forward_contexts(model, env)
 
     opt = env.extras.get("optimizer")  # an engine (DeepSpeed) may have built it
     if opt is None and env.optimizer_factory is not None:
@@ -156,6 +159,26 @@ def _place_model(model: nn.Module, plan: Plan, env) -> None:
         return  # materialised by the fsdp pass after sharding
     if devices and devices != {env.device}:
         model.to(env.device)
+
+
+def _forward_in_contexts(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    with contextlib.ExitStack() as stack:
+        for make_context in self._overdrive_forward_contexts:
+            stack.enter_context(make_context())
+        return self._overdrive_context_forward(*args, **kwargs)
+
+
+def _enter_forward_contexts(model: nn.Module, env) -> None:
+    """Run the root forward inside the contexts passes asked for (e.g. TE's fp8_autocast).
+
+    The forward is wrapped in place on the instance: class, hooks and keys stay. The list is
+    shared with ``env`` so the contexts are looked up on every call, never copied.
+    """
+    if not env.forward_contexts:
+        return
+    model._overdrive_forward_contexts = env.forward_contexts
+    model._overdrive_context_forward = model.forward
+    model.forward = types.MethodType(_forward_in_contexts, model)
 
 
 def _is_scheduler(obj: Any) -> bool:

@@ -114,3 +114,33 @@ def test_inspect_refuses_bad_world_size():
         model = Llama(LlamaConfig(n_layers=2))
     with pytest.raises(od.PlanError, match="world size 3"):
         od.inspect(model, od.Plan(parallel=od.Parallel(tp=2)), world_size=3)
+
+
+def test_forward_contexts_from_passes_wrap_every_forward():
+    """A pass can ask for a context around the forward (TE's fp8_autocast does)."""
+    from overdrive.rewrite import manager
+
+    entered = []
+
+    class Ctx:
+        def __enter__(self):
+            entered.append("in")
+
+        def __exit__(self, *exc):
+            entered.append("out")
+
+    @od.register_pass("t_ctx")
+    class NeedsContext(od.Pass):
+        def apply(self, model, graph, plan, env):
+            env.forward_contexts.append(Ctx)
+            return self.record()
+
+    try:
+        model = tiny(n_layers=1)
+        keys = list(model.state_dict())
+        rt = od.accelerate(model)
+        rt.model(torch.randint(0, 256, (1, 8)))
+        assert entered == ["in", "out"]
+        assert type(rt.model).__name__ == "Llama" and list(rt.model.state_dict()) == keys
+    finally:
+        manager.unregister_pass("t_ctx")
