@@ -1,3 +1,6 @@
 """The built-in passes, imported in canonical order (the tie-breaker of the sort):
 casting → fp8 → tensor_parallel → context_parallel → checkpointing → compile →
 fsdp | ddp | deepspeed. Importing a module registers its pass."""
+from . import fsdp  # noqa: F401
+from . import ddp  # noqa: F401
+from . import deepspeed  # noqa: F401
