@@ -77,7 +77,7 @@ def contradictions(cfg: Mapping[str, Any], plan: Plan, dp_size: int) -> list[str
             found.append(f"{key}.enabled=true but plan.mixed_precision="
                          f"{plan.mixed_precision!r}; set mixed_precision={wanted!r}")
     device = _offload_device(zero)
-    if (device not in ("none", "None")) != ds.offload_optimizer:
+    if "offload_optimizer" in zero and (device not in ("none", "None")) != ds.offload_optimizer:
         found.append(f"zero_optimization.offload_optimizer.device={device!r} but "
                      f"deepspeed.offload_optimizer={ds.offload_optimizer}")
     clip = cfg.get("gradient_clipping")

@@ -58,7 +58,7 @@ def shard_units(graph: ModuleGraph) -> tuple[list[list[str]], list[str]]:
 
 
 def _holds_block(name: str, blocks: list[str]) -> bool:
-    return any(b.startswith(name + ".") for b in blocks)
+    return any(_within(b, name) and b != name for b in blocks)
 
 
 def _outermost(names: list[str]) -> list[str]:
@@ -68,12 +68,22 @@ def _outermost(names: list[str]) -> list[str]:
 
 
 def _tied(graph: ModuleGraph, units: list[str]) -> set[str]:
-    """Units whose parameters are also reachable from another unit or a block."""
+    """Units holding a parameter that some module outside the unit also holds (tied
+    embeddings: ``lm_head.weight is embed_tokens.weight``)."""
     owners: dict[int, set[str]] = {}
-    for name in units + graph.blocks():
-        for p in graph.module(name).parameters():
+    for name, module in graph.model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
             owners.setdefault(id(p), set()).add(name)
-    return {n for names in owners.values() if len(names) > 1 for n in names if n in units}
+    tied = set()
+    for unit in units:
+        for p in graph.module(unit).parameters():
+            if not all(_within(n, unit) for n in owners[id(p)]):
+                tied.add(unit)
+    return tied
+
+
+def _within(name: str, unit: str) -> bool:
+    return name == unit or name.startswith(unit + ".")
 
 
 def _on_meta(model: nn.Module) -> bool:
