@@ -1,5 +1,5 @@
 """fsdp / ddp / deepspeed in one process: refusals (model untouched), 1-rank behaviour,
-od.inspect previews. The multi-process behaviour is in tests/dist/test_data_parallel.py."""
+od.inspect previews. The multi-process behaviour is in tests/data_parallel/test_data_parallel.py."""
 
 from __future__ import annotations
 
