@@ -79,17 +79,45 @@ def mesh_facts(spec: str) -> dict:
             "hsdp_shape": list(hsdp.shape), "dp_size": env.dp_size}
 
 
+class _Direct:
+    """What od.accelerate hands back, for a pass applied on its own (``ddp_tp_mesh``:
+    ddp on a dp × tp mesh without the tensor_parallel pass, so the gradients must be
+    averaged over the dp sub-mesh only — tp peers see the same batch)."""
+
+    def __init__(self, model, plan_obj):
+        from overdrive.passes.ddp import DDPPass
+        from overdrive.rewrite.report import Report
+        from overdrive.runtime.runtime import Runtime
+        from overdrive.runtime.state import make_env
+
+        plan_obj, env = make_env(plan_obj)
+        rec = DDPPass().apply(model, od.ModuleGraph(model), plan_obj, env)
+        rec.bytes_after = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.rt = Runtime(model, plan=plan_obj, report=Report([rec]), env=env,
+                          optimizer=torch.optim.SGD(model.parameters(), lr=LR))
+
+
 def run(name: str) -> dict:
     if name.startswith("mesh:"):
         return mesh_facts(name[5:])
+    if name == "ddp_tp_mesh":
+        torch.manual_seed(0)
+        model = make_llama()
+        keys = list(model.state_dict())
+        rt = _Direct(model, od.Plan(ddp=od.DDP(), parallel=od.Parallel(dp_shard=2, tp=2))).rt
+        return train(name, model, rt, keys)
     torch.manual_seed(0)  # the meta model's init_weights() draws from the global RNG
     model = build(name)
     keys = list(model.state_dict())
     plan = plan_for(name)
     rt = od.accelerate(model, plan, optimizer=lambda p: torch.optim.SGD(p, lr=LR))
     assert rt.model is model, "the root module object must stay the same"
+    return train(name, model, rt, keys)
+
+
+def train(name: str, model, rt, keys) -> dict:
     init = init_stats(rt) if name == "fsdp_meta" else None
-    accum = plan.grad_accum
+    accum = rt.plan.grad_accum
     losses = []
     for batch in global_batches(hf=name == "fsdp_hf"):
         mine = batch.chunk(rt.dp_size)[rt.dp_rank]
@@ -118,6 +146,7 @@ def run(name: str) -> dict:
         "dp": [rt.dp_rank, rt.dp_size],
         "units": record.details.get("units") if record else None,
         "init": init,
+        "sync_group": _ddp_group_size(model) if rt.plan.ddp is not None else None,
         "finite": all(torch.isfinite(v).all().item() for v in sd.values()
                       if torch.is_tensor(v) and v.is_floating_point()),
     }
@@ -135,6 +164,13 @@ def main() -> None:
             json.dump(results, fh)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _ddp_group_size(model) -> int:
+    """Ranks DDP's reducer averages over (replicate builds it at the first forward)."""
+    from torch.distributed._composable import replicate
+
+    return replicate.state(model)._ddp.process_group.size()
 
 
 def _gather(value: int) -> list[int]:

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.dist
 WORKER = Path(__file__).with_name("dp_worker.py")
 TWO_RANK = ["ddp", "ddp_auto", "ddp_accum", "fsdp", "fsdp_accum", "fsdp_meta", "fsdp_hf",
             "zero2", "zero3", "mesh:1,2,1,1"]
-FOUR_RANK = ["hsdp", "mesh:1,2,1,2", "mesh:2,1,2,1"]
+FOUR_RANK = ["hsdp", "ddp_tp_mesh", "mesh:1,2,1,2", "mesh:2,1,2,1"]
 TOL = 1e-4
 
 
@@ -59,6 +59,8 @@ def test_loss_matches_single_process(two, reference, name):
     assert res["losses"][-1] < res["losses"][0]
     assert res["keys_kept"], "state_dict keys changed"
     assert res["dp"] == [0, 2]
+    if name.startswith("ddp"):
+        assert res["sync_group"] == 2
     expected_pass = "ddp" if name.startswith("ddp") else "fsdp" if "fsdp" in name else "deepspeed"
     assert res["passes"] == [expected_pass]
 
@@ -140,3 +142,10 @@ def test_hsdp_two_by_two(four, reference):
     assert all(abs(b - full / 2) <= 0.02 * full for b in res["rank_bytes"])
     assert res["keys_kept"]
 
+
+
+def test_ddp_averages_over_dp_only_on_a_dp_by_tp_mesh(four, reference):
+    res = four["ddp_tp_mesh"]
+    _assert_curve(res["losses"], reference)
+    assert res["dp"] == [0, 2] and res["keys_kept"]
+    assert res["sync_group"] == 2  # the dp sub-mesh, not the 4-rank world

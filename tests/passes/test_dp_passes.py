@@ -143,6 +143,17 @@ def test_ddp_single_process_is_a_noop_with_a_note():
     assert rt.env.set_gradient_sync is None
 
 
+@pytest.mark.parametrize("plan", ["ddp", "zero3"])
+def test_meta_model_refused_by_replicating_engines(plan):
+    with torch.device("meta"):
+        model = Llama(LlamaConfig(n_layers=2, dim=32))
+    params = list(model.named_parameters())
+    with pytest.raises(od.PlanError, match="meta device"):
+        od.accelerate(model, plan, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    assert type(model) is Llama and list(model.named_parameters()) == params
+    assert all(p.is_meta for _, p in params)
+
+
 def test_ddp_auto_enabled_only_with_several_data_ranks():
     assert od.inspect(small(), None, world_size=2).names() == ["ddp"]
     assert od.inspect(small(), None, world_size=1).names() == []

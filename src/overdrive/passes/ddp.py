@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import PlanError
 from ..rewrite.graph import ModuleGraph
 from ..rewrite.manager import Pass, register_pass, registered_passes
 from ..rewrite.plan import Plan
@@ -35,6 +36,12 @@ class DDPPass(Pass):
 
     def enabled(self, plan: Plan) -> bool:
         return plan.ddp is not None
+
+    def check(self, graph: ModuleGraph, plan: Plan, env) -> None:
+        if not env.dry_run and any(p.is_meta for p in graph.model.parameters()):
+            raise PlanError(
+                "ddp: the model is on the meta device, and every ddp rank holds the whole "
+                "model; build it on a real device, or use fsdp, which materialises it sharded")
 
     def preview(self, graph: ModuleGraph, plan: Plan, env) -> PassRecord:
         rec = self.record(modules=[""], dry_run=True)
