@@ -16,6 +16,8 @@ import torch.distributed as dist
 
 import overdrive as od
 from overdrive.models.llama import Llama, LlamaConfig
+from overdrive.passes.ddp import DDPPass
+from overdrive.passes.fsdp import FSDPPass
 from dp_common import LR, global_batches, llama_config, make_hf, make_llama
 
 
@@ -79,20 +81,34 @@ def mesh_facts(spec: str) -> dict:
             "hsdp_shape": list(hsdp.shape), "dp_size": env.dp_size}
 
 
-class _Direct:
-    """What od.accelerate hands back, for a pass applied on its own (``ddp_tp_mesh``:
-    ddp on a dp × tp mesh without the tensor_parallel pass, so the gradients must be
-    averaged over the dp sub-mesh only — tp peers see the same batch)."""
+def tensor_parallel(model, env) -> None:
+    """Megatron-style TP of the blocks by hand (the tensor_parallel pass lives on
+    another branch): q/k/v/gate/up column-wise, o/down row-wise, on env's tp mesh."""
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   parallelize_module)
 
-    def __init__(self, model, plan_obj):
-        from overdrive.passes.ddp import DDPPass
+    styles = {f"attn.{n}": ColwiseParallel() for n in ("q_proj", "k_proj", "v_proj")}
+    styles |= {"mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
+               "attn.o_proj": RowwiseParallel(), "mlp.down_proj": RowwiseParallel()}
+    for block in model.layers:
+        parallelize_module(block, env.submesh("tp"), styles)
+
+
+class _Direct:
+    """What od.accelerate hands back, for passes applied on their own: ``ddp_tp_mesh``
+    is ddp on a dp × tp mesh (gradients averaged over the dp sub-mesh only — tp peers
+    see the same batch); ``fsdp_tp`` is hand-made TP then the fsdp pass (2-D dp × tp)."""
+
+    def __init__(self, model, plan_obj, pass_cls, tp=False):
         from overdrive.rewrite.report import Report
         from overdrive.runtime.runtime import Runtime
         from overdrive.runtime.state import make_env
 
         plan_obj, env = make_env(plan_obj)
-        rec = DDPPass().apply(model, od.ModuleGraph(model), plan_obj, env)
-        rec.bytes_after = sum(p.numel() * p.element_size() for p in model.parameters())
+        if tp:
+            tensor_parallel(model, env)
+        rec = pass_cls().apply(model, od.ModuleGraph(model), plan_obj, env)
+        rec.bytes_after = local_bytes(model)
         self.rt = Runtime(model, plan=plan_obj, report=Report([rec]), env=env,
                           optimizer=torch.optim.SGD(model.parameters(), lr=LR))
 
@@ -104,7 +120,15 @@ def run(name: str) -> dict:
         torch.manual_seed(0)
         model = make_llama()
         keys = list(model.state_dict())
-        rt = _Direct(model, od.Plan(ddp=od.DDP(), parallel=od.Parallel(dp_shard=2, tp=2))).rt
+        rt = _Direct(model, od.Plan(ddp=od.DDP(), parallel=od.Parallel(dp_shard=2, tp=2)),
+                     DDPPass).rt
+        return train(name, model, rt, keys)
+    if name == "fsdp_tp":
+        torch.manual_seed(0)
+        model = make_llama()
+        keys = list(model.state_dict())
+        rt = _Direct(model, od.Plan(fsdp=od.FSDP(), parallel=od.Parallel(dp_shard=2, tp=2)),
+                     FSDPPass, tp=True).rt
         return train(name, model, rt, keys)
     torch.manual_seed(0)  # the meta model's init_weights() draws from the global RNG
     model = build(name)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.dist
 WORKER = Path(__file__).with_name("dp_worker.py")
 TWO_RANK = ["ddp", "ddp_auto", "ddp_accum", "fsdp", "fsdp_accum", "fsdp_meta", "fsdp_hf",
             "zero2", "zero3", "mesh:1,2,1,1"]
-FOUR_RANK = ["hsdp", "ddp_tp_mesh", "mesh:1,2,1,2", "mesh:2,1,2,1"]
+FOUR_RANK = ["hsdp", "ddp_tp_mesh", "fsdp_tp", "mesh:1,2,1,2", "mesh:2,1,2,1"]
 TOL = 1e-4
 
 
@@ -149,3 +149,15 @@ def test_ddp_averages_over_dp_only_on_a_dp_by_tp_mesh(four, reference):
     _assert_curve(res["losses"], reference)
     assert res["dp"] == [0, 2] and res["keys_kept"]
     assert res["sync_group"] == 2  # the dp sub-mesh, not the 4-rank world
+
+
+def test_fsdp_composes_with_tensor_parallel(four, reference):
+    """Hand-made TP of the blocks on env's tp mesh, then the fsdp pass: 2-D dp × tp."""
+    res = four["fsdp_tp"]
+    _assert_curve(res["losses"], reference)
+    assert res["dp"] == [0, 2] and res["keys_kept"]
+    model = make_llama()
+    tp = sum(param_bytes(m) for n, m in model.named_modules()
+             if n.endswith(("_proj",)))  # sharded over tp (2) and dp_shard (2)
+    expected = tp / 4 + (param_bytes(model) - tp) / 2
+    assert all(abs(b - expected) <= 0.02 * expected for b in res["rank_bytes"])
