@@ -110,8 +110,13 @@ def test_transformers_llama_under_fsdp(two):
     assert all(abs(b - full / 2) <= 0.02 * full for b in res["rank_bytes"])
 
 
+def _dp_rank_is_the_mesh_coordinate(res) -> None:
+    assert res["dp_rank"] == [views["dp"][1] for views in res["views"]]
+
+
 def test_mesh_on_two_ranks(two):
     res = two["mesh:1,2,1,1"]
+    _dp_rank_is_the_mesh_coordinate(res)
     assert res["dp_rank"] == [0, 1] and res["dp_size"] == 2
     for rank, views in enumerate(res["views"]):
         assert views["dp"] == views["dp_shard"] == views["dp_shard_cp"] == [2, rank]
@@ -120,6 +125,7 @@ def test_mesh_on_two_ranks(two):
 
 def test_mesh_dp_by_tp(four):
     res = four["mesh:1,2,1,2"]
+    _dp_rank_is_the_mesh_coordinate(res)
     assert res["dp_rank"] == [0, 0, 1, 1], "tp peers must share the data rank"
     assert [v["tp"][1] for v in res["views"]] == [0, 1, 0, 1]
     assert [v["dp_shard_cp"] for v in res["views"]] == [[2, 0], [2, 0], [2, 1], [2, 1]]
@@ -127,6 +133,7 @@ def test_mesh_dp_by_tp(four):
 
 def test_mesh_replicate_by_cp(four):
     res = four["mesh:2,1,2,1"]
+    _dp_rank_is_the_mesh_coordinate(res)
     assert res["dp_rank"] == [0, 0, 1, 1], "cp peers must share the data rank"
     assert res["hsdp_shape"] == [2, 2]
     assert [v["dp_cp"] for v in res["views"]] == [[4, 0], [4, 1], [4, 2], [4, 3]]

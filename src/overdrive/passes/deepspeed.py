@@ -160,7 +160,7 @@ class DeepSpeedPass(Pass):
         deepspeed.init_distributed(dist_backend=env.backend)
         optimizer = env.optimizer_factory(model) if env.optimizer_factory else None
         config = build_config(plan, env.dp_size, client_optimizer=optimizer is not None)
-        engine, ds_optimizer, _, _ = deepspeed.initialize(
+        engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=config,
             model_parameters=None if optimizer is not None else model.parameters())
         env.engine = engine
