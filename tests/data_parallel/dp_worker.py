@@ -33,6 +33,7 @@ def plan_for(name: str) -> od.Plan:
         "hsdp": od.Plan(fsdp=od.FSDP(), parallel=od.Parallel(dp_replicate=2, dp_shard=2)),
         "zero2": od.Plan(deepspeed=od.DeepSpeed(zero_stage=2)),
         "zero3": od.Plan(deepspeed=od.DeepSpeed(zero_stage=3)),
+        "zero2_accum": od.Plan(deepspeed=od.DeepSpeed(zero_stage=2), grad_accum=2),
     }[name]
 
 

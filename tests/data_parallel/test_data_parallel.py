@@ -18,7 +18,7 @@ pytestmark = pytest.mark.dist
 
 WORKER = Path(__file__).with_name("dp_worker.py")
 TWO_RANK = ["ddp", "ddp_auto", "ddp_accum", "fsdp", "fsdp_accum", "fsdp_meta", "fsdp_hf",
-            "zero2", "zero3", "mesh:1,2,1,1"]
+            "zero2", "zero3", "zero2_accum", "mesh:1,2,1,1"]
 FOUR_RANK = ["hsdp", "ddp_tp_mesh", "fsdp_tp", "mesh:1,2,1,2", "mesh:2,1,2,1"]
 TOL = 1e-4
 
@@ -52,7 +52,7 @@ def _assert_curve(got: list[float], want: list[float]) -> None:
 
 
 @pytest.mark.parametrize("name", ["ddp", "ddp_auto", "ddp_accum", "fsdp", "fsdp_accum",
-                                  "zero2", "zero3"])
+                                  "zero2", "zero3", "zero2_accum"])
 def test_loss_matches_single_process(two, reference, name):
     res = two[name]
     _assert_curve(res["losses"], reference)
