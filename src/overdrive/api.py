@@ -46,12 +46,13 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
     graph.blocks()  # resolves a user override now: a bad glob is refused before mutation
     manager = PassManager(plan)
     _check_optimizer_arg(optimizer, manager, plan)
+    param_names = {id(p): n for n, p in model.named_parameters()}
+    # set before check: an engine pass (deepspeed) checks that it has an optimizer
+    env.optimizer_factory = _optimizer_factory(optimizer, param_names, model)
     manager.check_all(graph, env)
 
     # ---- nothing above this line mutates the model ----
-    param_names = {id(p): n for n, p in model.named_parameters()}
     _place_model(model, plan, env)
-    env.optimizer_factory = _optimizer_factory(optimizer, param_names, model)
     model, records = manager.apply_all(model, graph, env)
     _enter_forward_contexts(model, env)
 

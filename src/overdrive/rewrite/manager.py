@@ -69,10 +69,6 @@ class _Entry:
 
 _REGISTRY: dict[str, _Entry] = {}
 
-# The built-in pass names: ordering against one of them is fine while it is not registered
-# (a build without that pass); any other unknown name in after=/before= is a typo.
-BUILTIN_PASSES = ("casting", "fp8", "tensor_parallel", "context_parallel", "checkpointing",
-                  "compile", "mixed_precision", "fsdp", "ddp", "deepspeed")
 
 
 def register_pass(name: str, after: tuple[str, ...] | str = (), before: tuple[str, ...] | str = (),
@@ -127,7 +123,7 @@ def order_passes(plan: Plan) -> list[Pass]:
                 why = "is not registered" if dep not in _REGISTRY else "is not enabled by the plan"
                 raise PlanError(f"pass '{name}' requires pass '{dep}', which {why}")
         for other in p.after + p.before:
-            if other not in _REGISTRY and other not in BUILTIN_PASSES:
+            if other not in _REGISTRY:
                 raise PlanError(
                     f"pass '{name}' is ordered relative to pass '{other}', which is not "
                     f"registered; registered passes: {', '.join(registered_passes())}"

@@ -99,6 +99,7 @@ class DeepSpeed:
     zero_stage: int = 2
     config: Mapping[str, Any] | str | None = None  # dict or path to a DeepSpeed JSON
     offload_optimizer: bool = False
+    gradient_clipping: float | None = None  # the engine clips (rt.clip_grad_norm_ cannot)
 
 
 PARTS: dict[str, type] = {
@@ -329,6 +330,11 @@ def _check_part_values(plan: Plan) -> None:
             )
         if isinstance(cfg, (str, os.PathLike)) and not os.path.isfile(cfg):
             raise PlanError(f"deepspeed.config={str(cfg)!r}: no such file")
+        clip = plan.deepspeed.gradient_clipping
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
+                                 or clip <= 0):
+            raise PlanError(f"deepspeed.gradient_clipping={clip!r} is not valid; use a "
+                            "positive max norm such as 1.0, or None")
     if plan.ddp is not None:
         _check_int("ddp.bucket_cap_mb", plan.ddp.bucket_cap_mb, 1)
 

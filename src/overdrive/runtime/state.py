@@ -15,6 +15,7 @@ import datetime
 import logging
 import os
 import socket
+import warnings
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -37,9 +38,10 @@ def launched_world_size() -> int:
 def pick_device(local_rank: int) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count())
-    xpu = getattr(torch, "xpu", None)
-    if xpu is not None and xpu.is_available():
-        return torch.device("xpu", local_rank % xpu.device_count())
+    for kind in ("xpu", "npu"):  # torch.npu exists once torch_npu is imported
+        backend = getattr(torch, kind, None)
+        if backend is not None and backend.is_available():
+            return torch.device(kind, local_rank % backend.device_count())
     return torch.device("cpu")
 
 
@@ -87,6 +89,7 @@ class Env:
     device: torch.device
     dry_run: bool = False
     _mesh: Any = None
+    _flat: dict[str, Any] = field(default_factory=dict)  # flattened meshes by name
     # hand-off slots, filled by passes, read by the runtime
     optimizer_factory: Callable[..., Any] | None = None
     post_step_hooks: list[Callable[..., None]] = field(default_factory=list)
@@ -122,8 +125,21 @@ class Env:
             if self.dry_run:
                 raise RuntimeError("a dry-run environment has no DeviceMesh")
             self.ensure_process_group()
-            self._mesh = build_mesh(self.plan, self.device)
+            self._mesh, self._flat = build_mesh(self.plan, self.device)
         return self._mesh
+
+    def submesh(self, *names: str):
+        """A named view of the mesh: a dim (``"tp"``), a flattened dim (``"dp"``,
+        ``"dp_shard_cp"``, ``"dp_cp"``, kept from ``_flatten`` as torch asks) or a 2-D
+        slice such as ``("dp_replicate", "dp_shard_cp")`` for HSDP."""
+        mesh = self.mesh
+        if len(names) == 1 and names[0] in self._flat:
+            return self._flat[names[0]]
+        if names == ("dp_replicate", "dp_shard_cp") and self.parallel.cp == 1:
+            names = ("dp_replicate", "dp_shard")  # the same ranks, no flattened slice
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Slicing a flattened dim")
+            return mesh[names if len(names) > 1 else names[0]]
 
     @property
     def dp_size(self) -> int:
@@ -147,14 +163,21 @@ def mesh_coordinates(rank: int, plan: Plan) -> dict[str, int]:
 
 
 def build_mesh(plan: Plan, device: torch.device):
+    """The 4-D mesh and its flattened views {"dp", "dp_shard_cp", "dp_cp"}.
+
+    Size-1 dims are kept (every pass can slice every name); ``mesh["dp_shard_cp"]`` also
+    works, but torch asks callers to keep the flattened meshes, so ``Env.submesh`` does.
+    """
     from torch.distributed.device_mesh import init_device_mesh
 
     sizes = tuple(getattr(plan.parallel, d) for d in MESH_DIMS)
     mesh = init_device_mesh(device.type, sizes, mesh_dim_names=MESH_DIMS)
-    mesh["dp_replicate", "dp_shard"]._flatten("dp")
-    mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
-    mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
-    return mesh
+    flat = {
+        "dp": mesh["dp_replicate", "dp_shard"]._flatten("dp"),
+        "dp_shard_cp": mesh["dp_shard", "cp"]._flatten("dp_shard_cp"),
+        "dp_cp": mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp"),
+    }
+    return mesh, flat
 
 
 def make_env(plan: Plan, *, world_size: int | None = None, dry_run: bool = False) -> tuple[Plan, Env]:

@@ -1,0 +1,73 @@
+"""ddp: plain data parallel — every rank keeps the whole model, gradients are averaged.
+
+Uses torch's composable ``replicate`` (``torch.distributed._composable.replicate``):
+it runs DistributedDataParallel's reducer from forward hooks on the *user's module*
+instead of wrapping it, so the root object stays the same, ``state_dict`` keys gain no
+``module.`` prefix, and ``set_requires_gradient_sync`` gives the no_sync switch that
+gradient accumulation needs. Gradients are averaged over ``dp_cp``: context-parallel
+ranks hold the same weights and their losses cover different tokens.
+
+One data rank (a single process, or tp/cp using every rank) leaves nothing to average:
+the pass is then a no-op that says so in its record.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import PlanError
+from ..rewrite.graph import ModuleGraph
+from ..rewrite.manager import Pass, register_pass
+from ..rewrite.plan import Plan
+from ..rewrite.report import PassRecord
+
+
+def sync_size(plan: Plan) -> int:
+    par = plan.parallel
+    return par.dp_replicate * par.dp_shard * par.cp
+
+
+# After compile (blocks are compiled before they are wrapped). The name is only given
+# when compile is registered: passes/__init__.py imports it first; the manager refuses
+# an order relative to an unknown pass.
+@register_pass("ddp", after=("compile", "mixed_precision"))
+class DDPPass(Pass):
+    replaces_parameters = False  # replicate keeps the parameter objects
+
+    def enabled(self, plan: Plan) -> bool:
+        return plan.ddp is not None
+
+    def check(self, graph: ModuleGraph, plan: Plan, env) -> None:
+        if not env.dry_run and any(p.is_meta for p in graph.model.parameters()):
+            raise PlanError(
+                "ddp: the model is on the meta device, and every ddp rank holds the whole "
+                "model; build it on a real device, or use fsdp, which materialises it sharded")
+
+    def preview(self, graph: ModuleGraph, plan: Plan, env) -> PassRecord:
+        rec = self.record(modules=[""], dry_run=True)
+        if sync_size(plan) == 1:
+            rec.note("one data-parallel rank: nothing to all-reduce, ddp is a no-op")
+        return rec
+
+    def apply(self, model: nn.Module, graph: ModuleGraph, plan: Plan, env) -> PassRecord:
+        rec = self.record()
+        if sync_size(plan) == 1:
+            rec.note("one data-parallel rank: nothing to all-reduce, ddp is a no-op")
+            return rec
+        from torch.distributed._composable import replicate
+
+        cfg = plan.ddp
+        kwargs = dict(bucket_cap_mb=cfg.bucket_cap_mb,
+                      find_unused_parameters=cfg.find_unused_parameters,
+                      static_graph=cfg.static_graph)
+        if env.device.type != "cpu":
+            kwargs["device_id"] = env.device
+        if sync_size(plan) == env.world_size:
+            env.ensure_process_group()  # the default group: every rank is a data rank
+        else:  # tp/cp peers: average over dp_cp only (DTensor params are localised)
+            kwargs["device_mesh"] = env.submesh("dp_cp")
+        replicate(model, **kwargs)
+        env.set_gradient_sync = model.set_requires_gradient_sync
+        rec.touch("")
+        rec.details["sync_size"] = sync_size(plan)
+        return rec

@@ -1,0 +1,172 @@
+"""deepspeed: DeepSpeed ZeRO (stages 0–3) as the data-parallel engine.
+
+The DeepSpeed config is the user's (a dict or a JSON path, optional) with the fields the
+plan owns filled in from the plan — ZeRO stage, gradient accumulation steps, fp16/bf16,
+optimizer offload, gradient clipping — so the two can never disagree: a user config that
+says otherwise is refused in ``check`` with both values named.
+
+The engine owns backward and step: ``env.engine`` is what ``rt.backward`` calls, and
+``engine.step()`` must run on *every* micro-step (it counts the accumulation boundaries
+itself and only updates the weights on the last one). The optimizer is the user's
+(a torch optimizer from ``env.optimizer_factory``, which on CPU is what works: DeepSpeed's
+fused Adam needs compiled ops), or the one the config's ``"optimizer"`` section names.
+The model object stays the root: ZeRO-3 partitions its parameters in place and installs
+its gather hooks on the module itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+from typing import Any, Mapping
+
+from torch import nn
+
+from ..errors import BackendUnavailable, PlanError
+from ..rewrite.graph import ModuleGraph
+from ..rewrite.manager import Pass, register_pass
+from ..rewrite.plan import Plan
+from ..rewrite.report import PassRecord
+
+INSTALL_HINT = "pip install overdrive[deepspeed]"
+
+
+def user_config(plan: Plan) -> dict[str, Any]:
+    cfg = plan.deepspeed.config
+    if cfg is None:
+        return {}
+    if isinstance(cfg, Mapping):
+        return copy.deepcopy(dict(cfg))
+    with open(os.fspath(cfg), encoding="utf-8") as fh:
+        try:
+            return json.load(fh)
+        except json.JSONDecodeError as err:
+            raise PlanError(f"deepspeed.config={str(cfg)!r} is not valid JSON: {err}") from None
+
+
+def _enabled(section: Any) -> bool:
+    return isinstance(section, Mapping) and bool(section.get("enabled", False))
+
+
+def _offload_device(zero: Mapping[str, Any]) -> str:
+    off = zero.get("offload_optimizer") or {}
+    return str(off.get("device", "none")) if isinstance(off, Mapping) else "none"
+
+
+def contradictions(cfg: Mapping[str, Any], plan: Plan, dp_size: int) -> list[str]:
+    """Every field where the user's DeepSpeed config says something the plan does not."""
+    ds = plan.deepspeed
+    found = []
+    zero = cfg.get("zero_optimization") or {}
+    if "stage" in zero and zero["stage"] != ds.zero_stage:
+        found.append(f"zero_optimization.stage={zero['stage']} but deepspeed.zero_stage="
+                     f"{ds.zero_stage}; set od.DeepSpeed(zero_stage={zero['stage']})")
+    gas = cfg.get("gradient_accumulation_steps")
+    if gas is not None and gas != plan.grad_accum:
+        found.append(f"gradient_accumulation_steps={gas} but plan.grad_accum="
+                     f"{plan.grad_accum}; set grad_accum={gas} in the plan")
+    tbs, micro = cfg.get("train_batch_size"), cfg.get("train_micro_batch_size_per_gpu")
+    if gas is None and tbs is not None and micro is not None \
+            and tbs != micro * plan.grad_accum * dp_size:
+        found.append(f"train_batch_size={tbs} is not train_micro_batch_size_per_gpu={micro} "
+                     f"× grad_accum={plan.grad_accum} × data ranks={dp_size}")
+    for key, wanted in (("fp16", "fp16"), ("bf16", "bf16")):
+        if _enabled(cfg.get(key)) and plan.mixed_precision != wanted:
+            found.append(f"{key}.enabled=true but plan.mixed_precision="
+                         f"{plan.mixed_precision!r}; set mixed_precision={wanted!r}")
+    device = _offload_device(zero)
+    if "offload_optimizer" in zero and (device not in ("none", "None")) != ds.offload_optimizer:
+        found.append(f"zero_optimization.offload_optimizer.device={device!r} but "
+                     f"deepspeed.offload_optimizer={ds.offload_optimizer}")
+    clip = cfg.get("gradient_clipping")
+    if clip is not None and ds.gradient_clipping is not None and clip != ds.gradient_clipping:
+        found.append(f"gradient_clipping={clip} but deepspeed.gradient_clipping="
+                     f"{ds.gradient_clipping}")
+    return found
+
+
+def build_config(plan: Plan, dp_size: int, client_optimizer: bool) -> dict[str, Any]:
+    """The user's config with every plan-owned field filled from the plan."""
+    ds = plan.deepspeed
+    cfg = user_config(plan)
+    zero = dict(cfg.get("zero_optimization") or {})
+    zero["stage"] = ds.zero_stage
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {**(zero.get("offload_optimizer") or {}), "device": "cpu"}
+    cfg["zero_optimization"] = zero
+    cfg["gradient_accumulation_steps"] = plan.grad_accum
+    if "train_micro_batch_size_per_gpu" not in cfg and "train_batch_size" not in cfg:
+        cfg["train_micro_batch_size_per_gpu"] = 1  # only DeepSpeed's own logging reads it
+    clip = ds.gradient_clipping if ds.gradient_clipping is not None else cfg.get(
+        "gradient_clipping", 0.0)
+    cfg["gradient_clipping"] = clip
+    cfg["fp16"] = {**(cfg.get("fp16") or {}), "enabled": plan.mixed_precision == "fp16"}
+    cfg["bf16"] = {**(cfg.get("bf16") or {}), "enabled": plan.mixed_precision == "bf16"}
+    if client_optimizer:  # a torch optimizer: allowed under ZeRO, offloaded if asked
+        cfg["zero_allow_untested_optimizer"] = True
+        cfg["zero_force_ds_cpu_optimizer"] = False
+    return cfg
+
+
+# After compile; the name is only given when compile is registered (passes/__init__.py
+# imports it first; the manager refuses an order relative to an unknown pass).
+@register_pass("deepspeed", after=("compile", "mixed_precision"))
+class DeepSpeedPass(Pass):
+    replaces_parameters = True
+
+    def enabled(self, plan: Plan) -> bool:
+        return plan.deepspeed is not None
+
+    def check(self, graph: ModuleGraph, plan: Plan, env) -> None:
+        if importlib.util.find_spec("deepspeed") is None:
+            raise BackendUnavailable(
+                f"deepspeed is not installed; {INSTALL_HINT} (or choose fsdp / ddp)")
+        if not env.dry_run and any(p.is_meta for p in graph.model.parameters()):
+            raise PlanError(
+                "deepspeed: the model is on the meta device; build it on a real device "
+                "(or use fsdp, which materialises a meta model shard by shard)")
+        cfg = user_config(plan)
+        found = contradictions(cfg, plan, env.dp_size)
+        if found:
+            raise PlanError("deepspeed config contradicts the plan: " + "; ".join(found))
+        if plan.deepspeed.offload_optimizer and not env.dry_run and env.device.type == "cpu":
+            raise PlanError(
+                "deepspeed.offload_optimizer=True is not valid on a CPU device: the optimizer "
+                "state already lives in host memory; set offload_optimizer=False")
+        if not env.dry_run and env.optimizer_factory is None and "optimizer" not in cfg:
+            raise PlanError(
+                "deepspeed needs an optimizer: pass optimizer=lambda params: "
+                "torch.optim.AdamW(params, lr=...) to accelerate(), or an \"optimizer\" "
+                "section in deepspeed.config")
+        if env.optimizer_factory is not None and "optimizer" in cfg:
+            raise PlanError(
+                "deepspeed: both accelerate(optimizer=...) and an \"optimizer\" section in "
+                "deepspeed.config; keep one of them")
+
+    def preview(self, graph: ModuleGraph, plan: Plan, env) -> PassRecord:
+        rec = self.record(modules=[""], dry_run=True)
+        rec.details["zero_stage"] = plan.deepspeed.zero_stage
+        rec.note("engine.step() runs every micro-step; it steps the weights every "
+                 f"{plan.grad_accum} micro-step(s)")
+        return rec
+
+    def apply(self, model: nn.Module, graph: ModuleGraph, plan: Plan, env) -> PassRecord:
+        os.environ.setdefault("DS_BUILD_OPS", "0")  # no JIT-compiled kernels needed
+        import deepspeed
+
+        env.ensure_process_group()
+        deepspeed.init_distributed(dist_backend=env.backend)
+        optimizer = env.optimizer_factory(model) if env.optimizer_factory else None
+        config = build_config(plan, env.dp_size, client_optimizer=optimizer is not None)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=config,
+            model_parameters=None if optimizer is not None else model.parameters())
+        env.engine = engine
+        env.extras["optimizer"] = engine.optimizer
+        rec = self.record(modules=[""])
+        rec.details.update(zero_stage=plan.deepspeed.zero_stage, config=config)
+        rec.note(f"ZeRO stage {plan.deepspeed.zero_stage} over {env.dp_size} data rank(s); "
+                 "call engine.step() every micro-step")
+        return rec

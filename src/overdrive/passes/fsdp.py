@@ -1,0 +1,225 @@
+"""fsdp: FSDP2 ``fully_shard`` per block, then the leftover modules, then the root.
+
+The torchtitan recipe, found generically from the module graph: every repeated block is
+its own unit; modules with parameters defined *before* the blocks (embeddings) are one
+unit each; those defined *after* them (final norm + lm_head) share one unit, since they
+run back to back; the root takes whatever is left. Sharding is over ``dp_shard_cp``, or
+the 2-D ``(dp_replicate, dp_shard_cp)`` mesh for HSDP; DTensor parameters from the
+tensor-parallel pass compose with it (2-D dp × tp).
+
+A model built on the meta device is sharded first and only then materialised
+(``to_empty`` + ``init_weights``/``reset_parameters``): no rank ever holds it whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from ..errors import PlanError
+from ..rewrite.graph import ModuleGraph
+from ..rewrite.manager import Pass, register_pass
+from ..rewrite.plan import Plan
+from ..rewrite.report import PassRecord
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PLAN_PARAM_DTYPES = {"no": None, "bf16": "bfloat16", "fp16": "float16"}
+
+
+def param_dtype_name(plan: Plan) -> str | None:
+    """FSDP.param_dtype when set, else the plan's mixed precision."""
+    return plan.fsdp.param_dtype or PLAN_PARAM_DTYPES[plan.mixed_precision]
+
+
+def shard_units(graph: ModuleGraph) -> tuple[list[list[str]], list[str]]:
+    """The groups ``fully_shard`` wraps before the root, in order, and notes.
+
+    Blocks one by one; leftover modules with parameters before the first block one by
+    one; those after the blocks together. Modules that hold blocks, and modules sharing
+    (tied) parameters with another unit, are left to the root.
+    """
+    blocks = graph.blocks()
+    notes: list[str] = []
+    if not blocks:
+        return [], ["no repeated blocks found: the whole model is one FSDP unit (root)"]
+    order = {n: i for i, n in enumerate(graph.names())}
+    first_block = min(order[b] for b in blocks)
+    leftovers = _outermost(
+        [n for n in graph.non_block_leaves() if n and not _holds_block(n, blocks)])
+    tied = _tied(graph, leftovers)
+    if tied:
+        notes.append(f"{', '.join(sorted(tied))} share parameters: left to the root unit")
+    leftovers = [n for n in leftovers if n not in tied]
+    before = [[n] for n in leftovers if order[n] < first_block]
+    after = [n for n in leftovers if order[n] > first_block]
+    return before + [[b] for b in blocks] + ([after] if after else []), notes
+
+
+def _holds_block(name: str, blocks: list[str]) -> bool:
+    return any(_within(b, name) and b != name for b in blocks)
+
+
+def _outermost(names: list[str]) -> list[str]:
+    chosen = set(names)
+    return [n for n in names if not any(
+        n.startswith(other + ".") for other in chosen if other != n)]
+
+
+def _tied(graph: ModuleGraph, units: list[str]) -> set[str]:
+    """Units holding a parameter that some module outside the unit also holds (tied
+    embeddings: ``lm_head.weight is embed_tokens.weight``)."""
+    owners: dict[int, set[str]] = {}
+    for name, module in graph.model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(name)
+    tied = set()
+    for unit in units:
+        for p in graph.module(unit).parameters():
+            if not all(_within(n, unit) for n in owners[id(p)]):
+                tied.add(unit)
+    return tied
+
+
+def _within(name: str, unit: str) -> bool:
+    return name == unit or name.startswith(unit + ".")
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return any(t.device.type == "meta" for t in (*model.parameters(), *model.buffers()))
+
+
+def _missing_initialisers(model: nn.Module) -> list[str]:
+    """Modules owning tensors that nothing would initialise after ``to_empty``."""
+    if callable(getattr(model, "init_weights", None)):
+        return []
+    return [name or "<root>" for name, m in model.named_modules()
+            if (any(True for _ in m.parameters(recurse=False))
+                or any(True for _ in m.buffers(recurse=False)))
+            and not callable(getattr(m, "reset_parameters", None))]
+
+
+@contextlib.contextmanager
+def _shard_rng(env, mesh):
+    """Random init of sharded parameters. Where DTensor's RNG works (cuda-like devices,
+    which have ``set_rng_state``) its offset tracker makes every shard the slice of the
+    full tensor's init. Elsewhere (CPU) each rank would draw its shard from the same
+    stream — equal shards; so each shard rank draws from its own seed instead (replicas
+    of a shard, HSDP's dp_replicate and tp peers, share it)."""
+    if hasattr(getattr(torch, env.device.type, None), "set_rng_state"):
+        yield
+        return
+    shard_rank = mesh.get_local_rank(mesh.ndim - 1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(torch.initial_seed() + 1_000_003 * shard_rank)
+        yield
+
+
+# After compile (blocks are compiled before they are wrapped). The name is only given
+# when compile is registered: passes/__init__.py imports it first; the manager refuses
+# an order relative to an unknown pass.
+@register_pass("fsdp", after=("compile", "mixed_precision"))
+class FSDPPass(Pass):
+    replaces_parameters = True
+
+    def enabled(self, plan: Plan) -> bool:
+        return plan.fsdp is not None
+
+    def check(self, graph: ModuleGraph, plan: Plan, env) -> None:
+        cfg = plan.fsdp
+        if cfg.offload and not env.dry_run and env.device.type == "cpu":
+            raise PlanError(
+                "fsdp.offload=True is not valid on a CPU device: parameters already live in "
+                "host memory; set offload=False (offload is for cuda/xpu runs)")
+        if cfg.offload and plan.parallel.tp > 1:
+            raise PlanError(
+                f"fsdp.offload=True with parallel.tp={plan.parallel.tp} is not supported "
+                "(FSDP2 CPU offload of tensor-parallel DTensors); set offload=False or tp=1")
+        if cfg.offload and plan.fp8 is not None:
+            raise PlanError(
+                "fsdp.offload=True with fp8 is not supported (float8 all-gather needs the "
+                "parameters on the accelerator); set offload=False or drop fp8")
+        if _on_meta(graph.model):
+            missing = _missing_initialisers(graph.model)
+            if missing:
+                raise PlanError(
+                    f"fsdp: the model is on the meta device and {', '.join(missing[:5])} "
+                    "cannot be initialised after sharding (no init_weights() on the model, "
+                    "no reset_parameters() on those modules); add model.init_weights() or "
+                    "build the model on a real device")
+
+    def preview(self, graph: ModuleGraph, plan: Plan, env) -> PassRecord:
+        units, notes = shard_units(graph)
+        rec = self.record(modules=[n for u in units for n in u] + [""], notes=notes,
+                          dry_run=True)
+        rec.details.update(self._details(plan, units))
+        return rec
+
+    def apply(self, model: nn.Module, graph: ModuleGraph, plan: Plan, env) -> PassRecord:
+        from torch.distributed.fsdp import fully_shard
+
+        units, notes = shard_units(graph)
+        mesh = self._mesh(plan, env)
+        kwargs = dict(mesh=mesh, reshard_after_forward=plan.fsdp.reshard_after_forward,
+                      mp_policy=self._mp_policy(plan),
+                      offload_policy=self._offload_policy(plan, env))
+        for unit in units:
+            modules = [graph.module(n) for n in unit]
+            fully_shard(modules if len(modules) > 1 else modules[0], **kwargs)
+        fully_shard(model, **kwargs)
+        env.set_gradient_sync = model.set_requires_gradient_sync
+        rec = self.record(modules=[n for u in units for n in u] + [""], notes=notes)
+        if _on_meta(model):
+            rec.note(self._materialise(model, env, mesh))
+        rec.details.update(self._details(plan, units))
+        rec.details["mesh"] = dict(zip(mesh.mesh_dim_names, mesh.shape))
+        return rec
+
+    # -- pieces ---------------------------------------------------------------------
+    @staticmethod
+    def _mesh(plan: Plan, env):
+        if plan.parallel.dp_replicate > 1:
+            return env.submesh("dp_replicate", "dp_shard_cp")
+        return env.submesh("dp_shard_cp")
+
+    @staticmethod
+    def _mp_policy(plan: Plan):
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        param = param_dtype_name(plan)
+        reduce = plan.fsdp.reduce_dtype
+        return MixedPrecisionPolicy(param_dtype=DTYPES[param] if param else None,
+                                    reduce_dtype=DTYPES[reduce] if reduce else None)
+
+    @staticmethod
+    def _offload_policy(plan: Plan, env):
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+        if not plan.fsdp.offload:
+            return OffloadPolicy()
+        return CPUOffloadPolicy(pin_memory=env.device.type == "cuda")
+
+    @staticmethod
+    def _materialise(model: nn.Module, env, mesh) -> str:
+        """Allocate this rank's shards on the device, then initialise them in place."""
+        model.to_empty(device=env.device)
+        with torch.no_grad(), _shard_rng(env, mesh):
+            if callable(getattr(model, "init_weights", None)):
+                model.init_weights()
+                return "materialised from the meta device: to_empty + model.init_weights()"
+            for m in model.modules():
+                if callable(getattr(m, "reset_parameters", None)):
+                    m.reset_parameters()
+        return "materialised from the meta device: to_empty + reset_parameters() per module"
+
+    @staticmethod
+    def _details(plan: Plan, units: list[list[str]]) -> dict:
+        par = plan.parallel
+        return {"units": [list(u) for u in units] + [[""]],
+                "shard_size": par.dp_shard * par.cp,
+                "replicate_size": par.dp_replicate,
+                "param_dtype": param_dtype_name(plan),
+                "reduce_dtype": plan.fsdp.reduce_dtype,
+                "reshard_after_forward": plan.fsdp.reshard_after_forward,
+                "offload": plan.fsdp.offload}

@@ -1,0 +1,208 @@
+"""Runs on every rank under torchrun: data-parallel scenarios, one after another.
+
+argv: OUT_JSON SCENARIO [SCENARIO ...]. Each scenario trains a small model for a few SGD
+steps on the same global batches the single-process reference uses (this rank takes its
+slice by rt.dp_rank) and records the global mean loss per step, this rank's parameter
+bytes and whether the state_dict keys survived. Rank 0 writes {scenario: result}.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+import overdrive as od
+from overdrive.models.llama import Llama, LlamaConfig
+from overdrive.passes.ddp import DDPPass
+from overdrive.passes.fsdp import FSDPPass
+from dp_common import LR, global_batches, llama_config, make_hf, make_llama
+
+
+def plan_for(name: str) -> od.Plan:
+    return {
+        "ddp": od.Plan(ddp=od.DDP()),
+        "ddp_auto": od.Plan(),  # resolve_for_world turns ddp on
+        "ddp_accum": od.Plan(ddp=od.DDP(), grad_accum=2),
+        "fsdp": od.Plan(fsdp=od.FSDP()),
+        "fsdp_accum": od.Plan(fsdp=od.FSDP(reshard_after_forward=False), grad_accum=2),
+        "fsdp_meta": od.Plan(fsdp=od.FSDP()),
+        "fsdp_hf": od.Plan(fsdp=od.FSDP()),
+        "hsdp": od.Plan(fsdp=od.FSDP(), parallel=od.Parallel(dp_replicate=2, dp_shard=2)),
+        "zero2": od.Plan(deepspeed=od.DeepSpeed(zero_stage=2)),
+        "zero3": od.Plan(deepspeed=od.DeepSpeed(zero_stage=3)),
+        "zero2_accum": od.Plan(deepspeed=od.DeepSpeed(zero_stage=2), grad_accum=2),
+    }[name]
+
+
+def build(name: str) -> torch.nn.Module:
+    if name == "fsdp_hf":
+        return make_hf()
+    if name == "fsdp_meta":
+        with torch.device("meta"):
+            return Llama(LlamaConfig(**llama_config()))
+    return make_llama()
+
+
+def local_bytes(model: torch.nn.Module) -> int:
+    """Parameter bytes this rank holds: DTensor shards, ZeRO-3 partitions, or whole."""
+    total = 0
+    for p in model.parameters():
+        t = getattr(p, "ds_tensor", None)  # ZeRO-3 partition
+        if t is None:
+            t = getattr(p, "_local_tensor", p)
+        total += t.numel() * t.element_size()
+    return total
+
+
+def init_stats(rt) -> dict:
+    """What the materialised meta model holds: gathered (on rank 0), before any step."""
+    sd = rt.state_dict()  # full on rank 0, empty elsewhere
+    shard = rt.model.embed_tokens.weight.to_local()
+    return {
+        "finite": all(torch.isfinite(v).all().item() for v in sd.values()),
+        "norms_one": all(bool((v == 1).all()) for k, v in sd.items() if "norm" in k),
+        "embed_std": sd["embed_tokens.weight"].std().item() if sd else None,
+        "shard_sums": _gather(round(shard.sum().item(), 6)),
+    }
+
+
+def mesh_facts(spec: str) -> dict:
+    """``mesh:dp_replicate,dp_shard,cp,tp``: the Env's mesh views and data rank here."""
+    from overdrive.runtime.state import make_env
+
+    sizes = dict(zip(("dp_replicate", "dp_shard", "cp", "tp"), map(int, spec.split(","))))
+    _, env = make_env(od.Plan(parallel=od.Parallel(**sizes)))
+    views = {n: [env.submesh(n).size(), env.submesh(n).get_local_rank()]
+             for n in ("dp_replicate", "dp_shard", "cp", "tp", "dp", "dp_shard_cp", "dp_cp")}
+    hsdp = env.submesh("dp_replicate", "dp_shard_cp")
+    return {"views": _gather(views), "dp_rank": _gather(env.dp_rank),
+            "hsdp_shape": list(hsdp.shape), "dp_size": env.dp_size}
+
+
+def tensor_parallel(model, env) -> None:
+    """Megatron-style TP of the blocks by hand (the tensor_parallel pass lives on
+    another branch): q/k/v/gate/up column-wise, o/down row-wise, on env's tp mesh."""
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   parallelize_module)
+
+    styles = {f"attn.{n}": ColwiseParallel() for n in ("q_proj", "k_proj", "v_proj")}
+    styles |= {"mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
+               "attn.o_proj": RowwiseParallel(), "mlp.down_proj": RowwiseParallel()}
+    for block in model.layers:
+        parallelize_module(block, env.submesh("tp"), styles)
+
+
+class _Direct:
+    """What od.accelerate hands back, for passes applied on their own: ``ddp_tp_mesh``
+    is ddp on a dp × tp mesh (gradients averaged over the dp sub-mesh only — tp peers
+    see the same batch); ``fsdp_tp`` is hand-made TP then the fsdp pass (2-D dp × tp)."""
+
+    def __init__(self, model, plan_obj, pass_cls, tp=False):
+        from overdrive.rewrite.report import Report
+        from overdrive.runtime.runtime import Runtime
+        from overdrive.runtime.state import make_env
+
+        plan_obj, env = make_env(plan_obj)
+        if tp:
+            tensor_parallel(model, env)
+        rec = pass_cls().apply(model, od.ModuleGraph(model), plan_obj, env)
+        rec.bytes_after = local_bytes(model)
+        self.rt = Runtime(model, plan=plan_obj, report=Report([rec]), env=env,
+                          optimizer=torch.optim.SGD(model.parameters(), lr=LR))
+
+
+def run(name: str) -> dict:
+    if name.startswith("mesh:"):
+        return mesh_facts(name[5:])
+    if name == "ddp_tp_mesh":
+        torch.manual_seed(0)
+        model = make_llama()
+        keys = list(model.state_dict())
+        rt = _Direct(model, od.Plan(ddp=od.DDP(), parallel=od.Parallel(dp_shard=2, tp=2)),
+                     DDPPass).rt
+        return train(name, model, rt, keys)
+    if name == "fsdp_tp":
+        torch.manual_seed(0)
+        model = make_llama()
+        keys = list(model.state_dict())
+        rt = _Direct(model, od.Plan(fsdp=od.FSDP(), parallel=od.Parallel(dp_shard=2, tp=2)),
+                     FSDPPass, tp=True).rt
+        return train(name, model, rt, keys)
+    torch.manual_seed(0)  # the meta model's init_weights() draws from the global RNG
+    model = build(name)
+    keys = list(model.state_dict())
+    plan = plan_for(name)
+    rt = od.accelerate(model, plan, optimizer=lambda p: torch.optim.SGD(p, lr=LR))
+    assert rt.model is model, "the root module object must stay the same"
+    return train(name, model, rt, keys)
+
+
+def train(name: str, model, rt, keys) -> dict:
+    init = init_stats(rt) if name == "fsdp_meta" else None
+    accum = rt.plan.grad_accum
+    losses = []
+    for batch in global_batches(hf=name == "fsdp_hf"):
+        mine = batch.chunk(rt.dp_size)[rt.dp_rank]
+        step_loss = torch.zeros(())
+        for i, micro in enumerate(mine.chunk(accum)):
+            if rt.env.set_gradient_sync is not None:
+                rt.env.set_gradient_sync(i == accum - 1)
+            loss = rt.model(input_ids=micro, labels=micro).loss
+            rt.backward(loss)
+            if rt.env.engine is not None:
+                rt.env.engine.step()  # every micro-step: DeepSpeed counts the boundaries
+            step_loss += loss.detach() / accum
+        if rt.env.engine is None:
+            rt.optimizer.step()
+            rt.optimizer.zero_grad()
+        dist.all_reduce(step_loss)
+        losses.append(step_loss.item() / dist.get_world_size())
+    record = rt.report.passes[-1] if len(rt.report) else None
+    sd = rt.state_dict() if rt.env.engine is None else model.state_dict()
+    return {
+        "losses": losses,
+        "local_bytes": local_bytes(model),
+        "bytes_after": record.bytes_after if record else None,
+        "passes": rt.report.names(),
+        "keys_kept": list(sd) == keys,
+        "dp": [rt.dp_rank, rt.dp_size],
+        "units": record.details.get("units") if record else None,
+        "init": init,
+        "sync_group": _ddp_group_size(model) if rt.plan.ddp is not None else None,
+        "finite": all(torch.isfinite(v).all().item() for v in sd.values()
+                      if torch.is_tensor(v) and v.is_floating_point()),
+    }
+
+
+def main() -> None:
+    out, names = sys.argv[1], sys.argv[2:]
+    results = {}
+    for name in names:
+        results[name] = run(name)
+        if "local_bytes" in results[name]:
+            results[name]["rank_bytes"] = _gather(results[name]["local_bytes"])
+    if dist.get_rank() == 0:
+        with open(out, "w") as fh:
+            json.dump(results, fh)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _ddp_group_size(model) -> int:
+    """Ranks DDP's reducer averages over (replicate builds it at the first forward)."""
+    from torch.distributed._composable import replicate
+
+    return replicate.state(model)._ddp.process_group.size()
+
+
+def _gather(value: int) -> list[int]:
+    got = [None] * dist.get_world_size()
+    dist.all_gather_object(got, value)
+    return got
+
+
+if __name__ == "__main__":
+    main()
