@@ -40,6 +40,7 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
     """
     if not isinstance(model, nn.Module):
         raise PlanError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model_name = type(model).__name__  # fully_shard / replicate rename the class
     plan = resolve_plan(plan)
     plan, env = make_env(plan)
     graph = ModuleGraph(model, plan.blocks)
@@ -60,7 +61,7 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
     if opt is None and env.optimizer_factory is not None:
         opt = env.optimizer_factory(model)
     sched = scheduler(opt) if callable(scheduler) and not _is_scheduler(scheduler) else scheduler
-    report = Report(records, model=type(model).__name__, plan=plan.to_dict(),
+    report = Report(records, model=model_name, plan=plan.to_dict(),
                     blocks=graph.blocks())
     rt = Runtime(model, plan=plan, report=report, env=env, optimizer=opt, scheduler=sched)
     if rt.is_main:
