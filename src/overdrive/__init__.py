@@ -6,12 +6,14 @@
 """
 
 from .api import accelerate, inspect
-from .errors import BackendUnavailable, OverdriveError, PassFailed, PlanError
+from .errors import (BackendUnavailable, CheckpointCorrupt, CheckpointError,
+                     CheckpointMismatch, NotACheckpoint, OverdriveError, PassFailed, PlanError)
 from .rewrite.graph import ModuleGraph
 from .rewrite.manager import Pass, register_pass
 from .rewrite.plan import (DDP, FP8, FSDP, PRESETS, Casting, Checkpointing, Compile,
                            DeepSpeed, Parallel, Plan)
 from .rewrite.report import MemoryEstimate, PassRecord, Report
+from .runtime.export import load_weights
 from .runtime.runtime import Runtime
 
 __version__ = "0.1.0"
@@ -23,4 +25,5 @@ __all__ = [
     "Runtime", "Report", "PassRecord", "MemoryEstimate", "ModuleGraph",
     "Pass", "register_pass",
     "OverdriveError", "PlanError", "BackendUnavailable", "PassFailed",
+    "load_weights", "CheckpointError", "NotACheckpoint", "CheckpointMismatch", "CheckpointCorrupt",
 ]

@@ -147,6 +147,33 @@ class Runtime:
         """The model as the user built it (passes act in place, so this is ``rt.model``)."""
         return self.model
 
+    # -- checkpointing (checkpoint.py, export.py) -------------------------------------
+    def save(self, path, *, keep_last: int | None = None, async_: bool = False) -> None:
+        """Save the whole training state to ``path`` atomically (every rank calls this)."""
+        from . import checkpoint
+
+        checkpoint.save(self, path, keep_last=keep_last, async_=async_)
+
+    def load(self, path, *, verify: bool = True) -> dict[str, Any]:
+        """Restore what ``save`` wrote (on any number of ranks); returns its metadata."""
+        from . import checkpoint
+
+        return checkpoint.load(self, path, verify=verify)
+
+    def wait_for_save(self) -> None:
+        """Block until a pending ``save(..., async_=True)`` is written and published."""
+        from . import checkpoint
+
+        checkpoint.wait_for_save(self)
+
+    def export(self, directory, *, max_shard_size: int | str = "5GB",
+               dtype: torch.dtype | None = None):
+        """Consolidated safetensors weights (transformers layout), written by rank 0."""
+        from . import export
+
+        return export.export(self.model, directory, max_shard_size=max_shard_size, dtype=dtype,
+                             is_main=self.is_main)
+
     # -- process helpers --------------------------------------------------------------
     def barrier(self) -> None:
         if dist.is_initialized() and dist.get_world_size() > 1:
