@@ -55,13 +55,24 @@ def tmp_sibling(path: Path, token: str) -> Path:
 
 
 def remove_stale_tmp(path: Path) -> list[Path]:
-    """Remove hidden siblings left by saves of ``path`` that crashed before their rename."""
+    """Remove hidden siblings left by saves of ``path`` that crashed before their rename.
+
+    A crash between the two renames of ``publish`` leaves the replaced checkpoint aside as
+    ``.<name>.old-<uuid>`` with no ``path``: it is moved back, not deleted.
+    """
     removed = []
-    if path.parent.is_dir():
-        for p in path.parent.iterdir():
-            if p.name.startswith(tmp_prefix(path)) or p.name.startswith(f".{path.name}.old-"):
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
+    if not path.parent.is_dir():
+        return removed
+    for p in path.parent.iterdir():
+        if p.name.startswith(f".{path.name}.old-"):
+            if not path.exists() and (p / MARKER).is_file():
+                os.rename(p, path)
+                continue
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+        elif p.name.startswith(tmp_prefix(path)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
     return removed
 
 
@@ -162,6 +173,11 @@ def read_marker(path: Path) -> dict[str, Any]:
         if leftovers:
             hint = (f"; {', '.join(leftovers)} is an unfinished save of it (a crash before the "
                     "rename): its data is incomplete")
+        aside = sorted(p.name for p in path.parent.glob(f".{path.name}.old-*")) \
+            if path.parent.is_dir() else []
+        if aside and not path.exists():
+            hint += (f"; {aside[0]} is the complete previous checkpoint, set aside by a save that "
+                     f"was interrupted while replacing it: rename it back to {path.name}")
         what = "does not exist" if not path.exists() else f"has no {MARKER}"
         raise NotACheckpoint(
             f"{path} is not an overdrive checkpoint: it {what}{hint}. Pass a directory "
