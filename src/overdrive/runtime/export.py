@@ -167,8 +167,12 @@ def weight_files(directory: str | Path) -> dict[str, Path]:
     if (directory / SINGLE).is_file():
         from safetensors import safe_open
 
-        with safe_open(str(directory / SINGLE), framework="pt") as f:
-            return {k: directory / SINGLE for k in f.keys()}
+        try:
+            with safe_open(str(directory / SINGLE), framework="pt") as f:
+                return {k: directory / SINGLE for k in f.keys()}
+        except Exception as e:
+            raise CheckpointCorrupt(f"{directory / SINGLE} could not be read ({e}); the file "
+                                    "is truncated or corrupted") from None
     raise NotACheckpoint(f"{directory} holds neither {SINGLE} nor {INDEX}; pass a directory "
                          "written by rt.export() or transformers' save_pretrained()")
 
@@ -198,9 +202,15 @@ def load_weights(model: nn.Module, directory: str | Path, *, strict: bool = True
     for key in sorted(set(targets) & set(files)):
         by_file.setdefault(files[key], []).append(key)
     for path, keys in sorted(by_file.items()):
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in keys:
-                _copy_into(targets[key], f.get_tensor(key), key)
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in keys:
+                    _copy_into(targets[key], f.get_tensor(key), key)
+        except (OSError, RuntimeError, ValueError) as e:
+            if isinstance(e, CheckpointMismatch):
+                raise
+            raise CheckpointCorrupt(f"{path} could not be read ({type(e).__name__}: {e}); the "
+                                    "file is truncated or corrupted") from None
     return model
 
 
