@@ -64,3 +64,9 @@ def test_exact_resume_fp16_scaling(tmp_path):
     if not hasattr(Runtime, "shard"):
         pytest.skip("needs rt.shard (runtime data helpers)")
     _check_resume(tmp_path, "fp16", 1)
+
+
+@pytest.mark.dist
+@needs_pass("deepspeed")
+def test_exact_resume_deepspeed(tmp_path):
+    _check_resume(tmp_path, "deepspeed", 2)

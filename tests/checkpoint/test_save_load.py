@@ -168,3 +168,19 @@ def test_async_save_snapshots_state_and_publishes_later(tmp_path):
     assert rt.step == 2
     for k, v in rt.model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_public_flow_with_accelerate(tmp_path):
+    model = make_model(2)
+    rt = od.accelerate(model, optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
+    loader = CountingLoader()
+    rt._loaders.append(loader)
+    _train(rt, loader, 2)
+    rt.save(tmp_path / "ck")
+    expected = _train(rt, loader, 2)
+    rt2 = od.accelerate(make_model(2, seed=4),
+                        optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
+    loader2 = CountingLoader()
+    rt2._loaders.append(loader2)
+    rt2.load(tmp_path / "ck")
+    assert _train(rt2, loader2, 2) == expected

@@ -41,7 +41,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
-                                                      set_state_dict)
+                                                      set_model_state_dict,
+                                                      set_optimizer_state_dict)
 
 from ..errors import CheckpointCorrupt, CheckpointMismatch
 from . import checkpoint_files as cf
@@ -336,9 +337,24 @@ def _load_dcp(rt, path: Path, group, plain: Any) -> None:
              no_dist=group is None)
     full = merge(tensors, plain)
     opt = raw_optimizer(rt.optimizer)
-    set_state_dict(rt.model, [opt] if opt is not None else [],
-                   model_state_dict=full["model"], optim_state_dict=full.get("optim", {}),
-                   options=StateDictOptions(strict=True))
+    options = StateDictOptions(strict=True)
+    if opt is not None:
+        set_optimizer_state_dict(rt.model, [opt], full["optim"], options=options)
+    if not _loaded_in_place(rt.model, full["model"]):
+        set_model_state_dict(rt.model, full["model"], options=options)
+
+
+def _loaded_in_place(model, model_sd: dict[str, Any]) -> bool:
+    """DCP loads into the tensors it is given; when ``get_state_dict`` handed out the
+    model's own parameters and buffers (plain, DDP and FSDP2 models do), they already hold
+    the checkpoint and a second copy through ``set_model_state_dict`` is skipped."""
+    from torch.distributed.tensor import DTensor
+
+    def ptr(t):
+        return (t.to_local() if isinstance(t, DTensor) else t).data_ptr()
+
+    own = {ptr(t) for t in model.state_dict().values() if isinstance(t, torch.Tensor)}
+    return all(ptr(t) in own for t in model_sd.values())
 
 
 def _check_keys(expected: dict[str, tuple], saved: dict[str, tuple], path: Path) -> None:
@@ -369,7 +385,7 @@ def _restore_replicated(rt, state: dict[str, Any]) -> None:
             raise CheckpointMismatch(
                 f"the checkpoint {'has no' if saved is None else 'has a'} {name} state but this "
                 f"runtime {have} {name}; build the runtime with the same {name} setup")
-        if obj is not None:
+        if obj is not None and saved != {}:  # a disabled GradScaler saves {}
             obj.load_state_dict(saved)
     for c, v in state.get("counters", {}).items():
         setattr(rt, c, v)

@@ -33,7 +33,8 @@ def build():
         rt._loaders.append(loader)
         sync = allreduce_grads if rt.world_size > 1 else None
         return rt, (lambda: (loader.next(),)), sync
-    plan = {"ddp": "ddp", "fsdp": "fsdp", "fp16": {"mixed_precision": "fp16"}}[mode]
+    plan = {"ddp": "ddp", "fsdp": "fsdp", "fp16": {"mixed_precision": "fp16"},
+            "deepspeed": {"deepspeed": 2}}[mode]
     rt = od.accelerate(model, plan, optimizer=opt, scheduler=sched)
     data = torch.utils.data.TensorDataset(torch.randint(0, 64, (64, 8),
                                                         generator=torch.Generator().manual_seed(0)))
