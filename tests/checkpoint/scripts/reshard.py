@@ -1,6 +1,7 @@
 """Save on N ranks from a fully_shard-ed model, load on M (``save`` / ``load`` phases).
 
-``save``: N-rank FSDP2 (done by hand, no pass needed), 2 AdamW steps, rt.save, rt.export,
+``save``: N-rank FSDP2 (done by hand, no pass needed), 2 AdamW steps, rt.export, an async
+rt.save with one more step taken while it writes,
 and rank 0 writes the full model + optimizer state (reference.pt) for comparison.
 ``load``: M ranks (M == 1: a plain model) load the checkpoint, gather the full state and
 compare with the reference; od.load_weights also fills a meta-device sharded model from
@@ -49,14 +50,19 @@ rt.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
 rank = rt.rank
 if phase == "save":
     x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(rank))
-    for _ in range(2):
+    def train_step():
         model(x, labels=x).loss.backward()
         rt.optimizer.step()
         rt.optimizer.zero_grad()
         rt.step += 1
-    rt.save(f"{out}/ck")
-    rt.export(f"{out}/export", max_shard_size="40KB")
+
+    for _ in range(2):
+        train_step()
     ref = full_state(rt)
+    rt.export(f"{out}/export", max_shard_size="40KB")
+    rt.save(f"{out}/ck", async_=True)  # written by a thread while training goes on
+    train_step()
+    rt.wait_for_save()
     if rank == 0:
         torch.save(ref, f"{out}/reference.pt")
 else:
