@@ -39,9 +39,10 @@ def build(device="cpu"):
 def full_state(rt):
     msd, osd = get_state_dict(rt.model, [rt.optimizer],
                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    flat = {f"model.{k}": v for k, v in msd.items()}
+    flat = {f"model.{k}": v.clone() for k, v in msd.items()}  # clones: the live step
+    # tensors (and CPU tensors generally) are returned as they are, not copied
     for fqn, st in osd.get("state", {}).items():
-        flat.update({f"optim.{fqn}.{k}": v for k, v in st.items()})
+        flat.update({f"optim.{fqn}.{k}": v.clone() for k, v in st.items()})
     return flat
 
 
@@ -80,6 +81,7 @@ else:
         exported = {k: (v - ref[f"model.{k}"]).abs().max().item() for k, v in loaded.items()}
         with open(f"{out}/load-{world}.json", "w") as f:
             json.dump({"keys": sorted(got) == sorted(ref), "max_diff": max(diff.values()),
+                       "differ": sorted(k for k, d in diff.items() if d)[:6],
                        "n": len(ref), "step": rt.step, "export_diff": max(exported.values()),
                        "export_logits_equal": same_logits}, f)
 if dist.is_initialized():
