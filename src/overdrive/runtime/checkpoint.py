@@ -27,8 +27,10 @@ checkpoint is published (manifest, marker, rename) by the next ``save``/``load``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+import warnings
 import time
 import uuid
 import zlib
@@ -68,6 +70,15 @@ def _group(rt):
     if getattr(rt, "_ckpt_group", None) is None:
         rt._ckpt_group = dist.new_group(backend="gloo")
     return rt._ckpt_group
+
+
+@contextlib.contextmanager
+def _quiet(group):
+    """A single process (no process group) saves/loads with ``no_dist``; DCP still warns."""
+    with warnings.catch_warnings():
+        if group is None:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _barrier(group) -> None:
@@ -242,10 +253,13 @@ def save(rt, path: str | Path, *, keep_last: int | None = None, async_: bool = F
         cf.test_hook("write")
         writer = dcp.FileSystemWriter(str(tmp), sync_files=True)
         if async_:
-            future = dcp.async_save(tensors, storage_writer=writer, process_group=group,
-                                    no_dist=group is None)
+            with _quiet(group):
+                future = dcp.async_save(tensors, storage_writer=writer, process_group=group,
+                                        no_dist=group is None)
         else:
-            dcp.save(tensors, storage_writer=writer, process_group=group, no_dist=group is None)
+            with _quiet(group):
+                dcp.save(tensors, storage_writer=writer, process_group=group,
+                         no_dist=group is None)
             future = None
     rt._pending_save = PendingSave(future, tmp, path, keep_last, meta)
     if not async_:
@@ -333,8 +347,9 @@ def _load_dcp(rt, path: Path, group, plain: Any) -> None:
     app = _app_state(rt)
     tensors, _ = split(app)
     _check_keys(flat_shapes(tensors), saved, path)
-    dcp.load(tensors, storage_reader=reader, planner=cf.SafeLoadPlanner(), process_group=group,
-             no_dist=group is None)
+    with _quiet(group):
+        dcp.load(tensors, storage_reader=reader, planner=cf.SafeLoadPlanner(),
+                 process_group=group, no_dist=group is None)
     full = merge(tensors, plain)
     opt = raw_optimizer(rt.optimizer)
     options = StateDictOptions(strict=True)
