@@ -6,12 +6,14 @@
 """
 
 from .api import accelerate, inspect
-from .errors import BackendUnavailable, OverdriveError, PassFailed, PlanError
+from .errors import (BackendUnavailable, CheckpointCorrupt, CheckpointError,
+                     CheckpointMismatch, NotACheckpoint, OverdriveError, PassFailed, PlanError)
 from .rewrite.graph import ModuleGraph
 from .rewrite.manager import Pass, register_pass
 from .rewrite.plan import (DDP, FP8, FSDP, PRESETS, Casting, Checkpointing, Compile,
                            DeepSpeed, Parallel, Plan)
 from .rewrite.report import MemoryEstimate, PassRecord, Report
+from .runtime.export import load_weights
 from .runtime.helpers import find_executable_batch_size
 from .runtime.runtime import Runtime
 
@@ -24,4 +26,5 @@ __all__ = [
     "Runtime", "Report", "PassRecord", "MemoryEstimate", "ModuleGraph",
     "Pass", "register_pass", "find_executable_batch_size",
     "OverdriveError", "PlanError", "BackendUnavailable", "PassFailed",
+    "load_weights", "CheckpointError", "NotACheckpoint", "CheckpointMismatch", "CheckpointCorrupt",
 ]

@@ -31,3 +31,20 @@ class PassFailed(OverdriveError, RuntimeError):
             f"It had touched {len(self.touched)} module(s){': ' + shown if shown else ''}; "
             "the model is partially transformed and should be rebuilt."
         )
+
+
+class CheckpointError(OverdriveError, RuntimeError):
+    """A checkpoint or weight export cannot be saved or loaded (base of the three below)."""
+
+
+class NotACheckpoint(CheckpointError):
+    """The path is not a complete overdrive checkpoint / safetensors export."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """The checkpoint does not fit this model / optimizer: lists missing, unexpected and
+    differently-shaped keys."""
+
+
+class CheckpointCorrupt(CheckpointError):
+    """A file of the checkpoint is missing, truncated, corrupted or unsafe to read."""

@@ -293,6 +293,7 @@ class ContextParallel(Pass):
         for name in self._targets(graph):
             run_under(graph.module(name), name, make_mode)
         rec = self._record(graph, plan, "torch ring SDPA" if use_torch_cp else "all-gather-KV")
+        env.extras["shard_sequence"] = functools.partial(shard_sequence, env=env)  # rt.shard
         if plan.data_parallel is None:
             n = average_grads_over(model, mesh)
             rec.note(f"no data-parallel engine: {n} gradients averaged over the cp group")

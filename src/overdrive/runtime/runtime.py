@@ -218,10 +218,37 @@ class Runtime:
     # -- context parallel -----------------------------------------------------------
     def shard_sequence(self, batch: Any) -> Any:
         """This cp rank's load-balanced slice of ``batch`` along the sequence (dim 1), with
-        ``position_ids``; the batch itself when cp == 1 (passes/context_parallel.py)."""
-        from ..passes.context_parallel import shard_sequence
+        ``position_ids``; the batch itself when cp == 1. The context_parallel pass hands
+        the splitter over in ``env.extras`` (the runtime never imports a pass)."""
+        split = self.env.extras.get("shard_sequence")
+        return batch if split is None else split(batch)
 
-        return shard_sequence(batch, self.env)
+    # -- checkpointing (checkpoint.py, export.py) -------------------------------------
+    def save(self, path, *, keep_last: int | None = None, async_: bool = False) -> None:
+        """Save the whole training state to ``path`` atomically (every rank calls this)."""
+        from . import checkpoint
+
+        checkpoint.save(self, path, keep_last=keep_last, async_=async_)
+
+    def load(self, path, *, verify: bool = True) -> dict[str, Any]:
+        """Restore what ``save`` wrote (on any number of ranks); returns its metadata."""
+        from . import checkpoint
+
+        return checkpoint.load(self, path, verify=verify)
+
+    def wait_for_save(self) -> None:
+        """Block until a pending ``save(..., async_=True)`` is written and published."""
+        from . import checkpoint
+
+        checkpoint.wait_for_save(self)
+
+    def export(self, directory, *, max_shard_size: int | str = "5GB",
+               dtype: torch.dtype | None = None):
+        """Consolidated safetensors weights (transformers layout), written by rank 0."""
+        from . import export
+
+        return export.export(self.model, directory, max_shard_size=max_shard_size, dtype=dtype,
+                             is_main=self.is_main)
 
     # -- process helpers --------------------------------------------------------------
     def barrier(self) -> None:

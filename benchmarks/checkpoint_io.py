@@ -1,0 +1,229 @@
+"""Checkpoint I/O: save and load MB/s of a ~100M-parameter model (weights only).
+
+    python benchmarks/checkpoint_io.py [--quick] [--rounds N] [--dir DIR]
+
+Variants, run alternately (round-robin) and reported as medians:
+  rt.save / rt.load          overdrive (DCP + manifest/crc32 + atomic rename)
+  safetensors                safetensors.torch.save_file / load_file   (the baseline)
+  torch.save                 torch.save / torch.load(weights_only=True)
+  dcp                        torch.distributed.checkpoint.save / load, single process
+  accelerate                 Accelerator.save_state / load_state (row says why if missing)
+Every save is timed until the data is on disk (os.sync() after the save returns; overdrive
+and DCP also fsync their files). Loads read a file just written, so they mostly come from
+the page cache: load MB/s measures deserialisation more than the disk.
+Then rt.save on 2 ranks (torchrun, a fully_shard-ed model: each rank writes half) vs 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+import torch  # noqa: E402
+
+
+def build_model():
+    from overdrive.models.llama import Llama, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=32000, dim=768, n_layers=8, n_heads=12, ffn_dim=2048,
+                      max_seq_len=256)
+    torch.manual_seed(0)
+    return Llama(cfg)
+
+
+def _runtime(model):
+    from overdrive.rewrite.report import Report
+    from overdrive.rewrite.plan import Plan
+    from overdrive.runtime.runtime import Runtime
+    from overdrive.runtime.state import Env
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        from overdrive.runtime.state import ensure_process_group
+        ensure_process_group(torch.device("cpu"))
+    env = Env(Plan(), rank=int(os.environ.get("RANK", "0")), local_rank=0, world_size=world,
+              device=torch.device("cpu"))
+    return Runtime(model, plan=Plan(), report=Report([]), env=env)
+
+
+def variants(model, rt, base: Path):
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file, save_file
+
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+
+    def st_save(): save_file(sd, str(base / "st.safetensors"))
+    def touch(tensors):  # every variant's load ends with its bytes read into memory
+        return sum(float(t.float().sum()) for t in tensors)
+
+    def st_load(): touch(load_file(str(base / "st.safetensors")).values())
+    def pt_save(): torch.save(sd, base / "pt.pt")
+    def pt_load(): touch(torch.load(base / "pt.pt", weights_only=True).values())
+    def dcp_save(): dcp.save(sd, checkpoint_id=str(base / "dcp"), no_dist=True)
+    def dcp_load():
+        target = {k: torch.empty_like(v) for k, v in sd.items()}
+        dcp.load(target, checkpoint_id=str(base / "dcp"), no_dist=True)
+        touch(target.values())
+    def rt_save(): rt.save(base / "rt")
+    def rt_load(): rt.load(base / "rt"), touch(model.state_dict().values())
+
+    out = {"rt.save/rt.load": (rt_save, rt_load), "safetensors": (st_save, st_load),
+           "torch.save": (pt_save, pt_load), "dcp": (dcp_save, dcp_load)}
+    try:
+        from accelerate import Accelerator
+
+        acc = Accelerator(cpu=True)
+        amodel = acc.prepare(model)
+        def acc_save(): acc.save_state(str(base / "acc"))
+        def acc_load(): acc.load_state(str(base / "acc")), touch(amodel.state_dict().values())
+        out["accelerate"] = (acc_save, acc_load)
+    except Exception as e:  # noqa: BLE001
+        out["accelerate"] = f"not run: {type(e).__name__}: {e}"
+    return out
+
+
+def timed(fn, sync: bool) -> float:
+    t = time.perf_counter()
+    fn()
+    if sync:
+        os.sync()
+    return time.perf_counter() - t
+
+
+def single_process(rounds: int, base: Path) -> dict:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    model = build_model()
+    mb = sum(v.numel() * v.element_size() for v in model.state_dict().values()) / 1e6
+    rt = _runtime(model)
+    vs = variants(model, rt, base)
+    runnable = {k: v for k, v in vs.items() if not isinstance(v, str)}
+    times = {k: {"save": [], "load": []} for k in runnable}
+    for k, (save, load) in runnable.items():  # warm-up (imports, first allocations)
+        save(), load()
+    for _ in range(rounds):
+        for k, (save, load) in runnable.items():
+            times[k]["save"].append(timed(save, sync=True))
+            times[k]["load"].append(timed(load, sync=False))
+    rows = {}
+    for k, v in vs.items():
+        if isinstance(v, str):
+            rows[k] = {"status": v}
+            continue
+        s, ld = statistics.median(times[k]["save"]), statistics.median(times[k]["load"])
+        rows[k] = {"save_s": round(s, 4), "load_s": round(ld, 4), "save_MBps": round(mb / s, 1),
+                   "load_MBps": round(mb / ld, 1), "save_s_all": [round(t, 3) for t in times[k]["save"]]}
+    base_total = rows["safetensors"]["save_s"] + rows["safetensors"]["load_s"]
+    for k, r in rows.items():
+        if "save_s" in r:
+            r["save+load_vs_safetensors"] = round((r["save_s"] + r["load_s"]) / base_total, 3)
+    return {"model_MB": round(mb, 1), "params_M": round(mb / 4, 1), "rows": rows}
+
+
+def worker(base: str, rounds: int) -> None:
+    """One rank of the multi-rank save benchmark (run by torchrun, or alone for 1 rank)."""
+    import warnings
+
+    import torch.distributed as dist
+
+    warnings.filterwarnings("ignore")
+    model = build_model()
+    rt = _runtime(model)
+    if rt.world_size > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (rt.world_size,))
+        for block in model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    rt.save(Path(base) / "warm")
+    times = []
+    for i in range(rounds):
+        rt.barrier()
+        t = time.perf_counter()
+        rt.save(Path(base) / f"r{i}", keep_last=1)
+        if rt.is_main:
+            os.sync()
+        rt.barrier()
+        times.append(time.perf_counter() - t)
+    if rt.is_main:
+        print("RESULT " + json.dumps({"world": rt.world_size, "save_s": statistics.median(times),
+                                      "all": times}))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def multi_rank(rounds: int, base: Path) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]))
+    out = {}
+    for n in (1, 2):
+        d = base / f"ranks{n}"
+        d.mkdir()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={n}", __file__, "--worker", str(d), "--rounds", str(rounds)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not line:
+            out[f"{n}_rank"] = {"status": f"failed: {proc.stderr[-600:]}"}
+            continue
+        out[f"{n}_rank"] = json.loads(line[0][7:])
+    if all("save_s" in out.get(f"{n}_rank", {}) for n in (1, 2)):
+        out["speedup_2_vs_1"] = round(out["1_rank"]["save_s"] / out["2_rank"]["save_s"], 3)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    rounds = args.rounds or (3 if args.quick else 5)
+    if args.worker:
+        worker(args.worker, rounds)
+        return
+    base = Path(tempfile.mkdtemp(prefix="od-ckpt-bench-", dir=args.dir))
+    try:
+        (base / "single").mkdir()
+        single = single_process(rounds, base / "single")
+        multi = multi_rank(rounds, base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    rt_ratio = single["rows"]["rt.save/rt.load"]["save+load_vs_safetensors"]
+    result = {
+        "benchmark": "checkpoint_io", "rounds": rounds,
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "cores": os.cpu_count()},
+        "single_process": single, "multi_rank_rt_save": multi,
+        "targets": {"rt_save_load_vs_safetensors_max": 1.5, "rt_ratio": rt_ratio,
+                    "rt_within_target": rt_ratio <= 1.5,
+                    "two_rank_faster": multi.get("speedup_2_vs_1", 0) > 1.0},
+        "notes": "weights only (no optimizer) so every variant writes the same bytes; "
+                 "saves timed to disk (os.sync), loads mostly from the page cache; "
+                 "the machine's CPUs and disk are shared, expect noise",
+    }
+    text = json.dumps(result, indent=2)
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "checkpoint_io.json").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

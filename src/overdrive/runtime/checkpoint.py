@@ -1,0 +1,441 @@
+"""``rt.save`` / ``rt.load``: the whole training state through torch.distributed.checkpoint.
+
+What is saved (``checkpoint_files.py`` describes the directory):
+
+- model and optimizer via ``get_state_dict`` / ``set_state_dict``, so FSDP / TP DTensors are
+  written as shards by every rank in parallel and resharded on load (saved on N ranks,
+  loadable on M). Only tensors go through DCP; the non-tensor leaves of the optimizer state
+  (param groups) go to ``state.pt`` with the scheduler, the grad scaler and the step counters.
+- per rank (``rank-<r>.pt``): RNG states (python, numpy, torch CPU, the accelerator) and the
+  position of every loader made by ``rt.shard``.
+
+Loading on a different number of ranks (M ≠ N): rank ``r`` restores saved rank ``r``'s RNG
+when ``r < N``; a rank beyond the saved ones seeds python/numpy/torch from
+``crc32(saved rank 0's torch state, step, r)`` — deterministic and distinct per rank, but not
+a continuation. Loader positions come from saved rank ``r % N``; a loader whose state is
+expressed per global sample count (as rt.shard's is) resumes exactly, others approximately.
+
+``rt.optimizer`` may be a wrapper with ``.optimizer``: the raw optimizer is checkpointed.
+With a DeepSpeed engine (``env.engine``) the engine's own ``save_checkpoint`` /
+``load_checkpoint`` write its files inside the same atomic directory (DeepSpeed reads them
+with its own ``torch.load``; resharding follows DeepSpeed's rules).
+
+``async_=True``: tensors are staged to CPU memory, written by a background thread, and the
+checkpoint is published (manifest, marker, rename) by the next ``save``/``load`` or
+``rt.wait_for_save()``: until then ``path`` does not exist yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import warnings
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
+                                                      set_model_state_dict,
+                                                      set_optimizer_state_dict)
+
+from ..errors import CheckpointCorrupt, CheckpointMismatch
+from . import checkpoint_files as cf
+
+log = logging.getLogger("overdrive")
+
+COUNTERS = ("step", "micro_step")
+
+
+# --------------------------------------------------------------------------- process group
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _group(rt):
+    """A gloo group of its own for checkpoint collectives (async saves run in a thread)."""
+    if not dist.is_initialized():
+        return None
+    if getattr(rt, "_ckpt_group", None) is None:
+        rt._ckpt_group = dist.new_group(backend="gloo")
+    return rt._ckpt_group
+
+
+@contextlib.contextmanager
+def _quiet(group):
+    """A single process (no process group) saves/loads with ``no_dist``; DCP still warns."""
+    with warnings.catch_warnings():
+        if group is None:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _barrier(group) -> None:
+    if group is not None:
+        dist.barrier(group=group)
+
+
+def _broadcast(obj: Any, group) -> Any:
+    if group is None:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+def _all_gather(obj: Any, group) -> list[Any]:
+    if group is None:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+# --------------------------------------------------------------------------- state trees
+
+
+def raw_optimizer(opt: Any):
+    """The torch optimizer under a wrapper (``wrapper.optimizer``), or ``opt`` itself."""
+    while opt is not None and not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    return opt
+
+
+def split(tree: Any) -> tuple[Any, Any]:
+    """(tensor leaves, other leaves) of a nested dict, each keeping the nesting."""
+    if isinstance(tree, dict):
+        if not tree:
+            return None, {}
+        tensors, plain = {}, {}
+        for k, v in tree.items():
+            t, p = split(v)
+            if t is not None:
+                tensors[k] = t
+            if p is not None:
+                plain[k] = p
+        return tensors or None, plain or None
+    if isinstance(tree, torch.Tensor):
+        return tree, None
+    return None, tree
+
+
+def merge(tensors: Any, plain: Any) -> Any:
+    if tensors is None:
+        return plain
+    if plain is None:
+        return tensors
+    out = dict(plain)
+    for k, v in tensors.items():
+        out[k] = merge(v, plain.get(k))
+    return out
+
+
+def flat_shapes(tree: Any, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """``{"model.layers.0.w": shape}`` — DCP's flattened key convention."""
+    out: dict[str, tuple[int, ...]] = {}
+    for k, v in (tree or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_shapes(v, key + "."))
+        else:
+            out[key] = tuple(v.shape)
+    return out
+
+
+def _app_state(rt) -> dict[str, Any]:
+    opt = raw_optimizer(rt.optimizer)
+    model_sd, optim_sd = get_state_dict(rt.model, [opt] if opt is not None else [],
+                                        options=StateDictOptions(strict=True))
+    app = {"model": model_sd}
+    if opt is not None:
+        app["optim"] = optim_sd
+    return app
+
+
+def _replicated_state(rt, plain_app: Any) -> dict[str, Any]:
+    return {
+        "app": plain_app,
+        "scheduler": rt.scheduler.state_dict() if rt.scheduler is not None else None,
+        "scaler": rt.scaler.state_dict() if rt.scaler is not None else None,
+        "counters": {c: getattr(rt, c) for c in COUNTERS if isinstance(getattr(rt, c, None), int)},
+    }
+
+
+def _rank_state(rt) -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "device": None,
+        "loaders": [ld.state_dict() for ld in rt._loaders],
+    }
+    dev = rt.device
+    if dev.type not in ("cpu", "meta") and hasattr(torch, dev.type):
+        state["device"] = {"type": dev.type,
+                           "state": getattr(torch, dev.type).get_rng_state(dev).cpu()}
+    return state
+
+
+def _restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    saved_dev = state.get("device")
+    if saved_dev is not None and saved_dev["type"] == device.type:
+        getattr(torch, device.type).set_rng_state(saved_dev["state"], device)
+
+
+def _derive_rng(rank0_state: dict[str, Any], step: int, rank: int, device: torch.device) -> None:
+    seed = zlib.crc32(rank0_state["torch"].numpy().tobytes() + f"/{step}/{rank}".encode())
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds the accelerators too
+
+
+# --------------------------------------------------------------------------- save
+
+
+@dataclass
+class PendingSave:
+    future: Any
+    tmp: Path
+    path: Path
+    keep_last: int | None
+    meta: dict[str, Any]
+
+
+def save(rt, path: str | Path, *, keep_last: int | None = None, async_: bool = False) -> None:
+    """Write the whole training state to ``path`` atomically (every rank calls this)."""
+    wait_for_save(rt)
+    if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
+        raise ValueError(f"keep_last={keep_last!r} is not valid; use an integer >= 1 or None")
+    group = _group(rt)
+    rank, world = _world()
+    path = Path(path).absolute()
+    token = _broadcast(uuid.uuid4().hex[:12] if rank == 0 else None, group)
+    tmp = cf.tmp_sibling(path, token)
+    if rank == 0:
+        cf.remove_stale_tmp(path)
+        tmp.mkdir(parents=True)
+    _barrier(group)
+
+    meta = {"format": cf.FORMAT, "kind": "dcp", "step": getattr(rt, "step", 0),
+            "world_size": world, "time_ns": time.time_ns(),
+            "plan": rt.plan.to_dict() if rt.plan is not None else None,
+            "model": type(rt.model).__name__}
+    cf.save_plain(_rank_state(rt), tmp / f"rank-{rank}.pt")
+    engine = getattr(rt.env, "engine", None)
+    if engine is not None:
+        meta["kind"] = "deepspeed"
+        engine.save_checkpoint(str(tmp / "deepspeed"), tag="state")
+        future = None
+        if rank == 0:
+            cf.save_plain(_replicated_state(rt, None), tmp / "state.pt")
+    else:
+        tensors, plain = split(_app_state(rt))
+        if rank == 0:
+            cf.save_plain(_replicated_state(rt, plain), tmp / "state.pt")
+        cf.test_hook("write")
+        writer = dcp.FileSystemWriter(str(tmp), sync_files=True)
+        if async_:
+            with _quiet(group):
+                future = dcp.async_save(tensors, storage_writer=writer, process_group=group,
+                                        no_dist=group is None)
+        else:
+            with _quiet(group):
+                dcp.save(tensors, storage_writer=writer, process_group=group,
+                         no_dist=group is None)
+            future = None
+    rt._pending_save = PendingSave(future, tmp, path, keep_last, meta)
+    if not async_:
+        wait_for_save(rt)
+
+
+def wait_for_save(rt) -> None:
+    """Finish a pending (async) save: wait for the writes, then publish it atomically."""
+    pending: PendingSave | None = getattr(rt, "_pending_save", None)
+    if pending is None:
+        return
+    rt._pending_save = None
+    if pending.future is not None:
+        result = pending.future
+        result = getattr(result, "upload_completion", result)
+        result.result()
+    _publish(pending, _group(rt))
+
+
+def _publish(p: PendingSave, group) -> None:
+    rank, world = _world()
+    _barrier(group)  # every rank's files are written and fsynced (FileSystemWriter syncs)
+    files = cf.data_files(p.tmp) if rank == 0 else None
+    files = _broadcast(files, group)
+    mine = cf.describe_files(p.tmp, files[rank::world])
+    entries = {k: v for part in _all_gather(mine, group) for k, v in part.items()}
+    if rank == 0:
+        cf.write_file(p.tmp / cf.MANIFEST, _json({"files": entries}))
+        cf.write_marker(p.tmp, p.meta)
+        cf.test_hook("rename")
+        cf.publish(p.tmp, p.path)
+        if p.keep_last is not None:
+            removed = cf.prune(p.path.parent, p.keep_last)
+            if removed:
+                log.info("overdrive: removed old checkpoint(s) %s", ", ".join(map(str, removed)))
+        log.info("overdrive: saved checkpoint %s (step %s)", p.path, p.meta["step"])
+    _barrier(group)
+
+
+def _json(obj: Any) -> bytes:
+    import json
+
+    return json.dumps(obj, indent=1, sort_keys=True).encode()
+
+
+# --------------------------------------------------------------------------- load
+
+
+def load(rt, path: str | Path, *, verify: bool = True) -> dict[str, Any]:
+    """Restore everything ``save`` wrote; returns the checkpoint's marker (step, plan…)."""
+    wait_for_save(rt)
+    group = _group(rt)
+    rank, world = _world()
+    path = Path(path).absolute()
+    meta = cf.read_marker(path)
+    _verify(path, group, verify)
+    replicated = cf.load_plain(path / "state.pt")
+    if meta["kind"] == "deepspeed":
+        _load_deepspeed(rt, path)
+    else:
+        _load_dcp(rt, path, group, replicated["app"])
+    _restore_replicated(rt, replicated)
+    _restore_rank(rt, path, meta, rank)
+    _barrier(group)
+    if rank == 0:
+        log.info("overdrive: loaded checkpoint %s (step %s, saved on %s rank(s), loaded on %s)",
+                 path, meta["step"], meta["world_size"], world)
+    return meta
+
+
+def _verify(path: Path, group, crc: bool) -> None:
+    rank, world = _world()
+    manifest = cf.read_manifest(path)
+    names = sorted(manifest)
+    problems = cf.verify_files(path, manifest, names[rank::world], crc)
+    problems = [p for part in _all_gather(problems, group) for p in part]
+    if problems:
+        raise CheckpointCorrupt(f"checkpoint {path} is damaged: " + "; ".join(problems))
+
+
+def _load_dcp(rt, path: Path, group, plain: Any) -> None:
+    reader = cf.SafeReader(str(path))
+    saved = {k: tuple(v.size) for k, v in reader.read_metadata().state_dict_metadata.items()
+             if hasattr(v, "size")}
+    app = _app_state(rt)
+    tensors, _ = split(app)
+    _check_keys(flat_shapes(tensors), saved, path)
+    with _quiet(group):
+        dcp.load(tensors, storage_reader=reader, planner=cf.SafeLoadPlanner(),
+                 process_group=group, no_dist=group is None)
+    full = merge(tensors, plain)
+    opt = raw_optimizer(rt.optimizer)
+    options = StateDictOptions(strict=True)
+    if opt is not None:
+        set_optimizer_state_dict(rt.model, [opt], full["optim"], options=options)
+    if not _loaded_in_place(rt.model, full["model"]):
+        set_model_state_dict(rt.model, full["model"], options=options)
+
+
+def _loaded_in_place(model, model_sd: dict[str, Any]) -> bool:
+    """DCP loads into the tensors it is given; when ``get_state_dict`` handed out the
+    model's own parameters and buffers (plain, DDP and FSDP2 models do), they already hold
+    the checkpoint and a second copy through ``set_model_state_dict`` is skipped."""
+    from torch.distributed.tensor import DTensor
+
+    def ptr(t):
+        return (t.to_local() if isinstance(t, DTensor) else t).data_ptr()
+
+    own = {ptr(t) for t in model.state_dict().values() if isinstance(t, torch.Tensor)}
+    return all(ptr(t) in own for t in model_sd.values())
+
+
+def _check_keys(expected: dict[str, tuple], saved: dict[str, tuple], path: Path) -> None:
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    shapes = sorted(f"{k}: checkpoint {list(saved[k])}, model {list(expected[k])}"
+                    for k in set(expected) & set(saved) if saved[k] != expected[k])
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    for title, keys in (("missing from the checkpoint", missing),
+                        ("unexpected in the checkpoint", unexpected), ("shape differs", shapes)):
+        if keys:
+            shown = ", ".join(keys[:20]) + (f" … (+{len(keys) - 20})" if len(keys) > 20 else "")
+            parts.append(f"{title} ({len(keys)}): {shown}")
+    raise CheckpointMismatch(
+        f"checkpoint {path} does not fit this runtime's model/optimizer — " + "; ".join(parts)
+        + ". It was saved from a different model or optimizer setup (keys are the model's "
+        "parameter names; optim.* keys need the same optimizer type). To load weights only, "
+        "use rt.export() and od.load_weights()")
+
+
+def _restore_replicated(rt, state: dict[str, Any]) -> None:
+    for name, obj in (("scheduler", rt.scheduler), ("scaler", rt.scaler)):
+        saved = state.get(name)
+        if (saved is None) != (obj is None):
+            have = "has" if obj is not None else "has no"
+            raise CheckpointMismatch(
+                f"the checkpoint {'has no' if saved is None else 'has a'} {name} state but this "
+                f"runtime {have} {name}; build the runtime with the same {name} setup")
+        if obj is not None and saved != {}:  # a disabled GradScaler saves {}
+            obj.load_state_dict(saved)
+    for c, v in state.get("counters", {}).items():
+        setattr(rt, c, v)
+
+
+def _restore_rank(rt, path: Path, meta: dict[str, Any], rank: int) -> None:
+    saved_world = int(meta["world_size"])
+    own = path / f"rank-{rank}.pt"
+    state = cf.load_plain(own if rank < saved_world else path / "rank-0.pt")
+    if rank < saved_world:
+        _restore_rng(state, rt.device)
+    else:
+        _derive_rng(state, int(meta["step"]), rank, rt.device)
+    loaders = state["loaders"] if rank < saved_world else \
+        cf.load_plain(path / f"rank-{rank % saved_world}.pt")["loaders"]
+    if not rt._loaders and loaders:
+        rt._loader_states_to_restore = loaders
+        log.warning("overdrive: the checkpoint holds %d loader position(s) but no loader was "
+                    "made by rt.shard yet; call rt.shard before rt.load to restore them",
+                    len(loaders))
+        return
+    if len(loaders) != len(rt._loaders):
+        raise CheckpointMismatch(
+            f"the checkpoint holds {len(loaders)} data-loader position(s), this runtime has "
+            f"{len(rt._loaders)} loader(s) made by rt.shard; shard the same loaders, in the same "
+            "order, before rt.load")
+    for ld, s in zip(rt._loaders, loaders):
+        ld.load_state_dict(s)
+
+
+def _load_deepspeed(rt, path: Path) -> None:
+    engine = rt.env.engine
+    if engine is None:
+        raise CheckpointMismatch(f"{path} was saved by a DeepSpeed engine; load it with the "
+                                 "same deepspeed plan")
+    load_path, _ = engine.load_checkpoint(str(path / "deepspeed"), tag="state")
+    if load_path is None:
+        raise CheckpointCorrupt(f"DeepSpeed could not load {path / 'deepspeed'}")

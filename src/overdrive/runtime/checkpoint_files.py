@@ -1,0 +1,304 @@
+"""The files of a checkpoint directory: atomic publication, manifest, safe readers.
+
+A checkpoint is a directory ``path`` holding
+
+    .metadata, __<rank>_<i>.distcp     torch.distributed.checkpoint (tensors only)
+    state.pt                           replicated non-tensor state (optimizer param groups,
+                                       scheduler, scaler, step counters), weights_only
+    rank-<r>.pt                        per-rank state (RNG, data-loader positions), weights_only
+    manifest.json                      size and crc32 of every file above
+    overdrive_checkpoint.json          the marker, written last: format, step, world size, plan
+
+It is written to a hidden sibling ``.<name>.tmp-<uuid>`` and renamed to ``path`` by rank 0
+only after every rank has written and fsynced its files. A directory without the marker is
+not a checkpoint; a crash before the rename leaves only the hidden sibling, which the next
+save of the same ``path`` removes. All ranks must see the same filesystem.
+
+Nothing here executes code from a file: DCP's pickled ``.metadata`` is read with an
+unpickler that only admits DCP's own metadata classes, the ``.pt`` files are loaded with
+``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import mmap
+import os
+import pickle
+import shutil
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+from ..errors import CheckpointCorrupt, NotACheckpoint
+
+MARKER = "overdrive_checkpoint.json"
+MANIFEST = "manifest.json"
+FORMAT = 1
+_CRC_BLOCK = 64 << 20
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def tmp_prefix(path: Path) -> str:
+    return f".{path.name}.tmp-"
+
+
+def tmp_sibling(path: Path, token: str) -> Path:
+    return path.parent / f"{tmp_prefix(path)}{token}"
+
+
+def remove_stale_tmp(path: Path) -> list[Path]:
+    """Remove hidden siblings left by saves of ``path`` that crashed before their rename.
+
+    A crash between the two renames of ``publish`` leaves the replaced checkpoint aside as
+    ``.<name>.old-<uuid>`` with no ``path``: it is moved back, not deleted.
+    """
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for p in path.parent.iterdir():
+        if p.name.startswith(f".{path.name}.old-"):
+            if not path.exists() and (p / MARKER).is_file():
+                os.rename(p, path)
+                continue
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+        elif p.name.startswith(tmp_prefix(path)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_plain(obj: Any, path: Path) -> None:
+    """Small non-tensor state (and CPU tensors), readable with ``weights_only=True``."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_file(path, buf.getvalue())
+
+
+def load_plain(path: Path) -> Any:
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise CheckpointCorrupt(f"checkpoint file {path} is missing") from None
+    except Exception as e:  # an unpickling error: truncated, corrupted or not ours
+        raise CheckpointCorrupt(
+            f"{path} could not be read with weights_only=True ({type(e).__name__}: {e}); "
+            "the file is corrupted or was not written by overdrive") from None
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def crc32_file(path: Path) -> int:
+    """crc32 of a file through mmap (no copy into Python buffers; ~1 GB/s on a busy core)."""
+    crc = 0
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return 0
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            view = memoryview(m)
+            try:
+                for i in range(0, len(view), _CRC_BLOCK):
+                    crc = zlib.crc32(view[i:i + _CRC_BLOCK], crc)
+            finally:
+                view.release()
+    return crc
+
+
+def describe_files(root: Path, names: list[str]) -> dict[str, dict[str, int]]:
+    return {n: {"size": (root / n).stat().st_size, "crc32": crc32_file(root / n)} for n in names}
+
+
+def data_files(root: Path) -> list[str]:
+    """Every file under ``root`` (relative POSIX paths) except the manifest and marker."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                  if p.is_file() and p.name not in (MANIFEST, MARKER))
+
+
+def verify_files(root: Path, manifest: dict[str, dict[str, int]], names: list[str],
+                 crc: bool) -> list[str]:
+    """Problems found in ``names`` (a subset of the manifest): missing, size, crc32."""
+    problems = []
+    for n in names:
+        want, p = manifest[n], root / n
+        if not p.is_file():
+            problems.append(f"{n}: missing")
+        elif p.stat().st_size != want["size"]:
+            problems.append(f"{n}: {p.stat().st_size} bytes, the manifest says {want['size']} "
+                            "(truncated or overwritten)")
+        elif crc and crc32_file(p) != want["crc32"]:
+            problems.append(f"{n}: crc32 differs from the manifest (corrupted)")
+    return problems
+
+
+def read_manifest(root: Path) -> dict[str, dict[str, int]]:
+    try:
+        files = json.loads((root / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointCorrupt(f"{root / MANIFEST} is missing or unreadable ({e})") from None
+    for name in files:
+        if Path(name).is_absolute() or ".." in Path(name).parts or name in ("", "."):
+            raise CheckpointCorrupt(f"{root / MANIFEST} names a file outside the checkpoint: {name!r}")
+    return files
+
+
+# --------------------------------------------------------------------------- marker
+
+
+def write_marker(root: Path, meta: dict[str, Any]) -> None:
+    write_file(root / MARKER, json.dumps(meta, indent=1, default=repr).encode())
+
+
+def read_marker(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not (path / MARKER).is_file():
+        hint = ""
+        leftovers = sorted(p.name for p in path.parent.glob(f"{tmp_prefix(path)}*")) \
+            if path.parent.is_dir() else []
+        if leftovers:
+            hint = (f"; {', '.join(leftovers)} is an unfinished save of it (a crash before the "
+                    "rename): its data is incomplete")
+        aside = sorted(p.name for p in path.parent.glob(f".{path.name}.old-*")) \
+            if path.parent.is_dir() else []
+        if aside and not path.exists():
+            hint += (f"; {aside[0]} is the complete previous checkpoint, set aside by a save that "
+                     f"was interrupted while replacing it: rename it back to {path.name}")
+        what = "does not exist" if not path.exists() else f"has no {MARKER}"
+        raise NotACheckpoint(
+            f"{path} is not an overdrive checkpoint: it {what}{hint}. Pass a directory "
+            "written by rt.save(); weights exported by rt.export() load with od.load_weights()")
+    try:
+        meta = json.loads((path / MARKER).read_text())
+    except ValueError as e:
+        raise CheckpointCorrupt(f"{path / MARKER} is not valid JSON ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise NotACheckpoint(f"{path} has checkpoint format {meta.get('format')!r}; this "
+                             f"version of overdrive reads format {FORMAT}")
+    return meta
+
+
+def list_checkpoints(parent: Path) -> list[tuple[int, Path]]:
+    """Completed checkpoints directly under ``parent`` (marker present), oldest first."""
+    found = []
+    for p in parent.iterdir() if parent.is_dir() else []:
+        if p.is_dir() and not p.name.startswith(".") and (p / MARKER).is_file():
+            try:
+                found.append((int(json.loads((p / MARKER).read_text())["time_ns"]), p))
+            except (ValueError, KeyError, OSError):
+                continue
+    return sorted(found)
+
+
+def prune(parent: Path, keep_last: int) -> list[Path]:
+    """Remove all but the ``keep_last`` newest complete checkpoints in ``parent``."""
+    ckpts = list_checkpoints(parent)
+    doomed = [p for _, p in ckpts[:max(0, len(ckpts) - keep_last)]]
+    for p in doomed:
+        (p / MARKER).unlink(missing_ok=True)  # not a checkpoint any more, even if rmtree stops
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
+# --------------------------------------------------------------------------- publication
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Rename the finished ``tmp`` to ``path``; an existing ``path`` is replaced.
+
+    A replaced checkpoint is first renamed aside (``.<name>.old-<uuid>``) and deleted after
+    the new one is in place; a crash between the two renames leaves it there, complete.
+    """
+    fsync_path(tmp)
+    aside = None
+    if path.exists():
+        aside = path.parent / f".{path.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
+        os.rename(path, aside)
+    os.rename(tmp, path)
+    fsync_path(path.parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def test_hook(stage: str) -> None:
+    """``OVERDRIVE_CKPT_TEST_HANG=<stage>:<file>``: at ``stage`` touch ``file`` and hang,
+    so a test can SIGKILL the process at a known point of a save."""
+    spec = os.environ.get("OVERDRIVE_CKPT_TEST_HANG", "")
+    if spec.partition(":")[0] == stage:
+        Path(spec.partition(":")[2]).write_text(stage)
+        while True:
+            time.sleep(1)
+
+
+# --------------------------------------------------------------------------- safe DCP reading
+
+_ALLOWED_GLOBALS = {
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+    ("builtins", "set"), ("builtins", "frozenset"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits DCP's metadata dataclasses, torch dtypes/sizes/layouts, and nothing else."""
+
+    def find_class(self, module: str, name: str):
+        if module.startswith("torch.distributed.checkpoint") or (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
+                                                                          torch.memory_format)):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in DCP metadata")
+
+
+class SafeReader(FileSystemReader):
+    """FileSystemReader whose ``.metadata`` is unpickled with an allow-list."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        path = Path(self._get_metadata_path(kwargs.get("rank")))
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except FileNotFoundError:
+            raise CheckpointCorrupt(f"{path} is missing") from None
+        except Exception as e:
+            raise CheckpointCorrupt(f"{path} is not valid DCP metadata ({type(e).__name__}: "
+                                    f"{e})") from None
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """overdrive writes only tensors through DCP; a pickled item is refused, not run."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        raise CheckpointCorrupt(
+            f"DCP item {read_item.dest_index.fqn!r} is a pickled object; overdrive checkpoints "
+            "hold only tensors in DCP files and refuses to unpickle it")

@@ -1,0 +1,186 @@
+"""rt.save / rt.load in one process: round trip, errors, keep_last, async, safety."""
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+import overdrive as od
+from overdrive.runtime import checkpoint_files as cf
+
+from ckpt_util import CountingLoader, make_model, manual_runtime, train_step
+
+
+def _runtime(seed=0, n_layers=2, fp16=False, **kw):
+    model = make_model(n_layers, seed=seed, dropout=0.1, **kw)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    plan = od.Plan(mixed_precision="fp16") if fp16 else None
+    rt = manual_runtime(model, opt, sched, plan=plan)
+    loader = CountingLoader()
+    rt._loaders.append(loader)
+    return rt, loader
+
+
+def _train(rt, loader, n):
+    return [train_step(rt, loader) for _ in range(n)]
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_load_right_after_save_restores_everything(tmp_path, fp16):
+    rt, loader = _runtime(fp16=fp16)
+    _train(rt, loader, 2)
+    rt.save(tmp_path / "ck")
+    expected = _train(rt, loader, 3)
+    meta = rt.load(tmp_path / "ck")  # same process, right after saving
+    assert meta["step"] == 2 and rt.step == 2 and loader.position == 2
+    assert _train(rt, loader, 3) == expected  # RNG, optimizer, scheduler, scaler, loader
+
+
+def test_fresh_runtime_loads_into_different_weights(tmp_path):
+    rt, loader = _runtime(seed=0)
+    _train(rt, loader, 2)
+    rt.save(tmp_path / "ck")
+    expected = _train(rt, loader, 2)
+    rt2, loader2 = _runtime(seed=7)
+    rt2.load(tmp_path / "ck")
+    for (k, a), b in zip(rt.model.state_dict().items(), rt2.model.state_dict().values()):
+        assert a.shape == b.shape, k
+    assert rt2.scheduler.last_epoch == 2 and rt2.optimizer.param_groups[0]["lr"] == pytest.approx(5e-3)
+    assert _train(rt2, loader2, 2) == expected
+
+
+def test_layout_is_tensors_plus_weights_only_files(tmp_path):
+    rt, loader = _runtime()
+    _train(rt, loader, 1)
+    rt.save(tmp_path / "ck")
+    names = sorted(os.listdir(tmp_path / "ck"))
+    assert names == sorted([".metadata", "__0_0.distcp", "manifest.json", cf.MARKER,
+                            "rank-0.pt", "state.pt"])
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temporary sibling left
+    for f in ("rank-0.pt", "state.pt"):
+        torch.load(tmp_path / "ck" / f, weights_only=True)
+    manifest = json.loads((tmp_path / "ck" / "manifest.json").read_text())["files"]
+    assert set(manifest) == set(names) - {"manifest.json", cf.MARKER}
+    marker = json.loads((tmp_path / "ck" / cf.MARKER).read_text())
+    assert marker["step"] == 1 and marker["world_size"] == 1 and "parallel" in marker["plan"]
+
+
+def test_not_a_checkpoint(tmp_path):
+    rt, _ = _runtime()
+    with pytest.raises(od.NotACheckpoint, match="does not exist"):
+        rt.load(tmp_path / "nope")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(od.NotACheckpoint, match="has no overdrive_checkpoint.json"):
+        rt.load(tmp_path / "plain")
+    (tmp_path / ".ck.tmp-abc").mkdir()
+    with pytest.raises(od.NotACheckpoint, match="unfinished save"):
+        rt.load(tmp_path / "ck")
+
+
+def test_different_model_lists_keys(tmp_path):
+    rt, loader = _runtime(n_layers=2)
+    _train(rt, loader, 1)
+    rt.save(tmp_path / "ck")
+    deeper, _ = _runtime(n_layers=3)
+    with pytest.raises(od.CheckpointMismatch, match=r"missing from the checkpoint .*model\.layers\.2\."):
+        deeper.load(tmp_path / "ck")
+    wider, _ = _runtime(dim=48)
+    with pytest.raises(od.CheckpointMismatch, match=r"shape differs .*embed_tokens\.weight: checkpoint \[64, 32\], model \[64, 48\]"):
+        wider.load(tmp_path / "ck")
+    model = make_model(2)
+    sgd = manual_runtime(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                         torch.optim.lr_scheduler.StepLR(torch.optim.SGD(model.parameters(), lr=1), 1))
+    with pytest.raises(od.CheckpointMismatch, match="exp_avg"):
+        sgd.load(tmp_path / "ck")
+
+
+def test_truncated_and_corrupted_shard(tmp_path):
+    rt, loader = _runtime()
+    _train(rt, loader, 1)
+    rt.save(tmp_path / "ck")
+    shard = tmp_path / "ck" / "__0_0.distcp"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(od.CheckpointCorrupt, match="__0_0.distcp: .* bytes, the manifest says .*truncated"):
+        rt.load(tmp_path / "ck")
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(flipped))
+    with pytest.raises(od.CheckpointCorrupt, match="crc32"):
+        rt.load(tmp_path / "ck")
+    rt.load(tmp_path / "ck", verify=False)  # size only: a flipped bit inside a value passes
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_metadata_pickle_is_not_executed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rt, loader = _runtime()
+    _train(rt, loader, 1)
+    ck = tmp_path / "ck"
+    rt.save(ck)
+    (ck / ".metadata").write_bytes(pickle.dumps(_Evil()))
+    manifest = json.loads((ck / "manifest.json").read_text())  # an attacker fixes it up too
+    manifest["files"][".metadata"] = {"size": (ck / ".metadata").stat().st_size,
+                                      "crc32": cf.crc32_file(ck / ".metadata")}
+    (ck / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(od.CheckpointCorrupt, match="posix.system is not allowed|os.system is not allowed"):
+        rt.load(ck)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_keep_last_removes_only_older_checkpoints(tmp_path):
+    rt, loader = _runtime()
+    (tmp_path / "notes").mkdir()
+    for step in range(1, 4):
+        _train(rt, loader, 1)
+        rt.save(tmp_path / f"step-{step}", keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "step-2", "step-3"]
+    rt.load(tmp_path / "step-2")
+    assert rt.step == 2
+
+
+def test_overwrite_same_path(tmp_path):
+    rt, loader = _runtime()
+    _train(rt, loader, 1)
+    rt.save(tmp_path / "ck")
+    _train(rt, loader, 1)
+    rt.save(tmp_path / "ck")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    assert rt.load(tmp_path / "ck")["step"] == 2
+
+
+def test_async_save_snapshots_state_and_publishes_later(tmp_path):
+    rt, loader = _runtime()
+    _train(rt, loader, 2)
+    before = {k: v.clone() for k, v in rt.model.state_dict().items()}
+    rt.save(tmp_path / "ck", async_=True)
+    _train(rt, loader, 1)  # training continues while the save is written
+    rt.wait_for_save()
+    assert (tmp_path / "ck" / cf.MARKER).is_file()
+    rt.load(tmp_path / "ck")
+    assert rt.step == 2
+    for k, v in rt.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_public_flow_with_accelerate(tmp_path):
+    model = make_model(2)
+    rt = od.accelerate(model, optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
+    loader = CountingLoader()
+    rt._loaders.append(loader)
+    _train(rt, loader, 2)
+    rt.save(tmp_path / "ck")
+    expected = _train(rt, loader, 2)
+    rt2 = od.accelerate(make_model(2, seed=4),
+                        optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
+    loader2 = CountingLoader()
+    rt2._loaders.append(loader2)
+    rt2.load(tmp_path / "ck")
+    assert _train(rt2, loader2, 2) == expected
