@@ -64,16 +64,10 @@ def train_step(rt, loader: CountingLoader, sync=None) -> float:
     rt.backward(loss)
     if sync is not None:
         sync(rt.model)
-    opt = rt.optimizer
-    if rt.scaler is not None:
-        rt.scaler.step(opt)
-        rt.scaler.update()
-    else:
-        opt.step()
-    opt.zero_grad()
+    rt.optimizer.step()  # the runtime's wrapper: fp16 scaler step/update, rt.step += 1
+    rt.optimizer.zero_grad()
     if rt.scheduler is not None:
         rt.scheduler.step()
-    rt.step += 1
     return loss.item()
 
 
