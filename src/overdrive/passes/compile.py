@@ -60,6 +60,39 @@ def targets(graph: ModuleGraph, cfg: Compile) -> tuple[list[str], list[str]]:
     return blocks, notes
 
 
+# --------------------------------------------------------------------------- in place
+
+
+def _forward_in_skipfiles(module: nn.Module) -> bool:
+    """True for modules whose code dynamo will not trace as a top frame (torch.nn's own:
+    Sequential, TransformerEncoderLayer…): ``module.compile()`` alone would silently run
+    them eagerly."""
+    from torch._dynamo import trace_rules
+
+    try:
+        return bool(trace_rules.check(module.forward))
+    except Exception:  # noqa: BLE001 - private API; assume traceable
+        return False
+
+
+def _traceable_call(module: nn.Module):
+    call = module._call_impl
+
+    def overdrive_compiled_call(*args: Any, **kwargs: Any) -> Any:
+        return call(*args, **kwargs)
+
+    return overdrive_compiled_call
+
+
+def compile_in_place(module: nn.Module, **kwargs: Any) -> None:
+    """``module.compile(**kwargs)``: same object, class, hooks and keys. torch.nn's own
+    modules get a traceable entry frame (what ``torch.compile(module)`` does for them)."""
+    if _forward_in_skipfiles(module):
+        module._compiled_call_impl = torch.compile(_traceable_call(module), **kwargs)
+    else:
+        module.compile(**kwargs)
+
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -163,9 +196,9 @@ class CompilePass(Pass):
         rec = self._record(graph, plan)
         kwargs = compile_kwargs(plan.compile)
         for name in rec.details["compiled_modules"]:
-            module = model if name == "" else graph.module(name)
-            module.compile(**kwargs)
+            compile_in_place(model if name == "" else graph.module(name), **kwargs)
         return rec
 
 
-__all__ = ["CompilePass", "compile_kwargs", "targets", "check_compile", "available_backends"]
+__all__ = ["CompilePass", "compile_kwargs", "targets", "check_compile", "available_backends",
+           "compile_in_place"]
