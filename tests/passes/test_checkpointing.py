@@ -136,8 +136,9 @@ def test_budget_checkpoints_the_fewest_blocks_that_fit():
     assert rec.details["estimated_activation_bytes"] <= budget
     # measured on the checkpointed model: what autograd really keeps fits the budget
     assert trace_model(model, x, backward=False).activation_bytes <= budget
-    # and a budget the un-checkpointed model already fits needs no block at all
-    roomy = od.inspect(tiny(n_layers=4), _budget_plan(trace.activation_bytes))
+    # a budget the un-checkpointed model already fits needs no block (plan from YAML/JSON)
+    roomy = od.inspect(tiny(n_layers=4), {"checkpointing": {
+        "mode": "budget", "budget_bytes": trace.activation_bytes, "budget_input_shape": [2, 16]}})
     assert roomy["checkpointing"].modules == []
 
 

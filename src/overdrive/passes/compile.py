@@ -52,7 +52,7 @@ def targets(graph: ModuleGraph, cfg: Compile) -> tuple[list[str], list[str]]:
     if not blocks:
         return [""], ["regional: no repeated blocks found; fell back to compiling the whole "
                       "model (set Plan.blocks to choose the regions)"]
-    leftovers = [n for n in graph.non_block_leaves()]
+    leftovers = graph.non_block_leaves()
     notes = [f"regional: {len(blocks)} blocks compiled in place; identical blocks share one "
              "compiled graph"]
     if leftovers:
@@ -183,11 +183,8 @@ class CompilePass(Pass):
         names, notes = targets(graph, plan.compile)
         fell_back = plan.compile.mode == "regional" and names == [""]
         details = {"mode": "full" if fell_back else plan.compile.mode,
-                   "requested_mode": plan.compile.mode, "backend": str(plan.compile.backend),
-                   "compiled_modules": names}
-        rec = self.record(modules=["<root>" if n == "" else n for n in names],
-                          notes=notes, details=details, **kw)
-        return rec
+                   "requested_mode": plan.compile.mode, "backend": str(plan.compile.backend)}
+        return self.record(modules=names, notes=notes, details=details, **kw)
 
     def preview(self, graph: ModuleGraph, plan: Plan, env: Any) -> PassRecord:
         return self._record(graph, plan, dry_run=True)
@@ -195,7 +192,7 @@ class CompilePass(Pass):
     def apply(self, model: nn.Module, graph: ModuleGraph, plan: Plan, env: Any) -> PassRecord:
         rec = self._record(graph, plan)
         kwargs = compile_kwargs(plan.compile)
-        for name in rec.details["compiled_modules"]:
+        for name in rec.modules:  # "" is the root
             compile_in_place(model if name == "" else graph.module(name), **kwargs)
         return rec
 
