@@ -182,7 +182,10 @@ def test_inspect_previews_without_touching():
 
 
 def test_composes_with_compile_and_trains():
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     model = tiny(n_layers=2, dropout=0.1)
     plan = od.Plan(checkpointing=od.Checkpointing(mode="selective"),
                    compile=od.Compile(backend="eager"))
@@ -197,4 +200,5 @@ def test_composes_with_compile_and_trains():
         rt.optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5
+    assert counters["stats"]["unique_graphs"] == 1  # checkpointed blocks still share a graph
     torch._dynamo.reset()
