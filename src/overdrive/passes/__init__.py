@@ -6,6 +6,8 @@ from . import casting  # noqa: F401
 from . import fp8  # noqa: F401
 from . import tensor_parallel  # noqa: F401
 from . import context_parallel  # noqa: F401
+from . import checkpointing  # noqa: F401
+from . import compile  # noqa: F401
 from . import mixed_precision  # noqa: F401
 from . import fsdp  # noqa: F401
 from . import ddp  # noqa: F401

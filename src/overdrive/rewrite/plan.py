@@ -51,6 +51,8 @@ class Checkpointing:
     mode: str = "full"  # "full" | "every" | "selective" | "budget"
     every: int = 2
     budget_bytes: int | None = None
+    # mode="budget" traces activation memory on meta: the (batch, seq_len) of the token ids
+    budget_input_shape: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,188 @@
+"""Cold start and steady-state step of regional vs full vs per-block vs Accelerate compile.
+
+Every variant runs in its own fresh Python process with its own empty inductor cache
+directory, so no compiled artefact leaks from one variant to the next:
+
+  eager       no compile
+  full        overdrive Compile(mode="full")     (model.compile() on the root, in place)
+  regional    overdrive Compile(mode="regional") (block.compile() on each block, in place)
+  per_block   the hand-written loop: for layer in model.layers: layer.compile()
+  accelerate  Hugging Face Accelerate's compile_regions(model)
+
+cold = wall time of the first forward+backward (where the compile happens), including the
+setup call; steady = median step (forward, backward, AdamW step) over --rounds after
+--warmup steps. Prints one JSON object and writes benchmarks/results/compile_time.json.
+
+    python benchmarks/compile_time.py                 # 4 and 12 blocks, all variants
+    python benchmarks/compile_time.py --quick --blocks 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "compile_time.json"
+VARIANTS = ("eager", "full", "regional", "per_block", "accelerate")
+QUICK_VARIANTS = ("eager", "full", "regional", "per_block")
+MODEL = dict(vocab_size=2048, dim=256, n_heads=8, n_kv_heads=4, max_seq_len=256)
+BATCH, SEQ = 4, 128
+
+
+# --------------------------------------------------------------------------- child
+
+
+def _import_for(variant: str):
+    """Import what ``variant`` needs before the clock starts (imports are not compiles)."""
+    if variant in ("full", "regional"):
+        import overdrive
+
+        return overdrive
+    if variant == "accelerate":
+        from accelerate.utils import compile_regions
+
+        return compile_regions
+    return None
+
+
+def _setup(variant: str, model, lib):
+    """Apply ``variant``'s compile to ``model``; returns the module to call."""
+    if variant == "eager":
+        return model
+    if variant in ("full", "regional"):
+        lib.accelerate(model, lib.Plan(compile=lib.Compile(mode=variant)))
+        return model
+    if variant == "per_block":
+        for layer in model.layers:
+            layer.compile()
+        return model
+    if variant == "accelerate":
+        return lib(model)  # compile_regions
+    raise SystemExit(f"unknown variant {variant!r}")
+
+
+def child(variant: str, n_layers: int, warmup: int, rounds: int) -> dict:
+    import torch
+    from torch._dynamo.utils import counters
+
+    from overdrive.models.llama import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(n_layers=n_layers, **MODEL))
+    model.init_weights(seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, MODEL["vocab_size"], (BATCH, SEQ))
+
+    def step(m):
+        loss = m(x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    try:
+        lib = _import_for(variant)
+    except ImportError as err:
+        return {"variant": variant, "blocks": n_layers, "error": f"import failed: {err}"}
+    t0 = time.perf_counter()
+    m = _setup(variant, model, lib)
+    setup_s = time.perf_counter() - t0
+    step(m)
+    cold_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        step(m)
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        step(m)
+        times.append(time.perf_counter() - t)
+    return {"variant": variant, "blocks": n_layers, "setup_s": round(setup_s, 4),
+            "cold_s": round(cold_s, 3), "steady_s": round(statistics.median(times), 5),
+            "graphs": int(counters["stats"]["unique_graphs"]),
+            "frames": int(counters["frames"]["ok"]), "threads": torch.get_num_threads()}
+
+
+# --------------------------------------------------------------------------- parent
+
+
+def run_variant(variant: str, n_layers: int, warmup: int, rounds: int,
+                threads: int | None = None) -> dict:
+    with tempfile.TemporaryDirectory(prefix=f"inductor-{variant}-") as cache:
+        env = dict(os.environ)
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        env["TORCHINDUCTOR_CACHE_DIR"] = cache
+        env["TRITON_CACHE_DIR"] = os.path.join(cache, "triton")
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(ROOT / "src")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        cmd = [sys.executable, __file__, "--child", variant, "--n-layers", str(n_layers),
+               "--warmup", str(warmup), "--rounds", str(rounds)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"variant": variant, "blocks": n_layers,
+                "error": f"exit {proc.returncode}: {proc.stderr.strip()[-600:]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _ratio(rows: dict, a: str, b: str, key: str) -> float | None:
+    ra, rb = rows.get(a, {}), rows.get(b, {})
+    if key not in ra or key not in rb or not rb[key]:
+        return None
+    return round(ra[key] / rb[key], 3)
+
+
+def ratios(rows: dict) -> dict:
+    return {
+        "cold_regional_over_per_block": _ratio(rows, "regional", "per_block", "cold_s"),
+        "cold_regional_over_accelerate": _ratio(rows, "regional", "accelerate", "cold_s"),
+        "cold_regional_over_full": _ratio(rows, "regional", "full", "cold_s"),
+        "steady_regional_over_full": _ratio(rows, "regional", "full", "steady_s"),
+        "steady_regional_over_eager": _ratio(rows, "regional", "eager", "steady_s"),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--blocks", type=int, nargs="+", default=[4, 12])
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=None)
+    ap.add_argument("--quick", action="store_true",
+                    help="fewer variants (no accelerate) and rounds")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="OMP_NUM_THREADS for every variant (default: torch's choice)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--n-layers", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    rounds = args.rounds if args.rounds is not None else (3 if args.quick else 10)
+    if args.child:
+        print(json.dumps(child(args.child, args.n_layers, warmup, rounds)))
+        return
+
+    variants = args.variants or (QUICK_VARIANTS if args.quick else VARIANTS)
+    results = {"benchmark": "compile_time", "model": {**MODEL, "batch": BATCH, "seq": SEQ},
+               "quick": args.quick, "warmup": warmup, "rounds": rounds,
+               "cpu_count": os.cpu_count(), "loadavg_1min_at_start": os.getloadavg()[0],
+               "by_blocks": {}}
+    for n in args.blocks:
+        rows = {}
+        for v in variants:
+            rows[v] = run_variant(v, n, warmup, rounds, args.threads)
+            print(f"# {n} blocks {v}: {rows[v]}", file=sys.stderr, flush=True)
+        results["by_blocks"][str(n)] = {"variants": rows, "ratios": ratios(rows)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""Activation checkpointing of the repeated blocks, applied in place.
+
+Each chosen block keeps its object, class and parameter names: its ``forward`` is
+replaced on the instance by one shared function that runs the original forward under
+``torch.utils.checkpoint.checkpoint`` (non-reentrant, RNG state preserved, so dropout
+masks are replayed exactly). No ``_checkpoint_wrapped_module.`` appears in any key, and
+because every block's new ``forward`` is the same function, identical blocks still share
+one compiled graph when the compile pass runs next.
+
+Modes:
+  full       every block
+  every      every N-th block (``every=2``: blocks 2, 4, … counting from 1)
+  selective  every block, op-level: matmul / attention outputs are saved, everything
+             else (norms, activations, RoPE, residual adds) is recomputed
+  budget     the fewest blocks so the traced activation memory fits ``budget_bytes``
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
+                                    create_selective_checkpoint_contexts)
+
+from ..errors import PlanError
+from ..rewrite.graph import ModuleGraph
+from ..rewrite.manager import Pass, register_pass
+from ..rewrite.plan import Plan
+from ..rewrite.report import PassRecord
+from ..rewrite.trace import trace_model
+
+_MARK = "_overdrive_checkpointed"
+_INNER = "_overdrive_inner_forward"  # an instance-level forward that was there before us
+
+# ops whose outputs selective checkpointing keeps: the expensive ones
+_ATEN = torch.ops.aten
+SAVE_OPS = {
+    _ATEN.mm.default, _ATEN.addmm.default, _ATEN.bmm.default, _ATEN.baddbmm.default,
+    _ATEN.linear.default, _ATEN.convolution.default,
+    _ATEN._scaled_mm.default,
+} | {getattr(_ATEN, name).default for name in (
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_fused_attention_overrideable") if hasattr(_ATEN, name)}
+
+
+# --------------------------------------------------------------------------- in-place wrap
+
+
+def _save_matmuls(ctx, func, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if func in SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():
+    return create_selective_checkpoint_contexts(_save_matmuls)
+
+
+def _original_forward(module: nn.Module):
+    inner = module.__dict__.get(_INNER)
+    return inner if inner is not None else type(module).forward.__get__(module)
+
+
+def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return checkpoint(_original_forward(self), *args, use_reentrant=False,
+                      preserve_rng_state=True, **kwargs)
+
+
+def _selective_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return checkpoint(_original_forward(self), *args, use_reentrant=False,
+                      preserve_rng_state=True, context_fn=_selective_context, **kwargs)
+
+
+def checkpoint_block(module: nn.Module, selective: bool = False) -> None:
+    """Make ``module`` recompute its activations in backward; same object, same keys."""
+    if "forward" in module.__dict__:
+        module.__dict__[_INNER] = module.__dict__["forward"]
+    fn = _selective_forward if selective else _checkpointed_forward
+    module.forward = types.MethodType(fn, module)
+    setattr(module, _MARK, "selective" if selective else "full")
+
+
+def is_checkpointed(module: nn.Module) -> bool:
+    return _MARK in module.__dict__
+
+
+# --------------------------------------------------------------------------- budget
+
+
+def _example_inputs(plan: Plan, env: Any) -> Any:
+    extras = getattr(env, "extras", None) or {}
+    if extras.get("example_inputs") is not None:
+        return extras["example_inputs"]
+    shape = plan.checkpointing.budget_input_shape
+    if shape is not None:
+        return torch.zeros(tuple(shape), dtype=torch.long)  # token ids
+    raise PlanError(
+        "checkpointing.mode='budget' needs to know the input size to trace activation memory: "
+        "set checkpointing.budget_input_shape=(batch, seq_len) (integer token ids), or put "
+        "example inputs in env.extras['example_inputs'] / od.inspect(example_inputs=...)"
+    )
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _element_size(module: nn.Module) -> int:
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.element_size()
+    return 4
+
+
+def activation_estimate(total: int, blocks: list[str], acts: dict[str, int],
+                        kept: dict[str, int], chosen: list[str]) -> int:
+    """Peak saved-for-backward bytes when the ``chosen`` blocks are checkpointed.
+
+    A checkpointed block keeps only its input until backward reaches it, then holds its
+    recomputed activations while the blocks before it still hold theirs. Everything
+    outside the blocks (embeddings, head, loss) is counted as live the whole time."""
+    other = total - sum(acts.values())
+    stored = {b: kept[b] if b in chosen else acts[b] for b in blocks}
+    peak = other + sum(stored.values())  # end of forward
+    running = other
+    for b in blocks:  # backward reaches block b while blocks before it are still stored
+        if b in chosen:
+            peak = max(peak, running + kept[b] + acts[b])
+        running += stored[b]
+    return peak
+
+
+def choose_budget_blocks(graph: ModuleGraph, plan: Plan, env: Any) -> tuple[list[str], dict]:
+    """The fewest blocks (most saving first) whose checkpointing fits ``budget_bytes``."""
+    ac = plan.checkpointing
+    trace = trace_model(graph.model, _example_inputs(plan, env), backward=False)
+    blocks = [b for b in graph.blocks() if b in trace.modules]
+    acts = {b: trace[b].activation_bytes for b in blocks}
+    kept = {b: sum(_numel(s) for s in trace[b].output_shapes) * _element_size(graph.module(b))
+            for b in blocks}
+    order = sorted(blocks, key=lambda b: (-(acts[b] - kept[b]), blocks.index(b)))
+    facts = {"traced_activation_bytes": trace.activation_bytes, "budget_bytes": ac.budget_bytes}
+    for k in range(len(order) + 1):
+        chosen = order[:k]
+        estimate = activation_estimate(trace.activation_bytes, blocks, acts, kept, chosen)
+        if estimate <= ac.budget_bytes:
+            facts["estimated_activation_bytes"] = estimate
+            return sorted(chosen, key=blocks.index), facts
+    floor = activation_estimate(trace.activation_bytes, blocks, acts, kept, order)
+    raise PlanError(
+        f"checkpointing.budget_bytes={ac.budget_bytes} cannot be met: traced activations are "
+        f"{trace.activation_bytes} bytes and checkpointing all {len(blocks)} blocks still needs "
+        f"about {floor}; raise budget_bytes to >= {floor} or shrink the batch"
+    )
+
+
+# --------------------------------------------------------------------------- the pass
+
+
+def _every(blocks: list[str], n: int) -> list[str]:
+    return [b for i, b in enumerate(blocks, 1) if i % n == 0]
+
+
+@register_pass("checkpointing", after=("tensor_parallel", "context_parallel"), before=("compile",))
+class ActivationCheckpointing(Pass):
+    """Wrap the repeated blocks' forward in ``torch.utils.checkpoint`` (in place)."""
+
+    def __init__(self) -> None:
+        self._budget: tuple[list[str], dict] | None = None
+
+    def enabled(self, plan: Plan) -> bool:
+        return plan.checkpointing is not None
+
+    def check(self, graph: ModuleGraph, plan: Plan, env: Any) -> None:
+        ac = plan.checkpointing
+        blocks = graph.blocks()
+        if not blocks:
+            raise PlanError(
+                f"checkpointing: blocks: no repeated blocks found in "
+                f"{type(graph.model).__name__}; name them with Plan(blocks=('layers.*',)) "
+                "(qualified names or globs of the modules to checkpoint)"
+            )
+        if not isinstance(ac.every, int) or isinstance(ac.every, bool) or ac.every < 1:
+            raise PlanError(f"checkpointing.every={ac.every!r} is not valid; use an integer >= 1")
+        if ac.mode == "every" and ac.every > len(blocks):
+            raise PlanError(
+                f"checkpointing.every={ac.every} with mode='every' selects none of the "
+                f"{len(blocks)} blocks; use every <= {len(blocks)}"
+            )
+        shape = ac.budget_input_shape
+        if shape is not None and (isinstance(shape, (str, bytes)) or not all(
+                isinstance(s, int) and s > 0 for s in shape)):
+            raise PlanError(f"checkpointing.budget_input_shape={shape!r} is not valid; use a "
+                            "tuple of positive integers such as (8, 2048)")
+        done = [b for b in blocks if is_checkpointed(graph.module(b))]
+        if done:
+            raise PlanError(f"checkpointing: block {done[0]!r} is already checkpointed by "
+                            "overdrive; apply the plan to a fresh model")
+        if ac.mode == "budget":
+            self._budget = choose_budget_blocks(graph, plan, env)
+
+    def _selected(self, graph: ModuleGraph, plan: Plan, env: Any) -> tuple[list[str], dict]:
+        ac = plan.checkpointing
+        blocks = graph.blocks()
+        if ac.mode == "every":
+            return _every(blocks, ac.every), {"every": ac.every}
+        if ac.mode == "budget":
+            if self._budget is None:
+                self._budget = choose_budget_blocks(graph, plan, env)
+            return list(self._budget[0]), dict(self._budget[1])
+        return blocks, {}
+
+    def _record(self, graph: ModuleGraph, plan: Plan, env: Any, **kw: Any) -> PassRecord:
+        chosen, facts = self._selected(graph, plan, env)
+        mode = plan.checkpointing.mode
+        rec = self.record(modules=list(chosen), details={"mode": mode, **facts}, **kw)
+        blocks = graph.blocks()
+        rec.note(f"{mode}: {len(chosen)} of {len(blocks)} blocks checkpointed "
+                 "(non-reentrant, RNG state preserved)")
+        if mode == "selective":
+            rec.note("selective: matmul/attention outputs saved, other ops recomputed")
+        if mode == "budget":
+            rec.note(f"budget: traced activations {facts['traced_activation_bytes']} B → "
+                     f"about {facts['estimated_activation_bytes']} B "
+                     f"(budget {facts['budget_bytes']} B)")
+        return rec
+
+    def preview(self, graph: ModuleGraph, plan: Plan, env: Any) -> PassRecord:
+        return self._record(graph, plan, env, dry_run=True)
+
+    def apply(self, model: nn.Module, graph: ModuleGraph, plan: Plan, env: Any) -> PassRecord:
+        rec = self._record(graph, plan, env)
+        selective = plan.checkpointing.mode == "selective"
+        for name in rec.modules:
+            checkpoint_block(graph.module(name), selective=selective)
+        return rec
+
+
+__all__ = ["ActivationCheckpointing", "checkpoint_block", "is_checkpointed",
+           "choose_budget_blocks", "activation_estimate", "SAVE_OPS"]
