@@ -22,6 +22,7 @@ from .rewrite.manager import PassManager
 from .rewrite.plan import Plan, resolve_plan
 from .rewrite.report import Report
 from .rewrite.trace import meta_copy, trace_model
+from .runtime.grad import raw_optimizer
 from .runtime.runtime import Runtime
 from .runtime.state import make_env
 
@@ -60,7 +61,10 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
     opt = env.extras.get("optimizer")  # an engine (DeepSpeed) may have built it
     if opt is None and env.optimizer_factory is not None:
         opt = env.optimizer_factory(model)
-    sched = scheduler(opt) if callable(scheduler) and not _is_scheduler(scheduler) else scheduler
+    sched = scheduler
+    if callable(scheduler) and not _is_scheduler(scheduler):
+        # torch schedulers need a torch optimizer: under DeepSpeed, the one ZeRO steps
+        sched = scheduler(raw_optimizer(opt))
     report = Report(records, model=model_name, plan=plan.to_dict(),
                     blocks=graph.blocks())
     rt = Runtime(model, plan=plan, report=report, env=env, optimizer=opt, scheduler=sched)

@@ -48,6 +48,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
 
 from ..errors import CheckpointCorrupt, CheckpointMismatch
 from . import checkpoint_files as cf
+from .grad import raw_optimizer
 
 log = logging.getLogger("overdrive")
 
@@ -103,13 +104,6 @@ def _all_gather(obj: Any, group) -> list[Any]:
 
 
 # --------------------------------------------------------------------------- state trees
-
-
-def raw_optimizer(opt: Any):
-    """The torch optimizer under a wrapper (``wrapper.optimizer``), or ``opt`` itself."""
-    while opt is not None and not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
-        opt = opt.optimizer
-    return opt
 
 
 def split(tree: Any) -> tuple[Any, Any]:

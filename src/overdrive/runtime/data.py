@@ -69,6 +69,11 @@ class ShardedLoader:
         self.drop_last = self._drop_last(loader)
         self.epoch, self.position, self._skip = 0, 0, 0
         self.seed = self._agree_on_seed(loader)
+        # DataLoader draws its workers' base seed from the *global* torch RNG at every
+        # iter() unless it has a generator: a resumed run would draw at a different point
+        # and shift every later random number (dropout). Our own, seeded per epoch, keeps
+        # the global stream untouched and worker seeds reproducible.
+        self._iter_gen = torch.Generator() if loader.generator is None else None
         self.sampler = None
         self.loader = self._rebuild(loader)
         # the batch being consumed: its row count, real rows, and whether it is the last
@@ -107,6 +112,8 @@ class ShardedLoader:
             kw.pop("prefetch_factor", None), kw.pop("persistent_workers", None)
         if self.device is not None and self.device.type == "cuda":
             kw["pin_memory"] = True
+        if self._iter_gen is not None:
+            kw["generator"] = self._iter_gen
         return kw
 
     def _rebuild(self, loader: DataLoader) -> DataLoader | None:
@@ -144,6 +151,8 @@ class ShardedLoader:
             self.epoch, self._skip = epoch, 0
 
     def _apply_epoch(self) -> None:
+        if self._iter_gen is not None:
+            self._iter_gen.manual_seed(self.seed * 100_003 + self.epoch)
         for obj in (self.sampler, getattr(self.sampler, "sampler", None), self.base.dataset):
             if obj is not None and hasattr(obj, "set_epoch"):
                 obj.set_epoch(self.epoch)

@@ -168,6 +168,17 @@ class Scheduler:
         return getattr(self.scheduler, name)
 
 
+def raw_optimizer(opt: Any):
+    """The torch optimizer under any wrapper: ``rt.optimizer`` (which subclasses
+    ``torch.optim.Optimizer`` for isinstance checks) or an engine's optimizer such as
+    DeepSpeed's ZeRO optimizer, which keeps the torch one as ``.optimizer``."""
+    while isinstance(opt, Optimizer) or (
+            opt is not None and not isinstance(opt, torch.optim.Optimizer)
+            and isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer)):
+        opt = opt.optimizer
+    return opt
+
+
 # --------------------------------------------------------------------------- clipping
 
 

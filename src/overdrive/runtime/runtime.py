@@ -198,18 +198,17 @@ class Runtime:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The full, unwrapped model state with the original model's keys.
 
-        Sharded (DTensor) parameters are gathered; every rank must call this together.
-        Tensors are on the CPU.
+        Sharded (DTensor) parameters are gathered one by one, so every rank gets the full
+        state; every rank must call this together. Tensors are on the CPU.
         """
-        if _has_dtensor(self.model):
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                                  get_model_state_dict)
+        from torch.distributed.tensor import DTensor
 
-            sd = get_model_state_dict(
-                self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        else:
-            sd = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        return {clean_key(k): v for k, v in sd.items()}
+        out = {}
+        for key, value in self.model.state_dict().items():
+            if isinstance(value, DTensor):  # one full tensor at a time on the device
+                value = value.full_tensor()
+            out[clean_key(key)] = value.detach().cpu()
+        return out
 
     def unwrap(self) -> nn.Module:
         """The model as the user built it (passes act in place, so this is ``rt.model``)."""
