@@ -84,9 +84,8 @@ def main() -> None:
     data = CountingTokens(n=4096, seq_len=args.seq_len, vocab=128, seed=args.seed)
     loader = rt.shard(DataLoader(data, batch_size=args.batch_size, shuffle=True, drop_last=True))
 
-    # rt.save / rt.load come with the checkpointing helper; without it the flags are no-ops.
     ckpt = latest_checkpoint(args.out) if args.resume else None
-    if ckpt is not None and hasattr(rt, "load"):
+    if ckpt is not None:
         rt.load(ckpt)  # after rt.shard: the loader's position is restored too
         rt.print(f"resumed from {ckpt} at step {rt.step}")
 
@@ -104,8 +103,7 @@ def main() -> None:
                 continue
             mean_loss = rt.reduce(loss.detach(), "mean").item()
             rt.print(f"step {rt.step} loss {mean_loss:.4f} grad_norm {float(norm):.3f}")
-            if args.out and args.save_every and rt.step % args.save_every == 0 \
-                    and hasattr(rt, "save"):
+            if args.out and args.save_every and rt.step % args.save_every == 0:
                 rt.save(os.path.join(args.out, f"step-{rt.step}"))
             if rt.step >= args.steps:
                 break

@@ -13,7 +13,6 @@ import torch
 
 import overdrive as od
 from overdrive.models.llama import tiny
-from overdrive.rewrite.manager import registered_passes
 from overdrive.rewrite.report import Report
 from overdrive.runtime.runtime import Runtime
 from overdrive.runtime.state import Env, ensure_process_group
@@ -80,8 +79,3 @@ def allreduce_grads(model) -> None:
             dist.all_reduce(p.grad)
             p.grad /= dist.get_world_size()
 
-
-def needs_pass(name: str):
-    import pytest
-
-    return pytest.mark.skipif(name not in registered_passes(), reason=f"needs the {name} pass")

@@ -2,7 +2,6 @@
 
 import pytest
 
-from ckpt_util import needs_pass
 import subprocess
 import sys
 
@@ -46,26 +45,20 @@ def test_exact_resume_two_ranks_replicated(tmp_path):
 
 
 @pytest.mark.dist
-@needs_pass("ddp")
 def test_exact_resume_ddp(tmp_path):
     _check_resume(tmp_path, "ddp", 2)
 
 
 @pytest.mark.dist
-@needs_pass("fsdp")
 def test_exact_resume_fsdp(tmp_path):
     _check_resume(tmp_path, "fsdp", 2)
 
 
 @pytest.mark.dist
 def test_exact_resume_fp16_scaling(tmp_path):
-    from overdrive.runtime.runtime import Runtime
-    if not hasattr(Runtime, "shard"):
-        pytest.skip("needs rt.shard (runtime data helpers)")
     _check_resume(tmp_path, "fp16", 1)
 
 
 @pytest.mark.dist
-@needs_pass("deepspeed")
 def test_exact_resume_deepspeed(tmp_path):
     _check_resume(tmp_path, "deepspeed", 2)

@@ -14,15 +14,8 @@ from overdrive.models.llama import tiny
 from overdrive.passes.checkpointing import activation_estimate, is_checkpointed
 from overdrive.rewrite.trace import trace_model
 from tests.helpers import assert_untouched, snapshot
-from tests.passes.placeholders import missing_passes_stubbed
 
 BATCH = (2, 16)
-
-
-@pytest.fixture(autouse=True)
-def _ordering():
-    with missing_passes_stubbed():
-        yield
 
 
 def _batch(seed: int = 1) -> torch.Tensor:

@@ -13,7 +13,6 @@ from torch._dynamo.utils import counters
 import overdrive as od
 from overdrive.models.llama import tiny
 from tests.helpers import assert_untouched, snapshot
-from tests.passes.placeholders import missing_passes_stubbed
 
 RECORDER = "overdrive_test_recorder"
 
@@ -46,8 +45,7 @@ def _fresh_dynamo():
     counters.clear()
     _recorder.graphs.clear()
     _recorder.calls = 0
-    with missing_passes_stubbed():
-        yield
+    yield
     torch._dynamo.reset()
 
 

@@ -8,12 +8,7 @@ import torch
 
 import overdrive as od
 from overdrive.models.llama import tiny
-from overdrive.rewrite.manager import registered_passes
 from overdrive.rewrite.plan import Plan
-
-pytestmark = pytest.mark.skipif(
-    not {"checkpointing", "compile"} <= set(registered_passes()),
-    reason="needs checkpointing/compile passes")
 
 
 @pytest.mark.parametrize("mixed_precision", ["no", "bf16"])

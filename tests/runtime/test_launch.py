@@ -74,12 +74,6 @@ def test_a_raising_rank_ends_the_job_promptly_and_is_named(tmp_path):
 
 @pytest.mark.dist
 def test_example_trains_on_two_processes(tmp_path):
-    from overdrive.rewrite.manager import registered_passes
-
-    import overdrive  # noqa: F401  (registers the built-in passes)
-
-    if "ddp" not in registered_passes():
-        pytest.skip("needs the ddp pass")
     proc = subprocess.run([sys.executable, "-m", "overdrive.cli", "launch", "--nproc", "2",
                            str(ROOT / "examples" / "train_llm.py"), "--steps", "3"],
                           env=child_env(), capture_output=True, text=True, timeout=300,

@@ -11,9 +11,7 @@ import overdrive as od
 from overdrive.passes.context_parallel import balanced_positions, shard_sequence
 from tests.helpers import assert_untouched, snapshot
 from tests.tp_cp.common import hf_llama, llama
-from tests.tp_cp.neighbours import ensure_neighbour_passes
 
-ensure_neighbour_passes()
 
 
 def cp(n: int) -> od.Plan:

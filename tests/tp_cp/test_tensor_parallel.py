@@ -11,9 +11,7 @@ from overdrive.passes.tensor_parallel import head_counts, make_style, resolve_tp
 from overdrive.rewrite.graph import ModuleGraph
 from tests.helpers import assert_untouched, snapshot
 from tests.tp_cp.common import hf_llama, llama
-from tests.tp_cp.neighbours import ensure_neighbour_passes
 
-ensure_neighbour_passes()
 
 
 def tp(n: int, **kw) -> od.Plan:

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from overdrive.rewrite.manager import registered_passes
 from tests.helpers import read_json, run_torchrun
 from tests.tp_cp.common import (batches, fp8_llama, hf_llama, llama, stored_heads_llama,
                                    train)
@@ -110,10 +109,6 @@ def test_tp_2_by_cp_2_four_ranks(tmp_path):
     assert_curve(read_json(out)["tp_cp"]["losses"], reference(llama))
 
 
-needs_fsdp = pytest.mark.skipif("fsdp" not in registered_passes(), reason="needs the fsdp pass")
-
-
-@needs_fsdp
 def test_fsdp_tp_two_ranks(tmp_path):
     out = tmp_path / "out.json"
     run_torchrun(WORKER, 2, str(out), "fsdp_tp", "fsdp_tp_hf", tmp_path=tmp_path)
@@ -122,7 +117,6 @@ def test_fsdp_tp_two_ranks(tmp_path):
     assert_curve(res["fsdp_tp_hf"]["losses"], reference(hf_llama, vocab=128))
 
 
-@needs_fsdp
 def test_2d_dp_shard_2_tp_2_four_ranks(tmp_path):
     out = tmp_path / "out.json"
     run_torchrun(WORKER, 4, str(out), "fsdp_tp", tmp_path=tmp_path)

@@ -14,9 +14,7 @@ import torch.distributed as dist
 import overdrive as od
 from overdrive.passes.context_parallel import ContextParallelAttention, balanced_positions
 from tests.tp_cp.common import LR, batches, fp8_llama, hf_llama, llama, stored_heads_llama
-from tests.tp_cp.neighbours import ensure_neighbour_passes
 
-ensure_neighbour_passes()
 
 
 def sgd(params):
