@@ -6,8 +6,9 @@ import platform
 import sys
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "src"))
 
 
 def machine() -> dict:
@@ -20,10 +21,11 @@ def machine() -> dict:
     return info
 
 
-def emit(name: str, result: dict) -> None:
-    """Print one JSON object and write it to benchmarks/results/<name>.json."""
+def emit(name: str, result: dict, out: Path | None = None) -> None:
+    """Print one JSON object and write it to ``out`` (default benchmarks/results/<name>.json)."""
     result = {"machine": machine(), **result}
     text = json.dumps(result, indent=2, default=str)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(text + "\n")
+    out = Path(out) if out is not None else RESULTS / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
     print(text)
