@@ -1,4 +1,11 @@
-"""Shared by the benchmark scripts: machine description and JSON output."""
+"""Shared by the benchmark scripts: machine description, device, throughput, JSON output.
+
+Every script prints one JSON object and writes it to benchmarks/results/<name>.json with
+a ``targets`` list — ``{"name", "value", "target", "met"}`` rows — that
+``benchmarks/report.py`` turns into the table of benchmarks/README.md.
+"""
+
+from __future__ import annotations
 
 import json
 import os
@@ -9,6 +16,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "src"))
+
+# Dense peak TFLOP/s by GPU name fragment and dtype (vendor datasheets, SXM parts).
+PEAK_TFLOPS = {
+    "H200": {"bf16": 989.0, "fp8": 1979.0},
+    "H100": {"bf16": 989.0, "fp8": 1979.0},
+    "B200": {"bf16": 2250.0, "fp8": 4500.0},
+    "A100": {"bf16": 312.0},
+    "L40S": {"bf16": 362.0, "fp8": 733.0},
+    "L4": {"bf16": 121.0, "fp8": 242.0},
+}
 
 
 def machine() -> dict:
@@ -21,9 +38,63 @@ def machine() -> dict:
     return info
 
 
+def device():
+    """The benchmark's device: the first GPU when there is one, else the CPU."""
+    import torch
+
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def synchronize(dev) -> None:
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def peak_flops(dev, dtype: str = "bf16") -> float | None:
+    """The device's dense peak FLOP/s for ``dtype``, or None (CPUs, unknown GPUs)."""
+    import torch
+
+    if dev.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(dev)
+    for fragment, peaks in PEAK_TFLOPS.items():
+        if fragment in name and dtype in peaks:
+            return peaks[dtype] * 1e12
+    return None
+
+
+def step_flops(model, example_inputs) -> int:
+    """Forward + backward FLOPs of one step, from overdrive's meta-device trace."""
+    from overdrive.rewrite.trace import trace_model
+
+    trace = trace_model(model, example_inputs)
+    return trace.forward_flops + trace.backward_flops
+
+
+def throughput(tokens: int, seconds: float, flops: int | None, dev,
+               dtype: str = "bf16") -> dict:
+    """tokens/s, achieved TFLOP/s and MFU (None where the device's peak is unknown)."""
+    peak = peak_flops(dev, dtype)
+    achieved = flops / seconds if flops and seconds else None
+    return {"tokens_per_s": round(tokens / seconds, 1) if seconds else None,
+            "tflops": round(achieved / 1e12, 3) if achieved else None,
+            "mfu": round(achieved / peak, 4) if achieved and peak else None}
+
+
+def target(name: str, value: float | None, limit: float | None, op: str = "<=") -> dict:
+    """One row of a result's ``targets``: ``value op limit`` (None: could not be measured)."""
+    checks = {"<=": lambda a, b: a <= b, "<": lambda a, b: a < b,
+              ">=": lambda a, b: a >= b, ">": lambda a, b: a > b}
+    met = None if value is None or limit is None else bool(checks[op](value, limit))
+    return {"name": name, "value": None if value is None else round(float(value), 4),
+            "target": f"{op} {limit}", "met": met}
+
+
 def emit(name: str, result: dict, out: Path | None = None) -> None:
     """Print one JSON object and write it to ``out`` (default benchmarks/results/<name>.json)."""
-    result = {"machine": machine(), **result}
+    result = {"benchmark": name, "machine": machine(), **result}
     text = json.dumps(result, indent=2, default=str)
     out = Path(out) if out is not None else RESULTS / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

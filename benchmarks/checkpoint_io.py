@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -28,11 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT / "src"))
-
-import torch  # noqa: E402
+import torch
+from _common import ROOT, emit, target
 
 
 def build_model():
@@ -206,23 +202,22 @@ def main() -> None:
         multi = multi_rank(rounds, base)
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    rt_ratio = single["rows"]["rt.save/rt.load"]["save+load_vs_safetensors"]
-    result = {
-        "benchmark": "checkpoint_io", "rounds": rounds,
-        "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "cores": os.cpu_count()},
-        "single_process": single, "multi_rank_rt_save": multi,
-        "targets": {"rt_save_load_vs_safetensors_max": 1.5, "rt_ratio": rt_ratio,
-                    "rt_within_target": rt_ratio <= 1.5,
-                    "two_rank_faster": multi.get("speedup_2_vs_1", 0) > 1.0},
+    rows = single["rows"]
+    targets = [target("rt.save+rt.load / safetensors save+load (1 process)",
+                      rows["rt.save/rt.load"]["save+load_vs_safetensors"], 1.5)]
+    targets += [target(f"{k} save+load / safetensors' (reference, no target)",
+                       r["save+load_vs_safetensors"], None)
+                for k, r in rows.items() if k not in ("rt.save/rt.load", "safetensors")
+                and "save+load_vs_safetensors" in r]
+    targets.append(target("rt.save speedup, 2 ranks vs 1", multi.get("speedup_2_vs_1"), 1.0,
+                          ">"))
+    emit("checkpoint_io", {
+        "rounds": rounds, "single_process": single, "multi_rank_rt_save": multi,
+        "targets": targets,
         "notes": "weights only (no optimizer) so every variant writes the same bytes; "
                  "saves timed to disk (os.sync), loads mostly from the page cache; "
                  "the machine's CPUs and disk are shared, expect noise",
-    }
-    text = json.dumps(result, indent=2)
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "checkpoint_io.json").write_text(text + "\n")
-    print(text)
+    })
 
 
 if __name__ == "__main__":

@@ -18,8 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "memory.json"
+from _common import ROOT, emit, target
 
 
 def local_bytes(t) -> int:
@@ -84,31 +83,37 @@ def launch(nproc: int, args) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--worker", action="store_true")
-    ap.add_argument("--out")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=1024)
+    ap.add_argument("--quick", action="store_true", help="1 and 2 ranks only")
     args = ap.parse_args()
     if args.worker:
         return worker(args)
-    runs = [launch(n, args) for n in args.ranks]
+    ranks = [1, 2] if args.quick else args.ranks
+    runs = [launch(n, args) for n in ranks]
     baseline = sum(runs[0]["measured_max_rank"].values())
-    result = {
-        "benchmark": "memory",
+    per_rank = {r["world_size"]: sum(r["measured_max_rank"].values()) / baseline for r in runs}
+    targets = []
+    for r in runs:
+        n = r["world_size"]
+        # the model has no unsharded leftovers: every parameter is in an FSDP unit
+        targets.append(target(f"largest rank's bytes × {n} / 1 rank's ({n} ranks)",
+                              per_rank[n] * n, 1.05))
+        targets.append(target(f"|inspect estimate - measured| / measured ({n} ranks)",
+                              max(abs(e) for e in r["error"].values()), 0.10))
+    emit("memory", {
         "plan": "fsdp",
         "model": {"layers": args.layers, "dim": args.dim, "vocab": args.vocab},
         "optimizer": "AdamW",
         "runs": runs,
-        "per_rank_total_vs_first": {r["world_size"]: sum(r["measured_max_rank"].values())
-                                    / baseline for r in runs},
-        "max_estimate_error": max(abs(e) for r in runs for e in r["error"].values()),
-    }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result))
+        "per_rank_total_vs_first": per_rank,
+        "targets": targets,
+    })
 
 
 if __name__ == "__main__":
