@@ -255,22 +255,34 @@ def test_hook(stage: str) -> None:
 
 # --------------------------------------------------------------------------- safe DCP reading
 
-_ALLOWED_GLOBALS = {
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+_ALLOWED_GLOBALS = frozenset({
+    (_DCP_METADATA, "Metadata"), (_DCP_METADATA, "MetadataIndex"),
+    (_DCP_METADATA, "StorageMeta"), (_DCP_METADATA, "TensorStorageMetadata"),
+    (_DCP_METADATA, "BytesStorageMetadata"), (_DCP_METADATA, "ChunkStorageMetadata"),
+    (_DCP_METADATA, "TensorProperties"), (_DCP_METADATA, "_MEM_FORMAT_ENCODING"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
     ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
     ("builtins", "set"), ("builtins", "frozenset"),
-}
+})
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """Admits DCP's metadata dataclasses, torch dtypes/sizes/layouts, and nothing else."""
+    """Admits exactly DCP's metadata classes, torch dtypes/sizes/layouts, and nothing else.
+
+    Only whole (module, name) pairs from the list: a dotted name (pickle protocol 4 resolves
+    ``name`` attribute by attribute, so ``("torch.distributed.checkpoint.filesystem",
+    "os.system")`` would be ``os.system``) is never looked up.
+    """
 
     def find_class(self, module: str, name: str):
-        if module.startswith("torch.distributed.checkpoint") or (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
-                                                                          torch.memory_format)):
-            return getattr(torch, name)
+        if "." not in name:
+            if (module, name) in _ALLOWED_GLOBALS:
+                return super().find_class(module, name)
+            if module == "torch" and isinstance(getattr(torch, name, None),
+                                                (torch.dtype, torch.layout, torch.memory_format)):
+                return getattr(torch, name)
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in DCP metadata")
 
 
