@@ -55,7 +55,7 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
 
     # ---- nothing above this line mutates the model ----
     _place_model(model, plan, env)
-    model, records = manager.apply_all(model, graph, env)
+    records = manager.apply_all(model, graph, env)
     _enter_forward_contexts(model, env)
 
     opt = env.extras.get("optimizer")  # an engine (DeepSpeed) may have built it

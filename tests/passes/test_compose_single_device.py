@@ -39,3 +39,23 @@ def test_fp8_checkpointing_compile_train_together(mixed_precision):
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.85 * losses[0]
+
+
+def test_blocks_are_resolved_once_so_a_partial_fp8_swap_keeps_every_block():
+    """fp8 converting layers 0 and 2 only makes them differ structurally from 1 and 3;
+    the later passes must still act on all four blocks, as od.inspect previews."""
+    from overdrive.passes.checkpointing import is_checkpointed
+
+    plan = Plan(fp8=od.FP8(filter=r"layers\.[02]\."), checkpointing=od.Checkpointing(),
+                compile=od.Compile(backend="eager"))
+    blocks = [f"layers.{i}" for i in range(4)]
+    preview = od.inspect(tiny(4), plan)
+    assert preview["checkpointing"].modules == blocks and preview["compile"].modules == blocks
+    model = tiny(4)
+    rt = od.accelerate(model, plan)
+    assert rt.report.blocks == blocks
+    assert {n.split(".")[1] for n in rt.report["fp8"].modules} == {"0", "2"}
+    assert rt.report["checkpointing"].modules == blocks
+    assert rt.report["compile"].modules == blocks
+    assert all(is_checkpointed(model.layers[i]) for i in range(4))
+    assert all(model.layers[i]._compiled_call_impl is not None for i in range(4))

@@ -187,8 +187,16 @@ class PassManager:
             records.append(rec)
         return records
 
-    def apply_all(self, model: nn.Module, graph: ModuleGraph, env: Any) -> tuple[nn.Module, list[PassRecord]]:
-        """Apply in order. A pass may hand back a different root (``env.model``)."""
+    def apply_all(self, model: nn.Module, graph: ModuleGraph, env: Any) -> list[PassRecord]:
+        """Apply in order, in place on ``model``; one record per pass.
+
+        The blocks are resolved once, from the model as it was: a pass that converts
+        only some blocks (fp8 with a filter, casting) leaves them structurally different,
+        and re-detecting them would hand the later passes (checkpointing, compile, fsdp)
+        a subset. Each later pass sees a fresh graph of the transformed model with the
+        same blocks, as ``od.inspect`` previews them.
+        """
+        blocks = tuple(graph.blocks())
         records: list[PassRecord] = []
         for p in self.passes:
             before = _module_snapshot(model)
@@ -207,5 +215,5 @@ class PassManager:
             rec.bytes_before = bytes_before
             rec.bytes_after = parameter_bytes(model)
             records.append(rec)
-            graph = ModuleGraph(model, self.plan.blocks)
-        return model, records
+            graph = ModuleGraph(model, blocks)
+        return records
