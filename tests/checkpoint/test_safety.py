@@ -65,3 +65,70 @@ def test_other_names_of_dcp_modules_are_refused(tmp_path):
         blob = b"\x80\x04" + _str(module) + _str(name) + b"\x93."
         with pytest.raises(pickle.UnpicklingError, match="not allowed"):
             cf._MetadataUnpickler(io.BytesIO(blob)).load()
+
+
+def _repoint_index(ck, relative_path):
+    """Rewrite .metadata so every tensor of __0_0.distcp is read from ``relative_path``."""
+    import pickle
+
+    with open(ck / ".metadata", "rb") as f:
+        metadata = pickle.load(f)  # our own test file: plain pickle is fine here
+    for info in metadata.storage_data.values():
+        if info.relative_path == "__0_0.distcp":
+            info.relative_path = relative_path
+    with open(ck / ".metadata", "wb") as f:
+        pickle.dump(metadata, f)
+
+
+def test_index_pointing_outside_the_directory_is_refused(tmp_path):
+    rt, ck = _saved(tmp_path)
+    before = {k: v.clone() for k, v in rt.model.state_dict().items()}
+    (tmp_path / "outside.distcp").write_bytes((ck / "__0_0.distcp").read_bytes())
+    (ck / "__0_0.distcp").unlink()
+    _repoint_index(ck, "../outside.distcp")
+    manifest = json.loads((ck / cf.MANIFEST).read_text())
+    entry = manifest["files"].pop("__0_0.distcp")
+    (ck / cf.MANIFEST).write_text(json.dumps(manifest))
+    _fix_manifest(ck, ".metadata")
+    with pytest.raises(od.CheckpointCorrupt, match=r"'\.\./outside\.distcp', which is outside"):
+        rt.load(ck)
+    manifest = json.loads((ck / cf.MANIFEST).read_text())  # listing it does not help
+    manifest["files"]["../outside.distcp"] = entry
+    (ck / cf.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(od.CheckpointCorrupt, match=r"outside the checkpoint: '\.\./outside"):
+        rt.load(ck)
+    for k, v in rt.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_index_naming_a_file_not_in_the_manifest_is_refused(tmp_path):
+    rt, ck = _saved(tmp_path)
+    (ck / "extra.distcp").write_bytes((ck / "__0_0.distcp").read_bytes())
+    _repoint_index(ck, "extra.distcp")
+    _fix_manifest(ck, ".metadata")
+    with pytest.raises(od.CheckpointCorrupt, match=r"'extra\.distcp', which is not in .*manifest"):
+        rt.load(ck)
+
+
+def test_shard_symlinked_outside_is_refused(tmp_path):
+    rt, ck = _saved(tmp_path)
+    outside = tmp_path / "outside.distcp"
+    (ck / "__0_0.distcp").rename(outside)
+    (ck / "__0_0.distcp").symlink_to(outside)  # same bytes: size and crc32 still match
+    with pytest.raises(od.CheckpointCorrupt, match=r"'__0_0\.distcp', which is outside"):
+        rt.load(ck)
+
+
+def test_index_spanning_past_the_file_is_refused(tmp_path):
+    import pickle
+
+    rt, ck = _saved(tmp_path)
+    with open(ck / ".metadata", "rb") as f:
+        metadata = pickle.load(f)
+    info = next(iter(metadata.storage_data.values()))
+    info.length = 10**9
+    with open(ck / ".metadata", "wb") as f:
+        pickle.dump(metadata, f)
+    _fix_manifest(ck, ".metadata")
+    with pytest.raises(od.CheckpointCorrupt, match=r"spans bytes 0\+1000000000 of '__0_0\.distcp'"):
+        rt.load(ck)

@@ -309,12 +309,12 @@ def load(rt, path: str | Path, *, verify: bool = True) -> dict[str, Any]:
     rank, world = _world()
     path = Path(path).absolute()
     meta = cf.read_marker(path)
-    _verify(path, group, verify)
+    manifest = _verify(path, group, verify)
     replicated = cf.load_plain(path / "state.pt")
     if meta["kind"] == "deepspeed":
         _load_deepspeed(rt, path)
     else:
-        _load_dcp(rt, path, group, replicated["app"])
+        _load_dcp(rt, path, group, replicated["app"], manifest)
     _restore_replicated(rt, replicated)
     _restore_rank(rt, path, meta, rank)
     _barrier(group)
@@ -324,7 +324,7 @@ def load(rt, path: str | Path, *, verify: bool = True) -> dict[str, Any]:
     return meta
 
 
-def _verify(path: Path, group, crc: bool) -> None:
+def _verify(path: Path, group, crc: bool) -> dict[str, dict[str, int]]:
     rank, world = _world()
     manifest = cf.read_manifest(path)
     names = sorted(manifest)
@@ -332,10 +332,11 @@ def _verify(path: Path, group, crc: bool) -> None:
     problems = [p for part in _all_gather(problems, group) for p in part]
     if problems:
         raise CheckpointCorrupt(f"checkpoint {path} is damaged: " + "; ".join(problems))
+    return manifest
 
 
-def _load_dcp(rt, path: Path, group, plain: Any) -> None:
-    reader = cf.SafeReader(str(path))
+def _load_dcp(rt, path: Path, group, plain: Any, manifest: dict[str, dict[str, int]]) -> None:
+    reader = cf.SafeReader(str(path), manifest)
     saved = {k: tuple(v.size) for k, v in reader.read_metadata().state_dict_metadata.items()
              if hasattr(v, "size")}
     app = _app_state(rt)

@@ -16,7 +16,9 @@ save of the same ``path`` removes. All ranks must see the same filesystem.
 
 Nothing here executes code from a file: DCP's pickled ``.metadata`` is read with an
 unpickler that only admits DCP's own metadata classes, the ``.pt`` files are loaded with
-``weights_only=True``.
+``weights_only=True``. Nothing is read from outside the directory: the manifest and DCP's
+index may only name files inside it (symlinks resolved), and the index only files the
+manifest lists, within their sizes.
 """
 
 from __future__ import annotations
@@ -287,7 +289,12 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 class SafeReader(FileSystemReader):
-    """FileSystemReader whose ``.metadata`` is unpickled with an allow-list."""
+    """FileSystemReader whose ``.metadata`` is unpickled with an allow-list and whose index
+    may only name files of the manifest, inside the checkpoint, within their sizes."""
+
+    def __init__(self, path: str | os.PathLike, manifest: dict[str, dict[str, int]]):
+        super().__init__(path)
+        self.manifest = manifest
 
     def read_metadata(self, *args: Any, **kwargs: Any):
         from torch.distributed.checkpoint.metadata import StorageMeta
@@ -301,10 +308,44 @@ class SafeReader(FileSystemReader):
         except Exception as e:
             raise CheckpointCorrupt(f"{path} is not valid DCP metadata ({type(e).__name__}: "
                                     f"{e})") from None
+        check_storage_index(Path(self.path), getattr(metadata, "storage_data", None),
+                            self.manifest)
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+def check_storage_index(root: Path, storage_data: Any, manifest: dict[str, dict[str, int]]
+                        ) -> None:
+    """Every entry of DCP's index must point into a manifest file inside ``root``, within
+    its size, with no stream transforms (overdrive writes none)."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    where = root / ".metadata"
+    if not isinstance(storage_data, dict):
+        raise CheckpointCorrupt(f"{where} has no storage index")
+    base = root.resolve()
+    for index, info in storage_data.items():
+        if not isinstance(info, _StorageInfo) or not isinstance(info.relative_path, str):
+            raise CheckpointCorrupt(f"{where}: the entry of {index} is not a file location")
+        rel = info.relative_path
+        target = (root / rel).resolve()
+        if Path(rel).is_absolute() or target.parent != base:
+            raise CheckpointCorrupt(f"{where} points {getattr(index, 'fqn', index)!r} at "
+                                    f"{rel!r}, which is outside {root}; refusing to read it")
+        if rel not in manifest:
+            raise CheckpointCorrupt(f"{where} points {getattr(index, 'fqn', index)!r} at "
+                                    f"{rel!r}, which is not in {root / MANIFEST}")
+        if info.transform_descriptors:
+            raise CheckpointCorrupt(f"{where}: {rel!r} has stream transforms "
+                                    f"{list(info.transform_descriptors)}; overdrive writes none")
+        offset, length = info.offset, info.length
+        if not (isinstance(offset, int) and isinstance(length, int) and offset >= 0
+                and length >= 0 and offset + length <= manifest[rel]["size"]):
+            raise CheckpointCorrupt(f"{where}: {getattr(index, 'fqn', index)!r} spans bytes "
+                                    f"{offset}+{length} of {rel!r}, which has "
+                                    f"{manifest[rel]['size']}")
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
