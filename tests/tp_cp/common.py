@@ -25,6 +25,12 @@ def batches(n: int = STEPS, vocab: int = VOCAB, seq: int = SEQ, seed: int = 1) -
     return out
 
 
+def hf_batches(n: int = STEPS) -> list[dict]:
+    """transformers' convention: the labels are the inputs (its loss shifts them)."""
+    return [{"input_ids": b["input_ids"], "labels": b["input_ids"]}
+            for b in batches(n, vocab=128)]
+
+
 def llama(**cfg) -> nn.Module:
     return tiny(n_layers=2, **cfg)
 

@@ -34,6 +34,45 @@ def test_sequence_not_divisible_names_parallel_cp():
     assert shard_sequence(batch, env1) is batch
 
 
+def cp_env(n: int, rank: int) -> SimpleNamespace:
+    mesh = {"cp": SimpleNamespace(get_local_rank=lambda: rank)}
+    return SimpleNamespace(plan=cp(n), mesh=mesh)
+
+
+def test_causal_lm_labels_shifted_before_the_split():
+    ids = torch.arange(16).repeat(2, 1)
+    ids[1, 3] = -100  # an ignored target stays ignored after the shift
+    for rank in (0, 1):
+        idx = balanced_positions(16, 2, rank)
+        out = shard_sequence({"input_ids": ids, "labels": ids}, cp_env(2, rank), causal_lm=True)
+        shifted = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+        assert torch.equal(out["shift_labels"], shifted[:, idx])
+        assert torch.equal(out["labels"], ids[:, idx])  # still given: transformers needs it
+        assert out["num_items_in_batch"].item() == (2 * 15 - 1) / 2
+        assert out["attention_mask"].shape == (2, 8) and bool(out["attention_mask"].all())
+        assert torch.equal(out["position_ids"], idx.expand(2, -1))
+    # overdrive's Llama: labels arrive aligned with the inputs and are only sliced
+    plain = shard_sequence({"input_ids": ids, "labels": ids}, cp_env(2, 0))
+    assert set(plain) == {"input_ids", "labels", "position_ids"}
+    given = shard_sequence({"input_ids": ids, "labels": ids, "num_items_in_batch": 10},
+                           cp_env(2, 1), causal_lm=True)
+    assert given["num_items_in_batch"] == 5
+
+
+def test_tuple_batches_refused_with_a_clear_message():
+    ids = torch.zeros(2, 16, dtype=torch.long)
+    for batch in ((ids, ids), [ids, ids]):
+        with pytest.raises(od.PlanError, match=r"parallel.cp=2.*mapping.*position_ids"):
+            shard_sequence(batch, cp_env(2, 0))
+
+
+def test_causal_lm_detection():
+    from overdrive.passes.context_parallel import is_transformers_causal_lm
+
+    assert is_transformers_causal_lm(hf_llama())
+    assert not is_transformers_causal_lm(llama())
+
+
 def test_inspect_previews_blocks():
     rec = od.inspect(llama(), cp(2), world_size=2)["context_parallel"]
     assert rec.modules == ["layers.0", "layers.1"]

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from tests.helpers import read_json, run_torchrun
-from tests.tp_cp.common import (batches, fp8_llama, hf_llama, llama, stored_heads_llama,
-                                   train)
+from overdrive.passes.context_parallel import balanced_positions
+from tests.tp_cp.common import (batches, fp8_llama, hf_batches, hf_llama, llama,
+                                stored_heads_llama, train)
 
 WORKER = Path(__file__).with_name("tp_cp_worker.py")
 TOL = 1e-4
@@ -36,7 +37,7 @@ def two_ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tp_cp")
     out = tmp / "out.json"
     run_torchrun(WORKER, 2, str(out), "tp", "sp", "divide", "hf", "cp_attention", "cp",
-                 "cp_ac", "fp8", tmp_path=tmp)
+                 "cp_ac", "cp_hf", "fp8", tmp_path=tmp)
     return read_json(out)
 
 
@@ -101,6 +102,26 @@ def test_cp_matches_single_process(two_ranks):
 
 def test_cp_under_checkpointing_and_compile(two_ranks):
     assert_curve(two_ranks["cp_ac"]["losses"], reference(llama))
+
+
+def test_cp_transformers_llama_through_rt_shard(two_ranks):
+    """transformers shifts labels inside its loss: under cp each rank's head+tail slice
+    would give the chunk-boundary tokens wrong targets. rt.shard's data path splits the
+    loader's batches itself; the loss curve equals one process on the full batches."""
+    res = two_ranks["cp_hf"]
+    torch.manual_seed(0)
+    assert_curve(res["losses"], train(hf_llama(), hf_batches()))
+    full = hf_batches(1)[0]["input_ids"]
+    shifted = torch.nn.functional.pad(full[:, 1:], (0, 1), value=-100)
+    for rank in (0, 1):
+        idx = balanced_positions(16, 2, rank)
+        got = res["first_batch"][str(rank)]
+        assert got["input_ids"] == got["labels"] == full[:, idx].tolist()
+        assert got["shift_labels"] == shifted[:, idx].tolist()
+        assert got["position_ids"] == [idx.tolist()] * 2
+        assert got["num_items_in_batch"] == 2 * 15 / 2  # this rank's share of the targets
+    assert "parallel.cp=2" in res["tuple_error"] and "mapping" in res["tuple_error"]
+    assert any("shift_labels" in n for n in res["notes"])
 
 
 def test_tp_2_by_cp_2_four_ranks(tmp_path):

@@ -13,7 +13,8 @@ import torch.distributed as dist
 
 import overdrive as od
 from overdrive.passes.context_parallel import ContextParallelAttention, balanced_positions
-from tests.tp_cp.common import LR, batches, fp8_llama, hf_llama, llama, stored_heads_llama
+from tests.tp_cp.common import (LR, batches, fp8_llama, hf_batches, hf_llama, llama,
+                                stored_heads_llama)
 
 
 
@@ -125,6 +126,38 @@ def scenario_cp():
         bad_len = str(err)
     return {"losses": losses, "bad_len": bad_len, "notes": rt.report["context_parallel"].notes,
             "keys_kept": sorted(rt.model.state_dict()) == sorted(llama().state_dict())}
+
+
+def scenario_cp_hf():
+    """transformers' Llama under cp=2, fed through rt.shard's data path: the loader's
+    global batches are split by the runtime itself (no explicit shard_sequence)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    rt = od.accelerate(hf_llama(), od.Plan(parallel=od.Parallel(cp=2, dp_shard=1)),
+                       optimizer=sgd)
+    data = hf_batches()
+    rows = [{k: v[i] for k, v in b.items()} for b in data for i in range(len(b["input_ids"]))]
+    loader = rt.shard(DataLoader(rows, batch_size=len(data[0]["input_ids"])))
+    losses, first = [], None
+    for batch in loader:
+        first = first or {k: v.tolist() for k, v in batch.items() if torch.is_tensor(v)}
+        loss = rt.model(**batch, use_cache=False).loss  # no cache: transformers reads positions
+        rt.backward(loss)
+        rt.optimizer.step()
+        rt.optimizer.zero_grad()
+        losses.append(loss.detach())
+    ids = torch.arange(32).view(2, 16)
+    tuples = rt.shard(DataLoader(TensorDataset(ids, ids), batch_size=2))
+    try:
+        next(iter(tuples))
+        tuple_error = None
+    except od.PlanError as err:
+        tuple_error = str(err)
+    firsts = [None] * dist.get_world_size()
+    dist.all_gather_object(firsts, (rt.mesh["cp"].get_local_rank(), first))
+    return {"losses": mean_over(losses, rt.mesh["cp"].get_group()), "tuple_error": tuple_error,
+            "first_batch": dict(firsts),
+            "notes": rt.report["context_parallel"].notes}
 
 
 def scenario_cp_ac():

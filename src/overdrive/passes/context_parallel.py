@@ -70,13 +70,25 @@ def cp_rank(env: Any) -> int:
     return env.mesh["cp"].get_local_rank()
 
 
-def shard_sequence(batch: Any, env: Any, seq_dim: int = 1) -> Any:
+def shard_sequence(batch: Any, env: Any, seq_dim: int = 1, causal_lm: bool = False) -> Any:
     """This cp rank's load-balanced slice of ``batch`` along ``seq_dim``.
 
     ``batch`` is a tensor or a mapping (e.g. ``{"input_ids", "labels"}``); every tensor
     whose ``seq_dim`` has the batch's sequence length is sliced, other values pass through.
-    A mapping without ``position_ids`` gets them. Labels must already be aligned with the
-    inputs (shifted by the data pipeline), since each rank sees only its own tokens.
+    A mapping without ``position_ids`` gets them; a bare tensor does not (take them from
+    ``balanced_positions``). Tuple/list batches (TensorDataset) are refused: there is no
+    place to put the positions, and a model computing its own would be silently wrong.
+
+    ``labels`` are taken as aligned with the inputs (shifted by the data pipeline), as
+    overdrive's Llama expects, unless ``causal_lm``: a transformers causal LM, whose loss
+    shifts ``labels`` itself — which, inside one rank's non-contiguous head+tail slice,
+    would give the tokens at chunk boundaries the wrong targets. For it the full-length
+    labels are shifted here (``labels[..., 1:]``, -100 at the end) and handed over as
+    ``shift_labels``; ``num_items_in_batch`` (the batch's target count ÷ cp, or the
+    caller's ÷ cp) makes each rank's loss its share of the unsharded mean, so the cp
+    average of losses and gradients equals the unsharded one; and an all-ones
+    ``attention_mask`` (when none is given) stops transformers from reading the
+    non-contiguous ``position_ids`` as packed sequences and building a block mask.
     """
     cp = env.plan.parallel.cp
     if cp == 1:
@@ -86,12 +98,18 @@ def shard_sequence(batch: Any, env: Any, seq_dim: int = 1) -> Any:
         idx = balanced_positions(batch.shape[seq_dim], cp, cp_rank(env), batch.device)
         return batch.index_select(seq_dim, idx)
     if not isinstance(batch, Mapping):
-        raise TypeError(f"shard_sequence takes a tensor or a mapping, got {type(batch).__name__}")
+        raise PlanError(
+            f"parallel.cp={cp}: rt.shard_sequence got a {type(batch).__name__} batch; it "
+            "needs a mapping such as {'input_ids': ..., 'labels': ...} (or a tensor) so it "
+            "can add the true position_ids of this rank's tokens; have the DataLoader yield "
+            "dicts (e.g. a Dataset returning dicts, or a collate_fn building one) or set cp=1")
     ref = batch.get("input_ids")
     if not isinstance(ref, torch.Tensor):
         ref = next(v for v in batch.values() if isinstance(v, torch.Tensor) and v.ndim > seq_dim)
     seq_len = ref.shape[seq_dim]
     balanced_positions(seq_len, cp, 0)  # refuses a bad length before touching the mesh
+    if causal_lm:
+        batch = _causal_lm_inputs(batch, ref, cp, seq_dim)
     idx = balanced_positions(seq_len, cp, cp_rank(env), ref.device)
     out = {k: v.index_select(seq_dim, idx.to(v.device))
            if isinstance(v, torch.Tensor) and v.ndim > seq_dim and v.shape[seq_dim] == seq_len
@@ -99,6 +117,30 @@ def shard_sequence(batch: Any, env: Any, seq_dim: int = 1) -> Any:
     if "position_ids" not in out:
         out["position_ids"] = idx.unsqueeze(0).expand(ref.shape[0], -1)
     return type(batch)(out) if not isinstance(batch, dict) else out
+
+
+def _causal_lm_inputs(batch: Mapping, ref: torch.Tensor, cp: int, seq_dim: int) -> dict:
+    """The full-length extras a transformers causal LM needs before the batch is sliced."""
+    out = dict(batch)
+    labels = out.get("labels")
+    if isinstance(labels, torch.Tensor) and "shift_labels" not in out:
+        out["shift_labels"] = F.pad(labels.narrow(seq_dim, 1, labels.shape[seq_dim] - 1),
+                                    (0, 1), value=-100)
+    targets = out.get("shift_labels")
+    if "num_items_in_batch" in out:
+        out["num_items_in_batch"] = out["num_items_in_batch"] / cp
+    elif isinstance(targets, torch.Tensor):
+        out["num_items_in_batch"] = (targets != -100).sum() / cp
+    if "attention_mask" not in out and "inputs_embeds" not in out:
+        out["attention_mask"] = torch.ones(ref.shape[:seq_dim + 1], dtype=torch.long,
+                                           device=ref.device)
+    return out
+
+
+def is_transformers_causal_lm(model: nn.Module) -> bool:
+    """A transformers model whose loss is ``ForCausalLMLoss`` (it shifts ``labels``)."""
+    loss = getattr(model, "loss_function", None) if hasattr(model, "loss_type") else None
+    return getattr(loss, "__name__", None) == "ForCausalLMLoss"
 
 
 # --------------------------------------------------------------------------- attention
@@ -293,7 +335,12 @@ class ContextParallel(Pass):
         for name in self._targets(graph):
             run_under(graph.module(name), name, make_mode)
         rec = self._record(graph, plan, "torch ring SDPA" if use_torch_cp else "all-gather-KV")
-        env.extras["shard_sequence"] = functools.partial(shard_sequence, env=env)  # rt.shard
+        causal_lm = is_transformers_causal_lm(model)
+        env.extras["shard_sequence"] = functools.partial(  # rt.shard_sequence, rt.shard
+            shard_sequence, env=env, causal_lm=causal_lm)
+        if causal_lm:
+            rec.note("transformers causal LM: labels shifted before the split (shift_labels), "
+                     "losses weighted by target count (num_items_in_batch)")
         if plan.data_parallel is None:
             n = average_grads_over(model, mesh)
             rec.note(f"no data-parallel engine: {n} gradients averaged over the cp group")
