@@ -20,7 +20,9 @@ class BackendUnavailable(OverdriveError, ImportError):
 
 
 class PassFailed(OverdriveError, RuntimeError):
-    """A pass raised inside ``apply``; names the pass and the modules it had touched."""
+    """A pass raised inside ``apply`` (any exception, an OverdriveError too: the model may
+    be partly transformed by then). Names the pass and the modules it had touched
+    (replaced, or changed in place); the original exception is ``__cause__``."""
 
     def __init__(self, pass_name: str, touched: list[str], cause: BaseException):
         self.pass_name = pass_name

@@ -121,6 +121,39 @@ def test_exception_in_apply_becomes_pass_failed(registry):
     assert "layers.0.mlp" in info.value.touched
 
 
+def test_overdrive_error_in_apply_also_becomes_pass_failed(registry):
+    """A PlanError raised after the model was touched is no plain refusal: the model is
+    partly transformed, and PassFailed says so (the PlanError stays as the cause)."""
+    def half_done(model, rec):
+        model.lm_head = nn.Identity()
+        raise od.PlanError("t_late: refused too late")
+
+    _make("t_late", apply=half_done)
+    with pytest.raises(od.PassFailed, match=r"pass 't_late' failed: PlanError: t_late: "
+                                            r"refused too late.*lm_head") as info:
+        od.accelerate(tiny(n_layers=2))
+    assert isinstance(info.value.__cause__, od.PlanError)
+    assert info.value.touched == ["lm_head"]
+
+
+def test_pass_failed_names_modules_changed_in_place(registry):
+    """Checkpointing and compile keep the module objects and classes: the touched list
+    must still show the blocks whose forward / compiled call they replaced."""
+    from overdrive.passes.checkpointing import checkpoint_block
+
+    def in_place_then_boom(model, rec):
+        model.layers[0].compile(backend="eager")
+        checkpoint_block(model.layers[1])
+        model.norm.weight.data = model.norm.weight.data.half()
+        model.embed_tokens.register_forward_hook(lambda *a: None)
+        raise RuntimeError("boom")
+
+    _make("t_in_place", apply=in_place_then_boom)
+    with pytest.raises(od.PassFailed, match="touched 4 module") as info:
+        od.accelerate(tiny(n_layers=2))
+    assert info.value.touched == ["embed_tokens", "layers.0", "layers.1", "norm"]
+
+
 def test_records_are_timed_and_sized(registry):
     def halve(model, rec):
         model.lm_head.to(torch.float16)

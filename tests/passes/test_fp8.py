@@ -20,7 +20,7 @@ from overdrive.rewrite.graph import ModuleGraph
 from overdrive.rewrite.plan import Plan
 from overdrive.runtime.state import Env
 
-from helpers import assert_untouched, snapshot
+from tests.helpers import assert_untouched, snapshot
 
 Float8Linear = pytest.importorskip("torchao.float8.float8_linear").Float8Linear
 
@@ -457,6 +457,26 @@ def test_te_mxfp8_recipe_and_no_norm_swap_by_default(monkeypatch):
     with env.forward_contexts[0]():
         pass
     assert type(entered[0]).__name__ == "MXFP8BlockScaling"
+
+
+def test_te_swap_that_would_change_keys_is_refused_in_check(monkeypatch):
+    """A TE module whose parameters are named differently would change the state_dict
+    keys: refused by check() (a meta-device probe), before the model is touched."""
+    te, _ = _fake_te(monkeypatch)
+
+    class ScaledLinear(te.Linear):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            self.weight_scale = nn.Parameter(torch.ones(1, device=kw.get("device")))
+
+    te.Linear = ScaledLinear
+    model = tiny(1)
+    before = snapshot(model)
+    plan = Plan(fp8=od.FP8(backend="te"))
+    with pytest.raises(PlanError, match=r"Transformer Engine's ScaledLinear has parameters "
+                                        r"\['weight', 'weight_scale'\].*state_dict keys"):
+        fp8_pass.FP8Training().check(ModuleGraph(model), plan, _env(plan, "cuda"))
+    assert_untouched(model, before)
 
 
 # --------------------------------------------------------------------------- real TE

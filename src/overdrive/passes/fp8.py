@@ -247,41 +247,67 @@ def _without_extra_state(cls: type) -> type:
                                        "__module__": __name__})
 
 
-def _te_module(te, module: nn.Module) -> nn.Module:
+def _te_module(te, module: nn.Module, size: int | None = None,
+               device: torch.device | None = None) -> nn.Module:
+    """The Transformer Engine module that replaces ``module`` (same dims, dtype, device),
+    or a ``size``-wide probe of it on ``device``."""
     w = module.weight
-    kw = {"params_dtype": w.dtype, "device": w.device}
+    kw = {"params_dtype": w.dtype, "device": w.device if device is None else device}
     if isinstance(module, nn.Linear):
-        new = _without_extra_state(te.Linear)(module.in_features, module.out_features,
-                                               bias=module.bias is not None, **kw)
-    elif isinstance(module, nn.LayerNorm):
-        new = _without_extra_state(te.LayerNorm)(module.normalized_shape[-1],
-                                                  eps=module.eps, **kw)
-    else:  # nn.RMSNorm
-        eps = module.eps if module.eps is not None else torch.finfo(w.dtype).eps
-        new = _without_extra_state(te.RMSNorm)(module.normalized_shape[-1], eps=eps, **kw)
-    _copy_params(module, new)
-    return new
+        i, o = (size, size) if size else (module.in_features, module.out_features)
+        return _without_extra_state(te.Linear)(i, o, bias=module.bias is not None, **kw)
+    hidden = size or module.normalized_shape[-1]
+    if isinstance(module, nn.LayerNorm):
+        return _without_extra_state(te.LayerNorm)(hidden, eps=module.eps, **kw)
+    eps = module.eps if module.eps is not None else torch.finfo(w.dtype).eps  # nn.RMSNorm
+    return _without_extra_state(te.RMSNorm)(hidden, eps=eps, **kw)
+
+
+def _keys(module: nn.Module) -> tuple[list[str], list[str]]:
+    """(parameter names, state_dict keys) of ``module``."""
+    return sorted(n for n, _ in module.named_parameters()), sorted(module.state_dict())
+
+
+def check_te_keys(graph: ModuleGraph, sel: Selection) -> None:
+    """Refuse a swap that would change state_dict keys, before anything is touched: one
+    small meta-device probe (TE supports deferred init) of each kind of module (class and
+    parameter names) is built and its keys compared."""
+    te = importlib.import_module("transformer_engine.pytorch")
+    probed: set[tuple] = set()
+    for name in sel.convert + sel.norms:
+        module = graph.module(name)
+        kind = (type(module), *map(tuple, _keys(module)))
+        if kind in probed:
+            continue
+        probed.add(kind)
+        probe = _te_module(te, module, size=MULTIPLE, device=torch.device("meta"))
+        if _keys(probe) != _keys(module):
+            raise PlanError(
+                f"fp8: Transformer Engine's {type(probe).__name__} has parameters "
+                f"{_keys(probe)[0]} where {name} ({type(module).__name__}) has "
+                f"{_keys(module)[0]}; swapping would change the state_dict keys. Use "
+                "backend='torchao'" + (", or layernorm=False" if name in sel.norms else ""))
 
 
 @torch.no_grad()
 def _copy_params(old: nn.Module, new: nn.Module) -> None:
-    ours = dict(old.named_parameters())
     theirs = dict(new.named_parameters())
-    if set(ours) != set(theirs) or set(old.state_dict()) != set(new.state_dict()):
-        raise PlanError(
-            f"Transformer Engine's {type(new).__name__} has parameters {sorted(theirs)} where "
-            f"{type(old).__name__} has {sorted(ours)}; swapping would change the state_dict "
-            "keys. Use backend='torchao'")
-    for name, p in ours.items():
+    for name, p in old.named_parameters():  # same names: check_te_keys made sure
         theirs[name].copy_(p)
         theirs[name].requires_grad_(p.requires_grad)
+
+
+def _te_replacement(te, module: nn.Module) -> nn.Module:
+    new = _te_module(te, module)
+    _copy_params(module, new)
+    return new
 
 
 def apply_te(model: nn.Module, sel: Selection, plan: Plan, env: Any) -> dict[str, Any]:
     te = importlib.import_module("transformer_engine.pytorch")
     names = sel.convert + sel.norms
-    # build every replacement first: a refusal leaves the model as it was
-    replacements = {n: _te_module(te, model.get_submodule(n)) for n in names}
+    # build every replacement first: a failure leaves the model as it was
+    replacements = {n: _te_replacement(te, model.get_submodule(n)) for n in names}
     for name, new in replacements.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
@@ -322,6 +348,8 @@ class FP8Training(Pass):
                 "fp8: no nn.Linear is eligible for conversion"
                 + (f" ({shown})" if shown else " (the model has no nn.Linear)")
                 + "; check fp8.filter, or use mixed_precision='bf16' for this model")
+        if backend == "te" and not env.dry_run:
+            check_te_keys(graph, sel)
 
     def apply(self, model: nn.Module, graph: ModuleGraph, plan: Plan, env: Any) -> PassRecord:
         backend = self.backend(plan, env)

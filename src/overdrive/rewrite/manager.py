@@ -16,7 +16,7 @@ from typing import Any, Callable
 import networkx as nx
 from torch import nn
 
-from ..errors import OverdriveError, PassFailed, PlanError
+from ..errors import PassFailed, PlanError
 from .graph import ModuleGraph, tensor_bytes
 from .plan import Plan
 from .report import PassRecord
@@ -154,11 +154,22 @@ def parameter_bytes(model: nn.Module) -> int:
     return total
 
 
-def _module_snapshot(model: nn.Module) -> dict[str, tuple[int, type]]:
-    return {n: (id(m), type(m)) for n, m in model.named_modules()}
+def _module_state(m: nn.Module) -> tuple:
+    """What a pass may change on one module in place: its class, an instance-level
+    forward (checkpointing, autocast), the compiled call (``module.compile``), its own
+    parameters (objects, dtypes, devices) and its hooks (fully_shard, replicate)."""
+    params = tuple((n, id(p), p.dtype, p.device) for n, p in m._parameters.items()
+                   if p is not None)
+    return (id(m), type(m), m.__dict__.get("forward"), m.__dict__.get("_compiled_call_impl"),
+            params, tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
 
 
-def _changed_modules(before: dict[str, tuple[int, type]], model: nn.Module) -> list[str]:
+def _module_snapshot(model: nn.Module) -> dict[str, tuple]:
+    return {n: _module_state(m) for n, m in model.named_modules()}
+
+
+def _changed_modules(before: dict[str, tuple], model: nn.Module) -> list[str]:
+    """Modules replaced, added, removed or changed in place since ``before``."""
     after = _module_snapshot(model)
     changed = [n for n, v in after.items() if before.get(n) != v]
     changed += [n for n in before if n not in after]
@@ -204,9 +215,9 @@ class PassManager:
             t0 = time.perf_counter()
             try:
                 rec = p.apply(model, graph, self.plan, env)
-            except OverdriveError:
-                raise
             except Exception as err:  # noqa: BLE001 - re-raised with the pass named
+                # the model may be partly transformed, whatever was raised (a PlanError
+                # too): say so, name the pass and what it touched; the cause is kept
                 raise PassFailed(p.name, _changed_modules(before, model), err) from err
             if rec is None:
                 rec = PassRecord(p.name)
