@@ -173,3 +173,82 @@ def test_iterable_resume_in_one_process(dispatch):
     resumed.load_state_dict(part.state_dict())
     assert [b.flatten().tolist() for b in resumed] == want[2:]
     assert resumed.n_real == 1 and resumed.end_of_epoch
+
+
+def take(loader, n: int) -> list[list[int]]:
+    """The real items of ``loader``'s next ``n`` batches (the iterator is left open)."""
+    it = iter(loader)
+    out = []
+    for _ in range(n):
+        batch = next(it)
+        values = (batch[0] if isinstance(batch, (list, tuple)) else batch).flatten().tolist()
+        out.append(values[:loader.n_real])
+    return out
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_resume_on_fewer_ranks_continues_with_exactly_the_unconsumed_samples(split):
+    ds = TensorDataset(torch.arange(50))
+    make = lambda: DataLoader(ds, batch_size=4, shuffle=True)  # noqa: E731
+    order = [v for (b,) in fake_rt(0, 1).shard(make()) for v in b.tolist()]  # one permutation
+    two = [fake_rt(r, 2).shard(make(), split_batches=split) for r in range(2)]
+    consumed = [v for ld in two for b in take(ld, 3) for v in b]
+    state = two[0].state_dict()
+    assert state == two[1].state_dict()
+    assert state["global_batches"] == (3 if split else 6) and state["dp_size"] == 2
+    one = fake_rt(0, 1).shard(make())
+    one.load_state_dict(state)
+    rest = [v for (b,) in one for v in b.tolist()]
+    assert sorted(consumed + rest) == list(range(50)) and not set(consumed) & set(rest)
+    assert rest == order[len(consumed):]  # the uninterrupted order, from where it stopped
+
+
+def test_resume_on_more_ranks_deals_out_the_rest():
+    ds = TensorDataset(torch.arange(50))
+    make = lambda: DataLoader(ds, batch_size=4, shuffle=True)  # noqa: E731
+    one = fake_rt(0, 1).shard(make())
+    consumed = [v for b in take(one, 3) for v in b]
+    state = one.state_dict()
+    rest = []
+    for r in range(2):
+        ld = fake_rt(r, 2).shard(make())
+        ld.load_state_dict(state)
+        rest += [v for (b,) in ld for v in b.tolist()[:ld.n_real]]
+    assert sorted(consumed + rest) == list(range(50)) and len(rest) == 50 - 12
+
+
+def test_iterable_resume_on_fewer_ranks():
+    from torch.utils.data import IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(torch.arange(21).split(1))
+
+    make = lambda: DataLoader(Stream(), batch_size=2)  # noqa: E731
+    two = [fake_rt(r, 2).shard(make(), dispatch=False) for r in range(2)]
+    consumed = [v for ld in two for b in take(ld, 2) for v in b]
+    for dispatch in (False, True):
+        one = fake_rt(0, 1).shard(make(), dispatch=dispatch)
+        one.load_state_dict(two[1].state_dict())
+        rest = [v for b in one for v in b.flatten().tolist()]
+        assert rest == list(range(8, 21)) and sorted(consumed) == list(range(8))
+
+
+def test_resume_with_another_batch_size_converts_or_refuses():
+    ds = TensorDataset(torch.arange(24))
+    first = fake_rt(0, 1).shard(DataLoader(ds, batch_size=2))
+    take(first, 3)  # 6 samples
+    state = first.state_dict()
+    three = fake_rt(0, 1).shard(DataLoader(ds, batch_size=3))
+    three.load_state_dict(state)
+    assert next(iter(three))[0].tolist() == [6, 7, 8]
+    four = fake_rt(0, 1).shard(DataLoader(ds, batch_size=4))
+    with pytest.raises(OverdriveError, match="batch_size=2 .6 samples.*batch_size=4"):
+        four.load_state_dict(state)
+
+
+def test_a_state_saved_before_global_positions_still_loads():
+    ds = TensorDataset(torch.arange(12))
+    ld = fake_rt(0, 1).shard(DataLoader(ds, batch_size=2))
+    ld.load_state_dict({"epoch": 0, "position": 2, "seed": 3})
+    assert [b[0].tolist() for b in ld][0] == [4, 5]

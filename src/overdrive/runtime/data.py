@@ -67,7 +67,11 @@ class ShardedLoader:
                 f"divisible by the {self.size} data-parallel ranks; use a multiple of "
                 f"{self.size} or split_batches=False")
         self.drop_last = self._drop_last(loader)
-        self.epoch, self.position, self._skip = 0, 0, 0
+        # the position: global batches of this epoch consumed (by every rank together,
+        # counted in the user's batches), so it survives a change of the dp size; each
+        # batch of this rank stands for one global batch (split) or one per dp rank
+        self.epoch, self.consumed, self._skip = 0, 0, 0
+        self._per_batch = 1 if split_batches else self.size
         self.seed = self._agree_on_seed(loader)
         # DataLoader draws its workers' base seed from the *global* torch RNG at every
         # iter() unless it has a generator: a resumed run would draw at a different point
@@ -126,6 +130,8 @@ class ShardedLoader:
         if self.iterable:
             per_rank = self.batch_size // self.size if self.split else self.batch_size
             ds = IterableShard(loader.dataset, self.rank, self.size, **common)
+            # workers are started per epoch: each must see the epoch's resume position
+            kw.pop("persistent_workers", None)
             return DataLoader(ds, batch_size=per_rank, collate_fn=FlaggedCollate(collate), **kw)
         self.sampler = self._global_batch_sampler(loader)
         self.batch_sampler = ShardBatchSampler(self.sampler, self.rank, self.size, **common)
@@ -157,15 +163,44 @@ class ShardedLoader:
             if obj is not None and hasattr(obj, "set_epoch"):
                 obj.set_epoch(self.epoch)
 
+    @property
+    def position(self) -> int:
+        """This rank's batches of the epoch consumed (with the current dp size)."""
+        return self.consumed // self._per_batch
+
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+        """(seed, epoch) and the position in global terms: ``global_batches`` of the
+        user's ``batch_size`` consumed by all ``dp_size`` ranks together. ``position`` is
+        this rank's batch count, for reading only."""
+        return {"epoch": self.epoch, "seed": self.seed, "global_batches": self.consumed,
+                "batch_size": self.batch_size, "dp_size": self.size,
+                "position": self.position}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue where ``state`` left off, also when it was saved on another number of
+        data-parallel ranks: the remaining global batches are dealt out anew."""
+        consumed = self._global_position(state)
         self.epoch, self.seed = int(state["epoch"]), int(state.get("seed", self.seed))
-        self.position = self._skip = int(state["position"])
+        self.consumed = self._skip = consumed
         if isinstance(self.sampler, BatchSampler) and \
                 isinstance(self.sampler.sampler, SeededRandomSampler):
             self.sampler.sampler.seed = self.seed
+
+    def _global_position(self, state: dict[str, int]) -> int:
+        if "global_batches" not in state:  # saved before positions were global: same layout
+            return int(state["position"]) * self._per_batch
+        consumed = int(state["global_batches"])
+        saved_bs = int(state.get("batch_size", self.batch_size))
+        if saved_bs == self.batch_size:
+            return consumed
+        samples = consumed * saved_bs
+        if samples % self.batch_size:
+            raise OverdriveError(
+                f"loader state: {consumed} global batches of batch_size={saved_bs} "
+                f"({samples} samples) were consumed, which is not a whole number of "
+                f"batches of this loader's batch_size={self.batch_size}; resume with "
+                f"batch_size={saved_bs} (or a divisor of {samples})")
+        return samples // self.batch_size
 
     def __len__(self) -> int:
         if self.loader is not None and not self.iterable:
@@ -181,9 +216,8 @@ class ShardedLoader:
     def __iter__(self) -> Iterator[Any]:
         self._apply_epoch()
         skip, self._skip = self._skip, 0
-        self.position = skip
+        self.consumed = skip
         batches = self._batches(skip)
-        self.rt._active_loader = self
         try:
             nxt = next(batches, _END)
             while nxt is not _END:
@@ -191,9 +225,9 @@ class ShardedLoader:
                 nxt = next(batches, _END)
                 self.end_of_epoch = nxt is _END
                 self.batch_len, self.n_real = _rows(batch), n_real
-                self.position += 1
+                self.consumed += self._per_batch
                 yield self._place(batch)
-            self.epoch, self.position = self.epoch + 1, 0
+            self.epoch, self.consumed = self.epoch + 1, 0
         finally:
             if self.rt._active_loader is self:
                 self.rt._active_loader = None
@@ -202,7 +236,8 @@ class ShardedLoader:
         if self.loader is None:
             return self._dispatched(skip)
         if self.iterable:
-            return itertools.islice(iter(self.loader), skip, None)  # streams must be read
+            self.loader.dataset.skip = skip  # streams are read up to the position
+            return iter(self.loader)
         self.batch_sampler.skip = skip
         meta = self.batch_sampler.meta
         return ((batch, meta.popleft()[1]) for batch in self.loader)
@@ -215,9 +250,8 @@ class ShardedLoader:
             raw = DataLoader(self.base.dataset, batch_size=self.batch_size,
                              collate_fn=_as_list, **self._loader_kwargs(self.base))
             source = _with_last(_grouped(iter(raw), self.size, self.split, self.even,
-                                         self.batch_size, self.drop_last))
+                                         self.batch_size, self.drop_last, skip))
         collate = self.base.collate_fn or default_collate
-        step = 0
         while True:
             if self.rank == 0:
                 item = next(source, None)
@@ -228,9 +262,7 @@ class ShardedLoader:
                 return
             entry, last = out[0]
             if entry is not None:  # (samples, n_real); None once this rank ran out
-                if step >= skip:
-                    yield collate(entry[0]), entry[1]
-                step += 1
+                yield collate(entry[0]), entry[1]
             if last:
                 return
 
@@ -251,10 +283,10 @@ _END = object()
 
 
 def _grouped(chunks: Iterator[list], size: int, split: bool, even: bool, batch_size: int,
-             drop_last: bool) -> Iterator[list]:
+             drop_last: bool, skip: int = 0) -> Iterator[list]:
     """Rank 0's view for dispatch: per step, one ``(samples, n_real)`` per rank (or None)."""
     rank_streams = [shard_indices(c, r, size, split=split, even=even, batch_size=batch_size,
-                                  drop_last=drop_last)
+                                  drop_last=drop_last, skip=skip)
                     for r, c in enumerate(itertools.tee(chunks, size))]
     for row in itertools.zip_longest(*rank_streams):
         yield list(row)

@@ -21,13 +21,17 @@ from torch.utils.data import IterableDataset, Sampler, get_worker_info
 
 
 def shard_indices(batches: Iterable[list], rank: int, size: int, *, split: bool, even: bool,
-                  batch_size: int, drop_last: bool) -> Iterator[tuple[list, int]]:
+                  batch_size: int, drop_last: bool, skip: int = 0) -> Iterator[tuple[list, int]]:
     """This rank's batches of a stream of global batches, as ``(items, n_real)``.
 
     Without ``split`` rank r takes global batches r, r+size, …; with ``split`` every
     global batch is cut into ``size`` slices. With ``even`` the tail is padded with the
     epoch's first items (wrap-around) so every rank gets as many full batches; ``n_real``
     counts the leading items that are not padding. Works for indices and for samples.
+
+    ``skip``: the first ``skip`` global batches were consumed already (a resumed epoch,
+    possibly on another number of ranks): they still feed the padding pool, and the rest
+    is dealt out from the next global batch on.
     """
     group_len = batch_size * size if not split else batch_size
     first: list = []  # the epoch's first items: the padding pool
@@ -42,8 +46,10 @@ def shard_indices(batches: Iterable[list], rank: int, size: int, *, split: bool,
 
     if split:
         per = batch_size // size
-        for batch in batches:
+        for i, batch in enumerate(batches):
             remember(batch)
+            if i < skip:
+                continue
             real = len(batch)
             if real < batch_size and drop_last:
                 return
@@ -56,8 +62,10 @@ def shard_indices(batches: Iterable[list], rank: int, size: int, *, split: bool,
 
     group: list[list] = []
     pending = None  # a full group whose last batch is short: the tail, unless more follow
-    for batch in batches:
+    for i, batch in enumerate(batches):
         remember(batch)
+        if i < skip:
+            continue
         if pending is not None:
             yield pending[rank], len(pending[rank])
             pending = None
@@ -132,7 +140,8 @@ class SeededRandomSampler(Sampler[int]):
 
 class ShardBatchSampler(Sampler[list]):
     """Yields this rank's index batches; records ``(len, n_real)`` of each in ``meta`` for
-    the loader (the DataLoader iterates its batch sampler in the main process, in order)."""
+    the loader (the DataLoader iterates its batch sampler in the main process, in order).
+    ``skip``: global batches of the epoch already consumed (never read)."""
 
     def __init__(self, batch_sampler, rank: int, size: int, *, split: bool, even: bool,
                  batch_size: int, drop_last: bool):
@@ -146,8 +155,8 @@ class ShardBatchSampler(Sampler[list]):
         self.meta.clear()
         batches = shard_indices(self.batch_sampler, self.rank, self.size, split=self.split,
                                 even=self.even, batch_size=self.batch_size,
-                                drop_last=self.drop_last)
-        for indices, n_real in itertools.islice(batches, self.skip, None):
+                                drop_last=self.drop_last, skip=self.skip)
+        for indices, n_real in batches:
             self.meta.append((len(indices), n_real))
             yield indices
 
@@ -168,7 +177,8 @@ class IterableShard(IterableDataset):
     """Every rank reads the whole stream and keeps its share (``dispatch=False``).
 
     Yields ``(sample, is_real)``; loader workers split the global batches among
-    themselves so no sample is produced twice.
+    themselves so no sample is produced twice. ``skip``: global batches of the epoch
+    already consumed (read and dropped: a stream has no index to jump to).
     """
 
     def __init__(self, dataset, rank: int, size: int, *, split: bool, even: bool,
@@ -177,6 +187,7 @@ class IterableShard(IterableDataset):
         self.kw = dict(split=split, even=even, batch_size=batch_size, drop_last=drop_last)
         self.rank, self.size = rank, size
         self.group_len = batch_size * size if not split else batch_size
+        self.skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.dataset, "set_epoch"):
@@ -189,7 +200,7 @@ class IterableShard(IterableDataset):
         # global batches of samples; shard_indices cuts them like index batches
         per_batch = self.kw["batch_size"]
         samples = iter(lambda: list(itertools.islice(it, per_batch)), [])
-        mine = shard_indices(samples, self.rank, self.size, **self.kw)
+        mine = shard_indices(samples, self.rank, self.size, skip=self.skip, **self.kw)
         for step, (batch, n_real) in enumerate(mine):
             if step % n_workers == worker:
                 for i, sample in enumerate(batch):
