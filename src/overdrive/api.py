@@ -79,7 +79,8 @@ def inspect(model: nn.Module, plan: Plan | dict | str | None = None, *,
 
     Runs plan resolution, block detection, ordering and every pass's ``check`` against a
     ``world_size``-rank world, and estimates per-rank memory. With ``example_inputs`` the
-    model is also traced on meta (FLOPs, activation bytes).
+    model is also traced on meta (FLOPs, activation bytes), and budget checkpointing
+    chooses its blocks from that trace.
     """
     if not isinstance(model, nn.Module):
         raise PlanError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -90,6 +91,7 @@ def inspect(model: nn.Module, plan: Plan | dict | str | None = None, *,
     graph = ModuleGraph(shadow, plan.blocks)
     graph.blocks()
     manager = PassManager(plan)
+    env.extras["example_inputs"] = example_inputs  # budget checkpointing traces with them
     manager.check_all(graph, env)
     records = manager.preview_all(graph, env)
     trace = trace_model(shadow, example_inputs) if example_inputs is not None else None

@@ -135,6 +135,23 @@ def test_budget_checkpoints_the_fewest_blocks_that_fit():
     assert roomy["checkpointing"].modules == []
 
 
+def test_inspect_budget_mode_traces_the_example_inputs():
+    """od.inspect(example_inputs=...) is enough for budget mode: no budget_input_shape."""
+    x = torch.zeros(BATCH, dtype=torch.long)
+    trace = trace_model(tiny(n_layers=4), x, backward=False)
+    plan = od.Plan(checkpointing=od.Checkpointing(mode="budget",
+                                                  budget_bytes=trace.activation_bytes - 1))
+    rec = od.inspect(tiny(n_layers=4), plan, example_inputs=x)["checkpointing"]
+    assert rec.details["traced_activation_bytes"] == trace.activation_bytes
+    assert len(rec.modules) == 1  # just below the traced total: one block is enough
+    # bigger inputs, same budget: more blocks
+    big = od.inspect(tiny(n_layers=4), plan, example_inputs=torch.zeros(4, 16, dtype=torch.long))
+    assert len(big["checkpointing"].modules) > 1
+    with pytest.raises(od.PlanError, match=r"budget_input_shape=\(batch, seq_len\).*"
+                                           r"od.inspect\(model, plan, example_inputs=...\)"):
+        od.inspect(tiny(n_layers=4), plan)
+
+
 def test_budget_refusals_leave_the_model_untouched():
     model = tiny(n_layers=4)
     before = snapshot(model)

@@ -98,8 +98,8 @@ def _example_inputs(plan: Plan, env: Any) -> Any:
         return torch.zeros(tuple(shape), dtype=torch.long)  # token ids
     raise PlanError(
         "checkpointing.mode='budget' needs to know the input size to trace activation memory: "
-        "set checkpointing.budget_input_shape=(batch, seq_len) (integer token ids), or put "
-        "example inputs in env.extras['example_inputs'] / od.inspect(example_inputs=...)"
+        "set checkpointing.budget_input_shape=(batch, seq_len) (integer token ids), or, in a "
+        "dry run, pass od.inspect(model, plan, example_inputs=...)"
     )
 
 
