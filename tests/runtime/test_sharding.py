@@ -252,3 +252,30 @@ def test_a_state_saved_before_global_positions_still_loads():
     ld = fake_rt(0, 1).shard(DataLoader(ds, batch_size=2))
     ld.load_state_dict({"epoch": 0, "position": 2, "seed": 3})
     assert [b[0].tolist() for b in ld][0] == [4, 5]
+
+
+def test_positions_kept_by_load_go_to_the_loaders_sharded_after_it():
+    ds = TensorDataset(torch.arange(12))
+    rt = fake_rt(0, 1)
+    saved = [{"epoch": 0, "seed": 3, "global_batches": 2, "batch_size": 2, "dp_size": 1},
+             {"epoch": 1, "seed": 3, "global_batches": 1, "batch_size": 3, "dp_size": 1}]
+    rt._pending_loader_states = list(saved)  # what rt.load leaves when no loader exists yet
+    train = rt.shard(DataLoader(ds, batch_size=2))
+    evals = rt.shard(DataLoader(ds, batch_size=3))
+    assert train.state_dict()["global_batches"] == 2 and evals.state_dict()["epoch"] == 1
+    assert next(iter(train))[0].tolist() == [4, 5] and next(iter(evals))[0].tolist() == [3, 4, 5]
+    assert rt._pending_loader_states == []
+    assert rt.shard(DataLoader(ds, batch_size=2)).state_dict()["global_batches"] == 0
+
+
+def test_resharding_the_same_loader_replaces_its_slot():
+    ds = TensorDataset(torch.arange(8))
+    rt = fake_rt(0, 1)
+    train_base, eval_base = DataLoader(ds, batch_size=2), DataLoader(ds, batch_size=4)
+    train = rt.shard(train_base)
+    for _ in range(3):  # an eval loader sharded at every evaluation
+        evals = rt.shard(eval_base)
+        assert [b[0].tolist() for b in evals] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert rt._loaders == [train, evals]
+    again = rt.shard(train_base)
+    assert rt._loaders == [again, evals]

@@ -341,8 +341,21 @@ def _to_device(batch: Any, device: torch.device, non_blocking: bool) -> Any:
 
 def shard(rt, dataloader: DataLoader, *, split_batches: bool = False, even_batches: bool = True,
           dispatch: bool | None = None, device_placement: bool = True) -> ShardedLoader:
+    """Shard ``dataloader`` and register it for checkpoints (``rt._loaders``, in order).
+
+    Sharding the same DataLoader again (an eval loader each evaluation) replaces its
+    earlier ShardedLoader in the same slot, starting fresh. A new loader takes the next
+    position ``rt.load`` kept for loaders not made yet (``rt._pending_loader_states``).
+    """
     loader = ShardedLoader(dataloader, rt, split_batches=split_batches,
                            even_batches=even_batches, dispatch=dispatch,
                            device_placement=device_placement)
+    for i, known in enumerate(rt._loaders):
+        if getattr(known, "base", None) is dataloader:
+            rt._loaders[i] = loader
+            return loader
     rt._loaders.append(loader)
+    pending = rt._pending_loader_states
+    if pending:
+        loader.load_state_dict(pending.pop(0))
     return loader

@@ -50,6 +50,8 @@ class Runtime:
         self._scaler = self._make_scaler()
         self.step = 0  # optimizer steps really taken (skipped micro-steps do not count)
         self._loaders: list[Any] = []  # every loader made by rt.shard (checkpointed)
+        # positions rt.load found before the loaders were made: rt.shard takes them in order
+        self._pending_loader_states: list[dict] = []
         self._active_loader = None  # the sharded loader being iterated (its last batch syncs)
         self._grad_sync = grad.GradSync(self, self.grad_accum)
         self._dtensor_grads = _has_dtensor(model)
