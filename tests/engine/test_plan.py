@@ -34,12 +34,33 @@ def test_unknown_preset_token_suggests_and_lists():
         resolve_plan("fdsp+compile")
 
 
-@pytest.mark.parametrize("name", ["ddp", "fsdp+compile+ac+fp8", "fsdp+tp4+sp", "zero2+bf16",
-                                  "inference-fp8"])
+ROUND_TRIP_PLANS = {
+    **{name: od.Plan.preset(name) for name in ["ddp", "fsdp+compile+ac+fp8", "fsdp+tp4+sp",
+                                               "zero2+bf16", "inference-fp8"]},
+    "budget": od.Plan(checkpointing=od.Checkpointing(mode="budget", budget_bytes=2**30,
+                                                     budget_input_shape=(8, 2048))),
+    "casting": od.Plan(casting=od.Casting(storage="float8_e5m2", skip=("norm", "head"))),
+    "attrs": od.Plan(parallel=od.Parallel(tp=2), blocks=("layers.*",),
+                     tp_divide_attrs=("n_heads",)),
+}
+
+
+@pytest.mark.parametrize("name", list(ROUND_TRIP_PLANS))
 def test_dict_round_trip(name):
-    plan = od.Plan.preset(name)
+    plan = ROUND_TRIP_PLANS[name]
     assert od.Plan.from_dict(plan.to_dict()) == plan
-    assert od.Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    back = od.Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert back == plan and hash(back) == hash(plan)
+
+
+@pytest.mark.parametrize("name", ["budget", "casting", "attrs"])
+def test_file_round_trip(name, tmp_path):
+    yaml = pytest.importorskip("yaml")
+    plan = ROUND_TRIP_PLANS[name]
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(plan.to_dict()))
+    (tmp_path / "p.json").write_text(json.dumps(plan.to_dict()))
+    for back in (resolve_plan(str(tmp_path / "p.yaml")), resolve_plan(tmp_path / "p.json")):
+        assert back == plan and hash(back) == hash(plan)
 
 
 def test_yaml_and_json_files(tmp_path):

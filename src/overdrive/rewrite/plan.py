@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import os
 import re
+import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Mapping
 
@@ -434,6 +436,17 @@ def resolve_for_world(plan: Plan, world_size: int) -> Plan:
 # --------------------------------------------------------------------------- parsing
 
 
+@functools.lru_cache(maxsize=None)
+def tuple_fields(cls: type) -> frozenset[str]:
+    """Fields of dataclass ``cls`` typed as tuples (``tuple[str, ...] | None`` too): YAML
+    and JSON give them back as lists, which would break equality and hashing."""
+    def is_tuple(hint) -> bool:
+        return typing.get_origin(hint) is tuple or any(
+            typing.get_origin(arg) is tuple for arg in typing.get_args(hint))
+
+    return frozenset(n for n, h in typing.get_type_hints(cls).items() if is_tuple(h))
+
+
 def _part_from_value(name: str, value: Any):
     cls = PARTS[name]
     if value is None or value is False:
@@ -457,10 +470,9 @@ def _part_from_value(name: str, value: Any):
     for key in value:
         if key not in valid:
             raise _unknown_key_error(name, key, valid)
-    kwargs = dict(value)
-    if name == "casting" and isinstance(kwargs.get("skip"), list):
-        kwargs["skip"] = tuple(kwargs["skip"])
-    return cls(**kwargs)
+    tuples = tuple_fields(cls)
+    return cls(**{k: tuple(v) if k in tuples and isinstance(v, list) else v
+                  for k, v in value.items()})
 
 
 def plan_from_dict(data: Mapping[str, Any]) -> Plan:
@@ -473,7 +485,7 @@ def plan_from_dict(data: Mapping[str, Any]) -> Plan:
             raise _unknown_key_error("plan", key, valid)
         if key in PARTS:
             kwargs[key] = _part_from_value(key, value)
-        elif key in ("blocks", "tp_divide_attrs") and value is not None:
+        elif key in tuple_fields(Plan) and value is not None:
             kwargs[key] = (value,) if isinstance(value, str) else tuple(value)
         else:
             kwargs[key] = value
