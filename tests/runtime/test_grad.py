@@ -176,3 +176,26 @@ def test_deepspeed_engine_steps_every_micro_step():
     assert engine.calls == ["boundary=False", "backward", "step",
                             "boundary=True", "backward", "step", "zero_grad"]
     assert rt.step == 1 and float(norm) == 3.0
+
+
+def test_an_eval_loop_inside_the_training_loop_keeps_the_last_batch_sync():
+    calls = []
+    rt = make_rt(mlp(), Plan(grad_accum=4), set_sync=calls.append)
+    x, y = data(6)
+    train = rt.shard(DataLoader(TensorDataset(x, y), batch_size=1))
+    evals = rt.shard(DataLoader(TensorDataset(x), batch_size=4))
+    syncs, eval_rows = [], []
+    for i, (xb, yb) in enumerate(train):
+        for (e,) in evals:  # before the step: the eval loop ends, training is active again
+            eval_rows.append(len(rt.gather_for_metrics(e)))
+        with rt.accumulate():
+            rt.backward(torch.nn.functional.mse_loss(rt.model(xb), yb))
+            syncs.append(rt.sync_gradients)
+            rt.optimizer.step()
+            rt.optimizer.zero_grad()
+        if i == 1:
+            for (e,) in evals:  # and after it, breaking out early
+                break
+    assert syncs == [False, False, False, True, False, True]
+    assert calls == [False, True, False, True] and rt.step == 2
+    assert eval_rows == [4, 2] * 6

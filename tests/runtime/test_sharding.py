@@ -279,3 +279,15 @@ def test_resharding_the_same_loader_replaces_its_slot():
     assert rt._loaders == [train, evals]
     again = rt.shard(train_base)
     assert rt._loaders == [again, evals]
+
+
+def test_gather_for_metrics_trims_the_outer_loader_after_a_nested_loop():
+    rt = fake_rt(1, 2)
+    train = rt.shard(DataLoader(TensorDataset(torch.arange(5)), batch_size=2))
+    evals = rt.shard(DataLoader(TensorDataset(torch.arange(4)), batch_size=2))
+    got = []
+    for (x,) in train:
+        for _ in evals:
+            pass
+        got.append(rt.gather_for_metrics(x).tolist())  # one rank, no process group
+    assert got == [[2, 3], []]  # rank 1's second batch is all wrap-around padding

@@ -82,6 +82,7 @@ class ShardedLoader:
         self.loader = self._rebuild(loader)
         # the batch being consumed: its row count, real rows, and whether it is the last
         self.batch_len, self.n_real, self.end_of_epoch = 0, 0, False
+        self._iterating = False
 
     # -- construction ------------------------------------------------------------
     @staticmethod
@@ -218,6 +219,10 @@ class ShardedLoader:
         skip, self._skip = self._skip, 0
         self.consumed = skip
         batches = self._batches(skip)
+        # the active loader is the one whose batch was yielded last (its last batch syncs,
+        # gather_for_metrics trims its padding); a loop nested in ours hands it back
+        outer = self.rt._active_loader
+        self._iterating = True
         try:
             nxt = next(batches, _END)
             while nxt is not _END:
@@ -226,11 +231,13 @@ class ShardedLoader:
                 self.end_of_epoch = nxt is _END
                 self.batch_len, self.n_real = _rows(batch), n_real
                 self.consumed += self._per_batch
+                self.rt._active_loader = self
                 yield self._place(batch)
             self.epoch, self.consumed = self.epoch + 1, 0
         finally:
+            self._iterating = False
             if self.rt._active_loader is self:
-                self.rt._active_loader = None
+                self.rt._active_loader = outer if getattr(outer, "_iterating", False) else None
 
     def _batches(self, skip: int) -> Iterator[tuple[Any, int]]:
         if self.loader is None:
