@@ -11,7 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import overdrive as od
 from overdrive.models.llama import tiny
-from overdrive.passes.checkpointing import activation_estimate, is_checkpointed
+from overdrive.passes.checkpointing import is_checkpointed
+from overdrive.rewrite.estimate import activation_estimate
 from overdrive.rewrite.trace import trace_model
 from tests.helpers import assert_untouched, snapshot
 
@@ -150,6 +151,25 @@ def test_inspect_budget_mode_traces_the_example_inputs():
     with pytest.raises(od.PlanError, match=r"budget_input_shape=\(batch, seq_len\).*"
                                            r"od.inspect\(model, plan, example_inputs=...\)"):
         od.inspect(tiny(n_layers=4), plan)
+
+
+@pytest.mark.parametrize("budget", [True, False])
+def test_inspect_memory_and_budget_mode_share_one_activation_model(budget):
+    """od.inspect's activation estimate is the one budget mode chooses its blocks by."""
+    x = torch.zeros(BATCH, dtype=torch.long)
+    total = trace_model(tiny(n_layers=4), x, backward=False).activation_bytes
+    ac = od.Checkpointing(mode="budget", budget_bytes=total * 2 // 3) if budget \
+        else od.Checkpointing(mode="every", every=2)
+    report = od.inspect(tiny(n_layers=4), od.Plan(checkpointing=ac), example_inputs=x)
+    rec = report["checkpointing"]
+    assert rec.modules and report.memory.activations < total
+    blocks = [f"layers.{i}" for i in range(4)]
+    acts = {b: report.trace[b].activation_bytes for b in blocks}
+    kept = {b: 2 * 16 * 64 * 4 for b in blocks}  # (2, 16, 64) fp32 block outputs
+    assert report.memory.activations == activation_estimate(
+        report.trace.activation_bytes, blocks, acts, kept, rec.modules)
+    if budget:
+        assert report.memory.activations == rec.details["estimated_activation_bytes"]
 
 
 def test_budget_refusals_leave_the_model_untouched():

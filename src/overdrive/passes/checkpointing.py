@@ -26,6 +26,7 @@ from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
                                     create_selective_checkpoint_contexts)
 
 from ..errors import PlanError
+from ..rewrite.estimate import activation_estimate, block_activations
 from ..rewrite.graph import ModuleGraph
 from ..rewrite.manager import Pass, register_pass
 from ..rewrite.plan import Plan
@@ -103,46 +104,12 @@ def _example_inputs(plan: Plan, env: Any) -> Any:
     )
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _element_size(module: nn.Module) -> int:
-    for p in module.parameters():
-        if p.is_floating_point():
-            return p.element_size()
-    return 4
-
-
-def activation_estimate(total: int, blocks: list[str], acts: dict[str, int],
-                        kept: dict[str, int], chosen: list[str]) -> int:
-    """Peak saved-for-backward bytes when the ``chosen`` blocks are checkpointed.
-
-    A checkpointed block keeps only its input until backward reaches it, then holds its
-    recomputed activations while the blocks before it still hold theirs. Everything
-    outside the blocks (embeddings, head, loss) is counted as live the whole time."""
-    other = total - sum(acts.values())
-    stored = {b: kept[b] if b in chosen else acts[b] for b in blocks}
-    peak = other + sum(stored.values())  # end of forward
-    running = other
-    for b in blocks:  # backward reaches block b while blocks before it are still stored
-        if b in chosen:
-            peak = max(peak, running + kept[b] + acts[b])
-        running += stored[b]
-    return peak
-
-
 def choose_budget_blocks(graph: ModuleGraph, plan: Plan, env: Any) -> tuple[list[str], dict]:
     """The fewest blocks (most saving first) whose checkpointing fits ``budget_bytes``."""
     ac = plan.checkpointing
     trace = trace_model(graph.model, _example_inputs(plan, env), backward=False)
     blocks = [b for b in graph.blocks() if b in trace.modules]
-    acts = {b: trace[b].activation_bytes for b in blocks}
-    kept = {b: sum(_numel(s) for s in trace[b].output_shapes) * _element_size(graph.module(b))
-            for b in blocks}
+    acts, kept = block_activations(graph, trace, blocks)
     order = sorted(blocks, key=lambda b: (-(acts[b] - kept[b]), blocks.index(b)))
     facts = {"traced_activation_bytes": trace.activation_bytes, "budget_bytes": ac.budget_bytes}
     for k in range(len(order) + 1):
@@ -242,4 +209,4 @@ class ActivationCheckpointing(Pass):
 
 
 __all__ = ["ActivationCheckpointing", "checkpoint_block", "is_checkpointed",
-           "choose_budget_blocks", "activation_estimate", "SAVE_OPS"]
+           "choose_budget_blocks", "SAVE_OPS"]

@@ -2,9 +2,16 @@
 
 Used by ``od.inspect``: parameters, gradients and optimizer state (AdamW-like: two fp32
 states per trainable parameter) for each rank, and activations when a meta trace exists.
+The parameter bytes after each pass of a dry run come from here too, and the one model
+of checkpointed activation memory (od.inspect's estimate and the budget checkpointing
+mode's choice of blocks).
 """
 
 from __future__ import annotations
+
+import math
+
+from torch import nn
 
 from .graph import ModuleGraph
 from .plan import Plan
@@ -14,51 +21,68 @@ OPTIMIZER_STATES = 2  # AdamW's exp_avg and exp_avg_sq
 FP32 = 4
 
 
+def _record(records: list[PassRecord], name: str) -> PassRecord | None:
+    return next((r for r in records if r.name == name), None)
+
+
 def _tp_sharded(records: list[PassRecord]) -> set[str]:
-    for r in records:
-        if r.name == "tensor_parallel":
-            return set(r.details.get("sharded_modules", r.modules))
-    return set()
+    r = _record(records, "tensor_parallel")
+    return set(r.details.get("sharded_modules", r.modules)) if r else set()
 
 
-def _checkpointed(records: list[PassRecord]) -> tuple[set[str], str | None]:
-    for r in records:
-        if r.name == "checkpointing":
-            return set(r.modules), r.details.get("mode")
-    return set(), None
+def _shard_factors(plan: Plan, records: list[PassRecord]) -> tuple[int, int, int]:
+    """(parameters, gradients, optimizer state) are each split over this many ranks
+    once the data-parallel pass in ``records`` has run."""
+    par = plan.parallel
+    if _record(records, "fsdp") is not None:
+        n = par.dp_shard * par.cp
+        return n, n, n
+    if _record(records, "deepspeed") is not None:
+        dp, stage = par.dp_replicate * par.dp_shard, plan.deepspeed.zero_stage
+        return dp if stage >= 3 else 1, dp if stage >= 2 else 1, dp if stage >= 1 else 1
+    return 1, 1, 1
+
+
+def _cast_delta(records: list[PassRecord]) -> int:
+    """Bytes casting's smaller storage dtype saves (negative), from its record."""
+    r = _record(records, "casting")
+    if r is None:
+        return 0
+    return r.details.get("cast_weight_bytes_after", 0) - r.details.get("cast_weight_bytes_before", 0)
+
+
+def _per_rank(graph: ModuleGraph, plan: Plan, records: list[PassRecord]) -> dict[str, float]:
+    """Parameter, gradient and optimizer bytes on one rank after the passes in ``records``."""
+    tp, tp_modules = plan.parallel.tp, _tp_sharded(records)
+    data_shard, grad_shard, opt_shard = _shard_factors(plan, records)
+    out = {"parameters": _cast_delta(records), "gradients": 0.0, "optimizer": 0.0, "full": 0}
+    for name, data in graph.g.nodes(data=True):
+        nbytes, numel = data["bytes"], data["params"]
+        if not numel:
+            continue
+        out["full"] += nbytes
+        split = tp if name in tp_modules else 1
+        out["parameters"] += nbytes / split / data_shard
+        if any(p.requires_grad for p in data["module"].parameters(recurse=False)):
+            out["gradients"] += nbytes / split / grad_shard
+            out["optimizer"] += numel * OPTIMIZER_STATES * FP32 / split / opt_shard
+    return out
+
+
+def parameter_bytes_per_rank(graph: ModuleGraph, plan: Plan, records: list[PassRecord]) -> int:
+    """This rank's parameter bytes once the passes in ``records`` have run (casting's
+    storage dtype, tensor-parallel and FSDP / ZeRO-3 shards): a dry run's bytes after."""
+    return int(_per_rank(graph, plan, records)["parameters"])
 
 
 def estimate_memory(graph: ModuleGraph, plan: Plan, records: list[PassRecord],
                     world_size: int, trace=None) -> MemoryEstimate:
     par = plan.parallel
-    tp_modules = _tp_sharded(records)
     notes: list[str] = []
-
-    data_shard, grad_shard, opt_shard = 1, 1, 1
-    if plan.fsdp is not None:
-        data_shard = grad_shard = opt_shard = par.dp_shard * par.cp
-        if par.dp_replicate > 1:
-            notes.append(f"HSDP: sharded over {data_shard} ranks, replicated {par.dp_replicate}×")
-    elif plan.deepspeed is not None:
-        dp = par.dp_replicate * par.dp_shard
-        stage = plan.deepspeed.zero_stage
-        opt_shard = dp if stage >= 1 else 1
-        grad_shard = dp if stage >= 2 else 1
-        data_shard = dp if stage >= 3 else 1
-
-    params = grads = opt = 0
-    full = 0
-    for name, data in graph.g.nodes(data=True):
-        nbytes, numel = data["bytes"], data["params"]
-        if not numel:
-            continue
-        full += nbytes
-        tp = par.tp if name in tp_modules else 1
-        trainable = any(p.requires_grad for p in data["module"].parameters(recurse=False))
-        params += nbytes / tp / data_shard
-        if trainable:
-            grads += nbytes / tp / grad_shard
-            opt += numel * OPTIMIZER_STATES * FP32 / tp / opt_shard
+    if plan.fsdp is not None and par.dp_replicate > 1:
+        notes.append(f"HSDP: sharded over {par.dp_shard * par.cp} ranks, replicated "
+                     f"{par.dp_replicate}×")
+    mem = _per_rank(graph, plan, records)
     if plan.deepspeed is not None and plan.mixed_precision != "no":
         notes.append("DeepSpeed also keeps an fp32 master copy of the parameters "
                      "(sharded with the optimizer state)")
@@ -68,31 +92,60 @@ def estimate_memory(graph: ModuleGraph, plan: Plan, records: list[PassRecord],
     if trace is not None:
         activations = _activation_bytes(graph, trace, records) / (par.tp * par.cp)
         notes.append("activations: one micro-batch of the example inputs, from the meta trace")
-    return MemoryEstimate(world_size=world_size, parameters=int(params), gradients=int(grads),
-                          optimizer=int(opt), activations=None if activations is None
-                          else int(activations), full_parameters=int(full), notes=notes)
+        ckpt = _record(records, "checkpointing")
+        if ckpt is not None and ckpt.details.get("mode") == "selective":
+            notes.append("activations: selective checkpointing counted as none (upper bound)")
+    return MemoryEstimate(world_size=world_size, parameters=int(mem["parameters"]),
+                          gradients=int(mem["gradients"]), optimizer=int(mem["optimizer"]),
+                          activations=None if activations is None else int(activations),
+                          full_parameters=int(mem["full"]), notes=notes)
 
 
-def _activation_bytes(graph: ModuleGraph, trace, records: list[PassRecord]) -> float:
-    """Saved-for-backward bytes; checkpointed blocks keep only their output (the next
-    block's input) plus, at recompute time, one block's own activations."""
+# --------------------------------------------------------------------------- activations
+
+
+def _element_size(module: nn.Module) -> int:
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.element_size()
+    return 4
+
+
+def block_activations(graph: ModuleGraph, trace, blocks: list[str]
+                      ) -> tuple[dict[str, int], dict[str, int]]:
+    """Per block: (bytes it saves for backward, bytes it keeps when checkpointed — its
+    output, the next block's input, in the block's parameter dtype)."""
+    acts = {b: trace[b].activation_bytes for b in blocks}
+    kept = {b: sum(math.prod(s) for s in trace[b].output_shapes)
+            * _element_size(graph.module(b)) for b in blocks}
+    return acts, kept
+
+
+def activation_estimate(total: int, blocks: list[str], acts: dict[str, int],
+                        kept: dict[str, int], chosen: list[str]) -> int:
+    """Peak saved-for-backward bytes when the ``chosen`` blocks are checkpointed.
+
+    A checkpointed block keeps only its input until backward reaches it, then holds its
+    recomputed activations while the blocks before it still hold theirs. Everything
+    outside the blocks (embeddings, head, loss) is counted as live the whole time."""
+    other = total - sum(acts.values())
+    stored = {b: kept[b] if b in chosen else acts[b] for b in blocks}
+    peak = other + sum(stored.values())  # end of forward
+    running = other
+    for b in blocks:  # backward reaches block b while blocks before it are still stored
+        if b in chosen:
+            peak = max(peak, running + kept[b] + acts[b])
+        running += stored[b]
+    return peak
+
+
+def _activation_bytes(graph: ModuleGraph, trace, records: list[PassRecord]) -> int:
+    """Saved-for-backward bytes of one micro-batch under the plan's checkpointing."""
     total = trace.activation_bytes
-    ckpt, mode = _checkpointed(records)
-    if not ckpt or mode == "selective":
+    ckpt = _record(records, "checkpointing")
+    if ckpt is None or ckpt.details.get("mode") == "selective" or not ckpt.modules:
         return total
-    peak = 0
-    for name in ckpt:
-        if name not in trace.modules:
-            continue
-        t = trace.modules[name]
-        kept = sum(_numel(s) for s in t.output_shapes) * 2  # bf16/fp32 mix: 2 bytes low bound
-        total -= max(t.activation_bytes - kept, 0)
-        peak = max(peak, t.activation_bytes)
-    return total + peak
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+    blocks = [b for b in graph.blocks() if b in trace.modules]
+    acts, kept = block_activations(graph, trace, blocks)
+    return activation_estimate(total, blocks, acts, kept, [b for b in blocks
+                                                           if b in ckpt.modules])
