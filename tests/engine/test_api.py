@@ -109,6 +109,25 @@ def test_inspect_touches_nothing_and_estimates_memory():
     assert '"memory_per_rank"' in rep.to_json()
 
 
+def test_inspect_reports_parameter_bytes_per_rank_before_and_after_each_pass():
+    model = tiny(n_layers=2)
+    full = sum(p.numel() * 4 for p in model.parameters())
+    rep = od.inspect(model, "fsdp+compile+ac", world_size=4)
+    sizes = {r.name: (r.bytes_before, r.bytes_after) for r in rep}
+    assert sizes["checkpointing"] == sizes["compile"] == (full, full)
+    assert sizes["fsdp"] == (full, full // 4) == (full, rep.memory.parameters)
+    assert "0 B" not in str(rep)
+    cast = od.inspect(model, od.Plan(casting=od.Casting(skip=("embed",))))
+    rec = cast["casting"]
+    saved = rec.details["cast_weight_bytes_before"] - rec.details["cast_weight_bytes_after"]
+    assert saved > 0 and (rec.bytes_before, rec.bytes_after) == (full, full - saved)
+    assert cast.memory.parameters == full - saved and cast.memory.optimizer == 0
+    # what the real run measures
+    rt = od.accelerate(tiny(n_layers=2), od.Plan(casting=od.Casting(skip=("embed",))))
+    assert (rt.report["casting"].bytes_before, rt.report["casting"].bytes_after) \
+        == (rec.bytes_before, rec.bytes_after)
+
+
 def test_inspect_refuses_bad_world_size():
     with torch.device("meta"):
         model = Llama(LlamaConfig(n_layers=2))

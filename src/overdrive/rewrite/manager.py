@@ -17,6 +17,7 @@ import networkx as nx
 from torch import nn
 
 from ..errors import PassFailed, PlanError
+from .estimate import parameter_bytes_per_rank
 from .graph import ModuleGraph, tensor_bytes
 from .plan import Plan
 from .report import PassRecord
@@ -191,11 +192,16 @@ class PassManager:
             p.check(graph, self.plan, env)
 
     def preview_all(self, graph: ModuleGraph, env: Any) -> list[PassRecord]:
-        records = []
+        """Every pass's dry-run record; parameter bytes per rank before/after each pass are
+        estimated from the graph and the records so far (casting's storage dtype, TP and
+        FSDP / ZeRO-3 shards)."""
+        records: list[PassRecord] = []
         for p in self.passes:
             rec = p.preview(graph, self.plan, env)
             rec.name, rec.dry_run = p.name, True
+            rec.bytes_before = parameter_bytes_per_rank(graph, self.plan, records)
             records.append(rec)
+            rec.bytes_after = parameter_bytes_per_rank(graph, self.plan, records)
         return records
 
     def apply_all(self, model: nn.Module, graph: ModuleGraph, env: Any) -> list[PassRecord]:
