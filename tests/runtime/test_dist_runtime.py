@@ -173,3 +173,30 @@ def test_accumulation_under_data_parallel_pass_matches_one_big_batch(plan, tmp_p
         got = read_json(tmp_path / f"rank{r}.json")
         assert got["steps"] == 2
         assert_same_state(got["state"], want)
+
+
+# --------------------------------------------------------------------------- 4 ranks
+
+
+@pytest.fixture(scope="module")
+def mesh_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mesh")
+    run_torchrun(SCRIPT.with_name("mesh_scenarios.py"), 4, str(out), tmp_path=out,
+                 env=child_env(OVERDRIVE_PG_TIMEOUT="60"))
+    return [read_json(out / f"rank{r}.json") for r in range(4)]
+
+
+@pytest.mark.parametrize("mesh", ["dp2_tp2", "dp2_cp2", "cp2_tp2"])
+def test_dispatch_with_tp_or_cp_peers(mesh_ranks, mesh):
+    got = [r[mesh] for r in mesh_ranks]
+    for r, g in enumerate(got):
+        assert "error" not in g, f"rank {r}:\n{g['error']}"
+        assert g["dispatch"] is True
+    assert [g["opened"] for g in got] == [1, 0, 0, 0]  # only global rank 0 reads the stream
+    by_dp: dict[int, list] = {}
+    for g in got:  # peers of one data-parallel rank see the same batches
+        assert by_dp.setdefault(g["dp_rank"], g["batches"]) == g["batches"]
+    dp_size = len(by_dp)
+    assert dp_size == (1 if mesh == "cp2_tp2" else 2)
+    seen = [v for batches in by_dp.values() for v in real_items(batches)]
+    assert sorted(seen) == list(range(11))  # disjoint and complete over the dp ranks

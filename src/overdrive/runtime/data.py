@@ -26,6 +26,7 @@ from torch.utils.data._utils.collate import default_collate
 from ..errors import OverdriveError
 from .sampling import (FlaggedCollate, IterableShard, SeededRandomSampler, ShardBatchSampler,
                        shard_indices, sharded_len)
+from .state import mesh_coordinates
 
 # DataLoader arguments copied from the user's loader when it is rebuilt.
 _LOADER_ARGS = ("num_workers", "pin_memory", "timeout", "worker_init_fn",
@@ -80,6 +81,7 @@ class ShardedLoader:
         self._iter_gen = torch.Generator() if loader.generator is None else None
         self.sampler = None
         self.loader = self._rebuild(loader)
+        self._transport = Dispatch(rt) if self.loader is None else None
         # the batch being consumed: its row count, real rows, and whether it is the last
         self.batch_len, self.n_real, self.end_of_epoch = 0, 0, False
         self._iterating = False
@@ -250,24 +252,25 @@ class ShardedLoader:
         return ((batch, meta.popleft()[1]) for batch in self.loader)
 
     def _dispatched(self, skip: int) -> Iterator[tuple[Any, int]]:
-        """Rank 0 reads raw samples with the user's loader settings and scatters each rank
-        its batch; every rank collates its own."""
+        """Global rank 0 reads raw samples with the user's loader settings and sends each
+        data-parallel rank its batch (TP/CP peers get the same one, see ``Dispatch``);
+        every rank collates its own."""
         source = msgs = None
-        if self.rank == 0:
+        transport = self._transport
+        if transport.is_source:
             raw = DataLoader(self.base.dataset, batch_size=self.batch_size,
                              collate_fn=_as_list, **self._loader_kwargs(self.base))
             source = _with_last(_grouped(iter(raw), self.size, self.split, self.even,
                                          self.batch_size, self.drop_last, skip))
         collate = self.base.collate_fn or default_collate
         while True:
-            if self.rank == 0:
+            if transport.is_source:
                 item = next(source, None)
                 msgs = [None] * self.size if item is None else item
-            out = [None]
-            _scatter(out, msgs, self.size)
-            if out[0] is None:
+            got = transport.receive(msgs)
+            if got is None:
                 return
-            entry, last = out[0]
+            entry, last = got
             if entry is not None:  # (samples, n_real); None once this rank ran out
                 yield collate(entry[0]), entry[1]
             if last:
@@ -309,11 +312,48 @@ def _with_last(groups: Iterator[list]) -> Iterator[list]:
         prev = cur
 
 
-def _scatter(out: list, msgs: list | None, size: int) -> None:
-    if size == 1:
-        out[0] = msgs[0]
-        return
-    dist.scatter_object_list(out, msgs, src=0)
+class Dispatch:
+    """How a dispatched batch travels from global rank 0, the only reader, to every rank.
+
+    Rank 0 scatters one message per data-parallel rank over the dp ranks of its own
+    (cp, tp) slice; each of those broadcasts it to its cp peers (the ranks with tp
+    coordinate 0), then every rank receives it from its tp peer 0. Without tp/cp the dp
+    group is the default group and the scatter is all there is. Groups are looked up once.
+    """
+
+    def __init__(self, rt):
+        self.is_source = rt.rank == 0
+        self.size = rt.dp_size
+        self.in_scatter, self.scatter_group, self.hops = True, None, []
+        if rt.world_size == rt.dp_size:
+            return
+        coords = mesh_coordinates(rt.rank, rt.plan)
+        self.in_scatter = coords["cp"] == 0 and coords["tp"] == 0
+        if self.in_scatter and self.size > 1:
+            self.scatter_group = rt.env.submesh("dp").get_group()
+        par = rt.plan.parallel
+        if par.cp > 1 and coords["tp"] == 0:
+            self.hops.append(_peers(rt.env.submesh("cp")))
+        if par.tp > 1:
+            self.hops.append(_peers(rt.env.submesh("tp")))
+
+    def receive(self, msgs: list | None) -> Any:
+        """This rank's message (every rank calls this once per step, in step)."""
+        out = [None]
+        if self.in_scatter:
+            if self.size == 1:
+                out[0] = msgs[0]
+            else:
+                dist.scatter_object_list(out, msgs, src=0, group=self.scatter_group)
+        for group, src in self.hops:
+            dist.broadcast_object_list(out, src=src, group=group)
+        return out[0]
+
+
+def _peers(mesh) -> tuple[Any, int]:
+    """A 1-D submesh's group and the global rank of its first member."""
+    group = mesh.get_group()
+    return group, dist.get_global_rank(group, 0)
 
 
 def _as_list(samples: list) -> list:
