@@ -17,8 +17,9 @@ expressed per global sample count (as rt.shard's is) resumes exactly, others app
 
 ``rt.optimizer`` may be a wrapper with ``.optimizer``: the raw optimizer is checkpointed.
 With a DeepSpeed engine (``env.engine``) the engine's own ``save_checkpoint`` /
-``load_checkpoint`` write its files inside the same atomic directory (DeepSpeed reads them
-with its own ``torch.load``; resharding follows DeepSpeed's rules).
+``load_checkpoint`` write its files inside the same atomic directory; resharding follows
+DeepSpeed's rules. ``checkpoint_deepspeed.py`` fsyncs them and makes DeepSpeed read them
+with ``weights_only=True`` (and says what stays trusted).
 
 ``async_=True``: tensors are staged to CPU memory, written by a background thread, and the
 checkpoint is published (manifest, marker, rename) by the next ``save``/``load`` or
@@ -47,6 +48,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
                                                       set_optimizer_state_dict)
 
 from ..errors import CheckpointCorrupt, CheckpointMismatch
+from . import checkpoint_deepspeed as ds
 from . import checkpoint_files as cf
 from .grad import raw_optimizer
 
@@ -236,7 +238,7 @@ def save(rt, path: str | Path, *, keep_last: int | None = None, async_: bool = F
     engine = getattr(rt.env, "engine", None)
     if engine is not None:
         meta["kind"] = "deepspeed"
-        engine.save_checkpoint(str(tmp / "deepspeed"), tag="state")
+        ds.save(engine, tmp)
         future = None
         if rank == 0:
             cf.save_plain(_replicated_state(rt, None), tmp / "state.pt")
@@ -312,7 +314,9 @@ def load(rt, path: str | Path, *, verify: bool = True) -> dict[str, Any]:
     manifest = _verify(path, group, verify)
     replicated = cf.load_plain(path / "state.pt")
     if meta["kind"] == "deepspeed":
-        _load_deepspeed(rt, path)
+        engine = getattr(rt.env, "engine", None)
+        ds.check_loadable(engine, path, manifest)
+        ds.load(engine, path)
     else:
         _load_dcp(rt, path, group, replicated["app"], manifest)
     _restore_replicated(rt, replicated)
@@ -424,13 +428,3 @@ def _restore_rank(rt, path: Path, meta: dict[str, Any], rank: int) -> None:
             "order, before rt.load")
     for ld, s in zip(rt._loaders, loaders):
         ld.load_state_dict(s)
-
-
-def _load_deepspeed(rt, path: Path) -> None:
-    engine = rt.env.engine
-    if engine is None:
-        raise CheckpointMismatch(f"{path} was saved by a DeepSpeed engine; load it with the "
-                                 "same deepspeed plan")
-    load_path, _ = engine.load_checkpoint(str(path / "deepspeed"), tag="state")
-    if load_path is None:
-        raise CheckpointCorrupt(f"DeepSpeed could not load {path / 'deepspeed'}")

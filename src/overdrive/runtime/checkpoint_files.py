@@ -87,6 +87,18 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(root: Path) -> None:
+    """fsync every file under ``root``, then every directory, deepest first."""
+    dirs = [root]
+    for p in sorted(root.rglob("*")):
+        if p.is_dir() and not p.is_symlink():
+            dirs.append(p)
+        elif p.is_file():
+            fsync_path(p)
+    for d in reversed(dirs):
+        fsync_path(d)
+
+
 def write_file(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
