@@ -56,9 +56,9 @@ def check_loadable(engine, root: Path, manifest: dict[str, dict[str, int]]) -> N
                      ("MoE layers", getattr(engine, "has_moe_layers", False))):
         if on:
             raise CheckpointMismatch(
-                f"loading {root} with DeepSpeed {what} is not supported: DeepSpeed reads those "
-                "files with its own pickle loader, outside the checked one; turn it off in "
-                "deepspeed.config")
+                f"loading {root} with DeepSpeed {what} is not supported: those files are "
+                "not read (or not known to be readable) through the weights_only reader; "
+                "turn it off in deepspeed.config")
     sub = root / SUBDIR
     if not sub.is_dir():
         raise CheckpointCorrupt(f"{sub} is missing")
