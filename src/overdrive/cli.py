@@ -17,7 +17,7 @@ def load_factory(spec: str) -> Callable[[], Any]:
     """``pkg.module:factory`` (or ``path/to/file.py:factory``) → the callable."""
     if ":" not in spec:
         raise SystemExit(f"overdrive: expected MODULE:FACTORY, got {spec!r} "
-                         "(e.g. examples.models:llama_8b)")
+                         "(e.g. overdrive.models.llama:llama3_8b)")
     mod_name, _, attr = spec.rpartition(":")
     if mod_name.endswith(".py"):
         loader = importlib.util.spec_from_file_location("_overdrive_user_module", mod_name)

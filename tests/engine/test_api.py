@@ -128,6 +128,28 @@ def test_inspect_reports_parameter_bytes_per_rank_before_and_after_each_pass():
         == (rec.bytes_before, rec.bytes_after)
 
 
+def test_inspect_llama3_8b_on_meta_is_fast_and_touches_nothing():
+    """Issue 2's done-when: the dry run of an 8B model before renting GPUs."""
+    import time
+
+    from overdrive.models.llama import llama3_8b
+
+    with torch.device("meta"):
+        model = llama3_8b()
+    t0 = time.perf_counter()
+    rep = od.inspect(model, "fsdp+compile", world_size=8)
+    seconds = time.perf_counter() - t0
+    assert seconds < 5, f"od.inspect took {seconds:.1f} s"
+    assert all(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()])
+    assert len(rep.blocks) == 32 and rep.names() == ["compile", "fsdp"]
+    full = sum(p.numel() for p in model.parameters()) * 4
+    assert rep.memory.world_size == 8 and rep.memory.full_parameters == full
+    assert rep.memory.parameters == pytest.approx(full / 8, rel=1e-6)
+    assert rep.memory.optimizer == pytest.approx(full / 8 * 2, rel=1e-6)
+    assert rep["fsdp"].bytes_after == rep.memory.parameters
+    assert "memory per rank (world size 8)" in str(rep)
+
+
 def test_inspect_refuses_bad_world_size():
     with torch.device("meta"):
         model = Llama(LlamaConfig(n_layers=2))

@@ -28,6 +28,21 @@ def test_inspect_prints_the_report():
     assert "memory per rank (world size 1)" in out.stdout
 
 
+def test_inspect_llama3_8b_fsdp_compile_on_eight_ranks():
+    out = run_cli("inspect", "overdrive.models.llama:llama3_8b", "--plan", "fsdp+compile",
+                  "--world-size", "8")
+    assert out.returncode == 0, out.stderr
+    assert "32 under 'layers'" in out.stdout and "memory per rank (world size 8)" in out.stdout
+    assert "compile" in out.stdout and "fsdp" in out.stdout
+    # 8.03e9 parameters, fp32, sharded 8 ways: 3.74 GiB per rank
+    assert "parameters      3.74 GiB   (full model 29.92 GiB)" in out.stdout
+
+
+def test_inspect_usage_example_names_a_real_factory():
+    out = run_cli("inspect", "llama3_8b")
+    assert out.returncode != 0 and "overdrive.models.llama:llama3_8b" in out.stderr
+
+
 def test_inspect_plan_error_is_a_clean_message():
     out = run_cli("inspect", "overdrive.models.llama:tiny", "--plan", "fsdp+warp")
     assert out.returncode == 2
