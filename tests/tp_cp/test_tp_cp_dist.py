@@ -1,11 +1,13 @@
-"""tensor / sequence / context parallel on 2 CPU ranks (gloo) against one process, and
-fsdp+tp / 2-D (dp_shard=2 × tp=2) on 4 ranks once the fsdp pass is in the tree.
+"""tensor / sequence / context parallel and fsdp+tp on 2 CPU ranks (gloo) against one
+process; tp × cp and 2-D fsdp+tp (dp_shard=2 × tp=2) on 4 ranks.
 
-One torchrun launch runs every 2-rank scenario (tests/tp_cp/tp_cp_worker.py) and
-writes JSON; the tests below compare it with single-process runs made here."""
+Two torchrun launches in all, one per world size (tests/tp_cp/tp_cp_worker.py runs every
+scenario named on its command line and writes JSON); the tests below compare them with
+single-process runs made here."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -37,7 +39,7 @@ def two_ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tp_cp")
     out = tmp / "out.json"
     run_torchrun(WORKER, 2, str(out), "tp", "sp", "divide", "hf", "cp_attention", "cp",
-                 "cp_ac", "cp_hf", "fp8", tmp_path=tmp)
+                 "cp_ac", "cp_hf", "fp8", "fsdp_tp", "fsdp_tp_hf", tmp_path=tmp)
     return read_json(out)
 
 
@@ -124,25 +126,61 @@ def test_cp_transformers_llama_through_rt_shard(two_ranks):
     assert any("shift_labels" in n for n in res["notes"])
 
 
-def test_tp_2_by_cp_2_four_ranks(tmp_path):
-    out = tmp_path / "out.json"
-    run_torchrun(WORKER, 4, str(out), "tp_cp", tmp_path=tmp_path)
-    assert_curve(read_json(out)["tp_cp"]["losses"], reference(llama))
+def norm_bytes(model) -> int:
+    """The parameters every tp plan here leaves whole (norm weights): sharded by FSDP only."""
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "norm" in n)
 
 
-def test_fsdp_tp_two_ranks(tmp_path):
-    out = tmp_path / "out.json"
-    run_torchrun(WORKER, 2, str(out), "fsdp_tp", "fsdp_tp_hf", tmp_path=tmp_path)
-    res = read_json(out)
-    assert_curve(res["fsdp_tp"]["losses"], reference(llama))
-    assert_curve(res["fsdp_tp_hf"]["losses"], reference(hf_llama, vocab=128))
+def assert_fsdp_tp_bytes(res: dict, model, dp: int, tp: int) -> None:
+    """Every rank holds exactly 1/(dp·tp) of the tp-sharded weights and 1/dp of the rest
+    (all dims here divide evenly: FSDP adds no padding)."""
+    full, whole = sum(p.numel() * p.element_size() for p in model.parameters()), norm_bytes(model)
+    expected = (full - whole) // (dp * tp) + whole // dp
+    assert res["rank_bytes"] == [expected] * dp * tp, (res["rank_bytes"], expected)
+    assert res["bytes_after"] == expected  # rank 0's report says the same
 
 
-def test_2d_dp_shard_2_tp_2_four_ranks(tmp_path):
-    out = tmp_path / "out.json"
-    run_torchrun(WORKER, 4, str(out), "fsdp_tp", tmp_path=tmp_path)
-    res = read_json(out)["fsdp_tp"]
+def test_fsdp_tp_two_ranks(two_ranks):
+    """dp_shard=1 × tp=2: FSDP spans one rank, so each rank holds half the tp weights."""
+    assert_curve(two_ranks["fsdp_tp"]["losses"], reference(llama))
+    assert_fsdp_tp_bytes(two_ranks["fsdp_tp"], llama(), dp=1, tp=2)
+    assert_curve(two_ranks["fsdp_tp_hf"]["losses"], reference(hf_llama, vocab=128))
+    assert_fsdp_tp_bytes(two_ranks["fsdp_tp_hf"], hf_llama(), dp=1, tp=2)
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tp_cp4")
+    out = tmp / "out.json"
+    run_torchrun(WORKER, 4, str(out), "tp_cp", "fsdp_tp", "fsdp_tp_hf", "fsdp_tp_meta",
+                 tmp_path=tmp)
+    return read_json(out)
+
+
+def test_tp_2_by_cp_2_four_ranks(four_ranks):
+    assert_curve(four_ranks["tp_cp"]["losses"], reference(llama))
+
+
+def test_2d_dp_shard_2_tp_2_four_ranks(four_ranks):
+    res = four_ranks["fsdp_tp"]
     assert res["passes"][:1] == ["tensor_parallel"] and "fsdp" in res["passes"]
     assert_curve(res["losses"], reference(llama))
-    full = sum(p.numel() * 4 for p in llama().parameters())
-    assert res["bytes_after"] == pytest.approx(full / 4, rel=0.1)
+    assert_fsdp_tp_bytes(res, llama(), dp=2, tp=2)
+
+
+def test_2d_transformers_llama_with_its_own_plan_four_ranks(four_ranks):
+    res = four_ranks["fsdp_tp_hf"]
+    assert_curve(res["losses"], reference(hf_llama, vocab=128))
+    assert_fsdp_tp_bytes(res, hf_llama(), dp=2, tp=2)
+
+
+def test_meta_model_under_fsdp_tp_draws_every_shard(four_ranks):
+    """CPU has no DTensor RNG: seeding by the FSDP shard rank alone gave both tp shards
+    of every weight the same values (duplicated heads that never diverge)."""
+    res = four_ranks["fsdp_tp_meta"]
+    assert res["coords"] == [[0, 0], [0, 1], [1, 0], [1, 1]]  # (dp_shard, tp) per rank
+    q = [s["q_proj"] for s in res["sums"]]  # sharded over dp_shard and tp: 4 draws
+    assert len(set(q)) == 4, q
+    embed = [s["embed"] for s in res["sums"]]  # tied, so tp leaves it whole: replicas
+    assert embed[0] == embed[1] and embed[2] == embed[3] and embed[0] != embed[2], embed
+    assert all(math.isfinite(x) for x in res["losses"])

@@ -183,12 +183,24 @@ def dp_slice(rt):
     return lambda b: {k: v[rt.dp_rank::rt.dp_size] for k, v in b.items()}
 
 
+def local_bytes(model) -> int:
+    """Parameter bytes this rank holds (DTensor shards count their local part)."""
+    return sum(getattr(p, "_local_tensor", p).numel() * p.element_size()
+               for p in model.parameters())
+
+
+def gathered(value) -> list:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def fsdp_tp(model, data):
     plan = od.Plan(parallel=od.Parallel(dp_shard=-1, tp=2), fsdp=od.FSDP())
     rt = od.accelerate(model, plan, optimizer=sgd)
     losses = mean_over(run(rt, data, shard=dp_slice(rt)), None)
     return {"losses": losses, "bytes_after": rt.report.passes[-1].bytes_after,
-            "passes": rt.report.names()}
+            "rank_bytes": gathered(local_bytes(rt.model)), "passes": rt.report.names()}
 
 
 def scenario_fsdp_tp():
@@ -197,6 +209,24 @@ def scenario_fsdp_tp():
 
 def scenario_fsdp_tp_hf():
     return fsdp_tp(hf_llama(), batches(vocab=128))
+
+
+def scenario_fsdp_tp_meta():
+    """A meta-device model materialised by fsdp+tp on CPU (no DTensor RNG): every shard
+    of a weight must be its own draw, replicas of one the same draw. Tied embeddings stay
+    whole under tp, so embed_tokens is sharded over dp_shard only, replicated over tp."""
+    from overdrive.models.llama import Llama, LlamaConfig
+
+    with torch.device("meta"):
+        model = Llama(LlamaConfig(n_layers=2, tie_embeddings=True))
+    plan = od.Plan(parallel=od.Parallel(dp_shard=-1, tp=2), fsdp=od.FSDP())
+    rt = od.accelerate(model, plan, optimizer=sgd)
+    coords = rt.mesh.get_coordinate()  # (dp_replicate, dp_shard, cp, tp)
+    sums = {"q_proj": rt.model.layers[0].attn.q_proj.weight.to_local().sum().item(),
+            "embed": rt.model.embed_tokens.weight.to_local().sum().item()}
+    losses = mean_over(run(rt, batches(), shard=dp_slice(rt)), None)
+    return {"sums": gathered(sums), "coords": gathered([coords[1], coords[3]]),
+            "losses": losses, "notes": rt.report["fsdp"].notes}
 
 
 def main() -> None:

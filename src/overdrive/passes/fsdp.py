@@ -17,6 +17,7 @@ import contextlib
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..errors import PlanError
 from ..rewrite.graph import ModuleGraph
@@ -101,19 +102,65 @@ def _missing_initialisers(model: nn.Module) -> list[str]:
 
 
 @contextlib.contextmanager
-def _shard_rng(env, mesh):
+def _shard_rng(env):
     """Random init of sharded parameters. Where DTensor's RNG works (cuda-like devices,
     which have ``set_rng_state``) its offset tracker makes every shard the slice of the
-    full tensor's init. Elsewhere (CPU) each rank would draw its shard from the same
-    stream — equal shards; so each shard rank draws from its own seed instead (replicas
-    of a shard, HSDP's dp_replicate and tp peers, share it)."""
+    full tensor's init. Elsewhere (CPU) every rank would draw from the same stream —
+    equal shards, duplicated heads that never diverge — so ``PlacementSeeds`` seeds each
+    draw by where the tensor's shard sits instead."""
     if hasattr(getattr(torch, env.device.type, None), "set_rng_state"):
         yield
         return
-    shard_rank = mesh.get_local_rank(mesh.ndim - 1)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(torch.initial_seed() + 1_000_003 * shard_rank)
+    with torch.random.fork_rng(devices=[]), PlacementSeeds(_agreed_seed()):
         yield
+
+
+def _agreed_seed() -> int:
+    """Rank 0's initial seed, so replicas agree even if ranks were seeded differently."""
+    import torch.distributed as dist
+
+    seed = torch.tensor([torch.initial_seed() % 2**62])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(seed, src=0)
+    return int(seed.item())
+
+
+def _mix(*values: int) -> int:
+    h = 0
+    for v in values:
+        h = (h * 1_000_003 + v) % 2**62
+    return h
+
+
+class PlacementSeeds(TorchFunctionMode):
+    """CPU stand-in for DTensor's RNG tracker during init. Before each op on a DTensor
+    the CPU generator is seeded from (base seed, op count, this rank's coordinate on every
+    mesh dim the tensor is not replicated on — Shard, or FSDP's _StridedShard): shards
+    over any dim (dp_shard, tp) differ, replicas (HSDP's dp_replicate, tp peers of an
+    unsharded weight) draw the same numbers. After the op it is reseeded from (base,
+    count) alone, so draws on plain tensors stay in step across ranks. Every rank runs the
+    same init code, so the counts agree. (A generator passed explicitly to an init call
+    is the caller's: it is not reseeded.)"""
+
+    def __init__(self, base: int):
+        super().__init__()
+        self.base, self.count = base, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        from torch.distributed.tensor import DTensor
+
+        kwargs = kwargs or {}
+        target = args[0] if args else None
+        if not isinstance(target, DTensor):
+            return func(*args, **kwargs)
+        self.count += 1
+        coords = target.device_mesh.get_coordinate() or []
+        where = [0 if p.is_replicate() else c + 1 for p, c in zip(target.placements, coords)]
+        torch.default_generator.manual_seed(_mix(self.base, self.count, *where))
+        try:
+            return func(*args, **kwargs)
+        finally:
+            torch.default_generator.manual_seed(_mix(self.base, self.count))
 
 
 # After compile (blocks are compiled before they are wrapped). The name is only given
@@ -171,7 +218,7 @@ class FSDPPass(Pass):
         env.set_gradient_sync = model.set_requires_gradient_sync
         rec = self.record(modules=[n for u in units for n in u] + [""], notes=notes)
         if _on_meta(model):
-            rec.note(self._materialise(model, env, mesh))
+            rec.note(self._materialise(model, env))
         rec.details.update(self._details(plan, units))
         rec.details["mesh"] = dict(zip(mesh.mesh_dim_names, mesh.shape))
         return rec
@@ -201,10 +248,10 @@ class FSDPPass(Pass):
         return CPUOffloadPolicy(pin_memory=env.device.type == "cuda")
 
     @staticmethod
-    def _materialise(model: nn.Module, env, mesh) -> str:
+    def _materialise(model: nn.Module, env) -> str:
         """Allocate this rank's shards on the device, then initialise them in place."""
         model.to_empty(device=env.device)
-        with torch.no_grad(), _shard_rng(env, mesh):
+        with torch.no_grad(), _shard_rng(env):
             if callable(getattr(model, "init_weights", None)):
                 model.init_weights()
                 return "materialised from the meta device: to_empty + model.init_weights()"
