@@ -152,6 +152,32 @@ def clip_fsdp(rt):
     return {"norm": float(norm), "is_dtensor": shard_rt._dtensor_grads, "clipped": full}
 
 
+def tp_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4),
+                               torch.nn.LayerNorm(4))
+
+
+def clip_tp(rt):
+    """TP only (hand-made parallelize_module): DTensor linears next to a plain LayerNorm."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   parallelize_module)
+
+    model = tp_model()
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+    parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    tp_rt = runtime(model)
+    torch.manual_seed(1)
+    x = torch.randn(6, 8)  # the same batch on both ranks: TP peers
+    model(x).pow(3).sum().backward()
+    inf_norm = tp_rt.clip_grad_norm_(1e9, norm_type=float("inf"))  # no clipping at 1e9
+    norm = tp_rt.clip_grad_norm_(0.5)
+    full = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).tolist()
+            for n, p in model.named_parameters()}
+    return {"norm": float(norm), "inf_norm": float(inf_norm), "clipped": full}
+
+
 # --------------------------------------------------------------------------- accumulation
 
 ACCUM, STEPS, LR = 4, 2, 0.1
@@ -226,7 +252,7 @@ def main() -> None:
         return
     rt = runtime(seed=7)
     result = {}
-    for fn in (shards, metrics, resume, collectives, clip_fsdp, accum_raw_fsdp):
+    for fn in (shards, metrics, resume, collectives, clip_fsdp, clip_tp, accum_raw_fsdp):
         try:
             result[fn.__name__] = fn(rt)
         except Exception:  # noqa: BLE001 — reported in the JSON, the test fails on it

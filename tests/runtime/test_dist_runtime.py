@@ -132,6 +132,24 @@ def test_clip_grad_norm_of_sharded_grads_equals_single_process(ranks):
                                        atol=1e-6, rtol=1e-5)
 
 
+def test_clip_grad_norm_under_tensor_parallel_only_equals_single_process(ranks):
+    from runtime_scenarios import tp_model
+
+    model = tp_model()
+    torch.manual_seed(1)
+    x = torch.randn(6, 8)
+    model(x).pow(3).sum().backward()
+    inf_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()], float("inf"))
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+    for r in ranks:
+        got = r["clip_tp"]
+        assert got["inf_norm"] == pytest.approx(float(inf_norm), rel=1e-5)
+        assert got["norm"] == pytest.approx(float(norm), rel=1e-5)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(torch.tensor(got["clipped"][name]), p.grad,
+                                       atol=1e-6, rtol=1e-5, msg=name)
+
+
 # --------------------------------------------------------------------------- accumulation
 
 

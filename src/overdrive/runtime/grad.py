@@ -211,12 +211,38 @@ def clip_grad_norm_(rt, max_norm: float, norm_type: float = 2.0) -> torch.Tensor
         return torch.as_tensor(norm) if norm is not None else None
     unscale_once(rt)
     params = grads_of(rt.model)
-    grads = [p.grad for p in params]
-    total = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite=False)
-    if rt._dtensor_grads and hasattr(total, "full_tensor"):
-        total = total.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    if not rt._dtensor_grads:
+        total = _norm([p.grad for p in params], norm_type)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return total
+    groups = _by_mesh(params)
+    parts = [_norm([p.grad for p in group], norm_type) for group in groups.values()]
+    parts = [n.full_tensor() if mesh is not None else n for mesh, n in zip(groups, parts)]
+    total = parts[0] if len(parts) == 1 else torch.linalg.vector_norm(
+        torch.stack([n.to(parts[0].device) for n in parts]), norm_type)
+    for group in groups.values():  # torch's foreach kernels refuse DTensors mixed with tensors
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total
+
+
+def _norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    return torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite=False)
+
+
+def _by_mesh(params: list[torch.Tensor]) -> dict[Any, list[torch.Tensor]]:
+    """Parameters by the DeviceMesh of their DTensor gradient (None: plain tensors).
+
+    TP without FSDP leaves norms and embeddings plain next to DTensor linears: each
+    group's norm is taken alone (a DTensor's partial norm made whole by full_tensor())
+    and the norms are combined like the norm of their concatenation.
+    """
+    from torch.distributed.tensor import DTensor
+
+    out: dict[Any, list[torch.Tensor]] = {}
+    for p in params:
+        mesh = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
+        out.setdefault(mesh, []).append(p)
+    return out or {None: []}
 
 
 def clip_grad_value_(rt, clip_value: float) -> None:
