@@ -1,4 +1,5 @@
-"""SIGKILL inside a save leaves the previous checkpoint intact and nothing under the path."""
+"""SIGKILL inside a save leaves the previous checkpoint intact and loadable at its path, and
+nothing half-written under the new one."""
 
 import signal
 import subprocess
@@ -15,9 +16,7 @@ from helpers import ROOT, child_env
 SCRIPT = Path(__file__).parent / "scripts" / "save_then_hang.py"
 
 
-@pytest.mark.parametrize("stage,target", [("write", "new"), ("rename", "new"),
-                                          ("rename", "overwrite")])
-def test_kill_during_save_keeps_previous_checkpoint(tmp_path, stage, target):
+def _kill_at(tmp_path, stage, target):
     signal_file = tmp_path / "reached"
     env = child_env(OVERDRIVE_CKPT_TEST_HANG=f"{stage}:{signal_file}")
     proc = subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path), target], env=env,
@@ -34,6 +33,12 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, stage, target):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("stage,target", [("write", "new"), ("rename", "new"),
+                                          ("rename", "overwrite")])
+def test_kill_during_save_keeps_previous_checkpoint(tmp_path, stage, target):
+    _kill_at(tmp_path, stage, target)
     names = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
     assert names == ["expected.pt", "reached", "step-1"]  # step-2 never appears half-written
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
@@ -49,3 +54,23 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, stage, target):
     rt.save(tmp_path / ("step-1" if target == "overwrite" else "step-2"))
     # the next save of that path removed the dead sibling
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_kill_between_the_renames_of_an_overwrite_still_loads_the_previous(tmp_path):
+    _kill_at(tmp_path, "swap", "overwrite")  # step-1 renamed aside, the new one not yet in
+    assert not (tmp_path / "step-1").exists()
+    hidden = sorted(p.name.rsplit("-", 1)[0] for p in tmp_path.iterdir() if p.name.startswith("."))
+    assert hidden == [".step-1.old", ".step-1.tmp"], hidden
+
+    model = make_model(2, seed=3)
+    rt = manual_runtime(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    rt._loaders.append(CountingLoader())
+    assert rt.load(tmp_path / "step-1")["step"] == 1  # the previous checkpoint, complete
+    expected = torch.load(tmp_path / "expected.pt", weights_only=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+    rt.save(tmp_path / "step-2")  # another path: step-1's leftovers are not its business
+    assert rt.load(tmp_path / "step-1")["step"] == 1
+    rt.save(tmp_path / "step-1")  # the next save of the path puts it back, then replaces it
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert rt.load(tmp_path / "step-1")["step"] == 1

@@ -310,6 +310,13 @@ def load(rt, path: str | Path, *, verify: bool = True) -> dict[str, Any]:
     group = _group(rt)
     rank, world = _world()
     path = Path(path).absolute()
+    aside = cf.set_aside(path)
+    if aside is not None:
+        if rank == 0:
+            log.warning("overdrive: %s is missing: a save replacing it was interrupted; loading "
+                        "the previous checkpoint it set aside, %s (the next save of %s puts it "
+                        "back)", path, aside.name, path.name)
+        path = aside
     meta = cf.read_marker(path)
     manifest = _verify(path, group, verify)
     replicated = cf.load_plain(path / "state.pt")

@@ -66,17 +66,27 @@ def remove_stale_tmp(path: Path) -> list[Path]:
     removed = []
     if not path.parent.is_dir():
         return removed
+    aside = set_aside(path)
+    if aside is not None:
+        os.rename(aside, path)
     for p in path.parent.iterdir():
-        if p.name.startswith(f".{path.name}.old-"):
-            if not path.exists() and (p / MARKER).is_file():
-                os.rename(p, path)
-                continue
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-        elif p.name.startswith(tmp_prefix(path)):
+        if p.name.startswith((aside_prefix(path), tmp_prefix(path))):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
+
+
+def aside_prefix(path: Path) -> str:
+    return f".{path.name}.old-"
+
+
+def set_aside(path: Path) -> Path | None:
+    """The complete previous checkpoint a crash inside ``publish`` left aside while
+    replacing ``path`` (only when ``path`` itself is missing), else None."""
+    if path.exists() or not path.parent.is_dir():
+        return None
+    found = sorted(p for p in path.parent.glob(f"{aside_prefix(path)}*") if (p / MARKER).is_file())
+    return found[-1] if found else None
 
 
 def fsync_path(path: Path) -> None:
@@ -196,11 +206,6 @@ def read_marker(path: Path) -> dict[str, Any]:
         if leftovers:
             hint = (f"; {', '.join(leftovers)} is an unfinished save of it (a crash before the "
                     "rename): its data is incomplete")
-        aside = sorted(p.name for p in path.parent.glob(f".{path.name}.old-*")) \
-            if path.parent.is_dir() else []
-        if aside and not path.exists():
-            hint += (f"; {aside[0]} is the complete previous checkpoint, set aside by a save that "
-                     f"was interrupted while replacing it: rename it back to {path.name}")
         what = "does not exist" if not path.exists() else f"has no {MARKER}"
         raise NotACheckpoint(
             f"{path} is not an overdrive checkpoint: it {what}{hint}. Pass a directory "
@@ -244,16 +249,20 @@ def publish(tmp: Path, path: Path) -> None:
     """Rename the finished ``tmp`` to ``path``; an existing ``path`` is replaced.
 
     A replaced checkpoint is first renamed aside (``.<name>.old-<uuid>``) and deleted after
-    the new one is in place; a crash between the two renames leaves it there, complete.
+    the new one is in place; a crash between the two renames leaves it there, complete:
+    ``load`` of ``path`` reads it (``set_aside``) and the next save of ``path`` renames it
+    back before writing.
     """
     fsync_path(tmp)
     aside = None
     if path.exists():
-        aside = path.parent / f".{path.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
+        aside = path.parent / f"{aside_prefix(path)}{tmp.name.rsplit('-', 1)[-1]}"
         os.rename(path, aside)
+        test_hook("swap")
     os.rename(tmp, path)
     fsync_path(path.parent)
     if aside is not None:
+        (aside / MARKER).unlink(missing_ok=True)  # half deleted, it is no checkpoint
         shutil.rmtree(aside, ignore_errors=True)
 
 
