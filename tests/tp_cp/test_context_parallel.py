@@ -107,3 +107,21 @@ def test_non_sdpa_attention_refused():
     with pytest.raises(od.PlanError, match="attn_implementation='sdpa'"):
         od.inspect(model, cp(2), world_size=2)
     assert_untouched(model, before)
+
+
+def test_bidirectional_attention_refused_at_check():
+    from transformers import BertConfig, BertModel, T5Config, T5ForConditionalGeneration
+
+    bert = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=64))
+    with pytest.raises(od.PlanError, match=r"parallel.cp=2.*not causal.*is_causal=False"):
+        od.inspect(bert, cp(2), world_size=2)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1,
+                                             num_heads=2, d_kv=16))
+    with pytest.raises(od.PlanError, match="is_encoder_decoder=True"):
+        od.inspect(t5, cp(2), world_size=2)
+    model = hf_llama()
+    model.config.is_causal = False
+    with pytest.raises(od.PlanError, match="config.is_causal=False"):
+        od.inspect(model, cp(2), world_size=2)
+    od.inspect(hf_llama(), cp(2), world_size=2)  # a causal decoder passes

@@ -39,7 +39,7 @@ def two_ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tp_cp")
     out = tmp / "out.json"
     run_torchrun(WORKER, 2, str(out), "tp", "sp", "divide", "hf", "cp_attention", "cp",
-                 "cp_ac", "cp_hf", "fp8", "fsdp_tp", "fsdp_tp_hf", tmp_path=tmp)
+                 "cp_ac", "cp_hf", "fp8", "fsdp_tp", "fsdp_tp_hf", "refusals", tmp_path=tmp)
     return read_json(out)
 
 
@@ -124,6 +124,22 @@ def test_cp_transformers_llama_through_rt_shard(two_ranks):
         assert got["num_items_in_batch"] == 2 * 15 / 2  # this rank's share of the targets
     assert "parallel.cp=2" in res["tuple_error"] and "mapping" in res["tuple_error"]
     assert any("shift_labels" in n for n in res["notes"])
+
+
+@pytest.mark.parametrize("case,fragments", [
+    ("tp_heads", ["parallel.tp=2", "1 key/value heads", "valid tp values: [1]"]),
+    ("cp_window", ["parallel.cp=2", "sliding-window", "layers.1.attn.sliding_window=8"]),
+    ("cp_bidirectional", ["parallel.cp=2", "not causal", "is_causal=False"]),
+    ("sp_own_plan", ["sequence_parallel=True", "own tp plan"]),
+    ("offload_tp", ["fsdp.offload=True", "parallel.tp=2"]),
+    ("offload_fp8", ["fsdp.offload=True", "fp8"]),
+])
+def test_refusals_through_accelerate_leave_the_model_untouched(two_ranks, case, fragments):
+    res = two_ranks["refusals"][case]
+    assert res["error"] is not None, f"{case}: od.accelerate did not refuse"
+    for f in fragments:
+        assert f in res["error"], res["error"]
+    assert res["untouched"], f"{case}: the refused plan changed the model"
 
 
 def norm_bytes(model) -> int:

@@ -229,6 +229,53 @@ def scenario_fsdp_tp_meta():
             "losses": losses, "notes": rt.report["fsdp"].notes}
 
 
+def refusal_cases() -> dict:
+    """Plans each pass must refuse in check, before anything touches the model."""
+    from transformers import BertConfig, BertModel
+
+    def windowed():
+        model = llama()
+        model.layers[1].attn.sliding_window = 8
+        return model
+
+    def bert():
+        return BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=64))
+
+    cp = od.Plan(parallel=od.Parallel(cp=2, dp_shard=1))
+    offload = od.FSDP(offload=True)
+    return {
+        "tp_heads": (lambda: llama(n_kv_heads=1), tp_plan()),
+        "cp_window": (windowed, cp),
+        "cp_bidirectional": (bert, cp),
+        "sp_own_plan": (hf_llama, tp_plan(sequence_parallel=True)),
+        "offload_tp": (llama, od.Plan(parallel=od.Parallel(tp=2, dp_shard=1), fsdp=offload)),
+        "offload_fp8": (llama, od.Plan(fsdp=offload, fp8=od.FP8())),
+    }
+
+
+def scenario_refusals():
+    """od.accelerate on 2 real ranks: PlanError, and the model exactly as it was."""
+    from tests.helpers import assert_untouched, snapshot
+
+    out = {}
+    for name, (make, plan) in refusal_cases().items():
+        model = make()
+        before = snapshot(model)
+        try:
+            od.accelerate(model, plan, optimizer=sgd)
+            out[name] = {"error": None}
+            continue
+        except od.PlanError as err:
+            out[name] = {"error": str(err)}
+        try:
+            assert_untouched(model, before)
+            out[name]["untouched"] = True
+        except AssertionError:
+            out[name]["untouched"] = False
+    return out
+
+
 def main() -> None:
     out, names = sys.argv[1], sys.argv[2:]
     results = {}

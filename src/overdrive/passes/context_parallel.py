@@ -21,10 +21,15 @@ module swap, no monkey-patching of ``torch.nn.functional``), only SDPA calls mad
 model are affected, and activation checkpointing's recompute — which calls the block again
 during backward, outside the model's forward — runs under the same redirect.
 
-Refused rather than silently changed: explicit attention masks and non-causal attention
-(at the SDPA call), sliding-window attention (at check), attention that never calls
-SDPA (after the block's forward), a sequence not divisible by ``2·cp`` (in
-``shard_sequence``).
+Refused rather than silently changed. At check, before the model is touched, whatever
+the model declares: sliding-window attention, bidirectional attention (a config with
+``is_causal=False`` or ``is_encoder_decoder=True``, attention modules with
+``is_causal=False`` — transformers' encoders), an ``attn_implementation`` other than
+sdpa. At the SDPA call, a runtime guard for what only the call shows: an explicit
+``attn_mask`` (e.g. a padding ``attention_mask`` passed with the batch) or
+``is_causal=False``. After a block's forward: attention that never called SDPA. In
+``shard_sequence``: a sequence not divisible by ``2·cp``. The runtime refusals happen
+after the model was changed (rebuild it, or feed causal, unpadded batches).
 
 Gradients: each cp rank's loss covers its own tokens. When the plan has no data-parallel
 engine the pass averages gradients over the cp group itself; fsdp (which shards over
@@ -286,6 +291,19 @@ def _sliding_window(graph: ModuleGraph) -> str | None:
     return None
 
 
+def _bidirectional(graph: ModuleGraph) -> str | None:
+    """What in the model says its attention is not causal, or None."""
+    cfg = getattr(graph.model, "config", None)
+    if getattr(cfg, "is_encoder_decoder", None) is True:
+        return "config.is_encoder_decoder=True"
+    if getattr(cfg, "is_causal", None) is False:
+        return "config.is_causal=False"
+    for name in graph.names():
+        if getattr(graph.module(name), "is_causal", None) is False:
+            return f"{name}.is_causal=False"
+    return None
+
+
 def _attn_implementation(graph: ModuleGraph) -> str | None:
     cfg = getattr(graph.model, "config", None)
     impl = getattr(cfg, "_attn_implementation", None)
@@ -307,6 +325,12 @@ class ContextParallel(Pass):
             raise PlanError(
                 f"parallel.cp={cp}: the model uses sliding-window attention ({window}); "
                 "context parallelism supports full causal attention only; set cp=1"
+            )
+        bidirectional = _bidirectional(graph)
+        if bidirectional is not None:
+            raise PlanError(
+                f"parallel.cp={cp}: the model's attention is not causal ({bidirectional}); "
+                "context parallelism supports causal (decoder) attention only; set cp=1"
             )
         impl = _attn_implementation(graph)
         if impl is not None and impl != "sdpa":

@@ -175,10 +175,6 @@ class FSDPPass(Pass):
 
     def check(self, graph: ModuleGraph, plan: Plan, env) -> None:
         cfg = plan.fsdp
-        if cfg.offload and not env.dry_run and env.device.type == "cpu":
-            raise PlanError(
-                "fsdp.offload=True is not valid on a CPU device: parameters already live in "
-                "host memory; set offload=False (offload is for cuda/xpu runs)")
         if cfg.offload and plan.parallel.tp > 1:
             raise PlanError(
                 f"fsdp.offload=True with parallel.tp={plan.parallel.tp} is not supported "
@@ -187,6 +183,10 @@ class FSDPPass(Pass):
             raise PlanError(
                 "fsdp.offload=True with fp8 is not supported (float8 all-gather needs the "
                 "parameters on the accelerator); set offload=False or drop fp8")
+        if cfg.offload and not env.dry_run and env.device.type == "cpu":
+            raise PlanError(
+                "fsdp.offload=True is not valid on a CPU device: parameters already live in "
+                "host memory; set offload=False (offload is for cuda/xpu runs)")
         if _on_meta(graph.model):
             missing = _missing_initialisers(graph.model)
             if missing:
