@@ -10,13 +10,15 @@ one compiled graph when the compile pass runs next.
 Modes:
   full       every block
   every      every N-th block (``every=2``: blocks 2, 4, … counting from 1)
-  selective  every block, op-level: matmul / attention outputs are saved, everything
-             else (norms, activations, RoPE, residual adds) is recomputed
+  selective  every block, op-level (torchtitan's policy): attention outputs and every
+             second matmul's are saved, the other matmuls and everything else (norms,
+             activations, RoPE, residual adds) are recomputed
   budget     the fewest blocks so the traced activation memory fits ``budget_bytes``
 """
 
 from __future__ import annotations
 
+import collections
 import types
 from typing import Any
 
@@ -36,27 +38,45 @@ from ..rewrite.trace import trace_model
 _MARK = "_overdrive_checkpointed"
 _INNER = "_overdrive_inner_forward"  # an instance-level forward that was there before us
 
-# ops whose outputs selective checkpointing keeps: the expensive ones
+# Selective checkpointing is torchtitan's op-level policy. Matmuls alternate: the first,
+# third, … of each block are saved, the others recomputed (about half the matmul
+# activations for about half a block's matmul FLOPs again). The other compute-intensive
+# ops (attention, convolutions) are always saved, and so are max reductions: fp8 scales
+# come from an amax, and a recompute must reuse the forward's. Everything else (norms,
+# activations, RoPE, residual adds) is recomputed.
 _ATEN = torch.ops.aten
+MATMUL_OPS = {_ATEN.mm.default, _ATEN.addmm.default, _ATEN.bmm.default,
+              _ATEN.baddbmm.default, _ATEN._scaled_mm.default}
 SAVE_OPS = {
-    _ATEN.mm.default, _ATEN.addmm.default, _ATEN.bmm.default, _ATEN.baddbmm.default,
-    _ATEN.linear.default, _ATEN.convolution.default,
-    _ATEN._scaled_mm.default,
+    _ATEN.convolution.default, _ATEN.max.default, _ATEN.amax.default,
 } | {getattr(_ATEN, name).default for name in (
     "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
     "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
     "_scaled_dot_product_fused_attention_overrideable") if hasattr(_ATEN, name)}
+if hasattr(torch.ops, "_c10d_functional"):  # tensor/sequence parallel's reduce-scatter
+    SAVE_OPS.add(torch.ops._c10d_functional.reduce_scatter_tensor.default)
 
 
 # --------------------------------------------------------------------------- in-place wrap
 
 
-def _save_matmuls(ctx, func, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if func in SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+def selective_policy(counts: dict[str, int]):
+    """The policy of one checkpointed call. ``counts`` numbers the matmuls of the forward
+    and of the recompute separately, so both pick the same ones."""
+    def policy(ctx, func, *args, **kwargs) -> CheckpointPolicy:
+        if func in MATMUL_OPS:
+            phase = "recompute" if ctx.is_recompute else "forward"
+            counts[phase] += 1
+            keep = counts[phase] % 2 == 1
+        else:
+            keep = func in SAVE_OPS
+        return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
 
 
 def _selective_context():
-    return create_selective_checkpoint_contexts(_save_matmuls)
+    return create_selective_checkpoint_contexts(selective_policy(collections.Counter()))
 
 
 def _original_forward(module: nn.Module):
@@ -190,7 +210,8 @@ class ActivationCheckpointing(Pass):
         rec.note(f"{mode}: {len(chosen)} of {len(blocks)} blocks checkpointed "
                  "(non-reentrant, RNG state preserved)")
         if mode == "selective":
-            rec.note("selective: matmul/attention outputs saved, other ops recomputed")
+            rec.note("selective: attention and every second matmul saved, other ops "
+                     "recomputed")
         if mode == "budget":
             rec.note(f"budget: traced activations {facts['traced_activation_bytes']} B → "
                      f"about {facts['estimated_activation_bytes']} B "
@@ -209,4 +230,4 @@ class ActivationCheckpointing(Pass):
 
 
 __all__ = ["ActivationCheckpointing", "checkpoint_block", "is_checkpointed",
-           "choose_budget_blocks", "SAVE_OPS"]
+           "choose_budget_blocks", "selective_policy", "SAVE_OPS", "MATMUL_OPS"]
