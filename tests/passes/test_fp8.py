@@ -134,6 +134,27 @@ def test_filter_that_names_lm_head_converts_it():
     assert sorted(rec.modules) == sorted(["lm_head", "layers.0.attn.q_proj",
                                           "layers.1.attn.q_proj"])
     assert isinstance(model.lm_head, Float8Linear)
+    assert rec.details["output_projection_converted"] is True
+
+
+@pytest.mark.parametrize("flt", [lambda n: "attn" not in n, r"^(?!.*attn)"],
+                         ids=["callable", "regex"])
+def test_exclusion_filter_converting_lm_head_is_never_silent(flt):
+    """A filter that only leaves something out also selects the output projection: it is
+    converted (the filter decides), and the record says so."""
+    model = tiny(2)
+    rec = _fp8(model, filter=flt).report["fp8"]
+    assert "lm_head" in rec.modules and isinstance(model.lm_head, Float8Linear)
+    assert not any(".attn." in n for n in rec.modules)
+    assert rec.details["output_projection_converted"] is True
+    assert any(n.startswith("lm_head converted: fp8.filter selected the output projection")
+               for n in rec.notes)
+
+
+def test_without_filter_lm_head_is_kept_and_nothing_is_noted_as_converted():
+    rec = _fp8(tiny(1)).report["fp8"]
+    assert rec.details["output_projection_converted"] is False
+    assert not any("converted: fp8.filter" in n for n in rec.notes)
 
 
 def test_callable_filter_gets_the_qualified_name():

@@ -13,9 +13,11 @@ Two backends, one selection rule:
   has), else ``torchao``.
 
 Which layers: a Linear is converted unless its in/out features are not multiples of 16
-(fp8 matmuls need that), it is the output projection (``lm_head``; kept in high precision
-unless the filter selects it), or the user's filter (a regex searched in the qualified
-name, or ``fn(name) -> bool``) leaves it out. Every skip is recorded with its reason.
+(fp8 matmuls need that), or it is left out by the user's filter (a regex searched in the
+qualified name, or ``fn(name) -> bool``). Without a filter the output projection
+(``lm_head``) is kept in high precision; with one, the filter decides for it like for any
+other Linear, and converting it is always noted in the record (an exclusion filter such as
+``lambda n: "attn" not in n`` selects it too). Every skip is recorded with its reason.
 """
 
 from __future__ import annotations
@@ -378,6 +380,12 @@ class FP8Training(Pass):
                  f"{len(sel.convert)} Linear layer(s) converted")
         for name, reason in sel.skipped.items():
             rec.note(f"{name} skipped: {reason}")
+        head_converted = sel.output in sel.convert
+        if head_converted:
+            rec.note(f"{sel.output} converted: fp8.filter selected the output projection, "
+                     "which is kept in high precision when no filter is given (fp8 logits "
+                     "can cost accuracy); make the filter return False for it to keep it")
         rec.details.update(backend=backend, recipe=plan.fp8.recipe, converted=list(sel.convert),
-                           skipped=dict(sel.skipped), output_projection=sel.output, **details)
+                           skipped=dict(sel.skipped), output_projection=sel.output,
+                           output_projection_converted=head_converted, **details)
         return rec

@@ -37,7 +37,15 @@ class Compile:
 
 @dataclass(frozen=True)
 class FP8:
-    """FP8 training layers: torchao everywhere, Transformer Engine on NVIDIA GPUs."""
+    """FP8 training layers: torchao everywhere, Transformer Engine on NVIDIA GPUs.
+
+    ``filter`` picks the ``nn.Linear`` layers to convert: a regex searched in the qualified
+    name, or ``fn(name) -> bool``. Layers whose dims are not multiples of 16 are never
+    converted. Without a filter the output projection (``lm_head``, else the last Linear)
+    stays in high precision; a given filter decides for it too — returning True for it
+    (as an exclusion filter like ``lambda n: "attn" not in n`` does) converts it, and the
+    report notes that it did.
+    """
 
     backend: str = "auto"  # "auto" | "torchao" | "te"
     recipe: str = "tensorwise"  # "tensorwise" | "rowwise" | "mxfp8"
