@@ -199,3 +199,52 @@ def test_an_eval_loop_inside_the_training_loop_keeps_the_last_batch_sync():
     assert syncs == [False, False, False, True, False, True]
     assert calls == [False, True, False, True] and rt.step == 2
     assert eval_rows == [4, 2] * 6
+
+
+def test_fp16_step_skipped_on_inf_grads_runs_no_hooks_and_reads_no_scale():
+    model = mlp()
+    rt = make_rt(model, Plan(mixed_precision="fp16"),
+                 scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5))
+    hooked = []
+    rt.env.post_step_hooks.append(lambda m, o: hooked.append(rt.step))
+    reads = []
+    real_get_scale = rt.scaler.get_scale
+    rt.scaler.get_scale = lambda: reads.append(1) or real_get_scale()  # a device sync on GPU
+    x, y = data(4)
+    scale = real_get_scale()
+
+    rt.backward(torch.nn.functional.mse_loss(rt.model(x), y))
+    model[0].weight.grad[0, 0] = float("inf")
+    before = [p.detach().clone() for p in model.parameters()]
+    rt.optimizer.step()
+    rt.scheduler.step()
+    rt.optimizer.zero_grad()
+    assert rt.optimizer.step_was_skipped and rt.step == 0 and hooked == []
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert real_get_scale() == scale / 2 and rt.scheduler.get_last_lr() == [0.1]
+
+    rt.backward(torch.nn.functional.mse_loss(rt.model(x), y))
+    rt.clip_grad_norm_(1.0)  # unscaled here, once: the skipped step left no unscaled flag
+    rt.optimizer.step()
+    rt.scheduler.step()
+    assert not rt.optimizer.step_was_skipped and rt.step == 1 and hooked == [0]
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert rt.scheduler.get_last_lr() == [0.05]
+    assert reads == []
+
+
+def test_fp16_skipped_step_of_a_fused_optimizer_is_seen_too():
+    model = mlp()
+    plan = resolve_for_world(Plan(mixed_precision="fp16"), 1)
+    env = Env(plan, rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)  # skips on the device
+    rt = Runtime(model, plan=plan, report=Report([]), env=env, optimizer=opt)
+    x, y = data(4)
+    rt.backward(torch.nn.functional.mse_loss(rt.model(x), y))
+    model[0].weight.grad[0, 0] = float("nan")
+    rt.optimizer.step()
+    rt.optimizer.zero_grad()
+    assert rt.optimizer.step_was_skipped and rt.step == 0
+    rt.backward(torch.nn.functional.mse_loss(rt.model(x), y))
+    rt.optimizer.step()
+    assert not rt.optimizer.step_was_skipped and rt.step == 1

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import OverdriveError
+
 
 class GradSync:
     """The accumulation counter; ``rt.accumulate()`` returns it as a context manager."""
@@ -63,8 +65,12 @@ class Optimizer(torch.optim.Optimizer):
         self._engine = rt.env.engine
         self._hooks = rt.env.post_step_hooks  # the list itself: passes may append later
         self._model = rt.model
-        self.step_was_skipped = False
+        self.step_was_skipped = False  # the last real step was skipped by the fp16 scaler
         self.unscaled = False  # grads of this step already unscaled (clip before step)
+        self._stepped = False  # set by the raw optimizer's step post-hook (fp16 only)
+        self._fused_scaling, self._found_inf = False, None
+        if self._scaler is not None:
+            self._watch_steps(optimizer)
 
     # -- the step path ------------------------------------------------------------
     def step(self, closure=None):
@@ -76,14 +82,46 @@ class Optimizer(torch.optim.Optimizer):
         if not self._grad.sync:
             return None
         if self._scaler is not None:
-            scale = self._scaler.get_scale()
-            out = self._scaler.step(self.optimizer) if closure is None else \
-                self._scaler.step(self.optimizer, closure)
-            self._scaler.update()
-            self.step_was_skipped = self._scaler.get_scale() < scale
+            out = self._scaled_step(closure)
+            if self.step_was_skipped:  # inf/NaN grads: no step, no hooks, rt.step unchanged
+                self.unscaled = False
+                return out
         else:
             out = self.optimizer.step() if closure is None else self.optimizer.step(closure)
         return self._after_step(out)
+
+    def _watch_steps(self, optimizer) -> None:
+        register = getattr(optimizer, "register_step_post_hook", None)
+        if register is None:
+            raise OverdriveError(
+                f"mixed_precision='fp16' needs a torch.optim.Optimizer (one with "
+                f"register_step_post_hook) to tell the steps the GradScaler skips; got "
+                f"{type(optimizer).__name__}; use a torch optimizer or mixed_precision='bf16'")
+        register(self._mark_stepped)
+        # a fused optimizer takes the scaler's found_inf and skips on the device itself
+        self._fused_scaling = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+    def _mark_stepped(self, optimizer, args, kwargs) -> None:
+        self._stepped = True
+        if self._fused_scaling:  # GradScaler sets found_inf on it for the step's length only
+            self._found_inf = getattr(optimizer, "found_inf", None)
+
+    def _scaled_step(self, closure):
+        """GradScaler's step, which calls the optimizer's only when the grads are finite.
+
+        The optimizer's step post-hook tells whether it did, with no device→host read of
+        the scale (GradScaler's own check is the only one). A fused optimizer is always
+        called and skips on the device: there, reading its found_inf costs one sync.
+        """
+        self._stepped = False
+        scaler = self._scaler
+        out = scaler.step(self.optimizer) if closure is None else \
+            scaler.step(self.optimizer, closure)
+        if self._found_inf is not None:  # a fused step: it skipped on the device if inf
+            self._stepped, self._found_inf = not bool(self._found_inf.item()), None
+        scaler.update()
+        self.step_was_skipped = not self._stepped
+        return out
 
     def _after_step(self, out):
         for hook in self._hooks:
