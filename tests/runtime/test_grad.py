@@ -162,6 +162,9 @@ class RecordingEngine:
     def get_global_grad_norm(self):
         return 3.0
 
+    def gradient_clipping(self):  # DeepSpeedEngine's: the config's gradient_clipping
+        return 1.0
+
 
 def test_deepspeed_engine_steps_every_micro_step():
     engine = RecordingEngine()
@@ -248,3 +251,25 @@ def test_fp16_skipped_step_of_a_fused_optimizer_is_seen_too():
     rt.backward(torch.nn.functional.mse_loss(rt.model(x), y))
     rt.optimizer.step()
     assert not rt.optimizer.step_was_skipped and rt.step == 1
+
+
+def test_deepspeed_clip_norm_must_match_the_engines_clipping():
+    import pytest
+
+    from overdrive.errors import OverdriveError
+    from overdrive.rewrite.plan import DeepSpeed
+
+    rt = make_rt(mlp(), Plan(), engine=RecordingEngine())
+    with pytest.raises(OverdriveError, match=r"max_norm=0.5.*gradient_clipping=1.0.*"
+                                             r"od.DeepSpeed\(gradient_clipping=0.5\)"):
+        rt.clip_grad_norm_(0.5)
+    assert float(rt.clip_grad_norm_(1.0)) == 3.0  # the engine's last computed norm
+
+    class NoClipMethod(RecordingEngine):
+        gradient_clipping = None  # an engine without the method: the plan's value counts
+
+    rt = make_rt(mlp(), Plan(deepspeed=DeepSpeed(gradient_clipping=2.0)), engine=NoClipMethod())
+    assert float(rt.clip_grad_norm_(2.0)) == 3.0
+    rt = make_rt(mlp(), Plan(), engine=NoClipMethod())
+    with pytest.raises(OverdriveError, match="no gradient clipping"):
+        rt.clip_grad_norm_(1.0)

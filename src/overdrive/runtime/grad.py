@@ -239,14 +239,16 @@ def clip_grad_norm_(rt, max_norm: float, norm_type: float = 2.0) -> torch.Tensor
     DTensor (FSDP/TP) gradients give a partial norm; its ``full_tensor()`` is the norm of
     the whole model, identical to a single process's. On micro-steps that do not sync the
     gradients are partial and nothing is done (returns None).
+
+    DeepSpeed clips inside ``engine.step`` with its ``gradient_clipping``: ``max_norm``
+    must equal it (else an error says how to set it), and the norm returned is the one the
+    engine computed last — at the previous step, as clipping comes before this step's.
     """
     if not rt._grad_sync.sync:
         return None
     engine = rt.env.engine
-    if engine is not None:  # DeepSpeed clips inside engine.step (config gradient_clipping)
-        get = getattr(engine, "get_global_grad_norm", None)
-        norm = get() if get is not None else None
-        return torch.as_tensor(norm) if norm is not None else None
+    if engine is not None:
+        return _engine_norm(rt, engine, max_norm)
     unscale_once(rt)
     params = grads_of(rt.model)
     if not rt._dtensor_grads:
@@ -261,6 +263,29 @@ def clip_grad_norm_(rt, max_norm: float, norm_type: float = 2.0) -> torch.Tensor
     for group in groups.values():  # torch's foreach kernels refuse DTensors mixed with tensors
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total
+
+
+def _engine_norm(rt, engine, max_norm: float) -> torch.Tensor | None:
+    clip = _engine_clipping(rt, engine)
+    if float(max_norm) != clip:
+        have = f"gradient_clipping={clip}" if clip else "no gradient clipping (0.0)"
+        raise OverdriveError(
+            f"rt.clip_grad_norm_(max_norm={max_norm}): the DeepSpeed engine clips inside "
+            f"engine.step and is configured with {have}; set "
+            f"od.DeepSpeed(gradient_clipping={max_norm}) in the plan (or gradient_clipping "
+            f"in the DeepSpeed config), or call rt.clip_grad_norm_({clip})")
+    get = getattr(engine, "get_global_grad_norm", None)
+    norm = get() if get is not None else None
+    return torch.as_tensor(norm) if norm is not None else None
+
+
+def _engine_clipping(rt, engine) -> float:
+    """The max norm the engine clips to (0.0: it does not clip)."""
+    get = getattr(engine, "gradient_clipping", None)
+    if callable(get):
+        return float(get() or 0.0)
+    ds = rt.plan.deepspeed
+    return float(ds.gradient_clipping or 0.0) if ds is not None else 0.0
 
 
 def _norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
