@@ -132,3 +132,32 @@ def test_fp8_tensorwise_picks_torchao_styles():
     assert type(make_style("colwise", rowwise, False)) is ColwiseParallel
     assert type(make_style("colwise", nn.Linear(4, 4), False)) is ColwiseParallel
     assert torch.is_tensor(tensorwise.weight)
+
+
+def test_te_fp8_with_tp_refused():
+    plan = od.Plan(parallel=od.Parallel(tp=2, dp_shard=1), fp8=od.FP8(backend="te"))
+    refused(llama(ffn_dim=128), plan, 2, "fp8.backend='te'", "parallel.tp=2",
+            "fp8.backend='torchao'")
+
+
+def test_apply_refuses_modules_an_earlier_pass_swapped():
+    """fp8.backend='auto' can resolve to Transformer Engine only on a CUDA machine; its
+    te.Linear is no nn.Linear. apply keeps the styles check resolved and verifies them
+    rather than silently leaving the swapped modules unsharded."""
+    from types import SimpleNamespace
+
+    from overdrive.passes.tensor_parallel import TensorParallel
+
+    class NotALinear(nn.Module):  # stands in for te.Linear
+        def __init__(self, linear):
+            super().__init__()
+            self.weight = linear.weight
+
+    model, plan = llama(), tp(2)
+    tpp = TensorParallel()
+    tpp.check(ModuleGraph(model), plan, None)
+    for block in model.layers:  # what the fp8 pass does between check and apply
+        block.attn.q_proj = NotALinear(block.attn.q_proj)
+    env = SimpleNamespace(backend="gloo")  # no mesh: the refusal comes before it is used
+    with pytest.raises(od.PlanError, match=r"replaced a module.*layers.0.attn.q_proj.*NotALinear"):
+        tpp.apply(model, ModuleGraph(model), plan, env)

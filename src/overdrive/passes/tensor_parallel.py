@@ -286,6 +286,29 @@ def _check_sequence_parallel(graph: ModuleGraph, styles: dict[str, str]) -> None
             )
 
 
+def _check_fp8_backend(plan: Plan) -> None:
+    if plan.fp8 is not None and plan.fp8.backend == "te":
+        raise PlanError(
+            f"fp8.backend='te' with parallel.tp={plan.parallel.tp} is not supported: "
+            "Transformer Engine's te.Linear is not an nn.Linear, so DTensor tensor "
+            "parallelism cannot shard it; use fp8.backend='torchao' with tp (its "
+            "Float8Linear layers shard with torchao's float8 TP styles), or tp=1"
+        )
+
+
+def _verify_after_earlier_passes(graph: ModuleGraph, styles: dict[str, str]) -> None:
+    """The styles were resolved in check, before the fp8 pass swapped modules: every
+    module they shard must still be one DTensor can shard (fp8.backend='auto' may have
+    picked Transformer Engine on this machine)."""
+    try:
+        _check_modules(graph, styles)
+    except PlanError as err:
+        raise PlanError(
+            f"tensor_parallel: a pass before it replaced a module the tp plan shards ({err}); "
+            "with tp use fp8.backend='torchao', whose Float8Linear is an nn.Linear"
+        ) from None
+
+
 # --------------------------------------------------------------------------- styles
 
 
@@ -359,7 +382,9 @@ class TensorParallel(Pass):
 
     def check(self, graph: ModuleGraph, plan: Plan, env: Any) -> None:
         tp = plan.parallel.tp
-        styles, _ = resolve_tp_plan(graph, plan)
+        _check_fp8_backend(plan)
+        styles, notes = resolve_tp_plan(graph, plan)
+        self._resolved = (styles, notes)  # apply keeps these: the fp8 pass runs in between
         if not any(s in SHARDING_STYLES for s in styles.values()):
             raise PlanError(
                 f"parallel.tp={tp} but the tp plan shards no module of "
@@ -383,7 +408,8 @@ class TensorParallel(Pass):
         from torch.distributed.tensor.parallel import parallelize_module
 
         sp, tp = plan.parallel.sequence_parallel, plan.parallel.tp
-        styles, notes = resolve_tp_plan(graph, plan)
+        styles, notes = getattr(self, "_resolved", None) or resolve_tp_plan(graph, plan)
+        _verify_after_earlier_passes(graph, styles)
         mesh = env.mesh["tp"]
         fp8 = sorted(n for n in styles if _is_float8_tensorwise(graph.module(n)))
         f8c = env.backend != "gloo"  # gloo has no float8 collectives
