@@ -291,3 +291,45 @@ def test_gather_for_metrics_trims_the_outer_loader_after_a_nested_loop():
             pass
         got.append(rt.gather_for_metrics(x).tolist())  # one rank, no process group
     assert got == [[2, 3], []]  # rank 1's second batch is all wrap-around padding
+
+
+class Shuffled(torch.utils.data.RandomSampler):
+    """A RandomSampler subclass (not replaced by the seeded one, but seeded through its
+    generator)."""
+
+
+def random_samplers():
+    from torch.utils.data import SubsetRandomSampler, WeightedRandomSampler
+
+    return {"subset": lambda: SubsetRandomSampler(list(range(0, 40, 2))),
+            "weighted": lambda: WeightedRandomSampler([1.0] * 10 + [3.0] * 10, 20),
+            "subclass": lambda: Shuffled(range(20))}
+
+
+@pytest.mark.parametrize("kind", ["subset", "weighted", "subclass"])
+def test_random_samplers_draw_one_global_order_and_resume_exactly(kind):
+    ds = TensorDataset(torch.arange(40))
+    make = lambda: DataLoader(ds, batch_size=2, sampler=random_samplers()[kind]())  # noqa: E731
+    one = fake_rt(0, 1).shard(make())
+    order = [b[0].tolist() for b in one]
+    second = [b[0].tolist() for b in one]
+    assert second != order  # each epoch its own draw
+    ranks = [[b[0].tolist() for b in fake_rt(r, 2).shard(make())] for r in range(2)]
+    assert [b for pair in zip(*ranks) for b in pair] == order  # the same global order
+    part = fake_rt(0, 1).shard(make())
+    take(part, 3)
+    resumed = fake_rt(0, 1).shard(make())
+    resumed.load_state_dict(part.state_dict())
+    assert [b[0].tolist() for b in resumed] == order[3:]
+    later = fake_rt(0, 1).shard(make())
+    later.set_epoch(1)
+    assert [b[0].tolist() for b in later] == second
+
+
+def test_a_distributed_sampler_is_refused():
+    from torch.utils.data import DistributedSampler
+
+    ds = TensorDataset(torch.arange(8))
+    sampler = DistributedSampler(ds, num_replicas=2, rank=0)
+    with pytest.raises(OverdriveError, match="DistributedSampler.*Pass the plain loader"):
+        fake_rt(0, 2).shard(DataLoader(ds, batch_size=2, sampler=sampler))

@@ -14,13 +14,15 @@ its rows are real, and ``rt.gather_for_metrics`` drops the rest.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import random
 from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler
+from torch.utils.data import (BatchSampler, DataLoader, DistributedSampler, IterableDataset,
+                              RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
 from torch.utils.data._utils.collate import default_collate
 
 from ..errors import OverdriveError
@@ -32,6 +34,10 @@ from .state import mesh_coordinates
 _LOADER_ARGS = ("num_workers", "pin_memory", "timeout", "worker_init_fn",
                 "multiprocessing_context", "generator", "prefetch_factor",
                 "persistent_workers", "pin_memory_device", "in_order")
+
+# Random samplers that draw from their ``generator``: rt.shard gives them one seeded from
+# (seed, epoch) before every epoch, so all ranks draw the same global order.
+_SEEDABLE_SAMPLERS = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
 
 
 # --------------------------------------------------------------------------- the loader
@@ -50,6 +56,7 @@ class ShardedLoader:
         if not isinstance(loader, DataLoader):
             raise OverdriveError(f"rt.shard expects a torch DataLoader, got "
                                  f"{type(loader).__name__}")
+        _refuse_distributed_sampler(loader)
         self.rt = rt
         self.base = loader
         self.rank, self.size = rt.dp_rank, rt.dp_size
@@ -80,6 +87,7 @@ class ShardedLoader:
         # the global stream untouched and worker seeds reproducible.
         self._iter_gen = torch.Generator() if loader.generator is None else None
         self.sampler = None
+        self._sampler_gen = None  # the seeded generator given to a random sampler
         self.loader = self._rebuild(loader)
         self._transport = Dispatch(rt) if self.loader is None else None
         # the batch being consumed: its row count, real rows, and whether it is the last
@@ -150,6 +158,9 @@ class ShardedLoader:
             sampler = SeededRandomSampler(len(sampler.data_source), self.seed,
                                           replacement=sampler.replacement,
                                           num_samples=sampler._num_samples)
+        elif isinstance(sampler, _SEEDABLE_SAMPLERS):  # a copy: the user's keeps its own
+            sampler = copy.copy(sampler)
+            sampler.generator = self._sampler_gen = torch.Generator()
         return BatchSampler(sampler, bs.batch_size, bs.drop_last)
 
     # -- epochs and resumption ---------------------------------------------------
@@ -162,6 +173,8 @@ class ShardedLoader:
     def _apply_epoch(self) -> None:
         if self._iter_gen is not None:
             self._iter_gen.manual_seed(self.seed * 100_003 + self.epoch)
+        if self._sampler_gen is not None:
+            self._sampler_gen.manual_seed(self.seed + self.epoch)
         for obj in (self.sampler, getattr(self.sampler, "sampler", None), self.base.dataset):
             if obj is not None and hasattr(obj, "set_epoch"):
                 obj.set_epoch(self.epoch)
@@ -290,6 +303,15 @@ class ShardedLoader:
 
 
 _END = object()
+
+
+def _refuse_distributed_sampler(loader: DataLoader) -> None:
+    samplers = (loader.sampler, getattr(loader.batch_sampler, "sampler", None))
+    if any(isinstance(s, DistributedSampler) for s in samplers):
+        raise OverdriveError(
+            "rt.shard: the DataLoader's sampler is a DistributedSampler, which already "
+            "shards the data; rt.shard would shard it a second time. Pass the plain loader "
+            "(shuffle=True or your own sampler): rt.shard does the sharding")
 
 
 def _grouped(chunks: Iterator[list], size: int, split: bool, even: bool, batch_size: int,
