@@ -184,3 +184,30 @@ def test_public_flow_with_accelerate(tmp_path):
     rt2._loaders.append(loader2)
     rt2.load(tmp_path / "ck")
     assert _train(rt2, loader2, 2) == expected
+
+
+@pytest.mark.parametrize("mode,nproc", [("plain", 1),
+                                        pytest.param("destroy", 2, marks=pytest.mark.dist)])
+def test_async_save_right_before_exit_is_published(tmp_path, mode, nproc):
+    import subprocess
+    import sys
+
+    from helpers import ROOT, child_env, run_torchrun
+
+    script = ROOT / "tests" / "checkpoint" / "scripts" / "async_then_exit.py"
+    if nproc == 1:
+        proc = subprocess.run([sys.executable, str(script), mode, str(tmp_path)],
+                              env=child_env(), cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    else:
+        run_torchrun(script, nproc, mode, str(tmp_path), tmp_path=tmp_path)
+    assert (tmp_path / "ck" / cf.MARKER).is_file(), sorted(p.name for p in tmp_path.iterdir())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    model = make_model(2, seed=5)
+    rt = manual_runtime(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    rt._loaders.append(CountingLoader())
+    assert rt.load(tmp_path / "ck")["step"] == 2
+    expected = torch.load(tmp_path / "expected.pt", weights_only=True)
+    for k, v in rt.model.state_dict().items():
+        assert torch.equal(v, expected[k]), k

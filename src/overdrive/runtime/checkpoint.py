@@ -22,12 +22,14 @@ DeepSpeed's rules. ``checkpoint_deepspeed.py`` fsyncs them and makes DeepSpeed r
 with ``weights_only=True`` (and says what stays trusted).
 
 ``async_=True``: tensors are staged to CPU memory, written by a background thread, and the
-checkpoint is published (manifest, marker, rename) by the next ``save``/``load`` or
-``rt.wait_for_save()``: until then ``path`` does not exist yet.
+checkpoint is published (manifest, marker, rename) by the next ``save``/``load``,
+``rt.wait_for_save()``, or at the latest when the interpreter exits (an ``atexit`` hook):
+until then ``path`` does not exist yet.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import random
@@ -206,13 +208,21 @@ def _derive_rng(rank0_state: dict[str, Any], step: int, rank: int, device: torch
 # --------------------------------------------------------------------------- save
 
 
-@dataclass
+@dataclass(eq=False)
 class PendingSave:
     future: Any
     tmp: Path
     path: Path
     keep_last: int | None
     meta: dict[str, Any]
+    group: Any
+    rank: int
+    world: int
+
+
+# Async saves not published yet. Held here, not through their runtime, so a save started
+# right before the process ends (or whose runtime was dropped) is still published at exit.
+_UNPUBLISHED: set[PendingSave] = set()
 
 
 def save(rt, path: str | Path, *, keep_last: int | None = None, async_: bool = False) -> None:
@@ -257,9 +267,13 @@ def save(rt, path: str | Path, *, keep_last: int | None = None, async_: bool = F
                 dcp.save(tensors, storage_writer=writer, process_group=group,
                          no_dist=group is None)
             future = None
-    rt._pending_save = PendingSave(future, tmp, path, keep_last, meta)
-    if not async_:
-        wait_for_save(rt)
+    pending = PendingSave(future, tmp, path, keep_last, meta, group, rank, world)
+    if async_:
+        rt._pending_save = pending
+        _UNPUBLISHED.add(pending)
+        _register_exit_hook()
+    else:
+        _finish(pending)
 
 
 def wait_for_save(rt) -> None:
@@ -268,15 +282,52 @@ def wait_for_save(rt) -> None:
     if pending is None:
         return
     rt._pending_save = None
-    if pending.future is not None:
-        result = pending.future
-        result = getattr(result, "upload_completion", result)
+    _finish(pending)
+
+
+def _finish(p: PendingSave) -> None:
+    _UNPUBLISHED.discard(p)
+    _wait_for_writes(p)
+    _publish(p, p.group, p.rank, p.world)
+
+
+def _wait_for_writes(p: PendingSave) -> None:
+    if p.future is not None:
+        result = getattr(p.future, "upload_completion", p.future)
         result.result()
-    _publish(pending, _group(rt))
 
 
-def _publish(p: PendingSave, group) -> None:
-    rank, world = _world()
+_exit_hook_registered = False
+
+
+def _register_exit_hook() -> None:
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(_publish_at_exit)
+        _exit_hook_registered = True
+
+
+def _publish_at_exit() -> None:
+    """An async save nobody waited for is published when the interpreter exits (every rank
+    runs this, as every rank would have called ``wait_for_save``)."""
+    for p in list(_UNPUBLISHED):
+        try:
+            if p.world == 1 or dist.is_initialized():
+                _finish(p)
+                continue
+            # The process group is gone (destroyed before exit): no collective is possible.
+            # Rank 0's DCP save completes only after every rank's write results reached it,
+            # so once its writes are done every file is on disk and it publishes alone.
+            _UNPUBLISHED.discard(p)
+            _wait_for_writes(p)
+            if p.rank == 0:
+                _publish(p, None, 0, 1)
+        except Exception:  # noqa: BLE001 - at exit, say what was lost rather than a traceback
+            log.exception("overdrive: the async save of %s could not be finished at exit; "
+                          "it was not published", p.path)
+
+
+def _publish(p: PendingSave, group, rank: int, world: int) -> None:
     _barrier(group)  # every rank's files are written and fsynced (FileSystemWriter syncs)
     files = cf.data_files(p.tmp) if rank == 0 else None
     files = _broadcast(files, group)
