@@ -273,3 +273,17 @@ def test_deepspeed_clip_norm_must_match_the_engines_clipping():
     rt = make_rt(mlp(), Plan(), engine=NoClipMethod())
     with pytest.raises(OverdriveError, match="no gradient clipping"):
         rt.clip_grad_norm_(1.0)
+
+
+def test_post_step_hooks_on_the_runtime_run_after_real_steps_only():
+    rt = make_rt(mlp(), Plan(grad_accum=3))
+    assert rt.post_step_hooks is rt.env.post_step_hooks
+    seen = []
+    rt.post_step_hooks.append(lambda model, opt: seen.append((rt.step, rt.sync_gradients)))
+    x, y = data(6)
+    for i in range(6):
+        with rt.accumulate():
+            rt.backward(torch.nn.functional.mse_loss(rt.model(x[i:i + 1]), y[i:i + 1]))
+            rt.optimizer.step()
+            rt.optimizer.zero_grad()
+    assert seen == [(0, True), (1, True)] and rt.step == 2  # before rt.step counts the step

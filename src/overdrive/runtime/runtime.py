@@ -35,7 +35,12 @@ def clean_key(key: str) -> str:
 
 
 class Runtime:
-    """What ``od.accelerate`` returns: ``rt.model``, ``rt.optimizer``… and the helpers."""
+    """What ``od.accelerate`` returns: ``rt.model``, ``rt.optimizer``… and the helpers.
+
+    ``rt.post_step_hooks`` is the list of ``hook(model, optimizer)`` called after every
+    real optimizer step (not on accumulation micro-steps, nor on a step the fp16 scaler
+    skips), after those the passes registered (fp8's scale precompute): append to it.
+    """
 
     def __init__(self, model: nn.Module, *, plan: Plan, report: Report, env: Env,
                  optimizer: Any = None, scheduler: Any = None):
@@ -108,6 +113,11 @@ class Runtime:
     @property
     def scaler(self):
         return self._scaler
+
+    @property
+    def post_step_hooks(self) -> list:
+        """``hook(model, optimizer)`` run after each real optimizer step (env's list)."""
+        return self.env.post_step_hooks
 
     # -- precision ------------------------------------------------------------------
     def _choose_autocast_dtype(self) -> torch.dtype | None:
