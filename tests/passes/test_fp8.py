@@ -500,6 +500,33 @@ def test_te_swap_that_would_change_keys_is_refused_in_check(monkeypatch):
     assert_untouched(model, before)
 
 
+def test_te_without_current_scaling_is_refused_in_check(monkeypatch):
+    """TE < 2.2 has no Float8CurrentScaling. Falling back to DelayedScaling would need the
+    amax history the swapped modules drop with _extra_state: refuse, naming the upgrade;
+    auto picks torchao instead."""
+    _fake_te(monkeypatch)
+    recipes = sys.modules["transformer_engine.common.recipe"]
+    monkeypatch.delattr(recipes, "Float8CurrentScaling")
+    model = tiny(1)
+    before = snapshot(model)
+    plan = Plan(fp8=od.FP8(backend="te"))
+    upgrade = r"pip install -U 'transformer-engine\[pytorch\]>=2.2'"
+    with pytest.raises(BackendUnavailable, match=r"Float8CurrentScaling.*>= 2.2.*" + upgrade):
+        fp8_pass.FP8Training().check(ModuleGraph(model), plan, _env(plan, "cuda"))
+    assert_untouched(model, before)
+    auto = Plan(fp8=od.FP8(backend="auto"))
+    assert fp8_pass.FP8Training().backend(auto, _env(auto, "cuda")) == "torchao"
+    mx = Plan(fp8=od.FP8(backend="te", recipe="mxfp8"))  # MXFP8BlockScaling is there
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    fp8_pass.FP8Training().check(ModuleGraph(model), mx, _env(mx, "cuda"))
+
+
+def test_pyproject_te_extra_requires_current_scaling():
+    from tests.helpers import ROOT
+
+    assert 'te = ["transformer-engine[pytorch]>=2.2"]' in (ROOT / "pyproject.toml").read_text()
+
+
 # --------------------------------------------------------------------------- real TE
 
 needs_te = pytest.mark.skipif(
@@ -522,10 +549,7 @@ def test_te_real_swap_trains_under_fp8_autocast():
     batch = torch.randint(0, 256, (4, 32), device="cuda")
     losses = []
     for _ in range(8):
-        with contextlib.ExitStack() as stack:
-            for ctx in rt.env.forward_contexts:
-                stack.enter_context(ctx())
-            loss = rt.model(batch, labels=batch).loss
+        loss = rt.model(batch, labels=batch).loss  # the runtime enters fp8_autocast itself
         loss.backward()
         rt.optimizer.step()
         rt.optimizer.zero_grad()

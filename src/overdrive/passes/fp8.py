@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import importlib.metadata
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +42,9 @@ from ..rewrite.report import PassRecord
 TORCHAO_EXTRA = "pip install overdrive[fp8]"
 TE_EXTRA = "pip install overdrive[te]"
 TORCHAO_RECIPES = ("tensorwise", "rowwise")
-TE_RECIPES = ("tensorwise", "mxfp8")
+# transformer_engine.common.recipe classes; Float8CurrentScaling needs TE >= 2.2
+TE_RECIPES = {"tensorwise": "Float8CurrentScaling", "mxfp8": "MXFP8BlockScaling"}
+TE_UPGRADE = "pip install -U 'transformer-engine[pytorch]>=2.2'"
 OUTPUT_NAMES = ("lm_head", "output")
 MULTIPLE = 16
 
@@ -65,17 +68,36 @@ def te_importable() -> bool:
     return True
 
 
+def te_has_recipe(recipe: str) -> bool:
+    """Does the installed Transformer Engine have the scaling recipe ``recipe`` needs?"""
+    try:
+        recipes = importlib.import_module("transformer_engine.common.recipe")
+    except Exception:  # noqa: BLE001 - as in te_importable
+        return False
+    return hasattr(recipes, TE_RECIPES.get(recipe, ""))
+
+
+def te_version() -> str:
+    for dist in ("transformer-engine", "transformer_engine"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
 def choose_backend(cfg: FP8, device_type: str, te_ok: bool) -> str:
-    """The backend ``cfg.backend`` resolves to on a ``device_type`` device."""
+    """The backend ``cfg.backend`` resolves to on a ``device_type`` device; ``te_ok``: a
+    Transformer Engine with the recipe is importable."""
     if cfg.backend != "auto":
         return cfg.backend
     if device_type == "cuda" and te_ok and cfg.recipe in TE_RECIPES:
         return "te"
     if cfg.recipe not in TORCHAO_RECIPES:
         raise BackendUnavailable(
-            f"fp8.recipe={cfg.recipe!r} needs Transformer Engine on a CUDA device "
-            f"(device here: {device_type}; Transformer Engine importable: {te_ok}); "
-            f"{TE_EXTRA}, or use recipe 'tensorwise' / 'rowwise' with torchao")
+            f"fp8.recipe={cfg.recipe!r} needs Transformer Engine >= 2.2 on a CUDA device "
+            f"(device here: {device_type}; a Transformer Engine with this recipe importable: "
+            f"{te_ok}); {TE_EXTRA}, or use recipe 'tensorwise' / 'rowwise' with torchao")
     return "torchao"
 
 
@@ -98,7 +120,7 @@ def _check_backend(backend: str, cfg: FP8, device: torch.device) -> None:
         return
     if cfg.recipe not in TE_RECIPES:
         raise PlanError(f"fp8.recipe={cfg.recipe!r} is not available with backend='te'; "
-                        f"choose one of {TE_RECIPES}, or backend='torchao' for 'rowwise'")
+                        f"choose one of {tuple(TE_RECIPES)}, or backend='torchao' for 'rowwise'")
     if device.type != "cuda":
         raise BackendUnavailable(
             f"fp8.backend='te' needs a CUDA device with Transformer Engine ({TE_EXTRA}); "
@@ -114,6 +136,11 @@ def _check_backend(backend: str, cfg: FP8, device: torch.device) -> None:
         raise BackendUnavailable(
             f"fp8.recipe={cfg.recipe!r} with Transformer Engine needs CUDA compute capability "
             f">= {need[0]}.{need[1]}; this GPU is {cap[0]}.{cap[1]}")
+    if not te_has_recipe(cfg.recipe):
+        raise BackendUnavailable(
+            f"fp8.recipe={cfg.recipe!r} with Transformer Engine needs "
+            f"transformer_engine.common.recipe.{TE_RECIPES[cfg.recipe]}, which Transformer "
+            f"Engine {te_version()} lacks (it needs >= 2.2); {TE_UPGRADE}")
 
 
 # --------------------------------------------------------------------------- selection
@@ -232,12 +259,11 @@ def precompute_fsdp_scales(model: nn.Module, optimizer: Any = None) -> None:
 
 
 def te_recipe(recipe: str):
+    """Current (per-tensor) or MXFP8 block scaling: neither keeps an amax history, which
+    is why the swapped modules can drop TE's ``_extra_state`` (DelayedScaling needs it)."""
     from transformer_engine.common import recipe as te_recipes
 
-    if recipe == "mxfp8":
-        return te_recipes.MXFP8BlockScaling()
-    current = getattr(te_recipes, "Float8CurrentScaling", None)  # TE >= 2.2
-    return current() if current is not None else te_recipes.DelayedScaling()
+    return getattr(te_recipes, TE_RECIPES[recipe])()
 
 
 @functools.lru_cache(maxsize=None)
@@ -337,7 +363,8 @@ class FP8Training(Pass):
             if plan.fp8.backend == "auto" and plan.fp8.recipe not in TORCHAO_RECIPES:
                 return "te"
             device_type = "cuda" if torch.cuda.is_available() else "cpu"
-        return choose_backend(plan.fp8, device_type, te_importable())
+        return choose_backend(plan.fp8, device_type,
+                              te_importable() and te_has_recipe(plan.fp8.recipe))
 
     def check(self, graph: ModuleGraph, plan: Plan, env: Any) -> None:
         backend = self.backend(plan, env)
@@ -369,6 +396,9 @@ class FP8Training(Pass):
                      ">= 10.0 for mxfp8)")
             if not te_importable():
                 rec.note(f"te: Transformer Engine is not importable on this machine; {TE_EXTRA}")
+            elif not te_has_recipe(plan.fp8.recipe):
+                rec.note(f"te: Transformer Engine {te_version()} here lacks "
+                         f"{TE_RECIPES[plan.fp8.recipe]} (needs >= 2.2); {TE_UPGRADE}")
         elif not torchao_importable():
             rec.note(f"torchao is not importable on this machine; {TORCHAO_EXTRA}")
         return rec
