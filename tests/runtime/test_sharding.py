@@ -333,3 +333,34 @@ def test_a_distributed_sampler_is_refused():
     sampler = DistributedSampler(ds, num_replicas=2, rank=0)
     with pytest.raises(OverdriveError, match="DistributedSampler.*Pass the plain loader"):
         fake_rt(0, 2).shard(DataLoader(ds, batch_size=2, sampler=sampler))
+
+
+class NumberStream(torch.utils.data.IterableDataset):
+    def __init__(self, n):
+        self.n = n
+
+    def __iter__(self):
+        return iter(torch.arange(self.n).split(1))
+
+
+def test_iterable_without_dispatch_and_two_workers_gives_every_sample_once():
+    seen, lens = [], []
+    for r in range(2):
+        loader = fake_rt(r, 2).shard(DataLoader(NumberStream(23), batch_size=3, num_workers=2),
+                                     dispatch=False)
+        batches = [(b.flatten().tolist(), loader.n_real) for b in loader]
+        seen += real(batches)
+        lens.append(len(batches))
+    assert sorted(seen) == list(range(23)) and lens[0] == lens[1]
+
+
+def test_resumed_iterable_with_persistent_workers_reads_the_next_epoch_whole():
+    make = lambda: fake_rt(0, 1).shard(  # noqa: E731
+        DataLoader(NumberStream(8), batch_size=2, num_workers=2, persistent_workers=True),
+        dispatch=False)
+    part = make()
+    take(part, 2)
+    resumed = make()
+    resumed.load_state_dict(part.state_dict())
+    assert [b.flatten().tolist() for b in resumed] == [[4, 5], [6, 7]]
+    assert [b.flatten().tolist() for b in resumed] == [[0, 1], [2, 3], [4, 5], [6, 7]]

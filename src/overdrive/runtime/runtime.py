@@ -153,7 +153,19 @@ class Runtime:
     # -- data (data.py) ---------------------------------------------------------------
     def shard(self, dataloader, *, split_batches: bool = False, even_batches: bool = True,
               dispatch: bool | None = None, device_placement: bool = True):
-        """This data-parallel rank's share of ``dataloader``: a resumable sharded loader."""
+        """This data-parallel rank's share of ``dataloader``: a resumable sharded loader.
+
+        Map-style data is sharded by index on every rank. An iterable dataset is read by
+        global rank 0 and dealt out (``dispatch``, its default), or with
+        ``dispatch=False`` read whole by every rank, each keeping its share; with loader
+        workers there, every worker reads the whole stream too and keeps every
+        ``num_workers``-th batch. A dataset that splits itself among workers (reads
+        ``get_worker_info()``, as Hugging Face streaming datasets do) would be split
+        twice and lose samples: use ``dispatch=True`` (rank 0's loader runs the workers
+        as the dataset expects) or ``num_workers=0``. Iterable shards start their workers
+        per epoch (``persistent_workers`` is not kept), so each sees the resume position.
+        Sharding the same DataLoader again replaces its earlier sharded loader.
+        """
         return data.shard(self, dataloader, split_batches=split_batches,
                           even_batches=even_batches, dispatch=dispatch,
                           device_placement=device_placement)

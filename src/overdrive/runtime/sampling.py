@@ -177,8 +177,10 @@ class IterableShard(IterableDataset):
     """Every rank reads the whole stream and keeps its share (``dispatch=False``).
 
     Yields ``(sample, is_real)``; loader workers split the global batches among
-    themselves so no sample is produced twice. ``skip``: global batches of the epoch
-    already consumed (read and dropped: a stream has no index to jump to).
+    themselves so no sample is produced twice (each reads the whole stream: a dataset
+    that splits itself by ``get_worker_info()`` must use dispatch instead). ``skip``:
+    global batches of the epoch already consumed (read and dropped: a stream has no index
+    to jump to).
     """
 
     def __init__(self, dataset, rank: int, size: int, *, split: bool, even: bool,
