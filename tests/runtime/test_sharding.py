@@ -364,3 +364,37 @@ def test_resumed_iterable_with_persistent_workers_reads_the_next_epoch_whole():
     resumed.load_state_dict(part.state_dict())
     assert [b.flatten().tolist() for b in resumed] == [[4, 5], [6, 7]]
     assert [b.flatten().tolist() for b in resumed] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+
+
+def test_dispatch_true_on_map_style_data_is_refused():
+    with pytest.raises(OverdriveError, match=r"dispatch=True.*map-style.*dispatch=None"):
+        fake_rt(0, 2).shard(DataLoader(TensorDataset(torch.arange(4)), batch_size=2),
+                            dispatch=True)
+    fake_rt(0, 2).shard(DataLoader(TensorDataset(torch.arange(4)), batch_size=2),
+                        dispatch=False)  # what happens anyway: accepted
+
+
+def test_in_order_false_is_not_kept(caplog):
+    ds = TensorDataset(torch.arange(10))
+    with caplog.at_level("INFO", logger="overdrive"):
+        loader = fake_rt(0, 1).shard(DataLoader(ds, batch_size=2, num_workers=2,
+                                                in_order=False))
+    assert loader.loader.in_order is True and "in_order=False is not kept" in caplog.text
+    assert [b[0].tolist() for b in loader] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+
+
+def test_len_with_a_custom_batch_sampler_of_full_batches_is_exact():
+    class Pairs(Sampler[list]):  # no sampler attribute: its batches are taken as full
+        batch_size = 2
+
+        def __iter__(self):
+            return iter([[i, i + 1] for i in range(0, 12, 2)])
+
+        def __len__(self):
+            return 6
+
+    ds = TensorDataset(torch.arange(12))
+    for kw in ({}, {"split_batches": True, "even_batches": False}):
+        for r in range(2):
+            loader = fake_rt(r, 2).shard(DataLoader(ds, batch_sampler=Pairs()), **kw)
+            assert len(loader) == len(list(loader))

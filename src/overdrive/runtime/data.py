@@ -5,7 +5,7 @@ with a seeded, epoch-aware permutation in place of ``shuffle=True`` — yields t
 batches and this rank takes its share. Resuming skips consumed batches there, so their
 samples are never read. Iterable data is either read by rank 0 and scattered
 (``dispatch``, the default for iterable datasets) or read by every rank, each keeping its
-share. (``dispatch`` does not apply to map-style data: indices are free to read anywhere.)
+share. (``dispatch=True`` is refused for map-style data: every rank reads its own indices.)
 
 ``even_batches`` pads the tail by wrapping around to the epoch's first samples so every
 rank yields the same number of equally sized batches; each batch remembers how many of
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 import random
 from typing import Any, Iterator
 
@@ -29,6 +30,8 @@ from ..errors import OverdriveError
 from .sampling import (FlaggedCollate, IterableShard, SeededRandomSampler, ShardBatchSampler,
                        shard_indices, sharded_len)
 from .state import mesh_coordinates
+
+log = logging.getLogger("overdrive")
 
 # DataLoader arguments copied from the user's loader when it is rebuilt.
 _LOADER_ARGS = ("num_workers", "pin_memory", "timeout", "worker_init_fn",
@@ -63,6 +66,11 @@ class ShardedLoader:
         self.split = split_batches
         self.even = even_batches and self.size > 1  # one rank: nothing to even out
         self.iterable = isinstance(loader.dataset, IterableDataset)
+        if dispatch and not self.iterable:
+            raise OverdriveError(
+                f"rt.shard(dispatch={dispatch!r}): dispatch is for iterable datasets; a "
+                f"map-style dataset ({type(loader.dataset).__name__}) is sharded by index and "
+                "every rank reads its own samples. Leave dispatch=None (or False)")
         self.dispatch = self.iterable if dispatch is None else bool(dispatch)
         self.device = rt.device if device_placement else None
         self.non_blocking = rt.device.type == "cuda"
@@ -86,6 +94,9 @@ class ShardedLoader:
         # and shift every later random number (dropout). Our own, seeded per epoch, keeps
         # the global stream untouched and worker seeds reproducible.
         self._iter_gen = torch.Generator() if loader.generator is None else None
+        if getattr(loader, "in_order", True) is False:
+            log.info("rt.shard: the loader's in_order=False is not kept: each batch's "
+                     "padding count is matched to it by order, so batches come in order")
         self.sampler = None
         self._sampler_gen = None  # the seeded generator given to a random sampler
         self.loader = self._rebuild(loader)
@@ -127,6 +138,8 @@ class ShardedLoader:
             kw.pop("prefetch_factor", None), kw.pop("persistent_workers", None)
         if self.device is not None and self.device.type == "cuda":
             kw["pin_memory"] = True
+        if "in_order" in kw:
+            kw["in_order"] = True  # batches are matched to their padding counts by order
         if self._iter_gen is not None:
             kw["generator"] = self._iter_gen
         return kw

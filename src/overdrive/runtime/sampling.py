@@ -161,6 +161,12 @@ class ShardBatchSampler(Sampler[list]):
             yield indices
 
     def __len__(self) -> int:
+        """This rank's batches. The length of the last global batch is known when the
+        batch sampler has a sized ``sampler`` (BatchSampler); a custom batch sampler's are
+        taken as full. If its last one is short, len() can be one more than the batches
+        yielded when split_batches goes with even_batches=False or drop_last, or
+        even_batches with drop_last (the only layouts where a short last batch changes
+        the count); the other layouts are exact."""
         n = len(self.batch_sampler)
         sampler = getattr(self.batch_sampler, "sampler", None)
         last = self.batch_size
