@@ -52,24 +52,50 @@ def read_json(path: Path):
     return json.loads(Path(path).read_text())
 
 
+HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+              "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+              "_load_state_dict_post_hooks")
+
+
+def _tensor_facts(name: str, t: torch.Tensor | None) -> tuple:
+    if t is None:
+        return (name, None)
+    return (name, id(t), type(t), t.dtype, t.device, tuple(t.shape), t.requires_grad)
+
+
+def _values(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None or t.device.type == "meta":
+        return None  # meta tensors have no values to compare
+    return t.detach().clone()
+
+
 def snapshot(model: torch.nn.Module) -> dict:
-    """Everything a refused plan must leave unchanged: module types, parameter objects,
-    values, devices, dtypes and forward methods."""
+    """Everything a refused plan must leave unchanged: the module tree (names, objects,
+    classes), every module's attributes, instance-level forward and compiled call, its
+    hooks, and every parameter and buffer (object, dtype, device, shape, values)."""
+    modules = list(model.named_modules(remove_duplicate=False))
+    params = list(model.named_parameters(remove_duplicate=False))
+    buffers = list(model.named_buffers(remove_duplicate=False))
     return {
-        "modules": [(n, type(m), id(m)) for n, m in model.named_modules()],
-        "params": [(n, id(p), p.dtype, p.device, p.requires_grad, p.detach().clone())
-                   for n, p in model.named_parameters()],
-        "forwards": [(n, m.__dict__.get("forward")) for n, m in model.named_modules()],
-        "hooks": [(n, len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in
-                  model.named_modules()],
+        "modules": [(n, type(m), id(m), m.training) for n, m in modules],
+        "attributes": [(n, sorted(m.__dict__)) for n, m in modules],
+        "calls": [(n, m.__dict__.get("forward"), m.__dict__.get("_compiled_call_impl"))
+                  for n, m in modules],
+        "hooks": [(n, h, list(getattr(m, h).items())) for n, m in modules for h in HOOK_DICTS],
+        "params": [_tensor_facts(n, p) for n, p in params],
+        "buffers": [_tensor_facts(n, b) for n, b in buffers],
+        "values": [(n, _values(t)) for n, t in params + buffers],
     }
 
 
 def assert_untouched(model: torch.nn.Module, before: dict) -> None:
     after = snapshot(model)
-    assert after["modules"] == before["modules"]
-    assert after["forwards"] == before["forwards"]
-    assert after["hooks"] == before["hooks"]
-    for a, b in zip(after["params"], before["params"]):
-        assert a[:5] == b[:5]
-        assert torch.equal(a[5], b[5])
+    for key in ("modules", "attributes", "calls", "hooks", "params", "buffers"):
+        assert len(after[key]) == len(before[key]), f"{key}: {len(before[key])} → " \
+                                                    f"{len(after[key])}"
+        for a, b in zip(after[key], before[key]):
+            assert a == b, f"{key} changed: {b} → {a}"
+    assert [n for n, _ in after["values"]] == [n for n, _ in before["values"]]
+    for (name, a), (_, b) in zip(after["values"], before["values"]):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), \
+            f"values of {name} changed"

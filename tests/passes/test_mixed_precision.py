@@ -13,6 +13,7 @@ import overdrive as od
 from overdrive.models.llama import tiny
 from overdrive.passes.mixed_precision import MixedPrecision, outputs_to_fp32
 from overdrive.rewrite.plan import Plan
+from tests.helpers import assert_untouched, snapshot
 
 
 def _matmul_dtypes(model):
@@ -36,6 +37,17 @@ def test_forward_computes_in_low_precision_and_returns_fp32(mp, dtype):
     assert all(p.dtype == torch.float32 for p in model.parameters())
     out.loss.backward()
     assert model.layers[0].attn.q_proj.weight.grad.dtype == torch.float32
+
+
+def test_no_autocast_on_the_device_is_refused_and_model_untouched(monkeypatch):
+    monkeypatch.setattr(torch.amp, "is_autocast_available", lambda device_type: False)
+    model = tiny(2)
+    before = snapshot(model)
+    with pytest.raises(od.BackendUnavailable, match=r"mixed_precision='bf16': torch.autocast "
+                                                    r"is not available on device 'cpu'"):
+        od.accelerate(model, Plan(mixed_precision="bf16"),
+                      optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    assert_untouched(model, before)
 
 
 def test_no_mixed_precision_leaves_forward_alone():
