@@ -115,6 +115,14 @@ def launch_env(nproc: int) -> dict[str, str]:
     return env
 
 
+def nproc_arg(value: str) -> str:
+    """``--nproc``: "auto" or a positive number of processes."""
+    if value == "auto" or (value.isdigit() and int(value) > 0):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r} is not a number of processes; give a "
+                                     "positive integer such as 2, or auto")
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
     import shlex
     import subprocess
@@ -147,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("launch", help="run a training script on several processes "
                                       "(torch.distributed.run underneath)")
-    p.add_argument("--nproc", default="auto",
+    p.add_argument("--nproc", default="auto", type=nproc_arg,
                    help="processes per node (default: the GPUs, or 1 without any)")
     p.add_argument("--nnodes", default="1", help="nodes, or MIN:MAX for elastic runs")
     p.add_argument("--node-rank", type=int, default=None, help="this node's rank")

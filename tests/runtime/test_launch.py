@@ -82,3 +82,13 @@ def test_example_trains_on_two_processes(tmp_path):
     assert proc.returncode == 0, out
     losses = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
     assert len(losses) == 3, out  # printed by rank 0 only
+
+
+@pytest.mark.parametrize("bad", ["abc", "0", "-2", "1.5"])
+def test_a_bad_nproc_is_an_argparse_error_not_a_traceback(bad, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["launch", "--dry-run", "--nproc", bad, "train.py"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --nproc: {bad!r} is not a number of processes" in err
+    assert "Traceback" not in err
