@@ -43,6 +43,7 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
         raise PlanError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model_name = type(model).__name__  # fully_shard / replicate rename the class
     plan = resolve_plan(plan)
+    _check_meta_device(model, plan)
     plan, env = make_env(plan)
     graph = ModuleGraph(model, plan.blocks)
     graph.blocks()  # resolves a user override now: a bad glob is refused before mutation
@@ -158,6 +159,29 @@ def _optimizer_factory(optimizer: OptimizerArg, param_names: dict[int, str],
         return type(optimizer)(new_groups, **optimizer.defaults)
 
     return rebuild
+
+
+def _check_meta_device(model: nn.Module, plan: Plan) -> None:
+    """A model on the meta device has no weights: only fsdp materialises it (shard by
+    shard, after sharding). A partly-meta model is refused even then: ``to_empty`` would
+    wipe the real weights it holds."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    meta = [n for n, t in tensors if t.device.type == "meta"]
+    if not meta:
+        return
+    real = [n for n, t in tensors if t.device.type != "meta"]
+    if real:
+        raise PlanError(
+            f"model: {len(meta)} tensor(s) are on the meta device ({', '.join(meta[:3])}) "
+            f"and {len(real)} are not ({', '.join(real[:3])}); materialising the meta ones "
+            "would wipe the real weights. Build the whole model on the meta device (for "
+            "fsdp) or on a real one, or fill it first with od.load_weights(model, path)")
+    if plan.fsdp is None:
+        raise PlanError(
+            f"model: {type(model).__name__} is on the meta device (no weights) and the plan "
+            f"has no fsdp, the only pass that materialises a meta model (shard by shard); "
+            "build the model on a real device, use an fsdp plan (e.g. 'fsdp'), or load its "
+            "weights first with od.load_weights(model, path)")
 
 
 def _place_model(model: nn.Module, plan: Plan, env) -> None:

@@ -30,6 +30,31 @@ def test_refused_plan_leaves_model_exactly_as_it_was(plan):
     assert_untouched(model, before)
 
 
+@pytest.mark.parametrize("plan", [None, "compile", "ac", {"mixed_precision": "bf16"}])
+def test_meta_model_without_fsdp_is_refused_before_anything(plan):
+    with torch.device("meta"):
+        model = tiny(n_layers=2)
+    before = snapshot(model)
+    with pytest.raises(od.PlanError, match=r"model: Llama is on the meta device.*no fsdp.*"
+                                           r"real device.*'fsdp'.*od.load_weights"):
+        od.accelerate(model, plan)
+    assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("part", ["lm_head", "rope"])
+def test_partly_meta_model_is_refused_even_with_fsdp(part):
+    model = tiny(n_layers=2)
+    if part == "lm_head":
+        model.lm_head = torch.nn.Linear(64, 256, bias=False, device="meta")
+    else:
+        model.rope = model.rope.to("meta")
+    before = snapshot(model)
+    with pytest.raises(od.PlanError, match=rf"on the meta device \({part}.*would wipe the real "
+                                           r"weights"):
+        od.accelerate(model, "fsdp")
+    assert_untouched(model, before)
+
+
 def test_single_process_runtime_trains_with_no_launcher():
     model = tiny(n_layers=2)
     keys = list(model.state_dict())
