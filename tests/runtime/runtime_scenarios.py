@@ -178,6 +178,34 @@ def clip_tp(rt):
     return {"norm": float(norm), "inf_norm": float(inf_norm), "clipped": full}
 
 
+def batch_size_search(rt):
+    """Only rank 1 runs out of memory above 100: both ranks must back off together."""
+    import overdrive as od
+
+    tried = []
+
+    @od.find_executable_batch_size(starting_batch_size=128)
+    def train(batch_size):
+        tried.append(batch_size)
+        if rt.rank == 1 and batch_size > 100:
+            raise torch.OutOfMemoryError("CUDA out of memory (on purpose)")
+        return batch_size
+
+    return {"chosen": train(), "tried": tried}
+
+
+def main_first(rt):
+    """Rank 0 runs the block first: its end time precedes rank 1's start."""
+    import time
+
+    with rt.main_process_first():
+        start = time.time()
+        if rt.is_main:
+            time.sleep(0.5)
+        end = time.time()
+    return {"start": start, "end": end}
+
+
 # --------------------------------------------------------------------------- accumulation
 
 ACCUM, STEPS, LR = 4, 2, 0.1
@@ -252,7 +280,8 @@ def main() -> None:
         return
     rt = runtime(seed=7)
     result = {}
-    for fn in (shards, metrics, resume, collectives, clip_fsdp, clip_tp, accum_raw_fsdp):
+    for fn in (shards, metrics, resume, collectives, clip_fsdp, clip_tp, accum_raw_fsdp,
+               batch_size_search, main_first):
         try:
             result[fn.__name__] = fn(rt)
         except Exception:  # noqa: BLE001 — reported in the JSON, the test fails on it

@@ -150,6 +150,17 @@ def test_clip_grad_norm_under_tensor_parallel_only_equals_single_process(ranks):
                                        atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_find_executable_batch_size_ranks_back_off_together(ranks):
+    for r in ranks:  # rank 0 never ran out of memory, yet retried with rank 1
+        assert r["batch_size_search"] == {"chosen": 92, "tried": [128, 115, 103, 92]}
+
+
+def test_main_process_first_runs_rank_zero_before_the_others(ranks):
+    zero, one = ranks[0]["main_first"], ranks[1]["main_first"]
+    assert zero["end"] - zero["start"] >= 0.5
+    assert one["start"] >= zero["end"]
+
+
 # --------------------------------------------------------------------------- accumulation
 
 

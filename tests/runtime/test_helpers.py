@@ -84,8 +84,45 @@ def test_progress_print_and_main_process_first_by_rank(capsys):
     assert ran == [1]
 
 
-def test_only_rank_zero_logs_info():
+def test_only_rank_zero_logs_info_and_warnings():
     info = logging.LogRecord("overdrive", logging.INFO, "", 0, "m", None, None)
+    warn = logging.LogRecord("overdrive", logging.WARNING, "", 0, "m", None, None)
     err = logging.LogRecord("overdrive", logging.ERROR, "", 0, "m", None, None)
-    assert RankFilter(0).filter(info) and not RankFilter(1).filter(info)
+    assert RankFilter(0).filter(info) and RankFilter(0).filter(warn)
+    assert not RankFilter(1).filter(info) and not RankFilter(1).filter(warn)
     assert RankFilter(1).filter(err)
+
+
+@pytest.fixture
+def overdrive_logger():
+    """The "overdrive" logger with a list of the records it lets through; restored after."""
+    log = logging.getLogger("overdrive")
+    saved = list(log.filters), list(log.handlers), log.level
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(f"{record.levelname}:{record.getMessage()}")
+
+    log.addHandler(Keep())
+    log.setLevel(logging.INFO)
+    yield log, seen
+    log.filters[:], log.handlers[:] = saved[0], saved[1]
+    log.setLevel(saved[2])
+
+
+def test_configure_logging_on_rank_one_logs_errors_only(overdrive_logger, monkeypatch):
+    from overdrive.runtime.helpers import configure_logging
+
+    log, seen = overdrive_logger
+    monkeypatch.delenv("OVERDRIVE_LOG_ALL_RANKS", raising=False)
+    configure_logging(1)
+    log.info("i"), log.warning("w"), log.error("e")
+    assert seen == ["ERROR:e"]
+    configure_logging(0)  # reconfigured: the rank-1 filter is replaced, not stacked
+    log.warning("w0")
+    assert seen[-1] == "WARNING:w0"
+    monkeypatch.setenv("OVERDRIVE_LOG_ALL_RANKS", "1")
+    configure_logging(1)
+    log.info("all")
+    assert seen[-1] == "INFO:all"

@@ -42,14 +42,15 @@ def progress(rt, iterable: Iterable, **tqdm_kwargs: Any) -> Iterable:
 
 
 class RankFilter(logging.Filter):
-    """Ranks other than 0 only log warnings and errors (OVERDRIVE_LOG_ALL_RANKS=1: all)."""
+    """Ranks other than 0 only log errors (a failing rank names itself); warnings, like
+    info, come from rank 0 alone. OVERDRIVE_LOG_ALL_RANKS=1: every rank logs."""
 
     def __init__(self, rank: int):
         super().__init__()
         self.rank = rank
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return self.rank == 0 or record.levelno >= logging.WARNING
+        return self.rank == 0 or record.levelno >= logging.ERROR
 
 
 def configure_logging(rank: int) -> None:
@@ -126,6 +127,12 @@ def find_executable_batch_size(function: Callable | None = None, starting_batch_
         @od.find_executable_batch_size(starting_batch_size=64)
         def train(batch_size): ...
         train()
+
+    Under a process group the ranks agree after every attempt (one all-reduce of an
+    out-of-memory flag): if any rank ran out of memory, every rank retries with the same
+    smaller batch size, so no two ranks train with different ones. A rank that runs out
+    while the others wait for it in a collective inside ``function`` still stalls them
+    until the process-group timeout (OVERDRIVE_PG_TIMEOUT).
     """
     if function is None:
         return functools.partial(find_executable_batch_size,
@@ -139,16 +146,33 @@ def find_executable_batch_size(function: Callable | None = None, starting_batch_
                 raise RuntimeError(
                     f"find_executable_batch_size: no batch size fits in memory (started at "
                     f"{starting_batch_size}, reduced by 0.9 down to zero)")
+            result, oom = None, False
             try:
-                return function(batch_size, *args, **kwargs)
+                result = function(batch_size, *args, **kwargs)
             except Exception as err:  # noqa: BLE001
                 if not is_oom(err):
                     raise
-                log.warning("overdrive: batch size %d ran out of memory; trying %d",
-                            batch_size, int(batch_size * 0.9))
-                batch_size = int(batch_size * 0.9)
-                gc.collect()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                oom = True
+            if not _any_rank(oom):
+                return result
+            log.warning("overdrive: batch size %d ran out of memory%s; trying %d", batch_size,
+                        "" if oom else " on another rank", int(batch_size * 0.9))
+            batch_size = int(batch_size * 0.9)
+            result = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     return wrapper
+
+
+def _any_rank(flag: bool) -> bool:
+    """``flag`` or-ed over the ranks of the default process group (itself alone: as is)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    device = torch.device("cpu")
+    if "gloo" not in str(dist.get_backend()) and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
