@@ -105,14 +105,10 @@ def inspect(model: nn.Module, plan: Plan | dict | str | None = None, *,
 
 
 def _check_optimizer_arg(optimizer: OptimizerArg, manager: PassManager, plan: Plan) -> None:
-    if optimizer is None or callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
-        if plan.casting is not None and optimizer is not None:
-            raise PlanError(
-                "casting is an inference pass: accelerate() got an optimizer with a casting "
-                "plan; drop the optimizer, or use fp8 / mixed_precision for training"
-            )
+    if optimizer is None:
         return
-    if not isinstance(optimizer, torch.optim.Optimizer):
+    instance = isinstance(optimizer, torch.optim.Optimizer)
+    if not (instance or callable(optimizer)):
         raise PlanError(
             f"optimizer={optimizer!r} is not valid; pass a torch.optim.Optimizer or a "
             "factory such as lambda params: torch.optim.AdamW(params, lr=3e-4)"
@@ -122,14 +118,13 @@ def _check_optimizer_arg(optimizer: OptimizerArg, manager: PassManager, plan: Pl
             "casting is an inference pass: accelerate() got an optimizer with a casting plan; "
             "drop the optimizer, or use fp8 / mixed_precision for training"
         )
-    if optimizer.state:
-        replacing = [p.name for p in manager.passes if p.replaces_parameters]
-        if replacing:
-            raise PlanError(
-                f"optimizer already holds state, but pass(es) {', '.join(replacing)} replace "
-                "the parameters; pass a factory (lambda params: ...) so the optimizer is "
-                "built after sharding"
-            )
+    replacing = [p.name for p in manager.passes if p.replaces_parameters]
+    if instance and optimizer.state and replacing:
+        raise PlanError(
+            f"optimizer already holds state, but pass(es) {', '.join(replacing)} replace "
+            "the parameters; pass a factory (lambda params: ...) so the optimizer is "
+            "built after sharding"
+        )
 
 
 def _optimizer_factory(optimizer: OptimizerArg, param_names: dict[int, str],

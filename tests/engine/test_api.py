@@ -91,6 +91,23 @@ def test_bad_optimizer_argument():
         od.accelerate(tiny(n_layers=1), optimizer=42)
 
 
+def test_optimizer_argument_refusals_leave_the_model_untouched():
+    model = tiny(n_layers=1)
+    used = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randint(0, 256, (1, 8))).logits.sum().backward()
+    used.step()
+    cases = [(42, "casting", r"optimizer=42 is not valid"),
+             (lambda p: torch.optim.SGD(p, lr=0.1), "casting", r"casting is an inference pass"),
+             (used, "casting", r"casting is an inference pass"),
+             (used, "fp8", r"optimizer already holds state, but pass\(es\) fp8 replace")]
+    for optimizer, plan, pattern in cases:
+        before = snapshot(model)
+        with pytest.raises(od.PlanError, match=pattern):
+            od.accelerate(model, plan, optimizer=optimizer)
+        assert_untouched(model, before)
+    assert od.accelerate(model, None, optimizer=used).optimizer.optimizer is used
+
+
 def test_backward_scales_by_grad_accum():
     torch.manual_seed(0)
     a, b = tiny(n_layers=1), tiny(n_layers=1)

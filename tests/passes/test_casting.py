@@ -16,7 +16,7 @@ from overdrive.passes.casting import CastConv2d, CastLinear, upcast
 from overdrive.rewrite.manager import parameter_bytes
 from overdrive.rewrite.plan import Plan
 
-from helpers import assert_untouched, snapshot
+from tests.helpers import assert_untouched, snapshot
 
 CAST = Plan(casting=od.Casting())
 
