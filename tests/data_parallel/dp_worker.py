@@ -16,8 +16,6 @@ import torch.distributed as dist
 
 import overdrive as od
 from overdrive.models.llama import Llama, LlamaConfig
-from overdrive.passes.ddp import DDPPass
-from overdrive.passes.fsdp import FSDPPass
 from dp_common import LR, global_batches, llama_config, make_hf, make_llama
 
 
@@ -31,6 +29,7 @@ def plan_for(name: str) -> od.Plan:
         "fsdp_meta": od.Plan(fsdp=od.FSDP()),
         "fsdp_hf": od.Plan(fsdp=od.FSDP()),
         "hsdp": od.Plan(fsdp=od.FSDP(), parallel=od.Parallel(dp_replicate=2, dp_shard=2)),
+        "zero1": od.Plan(deepspeed=od.DeepSpeed(zero_stage=1)),
         "zero2": od.Plan(deepspeed=od.DeepSpeed(zero_stage=2)),
         "zero3": od.Plan(deepspeed=od.DeepSpeed(zero_stage=3)),
         "zero2_accum": od.Plan(deepspeed=od.DeepSpeed(zero_stage=2), grad_accum=2),
@@ -82,55 +81,35 @@ def mesh_facts(spec: str) -> dict:
             "hsdp_shape": list(hsdp.shape), "dp_size": env.dp_size}
 
 
-def tensor_parallel(model, env) -> None:
-    """Megatron-style TP of the blocks by hand (the tensor_parallel pass lives on
-    another branch): q/k/v/gate/up column-wise, o/down row-wise, on env's tp mesh."""
-    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
-                                                   parallelize_module)
+def ddp_tp_refused() -> dict:
+    """ddp over dp=2 with tp=2, asked for and implied (no engine named): replicate would
+    re-create the DTensor parameters every forward, so both are refused in check."""
+    from tests.helpers import assert_untouched, snapshot
 
-    styles = {f"attn.{n}": ColwiseParallel() for n in ("q_proj", "k_proj", "v_proj")}
-    styles |= {"mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
-               "attn.o_proj": RowwiseParallel(), "mlp.down_proj": RowwiseParallel()}
-    for block in model.layers:
-        parallelize_module(block, env.submesh("tp"), styles)
-
-
-class _Direct:
-    """What od.accelerate hands back, for passes applied on their own: ``ddp_tp_mesh``
-    is ddp on a dp × tp mesh (gradients averaged over the dp sub-mesh only — tp peers
-    see the same batch); ``fsdp_tp`` is hand-made TP then the fsdp pass (2-D dp × tp)."""
-
-    def __init__(self, model, plan_obj, pass_cls, tp=False):
-        from overdrive.rewrite.report import Report
-        from overdrive.runtime.runtime import Runtime
-        from overdrive.runtime.state import make_env
-
-        plan_obj, env = make_env(plan_obj)
-        if tp:
-            tensor_parallel(model, env)
-        rec = pass_cls().apply(model, od.ModuleGraph(model), plan_obj, env)
-        rec.bytes_after = local_bytes(model)
-        self.rt = Runtime(model, plan=plan_obj, report=Report([rec]), env=env,
-                          optimizer=torch.optim.SGD(model.parameters(), lr=LR))
+    out = {}
+    for name, plan in (("asked", od.Plan(ddp=od.DDP(), parallel=od.Parallel(dp_shard=2, tp=2))),
+                       ("implied", od.Plan(parallel=od.Parallel(dp_shard=2, tp=2)))):
+        model = make_llama()
+        before = snapshot(model)
+        try:
+            od.accelerate(model, plan, optimizer=lambda p: torch.optim.SGD(p, lr=LR))
+            out[name] = {"error": None}
+            continue
+        except od.PlanError as err:
+            out[name] = {"error": str(err)}
+        try:
+            assert_untouched(model, before)
+            out[name]["untouched"] = True
+        except AssertionError:
+            out[name]["untouched"] = False
+    return out
 
 
 def run(name: str) -> dict:
     if name.startswith("mesh:"):
         return mesh_facts(name[5:])
-    if name == "ddp_tp_mesh":
-        torch.manual_seed(0)
-        model = make_llama()
-        keys = list(model.state_dict())
-        rt = _Direct(model, od.Plan(ddp=od.DDP(), parallel=od.Parallel(dp_shard=2, tp=2)),
-                     DDPPass).rt
-        return train(name, model, rt, keys)
-    if name == "fsdp_tp":
-        torch.manual_seed(0)
-        model = make_llama()
-        keys = list(model.state_dict())
-        rt = _Direct(model, od.Plan(fsdp=od.FSDP(), parallel=od.Parallel(dp_shard=2, tp=2)),
-                     FSDPPass, tp=True).rt
-        return train(name, model, rt, keys)
+    if name == "ddp_tp_refused":
+        return ddp_tp_refused()
     torch.manual_seed(0)  # the meta model's init_weights() draws from the global RNG
     model = build(name)
     keys = list(model.state_dict())

@@ -1,4 +1,4 @@
-"""ddp, fsdp, HSDP and DeepSpeed ZeRO 2/3 for real: torchrun on 2 and 4 CPU ranks (gloo).
+"""ddp, fsdp, HSDP and DeepSpeed ZeRO 1/2/3 for real: torchrun on 2 and 4 CPU ranks (gloo).
 
 Two launches in all (one per world size); each runs every scenario in sequence and
 writes one JSON. Every scenario's loss curve must match plain single-process SGD on the
@@ -18,8 +18,8 @@ pytestmark = pytest.mark.dist
 
 WORKER = Path(__file__).with_name("dp_worker.py")
 TWO_RANK = ["ddp", "ddp_auto", "ddp_accum", "fsdp", "fsdp_accum", "fsdp_meta", "fsdp_hf",
-            "zero2", "zero3", "zero2_accum", "mesh:1,2,1,1"]
-FOUR_RANK = ["hsdp", "ddp_tp_mesh", "fsdp_tp", "mesh:1,2,1,2", "mesh:2,1,2,1"]
+            "zero1", "zero2", "zero3", "zero2_accum", "mesh:1,2,1,1"]
+FOUR_RANK = ["hsdp", "ddp_tp_refused", "mesh:1,2,1,2", "mesh:2,1,2,1"]
 TOL = 1e-4
 
 
@@ -52,7 +52,7 @@ def _assert_curve(got: list[float], want: list[float]) -> None:
 
 
 @pytest.mark.parametrize("name", ["ddp", "ddp_auto", "ddp_accum", "fsdp", "fsdp_accum",
-                                  "zero2", "zero3", "zero2_accum"])
+                                  "zero1", "zero2", "zero3", "zero2_accum"])
 def test_loss_matches_single_process(two, reference, name):
     res = two[name]
     _assert_curve(res["losses"], reference)
@@ -65,8 +65,8 @@ def test_loss_matches_single_process(two, reference, name):
     assert res["passes"] == [expected_pass]
 
 
-@pytest.mark.parametrize("name,sharded", [("ddp", False), ("fsdp", True), ("zero2", False),
-                                          ("zero3", True)])
+@pytest.mark.parametrize("name,sharded", [("ddp", False), ("fsdp", True), ("zero1", False),
+                                          ("zero2", False), ("zero3", True)])
 def test_parameter_bytes_per_rank(two, name, sharded):
     full = param_bytes(make_llama())
     ranks = two[name]["rank_bytes"]
@@ -150,21 +150,12 @@ def test_hsdp_two_by_two(four, reference):
     assert res["keys_kept"]
 
 
-
-def test_ddp_averages_over_dp_only_on_a_dp_by_tp_mesh(four, reference):
-    res = four["ddp_tp_mesh"]
-    _assert_curve(res["losses"], reference)
-    assert res["dp"] == [0, 2] and res["keys_kept"]
-    assert res["sync_group"] == 2  # the dp sub-mesh, not the 4-rank world
-
-
-def test_fsdp_composes_with_tensor_parallel(four, reference):
-    """Hand-made TP of the blocks on env's tp mesh, then the fsdp pass: 2-D dp × tp."""
-    res = four["fsdp_tp"]
-    _assert_curve(res["losses"], reference)
-    assert res["dp"] == [0, 2] and res["keys_kept"]
-    model = make_llama()
-    tp = sum(param_bytes(m) for n, m in model.named_modules()
-             if n.endswith(("_proj",)))  # sharded over tp (2) and dp_shard (2)
-    expected = tp / 4 + (param_bytes(model) - tp) / 2
-    assert all(abs(b - expected) <= 0.02 * expected for b in res["rank_bytes"])
+def test_ddp_with_tensor_parallel_is_refused_untouched(four):
+    """torch's replicate re-creates DTensor parameters after every forward: the optimizer
+    stepped stale copies and the loss stalled after the first step. Refused instead, also
+    when ddp is only implied by a plan naming no engine; fsdp composes with tp."""
+    for case in ("asked", "implied"):
+        res = four["ddp_tp_refused"][case]
+        assert res["error"] is not None, f"{case}: od.accelerate did not refuse"
+        assert "ddp with parallel.tp=2 and 2 data-parallel ranks" in res["error"]
+        assert "fsdp" in res["error"] and res["untouched"]

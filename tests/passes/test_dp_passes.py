@@ -154,6 +154,18 @@ def test_meta_model_refused_by_replicating_engines(plan):
     assert all(p.is_meta for _, p in params)
 
 
+def test_ddp_with_tensor_parallel_refused():
+    plan = od.Plan(ddp=od.DDP(), parallel=od.Parallel(dp_shard=2, tp=2))
+    with pytest.raises(od.PlanError, match=r"ddp with parallel.tp=2 and 2 data-parallel ranks.*"
+                                           r"fsdp=od.FSDP\(\)"):
+        od.inspect(small(), plan, world_size=4)
+    with pytest.raises(od.PlanError, match="ddp with parallel.tp=2"):  # ddp implied
+        od.inspect(small(), od.Plan(parallel=od.Parallel(tp=2)), world_size=4)
+    one_data_rank = od.Plan(ddp=od.DDP(), parallel=od.Parallel(dp_shard=1, tp=2))
+    assert "one data-parallel rank" in od.inspect(small(), one_data_rank, world_size=2)[
+        "ddp"].notes[0]
+
+
 def test_ddp_auto_enabled_only_with_several_data_ranks():
     assert od.inspect(small(), None, world_size=2).names() == ["ddp"]
     assert od.inspect(small(), None, world_size=1).names() == []
@@ -172,6 +184,10 @@ def test_ddp_auto_enabled_only_with_several_data_ranks():
     ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}},
      r"offload_optimizer.device='cpu' but deepspeed.offload_optimizer=False"),
     ({"gradient_clipping": 2.0}, None),  # only a contradiction when the plan sets it too
+    # the batch-size identity holds whatever the config says about accumulation
+    ({"gradient_accumulation_steps": 1, "train_batch_size": 8,
+      "train_micro_batch_size_per_gpu": 2}, r"train_batch_size=8 is not .* = 2"),
+    ({"bfloat16": {"enabled": True}}, r"bfloat16.enabled=true but plan.mixed_precision='no'"),
 ])
 def test_deepspeed_config_contradictions(config, match):
     if match is None:
@@ -186,6 +202,44 @@ def test_deepspeed_config_file_and_mixed_precision_contradiction(tmp_path):
     path.write_text(json.dumps({"fp16": {"enabled": True}}))
     plan = od.Plan(deepspeed=od.DeepSpeed(config=str(path)), mixed_precision="bf16")
     refuse(small(), plan, r"fp16.enabled=true but plan.mixed_precision='bf16'")
+
+
+@pytest.mark.parametrize("config,plan_kw,match", [
+    ({"bf16": {"enabled": False}}, {"mixed_precision": "bf16"},
+     r"bf16.enabled=false but plan.mixed_precision='bf16'"),
+    ({"fp16": {"enabled": False}}, {"mixed_precision": "fp16"},
+     r"fp16.enabled=false but plan.mixed_precision='fp16'"),
+    ({"bfloat16": {"enabled": False}}, {"mixed_precision": "bf16"},
+     r"bfloat16.enabled=false"),
+    ({"train_batch_size": 3}, {"grad_accum": 2},
+     r"train_batch_size=3 is not divisible by grad_accum=2 × data ranks=1"),
+])
+def test_deepspeed_explicit_settings_against_the_plan(config, plan_kw, match):
+    refuse(small(), od.Plan(deepspeed=od.DeepSpeed(config=config), **plan_kw), match)
+
+
+def test_deepspeed_config_keeps_what_agrees_with_the_plan():
+    from overdrive.passes.deepspeed import build_config, contradictions
+
+    nvme = {"zero_optimization": {"offload_optimizer": {"device": "nvme",
+                                                        "nvme_path": "/local_nvme"}}}
+    plan = od.Plan(deepspeed=od.DeepSpeed(zero_stage=3, offload_optimizer=True, config=nvme))
+    assert contradictions(nvme, plan, dp_size=2) == []
+    off = build_config(plan, dp_size=2, client_optimizer=True)["zero_optimization"]
+    assert off["offload_optimizer"] == {"device": "nvme", "nvme_path": "/local_nvme"}
+    plan = od.Plan(deepspeed=od.DeepSpeed(offload_optimizer=True))
+    assert build_config(plan, 1, True)["zero_optimization"]["offload_optimizer"] == {
+        "device": "cpu"}
+    old_name = {"bfloat16": {"enabled": True, "immediate_grad_update": False}}
+    plan = od.Plan(deepspeed=od.DeepSpeed(config=old_name), mixed_precision="bf16")
+    assert contradictions(old_name, plan, dp_size=1) == []
+    cfg = build_config(plan, 1, True)
+    assert "bfloat16" not in cfg  # one section, which DeepSpeed reads first
+    assert cfg["bf16"] == {"enabled": True, "immediate_grad_update": False}
+    batch = {"train_batch_size": 16, "train_micro_batch_size_per_gpu": 2,
+             "gradient_accumulation_steps": 4}
+    assert contradictions(batch, od.Plan(deepspeed=od.DeepSpeed(config=batch), grad_accum=4),
+                          dp_size=2) == []
 
 
 def test_deepspeed_needs_exactly_one_optimizer():

@@ -9,6 +9,11 @@ ranks hold the same weights and their losses cover different tokens.
 
 One data rank (a single process, or tp/cp using every rank) leaves nothing to average:
 the pass is then a no-op that says so in its record.
+
+Tensor parallelism with more than one data rank is refused (torchtitan refuses DDP with
+>1-D meshes too): ``replicate`` localises DTensor parameters and re-creates them as new
+``nn.Parameter`` objects after every forward, so the optimizer and DDP's reducer would
+keep stepping the first ones — training silently stalls. fsdp composes with tp.
 """
 
 from __future__ import annotations
@@ -38,6 +43,14 @@ class DDPPass(Pass):
         return plan.ddp is not None
 
     def check(self, graph: ModuleGraph, plan: Plan, env) -> None:
+        tp = plan.parallel.tp
+        if tp > 1 and sync_size(plan) > 1:
+            raise PlanError(
+                f"ddp with parallel.tp={tp} and {sync_size(plan)} data-parallel ranks is not "
+                "supported: DDP cannot keep tensor-parallel (DTensor) parameters, its "
+                "optimizer would step stale copies; use fsdp=od.FSDP() for dp × tp (the "
+                "'fsdp+tp' preset). (ddp is also what a plan naming no data-parallel engine "
+                "gets when there are several data ranks.)")
         if not env.dry_run and any(p.is_meta for p in graph.model.parameters()):
             raise PlanError(
                 "ddp: the model is on the meta device, and every ddp rank holds the whole "
@@ -62,10 +75,7 @@ class DDPPass(Pass):
                       static_graph=cfg.static_graph)
         if env.device.type != "cpu":
             kwargs["device_id"] = env.device
-        if sync_size(plan) == env.world_size:
-            env.ensure_process_group()  # the default group: every rank is a data rank
-        else:  # tp/cp peers: average over dp_cp only (DTensor params are localised)
-            kwargs["device_mesh"] = env.submesh("dp_cp")
+        env.ensure_process_group()  # every rank is a data rank (dp × cp; tp is refused)
         replicate(model, **kwargs)
         env.set_gradient_sync = model.set_requires_gradient_sync
         rec.touch("")

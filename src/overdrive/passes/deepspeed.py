@@ -46,8 +46,11 @@ def user_config(plan: Plan) -> dict[str, Any]:
             raise PlanError(f"deepspeed.config={str(cfg)!r} is not valid JSON: {err}") from None
 
 
-def _enabled(section: Any) -> bool:
-    return isinstance(section, Mapping) and bool(section.get("enabled", False))
+def _precision_section(cfg: Mapping[str, Any], key: str) -> tuple[str, Any]:
+    """(the key DeepSpeed reads, its section): bf16 falls back to the old "bfloat16"."""
+    if key == "bf16" and "bf16" not in cfg and "bfloat16" in cfg:
+        return "bfloat16", cfg["bfloat16"]
+    return key, cfg.get(key)
 
 
 def _offload_device(zero: Mapping[str, Any]) -> str:
@@ -67,15 +70,18 @@ def contradictions(cfg: Mapping[str, Any], plan: Plan, dp_size: int) -> list[str
     if gas is not None and gas != plan.grad_accum:
         found.append(f"gradient_accumulation_steps={gas} but plan.grad_accum="
                      f"{plan.grad_accum}; set grad_accum={gas} in the plan")
-    tbs, micro = cfg.get("train_batch_size"), cfg.get("train_micro_batch_size_per_gpu")
-    if gas is None and tbs is not None and micro is not None \
-            and tbs != micro * plan.grad_accum * dp_size:
-        found.append(f"train_batch_size={tbs} is not train_micro_batch_size_per_gpu={micro} "
-                     f"× grad_accum={plan.grad_accum} × data ranks={dp_size}")
+    found += _batch_size_contradictions(cfg, plan.grad_accum, dp_size)
     for key, wanted in (("fp16", "fp16"), ("bf16", "bf16")):
-        if _enabled(cfg.get(key)) and plan.mixed_precision != wanted:
-            found.append(f"{key}.enabled=true but plan.mixed_precision="
+        name, section = _precision_section(cfg, key)
+        if not isinstance(section, Mapping) or "enabled" not in section:
+            continue  # no opinion: filled from the plan
+        on, planned = bool(section["enabled"]), plan.mixed_precision == wanted
+        if on and not planned:
+            found.append(f"{name}.enabled=true but plan.mixed_precision="
                          f"{plan.mixed_precision!r}; set mixed_precision={wanted!r}")
+        elif planned and not on:
+            found.append(f"{name}.enabled=false but plan.mixed_precision={wanted!r}; set "
+                         f"{name}.enabled=true (or drop it), or choose another mixed_precision")
     device = _offload_device(zero)
     if "offload_optimizer" in zero and (device not in ("none", "None")) != ds.offload_optimizer:
         found.append(f"zero_optimization.offload_optimizer.device={device!r} but "
@@ -87,14 +93,32 @@ def contradictions(cfg: Mapping[str, Any], plan: Plan, dp_size: int) -> list[str
     return found
 
 
+def _batch_size_contradictions(cfg: Mapping[str, Any], grad_accum: int, dp_size: int) -> list[str]:
+    """DeepSpeed's train_batch_size = micro batch × gradient accumulation × data ranks,
+    checked against the plan's grad_accum whatever the config says about accumulation."""
+    tbs, micro = cfg.get("train_batch_size"), cfg.get("train_micro_batch_size_per_gpu")
+    if tbs is None:
+        return []
+    if micro is not None and tbs != micro * grad_accum * dp_size:
+        return [f"train_batch_size={tbs} is not train_micro_batch_size_per_gpu={micro} "
+                f"× grad_accum={grad_accum} × data ranks={dp_size} = "
+                f"{micro * grad_accum * dp_size}"]
+    if micro is None and tbs % (grad_accum * dp_size):
+        return [f"train_batch_size={tbs} is not divisible by grad_accum={grad_accum} × data "
+                f"ranks={dp_size}; give a multiple of {grad_accum * dp_size}"]
+    return []
+
+
 def build_config(plan: Plan, dp_size: int, client_optimizer: bool) -> dict[str, Any]:
     """The user's config with every plan-owned field filled from the plan."""
     ds = plan.deepspeed
     cfg = user_config(plan)
     zero = dict(cfg.get("zero_optimization") or {})
     zero["stage"] = ds.zero_stage
-    if ds.offload_optimizer:
-        zero["offload_optimizer"] = {**(zero.get("offload_optimizer") or {}), "device": "cpu"}
+    if ds.offload_optimizer:  # the user's device ("nvme" with its path) is kept
+        device = _offload_device(zero)
+        zero["offload_optimizer"] = {**(zero.get("offload_optimizer") or {}),
+                                     "device": device if device in ("cpu", "nvme") else "cpu"}
     cfg["zero_optimization"] = zero
     cfg["gradient_accumulation_steps"] = plan.grad_accum
     if "train_micro_batch_size_per_gpu" not in cfg and "train_batch_size" not in cfg:
@@ -103,7 +127,9 @@ def build_config(plan: Plan, dp_size: int, client_optimizer: bool) -> dict[str, 
         "gradient_clipping", 0.0)
     cfg["gradient_clipping"] = clip
     cfg["fp16"] = {**(cfg.get("fp16") or {}), "enabled": plan.mixed_precision == "fp16"}
-    cfg["bf16"] = {**(cfg.get("bf16") or {}), "enabled": plan.mixed_precision == "bf16"}
+    _, bf16 = _precision_section(cfg, "bf16")  # one section, under the current name
+    cfg.pop("bfloat16", None)
+    cfg["bf16"] = {**(bf16 or {}), "enabled": plan.mixed_precision == "bf16"}
     if client_optimizer:  # a torch optimizer: allowed under ZeRO, offloaded if asked
         cfg["zero_allow_untested_optimizer"] = True
         cfg["zero_force_ds_cpu_optimizer"] = False
