@@ -131,6 +131,26 @@ def collectives(rt):
     except Exception as err:  # noqa: BLE001
         out["mismatch"] = f"{type(err).__name__}: {err}"
     out["after_error"] = rt.reduce(torch.tensor([1.0]), "sum").tolist()  # still usable
+    try:
+        rt.reduce({"a": torch.zeros(2)} if r == 0 else {"a": torch.zeros(2, dtype=torch.int64)})
+        out["dtype_mismatch"] = None
+    except Exception as err:  # noqa: BLE001
+        out["dtype_mismatch"] = f"{type(err).__name__}: {err}"
+    # more tensors than the sizes sent with the check: one more exchange
+    many = [torch.full((r + 1 + i % 2, 2), float(i)) for i in range(10)]
+    out["pad_many"] = [list(t.shape) for t in rt.pad_across_processes(many, dim=0)]
+    # the happy path pickles nothing: no object collective
+    import torch.distributed as dist
+
+    objects = []
+    real = dist.all_gather_object
+    dist.all_gather_object = lambda *a, **k: objects.append(1) or real(*a, **k)
+    try:
+        rt.gather(torch.ones(2)), rt.reduce(torch.ones(2)), rt.broadcast(torch.ones(2))
+        rt.pad_across_processes(torch.ones(r + 1)), rt.gather_for_metrics(torch.ones(r + 1))
+    finally:
+        dist.all_gather_object = real
+    out["object_collectives"] = len(objects)
     return out
 
 

@@ -111,6 +111,10 @@ def test_collectives(ranks):
         assert c["object"] == ["r0", "r1"]
         assert c["after_error"] == [2.0]
         assert "rank 0: [([1, 3]" in c["mismatch"] and "rank 1: [([2, 3]" in c["mismatch"]
+        assert "OverdriveError: reduce: tensors differ" in c["dtype_mismatch"]
+        assert "'torch.float32'" in c["dtype_mismatch"] and "'torch.int64'" in c["dtype_mismatch"]
+        assert c["pad_many"] == [[3 if i % 2 else 2, 2] for i in range(10)]
+        assert c["object_collectives"] == 0
     assert ranks[0]["collectives"]["pad"] == [[1.0, 1.0], [-1.0, -1.0]]
     assert ranks[1]["collectives"]["pad"] == [[1.0, 1.0], [1.0, 1.0]]
     assert ranks[0]["collectives"]["pad_first"] == [[0.0, 1.0], [0.0, 1.0]]

@@ -1,12 +1,15 @@
 """Collectives over nested tensors: gather, gather_for_metrics, reduce, broadcast, pad.
 
-Every collective first exchanges the shapes and dtypes of its tensors, so ranks that
-disagree get a clear error on every rank instead of a hang. A single process (no process
-group, or a world of one) gets its input back unchanged.
+Every collective first checks that the ranks agree on the structure, shapes and dtypes
+of its tensors — one all-gather of a few int64s (a digest, and the sizes along the one
+dimension that may differ) — so ranks that disagree get a clear error on every rank
+instead of a hang. A single process (no process group, or a world of one) gets its input
+back unchanged, with no check at all.
 """
 
 from __future__ import annotations
 
+import zlib
 from typing import Any, Callable
 
 import torch
@@ -62,33 +65,72 @@ def world(group=None) -> int:
 
 # --------------------------------------------------------------------------- shape checks
 
-
-def exchange_meta(tensors: list[torch.Tensor], group=None) -> list[list[tuple]]:
-    """Every rank's ``[(shape, dtype), …]``; one small object all-gather."""
-    mine = [(tuple(t.shape), str(t.dtype)) for t in tensors]
-    out: list = [None] * world(group)
-    dist.all_gather_object(out, mine, group=group)
-    return out
+_INLINE = 8  # sizes along the free dim sent with the check; more tensors take one more
 
 
-def check_same(metas: list[list[tuple]], what: str, *, skip_dim: int | None = None) -> None:
-    """Raise on every rank alike if the ranks' structures, shapes or dtypes differ
-    (ignoring dimension ``skip_dim``)."""
-    def key(meta):
-        return [((tuple(s for i, s in enumerate(shape) if i != skip_dim)
-                  if skip_dim is not None else shape), len(shape), dtype)
-                for shape, dtype in meta]
+def comm_device(group=None) -> torch.device:
+    """Where small control tensors go for ``group``'s backend (CPU for gloo, also when
+    it is the CPU half of "cpu:gloo,cuda:nccl"; else the current accelerator)."""
+    backend = str(dist.get_backend(group))
+    if "gloo" in backend or "mpi" in backend:
+        return torch.device("cpu")
+    acc = torch.accelerator.current_accelerator()
+    return torch.device("cpu") if acc is None else \
+        torch.device(acc.type, torch.accelerator.current_device_index())
 
-    ref = key(metas[0])
-    for rank, meta in enumerate(metas):
-        if key(meta) != ref:
-            desc = "; ".join(f"rank {r}: {[(list(s), d) for s, d in m]}"
-                             for r, m in enumerate(metas))
-            ignored = f" (other than dim {skip_dim})" if skip_dim is not None else ""
-            raise OverdriveError(
-                f"{what}: tensors differ across ranks in structure, shape{ignored} or dtype — "
-                f"{desc}. Pad them first (rt.pad_across_processes) or gather objects "
-                "with rt.gather_object")
+
+def _all_gather_ints(values: list[int], group=None) -> list[list[int]]:
+    t = torch.tensor(values, dtype=torch.int64, device=comm_device(group))
+    parts = [torch.empty_like(t) for _ in range(world(group))]
+    dist.all_gather(parts, t, group=group)
+    return torch.stack(parts).tolist()
+
+
+def _free_size(t: torch.Tensor, dim: int) -> int:
+    return t.shape[dim] if t.ndim else 1  # a 0-d tensor counts as one row
+
+
+def _digest(tensors: list[torch.Tensor], free_dim: int | None) -> int:
+    """A checksum of the structure, ndims, shapes (``free_dim`` left out) and dtypes."""
+    def shape(t):
+        if free_dim is None or t.ndim == 0:
+            return tuple(t.shape)
+        d = free_dim % t.ndim
+        return tuple(s for i, s in enumerate(t.shape) if i != d)
+
+    key = [(t.ndim, shape(t), str(t.dtype)) for t in tensors]
+    return zlib.crc32(repr(key).encode())
+
+
+def check_same(tensors: list[torch.Tensor], what: str, *, free_dim: int | None = None,
+               group=None) -> list[list[int]] | None:
+    """Raise on every rank alike if the ranks' tensors differ in structure, shape (other
+    than along ``free_dim``) or dtype; return every rank's sizes along ``free_dim``
+    (``[rank][tensor]``), or None without one. Exchanges a fixed-size int64 tensor:
+    (count, digest, the first sizes); only a mismatch pays for gathering the details."""
+    sizes = [_free_size(t, free_dim) for t in tensors] if free_dim is not None else []
+    inline = (sizes[:_INLINE] + [0] * _INLINE)[:_INLINE]
+    rows = _all_gather_ints([len(tensors), _digest(tensors, free_dim), *inline], group)
+    if any(row[:2] != rows[0][:2] for row in rows):
+        _raise_mismatch(tensors, what, free_dim, group)
+    if free_dim is None:
+        return None
+    if len(tensors) <= _INLINE:
+        return [row[2:2 + len(tensors)] for row in rows]
+    rest = _all_gather_ints(sizes[_INLINE:], group)
+    return [row[2:] + more for row, more in zip(rows, rest)]
+
+
+def _raise_mismatch(tensors: list[torch.Tensor], what: str, free_dim: int | None,
+                    group=None) -> None:
+    metas: list = [None] * world(group)
+    dist.all_gather_object(metas, [(list(t.shape), str(t.dtype)) for t in tensors], group=group)
+    desc = "; ".join(f"rank {r}: {[(s, d) for s, d in m]}" for r, m in enumerate(metas))
+    ignored = f" (other than dim {free_dim})" if free_dim is not None else ""
+    raise OverdriveError(
+        f"{what}: tensors differ across ranks in structure, shape{ignored} or dtype — "
+        f"{desc}. Pad them first (rt.pad_across_processes) or gather objects "
+        "with rt.gather_object")
 
 
 # --------------------------------------------------------------------------- collectives
@@ -99,7 +141,7 @@ def gather(data: Any, group=None) -> Any:
     if world(group) == 1:
         return data
     tensors = _tensors(data, "gather")
-    check_same(exchange_meta(tensors, group), "gather")
+    check_same(tensors, "gather", group=group)
     return rebuild(data, [_all_gather(t, group) for t in tensors])
 
 
@@ -119,11 +161,10 @@ def gather_uneven(data: Any, group=None, keep: Callable[[torch.Tensor], int] | N
         tensors = [t[: keep(t)] if t.ndim else t for t in tensors]
     if world(group) == 1:
         return rebuild(data, tensors)
-    metas = exchange_meta(tensors, group)
-    check_same(metas, "gather_for_metrics", skip_dim=0)
+    sizes = check_same(tensors, "gather_for_metrics", free_dim=0, group=group)
     out = []
     for i, t in enumerate(tensors):
-        rows = [m[i][0][0] if m[i][0] else 1 for m in metas]
+        rows = [per_rank[i] for per_rank in sizes]
         padded = _pad_dim(t if t.ndim else t.unsqueeze(0), 0, max(rows), 0, False)
         full = _all_gather(padded, group)
         chunks = full.split(max(rows), dim=0)
@@ -167,7 +208,7 @@ def reduce(data: Any, op: str = "sum", group=None) -> Any:
     tensors = _tensors(data, "reduce")
     if n == 1:
         return data
-    check_same(exchange_meta(tensors, group), "reduce")
+    check_same(tensors, "reduce", group=group)
     dist_op = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM,
                "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
     out = []
@@ -185,7 +226,7 @@ def broadcast(data: Any, src: int = 0, group=None) -> Any:
     if world(group) == 1:
         return data
     tensors = _tensors(data, "broadcast")
-    check_same(exchange_meta(tensors, group), "broadcast")
+    check_same(tensors, "broadcast", group=group)
     out = []
     for t in tensors:
         r = t.detach().clone().contiguous()
@@ -208,18 +249,15 @@ def pad_across_processes(data: Any, dim: int = 0, pad_index: int = 0, pad_first:
     if world(group) == 1:
         return data
     tensors = _tensors(data, "pad_across_processes")
-    metas = exchange_meta(tensors, group)
     for t in tensors:
         if t.ndim == 0 or not -t.ndim <= dim < t.ndim:
             raise OverdriveError(f"pad_across_processes: dim={dim} is out of range for a "
                                  f"tensor of shape {list(t.shape)}")
-    d = dim % tensors[0].ndim if tensors else 0
-    check_same(metas, "pad_across_processes", skip_dim=d)
+    sizes = check_same(tensors, "pad_across_processes", free_dim=dim, group=group)
     out = []
     for i, t in enumerate(tensors):
-        dd = dim % t.ndim
-        target = max(m[i][0][dd] for m in metas)
-        out.append(_pad_dim(t, dd, target, pad_index, pad_first))
+        target = max(per_rank[i] for per_rank in sizes)
+        out.append(_pad_dim(t, dim % t.ndim, target, pad_index, pad_first))
     return rebuild(data, out)
 
 

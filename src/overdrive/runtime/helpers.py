@@ -14,6 +14,8 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.distributed as dist
 
+from .collectives import comm_device
+
 log = logging.getLogger("overdrive")
 
 
@@ -170,9 +172,6 @@ def _any_rank(flag: bool) -> bool:
     """``flag`` or-ed over the ranks of the default process group (itself alone: as is)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return flag
-    device = torch.device("cpu")
-    if "gloo" not in str(dist.get_backend()) and torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
-    t = torch.tensor([int(flag)], device=device)
+    t = torch.tensor([int(flag)], device=comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
