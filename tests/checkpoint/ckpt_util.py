@@ -13,6 +13,7 @@ import torch
 
 import overdrive as od
 from overdrive.models.llama import tiny
+from overdrive.rewrite.plan import resolve_for_world
 from overdrive.rewrite.report import Report
 from overdrive.runtime.runtime import Runtime
 from overdrive.runtime.state import Env, ensure_process_group
@@ -28,8 +29,8 @@ def make_model(n_layers: int = 2, seed: int = 0, **kw) -> torch.nn.Module:
 
 
 def manual_runtime(model, optimizer=None, scheduler=None, plan=None) -> Runtime:
-    plan = od.Plan() if plan is None else plan
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    plan = resolve_for_world(od.Plan() if plan is None else plan, world)  # as accelerate does
     if world > 1:
         ensure_process_group(torch.device("cpu"))
     env = Env(plan, rank=int(os.environ.get("RANK", "0")),

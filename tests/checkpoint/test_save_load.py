@@ -211,3 +211,27 @@ def test_async_save_right_before_exit_is_published(tmp_path, mode, nproc):
     expected = torch.load(tmp_path / "expected.pt", weights_only=True)
     for k, v in rt.model.state_dict().items():
         assert torch.equal(v, expected[k]), k
+
+
+def test_loader_sharded_after_load_resumes_at_its_position(tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = TensorDataset(torch.arange(40).reshape(20, 2))
+
+    def fresh(seed):
+        model = make_model(2, seed=seed)
+        return manual_runtime(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+
+    rt = fresh(0)
+    train = rt.shard(DataLoader(data, batch_size=2, shuffle=True))
+    it = iter(train)
+    seen = [next(it)[0].tolist() for _ in range(3)]
+    rt.save(tmp_path / "ck")
+    expected = [next(it)[0].tolist() for _ in range(3)]
+
+    rt2 = fresh(1)
+    rt2.load(tmp_path / "ck")  # no loader yet: its position waits for rt.shard
+    assert len(rt2._pending_loader_states) == 1
+    resumed = iter(rt2.shard(DataLoader(data, batch_size=2, shuffle=True)))
+    assert [next(resumed)[0].tolist() for _ in range(3)] == expected, seen
+    assert rt2._pending_loader_states == []

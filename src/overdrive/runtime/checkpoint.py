@@ -12,8 +12,14 @@ What is saved (``checkpoint_files.py`` describes the directory):
 Loading on a different number of ranks (M ≠ N): rank ``r`` restores saved rank ``r``'s RNG
 when ``r < N``; a rank beyond the saved ones seeds python/numpy/torch from
 ``crc32(saved rank 0's torch state, step, r)`` — deterministic and distinct per rank, but not
-a continuation. Loader positions come from saved rank ``r % N``; a loader whose state is
-expressed per global sample count (as rt.shard's is) resumes exactly, others approximately.
+a continuation.
+
+Loader positions: rank ``r`` hands what saved rank ``r % N``'s loaders returned from
+``state_dict()`` back to ``load_state_dict()`` unchanged — the checkpoint assumes nothing
+about its contents; a loader made by ``rt.shard`` stores a position that does not depend on
+the world size and converts it itself. Loaders made before ``rt.load`` take theirs at once;
+the rest wait in ``rt._pending_loader_states`` (a list of those dicts, in ``rt.shard`` call
+order), which ``rt.shard`` consumes as it makes them.
 
 ``rt.optimizer`` may be a wrapper with ``.optimizer``: the raw optimizer is checkpointed.
 With a DeepSpeed engine (``env.engine``) the engine's own ``save_checkpoint`` /
@@ -33,9 +39,9 @@ import atexit
 import contextlib
 import logging
 import random
-import warnings
 import time
 import uuid
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +55,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
                                                       set_model_state_dict,
                                                       set_optimizer_state_dict)
 
-from ..errors import CheckpointCorrupt, CheckpointMismatch
+from ..errors import CheckpointCorrupt, CheckpointError, CheckpointMismatch
 from . import checkpoint_deepspeed as ds
 from . import checkpoint_files as cf
 from .grad import raw_optimizer
@@ -198,7 +204,7 @@ def _restore_rng(state: dict[str, Any], device: torch.device) -> None:
         getattr(torch, device.type).set_rng_state(saved_dev["state"], device)
 
 
-def _derive_rng(rank0_state: dict[str, Any], step: int, rank: int, device: torch.device) -> None:
+def _derive_rng(rank0_state: dict[str, Any], step: int, rank: int) -> None:
     seed = zlib.crc32(rank0_state["torch"].numpy().tobytes() + f"/{step}/{rank}".encode())
     random.seed(seed)
     np.random.seed(seed)
@@ -322,7 +328,7 @@ def _publish_at_exit() -> None:
             _wait_for_writes(p)
             if p.rank == 0:
                 _publish(p, None, 0, 1)
-        except Exception:  # noqa: BLE001 - at exit, say what was lost rather than a traceback
+        except Exception:  # at exit, say what was lost rather than a traceback
             log.exception("overdrive: the async save of %s could not be finished at exit; "
                           "it was not published", p.path)
 
@@ -356,34 +362,95 @@ def _json(obj: Any) -> bytes:
 
 
 def load(rt, path: str | Path, *, verify: bool = True) -> dict[str, Any]:
-    """Restore everything ``save`` wrote; returns the checkpoint's marker (step, plan…)."""
+    """Restore everything ``save`` wrote; returns the checkpoint's marker (step, plan…).
+
+    Everything that can refuse the checkpoint (files, keys and shapes, scheduler / scaler /
+    loader setup) is checked on every rank before anything is restored: a refused load
+    leaves the runtime as it was.
+    """
     wait_for_save(rt)
     group = _group(rt)
     rank, world = _world()
-    path = Path(path).absolute()
-    aside = cf.set_aside(path)
-    if aside is not None:
-        if rank == 0:
-            log.warning("overdrive: %s is missing: a save replacing it was interrupted; loading "
-                        "the previous checkpoint it set aside, %s (the next save of %s puts it "
-                        "back)", path, aside.name, path.name)
-        path = aside
+    path = _existing(Path(path).absolute(), rank)
     meta = cf.read_marker(path)
     manifest = _verify(path, group, verify)
-    replicated = cf.load_plain(path / "state.pt")
-    if meta["kind"] == "deepspeed":
-        engine = getattr(rt.env, "engine", None)
-        ds.check_loadable(engine, path, manifest)
-        ds.load(engine, path)
+    todo = _agreed(lambda: _prepare(rt, path, meta, manifest, rank), group)
+    if todo.engine is not None:
+        ds.load(todo.engine, path)
     else:
-        _load_dcp(rt, path, group, replicated["app"], manifest)
-    _restore_replicated(rt, replicated)
-    _restore_rank(rt, path, meta, rank)
+        _load_dcp(rt, todo, group)
+    _restore_replicated(rt, todo.replicated)
+    _restore_rank(rt, todo, meta, rank)
     _barrier(group)
     if rank == 0:
         log.info("overdrive: loaded checkpoint %s (step %s, saved on %s rank(s), loaded on %s)",
                  path, meta["step"], meta["world_size"], world)
     return meta
+
+
+def _existing(path: Path, rank: int) -> Path:
+    aside = cf.set_aside(path)
+    if aside is None:
+        return path
+    if rank == 0:
+        log.warning("overdrive: %s is missing: a save replacing it was interrupted; loading "
+                    "the previous checkpoint it set aside, %s (the next save of %s puts it "
+                    "back)", path, aside.name, path.name)
+    return aside
+
+
+@dataclass
+class _Load:
+    """What ``load`` will restore, read and checked before anything is touched."""
+
+    replicated: dict[str, Any]
+    rank_state: dict[str, Any]
+    own_rng: bool  # this rank's saved RNG (else derived: a rank beyond the saved ones)
+    loaders: list[Any]
+    engine: Any = None  # DeepSpeed
+    reader: Any = None  # DCP
+    tensors: Any = None
+    plain: Any = None
+
+
+def _agreed(prepare, group) -> _Load:
+    """``prepare()`` on every rank; when one rank refuses, every rank raises its error
+    (none goes on alone into a collective the others never join)."""
+    todo, refusal = None, None
+    try:
+        todo = prepare()
+    except CheckpointError as e:
+        refusal = (type(e), str(e))
+    refusals = [r for r in _all_gather(refusal, group) if r is not None]
+    if refusals:
+        kind, message = refusal or refusals[0]
+        raise kind(message)
+    return todo
+
+
+def _prepare(rt, path: Path, meta: dict[str, Any], manifest: dict[str, dict[str, int]],
+             rank: int) -> _Load:
+    saved_world = int(meta["world_size"])
+    own_rng = rank < saved_world
+    replicated = cf.load_plain(path / "state.pt")
+    rank_state = cf.load_plain(path / f"rank-{rank if own_rng else 0}.pt")
+    loaders = rank_state["loaders"] if own_rng else \
+        cf.load_plain(path / f"rank-{rank % saved_world}.pt")["loaders"]
+    _check_replicated(rt, replicated)
+    _check_loaders(rt, loaders)
+    todo = _Load(replicated, rank_state, own_rng, loaders)
+    if meta["kind"] == "deepspeed":
+        todo.engine = getattr(rt.env, "engine", None)
+        ds.check_loadable(todo.engine, path, manifest)
+        return todo
+    todo.reader = cf.SafeReader(str(path), manifest)
+    saved = {k: tuple(v.size) for k, v in todo.reader.read_metadata().state_dict_metadata.items()
+             if hasattr(v, "size")}
+    todo.tensors, _ = split(_app_state(rt))
+    _check_keys(flat_shapes(todo.tensors), saved, path)
+    todo.plain = replicated["app"]
+    _check_param_groups(rt, todo.plain, path)
+    return todo
 
 
 def _verify(path: Path, group, crc: bool) -> dict[str, dict[str, int]]:
@@ -397,17 +464,11 @@ def _verify(path: Path, group, crc: bool) -> dict[str, dict[str, int]]:
     return manifest
 
 
-def _load_dcp(rt, path: Path, group, plain: Any, manifest: dict[str, dict[str, int]]) -> None:
-    reader = cf.SafeReader(str(path), manifest)
-    saved = {k: tuple(v.size) for k, v in reader.read_metadata().state_dict_metadata.items()
-             if hasattr(v, "size")}
-    app = _app_state(rt)
-    tensors, _ = split(app)
-    _check_keys(flat_shapes(tensors), saved, path)
+def _load_dcp(rt, todo: _Load, group) -> None:
     with _quiet(group):
-        dcp.load(tensors, storage_reader=reader, planner=cf.SafeLoadPlanner(),
+        dcp.load(todo.tensors, storage_reader=todo.reader, planner=cf.SafeLoadPlanner(),
                  process_group=group, no_dist=group is None)
-    full = merge(tensors, plain)
+    full = merge(todo.tensors, todo.plain)
     opt = raw_optimizer(rt.optimizer)
     options = StateDictOptions(strict=True)
     if opt is not None:
@@ -449,7 +510,24 @@ def _check_keys(expected: dict[str, tuple], saved: dict[str, tuple], path: Path)
         "use rt.export() and od.load_weights()")
 
 
-def _restore_replicated(rt, state: dict[str, Any]) -> None:
+def _check_param_groups(rt, plain: Any, path: Path) -> None:
+    """The optimizer's parameter groups (by parameter name) are the checkpoint's."""
+    opt = raw_optimizer(rt.optimizer)
+    if opt is None:
+        return
+    saved = [list(g.get("params", [])) for g in ((plain or {}).get("optim") or {}).get(
+        "param_groups", [])]
+    _, optim_sd = get_state_dict(rt.model, [opt], options=StateDictOptions(strict=True))
+    have = [list(g["params"]) for g in optim_sd.get("param_groups", [])]
+    if saved != have:
+        raise CheckpointMismatch(
+            f"checkpoint {path}: the optimizer's parameter groups differ — checkpoint "
+            f"{len(saved)} group(s) of {[len(g) for g in saved]} parameters, this runtime "
+            f"{len(have)} group(s) of {[len(g) for g in have]}; build the optimizer with the "
+            "same parameter groups")
+
+
+def _check_replicated(rt, state: dict[str, Any]) -> None:
     for name, obj in (("scheduler", rt.scheduler), ("scaler", rt.scaler)):
         saved = state.get(name)
         if (saved is None) != (obj is None):
@@ -457,32 +535,33 @@ def _restore_replicated(rt, state: dict[str, Any]) -> None:
             raise CheckpointMismatch(
                 f"the checkpoint {'has no' if saved is None else 'has a'} {name} state but this "
                 f"runtime {have} {name}; build the runtime with the same {name} setup")
+
+
+def _check_loaders(rt, loaders: list[Any]) -> None:
+    if len(rt._loaders) > len(loaders):
+        raise CheckpointMismatch(
+            f"the checkpoint holds {len(loaders)} data-loader position(s), this runtime has "
+            f"{len(rt._loaders)} loader(s) made by rt.shard; shard the same loaders, in the same "
+            "order (before or after rt.load)")
+
+
+def _restore_replicated(rt, state: dict[str, Any]) -> None:
+    for obj, saved in ((rt.scheduler, state.get("scheduler")), (rt.scaler, state.get("scaler"))):
         if obj is not None and saved != {}:  # a disabled GradScaler saves {}
             obj.load_state_dict(saved)
     for c, v in state.get("counters", {}).items():
         setattr(rt, c, v)
 
 
-def _restore_rank(rt, path: Path, meta: dict[str, Any], rank: int) -> None:
-    saved_world = int(meta["world_size"])
-    own = path / f"rank-{rank}.pt"
-    state = cf.load_plain(own if rank < saved_world else path / "rank-0.pt")
-    if rank < saved_world:
-        _restore_rng(state, rt.device)
+def _restore_rank(rt, todo: _Load, meta: dict[str, Any], rank: int) -> None:
+    """RNG, and the loader positions: the loaders rt.shard made so far take theirs now,
+    the rest wait in ``rt._pending_loader_states`` for the next rt.shard calls, in order
+    (each state is whatever that loader's ``state_dict()`` returned: it converts its own
+    position)."""
+    if todo.own_rng:
+        _restore_rng(todo.rank_state, rt.device)
     else:
-        _derive_rng(state, int(meta["step"]), rank, rt.device)
-    loaders = state["loaders"] if rank < saved_world else \
-        cf.load_plain(path / f"rank-{rank % saved_world}.pt")["loaders"]
-    if not rt._loaders and loaders:
-        rt._loader_states_to_restore = loaders
-        log.warning("overdrive: the checkpoint holds %d loader position(s) but no loader was "
-                    "made by rt.shard yet; call rt.shard before rt.load to restore them",
-                    len(loaders))
-        return
-    if len(loaders) != len(rt._loaders):
-        raise CheckpointMismatch(
-            f"the checkpoint holds {len(loaders)} data-loader position(s), this runtime has "
-            f"{len(rt._loaders)} loader(s) made by rt.shard; shard the same loaders, in the same "
-            "order, before rt.load")
-    for ld, s in zip(rt._loaders, loaders):
-        ld.load_state_dict(s)
+        _derive_rng(todo.rank_state, int(meta["step"]), rank)
+    for ld, state in zip(rt._loaders, todo.loaders):
+        ld.load_state_dict(state)
+    rt._pending_loader_states = list(todo.loaders[len(rt._loaders):])

@@ -1,0 +1,72 @@
+"""A load the checkpoint refuses leaves the runtime exactly as it was: every check runs
+before the model, optimizer, scheduler, RNG or loaders are touched."""
+
+import copy
+import random
+
+import pytest
+import torch
+
+import overdrive as od
+
+from ckpt_util import CountingLoader, make_model, manual_runtime, train_step
+
+
+def _runtime(seed=0, scheduler=True, fp16=False, loaders=1, groups=1):
+    model = make_model(2, seed=seed)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params if groups == 1 else [{"params": params[:3]},
+                                                        {"params": params[3:]}], lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5) if scheduler else None
+    rt = manual_runtime(model, opt, sched, plan=od.Plan(mixed_precision="fp16") if fp16 else None)
+    for _ in range(loaders):
+        rt._loaders.append(CountingLoader())
+    return rt
+
+
+def _state(rt):
+    return {
+        "model": {k: v.clone() for k, v in rt.model.state_dict().items()},
+        "optim": copy.deepcopy(rt.optimizer.state_dict()),
+        "scheduler": rt.scheduler.state_dict() if rt.scheduler is not None else None,
+        "scaler": rt.scaler.state_dict() if rt.scaler is not None else None,
+        "step": rt.step, "loaders": [ld.position for ld in rt._loaders],
+        "rng": (torch.get_rng_state(), random.getstate()),
+        "pending": list(rt._pending_loader_states),
+    }
+
+
+def _assert_same(a, b):
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for pid, st in a["optim"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, b["optim"]["state"][pid][k]), (pid, k)
+    assert a["optim"]["param_groups"] == b["optim"]["param_groups"]
+    for k in ("scheduler", "scaler", "step", "loaders", "pending"):
+        assert a[k] == b[k], k
+    assert torch.equal(a["rng"][0], b["rng"][0]) and a["rng"][1] == b["rng"][1]
+
+
+@pytest.fixture
+def saved(tmp_path):
+    rt = _runtime(seed=0)
+    for _ in range(2):
+        train_step(rt, rt._loaders[0])
+    rt.save(tmp_path / "ck")
+    return tmp_path / "ck"
+
+
+@pytest.mark.parametrize("kind,match", [
+    (dict(scheduler=False), "has a scheduler state but this runtime has no scheduler"),
+    (dict(fp16=True), "has no scaler state but this runtime has scaler"),
+    (dict(loaders=2), r"holds 1 data-loader position\(s\), this runtime has 2 loader"),
+    (dict(groups=2), r"parameter groups differ — checkpoint 1 group\(s\)"),
+])
+def test_refused_load_leaves_the_runtime_untouched(saved, kind, match):
+    rt = _runtime(seed=7, **kind)
+    train_step(rt, rt._loaders[0])  # optimizer state, step, positions of its own
+    before = _state(rt)
+    with pytest.raises(od.CheckpointMismatch, match=match):
+        rt.load(saved)
+    _assert_same(before, _state(rt))
