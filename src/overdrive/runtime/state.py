@@ -36,9 +36,11 @@ def launched_world_size() -> int:
 
 
 def pick_device(local_rank: int) -> torch.device:
+    """This rank's device: cuda, else xpu, else npu, else cpu. Ascend NPUs are found
+    only once the user has ``import torch_npu`` (that import creates ``torch.npu``)."""
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count())
-    for kind in ("xpu", "npu"):  # torch.npu exists once torch_npu is imported
+    for kind in ("xpu", "npu"):
         backend = getattr(torch, kind, None)
         if backend is not None and backend.is_available():
             return torch.device(kind, local_rank % backend.device_count())
@@ -47,6 +49,24 @@ def pick_device(local_rank: int) -> torch.device:
 
 def backend_for(device: torch.device) -> str:
     return {"cuda": "nccl", "xpu": "xccl", "npu": "hccl"}.get(device.type, "gloo")
+
+
+def process_group_backend(device: torch.device) -> str:
+    """The accelerator's backend with gloo for CPU tensors (objects, metrics) beside it."""
+    backend = backend_for(device)
+    return backend if backend == "gloo" else f"cpu:gloo,{device.type}:{backend}"
+
+
+def set_current_device(device: torch.device) -> None:
+    """Make ``device`` this process's current accelerator device (a no-op on CPU)."""
+    if device.type in ("cpu", "meta"):
+        return
+    acc = getattr(torch, "accelerator", None)
+    current = acc.current_accelerator() if acc is not None else None
+    if current is not None and current.type == device.type:
+        acc.set_device_index(device.index)
+    else:  # an accelerator torch.accelerator does not report (e.g. torch_npu's)
+        getattr(torch, device.type).set_device(device)
 
 
 def _free_port() -> int:
@@ -69,10 +89,8 @@ def ensure_process_group(device: torch.device) -> None:
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(_free_port())
-    backend = backend_for(device)
-    if backend == "nccl":
-        backend = "cpu:gloo,cuda:nccl"  # CPU tensors (objects, metrics) still work
-    kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout_from_env()}
+    kwargs: dict[str, Any] = {"backend": process_group_backend(device),
+                              "timeout": timeout_from_env()}
     if device.type == "cuda":
         kwargs["device_id"] = device
     dist.init_process_group(**kwargs)
@@ -201,8 +219,7 @@ def make_env(plan: Plan, *, world_size: int | None = None, dry_run: bool = False
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(local_rank)
     env = Env(plan, rank=rank, local_rank=local_rank, world_size=ws, device=device)
+    set_current_device(device)  # before the process group: nccl/xccl bind to it
     if ws > 1:
         env.ensure_process_group()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     return plan, env
