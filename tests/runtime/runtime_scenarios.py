@@ -241,14 +241,17 @@ def llama_and_tokens():
     return model, tokens
 
 
-def train_micro(rt, tokens) -> list[float]:
-    """grad_accum micro-batches of 1 sample per rank; returns the losses of each step."""
+def train_micro(rt, tokens, observe=None) -> list[float]:
+    """grad_accum micro-batches of 1 sample per rank; returns the losses of each step.
+    ``observe()`` runs after each backward."""
     loader = rt.shard(DataLoader(TensorDataset(tokens), batch_size=1))
     losses = []
     for (x,) in loader:
         with rt.accumulate():
             loss = rt.model(x, labels=x).loss
             rt.backward(loss)
+            if observe is not None:
+                observe()
             rt.optimizer.step()
             rt.optimizer.zero_grad()
         losses.append(loss.item())
@@ -280,14 +283,34 @@ def accum_raw_fsdp(rt):
 
 
 def accumulate_with_plan(plan_name: str):
-    """The same run through od.accelerate with the ddp / fsdp pass."""
+    """The same run through od.accelerate with the ddp / fsdp pass, recording at every
+    micro-step whether the gradients were really reduced across the ranks."""
     import overdrive as od
 
     model, tokens = llama_and_tokens()
     rt = od.accelerate(model, {plan_name: True, "grad_accum": ACCUM, "seed": 0},
                        optimizer=lambda p: torch.optim.SGD(p, lr=LR))
-    train_micro(rt, tokens)
-    return {"state": {k: v.tolist() for k, v in rt.state_dict().items()}, "steps": rt.step}
+    calls, reduced = [], []
+    real_switch = rt._grad_sync._set_sync  # the pass's switch, as rt.accumulate calls it
+    assert real_switch is not None, "the pass set no gradient-sync switch"
+
+    def switch(flag):
+        calls.append(flag)
+        real_switch(flag)
+
+    rt._grad_sync._set_sync = switch
+    weight = model.layers[0].attn.q_proj.weight if plan_name == "ddp" else None
+
+    def observe():
+        if plan_name == "fsdp":  # reduce-scatter ran <=> the sharded grads exist
+            reduced.append(any(p.grad is not None for p in model.parameters()))
+        else:  # all-reduce ran <=> both ranks hold the same (averaged) gradient
+            sums = rt.gather_object(float(weight.grad.sum()))
+            reduced.append(sums[0] == sums[1])
+
+    train_micro(rt, tokens, observe)
+    return {"state": {k: v.tolist() for k, v in rt.state_dict().items()}, "steps": rt.step,
+            "sync_calls": calls, "reduced": reduced}
 
 
 def main() -> None:

@@ -205,6 +205,9 @@ def test_accumulation_under_data_parallel_pass_matches_one_big_batch(plan, tmp_p
     for r in (0, 1):
         got = read_json(tmp_path / f"rank{r}.json")
         assert got["steps"] == 2
+        # the real pass's switch: off for micro-steps 1-3, on for the 4th, of each step
+        assert got["sync_calls"] == [False, True, False, True]
+        assert got["reduced"] == [False, False, False, True] * 2  # and really not reduced
         assert_same_state(got["state"], want)
 
 
