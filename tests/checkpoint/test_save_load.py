@@ -135,15 +135,22 @@ def test_metadata_pickle_is_not_executed(tmp_path, monkeypatch):
     assert not (tmp_path / "PWNED").exists()
 
 
-def test_keep_last_removes_only_older_checkpoints(tmp_path):
+def test_keep_last_removes_only_older_checkpoints_of_the_same_series(tmp_path):
     rt, loader = _runtime()
     (tmp_path / "notes").mkdir()
-    for step in range(1, 4):
-        _train(rt, loader, 1)
+    _train(rt, loader, 1)
+    for other in ("best", "run2-step-1", "step-1-ema"):  # complete checkpoints, other series
+        rt.save(tmp_path / other)
+    for step in range(1, 5):
         rt.save(tmp_path / f"step-{step}", keep_last=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "step-2", "step-3"]
-    rt.load(tmp_path / "step-2")
-    assert rt.step == 2
+        _train(rt, loader, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "best", "notes", "run2-step-1", "step-1-ema", "step-3", "step-4"]
+    rt.load(tmp_path / "step-3")
+    assert rt.step == 3
+    rt.load(tmp_path / "best")
+    with pytest.raises(ValueError, match="'best' has no number"):
+        rt.save(tmp_path / "best", keep_last=1)
 
 
 def test_overwrite_same_path(tmp_path):

@@ -234,11 +234,15 @@ _UNPUBLISHED: set[PendingSave] = set()
 def save(rt, path: str | Path, *, keep_last: int | None = None, async_: bool = False) -> None:
     """Write the whole training state to ``path`` atomically (every rank calls this)."""
     wait_for_save(rt)
+    path = Path(path).absolute()
     if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
         raise ValueError(f"keep_last={keep_last!r} is not valid; use an integer >= 1 or None")
+    if keep_last is not None and cf.series(path.name) is None:
+        raise ValueError(f"keep_last={keep_last} keeps the newest checkpoints named like "
+                         f"{path.name!r} with another number, and {path.name!r} has no number; "
+                         "name checkpoints like 'step-100' or pass keep_last=None")
     group = _group(rt)
     rank, world = _world()
-    path = Path(path).absolute()
     token = _broadcast(uuid.uuid4().hex[:12] if rank == 0 else None, group)
     tmp = cf.tmp_sibling(path, token)
     if rank == 0:
@@ -345,7 +349,7 @@ def _publish(p: PendingSave, group, rank: int, world: int) -> None:
         cf.test_hook("rename")
         cf.publish(p.tmp, p.path)
         if p.keep_last is not None:
-            removed = cf.prune(p.path.parent, p.keep_last)
+            removed = cf.prune(p.path, p.keep_last)
             if removed:
                 log.info("overdrive: removed old checkpoint(s) %s", ", ".join(map(str, removed)))
         log.info("overdrive: saved checkpoint %s (step %s)", p.path, p.meta["step"])

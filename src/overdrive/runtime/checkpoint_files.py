@@ -28,6 +28,7 @@ import json
 import mmap
 import os
 import pickle
+import re
 import shutil
 import time
 import zlib
@@ -232,10 +233,26 @@ def list_checkpoints(parent: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def prune(parent: Path, keep_last: int) -> list[Path]:
-    """Remove all but the ``keep_last`` newest complete checkpoints in ``parent``."""
-    ckpts = list_checkpoints(parent)
-    doomed = [p for _, p in ckpts[:max(0, len(ckpts) - keep_last)]]
+def series(name: str) -> re.Pattern | None:
+    """The names of ``name``'s series: its last number replaced by any number
+    (``step-400`` → ``step-\\d+``); None when the name holds no number."""
+    numbers = list(re.finditer(r"\d+", name))
+    if not numbers:
+        return None
+    last = numbers[-1]
+    return re.compile(re.escape(name[:last.start()]) + r"\d+" + re.escape(name[last.end():]))
+
+
+def prune(path: Path, keep_last: int) -> list[Path]:
+    """Remove all but the ``keep_last`` newest complete checkpoints of ``path``'s series
+    (its siblings named like it with another number; ``best/`` or ``other-3/`` are not);
+    ``path`` itself, just written, is the newest."""
+    pattern = series(path.name)
+    if pattern is None:
+        return []
+    ckpts = [p for _, p in list_checkpoints(path.parent) if pattern.fullmatch(p.name)
+             and p != path]
+    doomed = ckpts[:max(0, len(ckpts) - (keep_last - 1))]
     for p in doomed:
         (p / MARKER).unlink(missing_ok=True)  # not a checkpoint any more, even if rmtree stops
         shutil.rmtree(p, ignore_errors=True)
