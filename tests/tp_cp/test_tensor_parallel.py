@@ -50,9 +50,15 @@ def test_auto_plan_uses_transformers_own_plan():
 
 
 def test_tied_embeddings_are_left_whole():
-    styles, notes = resolve_tp_plan(ModuleGraph(llama(tie_embeddings=True)), tp(2))
+    from overdrive.rewrite.graph import parameter_owners
+
+    model = llama(tie_embeddings=True)
+    styles, notes = resolve_tp_plan(ModuleGraph(model), tp(2))
     assert "embed_tokens" not in styles and "lm_head" not in styles
     assert any("tied" in n for n in notes)
+    owners = parameter_owners(model)  # the map tensor_parallel and fsdp share
+    assert owners[id(model.lm_head.weight)] == {"embed_tokens", "lm_head"}
+    assert owners[id(model.norm.weight)] == {"norm"}
 
 
 def test_inspect_reports_sharded_modules_and_halves_their_bytes():
@@ -161,3 +167,16 @@ def test_apply_refuses_modules_an_earlier_pass_swapped():
     env = SimpleNamespace(backend="gloo")  # no mesh: the refusal comes before it is used
     with pytest.raises(od.PlanError, match=r"replaced a module.*layers.0.attn.q_proj.*NotALinear"):
         tpp.apply(model, ModuleGraph(model), plan, env)
+
+
+def test_inspect_says_which_float8_styles_apply_will_use(monkeypatch):
+    """apply uses torchao's float8 styles only where the backend can all-gather float8
+    (not gloo); the preview said float8 styles everywhere."""
+    plan = od.Plan(parallel=od.Parallel(tp=2, dp_shard=1), fp8=od.FP8())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    notes = od.inspect(llama(ffn_dim=128), plan, world_size=2)["tensor_parallel"].notes
+    assert any("plain TP styles: the gloo backend" in n for n in notes), notes
+    assert not any("float8 TP styles" in n for n in notes)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a CUDA machine: nccl
+    notes = od.inspect(llama(ffn_dim=128), plan, world_size=2)["tensor_parallel"].notes
+    assert any("torchao's float8 TP styles" in n for n in notes), notes

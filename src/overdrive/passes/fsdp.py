@@ -20,7 +20,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import PlanError
-from ..rewrite.graph import ModuleGraph
+from ..rewrite.graph import ModuleGraph, parameter_owners
 from ..rewrite.manager import Pass, register_pass
 from ..rewrite.plan import Plan
 from ..rewrite.report import PassRecord
@@ -71,10 +71,7 @@ def _outermost(names: list[str]) -> list[str]:
 def _tied(graph: ModuleGraph, units: list[str]) -> set[str]:
     """Units holding a parameter that some module outside the unit also holds (tied
     embeddings: ``lm_head.weight is embed_tokens.weight``)."""
-    owners: dict[int, set[str]] = {}
-    for name, module in graph.model.named_modules(remove_duplicate=False):
-        for p in module.parameters(recurse=False):
-            owners.setdefault(id(p), set()).add(name)
+    owners = parameter_owners(graph.model)
     tied = set()
     for unit in units:
         for p in graph.module(unit).parameters():

@@ -30,10 +30,11 @@ import inspect
 import math
 from typing import Any, Mapping
 
+import torch
 from torch import nn
 
 from ..errors import PlanError
-from ..rewrite.graph import ModuleGraph
+from ..rewrite.graph import ModuleGraph, parameter_owners
 from ..rewrite.manager import Pass, register_pass
 from ..rewrite.plan import TP_STYLES, Plan
 from ..rewrite.report import PassRecord
@@ -156,10 +157,7 @@ def _default_plan(graph: ModuleGraph, sp: bool) -> tuple[dict[str, str], list[st
 
 def _untie(graph: ModuleGraph, styles: dict[str, str], notes: list[str]):
     """Auto plans leave modules whose weights are shared with another module alone."""
-    owners: dict[int, set[str]] = {}
-    for name, data in graph.g.nodes(data=True):
-        for p in data["module"].parameters(recurse=False):
-            owners.setdefault(id(p), set()).add(name)
+    owners = parameter_owners(graph.model)
     for name in list(styles):
         params = graph.module(name).parameters(recurse=False)
         if styles[name] in SHARDING_STYLES and any(len(owners[id(p)]) > 1 for p in params):
@@ -286,6 +284,14 @@ def _check_sequence_parallel(graph: ModuleGraph, styles: dict[str, str]) -> None
             )
 
 
+def collective_backend(env: Any) -> str:
+    """The backend the collectives run on; a dry run (od.inspect) answers for this
+    machine (nccl when it has CUDA), as the fp8 pass resolves its backend there."""
+    if env.dry_run:
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return env.backend
+
+
 def _check_fp8_backend(plan: Plan) -> None:
     if plan.fp8 is not None and plan.fp8.backend == "te":
         raise PlanError(
@@ -401,7 +407,10 @@ class TensorParallel(Pass):
         styles, notes = resolve_tp_plan(graph, plan)
         rec = self._record(styles, notes, plan)
         if plan.fp8 is not None and plan.fp8.recipe == "tensorwise":
-            rec.note("fp8 tensorwise: torchao's Float8 TP styles (float8 all-gathers)")
+            backend = collective_backend(env)
+            rec.note("fp8 tensorwise: " + (
+                "torchao's float8 TP styles (float8 all-gathers)" if backend != "gloo" else
+                "the plain TP styles: the gloo backend cannot all-gather float8 tensors"))
         return rec
 
     def apply(self, model: nn.Module, graph: ModuleGraph, plan: Plan, env: Any) -> PassRecord:
@@ -412,7 +421,7 @@ class TensorParallel(Pass):
         _verify_after_earlier_passes(graph, styles)
         mesh = env.mesh["tp"]
         fp8 = sorted(n for n in styles if _is_float8_tensorwise(graph.module(n)))
-        f8c = env.backend != "gloo"  # gloo has no float8 collectives
+        f8c = collective_backend(env) != "gloo"  # gloo has no float8 collectives
         for name, style in styles.items():
             module = graph.module(name)
             parallelize_module(module, mesh, make_style(style, module, sp, f8c))

@@ -202,3 +202,13 @@ class ModuleGraph:
             return head + ", no repeated blocks"
         parent = blocks[0].rpartition(".")[0]
         return head + f", {len(blocks)} blocks under '{parent}' ({self.g.nodes[blocks[0]]['cls']})"
+
+
+def parameter_owners(model: nn.Module) -> dict[int, set[str]]:
+    """``id(parameter)`` → names of every module holding it directly; a tied weight
+    (``lm_head.weight is embed_tokens.weight``) has several."""
+    owners: dict[int, set[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(name)
+    return owners
