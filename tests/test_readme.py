@@ -23,3 +23,15 @@ def test_readme_block_runs(code, tmp_path):
     proc = subprocess.run([sys.executable, str(script)], env=child_env(), cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def test_readme_pipeline_line_is_the_builtin_order():
+    import overdrive  # noqa: F401  (registers the built-in passes)
+    from overdrive.rewrite.manager import _REGISTRY, registered_passes
+
+    line = next(l for l in (ROOT / "README.md").read_text().splitlines()
+                if l.startswith("casting → "))
+    names = [n.strip() for stage in line.split("→") for n in stage.split("|")]
+    builtin = [n for n in registered_passes()
+               if _REGISTRY[n].cls.__module__.startswith("overdrive.passes.")]
+    assert names == builtin

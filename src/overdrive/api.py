@@ -6,7 +6,6 @@ every pass → (only then) mutate: place the model, apply the passes, build the 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import types
 from typing import Any, Callable
@@ -188,15 +187,23 @@ def _place_model(model: nn.Module, plan: Plan, env) -> None:
         model.to(env.device)
 
 
+def _call_in(contexts: list, fn: Callable, args: tuple, kwargs: dict) -> Any:
+    """``fn(*args, **kwargs)`` inside every context, first outermost (plain nested
+    ``with``: torch.compile traces it, e.g. a full-model compile under autocast)."""
+    if not contexts:
+        return fn(*args, **kwargs)
+    with contexts[0]():
+        return _call_in(contexts[1:], fn, args, kwargs)
+
+
 def _forward_in_contexts(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    with contextlib.ExitStack() as stack:
-        for make_context in self._overdrive_forward_contexts:
-            stack.enter_context(make_context())
-        return self._overdrive_context_forward(*args, **kwargs)
+    return _call_in(self._overdrive_forward_contexts, self._overdrive_context_forward,
+                    args, kwargs)
 
 
 def _enter_forward_contexts(model: nn.Module, env) -> None:
-    """Run the root forward inside the contexts passes asked for (e.g. TE's fp8_autocast).
+    """Run the root forward inside the contexts passes asked for (TE's fp8_autocast,
+    mixed_precision's torch.autocast), in pass order.
 
     The forward is wrapped in place on the instance: class, hooks and keys stay. The list is
     shared with ``env`` so the contexts are looked up on every call, never copied.

@@ -39,6 +39,45 @@ def test_forward_computes_in_low_precision_and_returns_fp32(mp, dtype):
     assert model.layers[0].attn.q_proj.weight.grad.dtype == torch.float32
 
 
+def test_autocast_is_a_forward_context_entered_by_the_one_root_wrapper():
+    model = tiny(1)
+    rt = od.accelerate(model, Plan(mixed_precision="bf16"))
+    assert len(rt.env.forward_contexts) == 1
+    with rt.env.forward_contexts[0]():
+        assert torch.is_autocast_enabled("cpu")
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    # one wrapper around the class's own forward, not autocast inside a context wrapper
+    assert model._overdrive_context_forward.__func__ is type(model).forward
+    assert list(model._forward_hooks.values())[-1].__name__ == "_outputs_to_fp32_hook"
+
+
+def test_full_compile_traces_the_autocast_context_with_the_model():
+    """The runtime's wrapper enters forward contexts with plain nested ``with``: dynamo
+    traces autocast into the model's graph (an ExitStack would break the graph there)."""
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = tiny(1)
+    ref = copy.deepcopy(model)
+    od.accelerate(model, Plan(mixed_precision="bf16",
+                              compile=od.Compile(mode="full", backend=recording)))
+    x = torch.randint(0, 256, (2, 16))
+    out = model(x, labels=x)
+    linears = [sum(n.target is torch._C._nn.linear for n in g.graph.nodes) for g in graphs]
+    main = graphs[linears.index(max(linears))]
+    assert max(linears) == 8  # 7 block projections + lm_head: the whole model, one graph
+    assert any("autocast" in str(n.target) for n in main.graph.nodes)
+    assert out.logits.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = ref(x, labels=x).loss.float()
+    torch.testing.assert_close(out.loss, expected)
+    torch._dynamo.reset()
+
+
 def test_no_autocast_on_the_device_is_refused_and_model_untouched(monkeypatch):
     monkeypatch.setattr(torch.amp, "is_autocast_available", lambda device_type: False)
     model = tiny(2)

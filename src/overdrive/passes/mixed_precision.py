@@ -1,9 +1,11 @@
 """mixed_precision: run the model's forward under ``torch.autocast`` (bf16 / fp16).
 
 Without a sharding engine (FSDP casts parameters through its ``MixedPrecisionPolicy``,
-DeepSpeed through its config) mixed precision is autocast: the root module's ``forward``
-is wrapped in place — the module object, its class and its state_dict keys stay — so that
-matmuls run in the low-precision dtype, and floating outputs come back as fp32 (as
+DeepSpeed through its config) mixed precision is autocast: the pass registers
+``torch.autocast`` in ``env.forward_contexts``, which the runtime enters around the root
+forward (the one mechanism for every pass's forward context, TE's fp8_autocast too) —
+the module object, its class and its state_dict keys stay — so that matmuls run in the
+low-precision dtype. A forward hook on the root returns floating outputs as fp32 (as
 Accelerate's ``convert_outputs_to_fp32`` does) so losses and metrics computed outside the
 model keep full precision. fp16 also needs loss scaling: the Runtime's GradScaler scales
 the loss in ``rt.backward``.
@@ -12,7 +14,6 @@ the loss in ``rt.backward``.
 from __future__ import annotations
 
 import dataclasses
-import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,22 +48,13 @@ def outputs_to_fp32(obj: Any) -> Any:
     return obj
 
 
-def _forward_with_autocast(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    device_type, dtype = self._overdrive_autocast
-    with torch.autocast(device_type, dtype=dtype):
-        out = self._overdrive_forward(*args, **kwargs)
+def _outputs_to_fp32_hook(module: nn.Module, args: Any, out: Any) -> Any:
     return outputs_to_fp32(out)
 
 
-def autocast_forward(model: nn.Module, device_type: str, dtype: torch.dtype) -> None:
-    """Wrap ``model.forward`` in place: autocast inside, fp32 floating outputs out.
-
-    Both the wrapper and the original forward are bound methods of ``model``, so a
-    ``copy.deepcopy`` of the model re-binds them to the copy.
-    """
-    model._overdrive_forward = model.forward
-    model._overdrive_autocast = (device_type, dtype)
-    model.forward = types.MethodType(_forward_with_autocast, model)
+def autocast_context(device_type: str, dtype: torch.dtype):
+    """A forward-context factory (what ``env.forward_contexts`` holds) for autocast."""
+    return lambda: torch.autocast(device_type, dtype=dtype)
 
 
 @register_pass("mixed_precision",
@@ -85,8 +77,9 @@ class MixedPrecision(Pass):
                 f"on device {env.device.type!r}; use mixed_precision='no'")
 
     def apply(self, model: nn.Module, graph: ModuleGraph, plan: Plan, env: Any) -> PassRecord:
-        dtype = DTYPES[plan.mixed_precision]
-        autocast_forward(model, env.device.type, dtype)
+        env.forward_contexts.append(autocast_context(env.device.type,
+                                                     DTYPES[plan.mixed_precision]))
+        model.register_forward_hook(_outputs_to_fp32_hook)
         return self._record(plan, env.device.type)
 
     def preview(self, graph: ModuleGraph, plan: Plan, env: Any) -> PassRecord:
