@@ -166,6 +166,17 @@ def test_ddp_with_tensor_parallel_refused():
         "ddp"].notes[0]
 
 
+@pytest.mark.parametrize("plan", ["ddp", "zero2"])
+def test_meta_buffers_refused_by_replicating_engines(plan):
+    """Real weights but a meta buffer (e.g. rope tables built under torch.device('meta')):
+    nothing would ever fill it; both engines broadcast buffers from rank 0."""
+    model = small()
+    model.rope = torch.empty_like(model.rope, device="meta")
+    with pytest.raises(od.PlanError, match="meta device"):
+        od.accelerate(model, plan, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    assert model.rope.is_meta and type(model) is Llama
+
+
 def test_ddp_auto_enabled_only_with_several_data_ranks():
     assert od.inspect(small(), None, world_size=2).names() == ["ddp"]
     assert od.inspect(small(), None, world_size=1).names() == []

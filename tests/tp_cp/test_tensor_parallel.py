@@ -111,7 +111,13 @@ def test_unsupported_style_in_model_plan():
 def test_divide_attrs_checked():
     from tests.tp_cp.common import stored_heads_llama
 
-    refused(llama(), tp(2, tp_divide_attrs=("n_heads",)), 2, "tp_divide_attrs", "'n_heads'")
+    refused(llama(), tp(2, tp_divide_attrs=("n_heads",)), 2, "tp_divide_attrs", "'n_heads'",
+            "(owners: <root>, layers.0.attn, layers.0.mlp, layers.1.attn, …)",
+            "drop tp_divide_attrs")
+    from overdrive.models.llama import tiny  # one owner: listed whole, no ellipsis
+
+    refused(tiny(n_layers=1), tp(2, tp_divide_attrs=("n_heads",)), 2,
+            "(owners: <root>); name")
     od.inspect(stored_heads_llama(), tp(2, tp_divide_attrs=("n_heads", "n_kv_heads")), world_size=2)
     with pytest.raises(od.PlanError, match="tp_divide_attrs"):
         od.Plan.from_dict({"parallel": {"tp": 2}, "tp_divide_attrs": ["n heads"]})

@@ -27,6 +27,11 @@ from ..rewrite.plan import Plan
 from ..rewrite.report import PassRecord
 
 
+def on_meta(model: nn.Module) -> bool:
+    """Any parameter or buffer on the meta device (replicate broadcasts both)."""
+    return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+
+
 def sync_size(plan: Plan) -> int:
     par = plan.parallel
     return par.dp_replicate * par.dp_shard * par.cp
@@ -51,7 +56,7 @@ class DDPPass(Pass):
                 "optimizer would step stale copies; use fsdp=od.FSDP() for dp × tp (the "
                 "'fsdp+tp' preset). (ddp is also what a plan naming no data-parallel engine "
                 "gets when there are several data ranks.)")
-        if not env.dry_run and any(p.is_meta for p in graph.model.parameters()):
+        if not env.dry_run and on_meta(graph.model):
             raise PlanError(
                 "ddp: the model is on the meta device, and every ddp rank holds the whole "
                 "model; build it on a real device, or use fsdp, which materialises it sharded")

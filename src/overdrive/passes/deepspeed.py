@@ -149,7 +149,8 @@ class DeepSpeedPass(Pass):
         if importlib.util.find_spec("deepspeed") is None:
             raise BackendUnavailable(
                 f"deepspeed is not installed; {INSTALL_HINT} (or choose fsdp / ddp)")
-        if not env.dry_run and any(p.is_meta for p in graph.model.parameters()):
+        if not env.dry_run and any(t.is_meta for t in (*graph.model.parameters(),
+                                                       *graph.model.buffers())):
             raise PlanError(
                 "deepspeed: the model is on the meta device; build it on a real device "
                 "(or use fsdp, which materialises a meta model shard by shard)")

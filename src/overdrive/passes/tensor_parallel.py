@@ -253,9 +253,12 @@ def _check_divide_attrs(graph: ModuleGraph, styles: dict[str, str], plan: Plan) 
         found = [(o, getattr(graph.module(o), attr)) for o in owners
                  if isinstance(getattr(graph.module(o), attr, None), int)]
         if not found:
+            shown = ", ".join(o or "<root>" for o in owners[:4]) + (
+                ", …" if len(owners) > 4 else "")
             raise PlanError(
                 f"tp_divide_attrs: no module owning a sharded layer has an integer attribute "
-                f"{attr!r} (owners: {', '.join(owners[:4]) or 'none'}…)"
+                f"{attr!r} (owners: {shown or 'none'}); name the head-count attributes those "
+                "modules store, or drop tp_divide_attrs when attention reshapes with -1"
             )
         for owner, value in found:
             if value % tp:
