@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT, child_env, read_json
+from helpers import ROOT, child_env, read_json, run_torchrun
 
 pytest.importorskip("deepspeed")
 
@@ -27,3 +27,15 @@ def test_deepspeed_files_fsynced_and_read_weights_only(tmp_path):
     assert "weights_only=True" in res["tampered"] and not res["pwned"], res
     assert res["unlisted"].startswith("CheckpointCorrupt"), res
     assert "manifest does not list: deepspeed/state/extra.pt" in res["unlisted"], res
+
+
+@pytest.mark.dist
+def test_zero3_state_dict_and_export_hold_full_weights(tmp_path):
+    run_torchrun(ROOT / "tests" / "checkpoint" / "scripts" / "zero3_state.py", 2,
+                 str(tmp_path), tmp_path=tmp_path)
+    res = read_json(tmp_path / "zero3.json")
+    assert [0] in res["partition_shapes"], res  # really partitioned: empty local data
+    assert res["keys"] and res["shapes"], res
+    assert res["before_equals_initial"] and res["trained"], res
+    assert res["after_equals_deepspeed"], res  # DeepSpeed's own consolidated state dict
+    assert res["export_equals_state_dict"], res

@@ -7,6 +7,8 @@ transformers convention: ``embed_tokens`` kept, ``lm_head`` dropped). Rank 0 wri
 gathering one DTensor at a time with ``full_tensor()`` (every rank takes part in the
 gather) into the current shard, which is flushed when the next tensor would overflow
 ``max_shard_size``: no more than one output shard of the full model is ever held.
+DeepSpeed ZeRO-3 parameters are gathered the same way, one at a time
+(``GatheredParameters``).
 
 ``load_weights`` reads such a directory into a plain model, a meta-device model, or a
 sharded (FSDP/TP DTensor) one, one tensor at a time: each DTensor parameter receives only
@@ -68,6 +70,32 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def _zero3_partitioned(t: torch.Tensor) -> bool:
+    """A DeepSpeed ZeRO-3 parameter: its ``data`` is this rank's partition (often empty)."""
+    return hasattr(t, "ds_id") and hasattr(t, "ds_status")
+
+
+def full_cpu(t: torch.Tensor, dtype: torch.dtype | None = None, *,
+             keep: bool = True) -> torch.Tensor | None:
+    """The full value of one state-dict entry as a contiguous CPU tensor (``dtype`` applies
+    to floating tensors). DTensors are gathered with ``full_tensor()``, ZeRO-3 parameters
+    with ``deepspeed.zero.GatheredParameters`` (its full data lives only inside the block,
+    so it is copied out): collectives, so every rank calls this for the same entries in
+    the same order; ``keep=False`` takes part and returns None."""
+    if _zero3_partitioned(t):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
+            return _on_cpu(t.detach(), dtype, copy=True) if keep else None
+    full = _full(t)
+    return _on_cpu(full, dtype, copy=False) if keep else None
+
+
+def _on_cpu(t: torch.Tensor, dtype: torch.dtype | None, copy: bool) -> torch.Tensor:
+    dtype = dtype if dtype is not None and t.is_floating_point() else t.dtype
+    return t.to("cpu", dtype=dtype, copy=copy).contiguous()
+
+
 # --------------------------------------------------------------------------- export
 
 
@@ -96,11 +124,9 @@ def export(model: nn.Module, directory: str | Path, *, max_shard_size: int | str
         shard, shard_bytes = {}, 0
 
     for key, t in _unique_entries(model):
-        full = _full(t)  # a collective for DTensors: every rank runs the loop
+        full = full_cpu(t, dtype, keep=is_main)  # a collective: every rank runs the loop
         if not is_main:
             continue
-        full = full.to("cpu", dtype=dtype if dtype is not None and full.is_floating_point()
-                       else full.dtype).contiguous()
         size = full.numel() * full.element_size()
         if shard and shard_bytes + size > limit:
             flush()

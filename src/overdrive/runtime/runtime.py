@@ -222,17 +222,14 @@ class Runtime:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The full, unwrapped model state with the original model's keys.
 
-        Sharded (DTensor) parameters are gathered one by one, so every rank gets the full
-        state; every rank must call this together. Tensors are on the CPU.
+        Sharded parameters (DTensor, DeepSpeed ZeRO-3 partitions) are gathered one by one,
+        so every rank gets the full state; every rank must call this together. Tensors are
+        on the CPU.
         """
-        from torch.distributed.tensor import DTensor
+        from .export import full_cpu
 
-        out = {}
-        for key, value in self.model.state_dict().items():
-            if isinstance(value, DTensor):  # one full tensor at a time on the device
-                value = value.full_tensor()
-            out[clean_key(key)] = value.detach().cpu()
-        return out
+        return {clean_key(key): full_cpu(value)
+                for key, value in self.model.state_dict(keep_vars=True).items()}
 
     def unwrap(self) -> nn.Module:
         """The model as the user built it (passes act in place, so this is ``rt.model``)."""
