@@ -398,3 +398,13 @@ def test_len_with_a_custom_batch_sampler_of_full_batches_is_exact():
         for r in range(2):
             loader = fake_rt(r, 2).shard(DataLoader(ds, batch_sampler=Pairs()), **kw)
             assert len(loader) == len(list(loader))
+
+
+def test_set_epoch_to_another_epoch_starts_its_position_at_zero():
+    ld = fake_rt(0, 1).shard(DataLoader(TensorDataset(torch.arange(12)), batch_size=2))
+    ld.load_state_dict({"epoch": 0, "seed": 3, "global_batches": 4, "batch_size": 2,
+                        "dp_size": 1})
+    ld.set_epoch(0)  # the loaded epoch: position kept
+    assert ld.state_dict()["global_batches"] == 4
+    ld.set_epoch(1)
+    assert ld.state_dict()["global_batches"] == 0 and ld.state_dict()["epoch"] == 1

@@ -49,7 +49,8 @@ _SEEDABLE_SAMPLERS = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
 class ShardedLoader:
     """What ``rt.shard`` returns: iterate it like the user's loader.
 
-    ``state_dict()`` / ``load_state_dict()`` hold (seed, epoch, position); ``set_epoch``
+    ``state_dict()`` / ``load_state_dict()`` hold (seed, epoch, position), the position
+    in global batches so it survives a change of the data-parallel size; ``set_epoch``
     changes the permutation; ``len()`` is this rank's number of batches.
     """
 
@@ -181,7 +182,7 @@ class ShardedLoader:
         """Select the epoch's permutation. Setting the epoch a loaded state is in keeps
         the resume position."""
         if epoch != self.epoch:
-            self.epoch, self._skip = epoch, 0
+            self.epoch, self._skip, self.consumed = epoch, 0, 0
 
     def _apply_epoch(self) -> None:
         if self._iter_gen is not None:
