@@ -13,13 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import read_json, run_torchrun
+from tests.helpers import child_env, read_json, run_torchrun
 from overdrive.passes.context_parallel import balanced_positions
 from tests.tp_cp.common import (batches, fp8_llama, hf_batches, hf_llama, llama,
                                 stored_heads_llama, train)
 
 WORKER = Path(__file__).with_name("tp_cp_worker.py")
 TOL = 1e-4
+
+
+def cpu_only() -> dict:
+    return child_env(CUDA_VISIBLE_DEVICES="")  # gloo on CPU, also on a GPU machine
+
 
 pytestmark = pytest.mark.dist
 
@@ -39,7 +44,8 @@ def two_ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tp_cp")
     out = tmp / "out.json"
     run_torchrun(WORKER, 2, str(out), "tp", "sp", "divide", "hf", "cp_attention", "cp",
-                 "cp_ac", "cp_hf", "fp8", "fsdp_tp", "fsdp_tp_hf", "refusals", tmp_path=tmp)
+                 "cp_ac", "cp_hf", "fp8", "fsdp_tp", "fsdp_tp_hf", "refusals", tmp_path=tmp,
+                 env=cpu_only())
     return read_json(out)
 
 
@@ -169,7 +175,7 @@ def four_ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tp_cp4")
     out = tmp / "out.json"
     run_torchrun(WORKER, 4, str(out), "tp_cp", "fsdp_tp", "fsdp_tp_hf", "fsdp_tp_meta",
-                 tmp_path=tmp)
+                 tmp_path=tmp, env=cpu_only())
     return read_json(out)
 
 

@@ -229,6 +229,29 @@ def scenario_fsdp_tp_meta():
             "losses": losses, "notes": rt.report["fsdp"].notes}
 
 
+def on_device(rt):
+    return lambda b: {k: v.to(rt.device) for k, v in b.items()}
+
+
+def scenario_cuda_cp():
+    """cp=2 on CUDA (tests/tp_cp/test_cuda_paths.py): torch's ring SDPA through DTensor
+    instead of the all-gather-KV attention the CPU runs take."""
+    rt = od.accelerate(llama(), od.Plan(parallel=od.Parallel(cp=2, dp_shard=1)), optimizer=sgd)
+    move = on_device(rt)
+    losses = run(rt, batches(), shard=lambda b: rt.shard_sequence(move(b)))
+    return {"losses": mean_over(losses, rt.mesh["cp"].get_group()), "device": str(rt.device),
+            "attention": rt.report["context_parallel"].details["attention"]}
+
+
+def scenario_cuda_fp8_tp():
+    """Tensorwise Float8Linear layers under tp=2 + sequence parallel on nccl: torchao's
+    float8 TP styles (float8 all-gathers), which gloo cannot run."""
+    rt = od.accelerate(fp8_llama(), tp_plan(sequence_parallel=True), optimizer=sgd)
+    rec = rt.report["tensor_parallel"]
+    return {"losses": [x.item() for x in run(rt, batches(), shard=on_device(rt))],
+            "notes": rec.notes, "float8_modules": len(rec.details["float8_modules"])}
+
+
 def refusal_cases() -> dict:
     """Plans each pass must refuse in check, before anything touches the model."""
     from transformers import BertConfig, BertModel
