@@ -70,3 +70,25 @@ def test_refused_load_leaves_the_runtime_untouched(saved, kind, match):
     with pytest.raises(od.CheckpointMismatch, match=match):
         rt.load(saved)
     _assert_same(before, _state(rt))
+
+
+def test_save_and_load_mid_accumulation_are_refused(saved, tmp_path):
+    model = make_model(2, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    rt = manual_runtime(model, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=2),
+                        plan=od.Plan(grad_accum=2))
+    rt._loaders.append(CountingLoader())
+    with rt.accumulate():  # micro-step 1 of 2: gradients accumulate, no step
+        train_step(rt, rt._loaders[0])
+    before = _state(rt)
+    with pytest.raises(od.CheckpointError, match=r"rt.save at micro-step 1 of grad_accum=2"):
+        rt.save(tmp_path / "mid")
+    assert not (tmp_path / "mid").exists() and not list(tmp_path.glob(".mid*"))
+    with pytest.raises(od.CheckpointError, match=r"rt.load at micro-step 1 of grad_accum=2"):
+        rt.load(saved)
+    _assert_same(before, _state(rt))
+    with rt.accumulate():  # micro-step 2: the boundary, the optimizer steps
+        train_step(rt, rt._loaders[0])
+    assert rt.step == 1
+    rt.save(tmp_path / "boundary")
+    assert rt.load(tmp_path / "boundary")["step"] == 1

@@ -22,6 +22,8 @@ the rest wait in ``rt._pending_loader_states`` (a list of those dicts, in ``rt.s
 order), which ``rt.shard`` consumes as it makes them.
 
 ``rt.optimizer`` may be a wrapper with ``.optimizer``: the raw optimizer is checkpointed.
+With ``grad_accum > 1`` a checkpoint is taken between optimizer steps: ``save`` and ``load``
+in the middle of an accumulation are refused (``_check_at_boundary`` says why).
 With a DeepSpeed engine (``env.engine``) the engine's own ``save_checkpoint`` /
 ``load_checkpoint`` write its files inside the same atomic directory; resharding follows
 DeepSpeed's rules. ``checkpoint_deepspeed.py`` fsyncs them and makes DeepSpeed read them
@@ -62,7 +64,7 @@ from .grad import raw_optimizer
 
 log = logging.getLogger("overdrive")
 
-COUNTERS = ("step", "micro_step")
+COUNTERS = ("step",)
 
 
 # --------------------------------------------------------------------------- process group
@@ -172,7 +174,7 @@ def _replicated_state(rt, plain_app: Any) -> dict[str, Any]:
         "app": plain_app,
         "scheduler": rt.scheduler.state_dict() if rt.scheduler is not None else None,
         "scaler": rt.scaler.state_dict() if rt.scaler is not None else None,
-        "counters": {c: getattr(rt, c) for c in COUNTERS if isinstance(getattr(rt, c, None), int)},
+        "counters": {c: getattr(rt, c) for c in COUNTERS},
     }
 
 
@@ -237,6 +239,7 @@ def save(rt, path: str | Path, *, keep_last: int | None = None, async_: bool = F
     path = Path(path).absolute()
     if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
         raise ValueError(f"keep_last={keep_last!r} is not valid; use an integer >= 1 or None")
+    _check_at_boundary(rt, "rt.save")
     if keep_last is not None and cf.series(path.name) is None:
         raise ValueError(f"keep_last={keep_last} keeps the newest checkpoints named like "
                          f"{path.name!r} with another number, and {path.name!r} has no number; "
@@ -284,6 +287,21 @@ def save(rt, path: str | Path, *, keep_last: int | None = None, async_: bool = F
         _register_exit_hook()
     else:
         _finish(pending)
+
+
+def _check_at_boundary(rt, what: str) -> None:
+    """Checkpoints are taken between optimizer steps. Mid-accumulation, the gradients
+    summed so far live where no checkpoint can take them (FSDP2 keeps them unsharded inside
+    its parameters, DeepSpeed in its buckets, DDP unsynced per rank), so a save there could
+    not resume exactly and a load there would mix two runs: both are refused."""
+    sync = getattr(rt, "_grad_sync", None)
+    micro = getattr(sync, "micro", 0)
+    if micro:
+        raise CheckpointError(
+            f"{what} at micro-step {micro} of grad_accum={sync.n}: gradients accumulated "
+            "since the last optimizer step are not part of a checkpoint. Call it between "
+            "steps, e.g. `if rt.sync_gradients and rt.step % 100 == 0: rt.save(...)` after "
+            "rt.optimizer.step()")
 
 
 def wait_for_save(rt) -> None:
@@ -434,6 +452,7 @@ def _agreed(prepare, group) -> _Load:
 
 def _prepare(rt, path: Path, meta: dict[str, Any], manifest: dict[str, dict[str, int]],
              rank: int) -> _Load:
+    _check_at_boundary(rt, "rt.load")
     saved_world = int(meta["world_size"])
     own_rng = rank < saved_world
     replicated = cf.load_plain(path / "state.pt")
