@@ -408,3 +408,19 @@ def test_set_epoch_to_another_epoch_starts_its_position_at_zero():
     assert ld.state_dict()["global_batches"] == 4
     ld.set_epoch(1)
     assert ld.state_dict()["global_batches"] == 0 and ld.state_dict()["epoch"] == 1
+
+
+def test_rt_load_before_rt_shard_restores_the_position(tmp_path):
+    import overdrive as od
+
+    ds = TensorDataset(torch.arange(20))
+    make = lambda: DataLoader(ds, batch_size=2, shuffle=True)  # noqa: E731
+    rt = od.accelerate(torch.nn.Linear(2, 2), od.Plan(seed=5))
+    loader = rt.shard(make())
+    order = [b[0].tolist() for b in rt.shard(make())]
+    take(loader, 3)
+    rt.save(tmp_path / "ck")
+    fresh = od.accelerate(torch.nn.Linear(2, 2), od.Plan(seed=5))
+    fresh.load(tmp_path / "ck")  # no loader yet: the position waits for rt.shard
+    resumed = fresh.shard(make())
+    assert [b[0].tolist() for b in resumed] == order[3:]
