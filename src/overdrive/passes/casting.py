@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import PlanError
-from ..rewrite.graph import ModuleGraph, tensor_bytes
+from ..rewrite.graph import ModuleGraph, parameter_owners, tensor_bytes
 from ..rewrite.manager import Pass, register_pass
 from ..rewrite.plan import Plan
 from ..rewrite.report import PassRecord
@@ -124,10 +124,7 @@ def select(graph: ModuleGraph, skip: tuple[str, ...],
            storage: torch.dtype) -> tuple[list[str], dict[str, str]]:
     """(modules to cast, {skipped module: reason}); touches nothing."""
     candidates = [n for n in graph.modules_of_type(*CAST_CLASSES) if n]
-    owners: dict[int, set[str]] = {}
-    for name in graph.names():
-        for p in graph.module(name).parameters(recurse=False):
-            owners.setdefault(id(p), set()).add(name)
+    owners = parameter_owners(graph.model)
     cast, skipped = [], {}
     for name in candidates:
         module = graph.module(name)
