@@ -129,8 +129,9 @@ def _causal_lm_inputs(batch: Mapping, ref: torch.Tensor, cp: int, seq_dim: int) 
     out = dict(batch)
     labels = out.get("labels")
     if isinstance(labels, torch.Tensor) and "shift_labels" not in out:
-        out["shift_labels"] = F.pad(labels.narrow(seq_dim, 1, labels.shape[seq_dim] - 1),
-                                    (0, 1), value=-100)
+        last = torch.full_like(labels.narrow(seq_dim, 0, 1), -100)
+        out["shift_labels"] = torch.cat([labels.narrow(seq_dim, 1, labels.shape[seq_dim] - 1),
+                                         last], dim=seq_dim)
     targets = out.get("shift_labels")
     if "num_items_in_batch" in out:
         out["num_items_in_batch"] = out["num_items_in_batch"] / cp
