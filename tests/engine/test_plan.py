@@ -142,6 +142,10 @@ def test_data_parallel_is_never_silently_off():
     assert resolve_for_world(od.Plan(), 1).ddp is None
     assert resolve_for_world(od.Plan(parallel=od.Parallel(tp=2)), 2).ddp is None
     assert resolve_for_world(od.Plan.preset("fsdp"), 4).ddp is None
+    # tp on several data ranks: fsdp (ddp cannot keep DTensor parameters)
+    tp = resolve_for_world(od.Plan.preset("tp"), 4)
+    assert tp.data_parallel == "fsdp" and tp.parallel.dp_shard == 2 and tp.parallel.tp == 2
+    assert resolve_for_world(od.Plan.preset("cp"), 4).data_parallel == "ddp"
 
 
 def test_plan_is_frozen_and_replace_validates():

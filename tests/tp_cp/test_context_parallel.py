@@ -59,9 +59,9 @@ def test_causal_lm_labels_shifted_before_the_split():
     assert given["num_items_in_batch"] == 5
 
 
-def test_tuple_batches_refused_with_a_clear_message():
+def test_tensor_and_tuple_batches_refused_with_a_clear_message():
     ids = torch.zeros(2, 16, dtype=torch.long)
-    for batch in ((ids, ids), [ids, ids]):
+    for batch in (ids, (ids, ids), [ids, ids]):
         with pytest.raises(od.PlanError, match=r"parallel.cp=2.*mapping.*position_ids"):
             shard_sequence(batch, cp_env(2, 0))
 

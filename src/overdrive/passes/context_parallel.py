@@ -80,9 +80,9 @@ def shard_sequence(batch: Any, env: Any, seq_dim: int = 1, causal_lm: bool = Fal
 
     ``batch`` is a tensor or a mapping (e.g. ``{"input_ids", "labels"}``); every tensor
     whose ``seq_dim`` has the batch's sequence length is sliced, other values pass through.
-    A mapping without ``position_ids`` gets them; a bare tensor does not (take them from
-    ``balanced_positions``). Tuple/list batches (TensorDataset) are refused: there is no
-    place to put the positions, and a model computing its own would be silently wrong.
+    A mapping without ``position_ids`` gets them. Bare tensors and tuple/list batches
+    (TensorDataset) are refused: there is no place to put the positions, and a model
+    computing its own (RoPE from ``arange``) would be silently wrong.
 
     ``labels`` are taken as aligned with the inputs (shifted by the data pipeline), as
     overdrive's Llama expects, unless ``causal_lm``: a transformers causal LM, whose loss
@@ -98,14 +98,10 @@ def shard_sequence(batch: Any, env: Any, seq_dim: int = 1, causal_lm: bool = Fal
     cp = env.plan.parallel.cp
     if cp == 1:
         return batch
-    if isinstance(batch, torch.Tensor):
-        balanced_positions(batch.shape[seq_dim], cp, 0)  # refuses a bad length first
-        idx = balanced_positions(batch.shape[seq_dim], cp, cp_rank(env), batch.device)
-        return batch.index_select(seq_dim, idx)
     if not isinstance(batch, Mapping):
         raise PlanError(
             f"parallel.cp={cp}: rt.shard_sequence got a {type(batch).__name__} batch; it "
-            "needs a mapping such as {'input_ids': ..., 'labels': ...} (or a tensor) so it "
+            "needs a mapping such as {'input_ids': ..., 'labels': ...} so it "
             "can add the true position_ids of this rank's tokens; have the DataLoader yield "
             "dicts (e.g. a Dataset returning dicts, or a collate_fn building one) or set cp=1")
     ref = batch.get("input_ids")

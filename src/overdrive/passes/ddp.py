@@ -54,8 +54,7 @@ class DDPPass(Pass):
                 f"ddp with parallel.tp={tp} and {sync_size(plan)} data-parallel ranks is not "
                 "supported: DDP cannot keep tensor-parallel (DTensor) parameters, its "
                 "optimizer would step stale copies; use fsdp=od.FSDP() for dp × tp (the "
-                "'fsdp+tp' preset). (ddp is also what a plan naming no data-parallel engine "
-                "gets when there are several data ranks.)")
+                "'fsdp+tp' preset, which is also what a tp plan naming no engine gets)")
         if not env.dry_run and on_meta(graph.model):
             raise PlanError(
                 "ddp: the model is on the meta device, and every ddp rank holds the whole "

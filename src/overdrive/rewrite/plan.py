@@ -431,13 +431,15 @@ def resolve_sizes(parallel: Parallel, world_size: int) -> Parallel:
 def resolve_for_world(plan: Plan, world_size: int) -> Plan:
     """The plan with concrete mesh sizes for ``world_size`` processes.
 
-    When the data-parallel size is > 1 and the plan names no data-parallel engine,
-    ddp is turned on: ranks that each train alone on their slice would silently diverge.
+    When the data-parallel size is > 1 and the plan names no data-parallel engine, one is
+    turned on — ranks that each train alone on their slice would silently diverge: ddp,
+    or fsdp when tp > 1 (DDP cannot keep tensor-parallel DTensor parameters; the ``tp``
+    preset means "tp=2, the other ranks on dp_shard", i.e. FSDP's dimension).
     """
     plan = replace(plan, parallel=resolve_sizes(plan.parallel, world_size))
     dp = plan.parallel.dp_replicate * plan.parallel.dp_shard
     if dp > 1 and plan.data_parallel is None and plan.casting is None:
-        plan = replace(plan, ddp=DDP())
+        plan = replace(plan, fsdp=FSDP()) if plan.parallel.tp > 1 else replace(plan, ddp=DDP())
     return plan
 
 
