@@ -16,7 +16,12 @@ SRC = ROOT / "src"
 
 
 def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a test's child process: this checkout importable, one thread,
+    no inherited torchrun variables, and no GPUs unless ``extra`` names some — the
+    multi-process tests run gloo on CPU, also on a GPU machine (every rank would
+    otherwise pick cuda:0)."""
     env = dict(os.environ)
+    env["CUDA_VISIBLE_DEVICES"] = ""
     env["PYTHONPATH"] = os.pathsep.join([str(SRC), str(ROOT)] + (
         [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.setdefault("OMP_NUM_THREADS", "1")

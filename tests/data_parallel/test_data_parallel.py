@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from dp_common import make_hf, make_llama, param_bytes, reference_losses
 
-from helpers import child_env, read_json, run_torchrun
+from tests.helpers import child_env, read_json, run_torchrun
 
 pytestmark = pytest.mark.dist
 
@@ -27,7 +27,7 @@ def _launch(tmp_path_factory, nproc: int, scenarios: list[str]) -> dict:
     tmp = tmp_path_factory.mktemp(f"dp{nproc}")
     out = tmp / "out.json"
     run_torchrun(WORKER, nproc, str(out), *scenarios, tmp_path=tmp, timeout=400,
-                 env=child_env(CUDA_VISIBLE_DEVICES=""))  # gloo on CPU, on GPU machines too
+                 env=child_env())
     return read_json(out)
 
 

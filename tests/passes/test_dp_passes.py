@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from helpers import assert_untouched, snapshot
+from tests.helpers import assert_untouched, snapshot
 
 import overdrive as od
 from overdrive.models.llama import Llama, LlamaConfig, tiny

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import child_env, read_json, run_torchrun
+from tests.helpers import child_env, read_json, run_torchrun
 
 pytestmark = pytest.mark.dist
 SCRIPT = Path(__file__).with_name("runtime_scenarios.py")

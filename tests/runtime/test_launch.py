@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from helpers import ROOT, child_env
+from tests.helpers import ROOT, child_env
 from overdrive.cli import main
 
 

@@ -6,6 +6,7 @@ two-rank ones where fewer than two GPUs are (nccl allows one rank per GPU)."""
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import overdrive as od
-from tests.helpers import read_json, run_torchrun
+from tests.helpers import child_env, read_json, run_torchrun
 from tests.tp_cp.common import LR, batches, fp8_llama, llama, train
 
 WORKER = Path(__file__).with_name("tp_cp_worker.py")
@@ -54,7 +55,10 @@ def test_nccl_group_keeps_gloo_for_cpu_tensors():
 def test_torch_ring_attention_matches_sdpa_on_one_gpu():
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.experimental._attention import (
-        _cp_options, _disable_context_parallel_dispatcher, _enable_context_parallel_dispatcher)
+        _cp_options,
+        _disable_context_parallel_dispatcher,
+        _enable_context_parallel_dispatcher,
+    )
 
     from overdrive.passes.context_parallel import ContextParallelAttention
     from overdrive.runtime.state import ensure_process_group
@@ -100,7 +104,9 @@ def test_fsdp_cpu_offload_trains_on_one_gpu():
 def two_gpu_ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cuda2")
     out = tmp / "out.json"
-    run_torchrun(WORKER, 2, str(out), "cuda_cp", "cuda_fp8_tp", tmp_path=tmp)
+    gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "0,1")  # child_env hides them by default
+    run_torchrun(WORKER, 2, str(out), "cuda_cp", "cuda_fp8_tp", tmp_path=tmp,
+                 env=child_env(CUDA_VISIBLE_DEVICES=gpus))
     return read_json(out)
 
 

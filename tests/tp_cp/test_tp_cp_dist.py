@@ -23,7 +23,7 @@ TOL = 1e-4
 
 
 def cpu_only() -> dict:
-    return child_env(CUDA_VISIBLE_DEVICES="")  # gloo on CPU, also on a GPU machine
+    return child_env()
 
 
 pytestmark = pytest.mark.dist
