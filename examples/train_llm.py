@@ -12,6 +12,7 @@ vocabulary), so the loss falls quickly: the next token is predictable from the l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 
@@ -70,6 +71,9 @@ def make_plan(args: argparse.Namespace) -> od.Plan:
         plan = od.Plan.from_file(args.plan)
     else:
         plan = od.Plan.preset(args.plan)
+    if plan.deepspeed is not None:  # DeepSpeed clips inside engine.step, at its config's norm
+        plan = plan.replace(deepspeed=dataclasses.replace(
+            plan.deepspeed, gradient_clipping=args.max_grad_norm))
     return plan.replace(grad_accum=args.grad_accum, seed=args.seed)
 
 
@@ -102,7 +106,10 @@ def main() -> None:
             if not rt.sync_gradients:
                 continue
             mean_loss = rt.reduce(loss.detach(), "mean").item()
-            rt.print(f"step {rt.step} loss {mean_loss:.4f} grad_norm {float(norm):.3f}")
+            # (DeepSpeed computes the norm inside its step: rt.clip_grad_norm_ returns its
+            # last one, None before the first step)
+            shown = "-" if norm is None else f"{float(norm):.3f}"
+            rt.print(f"step {rt.step} loss {mean_loss:.4f} grad_norm {shown}")
             if args.out and args.save_every and rt.step % args.save_every == 0:
                 rt.save(os.path.join(args.out, f"step-{rt.step}"))
             if rt.step >= args.steps:
