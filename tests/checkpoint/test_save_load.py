@@ -242,3 +242,18 @@ def test_loader_sharded_after_load_resumes_at_its_position(tmp_path):
     resumed = iter(rt2.shard(DataLoader(data, batch_size=2, shuffle=True)))
     assert [next(resumed)[0].tolist() for _ in range(3)] == expected, seen
     assert rt2._pending_loader_states == []
+
+
+def test_manifest_is_computed_while_writing(tmp_path, monkeypatch):
+    rt, loader = _runtime()
+    _train(rt, loader, 1)
+    read = []
+    real = cf.crc32_file
+    monkeypatch.setattr(cf, "crc32_file", lambda p: read.append(p.name) or real(p))
+    rt.save(tmp_path / "ck")
+    assert read == []  # no file was read back to checksum it
+    monkeypatch.setattr(cf, "crc32_file", real)
+    manifest = json.loads((tmp_path / "ck" / cf.MANIFEST).read_text())["files"]
+    names = cf.data_files(tmp_path / "ck")
+    assert sorted(manifest) == names and ".metadata" in names
+    assert manifest == cf.describe_files(tmp_path / "ck", names)  # what a reread computes

@@ -226,6 +226,8 @@ class PendingSave:
     group: Any
     rank: int
     world: int
+    written: dict[str, dict[str, int]]  # manifest entries of the files this rank wrote
+    writer: Any = None  # DCP's ChecksumWriter: the entries of its files once written
 
 
 # Async saves not published yet. Held here, not through their runtime, so a save started
@@ -257,20 +259,20 @@ def save(rt, path: str | Path, *, keep_last: int | None = None, async_: bool = F
             "world_size": world, "time_ns": time.time_ns(),
             "plan": rt.plan.to_dict() if rt.plan is not None else None,
             "model": type(rt.model).__name__}
-    cf.save_plain(_rank_state(rt), tmp / f"rank-{rank}.pt")
+    written = {f"rank-{rank}.pt": cf.save_plain(_rank_state(rt), tmp / f"rank-{rank}.pt")}
     engine = getattr(rt.env, "engine", None)
+    writer = future = None
     if engine is not None:
         meta["kind"] = "deepspeed"
         ds.save(engine, tmp)
-        future = None
         if rank == 0:
-            cf.save_plain(_replicated_state(rt, None), tmp / "state.pt")
+            written["state.pt"] = cf.save_plain(_replicated_state(rt, None), tmp / "state.pt")
     else:
         tensors, plain = split(_app_state(rt))
         if rank == 0:
-            cf.save_plain(_replicated_state(rt, plain), tmp / "state.pt")
+            written["state.pt"] = cf.save_plain(_replicated_state(rt, plain), tmp / "state.pt")
         cf.test_hook("write")
-        writer = dcp.FileSystemWriter(str(tmp), sync_files=True)
+        writer = cf.ChecksumWriter(str(tmp), sync_files=True)
         if async_:
             with _quiet(group):
                 future = dcp.async_save(tensors, storage_writer=writer, process_group=group,
@@ -279,8 +281,8 @@ def save(rt, path: str | Path, *, keep_last: int | None = None, async_: bool = F
             with _quiet(group):
                 dcp.save(tensors, storage_writer=writer, process_group=group,
                          no_dist=group is None)
-            future = None
-    pending = PendingSave(future, tmp, path, keep_last, meta, group, rank, world)
+    pending = PendingSave(future, tmp, path, keep_last, meta, group, rank, world, written,
+                          writer)
     if async_:
         rt._pending_save = pending
         _UNPUBLISHED.add(pending)
@@ -356,12 +358,20 @@ def _publish_at_exit() -> None:
 
 
 def _publish(p: PendingSave, group, rank: int, world: int) -> None:
-    _barrier(group)  # every rank's files are written and fsynced (FileSystemWriter syncs)
+    """Every rank's files are written and fsynced (the DCP writer syncs its files): the
+    manifest takes the entries computed while writing, and reads only the files written by
+    others (DeepSpeed's; another rank's, when rank 0 publishes alone), split over ranks."""
+    _barrier(group)
+    mine = {**p.written, **(p.writer.written if p.writer is not None else {})}
+    known = {k: v for part in _all_gather(mine, group) for k, v in part.items()}
     files = cf.data_files(p.tmp) if rank == 0 else None
     files = _broadcast(files, group)
-    mine = cf.describe_files(p.tmp, files[rank::world])
-    entries = {k: v for part in _all_gather(mine, group) for k, v in part.items()}
+    unknown = [f for f in files if f not in known]
+    described = cf.describe_files(p.tmp, unknown[rank::world])
+    known.update({k: v for part in _all_gather(described, group) for k, v in part.items()})
     if rank == 0:
+        entries = {f: known[f] for f in files}
+        cf.check_sizes(p.tmp, entries)
         cf.write_file(p.tmp / cf.MANIFEST, _json({"files": entries}))
         cf.write_marker(p.tmp, p.meta)
         cf.test_hook("rename")
@@ -469,10 +479,10 @@ def _prepare(rt, path: Path, meta: dict[str, Any], manifest: dict[str, dict[str,
     todo.reader = cf.SafeReader(str(path), manifest)
     saved = {k: tuple(v.size) for k, v in todo.reader.read_metadata().state_dict_metadata.items()
              if hasattr(v, "size")}
-    todo.tensors, _ = split(_app_state(rt))
+    todo.tensors, current = split(_app_state(rt))
     _check_keys(flat_shapes(todo.tensors), saved, path)
     todo.plain = replicated["app"]
-    _check_param_groups(rt, todo.plain, path)
+    _check_param_groups(current, todo.plain, path)
     return todo
 
 
@@ -533,15 +543,14 @@ def _check_keys(expected: dict[str, tuple], saved: dict[str, tuple], path: Path)
         "use rt.export() and od.load_weights()")
 
 
-def _check_param_groups(rt, plain: Any, path: Path) -> None:
-    """The optimizer's parameter groups (by parameter name) are the checkpoint's."""
-    opt = raw_optimizer(rt.optimizer)
-    if opt is None:
-        return
-    saved = [list(g.get("params", [])) for g in ((plain or {}).get("optim") or {}).get(
-        "param_groups", [])]
-    _, optim_sd = get_state_dict(rt.model, [opt], options=StateDictOptions(strict=True))
-    have = [list(g["params"]) for g in optim_sd.get("param_groups", [])]
+def _check_param_groups(current: Any, saved_plain: Any, path: Path) -> None:
+    """The optimizer's parameter groups (by parameter name) are the checkpoint's; both
+    arguments are the non-tensor halves of ``_app_state`` (now, and as saved)."""
+    def groups(plain):
+        return [list(g.get("params", [])) for g in ((plain or {}).get("optim") or {}).get(
+            "param_groups", [])]
+
+    saved, have = groups(saved_plain), groups(current)
     if saved != have:
         raise CheckpointMismatch(
             f"checkpoint {path}: the optimizer's parameter groups differ — checkpoint "

@@ -6,7 +6,9 @@ A checkpoint is a directory ``path`` holding
     state.pt                           replicated non-tensor state (optimizer param groups,
                                        scheduler, scaler, step counters), weights_only
     rank-<r>.pt                        per-rank state (RNG, data-loader positions), weights_only
-    manifest.json                      size and crc32 of every file above
+    manifest.json                      size and crc32 of every file above (computed from
+                                       the bytes as they are written; DeepSpeed's files,
+                                       which it writes itself, are read back once)
     overdrive_checkpoint.json          the marker, written last: format, step, world size, plan
 
 It is written to a hidden sibling ``.<name>.tmp-<uuid>`` and renamed to ``path`` by rank 0
@@ -23,6 +25,7 @@ manifest lists, within their sizes.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import mmap
@@ -36,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from ..errors import CheckpointCorrupt, NotACheckpoint
@@ -110,18 +114,20 @@ def fsync_tree(root: Path) -> None:
         fsync_path(d)
 
 
-def write_file(path: Path, data: bytes) -> None:
+def write_file(path: Path, data: bytes) -> dict[str, int]:
+    """Write and fsync ``data``; returns its manifest entry (size, crc32)."""
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    return {"size": len(data), "crc32": zlib.crc32(data)}
 
 
-def save_plain(obj: Any, path: Path) -> None:
+def save_plain(obj: Any, path: Path) -> dict[str, int]:
     """Small non-tensor state (and CPU tensors), readable with ``weights_only=True``."""
     buf = io.BytesIO()
     torch.save(obj, buf)
-    write_file(path, buf.getvalue())
+    return write_file(path, buf.getbuffer())
 
 
 def load_plain(path: Path) -> Any:
@@ -156,6 +162,74 @@ def crc32_file(path: Path) -> int:
 
 def describe_files(root: Path, names: list[str]) -> dict[str, dict[str, int]]:
     return {n: {"size": (root / n).stat().st_size, "crc32": crc32_file(root / n)} for n in names}
+
+
+class _ChecksumStream:
+    """A file being written, with the size and crc32 of the bytes that went through it."""
+
+    def __init__(self, raw):
+        self.raw, self.size, self.crc32 = raw, 0, 0
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self.crc32 = zlib.crc32(view, self.crc32)
+        self.size += view.nbytes
+        return self.raw.write(view)
+
+    def __getattr__(self, name: str):  # tell, flush, fileno, close… are the file's
+        return getattr(self.raw, name)
+
+
+class _ChecksumFileSystem(FileSystem):
+    """DCP's local file system, recording ``{relative name: {size, crc32}}`` of every file
+    written in one sequential pass (``rename`` carries a record along)."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = Path(root)
+        self.written: dict[str, dict[str, int]] = {}
+
+    def _name(self, path) -> str:
+        return Path(path).relative_to(self.root).as_posix()
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode: str):
+        with super().create_stream(path, mode) as raw:
+            if mode != "wb":
+                yield raw
+                return
+            stream = _ChecksumStream(raw)
+            yield stream
+        if os.path.getsize(path) == stream.size:  # else written by seeking back: not recorded
+            self.written[self._name(path)] = {"size": stream.size, "crc32": stream.crc32}
+
+    def rename(self, path, new_path) -> None:
+        super().rename(path, new_path)
+        entry = self.written.pop(self._name(path), None)
+        if entry is not None:
+            self.written[self._name(new_path)] = entry
+
+
+class ChecksumWriter(FileSystemWriter):
+    """``dcp.FileSystemWriter`` whose files' manifest entries are computed from the bytes
+    as they are written (``.written``), so publishing needs no second read of the data."""
+
+    def __init__(self, path: str | os.PathLike, **kwargs: Any):
+        super().__init__(path, **kwargs)
+        self.fs = _ChecksumFileSystem(Path(path))
+
+    @property
+    def written(self) -> dict[str, dict[str, int]]:
+        return self.fs.written
+
+
+def check_sizes(root: Path, entries: dict[str, dict[str, int]]) -> None:
+    """The files on disk have the sizes their entries were computed for."""
+    for name, entry in entries.items():
+        size = (root / name).stat().st_size
+        if size != entry["size"]:
+            raise CheckpointCorrupt(f"{root / name} has {size} bytes after writing "
+                                    f"{entry['size']}; something else wrote to it")
 
 
 def data_files(root: Path) -> list[str]:
@@ -333,11 +407,17 @@ class SafeReader(FileSystemReader):
     def __init__(self, path: str | os.PathLike, manifest: dict[str, dict[str, int]]):
         super().__init__(path)
         self.manifest = manifest
+        self._read: dict[Any, Any] = {}  # rank → metadata: checked once, handed out again
 
     def read_metadata(self, *args: Any, **kwargs: Any):
+        if kwargs.get("rank") not in self._read:
+            self._read[kwargs.get("rank")] = self._read_checked(kwargs.get("rank"))
+        return self._read[kwargs.get("rank")]
+
+    def _read_checked(self, rank):
         from torch.distributed.checkpoint.metadata import StorageMeta
 
-        path = Path(self._get_metadata_path(kwargs.get("rank")))
+        path = Path(self._get_metadata_path(rank))
         try:
             with open(path, "rb") as f:
                 metadata = _MetadataUnpickler(f).load()
@@ -364,14 +444,16 @@ def check_storage_index(root: Path, storage_data: Any, manifest: dict[str, dict[
     if not isinstance(storage_data, dict):
         raise CheckpointCorrupt(f"{where} has no storage index")
     base = root.resolve()
+    inside: set[str] = set()  # relative paths already resolved
     for index, info in storage_data.items():
         if not isinstance(info, _StorageInfo) or not isinstance(info.relative_path, str):
             raise CheckpointCorrupt(f"{where}: the entry of {index} is not a file location")
         rel = info.relative_path
-        target = (root / rel).resolve()
-        if Path(rel).is_absolute() or target.parent != base:
+        if rel not in inside and (Path(rel).is_absolute() or (root / rel).resolve().parent
+                                  != base):
             raise CheckpointCorrupt(f"{where} points {getattr(index, 'fqn', index)!r} at "
                                     f"{rel!r}, which is outside {root}; refusing to read it")
+        inside.add(rel)
         if rel not in manifest:
             raise CheckpointCorrupt(f"{where} points {getattr(index, 'fqn', index)!r} at "
                                     f"{rel!r}, which is not in {root / MANIFEST}")
