@@ -92,3 +92,15 @@ def test_save_and_load_mid_accumulation_are_refused(saved, tmp_path):
     assert rt.step == 1
     rt.save(tmp_path / "boundary")
     assert rt.load(tmp_path / "boundary")["step"] == 1
+
+
+@pytest.mark.dist
+def test_a_load_one_rank_refuses_is_refused_on_every_rank(tmp_path):
+    from helpers import ROOT, read_json, run_torchrun
+
+    run_torchrun(ROOT / "tests" / "checkpoint" / "scripts" / "refuse_on_one_rank.py", 2,
+                 str(tmp_path), tmp_path=tmp_path, timeout=120)
+    errors = [read_json(tmp_path / f"refused-rank{r}.json")["error"] for r in range(2)]
+    assert errors[1].startswith("CheckpointMismatch: the checkpoint holds 1 data-loader"), errors
+    assert errors[0].startswith("CheckpointMismatch: rank 1 refused the load: the checkpoint "
+                                "holds 1 data-loader"), errors

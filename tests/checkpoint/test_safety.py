@@ -132,3 +132,13 @@ def test_index_spanning_past_the_file_is_refused(tmp_path):
     _fix_manifest(ck, ".metadata")
     with pytest.raises(od.CheckpointCorrupt, match=r"spans bytes 0\+1000000000 of '__0_0\.distcp'"):
         rt.load(ck)
+
+
+@pytest.mark.parametrize("name", [".metadata", "state.pt", "rank-0.pt"])
+def test_files_missing_from_the_manifest_are_not_read(tmp_path, name):
+    rt, ck = _saved(tmp_path)
+    manifest = json.loads((ck / cf.MANIFEST).read_text())
+    del manifest["files"][name]  # so it would never be verified
+    (ck / cf.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(od.CheckpointCorrupt, match=rf"{name} not listed in manifest\.json"):
+        rt.load(ck)

@@ -446,17 +446,23 @@ class _Load:
 
 
 def _agreed(prepare, group) -> _Load:
-    """``prepare()`` on every rank; when one rank refuses, every rank raises its error
-    (none goes on alone into a collective the others never join)."""
-    todo, refusal = None, None
+    """``prepare()`` on every rank; when one rank refuses (or fails), every rank raises
+    (none goes on alone into a collective the others never join): the failing rank its own
+    error, the others the first refusal, naming the rank."""
+    todo, error, refusal = None, None, None
     try:
         todo = prepare()
-    except CheckpointError as e:
-        refusal = (type(e), str(e))
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the others know
+        error = e
+        kind = type(e) if isinstance(e, CheckpointError) else CheckpointError
+        refusal = (_world()[0], kind, f"{type(e).__name__}: {e}" if kind is not type(e)
+                   else str(e))
     refusals = [r for r in _all_gather(refusal, group) if r is not None]
+    if error is not None:
+        raise error
     if refusals:
-        kind, message = refusal or refusals[0]
-        raise kind(message)
+        rank, kind, message = refusals[0]
+        raise kind(f"rank {rank} refused the load: {message}")
     return todo
 
 
@@ -465,6 +471,9 @@ def _prepare(rt, path: Path, meta: dict[str, Any], manifest: dict[str, dict[str,
     _check_at_boundary(rt, "rt.load")
     saved_world = int(meta["world_size"])
     own_rng = rank < saved_world
+    _check_listed(path, manifest, ["state.pt", f"rank-{rank if own_rng else 0}.pt",
+                                   f"rank-{rank % saved_world}.pt"]
+                  + ([".metadata"] if meta["kind"] != "deepspeed" else []))
     replicated = cf.load_plain(path / "state.pt")
     rank_state = cf.load_plain(path / f"rank-{rank if own_rng else 0}.pt")
     loaders = rank_state["loaders"] if own_rng else \
@@ -557,6 +566,14 @@ def _check_param_groups(current: Any, saved_plain: Any, path: Path) -> None:
             f"{len(saved)} group(s) of {[len(g) for g in saved]} parameters, this runtime "
             f"{len(have)} group(s) of {[len(g) for g in have]}; build the optimizer with the "
             "same parameter groups")
+
+
+def _check_listed(path: Path, manifest: dict[str, dict[str, int]], names: list[str]) -> None:
+    """Only files the manifest lists (and so verified) are read."""
+    unlisted = sorted({n for n in names if n not in manifest})
+    if unlisted:
+        raise CheckpointCorrupt(f"checkpoint {path}: {', '.join(unlisted)} not listed in "
+                                f"{cf.MANIFEST}; the checkpoint is incomplete or was altered")
 
 
 def _check_replicated(rt, state: dict[str, Any]) -> None:
