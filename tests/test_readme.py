@@ -1,4 +1,4 @@
-"""Every README code block marked `<!-- runnable -->` runs as written."""
+"""Every code block marked `<!-- runnable -->` in README.md and docs/*.md runs as written."""
 
 import re
 import subprocess
@@ -9,14 +9,16 @@ import pytest
 from tests.helpers import ROOT, child_env
 
 BLOCK = re.compile(r"<!-- runnable -->\s*```python\n(.*?)```", re.S)
-BLOCKS = BLOCK.findall((ROOT / "README.md").read_text())
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCKS = {f"{doc.stem}-{i}": code for doc in DOCS
+          for i, code in enumerate(BLOCK.findall(doc.read_text()))}
 
 
 def test_readme_has_runnable_blocks():
-    assert len(BLOCKS) >= 4
+    assert sum(k.startswith("README-") for k in BLOCKS) >= 4
 
 
-@pytest.mark.parametrize("code", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
+@pytest.mark.parametrize("code", BLOCKS.values(), ids=BLOCKS.keys())
 def test_readme_block_runs(code, tmp_path):
     script = tmp_path / "block.py"
     script.write_text(code)
