@@ -13,8 +13,8 @@ SCRIPT = ROOT / "tests" / "checkpoint" / "scripts" / "reshard.py"
 @pytest.mark.dist
 def test_fsdp_checkpoint_reshards_2_to_1_and_2_to_4(tmp_path):
     run_torchrun(SCRIPT, 2, "save", str(tmp_path), tmp_path=tmp_path)
-    assert sorted(p.name for p in (tmp_path / "ck").glob("*.distcp")) == ["__0_0.distcp",
-                                                                         "__1_0.distcp"]
+    assert sorted(p.name for p in (tmp_path / "ck").glob("*.distcp")) == [
+        "__0_0.distcp", "__0_1.distcp", "__1_0.distcp", "__1_1.distcp"]  # 2 writer threads
     proc = subprocess.run([sys.executable, str(SCRIPT), "load", str(tmp_path)], env=child_env(),
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -125,12 +125,13 @@ def test_index_spanning_past_the_file_is_refused(tmp_path):
     rt, ck = _saved(tmp_path)
     with open(ck / ".metadata", "rb") as f:
         metadata = pickle.load(f)
-    info = next(iter(metadata.storage_data.values()))
+    info = next(i for i in metadata.storage_data.values() if i.relative_path == "__0_0.distcp")
     info.length = 10**9
     with open(ck / ".metadata", "wb") as f:
         pickle.dump(metadata, f)
     _fix_manifest(ck, ".metadata")
-    with pytest.raises(od.CheckpointCorrupt, match=r"spans bytes 0\+1000000000 of '__0_0\.distcp'"):
+    with pytest.raises(od.CheckpointCorrupt, match=rf"spans bytes {info.offset}\+1000000000 of "
+                                                   r"'__0_0\.distcp'"):
         rt.load(ck)
 
 

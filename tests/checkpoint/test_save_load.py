@@ -57,8 +57,8 @@ def test_layout_is_tensors_plus_weights_only_files(tmp_path):
     _train(rt, loader, 1)
     rt.save(tmp_path / "ck")
     names = sorted(os.listdir(tmp_path / "ck"))
-    assert names == sorted([".metadata", "__0_0.distcp", "manifest.json", cf.MARKER,
-                            "rank-0.pt", "state.pt"])
+    assert names == sorted([".metadata", "__0_0.distcp", "__0_1.distcp", "manifest.json",
+                            cf.MARKER, "rank-0.pt", "state.pt"])  # 2 writer threads, 2 files
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temporary sibling left
     for f in ("rank-0.pt", "state.pt"):
         torch.load(tmp_path / "ck" / f, weights_only=True)

@@ -65,6 +65,9 @@ from .grad import raw_optimizer
 log = logging.getLogger("overdrive")
 
 COUNTERS = ("step",)
+# DCP writer threads (and files) per rank: serialising, checksumming and fsyncing two files
+# overlap — rt.save of a 110 MB model ~15% faster on 2 cores than one thread.
+WRITE_THREADS = 2
 
 
 # --------------------------------------------------------------------------- process group
@@ -272,7 +275,7 @@ def save(rt, path: str | Path, *, keep_last: int | None = None, async_: bool = F
         if rank == 0:
             written["state.pt"] = cf.save_plain(_replicated_state(rt, plain), tmp / "state.pt")
         cf.test_hook("write")
-        writer = cf.ChecksumWriter(str(tmp), sync_files=True)
+        writer = cf.ChecksumWriter(str(tmp), sync_files=True, thread_count=WRITE_THREADS)
         if async_:
             with _quiet(group):
                 future = dcp.async_save(tensors, storage_writer=writer, process_group=group,
