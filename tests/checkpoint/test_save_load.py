@@ -239,6 +239,9 @@ def test_loader_sharded_after_load_resumes_at_its_position(tmp_path):
     rt2 = fresh(1)
     rt2.load(tmp_path / "ck")  # no loader yet: its position waits for rt.shard
     assert len(rt2._pending_loader_states) == 1
+    rt2.save(tmp_path / "ck2")  # saved again before rt.shard: the position is kept
+    rt2 = fresh(2)
+    rt2.load(tmp_path / "ck2")
     resumed = iter(rt2.shard(DataLoader(data, batch_size=2, shuffle=True)))
     assert [next(resumed)[0].tolist() for _ in range(3)] == expected, seen
     assert rt2._pending_loader_states == []

@@ -189,7 +189,9 @@ def _rank_state(rt) -> dict[str, Any]:
         "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
         "torch": torch.get_rng_state(),
         "device": None,
-        "loaders": [ld.state_dict() for ld in rt._loaders],
+        # the loaders made so far, then the positions still waiting for rt.shard
+        "loaders": [ld.state_dict() for ld in rt._loaders]
+        + list(getattr(rt, "_pending_loader_states", [])),
     }
     dev = rt.device
     if dev.type not in ("cpu", "meta") and hasattr(torch, dev.type):
