@@ -279,8 +279,8 @@ def read_marker(path: Path) -> dict[str, Any]:
         leftovers = sorted(p.name for p in path.parent.glob(f"{tmp_prefix(path)}*")) \
             if path.parent.is_dir() else []
         if leftovers:
-            hint = (f"; {', '.join(leftovers)} is an unfinished save of it (a crash before the "
-                    "rename): its data is incomplete")
+            hint = (f"; {', '.join(leftovers)} is an unfinished save of it (the process "
+                    "stopped before its rename): it was never published and is not loaded")
         what = "does not exist" if not path.exists() else f"has no {MARKER}"
         raise NotACheckpoint(
             f"{path} is not an overdrive checkpoint: it {what}{hint}. Pass a directory "
