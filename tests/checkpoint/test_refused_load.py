@@ -58,10 +58,10 @@ def saved(tmp_path):
 
 
 @pytest.mark.parametrize("kind,match", [
-    (dict(scheduler=False), "has a scheduler state but this runtime has no scheduler"),
-    (dict(fp16=True), "has no scaler state but this runtime has scaler"),
-    (dict(loaders=2), r"holds 1 data-loader position\(s\), this runtime has 2 loader"),
-    (dict(groups=2), r"parameter groups differ — checkpoint 1 group\(s\)"),
+    ({"scheduler": False}, "has a scheduler state but this runtime has no scheduler"),
+    ({"fp16": True}, "has no scaler state but this runtime has scaler"),
+    ({"loaders": 2}, r"holds 1 data-loader position\(s\), this runtime has 2 loader"),
+    ({"groups": 2}, r"parameter groups differ — checkpoint 1 group\(s\)"),
 ])
 def test_refused_load_leaves_the_runtime_untouched(saved, kind, match):
     rt = _runtime(seed=7, **kind)

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import torch
 
@@ -35,15 +36,16 @@ os.fsync = recording_fsync
 rt.save(f"{out}/ck")
 os.fsync = real_fsync
 ck = f"{out}/ck"
-ds_files = [n for n in cf.data_files(cf.Path(ck)) if n.startswith("deepspeed/")]
+ds_files = [n for n in cf.data_files(Path(ck)) if n.startswith("deepspeed/")]
 tmp_rel = sorted({p.split(".ck.tmp-", 1)[1].partition("/")[2] for p in synced if ".ck.tmp-" in p})
 
 
 def fix_manifest(name):
-    manifest = json.loads(open(f"{ck}/{cf.MANIFEST}").read())
+    manifest_path = Path(ck) / cf.MANIFEST
+    manifest = json.loads(manifest_path.read_text())
     manifest["files"][name] = {"size": os.path.getsize(f"{ck}/{name}"),
-                               "crc32": cf.crc32_file(cf.Path(ck) / name)}
-    open(f"{ck}/{cf.MANIFEST}", "w").write(json.dumps(manifest))
+                               "crc32": cf.crc32_file(Path(ck) / name)}
+    manifest_path.write_text(json.dumps(manifest))
 
 
 def load_error():
@@ -74,8 +76,8 @@ fix_manifest(optim)  # crc32 is no signature: whoever edits the file fixes the m
 tampered = load_error()
 shutil.rmtree(ck)
 shutil.copytree(f"{out}/pristine", ck)
-open(f"{ck}/deepspeed/state/extra.pt", "wb").write(b"x")
+Path(f"{ck}/deepspeed/state/extra.pt").write_bytes(b"x")
 unlisted = load_error()
-json.dump({"ds_files": ds_files, "synced": tmp_rel, "clean": clean, "restored": restored,
-           "tampered": tampered, "pwned": os.path.exists(f"{out}/PWNED"),
-           "unlisted": unlisted}, open(f"{out}/deepspeed_files.json", "w"))
+Path(f"{out}/deepspeed_files.json").write_text(json.dumps({
+    "ds_files": ds_files, "synced": tmp_rel, "clean": clean, "restored": restored,
+    "tampered": tampered, "pwned": os.path.exists(f"{out}/PWNED"), "unlisted": unlisted}))
