@@ -104,3 +104,22 @@ def assert_untouched(model: torch.nn.Module, before: dict) -> None:
     for (name, a), (_, b) in zip(after["values"], before["values"]):
         assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), \
             f"values of {name} changed"
+
+
+def refusal_outcome(make, plan, optimizer) -> dict:
+    """``od.accelerate(make(), plan)`` → ``{"error": message or None, "untouched": bool}``,
+    for the multi-process refusal scenarios (run on every rank, reported as JSON)."""
+    import overdrive as od
+
+    model = make()
+    before = snapshot(model)
+    try:
+        od.accelerate(model, plan, optimizer=optimizer)
+    except od.PlanError as err:
+        try:
+            assert_untouched(model, before)
+            untouched = True
+        except AssertionError:
+            untouched = False
+        return {"error": str(err), "untouched": untouched}
+    return {"error": None}

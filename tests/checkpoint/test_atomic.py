@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ckpt_util import CountingLoader, make_model, manual_runtime
-from helpers import ROOT, child_env
+from tests.helpers import ROOT, child_env
 
 SCRIPT = Path(__file__).parent / "scripts" / "save_then_hang.py"
 
@@ -35,6 +35,18 @@ def _kill_at(tmp_path, stage, target):
             proc.wait()
 
 
+def _load_previous(tmp_path):
+    """A fresh runtime loading step-1: the previous checkpoint, complete and bit-exact."""
+    model = make_model(2, seed=3)
+    rt = manual_runtime(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    rt._loaders.append(CountingLoader())
+    assert rt.load(tmp_path / "step-1")["step"] == 1
+    expected = torch.load(tmp_path / "expected.pt", weights_only=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+    return rt
+
+
 @pytest.mark.parametrize("stage,target", [("write", "new"), ("rename", "new"),
                                           ("rename", "overwrite")])
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path, stage, target):
@@ -44,13 +56,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, stage, target):
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert len(leftovers) == 1 and ".tmp-" in leftovers[0]
 
-    model = make_model(2, seed=3)
-    rt = manual_runtime(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
-    rt._loaders.append(CountingLoader())
-    assert rt.load(tmp_path / "step-1")["step"] == 1  # the previous checkpoint, complete
-    expected = torch.load(tmp_path / "expected.pt", weights_only=True)
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, expected[k]), k
+    rt = _load_previous(tmp_path)
     rt.save(tmp_path / ("step-1" if target == "overwrite" else "step-2"))
     # the next save of that path removed the dead sibling
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
@@ -62,13 +68,7 @@ def test_kill_between_the_renames_of_an_overwrite_still_loads_the_previous(tmp_p
     hidden = sorted(p.name.rsplit("-", 1)[0] for p in tmp_path.iterdir() if p.name.startswith("."))
     assert hidden == [".step-1.old", ".step-1.tmp"], hidden
 
-    model = make_model(2, seed=3)
-    rt = manual_runtime(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
-    rt._loaders.append(CountingLoader())
-    assert rt.load(tmp_path / "step-1")["step"] == 1  # the previous checkpoint, complete
-    expected = torch.load(tmp_path / "expected.pt", weights_only=True)
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, expected[k]), k
+    rt = _load_previous(tmp_path)
     rt.save(tmp_path / "step-2")  # another path: step-1's leftovers are not its business
     assert rt.load(tmp_path / "step-1")["step"] == 1
     rt.save(tmp_path / "step-1")  # the next save of the path puts it back, then replaces it

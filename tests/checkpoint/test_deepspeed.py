@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT, child_env, read_json, run_torchrun
+from tests.helpers import ROOT, child_env, read_json, run_torchrun
 
 pytest.importorskip("deepspeed")
 

@@ -96,7 +96,7 @@ def test_save_and_load_mid_accumulation_are_refused(saved, tmp_path):
 
 @pytest.mark.dist
 def test_a_load_one_rank_refuses_is_refused_on_every_rank(tmp_path):
-    from helpers import ROOT, read_json, run_torchrun
+    from tests.helpers import ROOT, read_json, run_torchrun
 
     run_torchrun(ROOT / "tests" / "checkpoint" / "scripts" / "refuse_on_one_rank.py", 2,
                  str(tmp_path), tmp_path=tmp_path, timeout=120)

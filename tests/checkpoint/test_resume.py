@@ -5,7 +5,7 @@ import pytest
 import subprocess
 import sys
 
-from helpers import ROOT, child_env, read_json, run_torchrun
+from tests.helpers import ROOT, child_env, read_json, run_torchrun
 
 SCRIPT = ROOT / "tests" / "checkpoint" / "scripts" / "resume.py"
 

@@ -199,7 +199,7 @@ def test_async_save_right_before_exit_is_published(tmp_path, mode, nproc):
     import subprocess
     import sys
 
-    from helpers import ROOT, child_env, run_torchrun
+    from tests.helpers import ROOT, child_env, run_torchrun
 
     script = ROOT / "tests" / "checkpoint" / "scripts" / "async_then_exit.py"
     if nproc == 1:

@@ -153,10 +153,10 @@ def test_hsdp_two_by_two(four, reference):
 
 def test_ddp_with_tensor_parallel_is_refused_untouched(four):
     """torch's replicate re-creates DTensor parameters after every forward: the optimizer
-    stepped stale copies and the loss stalled after the first step. Refused instead, also
-    when ddp is only implied by a plan naming no engine; fsdp composes with tp."""
-    for case in ("asked", "implied"):
-        res = four["ddp_tp_refused"][case]
-        assert res["error"] is not None, f"{case}: od.accelerate did not refuse"
-        assert "ddp with parallel.tp=2 and 2 data-parallel ranks" in res["error"]
-        assert "fsdp" in res["error"] and res["untouched"]
+    stepped stale copies and the loss stalled after the first step. Refused instead; a plan
+    naming no engine gets fsdp, which composes with tp."""
+    res = four["ddp_tp_refused"]["asked"]
+    assert res["error"] is not None, "od.accelerate did not refuse"
+    assert "ddp with parallel.tp=2 and 2 data-parallel ranks" in res["error"]
+    assert "fsdp" in res["error"] and res["untouched"]
+    assert four["ddp_tp_refused"]["implied_passes"] == ["tensor_parallel", "fsdp"]

@@ -279,24 +279,10 @@ def refusal_cases() -> dict:
 
 def scenario_refusals():
     """od.accelerate on 2 real ranks: PlanError, and the model exactly as it was."""
-    from tests.helpers import assert_untouched, snapshot
+    from tests.helpers import refusal_outcome
 
-    out = {}
-    for name, (make, plan) in refusal_cases().items():
-        model = make()
-        before = snapshot(model)
-        try:
-            od.accelerate(model, plan, optimizer=sgd)
-            out[name] = {"error": None}
-            continue
-        except od.PlanError as err:
-            out[name] = {"error": str(err)}
-        try:
-            assert_untouched(model, before)
-            out[name]["untouched"] = True
-        except AssertionError:
-            out[name]["untouched"] = False
-    return out
+    return {name: refusal_outcome(make, plan, sgd)
+            for name, (make, plan) in refusal_cases().items()}
 
 
 def main() -> None:
