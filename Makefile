@@ -19,9 +19,14 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 venv: $(VENV)/.installed
 
+DEMO_PLAN ?= fsdp+ac
+
+# 2 CPU processes (gloo): FSDP2-sharded, activation-checkpointed tiny Llama; 8 steps with a
+# checkpoint every 4, then a fresh launch that resumes from the latest and runs to 12.
 demo: venv
-	OMP_NUM_THREADS=1 $(BIN)/overdrive launch --nproc $(NPROC) examples/train_llm.py --steps 8 --save-every 4 --out out/demo
-	OMP_NUM_THREADS=1 $(BIN)/overdrive launch --nproc $(NPROC) examples/train_llm.py --steps 12 --save-every 4 --out out/demo --resume
+	rm -rf out/demo
+	OMP_NUM_THREADS=1 $(BIN)/overdrive launch --nproc $(NPROC) examples/train_llm.py --plan $(DEMO_PLAN) --steps 8 --save-every 4 --out out/demo
+	OMP_NUM_THREADS=1 $(BIN)/overdrive launch --nproc $(NPROC) examples/train_llm.py --plan $(DEMO_PLAN) --steps 12 --save-every 4 --out out/demo --resume
 
 test: venv
 	$(BIN)/python -m pytest -q
