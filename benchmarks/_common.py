@@ -28,11 +28,30 @@ PEAK_TFLOPS = {
 }
 
 
+# CPU features that change the numbers a lot: bf16 matmuls are emulated (~20x slower)
+# without AVX-512 BF16 / AMX, which makes fp8 and casting ratios machine-specific.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_description() -> tuple[str, list[str]]:
+    """(model name, the CPU_FLAGS present) from /proc/cpuinfo where there is one."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine(), []
+    first = info.split("\n\n", 1)[0]  # the first processor's block
+    fields = {k.strip(): v.strip() for k, v in
+              (line.split(":", 1) for line in first.splitlines() if ":" in line)}
+    flags = set(fields.get("flags", "").split())
+    return fields.get("model name", platform.machine()), [f for f in CPU_FLAGS if f in flags]
+
+
 def machine() -> dict:
     import torch
 
+    cpu, flags = cpu_description()
     info = {"python": platform.python_version(), "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+            "cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

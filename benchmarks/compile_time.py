@@ -1,7 +1,6 @@
 """Cold start and steady-state step of regional vs full vs per-block vs Accelerate compile.
 
-Every variant runs in its own fresh Python process with its own empty inductor cache
-directory, so no compiled artefact leaks from one variant to the next:
+Variants of one Llama-style model (vocab 2048, dim 256, 8 heads / 4 kv heads):
 
   eager       no compile
   full        overdrive Compile(mode="full")     (model.compile() on the root, in place)
@@ -9,12 +8,15 @@ directory, so no compiled artefact leaks from one variant to the next:
   per_block   the hand-written loop: for layer in model.layers: layer.compile()
   accelerate  Hugging Face Accelerate's compile_regions(model)
 
-cold = wall time of the first forward+backward (where the compile happens), including the
-setup call; steady = median step (forward, backward, AdamW step) over --rounds after
---warmup steps. Each variant is started --repeats times, the variants' order rotating
-from one repeat to the next (the machine's slow moments fall on all of them), and the
-median of the repeats is reported. Prints one JSON object and writes
-benchmarks/results/compile_time.json.
+cold: wall time of the setup call plus the first forward+backward (where the compile
+happens), each variant in its own fresh Python process with its own empty inductor cache
+(nothing compiled leaks from one variant to the next), started --repeats times with the
+variants' order rotating from one repeat to the next; the median is reported.
+
+steady: one process builds every variant, compiles and warms them up, then times their
+steps (forward, backward, AdamW step) interleaved in rotating order, --rounds each: the
+machine's slow moments hit every variant alike. On CPU with one thread and the process's
+CPU time (the step's own cost, not the neighbours'); on a GPU the synchronised wall clock.
 
     python benchmarks/compile_time.py                 # 4 and 12 blocks, all variants
     python benchmarks/compile_time.py --quick --blocks 2
@@ -41,7 +43,7 @@ MODEL = dict(vocab_size=2048, dim=256, n_heads=8, n_kv_heads=4, max_seq_len=256)
 BATCH, SEQ = 4, 128
 
 
-# --------------------------------------------------------------------------- child
+# --------------------------------------------------------------------------- children
 
 
 def _import_for(variant: str):
@@ -73,73 +75,127 @@ def _setup(variant: str, model, lib):
     raise SystemExit(f"unknown variant {variant!r}")
 
 
-def child(variant: str, n_layers: int, warmup: int, rounds: int) -> dict:
+class Trainer:
+    """One variant's model, optimizer and batch; ``step()`` is one training step."""
+
+    def __init__(self, n_layers: int, dev):
+        import torch
+
+        from overdrive.models.llama import Llama, LlamaConfig
+
+        self.dev = dev
+        torch.manual_seed(0)
+        self.model = Llama(LlamaConfig(n_layers=n_layers, **MODEL))
+        self.model.init_weights(seed=0)
+        if dev.type == "cuda":  # GPUs train in bf16; the CPU run stays fp32
+            self.model.to(dev, torch.bfloat16)
+        self.x = torch.randint(0, MODEL["vocab_size"], (BATCH, SEQ), device=dev)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.call = self.model
+
+    def step(self) -> None:
+        loss = self.call(self.x, labels=self.x).loss
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        synchronize(self.dev)
+
+
+def cold_child(variant: str, n_layers: int) -> dict:
     import torch
     from torch._dynamo.utils import counters
 
-    from overdrive.models.llama import Llama, LlamaConfig
-
-    dev = device()
-    torch.manual_seed(0)
-    model = Llama(LlamaConfig(n_layers=n_layers, **MODEL))
-    model.init_weights(seed=0)
-    if dev.type == "cuda":  # GPUs train in bf16; the CPU run stays fp32
-        model.to(dev, torch.bfloat16)
-    x = torch.randint(0, MODEL["vocab_size"], (BATCH, SEQ), device=dev)
-    flops = step_flops(model, x)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step(m):
-        loss = m(x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        synchronize(dev)
-
+    trainer = Trainer(n_layers, device())
     try:
         lib = _import_for(variant)
     except ImportError as err:
-        return {"variant": variant, "blocks": n_layers, "error": f"import failed: {err}"}
+        return {"variant": variant, "error": f"import failed: {err}"}
     t0 = time.perf_counter()
-    m = _setup(variant, model, lib)
+    trainer.call = _setup(variant, trainer.model, lib)
     setup_s = time.perf_counter() - t0
-    step(m)
-    cold_s = time.perf_counter() - t0
-    for _ in range(warmup):
-        step(m)
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        step(m)
-        times.append(time.perf_counter() - t)
-    steady = statistics.median(times)
-    return {"variant": variant, "blocks": n_layers, "device": str(dev),
-            "setup_s": round(setup_s, 4), "cold_s": round(cold_s, 3),
-            "steady_s": round(steady, 5), **throughput(BATCH * SEQ, steady, flops, dev),
+    trainer.step()
+    return {"variant": variant, "setup_s": round(setup_s, 4),
+            "cold_s": round(time.perf_counter() - t0, 3),
             "graphs": int(counters["stats"]["unique_graphs"]),
             "frames": int(counters["frames"]["ok"]), "threads": torch.get_num_threads()}
+
+
+def steady_child(variants: list[str], n_layers: int, warmup: int, rounds: int) -> dict:
+    import torch
+
+    dev = device()
+    if dev.type == "cpu":
+        torch.set_num_threads(1)
+    plain = Trainer(n_layers, dev)
+    flops = step_flops(plain.model, plain.x)  # from the meta trace of an eager copy
+    trainers, errors = {}, {}
+    for v in variants:
+        try:
+            trainer = Trainer(n_layers, dev)
+            trainer.call = _setup(v, trainer.model, _import_for(v))
+            for _ in range(1 + warmup):  # compile, then settle
+                trainer.step()
+            trainers[v] = trainer
+        except ImportError as err:
+            errors[v] = f"import failed: {err}"
+    clock = time.perf_counter if dev.type == "cuda" else time.process_time
+    times: dict[str, list[float]] = {v: [] for v in trainers}
+    names = list(trainers)
+    for r in range(rounds):
+        for v in names[r % len(names):] + names[:r % len(names)]:
+            t = clock()
+            trainers[v].step()
+            times[v].append(clock() - t)
+    rows = {}
+    for v in variants:
+        if v in errors:
+            rows[v] = {"error": errors[v]}
+            continue
+        med = statistics.median(times[v])
+        rows[v] = {"steady_s": round(med, 5), **throughput(BATCH * SEQ, med, flops, dev)}
+    return {"device": str(dev), "threads": torch.get_num_threads(),
+            "clock": "wall (synchronised)" if dev.type == "cuda" else "process CPU time",
+            "rows": rows}
 
 
 # --------------------------------------------------------------------------- parent
 
 
-def run_variant(variant: str, n_layers: int, warmup: int, rounds: int,
-                threads: int | None = None) -> dict:
-    with tempfile.TemporaryDirectory(prefix=f"inductor-{variant}-") as cache:
-        env = dict(os.environ)
-        if threads:
-            env["OMP_NUM_THREADS"] = str(threads)
-        env["TORCHINDUCTOR_CACHE_DIR"] = cache
-        env["TRITON_CACHE_DIR"] = os.path.join(cache, "triton")
+def run_child(args: list[str], tag: str) -> dict:
+    """``args`` in a fresh process with an empty inductor cache of its own."""
+    with tempfile.TemporaryDirectory(prefix=f"inductor-{tag}-") as cache:
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache,
+                   TRITON_CACHE_DIR=os.path.join(cache, "triton"))
         env["PYTHONPATH"] = os.pathsep.join(
             [str(ROOT / "src")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-        cmd = [sys.executable, __file__, "--child", variant, "--n-layers", str(n_layers),
-               "--warmup", str(warmup), "--rounds", str(rounds)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, __file__, *args], env=env,
+                              capture_output=True, text=True)
     if proc.returncode != 0:
-        return {"variant": variant, "blocks": n_layers,
-                "error": f"exit {proc.returncode}: {proc.stderr.strip()[-600:]}"}
+        return {"error": f"exit {proc.returncode}: {proc.stderr.strip()[-600:]}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def cold_starts(variants: list[str], n: int, repeats: int) -> dict[str, dict]:
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for rep in range(repeats):
+        for v in variants[rep % len(variants):] + variants[:rep % len(variants)]:
+            runs[v].append(run_child(["--cold", v, "--n-layers", str(n)], v))
+            print(f"# {n} blocks {v} cold #{rep + 1}: {runs[v][-1]}", file=sys.stderr,
+                  flush=True)
+    return {v: median_row(rs) for v, rs in runs.items()}
+
+
+def median_row(runs: list[dict]) -> dict:
+    """One variant's repeats → the median setup and cold time (and every repeat's)."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[0]
+    row = dict(ok[0])
+    for key in ("setup_s", "cold_s"):
+        values = [r[key] for r in ok]
+        row[key] = round(statistics.median(values), 4)
+        row[f"{key}_all"] = values
+    return row
 
 
 def _ratio(rows: dict, a: str, b: str, key: str) -> float | None:
@@ -147,19 +203,6 @@ def _ratio(rows: dict, a: str, b: str, key: str) -> float | None:
     if key not in ra or key not in rb or not rb[key]:
         return None
     return round(ra[key] / rb[key], 3)
-
-
-def median_row(runs: list[dict]) -> dict:
-    """One variant's repeats → the median cold/steady time (and every repeat's value)."""
-    ok = [r for r in runs if "error" not in r]
-    if not ok:
-        return runs[0]
-    row = dict(ok[0])
-    for key in ("setup_s", "cold_s", "steady_s"):
-        values = [r[key] for r in ok]
-        row[key] = round(statistics.median(values), 5)
-        row[f"{key}_all"] = values
-    return row
 
 
 def ratios(rows: dict) -> dict:
@@ -170,47 +213,6 @@ def ratios(rows: dict) -> dict:
         "steady_regional_over_full": _ratio(rows, "regional", "full", "steady_s"),
         "steady_regional_over_eager": _ratio(rows, "regional", "eager", "steady_s"),
     }
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--blocks", type=int, nargs="+", default=[4, 12])
-    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=None)
-    ap.add_argument("--quick", action="store_true",
-                    help="fewer variants (no accelerate) and rounds")
-    ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=None,
-                    help="fresh processes per variant (default 3, --quick 1)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="OMP_NUM_THREADS for every variant (default: torch's choice)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
-    ap.add_argument("--n-layers", type=int, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
-    rounds = args.rounds if args.rounds is not None else (3 if args.quick else 10)
-    if args.child:
-        print(json.dumps(child(args.child, args.n_layers, warmup, rounds)))
-        return
-
-    variants = list(args.variants or (QUICK_VARIANTS if args.quick else VARIANTS))
-    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
-    results = {"model": {**MODEL, "batch": BATCH, "seq": SEQ},
-               "quick": args.quick, "warmup": warmup, "rounds": rounds, "repeats": repeats,
-               "loadavg_1min_at_start": os.getloadavg()[0], "by_blocks": {}}
-    for n in args.blocks:
-        runs: dict[str, list[dict]] = {v: [] for v in variants}
-        for rep in range(repeats):
-            order = variants[rep % len(variants):] + variants[:rep % len(variants)]
-            for v in order:
-                runs[v].append(run_variant(v, n, warmup, rounds, args.threads))
-                print(f"# {n} blocks {v} #{rep + 1}: {runs[v][-1]}", file=sys.stderr,
-                      flush=True)
-        rows = {v: median_row(runs[v]) for v in variants}
-        results["by_blocks"][str(n)] = {"variants": rows, "ratios": ratios(rows)}
-    results["targets"] = targets(results["by_blocks"])
-    emit("compile_time", results, out=args.out)
 
 
 def targets(by_blocks: dict) -> list[dict]:
@@ -226,6 +228,49 @@ def targets(by_blocks: dict) -> list[dict]:
         target(f"steady step regional / full ({n} blocks)", r["steady_regional_over_full"],
                1.05),
     ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--blocks", type=int, nargs="+", default=[4, 12])
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=None)
+    ap.add_argument("--quick", action="store_true",
+                    help="fewer variants (no accelerate), repeats and rounds")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=None, help="timed steady steps per variant")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="fresh cold-start processes per variant (default 5, --quick 1)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--cold", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--steady", nargs="+", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--n-layers", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    rounds = args.rounds if args.rounds is not None else (5 if args.quick else 30)
+    if args.cold:
+        print(json.dumps(cold_child(args.cold, args.n_layers)))
+        return
+    if args.steady:
+        print(json.dumps(steady_child(args.steady, args.n_layers, warmup, rounds)))
+        return
+
+    variants = list(args.variants or (QUICK_VARIANTS if args.quick else VARIANTS))
+    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 5)
+    results = {"model": {**MODEL, "batch": BATCH, "seq": SEQ},
+               "quick": args.quick, "warmup": warmup, "rounds": rounds, "repeats": repeats,
+               "loadavg_1min_at_start": os.getloadavg()[0], "by_blocks": {}}
+    for n in args.blocks:
+        rows = cold_starts(variants, n, repeats)
+        steady = run_child(["--steady", *variants, "--n-layers", str(n), "--warmup",
+                            str(warmup), "--rounds", str(rounds)], "steady")
+        print(f"# {n} blocks steady: {steady}", file=sys.stderr, flush=True)
+        for v in variants:
+            rows[v].update(steady.get("rows", {}).get(v, {"steady_error": steady.get("error")}))
+        results["by_blocks"][str(n)] = {"variants": rows, "ratios": ratios(rows),
+                                        "steady": {k: v for k, v in steady.items()
+                                                   if k != "rows"}}
+    results["targets"] = targets(results["by_blocks"])
+    emit("compile_time", results, out=args.out)
 
 
 if __name__ == "__main__":

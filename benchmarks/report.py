@@ -29,8 +29,13 @@ def load_results() -> dict[str, dict]:
             if name in found}
 
 
+# results that are not named after their script
+SCRIPT_OF = {"step_overhead_dist": "step_overhead.py (2 ranks)"}
+
+
 def machine_line(m: dict) -> str:
-    where = m.get("gpu") or f"{m.get('cpu', '?')} CPU, {m.get('cores', '?')} cores"
+    flags = f" ({', '.join(m['cpu_flags'])})" if m.get("cpu_flags") else ""
+    where = m.get("gpu") or f"{m.get('cpu', '?')}{flags}, {m.get('cores', '?')} cores"
     return f"{where}, torch {m.get('torch', '?')}, Python {m.get('python', '?')}"
 
 
@@ -41,14 +46,15 @@ def verdict(met) -> str:
 def table(results: dict[str, dict]) -> str:
     lines = ["| script | measured | value | target | |", "|---|---|---|---|---|"]
     for name, res in results.items():
+        script = SCRIPT_OF.get(name, f"{name}.py")
         rows = res.get("targets")
         if not isinstance(rows, list):  # written by an older version of the script
-            lines.append(f"| {name}.py | (result predates the targets list: rerun it) | | | |")
+            lines.append(f"| {script} | (result predates the targets list: rerun it) | | | |")
             continue
         for row in rows:
             value = "n/a" if row["value"] is None else f"{row['value']:g}"
             target = row["target"] if not row["target"].endswith("None") else "—"
-            lines.append(f"| {name}.py | {row['name']} | {value} | {target} | "
+            lines.append(f"| {script} | {row['name']} | {value} | {target} | "
                          f"{verdict(row['met'])} |")
     machines = sorted({machine_line(r["machine"]) for r in results.values() if "machine" in r})
     lines.append("")
