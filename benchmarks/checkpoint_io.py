@@ -2,7 +2,8 @@
 
     python benchmarks/checkpoint_io.py [--quick] [--rounds N] [--dir DIR]
 
-Variants, run alternately (round-robin) and reported as medians:
+Variants, run alternately (rotating order each round) and reported as medians; every
+save writes a fresh path, as training writes step-N after step-N-1:
   rt.save / rt.load          overdrive (DCP + manifest/crc32 + atomic rename)
   safetensors                safetensors.torch.save_file / load_file   (the baseline)
   torch.save                 torch.save / torch.load(weights_only=True)
@@ -55,40 +56,49 @@ def _runtime(model):
     return Runtime(model, plan=Plan(), report=Report([]), env=env)
 
 
-def variants(model, rt, base: Path):
+def variants(model, rt):
+    """name -> (save(dest), load(dest)); every save writes a fresh path, as a training
+    run writes step-N after step-N-1 (removing old ones is not part of the timing)."""
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file, save_file
 
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
 
-    def st_save(): save_file(sd, str(base / "st.safetensors"))
     def touch(tensors):  # every variant's load ends with its bytes read into memory
         return sum(float(t.float().sum()) for t in tensors)
 
-    def st_load(): touch(load_file(str(base / "st.safetensors")).values())
-    def pt_save(): torch.save(sd, base / "pt.pt")
-    def pt_load(): touch(torch.load(base / "pt.pt", weights_only=True).values())
-    def dcp_save(): dcp.save(sd, checkpoint_id=str(base / "dcp"), no_dist=True)
-    def dcp_load():
+    def dcp_load(dest):
         target = {k: torch.empty_like(v) for k, v in sd.items()}
-        dcp.load(target, checkpoint_id=str(base / "dcp"), no_dist=True)
+        dcp.load(target, checkpoint_id=str(dest), no_dist=True)
         touch(target.values())
-    def rt_save(): rt.save(base / "rt")
-    def rt_load(): rt.load(base / "rt"), touch(model.state_dict().values())
 
-    out = {"rt.save/rt.load": (rt_save, rt_load), "safetensors": (st_save, st_load),
-           "torch.save": (pt_save, pt_load), "dcp": (dcp_save, dcp_load)}
+    out = {
+        "rt.save/rt.load": (lambda d: rt.save(d),
+                            lambda d: (rt.load(d), touch(model.state_dict().values()))),
+        "safetensors": (lambda d: save_file(sd, str(d)),
+                        lambda d: touch(load_file(str(d)).values())),
+        "torch.save": (lambda d: torch.save(sd, d),
+                       lambda d: touch(torch.load(d, weights_only=True).values())),
+        "dcp": (lambda d: dcp.save(sd, checkpoint_id=str(d), no_dist=True), dcp_load),
+    }
     try:
         from accelerate import Accelerator
 
         acc = Accelerator(cpu=True)
         amodel = acc.prepare(model)
-        def acc_save(): acc.save_state(str(base / "acc"))
-        def acc_load(): acc.load_state(str(base / "acc")), touch(amodel.state_dict().values())
-        out["accelerate"] = (acc_save, acc_load)
+        out["accelerate"] = (lambda d: acc.save_state(str(d)),
+                             lambda d: (acc.load_state(str(d)),
+                                        touch(amodel.state_dict().values())))
     except Exception as e:  # noqa: BLE001
         out["accelerate"] = f"not run: {type(e).__name__}: {e}"
     return out
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
 def timed(fn, sync: bool) -> float:
@@ -99,6 +109,23 @@ def timed(fn, sync: bool) -> float:
     return time.perf_counter() - t
 
 
+def disk_write_MBps(base: Path, mb: int = 256, rounds: int = 3) -> float:
+    """The disk's own ceiling: raw sequential writes of ``mb`` MB, fsynced (median)."""
+    block = os.urandom(1 << 20)
+    times = []
+    for i in range(rounds):
+        path = base / f"disk-{i}.bin"
+        t = time.perf_counter()
+        with open(path, "wb") as f:
+            for _ in range(mb):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+        times.append(time.perf_counter() - t)
+        path.unlink()
+    return round(mb * (1 << 20) / 1e6 / statistics.median(times), 1)
+
+
 def single_process(rounds: int, base: Path) -> dict:
     import warnings
 
@@ -106,15 +133,20 @@ def single_process(rounds: int, base: Path) -> dict:
     model = build_model()
     mb = sum(v.numel() * v.element_size() for v in model.state_dict().values()) / 1e6
     rt = _runtime(model)
-    vs = variants(model, rt, base)
+    vs = variants(model, rt)
     runnable = {k: v for k, v in vs.items() if not isinstance(v, str)}
+    names = list(runnable)
     times = {k: {"save": [], "load": []} for k in runnable}
-    for k, (save, load) in runnable.items():  # warm-up (imports, first allocations)
-        save(), load()
-    for _ in range(rounds):
-        for k, (save, load) in runnable.items():
-            times[k]["save"].append(timed(save, sync=True))
-            times[k]["load"].append(timed(load, sync=False))
+    for i, k in enumerate(names):  # warm-up (imports, first allocations)
+        save, load = runnable[k]
+        save(base / f"warm-{i}"), load(base / f"warm-{i}"), remove(base / f"warm-{i}")
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:  # rotating order
+            save, load = runnable[k]
+            dest = base / f"{names.index(k)}-{r}"
+            times[k]["save"].append(timed(lambda: save(dest), sync=True))
+            times[k]["load"].append(timed(lambda: load(dest), sync=False))
+            remove(dest)
     rows = {}
     for k, v in vs.items():
         if isinstance(v, str):
@@ -191,13 +223,14 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    rounds = args.rounds or (3 if args.quick else 5)
+    rounds = args.rounds or (3 if args.quick else 9)
     if args.worker:
         worker(args.worker, rounds)
         return
     base = Path(tempfile.mkdtemp(prefix="od-ckpt-bench-", dir=args.dir))
     try:
         (base / "single").mkdir()
+        disk = disk_write_MBps(base)
         single = single_process(rounds, base / "single")
         multi = multi_rank(rounds, base)
     finally:
@@ -209,10 +242,15 @@ def main() -> None:
                        r["save+load_vs_safetensors"], None)
                 for k, r in rows.items() if k not in ("rt.save/rt.load", "safetensors")
                 and "save+load_vs_safetensors" in r]
+    one_rank = multi.get("1_rank", {}).get("save_s")
+    targets.append(target("1-rank rt.save MB/s / raw fsynced disk writes (reference: ~1 "
+                          "means the disk is the limit)",
+                          single["model_MB"] / one_rank / disk if one_rank else None, None))
     targets.append(target("rt.save speedup, 2 ranks vs 1", multi.get("speedup_2_vs_1"), 1.0,
                           ">"))
     emit("checkpoint_io", {
-        "rounds": rounds, "single_process": single, "multi_rank_rt_save": multi,
+        "rounds": rounds, "disk_write_MBps_fsynced": disk, "single_process": single,
+        "multi_rank_rt_save": multi,
         "targets": targets,
         "notes": "weights only (no optimizer) so every variant writes the same bytes; "
                  "saves timed to disk (os.sync), loads mostly from the page cache; "

@@ -260,3 +260,30 @@ def test_manifest_is_computed_while_writing(tmp_path, monkeypatch):
     names = cf.data_files(tmp_path / "ck")
     assert sorted(manifest) == names and ".metadata" in names
     assert manifest == cf.describe_files(tmp_path / "ck", names)  # what a reread computes
+
+
+def test_dcp_records_skip_torch_crc32_on_every_writer_thread(tmp_path, monkeypatch):
+    """The manifest's crc32 (checked before every load) covers DCP's files, so torch.save's
+    per-record crc32 is off while they are written — on each DCP writer thread — and the
+    (thread-local) option is back as it was afterwards."""
+    seen = []
+    real_save = torch.save
+
+    def spy(obj, *args, **kwargs):
+        if isinstance(obj, torch.Tensor):  # DCP's records (state.pt and rank-<r>.pt are dicts)
+            seen.append(torch.serialization.get_crc32_options())
+        return real_save(obj, *args, **kwargs)
+
+    rt, loader = _runtime()
+    _train(rt, loader, 1)
+    monkeypatch.setattr(torch, "save", spy)
+    for name, async_ in (("ck", False), ("ck-async", True)):
+        seen.clear()
+        rt.save(tmp_path / name, async_=async_)
+        rt.wait_for_save()
+        assert seen and not any(seen), name
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.serialization.get_crc32_options() is True
+    expected = _train(rt, loader, 2)
+    rt.load(tmp_path / "ck")
+    assert _train(rt, loader, 2) == expected
