@@ -103,7 +103,8 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=256)
-    ap.add_argument("--tokens", default="256,1024", help="comma-separated sequence lengths")
+    ap.add_argument("--tokens", default="16,256,1024",
+                    help="comma-separated sequence lengths (16: a decode-sized step)")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)

@@ -94,12 +94,13 @@ def plot_step_overhead(results: dict, plt) -> str | None:
     fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.6), squeeze=False)
     for ax, (name, res) in zip(axes[0], runs):
         rows = [r for r in res["rows"] if "median_us" in r]
-        labels = [f"{r['variant']}\naccum {r['grad_accum']}" for r in rows]
+        labels = [f"{r['variant']} ×{r['grad_accum']}" for r in rows]
         ax.bar(range(len(rows)), [r["median_us"] for r in rows],
                color=[{"overdrive": "C2", "accelerate": "C3"}.get(r["variant"], "C0")
                       for r in rows])
-        ax.set_xticks(range(len(rows)), labels, fontsize=7)
-        ax.set_title(f"median step (µs), {res['processes']} process(es)", fontsize=10)
+        ax.set_xticks(range(len(rows)), labels, fontsize=7, rotation=35, ha="right")
+        ax.set_title(f"median step (µs), {res['processes']} process(es); ×N = grad_accum",
+                     fontsize=10)
     fig.tight_layout()
     path = RESULTS / "step_overhead.png"
     fig.savefig(path, dpi=110)

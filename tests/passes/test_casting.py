@@ -59,8 +59,11 @@ def test_weights_stored_in_fp8_frozen_keys_and_objects_kept():
     assert model.embed_tokens.weight.dtype == torch.bfloat16
 
 
-def test_forward_equals_bf16_model_with_fp8_rounded_weights():
-    """The compute path is exactly 'upcast the stored weight, then bf16 matmul'."""
+@pytest.mark.parametrize("shape", [(2, 32), (16, 64)], ids=["few tokens: scale the input",
+                                                             "many: scale the weight copy"])
+def test_forward_equals_bf16_model_with_fp8_rounded_weights(shape):
+    """The compute path is exactly 'upcast the stored weight, then bf16 matmul', whichever
+    operand the power-of-two scale is applied to (the smaller one)."""
     model = _bf16_llama()
     rounded = copy.deepcopy(model)
     od.accelerate(model, CAST)
@@ -68,7 +71,7 @@ def test_forward_equals_bf16_model_with_fp8_rounded_weights():
         for name, m in rounded.named_modules():
             if isinstance(m, nn.Linear) and name != "lm_head":
                 m.weight.copy_(m.weight.to(torch.float8_e4m3fn).to(torch.bfloat16))
-        x = torch.randint(0, 256, (2, 32))
+        x = torch.randint(0, 256, shape)
         assert torch.equal(model(x).logits, rounded(x).logits)
 
 

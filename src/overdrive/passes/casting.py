@@ -68,8 +68,10 @@ class _UpcastForward:
         c = self.compute_dtype
         weight, scale = upcast(self.weight, c)
         inp = x.to(c)
-        if scale != 1.0:  # exact: a power of two; fp16 could overflow on activations
-            if c == torch.float16:
+        if scale != 1.0:  # exact either way: a power of two
+            # on whichever is smaller (the weight copy for long inputs); fp16 always on
+            # the weight: scaled activations could overflow fp16's range
+            if c == torch.float16 or inp.numel() > weight.numel():
                 weight.mul_(scale)
             else:
                 inp = inp * scale
