@@ -9,6 +9,7 @@ import torch
 
 import overdrive as od
 from overdrive.runtime import checkpoint_files as cf
+from overdrive.runtime.checkpoint import write_threads
 
 from ckpt_util import CountingLoader, make_model, manual_runtime, train_step
 
@@ -57,8 +58,9 @@ def test_layout_is_tensors_plus_weights_only_files(tmp_path):
     _train(rt, loader, 1)
     rt.save(tmp_path / "ck")
     names = sorted(os.listdir(tmp_path / "ck"))
-    assert names == sorted([".metadata", "__0_0.distcp", "__0_1.distcp", "manifest.json",
-                            cf.MARKER, "rank-0.pt", "state.pt"])  # 2 writer threads, 2 files
+    shards = [f"__0_{i}.distcp" for i in range(write_threads())]  # one per writer thread
+    assert names == sorted([".metadata", *shards, "manifest.json", cf.MARKER, "rank-0.pt",
+                            "state.pt"])
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temporary sibling left
     for f in ("rank-0.pt", "state.pt"):
         torch.load(tmp_path / "ck" / f, weights_only=True)
@@ -287,3 +289,13 @@ def test_dcp_records_skip_torch_crc32_on_every_writer_thread(tmp_path, monkeypat
     expected = _train(rt, loader, 2)
     rt.load(tmp_path / "ck")
     assert _train(rt, loader, 2) == expected
+
+
+def test_writer_threads_follow_the_cores_per_local_rank(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert write_threads() == 4  # at most 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert write_threads() == 2
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert write_threads() == 1  # 8 ranks on 2 cores: never below one
