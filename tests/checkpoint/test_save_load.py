@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import threading
 
 import pytest
 import torch
@@ -299,3 +300,30 @@ def test_writer_threads_follow_the_cores_per_local_rank(monkeypatch):
     assert write_threads() == 2
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert write_threads() == 1  # 8 ranks on 2 cores: never below one
+
+
+def test_load_reads_the_rank_files_on_parallel_threads(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    rt, loader = _runtime(n_layers=4)
+    _train(rt, loader, 1)
+    rt.save(tmp_path / "ck")
+    files = [n for n in os.listdir(tmp_path / "ck") if n.endswith(".distcp")]
+    assert len(files) == 4
+    reads, read_data = [], cf.FileSystemReader.read_data
+
+    def recording(self, plan, planner):
+        names = {self.storage_data[i.storage_index].relative_path for i in plan.items}
+        reads.append((threading.get_ident(), names))
+        return read_data(self, plan, planner)
+
+    monkeypatch.setattr(cf.FileSystemReader, "read_data", recording)
+    rt2, _ = _runtime(seed=7, n_layers=4)
+    rt2.load(tmp_path / "ck")
+    assert sorted(n for _, names in reads for n in names) == sorted(files)
+    assert all(len(names) == 1 for _, names in reads)  # each file by DCP's own loop
+    assert threading.get_ident() not in {thread for thread, _ in reads}  # on the pool
+    for k, v in rt.model.state_dict().items():
+        assert torch.equal(v, rt2.model.state_dict()[k]), k
+    sd, sd2 = rt.optimizer.state_dict()["state"], rt2.optimizer.state_dict()["state"]
+    assert all(torch.equal(sd[i]["exp_avg"], sd2[i]["exp_avg"]) for i in sd)

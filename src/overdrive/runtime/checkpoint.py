@@ -499,7 +499,7 @@ def _prepare(rt, path: Path, meta: dict[str, Any], manifest: dict[str, dict[str,
         todo.engine = getattr(rt.env, "engine", None)
         ds.check_loadable(todo.engine, path, manifest)
         return todo
-    todo.reader = cf.SafeReader(str(path), manifest)
+    todo.reader = cf.SafeReader(str(path), manifest, threads=write_threads())
     saved = {k: tuple(v.size) for k, v in todo.reader.read_metadata().state_dict_metadata.items()
              if hasattr(v, "size")}
     todo.tensors, current = split(_app_state(rt))
