@@ -162,13 +162,18 @@ def single_process(rounds: int, base: Path) -> dict:
     return {"model_MB": round(mb, 1), "params_M": round(mb / 4, 1), "rows": rows}
 
 
-def worker(base: str, rounds: int) -> None:
-    """One rank of the multi-rank save benchmark (run by torchrun, or alone for 1 rank)."""
+def worker(base: str, rounds: int, threads: int | None) -> None:
+    """One rank of the multi-rank save benchmark (run by torchrun, or alone for 1 rank);
+    ``threads`` overrides the writer threads per rank (default: ``write_threads()``)."""
     import warnings
 
     import torch.distributed as dist
 
+    from overdrive.runtime import checkpoint
+
     warnings.filterwarnings("ignore")
+    if threads:
+        checkpoint.write_threads = lambda: threads
     model = build_model()
     rt = _runtime(model)
     if rt.world_size > 1:
@@ -190,8 +195,9 @@ def worker(base: str, rounds: int) -> None:
         rt.barrier()
         times.append(time.perf_counter() - t)
     if rt.is_main:
-        print("RESULT " + json.dumps({"world": rt.world_size, "save_s": statistics.median(times),
-                                      "all": times}))
+        print("RESULT " + json.dumps({"world": rt.world_size,
+                                      "writer_threads": checkpoint.write_threads(),
+                                      "save_s": statistics.median(times), "all": times}))
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -199,20 +205,28 @@ def worker(base: str, rounds: int) -> None:
 def multi_rank(rounds: int, base: Path) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]))
+    runs = {"1_rank": (1, None), "1_rank_1_thread": (1, 1), "2_rank": (2, None)}
     out = {}
-    for n in (1, 2):
-        d = base / f"ranks{n}"
+    for name, (n, threads) in runs.items():
+        d = base / name
         d.mkdir()
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={n}", __file__, "--worker", str(d), "--rounds", str(rounds)]
+        cmd += ["--threads", str(threads)] if threads else []
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
-            out[f"{n}_rank"] = {"status": f"failed: {proc.stderr[-600:]}"}
+            out[name] = {"status": f"failed: {proc.stderr[-600:]}"}
             continue
-        out[f"{n}_rank"] = json.loads(line[0][7:])
-    if all("save_s" in out.get(f"{n}_rank", {}) for n in (1, 2)):
-        out["speedup_2_vs_1"] = round(out["1_rank"]["save_s"] / out["2_rank"]["save_s"], 3)
+        out[name] = json.loads(line[0][7:])
+
+    def speedup(one: str) -> float | None:
+        if "save_s" in out[one] and "save_s" in out["2_rank"]:
+            return round(out[one]["save_s"] / out["2_rank"]["save_s"], 3)
+        return None
+
+    out["speedup_2_vs_1"] = speedup("1_rank")
+    out["speedup_2_vs_1_at_1_thread"] = speedup("1_rank_1_thread")
     return out
 
 
@@ -222,10 +236,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     rounds = args.rounds or (3 if args.quick else 9)
     if args.worker:
-        worker(args.worker, rounds)
+        worker(args.worker, rounds, args.threads)
         return
     base = Path(tempfile.mkdtemp(prefix="od-ckpt-bench-", dir=args.dir))
     try:
@@ -248,6 +263,9 @@ def main() -> None:
                           single["model_MB"] / one_rank / disk if one_rank else None, None))
     targets.append(target("rt.save speedup, 2 ranks vs 1", multi.get("speedup_2_vs_1"), 1.0,
                           ">"))
+    targets.append(target("rt.save speedup, 2 ranks vs 1, one writer thread per rank "
+                          "(reference: the per-rank parallel write at equal cores per rank)",
+                          multi.get("speedup_2_vs_1_at_1_thread"), None))
     emit("checkpoint_io", {
         "rounds": rounds, "disk_write_MBps_fsynced": disk, "single_process": single,
         "multi_rank_rt_save": multi,

@@ -327,3 +327,13 @@ def test_load_reads_the_rank_files_on_parallel_threads(tmp_path, monkeypatch):
         assert torch.equal(v, rt2.model.state_dict()[k]), k
     sd, sd2 = rt.optimizer.state_dict()["state"], rt2.optimizer.state_dict()["state"]
     assert all(torch.equal(sd[i]["exp_avg"], sd2[i]["exp_avg"]) for i in sd)
+
+
+def test_manifest_checksums_are_plain_crc32(tmp_path):
+    """zlib-ng computes them faster; the values are zlib's, so any crc32 tool checks them."""
+    import zlib
+
+    data = os.urandom((3 << 20) + 17)
+    (tmp_path / "f").write_bytes(data)
+    assert cf.crc32_file(tmp_path / "f") == zlib.crc32(data)
+    assert cf.write_file(tmp_path / "g", data) == {"size": len(data), "crc32": zlib.crc32(data)}
