@@ -189,11 +189,13 @@ def worker(base: str, rounds: int, threads: int | None) -> None:
     for i in range(rounds):
         rt.barrier()
         t = time.perf_counter()
-        rt.save(Path(base) / f"r{i}", keep_last=1)
+        rt.save(Path(base) / f"r{i}")
         if rt.is_main:
             os.sync()
         rt.barrier()
         times.append(time.perf_counter() - t)
+        if rt.is_main:  # removing it is not part of the save (as in single_process)
+            remove(Path(base) / f"r{i}")
     if rt.is_main:
         print("RESULT " + json.dumps({"world": rt.world_size,
                                       "writer_threads": checkpoint.write_threads(),
