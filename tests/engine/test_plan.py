@@ -130,8 +130,11 @@ def test_sizes_against_the_world():
     par = resolve_sizes(od.Parallel(tp=2), 8)
     assert (par.dp_replicate, par.dp_shard, par.tp, par.cp) == (1, 4, 2, 1)
     assert resolve_sizes(od.Parallel(dp_replicate=2, dp_shard=2), 4).dp_shard == 2
-    with pytest.raises(od.PlanError, match=r"world size 6 is not divisible.*\(4\)"):
+    with pytest.raises(od.PlanError, match=r"world size 6 is not divisible.*\(tp=4 = 4\); "
+                       r"launch a multiple of 4 processes"):
         resolve_sizes(od.Parallel(tp=4), 6)
+    with pytest.raises(od.PlanError, match=r"parallel.dp_shard=-1 .*\(tp=2 × cp=2 = 4\)"):
+        resolve_sizes(od.Parallel(tp=2, cp=2), 2)
     with pytest.raises(od.PlanError, match=r"= 4 do not match the world size 8"):
         resolve_sizes(od.Parallel(dp_shard=2, tp=2), 8)
 

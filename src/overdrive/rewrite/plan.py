@@ -410,10 +410,12 @@ def resolve_sizes(parallel: Parallel, world_size: int) -> Parallel:
     missing = [n for n, v in sizes.items() if v == -1]
     if missing:
         if world_size % known != 0:
+            others = " × ".join(f"{n}={v}" for n, v in sizes.items() if v != -1 and v != 1)
             raise PlanError(
                 f"parallel.{missing[0]}=-1 cannot be inferred: world size {world_size} is not "
-                f"divisible by the product of the other sizes ({known}); valid world sizes "
-                f"are multiples of {known}"
+                f"divisible by the product of the other sizes ({others} = {known}); launch a "
+                f"multiple of {known} processes (e.g. torchrun --nproc-per-node={known}), or "
+                "lower those sizes"
             )
         sizes[missing[0]] = world_size // known
     product = 1
