@@ -1,4 +1,8 @@
-"""The ``overdrive`` command: inspect, launch, env (and bench as it lands)."""
+"""The ``overdrive`` command: inspect, launch, env.
+
+Benchmarks are not a subcommand: they live in the repository (`benchmarks/run_all.py`,
+`make bench`), beside the baselines they compare against, not in the installed package.
+"""
 
 from __future__ import annotations
 
