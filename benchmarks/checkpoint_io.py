@@ -164,7 +164,7 @@ def single_process(rounds: int, base: Path) -> dict:
 
 def worker(base: str, rounds: int, threads: int | None) -> None:
     """One rank of the multi-rank save benchmark (run by torchrun, or alone for 1 rank);
-    ``threads`` overrides the writer threads per rank (default: ``write_threads()``)."""
+    ``threads`` overrides the writer threads per rank (default: ``io_threads()``)."""
     import warnings
 
     import torch.distributed as dist
@@ -173,7 +173,7 @@ def worker(base: str, rounds: int, threads: int | None) -> None:
 
     warnings.filterwarnings("ignore")
     if threads:
-        checkpoint.write_threads = lambda: threads
+        checkpoint.io_threads = lambda: threads
     model = build_model()
     rt = _runtime(model)
     if rt.world_size > 1:
@@ -198,7 +198,7 @@ def worker(base: str, rounds: int, threads: int | None) -> None:
             remove(Path(base) / f"r{i}")
     if rt.is_main:
         print("RESULT " + json.dumps({"world": rt.world_size,
-                                      "writer_threads": checkpoint.write_threads(),
+                                      "writer_threads": checkpoint.io_threads(),
                                       "save_s": statistics.median(times), "all": times}))
     if dist.is_initialized():
         dist.destroy_process_group()

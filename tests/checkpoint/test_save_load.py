@@ -10,7 +10,7 @@ import torch
 
 import overdrive as od
 from overdrive.runtime import checkpoint_files as cf
-from overdrive.runtime.checkpoint import write_threads
+from overdrive.runtime.checkpoint import io_threads
 
 from ckpt_util import CountingLoader, make_model, manual_runtime, train_step
 
@@ -59,7 +59,7 @@ def test_layout_is_tensors_plus_weights_only_files(tmp_path):
     _train(rt, loader, 1)
     rt.save(tmp_path / "ck")
     names = sorted(os.listdir(tmp_path / "ck"))
-    shards = [f"__0_{i}.distcp" for i in range(write_threads())]  # one per writer thread
+    shards = [f"__0_{i}.distcp" for i in range(io_threads())]  # one per writer thread
     assert names == sorted([".metadata", *shards, "manifest.json", cf.MARKER, "rank-0.pt",
                             "state.pt"])
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temporary sibling left
@@ -292,14 +292,14 @@ def test_dcp_records_skip_torch_crc32_on_every_writer_thread(tmp_path, monkeypat
     assert _train(rt, loader, 2) == expected
 
 
-def test_writer_threads_follow_the_cores_per_local_rank(monkeypatch):
+def test_io_threads_follow_the_cores_per_local_rank(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert write_threads() == 4  # at most 4
+    assert io_threads() == 4  # at most 4
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    assert write_threads() == 2
+    assert io_threads() == 2
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert write_threads() == 1  # 8 ranks on 2 cores: never below one
+    assert io_threads() == 1  # 8 ranks on 2 cores: never below one
 
 
 def test_load_reads_the_rank_files_on_parallel_threads(tmp_path, monkeypatch):

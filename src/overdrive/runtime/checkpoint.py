@@ -68,8 +68,11 @@ log = logging.getLogger("overdrive")
 COUNTERS = ("step",)
 
 
-def write_threads() -> int:
-    """DCP writer threads (and files) per rank: the cores this rank has to itself, 1 to 4.
+def io_threads() -> int:
+    """Threads per rank for checkpoint files: the cores this rank has to itself, 1 to 4.
+
+    A save writes one DCP file per thread; a load checks and reads a rank's files on as
+    many.
 
     Serialising, checksumming and fsyncing several files overlap (rt.save of a 110 MB
     model ~15% faster with two threads than one on 2 cores); more threads than cores per
@@ -286,7 +289,7 @@ def save(rt, path: str | Path, *, keep_last: int | None = None, async_: bool = F
         if rank == 0:
             written["state.pt"] = cf.save_plain(_replicated_state(rt, plain), tmp / "state.pt")
         cf.test_hook("write")
-        writer = cf.ChecksumWriter(str(tmp), sync_files=True, thread_count=write_threads())
+        writer = cf.ChecksumWriter(str(tmp), sync_files=True, thread_count=io_threads())
         if async_:
             with _quiet(group):
                 future = dcp.async_save(tensors, storage_writer=writer, process_group=group,
@@ -499,7 +502,7 @@ def _prepare(rt, path: Path, meta: dict[str, Any], manifest: dict[str, dict[str,
         todo.engine = getattr(rt.env, "engine", None)
         ds.check_loadable(todo.engine, path, manifest)
         return todo
-    todo.reader = cf.SafeReader(str(path), manifest, threads=write_threads())
+    todo.reader = cf.SafeReader(str(path), manifest, threads=io_threads())
     saved = {k: tuple(v.size) for k, v in todo.reader.read_metadata().state_dict_metadata.items()
              if hasattr(v, "size")}
     todo.tensors, current = split(_app_state(rt))
@@ -513,7 +516,7 @@ def _verify(path: Path, group, crc: bool) -> dict[str, dict[str, int]]:
     rank, world = _world()
     manifest = cf.read_manifest(path)
     names = sorted(manifest)
-    problems = cf.verify_files(path, manifest, names[rank::world], crc)
+    problems = cf.verify_files(path, manifest, names[rank::world], crc, io_threads())
     problems = [p for part in _all_gather(problems, group) for p in part]
     if problems:
         raise CheckpointCorrupt(f"checkpoint {path} is damaged: " + "; ".join(problems))

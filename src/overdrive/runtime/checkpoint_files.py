@@ -252,11 +252,11 @@ def data_files(root: Path) -> list[str]:
 
 
 def verify_files(root: Path, manifest: dict[str, dict[str, int]], names: list[str],
-                 crc: bool) -> list[str]:
+                 crc: bool, threads: int = 1) -> list[str]:
     """Problems found in ``names`` (a subset of the manifest): missing, size, crc32.
 
-    The crc32s are computed on a few threads: zlib-ng releases the GIL on large buffers, and
-    DCP writes several files per rank, so the check reads them in parallel."""
+    The crc32s are computed on ``threads`` threads: zlib-ng releases the GIL on large
+    buffers, and DCP writes several files per rank, so the check reads them in parallel."""
     problems, to_crc = [], []
     for n in names:
         want, p = manifest[n], root / n
@@ -268,8 +268,7 @@ def verify_files(root: Path, manifest: dict[str, dict[str, int]], names: list[st
         elif crc:
             to_crc.append(n)
     if to_crc:
-        workers = min(len(to_crc), os.cpu_count() or 1, 4)
-        with ThreadPoolExecutor(workers) as pool:
+        with ThreadPoolExecutor(max(1, min(len(to_crc), threads))) as pool:
             crcs = pool.map(lambda n: crc32_file(root / n), to_crc)
             problems += [f"{n}: crc32 differs from the manifest (corrupted)"
                          for n, got in zip(to_crc, crcs) if got != manifest[n]["crc32"]]
