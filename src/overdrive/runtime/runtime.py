@@ -43,8 +43,9 @@ class Runtime:
     """
 
     def __init__(self, model: nn.Module, *, plan: Plan, report: Report, env: Env,
-                 optimizer: Any = None, scheduler: Any = None):
+                 optimizer: Any = None, scheduler: Any = None, pipeline: Any = None):
         self.model = model
+        self._pipeline = pipeline  # runtime/pipeline.PipelineRunner under parallel.pp > 1
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.plan = plan
@@ -104,7 +105,7 @@ class Runtime:
 
     @property
     def mesh(self):
-        """The DeviceMesh (dims dp_replicate, dp_shard, cp, tp; flattened dp, dp_shard_cp,
+        """The DeviceMesh (dims pp, dp_replicate, dp_shard, cp, tp; flattened dp, dp_shard_cp,
         dp_cp), or None for a single process that never needed one."""
         if self.env._mesh is None and not self.env.distributed:
             return None
@@ -149,6 +150,34 @@ class Runtime:
         if self._scaler is not None:
             loss = self._scaler.scale(loss)
         loss.backward(**kwargs)
+
+    # -- one micro-step (steps.py) -----------------------------------------------------
+    def forward_backward(self, batch: Any, loss_fn=None) -> torch.Tensor:
+        """Forward and backward of ``batch`` under any plan; returns the (detached) loss.
+
+        ``batch`` is what the loop would hand the model: a dict (``model(**batch)``), a
+        tensor (``model(batch)``) or a tuple (``model(*batch)``). The loss is
+        ``output.loss`` or ``loss_fn(output, batch)``. Under pp the batch is split into
+        the schedule's micro-batches (``loss_fn`` then sees each micro-batch) and the
+        mean loss over them is returned, the same on every pipeline rank.
+        """
+        from . import steps
+
+        return steps.forward_backward(self, batch, loss_fn)
+
+    def evaluate(self, batch: Any, loss_fn=None) -> torch.Tensor:
+        """The loss of ``batch`` without gradients (the schedule's forward-only path
+        under pp)."""
+        from . import steps
+
+        return steps.evaluate(self, batch, loss_fn)
+
+    @property
+    def stages(self) -> list:
+        """This rank's pipeline stage modules (``[rt.model]`` without pp)."""
+        if self._pipeline is None:
+            return [self.model]
+        return [p.module for p in self._pipeline.parts]
 
     # -- data (data.py) ---------------------------------------------------------------
     def shard(self, dataloader, *, split_batches: bool = False, even_batches: bool = True,
