@@ -265,6 +265,8 @@ class StageInput(nn.Module):
     """Stands in for the token embedding on a stage that is not the first: called with
     the model's token ids, it returns the activation the previous stage sent."""
 
+    stage_placeholder = True  # later passes (tp) leave it alone
+
     def __init__(self, io) -> None:
         super().__init__()
         self._io = io  # a plain attribute: not a submodule, not in the state dict
@@ -274,6 +276,13 @@ class StageInput(nn.Module):
 
     def extra_repr(self) -> str:
         return "activation from the previous stage"
+
+
+class StageOutput(nn.Identity):
+    """Stands in for the final norm / output head on a stage that is not the last: the
+    activation passes through to the next stage."""
+
+    stage_placeholder = True
 
 
 def _shallow_clone(module: nn.Module) -> nn.Module:
@@ -322,7 +331,7 @@ def carve_stage(model: nn.Module, layout: StageLayout, stages: list[int], io=Non
         tree[parent]._modules[child] = StageInput(io)
     for name in ([] if last else layout.tail):
         parent, _, child = name.rpartition(".")
-        tree[parent]._modules[child] = nn.Identity()
+        tree[parent]._modules[child] = StageOutput()
     return tree[""]
 
 
