@@ -15,6 +15,22 @@ def llama(n_layers: int = 4):
     return tiny(n_layers=n_layers)
 
 
+def hf_llama(n_layers: int = 4):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=64, attn_implementation="sdpa", use_cache=False)
+    return LlamaForCausalLM(cfg)
+
+
+def hf_batches(n: int = STEPS) -> list[dict]:
+    """transformers' convention: the labels are the inputs (its loss shifts them)."""
+    return [{"input_ids": b["input_ids"] % 128, "labels": b["input_ids"] % 128}
+            for b in batches(n)]
+
+
 def batches(n: int = STEPS, rows: int = 4, seq: int = 16, seed: int = 1) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     out = []

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 import overdrive as od
-from tests.pipeline.common import batches, full_state, llama, train_steps
+from tests.pipeline.common import batches, full_state, hf_batches, hf_llama, llama, train_steps
 
 PLANS = {
     "gpipe": dict(parallel=od.Parallel(pp=2), pipeline=od.Pipeline(schedule="gpipe")),
@@ -33,6 +33,9 @@ PLANS = {
 
 
 def scenario(name: str) -> dict:
+    if name == "hf":
+        rt = od.accelerate(hf_llama(), "pp", optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+        return {"losses": train_steps(rt, hf_batches(), clip=1.0), "state": full_state(rt)}
     n_layers = 8 if name in ("interleaved", "looped", "zero_bubble", "zbv") else 4
     torch.manual_seed(0)
     model = llama(n_layers)
