@@ -119,6 +119,7 @@ def _apply_pipeline(model: nn.Module, graph: ModuleGraph, manager: PassManager, 
 
     layout = check_pipeline(graph, plan)
     pp_rank = mesh_coordinates(env.rank, plan)["pp"]
+    order = [n for n, _ in model.named_parameters()]
     parts, holder = carve_parts(model, layout, pp_rank)
     records = None
     for part in parts:
@@ -127,7 +128,7 @@ def _apply_pipeline(model: nn.Module, graph: ModuleGraph, manager: PassManager, 
         _enter_forward_contexts(part.module, env)
     refresh_holder(holder, parts)
     env.set_gradient_sync = None  # each PipelineStage syncs its own part's gradients
-    return holder, records, PipelineRunner(parts, layout, plan, env)
+    return holder, records, PipelineRunner(parts, layout, plan, env, order)
 
 
 

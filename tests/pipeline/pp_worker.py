@@ -32,6 +32,9 @@ PLANS = {
 }
 
 
+EXPORT_DIR = "export"  # relative to the launch directory
+
+
 def scenario(name: str) -> dict:
     if name == "hf":
         rt = od.accelerate(hf_llama(), "pp", optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
@@ -42,14 +45,53 @@ def scenario(name: str) -> dict:
     rt = od.accelerate(model, od.Plan(**PLANS[name]),
                        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
     losses = train_steps(rt, batches(), clip=1.0)
-    return {"losses": losses, "state": full_state(rt)}
+    out = {"losses": losses, "state": full_state(rt)}
+    if name == "1f1b":
+        out["eval"] = float(rt.evaluate(batches(1, seed=7)[0]))
+        out["grads_after_eval"] = any(p.grad is not None for p in rt.model.parameters())
+        out["export"] = str(rt.export(EXPORT_DIR))
+    return out
+
+
+def refusals() -> dict:
+    rt = od.accelerate(llama(4), "pp", optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    batch = batches(1, rows=3)[0]  # 3 rows, 2 micro-batches
+    out = {}
+    for key, call in (("indivisible", lambda: rt.forward_backward(batch)),
+                      ("model_call", lambda: rt.model(**batches(1)[0]))):
+        try:
+            call()
+            out[key] = None
+        except od.PlanError as err:
+            out[key] = str(err)
+    out["still_trains"] = float(rt.forward_backward(batches(1)[0]))
+    return out
+
+
+def checkpoint(phase: str, ckpt: str) -> dict:
+    """"save": 5 steps, saving after step 3; "resume": load it, run steps 4-5."""
+    torch.manual_seed(0)
+    rt = od.accelerate(llama(4), "pp", optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    data = batches()
+    if phase == "save":
+        losses = train_steps(rt, data[:3], clip=1.0)
+        rt.save(ckpt)
+        losses += train_steps(rt, data[3:], clip=1.0)
+        return {"losses": losses, "state_at_3": None}
+    meta = rt.load(ckpt)
+    return {"losses": train_steps(rt, data[rt.step:], clip=1.0), "step": rt.step,
+            "meta_step": meta.get("step")}
 
 
 def main() -> None:
     out, names = sys.argv[1], sys.argv[2:]
     results = {}
     for name in names:
-        results[name] = scenario(name)
+        if name.startswith(("save:", "resume:")):
+            phase, ckpt = name.split(":", 1)
+            results[phase] = checkpoint(phase, ckpt)
+            continue
+        results[name] = refusals() if name == "refusals" else scenario(name)
     if dist.get_rank() == 0:
         with open(out, "w") as fh:
             json.dump(results, fh)

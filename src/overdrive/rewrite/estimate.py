@@ -51,14 +51,40 @@ def _cast_delta(records: list[PassRecord]) -> int:
     return r.details.get("cast_weight_bytes_after", 0) - r.details.get("cast_weight_bytes_before", 0)
 
 
+def _pipeline_ranks(records: list[PassRecord]) -> list[list[str]] | None:
+    """Under pp, the modules each pipeline rank holds (from the pipeline pass's record)."""
+    r = _record(records, "pipeline")
+    if r is None or "stages" not in r.details:
+        return None
+    ranks: dict[int, list[str]] = {}
+    for stage in r.details["stages"]:
+        ranks.setdefault(stage["rank"], []).extend(stage["modules"])
+    return [ranks[k] for k in sorted(ranks)]
+
+
 def _per_rank(graph: ModuleGraph, plan: Plan, records: list[PassRecord]) -> dict[str, float]:
-    """Parameter, gradient and optimizer bytes on one rank after the passes in ``records``."""
+    """Parameter, gradient and optimizer bytes on one rank after the passes in ``records``
+    (under pp: on the pipeline rank whose stages hold the most)."""
+    ranks = _pipeline_ranks(records)
+    if ranks is None:
+        return _held(graph, plan, records, None)
+    full = _held(graph, plan, records, None)["full"]
+    worst = max((_held(graph, plan, records, mods) for mods in ranks),
+                key=lambda m: m["parameters"])
+    return {**worst, "full": full}
+
+
+def _held(graph: ModuleGraph, plan: Plan, records: list[PassRecord],
+          within: list[str] | None) -> dict[str, float]:
     tp, tp_modules = plan.parallel.tp, _tp_sharded(records)
     data_shard, grad_shard, opt_shard = _shard_factors(plan, records)
     out = {"parameters": _cast_delta(records), "gradients": 0.0, "optimizer": 0.0, "full": 0}
     for name, data in graph.g.nodes(data=True):
         nbytes, numel = data["bytes"], data["params"]
         if not numel:
+            continue
+        if within is not None and not any(name == m or name.startswith(m + ".")
+                                          for m in within):
             continue
         out["full"] += nbytes
         split = tp if name in tp_modules else 1
@@ -83,6 +109,15 @@ def estimate_memory(graph: ModuleGraph, plan: Plan, records: list[PassRecord],
         notes.append(f"HSDP: sharded over {par.dp_shard * par.cp} ranks, replicated "
                      f"{par.dp_replicate}×")
     mem = _per_rank(graph, plan, records)
+    pipe = _record(records, "pipeline")
+    if pipe is not None and "stages" in pipe.details:
+        per_stage = ", ".join(f"stage {st['stage']} (rank {st['rank']}, blocks "
+                              f"{st['blocks'][0]}-{st['blocks'][-1]}) {st['param_bytes']} B"
+                              for st in pipe.details["stages"])
+        notes.append(f"pipeline: the heaviest pipeline rank is counted; parameters per "
+                     f"stage before sharding: {per_stage}; bubble "
+                     f"{pipe.details.get('bubble_fraction')} ({pipe.details['schedule']}, "
+                     f"{pipe.details['microbatches']} micro-batches)")
     if plan.deepspeed is not None and plan.mixed_precision != "no":
         notes.append("DeepSpeed also keeps an fp32 master copy of the parameters "
                      "(sharded with the optimizer state)")

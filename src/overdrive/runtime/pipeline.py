@@ -268,11 +268,13 @@ def _stage_class():
 class PipelineRunner:
     """This rank's stages under one torch schedule; what ``rt.forward_backward`` runs."""
 
-    def __init__(self, parts: list[StagePart], layout: StageLayout, plan: Plan, env):
+    def __init__(self, parts: list[StagePart], layout: StageLayout, plan: Plan, env,
+                 param_order: list[str]):
         from torch.distributed.pipelining import schedules
 
         pipe = plan.pipeline
         self.parts, self.layout = parts, layout
+        self.param_order = param_order  # the whole model's parameter names, in order
         self.microbatches = pipe.microbatches or layout.num_stages
         self.grad_accum = plan.grad_accum
         self.device = env.device
@@ -350,3 +352,21 @@ class PipelineRunner:
         t = t ** norm_type
         dist.all_reduce(t, group=self.group)
         return (t ** (1.0 / norm_type)).to(local.dtype)
+
+    # -- weights ----------------------------------------------------------------------
+    def gathered_weights(self, holder: nn.Module, is_main: bool) -> list[tuple[str, Any]]:
+        """Every stage's weights as full CPU tensors on the pp group's first rank, in the
+        model's parameter order (buffers after); ``[]`` elsewhere. Every rank calls."""
+        from .export import _unique_entries, full_cpu
+
+        local = {k: full_cpu(t) for k, t in _unique_entries(holder)}
+        parts: list[Any] = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(parts, local, group=self.group)
+        if not is_main:
+            return []
+        merged: dict[str, Any] = {}
+        for p in parts:
+            for k, v in p.items():
+                merged.setdefault(k, v)
+        rank = {n: i for i, n in enumerate(self.param_order)}
+        return sorted(merged.items(), key=lambda kv: rank.get(kv[0], len(rank)))

@@ -253,10 +253,12 @@ class Runtime:
 
         Sharded parameters (DTensor, DeepSpeed ZeRO-3 partitions) are gathered one by one,
         so every rank gets the full state; every rank must call this together. Tensors are
-        on the CPU.
+        on the CPU. Under pp the stages of every pipeline rank are gathered too.
         """
         from .export import full_cpu
 
+        if self._pipeline is not None:  # every stage's, gathered over the pp ranks
+            return dict(self._pipeline.gathered_weights(self.model, True))
         return {clean_key(key): full_cpu(value)
                 for key, value in self.model.state_dict(keep_vars=True).items()}
 
@@ -296,8 +298,11 @@ class Runtime:
         """Consolidated safetensors weights (transformers layout), written by rank 0."""
         from . import export
 
+        entries = None
+        if self._pipeline is not None:  # every stage's weights, gathered on rank 0
+            entries = self._pipeline.gathered_weights(self.model, self.is_main)
         return export.export(self.model, directory, max_shard_size=max_shard_size, dtype=dtype,
-                             is_main=self.is_main)
+                             is_main=self.is_main, entries=entries)
 
     # -- process helpers --------------------------------------------------------------
     def barrier(self) -> None:
