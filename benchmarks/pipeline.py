@@ -153,8 +153,8 @@ def main() -> None:
                               f"({args.microbatches} micro-batches)",
                               abs(predicted - measured) if predicted is not None else None,
                               0.10))
-        targets.append(target(f"{schedule} step time / pp=1 ddp step time (reference)",
-                              step / base, None))
+        targets.append(target(f"{schedule} step time / pp=1 ddp step time, 2 ranks "
+                              "(reference, no target)", step / base, None))
     emit("pipeline", {"config": {"ranks": 2, "blocks": 8, "dim": args.dim, "seq": args.seq,
                                  "microbatches": args.microbatches,
                                  "global_batch": args.microbatches * 2,
