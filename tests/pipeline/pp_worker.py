@@ -29,7 +29,65 @@ PLANS = {
                     pipeline=od.Pipeline(schedule="1f1b")),
     "pp_tp": dict(parallel=od.Parallel(pp=2, dp_shard=1, tp=2),
                   pipeline=od.Pipeline(schedule="1f1b")),
+    "ac": dict(parallel=od.Parallel(pp=2), checkpointing=od.Checkpointing(),
+               pipeline=od.Pipeline(schedule="1f1b")),
+    "accum": dict(parallel=od.Parallel(pp=2), grad_accum=2,
+                  pipeline=od.Pipeline(schedule="gpipe", microbatches=2)),
 }
+
+
+def accumulated(rt, data) -> list[float]:
+    """grad_accum=2: each batch in two halves, one optimizer step per batch."""
+    losses = []
+    for batch in data:
+        halves = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
+        total = 0.0
+        for half in halves:
+            with rt.accumulate():
+                total += float(rt.forward_backward(half)) / 2
+                rt.clip_grad_norm_(1.0)
+                rt.optimizer.step()
+                rt.optimizer.zero_grad()
+        losses.append(total)
+    return losses
+
+
+def meta_model() -> dict:
+    """A meta-device model under fsdp+pp: each rank materialises its own stage only."""
+    from overdrive.models.llama import Llama, LlamaConfig
+
+    with torch.device("meta"):
+        model = Llama(LlamaConfig(n_layers=4))
+    full = sum(p.numel() for p in model.parameters())
+    rt = od.accelerate(model, "fsdp+pp", optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    held = sum(p.numel() for p in rt.model.parameters())
+    on_meta = any(t.device.type == "meta" for t in (*rt.model.parameters(),
+                                                    *rt.model.buffers()))
+    losses = train_steps(rt, batches(2), clip=1.0)
+    return {"full": full, "held": [held, rt.rank], "on_meta": on_meta, "losses": losses}
+
+
+def sharded_batches() -> dict:
+    """rt.shard: both pipeline ranks of the one data rank get the same batches."""
+    from torch.utils.data import DataLoader
+
+    rt = od.accelerate(llama(4), "pp")
+    rows = []
+    for dispatch in (False, True):
+        data = torch.arange(32).reshape(16, 2)
+        if dispatch:
+            data = torch.utils.data.IterableDataset.__new__(_Stream)
+        loader = rt.shard(DataLoader(data, batch_size=4), dispatch=dispatch if dispatch else None)
+        rows.append([b.tolist() for b in loader])
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, rows)
+    return {"same": all(r == every[0] for r in every), "batches": len(every[0][0]),
+            "dp_size": rt.dp_size}
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(torch.arange(32).reshape(16, 2))
 
 
 EXPORT_DIR = "export"  # relative to the launch directory
@@ -44,7 +102,9 @@ def scenario(name: str) -> dict:
     model = llama(n_layers)
     rt = od.accelerate(model, od.Plan(**PLANS[name]),
                        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
-    losses = train_steps(rt, batches(), clip=1.0)
+    losses = train_steps(rt, batches(), clip=1.0) if name != "accum" else None
+    if name == "accum":
+        losses = accumulated(rt, batches())
     out = {"losses": losses, "state": full_state(rt)}
     if name == "1f1b":
         out["eval"] = float(rt.evaluate(batches(1, seed=7)[0]))
@@ -91,7 +151,8 @@ def main() -> None:
             phase, ckpt = name.split(":", 1)
             results[phase] = checkpoint(phase, ckpt)
             continue
-        results[name] = refusals() if name == "refusals" else scenario(name)
+        special = {"refusals": refusals, "meta": meta_model, "shard": sharded_batches}
+        results[name] = special[name]() if name in special else scenario(name)
     if dist.get_rank() == 0:
         with open(out, "w") as fh:
             json.dump(results, fh)

@@ -159,8 +159,8 @@ def test_forward_backward_without_pp_matches_manual_loop():
 def two_ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pp2")
     ckpt = tmp / "ckpt"
-    run_torchrun(WORKER, 2, str(tmp / "out.json"), "1f1b", "hf", "refusals",
-                 f"save:{ckpt}", tmp_path=tmp)
+    run_torchrun(WORKER, 2, str(tmp / "out.json"), "1f1b", "hf", "refusals", "meta",
+                 "shard", f"save:{ckpt}", tmp_path=tmp)
     run_torchrun(WORKER, 2, str(tmp / "resume.json"), f"resume:{ckpt}", tmp_path=tmp)
     out = read_json(tmp / "out.json")
     out.update(read_json(tmp / "resume.json"))
@@ -201,6 +201,37 @@ def test_runtime_refusals(two_ranks):
 
 
 @pytest.mark.dist
+def test_meta_model_is_materialised_stage_by_stage(two_ranks):
+    meta = two_ranks["meta"]
+    assert not meta["on_meta"]
+    held, rank = meta["held"]
+    assert rank == 0 and held < 0.6 * meta["full"]  # embedding + 2 of 4 blocks
+    assert all(0 < loss < 10 for loss in meta["losses"])
+
+
+@pytest.mark.dist
+def test_shard_gives_every_stage_the_same_batches(two_ranks):
+    shard = two_ranks["shard"]
+    assert shard["same"] and shard["batches"] == 4 and shard["dp_size"] == 1
+
+
+@pytest.mark.dist
+def test_train_llm_example_under_pp(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, child_env
+
+    proc = subprocess.run([sys.executable, "-m", "overdrive.cli", "launch", "--nproc", "2",
+                           str(ROOT / "examples" / "train_llm.py"), "--plan", "pp",
+                           "--steps", "3"], env=child_env(), capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "pipeline" in proc.stdout
+    assert len([ln for ln in proc.stdout.splitlines() if ln.startswith("step ")]) == 3
+
+
+@pytest.mark.dist
 def test_resume_under_pp_and_load_into_one_process(two_ranks):
     saved, resumed = two_ranks["save"]["losses"], two_ranks["resume"]["losses"]
     assert two_ranks["resume"]["meta_step"] == 3
@@ -221,14 +252,15 @@ def test_resume_under_pp_and_load_into_one_process(two_ranks):
 def schedule_matrix(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pp_sched")
     run_torchrun(WORKER, 2, str(tmp / "out.json"), "gpipe", "interleaved", "zbv", "looped",
-                 "zero_bubble", tmp_path=tmp, timeout=600)
+                 "zero_bubble", "ac", "accum", tmp_path=tmp, timeout=600)
     return read_json(tmp / "out.json")
 
 
 @pytest.mark.dist
 @pytest.mark.slow
 @pytest.mark.parametrize("name, layers", [("gpipe", 4), ("interleaved", 8), ("zbv", 8),
-                                          ("looped", 8), ("zero_bubble", 8)])
+                                          ("looped", 8), ("zero_bubble", 8), ("ac", 4),
+                                          ("accum", 4)])
 def test_schedules_match_single_process(schedule_matrix, name, layers):
     assert_matches(schedule_matrix[name], single_process(lambda: llama(layers), batches()))
 
