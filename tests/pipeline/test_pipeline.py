@@ -216,6 +216,7 @@ def test_shard_gives_every_stage_the_same_batches(two_ranks):
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 def test_train_llm_example_under_pp(tmp_path):
     import subprocess
     import sys

@@ -184,6 +184,13 @@ def _refuse_call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return StageIO(-1, False, False).run(None, ())
 
 
+def _refuse_outside_schedule(module: nn.Module, args: Any) -> None:
+    """Forward pre-hook, registered before any pass adds its own (fsdp's unshard):
+    ``rt.model(...)`` is refused before anything runs."""
+    if module._overdrive_stage_io.step is None:
+        _refuse_call(module)
+
+
 # --------------------------------------------------------------------------- parts
 
 
@@ -219,6 +226,7 @@ def carve_parts(model: nn.Module, layout: StageLayout, pp_rank: int
         module._overdrive_layout = layout
         module._overdrive_stage_index = s
         module.forward = types.MethodType(_stage_forward, module)
+        module.register_forward_pre_hook(_refuse_outside_schedule)
         parts.append(StagePart(s, module, io, layout.stage_blocks(s)))
     holder._overdrive_layout = layout
     return parts, holder

@@ -172,13 +172,6 @@ class Runtime:
 
         return steps.evaluate(self, batch, loss_fn)
 
-    @property
-    def stages(self) -> list:
-        """This rank's pipeline stage modules (``[rt.model]`` without pp)."""
-        if self._pipeline is None:
-            return [self.model]
-        return [p.module for p in self._pipeline.parts]
-
     # -- data (data.py) ---------------------------------------------------------------
     def shard(self, dataloader, *, split_batches: bool = False, even_batches: bool = True,
               dispatch: bool | None = None, device_placement: bool = True):
