@@ -5,7 +5,8 @@
 
 For each schedule (gpipe, 1f1b, interleaved-1f1b, looped-bfs, zero-bubble, zbv) a Llama
 of 8 blocks trains under pp=2 on the same global batch as the baseline, pp=1 with ddp on
-the same 2 ranks (each rank half the batch). Measured per rank: the median time of
+the same 2 ranks (each rank half the batch); rounds step every variant once, in turn.
+Measured per rank: the median time of
 ``rt.forward_backward`` and the share of it the rank spent outside its stages' forward
 and backward calls (``forward_one_chunk`` / ``backward_one_chunk`` /
 ``backward_weight_one_chunk``: waiting for the other stage, or in communication) — the
@@ -49,47 +50,61 @@ def timed_stages(rt) -> dict:
     return busy
 
 
-def run_variant(schedule: str | None, spr: int, args, batch_rows: int) -> dict:
-    import torch
-    import torch.distributed as dist
+class Variant:
+    """One plan's runtime, stepped once per round (rounds interleave the variants, so
+    the machine's load drifts over all of them alike)."""
 
-    import overdrive as od
-    from overdrive.models.llama import tiny
+    def __init__(self, schedule: str | None, spr: int, args, batch_rows: int):
+        import torch
+        import torch.distributed as dist
 
-    torch.manual_seed(0)
-    model = tiny(n_layers=8, dim=args.dim, n_heads=4, vocab_size=512, max_seq_len=args.seq)
-    if schedule is None:
-        plan = od.Plan(ddp=od.DDP())
-        rows = batch_rows // dist.get_world_size()
-    else:
-        plan = od.Plan(parallel=od.Parallel(pp=2), pipeline=od.Pipeline(
-            schedule=schedule, stages_per_rank=spr, microbatches=args.microbatches))
-        rows = batch_rows
-    rt = od.accelerate(model, plan, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4))
-    busy = timed_stages(rt) if schedule is not None else None
-    g = torch.Generator().manual_seed(dist.get_rank() if schedule is None else 0)
-    times, idle = [], []
-    for step in range(args.warmup + args.steps):
-        ids = torch.randint(0, 512, (rows, args.seq), generator=g)
+        import overdrive as od
+        from overdrive.models.llama import tiny
+
+        torch.manual_seed(0)
+        model = tiny(n_layers=8, dim=args.dim, n_heads=4, vocab_size=512,
+                     max_seq_len=args.seq)
+        if schedule is None:
+            plan = od.Plan(ddp=od.DDP())
+            self.rows = batch_rows // dist.get_world_size()
+        else:
+            plan = od.Plan(parallel=od.Parallel(pp=2), pipeline=od.Pipeline(
+                schedule=schedule, stages_per_rank=spr, microbatches=args.microbatches))
+            self.rows = batch_rows
+        self.rt = od.accelerate(model, plan, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4))
+        self.busy = timed_stages(self.rt) if schedule is not None else None
+        self.gen = torch.Generator().manual_seed(dist.get_rank() if schedule is None else 0)
+        self.seq = args.seq
+        self.times: list[float] = []
+        self.idle: list[float] = []
+        self.predicted = (self.rt.report["pipeline"].details["bubble_fraction"]
+                          if schedule is not None else None)
+
+    def step(self, record: bool) -> None:
+        import torch
+        import torch.distributed as dist
+
+        ids = torch.randint(0, 512, (self.rows, self.seq), generator=self.gen)
         batch = {"input_ids": ids, "labels": ids.roll(-1, 1)}
         dist.barrier()
-        if busy is not None:
-            busy["s"] = 0.0
+        if self.busy is not None:
+            self.busy["s"] = 0.0
         t0 = time.perf_counter()
-        rt.forward_backward(batch)
+        self.rt.forward_backward(batch)
         dt = time.perf_counter() - t0
-        rt.optimizer.step()
-        rt.optimizer.zero_grad()
-        if step >= args.warmup:
-            times.append(dt)
-            if busy is not None:
-                idle.append(1.0 - busy["s"] / dt)
-    out = {"step_s": statistics.median(times)}
-    if busy is not None:
-        out["idle"] = statistics.median(idle)
-        out["predicted_bubble"] = rt.report["pipeline"].details["bubble_fraction"] if \
-            "pipeline" in rt.report else None
-    return out
+        self.rt.optimizer.step()
+        self.rt.optimizer.zero_grad()
+        if record:
+            self.times.append(dt)
+            if self.busy is not None:
+                self.idle.append(1.0 - self.busy["s"] / dt)
+
+    def result(self) -> dict:
+        out = {"step_s": statistics.median(self.times)}
+        if self.busy is not None:
+            out["idle"] = statistics.median(self.idle)
+            out["predicted_bubble"] = self.predicted
+        return out
 
 
 def worker(args) -> None:
@@ -99,9 +114,13 @@ def worker(args) -> None:
 
     dist.init_process_group("gloo")
     rows = args.microbatches * 2
-    results = {"pp1_ddp": run_variant(None, 1, args, rows)}
+    variants = {"pp1_ddp": Variant(None, 1, args, rows)}
     for schedule, spr in SCHEDULES:
-        results[schedule] = run_variant(schedule, spr, args, rows)
+        variants[schedule] = Variant(schedule, spr, args, rows)
+    for rnd in range(args.warmup + args.steps):
+        for v in variants.values():
+            v.step(record=rnd >= args.warmup)
+    results = {name: v.result() for name, v in variants.items()}
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, results)
     if dist.get_rank() == 0:

@@ -133,6 +133,8 @@ def checkpoint(phase: str, ckpt: str) -> dict:
     torch.manual_seed(0)
     rt = od.accelerate(llama(4), "pp", optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
     data = batches()
+    if phase == "from1":  # a single process's checkpoint, loaded under pp=2
+        phase = "resume"
     if phase == "save":
         losses = train_steps(rt, data[:3], clip=1.0)
         rt.save(ckpt)
@@ -140,14 +142,14 @@ def checkpoint(phase: str, ckpt: str) -> dict:
         return {"losses": losses, "state_at_3": None}
     meta = rt.load(ckpt)
     return {"losses": train_steps(rt, data[rt.step:], clip=1.0), "step": rt.step,
-            "meta_step": meta.get("step")}
+            "meta_step": meta.get("step"), "saved_world": meta.get("world_size")}
 
 
 def main() -> None:
     out, names = sys.argv[1], sys.argv[2:]
     results = {}
     for name in names:
-        if name.startswith(("save:", "resume:")):
+        if name.startswith(("save:", "resume:", "from1:")):
             phase, ckpt = name.split(":", 1)
             results[phase] = checkpoint(phase, ckpt)
             continue

@@ -12,7 +12,7 @@ import torch
 import overdrive as od
 from overdrive.models.llama import tiny
 from overdrive.passes.pipeline import balanced_starts
-from overdrive.runtime.bubble import bubble_fraction
+from overdrive.rewrite.bubble import bubble_fraction
 from tests.helpers import assert_untouched, read_json, run_torchrun, snapshot
 from tests.pipeline.common import batches, hf_batches, hf_llama, llama, train_steps
 
@@ -161,7 +161,13 @@ def two_ranks(tmp_path_factory):
     ckpt = tmp / "ckpt"
     run_torchrun(WORKER, 2, str(tmp / "out.json"), "1f1b", "hf", "refusals", "meta",
                  "shard", f"save:{ckpt}", tmp_path=tmp)
-    run_torchrun(WORKER, 2, str(tmp / "resume.json"), f"resume:{ckpt}", tmp_path=tmp)
+    # a single process's checkpoint after 3 steps, for the pp=2 launch to load
+    torch.manual_seed(0)
+    one = od.accelerate(llama(4), None, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    train_steps(one, batches()[:3], clip=1.0)
+    one.save(tmp / "ckpt1")
+    run_torchrun(WORKER, 2, str(tmp / "resume.json"), f"resume:{ckpt}", f"from1:{tmp / 'ckpt1'}",
+                 tmp_path=tmp)
     out = read_json(tmp / "out.json")
     out.update(read_json(tmp / "resume.json"))
     out["tmp"] = tmp
@@ -247,6 +253,18 @@ def test_resume_under_pp_and_load_into_one_process(two_ranks):
     for k, v in rt.state_dict().items():
         assert (v - want[k]).abs().max().item() < TOL, k
     assert train_steps(rt, batches()[3:], clip=1.0) == pytest.approx(saved[3:], abs=1e-5)
+
+
+@pytest.mark.dist
+def test_single_process_checkpoint_loads_under_pp(two_ranks):
+    got = two_ranks["from1"]
+    assert got["saved_world"] == 1 and got["step"] == 5
+    assert got["losses"] == pytest.approx(two_ranks["save"]["losses"][3:], abs=1e-5)
+
+
+def test_data_ranks_of_a_pipeline_get_fsdp():
+    report = od.inspect(llama(4), "pp", world_size=4)
+    assert report.plan["fsdp"] is not None and report.plan["parallel"]["dp_shard"] == 2
 
 
 @pytest.fixture(scope="module")

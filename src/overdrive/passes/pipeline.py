@@ -22,21 +22,12 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..errors import PlanError
+from ..rewrite.bubble import bubble_fraction
 from ..rewrite.graph import ModuleGraph, parameter_owners
 from ..rewrite.manager import Pass, register_pass
 from ..rewrite.plan import Plan
 from ..rewrite.report import PassRecord
 
-# torch.distributed.pipelining schedule classes, by the plan's name
-SCHEDULES = {
-    "gpipe": "ScheduleGPipe",
-    "1f1b": "Schedule1F1B",
-    "interleaved-1f1b": "ScheduleInterleaved1F1B",
-    "looped-bfs": "ScheduleLoopedBFS",
-    "zero-bubble": "ScheduleInterleavedZeroBubble",
-    "zbv": "ScheduleZBVZeroBubble",
-}
-SINGLE_STAGE = ("gpipe", "1f1b")  # torch's PipelineScheduleSingle
 ZERO_BUBBLE = ("zero-bubble", "zbv")  # split backward (input / weight): no torch.compile
 
 
@@ -370,8 +361,6 @@ def stage_layout_of(model: nn.Module) -> StageLayout:
 
 
 def describe_plan(layout: StageLayout, plan: Plan) -> dict:
-    from ..runtime.bubble import bubble_fraction
-
     pipe = plan.pipeline
     mb = pipe.microbatches or layout.num_stages
     return {"schedule": pipe.schedule, "microbatches": mb,

@@ -242,7 +242,14 @@ CHOICES: dict[tuple[str, str], tuple] = {
                                "zero-bubble", "zbv"),
 }
 
-# schedules that run several stages per rank (torch's PipelineScheduleMulti)
+# torch.distributed.pipelining's schedule class for each pipeline.schedule
+SCHEDULE_CLASSES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B",
+                    "interleaved-1f1b": "ScheduleInterleaved1F1B",
+                    "looped-bfs": "ScheduleLoopedBFS",
+                    "zero-bubble": "ScheduleInterleavedZeroBubble",
+                    "zbv": "ScheduleZBVZeroBubble"}
+SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")  # torch's PipelineScheduleSingle
+# schedules that need several stages per rank
 MULTI_STAGE_SCHEDULES = ("interleaved-1f1b", "looped-bfs", "zbv")
 
 

@@ -27,8 +27,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import OverdriveError, PlanError
-from ..passes.pipeline import SCHEDULES, SINGLE_STAGE, StageLayout, carve_stage
-from ..rewrite.plan import Plan
+from ..passes.pipeline import StageLayout, carve_stage
+from ..rewrite.plan import SCHEDULE_CLASSES, SINGLE_STAGE_SCHEDULES, Plan
 
 LossFn = Callable[[Any, Any], torch.Tensor] | None
 
@@ -292,8 +292,8 @@ class PipelineRunner:
         Stage = _stage_class()
         self.stages = [Stage(p.io, p.module, p.stage, layout.num_stages, env.device,
                              group=self.group) for p in parts]
-        cls = getattr(schedules, SCHEDULES[pipe.schedule])
-        target = self.stages[0] if pipe.schedule in SINGLE_STAGE else self.stages
+        cls = getattr(schedules, SCHEDULE_CLASSES[pipe.schedule])
+        target = self.stages[0] if pipe.schedule in SINGLE_STAGE_SCHEDULES else self.stages
         self.schedule = cls(target, n_microbatches=self.microbatches,
                             loss_fn=self._scaled_loss, scale_grads=False)
 

@@ -14,12 +14,9 @@ from __future__ import annotations
 import functools
 import logging
 
+from .plan import SCHEDULE_CLASSES
+
 COSTS = {"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0}
-
-_CLASSES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B",
-            "interleaved-1f1b": "ScheduleInterleaved1F1B", "looped-bfs": "ScheduleLoopedBFS",
-            "zero-bubble": "ScheduleInterleavedZeroBubble", "zbv": "ScheduleZBVZeroBubble"}
-
 
 def action_lists(schedule: str, pp: int, microbatches: int, stages_per_rank: int
                  ) -> list[list[tuple[str, int, int]]]:
@@ -27,7 +24,7 @@ def action_lists(schedule: str, pp: int, microbatches: int, stages_per_rank: int
     from torch.distributed.pipelining import schedules
     from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
 
-    cls = getattr(schedules, _CLASSES[schedule])
+    cls = getattr(schedules, SCHEDULE_CLASSES[schedule])
     log = logging.getLogger("torch.distributed.pipelining.schedules")
     level = log.level
     log.setLevel(logging.WARNING)  # each schedule logs "Using ..." at INFO
