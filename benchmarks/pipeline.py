@@ -168,7 +168,7 @@ def main() -> None:
                           "step_vs_pp1": round(step / base, 3),
                           "idle_per_rank": [round(i, 4) for i in idle],
                           "idle_mean": round(measured, 4), "predicted_bubble": predicted}
-        targets.append(target(f"|predicted bubble - measured idle|, {schedule} "
+        targets.append(target(f"predicted bubble minus measured idle (absolute), {schedule} "
                               f"({args.microbatches} micro-batches)",
                               abs(predicted - measured) if predicted is not None else None,
                               0.10))
