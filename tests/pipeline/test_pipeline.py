@@ -113,6 +113,9 @@ def test_inspect_shows_stages_memory_and_bubble():
     assert report.memory.parameters == pytest.approx(max(s["param_bytes"] for s in stages) / 4,
                                                      rel=0.01)  # one stage over dp_shard 4
     assert "pipeline" in str(report)
+    memory = [s["memory"] for s in stages]  # per stage, after fsdp's 4-way sharding
+    assert memory[0]["parameters"] == pytest.approx(stages[0]["param_bytes"] / 4, rel=0.01)
+    assert all(m["optimizer"] == 2 * m["gradients"] for m in memory)
 
 
 def test_explicit_split_and_v_layout():

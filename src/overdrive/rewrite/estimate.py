@@ -15,7 +15,7 @@ from torch import nn
 
 from .graph import ModuleGraph
 from .plan import Plan
-from .report import MemoryEstimate, PassRecord
+from .report import MemoryEstimate, PassRecord, human_bytes
 
 OPTIMIZER_STATES = 2  # AdamW's exp_avg and exp_avg_sq
 FP32 = 4
@@ -111,11 +111,15 @@ def estimate_memory(graph: ModuleGraph, plan: Plan, records: list[PassRecord],
     mem = _per_rank(graph, plan, records)
     pipe = _record(records, "pipeline")
     if pipe is not None and "stages" in pipe.details:
-        per_stage = ", ".join(f"stage {st['stage']} (rank {st['rank']}, blocks "
-                              f"{st['blocks'][0]}-{st['blocks'][-1]}) {st['param_bytes']} B"
-                              for st in pipe.details["stages"])
-        notes.append(f"pipeline: the heaviest pipeline rank is counted; parameters per "
-                     f"stage before sharding: {per_stage}; bubble "
+        for st in pipe.details["stages"]:
+            held = _held(graph, plan, records, st["modules"])
+            st["memory"] = {k: int(held[k]) for k in ("parameters", "gradients", "optimizer")}
+            notes.append(
+                f"pipeline stage {st['stage']} (rank {st['rank']}, blocks {st['blocks'][0]}-"
+                f"{st['blocks'][-1]}): parameters {human_bytes(held['parameters'])}, "
+                f"gradients {human_bytes(held['gradients'])}, optimizer "
+                f"{human_bytes(held['optimizer'])} per rank")
+        notes.append(f"pipeline: the heaviest pipeline rank is counted above; bubble "
                      f"{pipe.details.get('bubble_fraction')} ({pipe.details['schedule']}, "
                      f"{pipe.details['microbatches']} micro-batches)")
     if plan.deepspeed is not None and plan.mixed_precision != "no":
