@@ -29,6 +29,9 @@ PLANS = {
                     pipeline=od.Pipeline(schedule="1f1b")),
     "pp_tp": dict(parallel=od.Parallel(pp=2, dp_shard=1, tp=2),
                   pipeline=od.Pipeline(schedule="1f1b")),
+    "interleaved_fsdp": dict(parallel=od.Parallel(pp=2, dp_shard=2), fsdp=od.FSDP(),
+                             pipeline=od.Pipeline(schedule="interleaved-1f1b",
+                                                  stages_per_rank=2)),
     "ac": dict(parallel=od.Parallel(pp=2), checkpointing=od.Checkpointing(),
                pipeline=od.Pipeline(schedule="1f1b")),
     "accum": dict(parallel=od.Parallel(pp=2), grad_accum=2,
@@ -97,7 +100,8 @@ def scenario(name: str) -> dict:
     if name == "hf":
         rt = od.accelerate(hf_llama(), "pp", optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
         return {"losses": train_steps(rt, hf_batches(), clip=1.0), "state": full_state(rt)}
-    n_layers = 8 if name in ("interleaved", "looped", "zero_bubble", "zbv") else 4
+    n_layers = 8 if name in ("interleaved", "looped", "zero_bubble", "zbv",
+                             "interleaved_fsdp") else 4
     torch.manual_seed(0)
     model = llama(n_layers)
     rt = od.accelerate(model, od.Plan(**PLANS[name]),

@@ -290,13 +290,15 @@ def test_schedules_match_single_process(schedule_matrix, name, layers):
 @pytest.fixture(scope="module")
 def four_ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pp4")
-    run_torchrun(WORKER, 4, str(tmp / "out.json"), "pp_fsdp", "pp_tp", tmp_path=tmp,
-                 timeout=600)
+    run_torchrun(WORKER, 4, str(tmp / "out.json"), "pp_fsdp", "pp_tp", "interleaved_fsdp",
+                 tmp_path=tmp, timeout=600)
     return read_json(tmp / "out.json")
 
 
 @pytest.mark.dist
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["pp_fsdp", "pp_tp"])
-def test_pp_composes_with_fsdp_and_tp(four_ranks, name):
-    assert_matches(four_ranks[name], single_process(llama, batches()), tol=1e-4)
+@pytest.mark.parametrize("name, layers", [("pp_fsdp", 4), ("pp_tp", 4),
+                                          ("interleaved_fsdp", 8)])
+def test_pp_composes_with_fsdp_and_tp(four_ranks, name, layers):
+    assert_matches(four_ranks[name], single_process(lambda: llama(layers), batches()),
+                   tol=1e-4)
