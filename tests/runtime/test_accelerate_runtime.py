@@ -236,3 +236,40 @@ def test_scheduler_does_not_step_on_a_skipped_fp16_step():
     rt.optimizer.zero_grad()
     assert rt.optimizer.step_was_skipped
     assert rt.scheduler.get_last_lr()[0] == pytest.approx(0.9) and rt.step == 1
+
+
+# --------------------------------------------------------------------------- comm hooks
+
+
+@pytest.mark.parametrize("ddp, match", [
+    ({"comm_hook": "int8"}, r"ddp.comm_hook='int8' is not valid; choose one of: None, 'fp16'"),
+    ({"comm_hook": "powersgd", "powersgd_rank": 0}, r"ddp.powersgd_rank=0 is not valid"),
+    ({"powersgd_rank": 4}, r"only apply with ddp.comm_hook='powersgd'"),
+    ({"comm_hook": "powersgd", "powersgd_start_iter": 1}, r"powersgd_start_iter=1 .* >= 2"),
+])
+def test_comm_hook_fields_are_validated_in_the_plan(ddp, match):
+    with pytest.raises(od.PlanError, match=match):
+        od.Plan.from_dict({"ddp": ddp})
+
+
+def test_comm_hook_is_refused_with_fsdp():
+    with pytest.raises(od.PlanError, match=r"ddp.comm_hook='fp16' .* uses fsdp.*reduce_dtype"):
+        od.Plan(fsdp=od.FSDP(), ddp=od.DDP(comm_hook="fp16")).replace()
+
+
+def test_bf16_comm_hook_is_refused_before_anything_on_gloo():
+    from tests.helpers import assert_untouched, snapshot
+
+    model = torch.nn.Linear(4, 4)
+    before = snapshot(model)
+    with pytest.raises(od.PlanError, match=r"comm_hook='bf16' needs bfloat16 all-reduce .* "
+                                           r"gloo on cpu; use comm_hook='fp16'"):
+        od.accelerate(model, od.Plan(ddp=od.DDP(comm_hook="bf16")),
+                      optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    assert_untouched(model, before)
+
+
+def test_inspect_shows_the_comm_hook_plan():
+    plan = od.Plan(ddp=od.DDP(comm_hook="powersgd", powersgd_rank=2, powersgd_start_iter=10))
+    report = od.inspect(torch.nn.Linear(4, 4), plan, world_size=4)
+    assert report.plan["ddp"]["comm_hook"] == "powersgd" and "ddp" in report

@@ -25,6 +25,7 @@ from ..rewrite.graph import ModuleGraph
 from ..rewrite.manager import Pass, register_pass
 from ..rewrite.plan import Plan
 from ..rewrite.report import PassRecord
+from .ddp_comm import check_comm_hook, register_comm_hook
 
 
 def on_meta(model: nn.Module) -> bool:
@@ -59,6 +60,8 @@ class DDPPass(Pass):
             raise PlanError(
                 "ddp: the model is on the meta device, and every ddp rank holds the whole "
                 "model; build it on a real device, or use fsdp, which materialises it sharded")
+        if plan.ddp.comm_hook is not None:
+            check_comm_hook(plan, env)
 
     def preview(self, graph: ModuleGraph, plan: Plan, env) -> PassRecord:
         rec = self.record(modules=[""], dry_run=True)
@@ -82,6 +85,8 @@ class DDPPass(Pass):
         env.ensure_process_group()  # every rank is a data rank (dp × cp; tp is refused)
         replicate(model, **kwargs)
         env.set_gradient_sync = model.set_requires_gradient_sync
+        if cfg.comm_hook is not None:
+            rec.details.update(register_comm_hook(model, plan))
         rec.touch("")
         rec.details["sync_size"] = sync_size(plan)
         return rec

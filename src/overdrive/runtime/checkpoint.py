@@ -61,7 +61,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
 from ..errors import CheckpointCorrupt, CheckpointError, CheckpointMismatch
 from . import checkpoint_deepspeed as ds
 from . import checkpoint_files as cf
-from . import custom_state
+from . import custom_state, model_meta
 from .grad import raw_optimizer
 
 log = logging.getLogger("overdrive")
@@ -277,7 +277,8 @@ def save(rt, path: str | Path, *, keep_last: int | None = None, async_: bool = F
     meta = {"format": cf.FORMAT, "kind": "dcp", "step": getattr(rt, "step", 0),
             "world_size": world, "time_ns": time.time_ns(),
             "plan": rt.plan.to_dict() if rt.plan is not None else None,
-            "model": type(rt.model).__name__}
+            "model": type(rt.model).__name__,
+            "export": model_meta.describe(rt)}  # for `overdrive export` (model_meta.py)
     written = {f"rank-{rank}.pt": cf.save_plain(_rank_state(rt), tmp / f"rank-{rank}.pt")}
     custom = custom_state.collect(rt._custom_objects)  # every rank: may be a collective
     engine = getattr(rt.env, "engine", None)
