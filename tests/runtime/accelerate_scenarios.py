@@ -185,6 +185,15 @@ def distillation(rank):
             "student_steps": rt_s.step, "teacher_steps": rt_t.step}
 
 
+def frozen_ddp(rank):
+    """A frozen model on 2 ranks with no plan (ddp turned on by itself): inference works."""
+    rt = od.accelerate(_mlp().requires_grad_(False))
+    with torch.no_grad():
+        out = rt.model(torch.ones(1, 4))
+    return {"passes": rt.report.names(), "notes": rt.report["ddp"].notes,
+            "shape": list(out.shape)}
+
+
 def scheduler(rank):
     out = {}
     for ga in (1, 2, 4):
@@ -204,7 +213,7 @@ def scheduler(rank):
     return out
 
 
-SCENARIOS = [split, trigger, comm_hooks, custom_state, distillation, scheduler]
+SCENARIOS = [split, trigger, comm_hooks, custom_state, distillation, frozen_ddp, scheduler]
 
 
 def main():

@@ -86,6 +86,13 @@ def test_fsdp_student_and_frozen_fsdp_teacher_match_one_process(ranks):
         assert d["losses"] == pytest.approx(d["ref_losses"], rel=1e-5)
 
 
+def test_frozen_model_under_ddp_is_prepared_for_inference(ranks):
+    for r in ranks:
+        d = r["frozen_ddp"]
+        assert d["passes"] == ["ddp"] and d["shape"] == [1, 2]
+        assert any("no parameter requires grad" in n for n in d["notes"])
+
+
 @pytest.mark.parametrize("ga", ["1", "2", "4"])
 def test_scheduler_steps_once_per_optimizer_step_on_two_ranks(ranks, ga):
     for r in ranks:
