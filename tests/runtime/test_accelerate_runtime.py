@@ -273,3 +273,45 @@ def test_inspect_shows_the_comm_hook_plan():
     plan = od.Plan(ddp=od.DDP(comm_hook="powersgd", powersgd_rank=2, powersgd_start_iter=10))
     report = od.inspect(torch.nn.Linear(4, 4), plan, world_size=4)
     assert report.plan["ddp"]["comm_hook"] == "powersgd" and "ddp" in report
+
+
+class OverflowingEngine:
+    """A DeepSpeed-like engine whose fp16 loss scaler skips the steps listed in `skip`."""
+
+    def __init__(self, skip):
+        self.skip, self.steps, self._applied = set(skip), 0, False
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        self.steps += 1
+        self._applied = self.steps not in self.skip
+
+    def was_step_applied(self):
+        return self._applied
+
+    def zero_grad(self):
+        pass
+
+
+def test_scheduler_does_not_step_on_a_step_deepspeed_skipped():
+    from overdrive.rewrite.plan import resolve_for_world
+    from overdrive.rewrite.report import Report
+    from overdrive.runtime.runtime import Runtime
+    from overdrive.runtime.state import Env
+
+    model = torch.nn.Linear(2, 2)
+    plan = resolve_for_world(od.Plan(), 1)
+    env = Env(plan, rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    env.engine = OverflowingEngine(skip={2})
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda n: 1 - n / 10)
+    rt = Runtime(model, plan=plan, report=Report([]), env=env, optimizer=opt, scheduler=sched)
+    lrs = []
+    for _ in range(3):
+        rt.backward(model(torch.ones(1, 2)).sum())
+        rt.optimizer.step()
+        rt.scheduler.step()
+        lrs.append(rt.scheduler.get_last_lr()[0])
+    assert lrs == pytest.approx([0.9, 0.9, 0.8]) and rt.step == 2
