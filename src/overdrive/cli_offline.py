@@ -26,7 +26,12 @@ def meta_model_from_config(config: str | Path, arch: str | None = None):
     """The transformers model ``arch`` (default: the config's ``architectures[0]``) with
     the config read from ``config`` (a config.json or a directory holding one), on meta."""
     import torch
-    import transformers
+
+    try:
+        import transformers
+    except ImportError:
+        raise SystemExit("overdrive inspect --config builds a transformers model: "
+                         "pip install transformers") from None
 
     path = Path(config)
     path = path / "config.json" if path.is_dir() else path
