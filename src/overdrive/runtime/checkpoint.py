@@ -261,6 +261,7 @@ def save(rt, path: str | Path, *, keep_last: int | None = None, async_: bool = F
     if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
         raise ValueError(f"keep_last={keep_last!r} is not valid; use an integer >= 1 or None")
     _check_at_boundary(rt, "rt.save")
+    custom = custom_state.collect(rt._custom_objects)  # every rank (may be a collective)
     if keep_last is not None and cf.series(path.name) is None:
         raise ValueError(f"keep_last={keep_last} keeps the newest checkpoints named like "
                          f"{path.name!r} with another number, and {path.name!r} has no number; "
@@ -280,18 +281,19 @@ def save(rt, path: str | Path, *, keep_last: int | None = None, async_: bool = F
             "model": type(rt.model).__name__,
             "export": model_meta.describe(rt)}  # for `overdrive export` (model_meta.py)
     written = {f"rank-{rank}.pt": cf.save_plain(_rank_state(rt), tmp / f"rank-{rank}.pt")}
-    custom = custom_state.collect(rt._custom_objects)  # every rank: may be a collective
     engine = getattr(rt.env, "engine", None)
     writer = future = None
     if engine is not None:
         meta["kind"] = "deepspeed"
         ds.save(engine, tmp)
         if rank == 0:
-            written["state.pt"] = cf.save_plain(_replicated_state(rt, None, custom), tmp / "state.pt")
+            written["state.pt"] = cf.save_plain(_replicated_state(rt, None, custom),
+                                                tmp / "state.pt")
     else:
         tensors, plain = split(_app_state(rt))
         if rank == 0:
-            written["state.pt"] = cf.save_plain(_replicated_state(rt, plain, custom), tmp / "state.pt")
+            written["state.pt"] = cf.save_plain(_replicated_state(rt, plain, custom),
+                                                tmp / "state.pt")
         cf.test_hook("write")
         writer = cf.ChecksumWriter(str(tmp), sync_files=True, thread_count=io_threads())
         if async_:
