@@ -13,9 +13,9 @@ a transformers model (``model_meta.py``), or from ``config=`` (a config.json, or
 directory holding one) for models that have none. The directory is written beside ``out``
 and renamed into place when complete.
 
-DeepSpeed checkpoints are refused: their ZeRO partitions are read by DeepSpeed's own
-unpickling code, which this reader does not run; load them with the same deepspeed plan
-and call ``rt.export``.
+A DeepSpeed checkpoint's ZeRO partitions are consolidated by DeepSpeed's own
+``zero_to_fp32`` with every file read through ``weights_only=True``
+(``checkpoint_export_deepspeed.py``); that one is held in memory whole.
 """
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ import shutil
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
-from ..errors import CheckpointCorrupt, CheckpointError, OverdriveError
+from ..errors import CheckpointCorrupt, OverdriveError
 from . import checkpoint_files as cf
 from .export import _name_shards, parse_size
 
@@ -61,11 +62,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *,
     dtype, limit = parse_dtype(dtype), parse_size(max_shard_size)
     path, out = Path(checkpoint).absolute(), Path(out).absolute()
     meta = cf.read_marker(path)
-    if meta.get("kind") == "deepspeed":
-        raise CheckpointError(
-            f"{path} was saved by a DeepSpeed engine; its ZeRO files are read only by "
-            "DeepSpeed itself: load it with the same deepspeed plan (rt.load) and call "
-            "rt.export(directory)")
     info = meta.get("export") or {}
     hf_config = _config(config, info, path)
     _check_out(out, overwrite)
@@ -73,25 +69,47 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *,
     problems = cf.verify_files(path, manifest, sorted(manifest), verify, io_threads())
     if problems:
         raise CheckpointCorrupt(f"checkpoint {path} is damaged: " + "; ".join(problems))
-    reader = cf.SafeReader(str(path), manifest, threads=io_threads())
-    entries = model_entries(reader.read_metadata(), info.get("tied", {}), path)
+    if meta.get("kind") == "deepspeed":
+        from .checkpoint_export_deepspeed import deepspeed_source
+
+        source = deepspeed_source(path, manifest, info.get("tied", {}))
+    else:
+        source = dcp_source(path, manifest, info.get("tied", {}))
 
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
     tmp.mkdir(parents=True)
     try:
-        total, shards = _write_shards(reader, entries, tmp, dtype, limit)
+        total, shards = _write_shards(source, tmp, dtype, limit)
         _name_shards(tmp, shards, total)
         if hf_config is not None:
-            _write_configs(tmp, hf_config, info, entries, dtype)
+            _write_configs(tmp, hf_config, info, source, dtype)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("overdrive: exported %s (step %s, saved on %s rank(s)) to %s: %d tensors%s",
-             path, meta.get("step"), meta.get("world_size"), out, len(entries),
+             path, meta.get("step"), meta.get("world_size"), out, len(source.entries),
              "" if hf_config is not None else " (no config.json: pass --config)")
     return out
+
+
+@dataclass
+class Source:
+    """The model's entries in a checkpoint: ``{key: (shape, dtype)}`` in order, and
+    ``read(keys) -> {key: full CPU tensor}``."""
+
+    entries: dict[str, tuple[tuple[int, ...], torch.dtype]]
+    read: Callable[[list[str]], dict[str, torch.Tensor]]
+
+
+def dcp_source(path: Path, manifest: dict[str, dict[str, int]], tied: dict[str, str]) -> Source:
+    from .checkpoint import io_threads
+
+    reader = cf.SafeReader(str(path), manifest, threads=io_threads())
+    found = model_entries(reader.read_metadata(), tied, path)
+    entries = {k: (tuple(md.size), md.properties.dtype) for k, (_, md) in found.items()}
+    return Source(entries, lambda keys: _read(reader, {k: found[k] for k in keys}))
 
 
 def model_entries(metadata, tied: dict[str, str], path: Path) -> dict[str, Any]:
@@ -110,16 +128,17 @@ def model_entries(metadata, tied: dict[str, str], path: Path) -> dict[str, Any]:
     return entries
 
 
-def _write_shards(reader, entries: dict[str, Any], tmp: Path, dtype: torch.dtype | None,
+def _write_shards(source: Source, tmp: Path, dtype: torch.dtype | None,
                   limit: int) -> tuple[int, list[list[str]]]:
     from safetensors.torch import save_file
 
     shards: list[list[str]] = []
     total = 0
-    for chunk in _chunks(entries, dtype, limit):
-        tensors = _read(reader, {k: entries[k] for k in chunk})
+    for chunk in _chunks(source.entries, dtype, limit):
+        tensors = source.read(chunk)
         if dtype is not None:
             tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+        tensors = {k: t.contiguous() for k, t in tensors.items()}
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         save_file(tensors, str(tmp / f".part-{len(shards)}.safetensors"),
                   metadata={"format": "pt"})
@@ -130,10 +149,9 @@ def _write_shards(reader, entries: dict[str, Any], tmp: Path, dtype: torch.dtype
 def _chunks(entries: dict[str, Any], dtype: torch.dtype | None, limit: int) -> list[list[str]]:
     """Keys grouped into output shards of at most ``limit`` bytes (a bigger tensor alone)."""
     chunks, current, size = [], [], 0
-    for key, (_, md) in entries.items():
-        t_dtype = md.properties.dtype
+    for key, (shape, t_dtype) in entries.items():
         out_dtype = dtype if dtype is not None and t_dtype.is_floating_point else t_dtype
-        nbytes = torch.Size(md.size).numel() * torch.empty((), dtype=out_dtype).element_size()
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=out_dtype).element_size()
         if current and size + nbytes > limit:
             chunks.append(current)
             current, size = [], 0
@@ -172,13 +190,12 @@ def _check_out(out: Path, overwrite: bool) -> None:
                              "or pass overwrite=True (--overwrite) to replace it")
 
 
-def _write_configs(tmp: Path, hf_config: dict, info: dict[str, Any], entries: dict[str, Any],
+def _write_configs(tmp: Path, hf_config: dict, info: dict[str, Any], source: Source,
                    dtype: torch.dtype | None) -> None:
     config = dict(hf_config)
     if not config.get("architectures") and info.get("architecture"):
         config["architectures"] = [info["architecture"]]
-    floating = [md.properties.dtype for _, md in entries.values()
-                if md.properties.dtype.is_floating_point]
+    floating = [d for _, d in source.entries.values() if d.is_floating_point]
     stored = dtype or (floating[0] if floating else None)
     if stored in _DTYPE_NAMES:
         config["dtype"] = _DTYPE_NAMES[stored]
