@@ -20,6 +20,7 @@ import torch
 
 from ..errors import CheckpointCorrupt
 from . import checkpoint_deepspeed as ds
+from . import checkpoint_files as cf
 from .checkpoint_export import Source
 
 
@@ -45,23 +46,16 @@ class _WeightsOnlyTorch(types.ModuleType):
 
 def deepspeed_source(path: Path, manifest: dict[str, dict[str, int]],
                      tied: dict[str, str]) -> Source:
-    sub = path / ds.SUBDIR
-    unlisted = [n for n in _files(path) if n.startswith(ds.SUBDIR + "/") and n not in manifest]
+    unlisted = [n for n in cf.data_files(path) if n.startswith(ds.SUBDIR + "/") and n not in manifest]
     if unlisted:
         raise CheckpointCorrupt(f"{path} holds file(s) the manifest does not list: "
                                 f"{', '.join(unlisted[:10])}; refusing to read them")
-    state = _consolidated(sub)
+    state = _consolidated(path / ds.SUBDIR)
     state = {k: v for k, v in state.items() if k not in tied and isinstance(v, torch.Tensor)}
     if not state:
         raise CheckpointCorrupt(f"checkpoint {path} holds no model tensors")
     entries = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
     return Source(entries, lambda keys: {k: state[k] for k in keys})
-
-
-def _files(path: Path) -> list[str]:
-    from . import checkpoint_files as cf
-
-    return cf.data_files(path)
 
 
 def _consolidated(sub: Path) -> dict[str, torch.Tensor]:
