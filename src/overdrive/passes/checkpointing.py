@@ -19,6 +19,9 @@ Modes:
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
+import inspect
 import types
 from typing import Any
 
@@ -84,14 +87,101 @@ def _original_forward(module: nn.Module):
     return inner if inner is not None else type(module).forward.__get__(module)
 
 
+# A KV cache handed to a block is updated by its forward; the recompute would update it a
+# second time (and see a longer cache). Like transformers' own gradient checkpointing,
+# caching is off inside a checkpointed block while it trains.
+_CACHE_KWARGS = ("cache", "past_key_value", "past_key_values", "layer_past")
+
+
+@functools.lru_cache(maxsize=256)
+def _positional_names(fn: Any) -> tuple[str, ...]:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return ()
+    return tuple(p.name for p in params
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+def _no_cache(name: str, value: Any) -> Any:
+    if name == "use_cache" and value:
+        return False
+    if name in _CACHE_KWARGS and value is not None:
+        return None
+    return value
+
+
+def _training_call(forward: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``args``/``kwargs`` with the cache arguments off, by name or by position
+    (GPT-2 hands its cache to each block positionally)."""
+    names = _positional_names(getattr(forward, "__func__", forward))
+    if getattr(forward, "__self__", None) is not None and names[:1] == ("self",):
+        names = names[1:]
+    args = tuple(_no_cache(n, a) for n, a in zip(names, args)) + args[len(names):]
+    return args, {k: _no_cache(k, v) for k, v in kwargs.items()}
+
+
+def _running_stats(module: nn.Module) -> list[torch.Tensor]:
+    """The buffers a training forward updates in place: BatchNorm-style running stats."""
+    out: list[torch.Tensor] = []
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
+            out += [b for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+                    if b is not None]
+    return out
+
+
+@contextlib.contextmanager
+def _restoring(buffers: list[torch.Tensor]):
+    """The recompute runs BatchNorm in training mode again: put its running stats back
+    afterwards so one step updates them once, as without checkpointing."""
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, s in zip(buffers, saved):
+                b.copy_(s)
+
+
+@contextlib.contextmanager
+def _recompute_restoring(rec: Any, stats: list[torch.Tensor]):
+    with _restoring(stats), rec:  # the copies run outside the selective mode
+        yield
+
+
+def _restoring_contexts(stats: list[torch.Tensor], selective: bool):
+    fwd, rec = (_selective_context() if selective
+                else (contextlib.nullcontext(), contextlib.nullcontext()))
+    return fwd, _recompute_restoring(rec, stats)
+
+
+def _contexts(module: nn.Module, selective: bool):
+    """The ``context_fn`` of one checkpointed call, or None when the defaults do.
+    (torch.compile accepts a module-level ``context_fn``, hence no closures.)"""
+    stats = _running_stats(module)
+    if stats:
+        return functools.partial(_restoring_contexts, stats, selective)
+    return _selective_context if selective else None
+
+
+def _run_checkpointed(self: nn.Module, selective: bool, args: tuple, kwargs: dict) -> Any:
+    forward = _original_forward(self)
+    if not (self.training and torch.is_grad_enabled()):
+        return forward(*args, **kwargs)  # no backward will replay it: run as is, cache too
+    args, kwargs = _training_call(forward, args, kwargs)
+    context_fn = _contexts(self, selective)
+    extra = {} if context_fn is None else {"context_fn": context_fn}
+    return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=True,
+                      **extra, **kwargs)
+
+
 def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    return checkpoint(_original_forward(self), *args, use_reentrant=False,
-                      preserve_rng_state=True, **kwargs)
+    return _run_checkpointed(self, False, args, kwargs)
 
 
 def _selective_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    return checkpoint(_original_forward(self), *args, use_reentrant=False,
-                      preserve_rng_state=True, context_fn=_selective_context, **kwargs)
+    return _run_checkpointed(self, True, args, kwargs)
 
 
 def checkpoint_block(module: nn.Module, selective: bool = False) -> None:
@@ -209,6 +299,13 @@ class ActivationCheckpointing(Pass):
         blocks = graph.blocks()
         rec.note(f"{mode}: {len(chosen)} of {len(blocks)} blocks checkpointed "
                  "(non-reentrant, RNG state preserved)")
+        rec.note("caching is off inside checkpointed blocks while training (use_cache=False, "
+                 "no KV cache), as transformers' own gradient checkpointing does: a recompute "
+                 "must not update the cache twice")
+        with_stats = [b for b in chosen if _running_stats(graph.module(b))]
+        if with_stats:
+            rec.note(f"{len(with_stats)} checkpointed blocks hold BatchNorm running stats: "
+                     "the recompute puts them back, so each step updates them once")
         if mode == "selective":
             rec.note("selective: attention and every second matmul saved, other ops "
                      "recomputed")
