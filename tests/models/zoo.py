@@ -233,6 +233,7 @@ class CellResult:
     reference: list[float] = field(default_factory=list)
     max_diff: float = math.nan
     untouched: bool | None = None
+    buffers_agree: bool | None = None  # distributed cells: every rank's running stats equal
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -286,7 +287,8 @@ def shard(batch: dict[str, torch.Tensor], rank: int, size: int) -> dict[str, tor
 
 
 def run_cell(model_name: str, plan_name: str, plan: Any, *, world_size: int = 1,
-             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> CellResult:
+             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             buffers_agree: Callable[[nn.Module], bool] | None = None) -> CellResult:
     """One cell, on this process (a rank of a ``world_size`` launch for the dist plans)."""
     from tests.helpers import assert_untouched, snapshot
 
@@ -343,6 +345,8 @@ def run_cell(model_name: str, plan_name: str, plan: Any, *, world_size: int = 1,
         res.message = f"{type(err).__name__}: {str(err)[:500]}"
         res.seconds = time.perf_counter() - t0
         return res
+    if buffers_agree is not None:
+        res.buffers_agree = buffers_agree(rt.model)
     if inference:
         reference.eval()
     res.reference = _plain_losses(spec.kind, reference, batches, inference, dp)
@@ -367,6 +371,7 @@ def check_cell(res: CellResult) -> None:
                                         f"{res.message}"
         assert passes(res), f"{where}: losses {res.losses} vs plain {res.reference} " \
                             f"(max diff {res.max_diff})"
+        assert res.buffers_agree is not False, f"{where}: ranks hold different buffers"
     else:
         assert res.status == "refused", f"{where}: expected a refusal, got {res.status}: " \
                                         f"{res.message}"

@@ -37,6 +37,7 @@ from ..rewrite.manager import Pass, register_pass
 from ..rewrite.plan import Plan
 from ..rewrite.report import PassRecord
 from ..rewrite.trace import trace_model
+from .buffers import running_stat_buffers
 
 _MARK = "_overdrive_checkpointed"
 _INNER = "_overdrive_inner_forward"  # an instance-level forward that was there before us
@@ -121,16 +122,6 @@ def _training_call(forward: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict
     return args, {k: _no_cache(k, v) for k, v in kwargs.items()}
 
 
-def _running_stats(module: nn.Module) -> list[torch.Tensor]:
-    """The buffers a training forward updates in place: BatchNorm-style running stats."""
-    out: list[torch.Tensor] = []
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
-            out += [b for b in (m.running_mean, m.running_var, m.num_batches_tracked)
-                    if b is not None]
-    return out
-
-
 @contextlib.contextmanager
 def _restoring(buffers: list[torch.Tensor]):
     """The recompute runs BatchNorm in training mode again: put its running stats back
@@ -159,7 +150,7 @@ def _restoring_contexts(stats: list[torch.Tensor], selective: bool):
 def _contexts(module: nn.Module, selective: bool):
     """The ``context_fn`` of one checkpointed call, or None when the defaults do.
     (torch.compile accepts a module-level ``context_fn``, hence no closures.)"""
-    stats = _running_stats(module)
+    stats = running_stat_buffers(module)
     if stats:
         return functools.partial(_restoring_contexts, stats, selective)
     return _selective_context if selective else None
@@ -302,7 +293,7 @@ class ActivationCheckpointing(Pass):
         rec.note("caching is off inside checkpointed blocks while training (use_cache=False, "
                  "no KV cache), as transformers' own gradient checkpointing does: a recompute "
                  "must not update the cache twice")
-        with_stats = [b for b in chosen if _running_stats(graph.module(b))]
+        with_stats = [b for b in chosen if running_stat_buffers(graph.module(b))]
         if with_stats:
             rec.note(f"{len(with_stats)} checkpointed blocks hold BatchNorm running stats: "
                      "the recompute puts them back, so each step updates them once")

@@ -21,6 +21,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import PlanError
+from .buffers import keep_buffers_in_sync, plain_buffers
 from ..rewrite.graph import ModuleGraph
 from ..rewrite.manager import Pass, register_pass
 from ..rewrite.plan import Plan
@@ -82,6 +83,9 @@ class DDPPass(Pass):
         env.ensure_process_group()  # every rank is a data rank (dp × cp; tp is refused)
         replicate(model, **kwargs)
         env.set_gradient_sync = model.set_requires_gradient_sync
+        if cfg.broadcast_buffers and keep_buffers_in_sync(model, plain_buffers(model)):
+            rec.note("buffers broadcast from rank 0 with each training forward "
+                     "(broadcast_buffers=True, torch DDP's default)")
         rec.touch("")
         rec.details["sync_size"] = sync_size(plan)
         return rec

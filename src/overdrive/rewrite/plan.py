@@ -102,6 +102,9 @@ class DDP:
     bucket_cap_mb: int = 25
     find_unused_parameters: bool = False
     static_graph: bool = False
+    # torch DDP's default: rank 0's buffers (BatchNorm running stats) are broadcast
+    # with each training forward, so every rank holds (and saves) the same ones
+    broadcast_buffers: bool = True
 
 
 @dataclass(frozen=True)
