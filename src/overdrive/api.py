@@ -92,6 +92,7 @@ def inspect(model: nn.Module, plan: Plan | dict | str | None = None, *,
     graph.blocks()
     manager = PassManager(plan)
     env.extras["example_inputs"] = example_inputs  # budget checkpointing traces with them
+    env.extras["model_on_meta"] = on_meta  # the shadow is on meta; the user's model may not be
     manager.check_all(graph, env)
     records = manager.preview_all(graph, env)
     trace = trace_model(shadow, example_inputs) if example_inputs is not None else None

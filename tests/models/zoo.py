@@ -211,7 +211,22 @@ EXACT = 1e-4
 
 # The cells refused at check time, with the message (a regex) that says why. Every
 # other cell trains and matches the plain loop.
-EXPECTED_REFUSALS: dict[tuple[str, str], str] = {}
+EXPECTED_REFUSALS: dict[tuple[str, str], str] = {
+    ("gpt2", "fp8"): r"fp8: no nn\.Linear is eligible for conversion \(lm_head: output projection",
+    ("cnn", "fp8"): r"fp8: no nn\.Linear is eligible .*head: in_features=16, out_features=10: "
+                    r"fp8 matmuls need multiples of 16",
+    ("cnn", "fsdp+tp"): r"parallel\.tp=2 but the tp plan shards no module of BatchNormCNN",
+}
+# Why, in words, for docs/models.md.
+REFUSAL_REASONS: dict[tuple[str, str], str] = {
+    ("gpt2", "fp8"): "torchao's fp8 layers replace `nn.Linear` only; GPT-2's projections are "
+                     "transformers' `Conv1D` (a transposed weight), and the output head is "
+                     "kept in high precision by default",
+    ("cnn", "fp8"): "fp8 converts Linear layers whose dims are multiples of 16; the CNN's "
+                    "only Linear is its 16→10 head (convolutions have no fp8 path)",
+    ("cnn", "fsdp+tp"): "no attention/MLP structure to derive a tensor-parallel plan from; "
+                        "give `tp_plan` as a dict",
+}
 
 
 def expected(model: str, plan: str) -> str | None:

@@ -185,7 +185,8 @@ class FSDPPass(Pass):
             raise PlanError(
                 "fsdp.offload=True is not valid on a CPU device: parameters already live in "
                 "host memory; set offload=False (offload is for cuda/xpu runs)")
-        if _on_meta(graph.model):
+        # a dry run looks at a meta copy: only a model that is itself on meta is initialised
+        if _on_meta(graph.model) and env.extras.get("model_on_meta", True):
             missing = _missing_initialisers(graph.model)
             if missing:
                 raise PlanError(
