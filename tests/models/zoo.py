@@ -216,6 +216,8 @@ EXPECTED_REFUSALS: dict[tuple[str, str], str] = {
     ("cnn", "fp8"): r"fp8: no nn\.Linear is eligible .*head: in_features=16, out_features=10: "
                     r"fp8 matmuls need multiples of 16",
     ("cnn", "fsdp+tp"): r"parallel\.tp=2 but the tp plan shards no module of BatchNormCNN",
+    ("gpt2", "fsdp+tp"): r"shards no module of GPT2LMHeadModel .*transformer\.h\.0\.attn\.c_attn"
+                         r", …\) are transformers' Conv1D",
 }
 # Why, in words, for docs/models.md.
 REFUSAL_REASONS: dict[tuple[str, str], str] = {
@@ -226,6 +228,9 @@ REFUSAL_REASONS: dict[tuple[str, str], str] = {
                     "only Linear is its 16→10 head (convolutions have no fp8 path)",
     ("cnn", "fsdp+tp"): "no attention/MLP structure to derive a tensor-parallel plan from; "
                         "give `tp_plan` as a dict",
+    ("gpt2", "fsdp+tp"): "GPT-2's projections are transformers' `Conv1D` with q/k/v fused in "
+                         "`c_attn`; DTensor's Linear styles cannot shard them (not done: a "
+                         "strided shard of the fused weight)",
 }
 
 
