@@ -83,6 +83,12 @@ def render() -> str:
     for (model, plan), why in refusals:
         reason = zoo.REFUSAL_REASONS.get((model, plan), "")
         lines.append(f"- **{model} × `{plan}`**: {reason} (message matches `{why}`)")
+    lines += ["", "## Notes on trained cells", ""]
+    lines += [f"- **{m} × `{p}`**: {why}" for (m, p), why in zoo.TRAINED_NOTES.items()]
+    lines += ["", "Caching is off inside checkpointed blocks while they train (`ac`, `sac`, "
+              "`compile+ac`), as transformers' own gradient checkpointing does; BatchNorm "
+              "running stats are updated once per step under checkpointing and are "
+              "broadcast from rank 0 under `ddp` and `fsdp`."]
     return "\n".join(lines) + "\n"
 
 

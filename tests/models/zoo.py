@@ -234,6 +234,24 @@ REFUSAL_REASONS: dict[tuple[str, str], str] = {
 }
 
 
+# What a trained cell did differently from the plain model, for docs/models.md (each is
+# a note in that pass's record).
+TRAINED_NOTES: dict[tuple[str, str], str] = {
+    ("mixtral", "fsdp+tp"): "attention sharded; the experts (`moe_tp_experts`) stay whole on "
+                            "every tp rank — expert sharding is not done yet",
+    ("t5", "fsdp+tp"): "the feed-forward layers are sharded; attention stays whole (the first "
+                       "block's relative position bias is computed per head)",
+    ("encoder_lm", "fsdp+tp"): "linear1/linear2, the embedding and the head are sharded; "
+                               "`nn.MultiheadAttention` stays whole (its input projection is a "
+                               "raw parameter)",
+    ("t5", "casting"): "each feed-forward `wo` stays unconverted: `T5DenseActDense` reads its "
+                       "weight's dtype",
+    ("encoder_lm", "casting"): "linear1/linear2 and `out_proj` stay unconverted: the fused "
+                               "inference path reads their weights directly",
+    ("gpt2", "casting"): "the `Conv1D` projections are cast",
+}
+
+
 def expected(model: str, plan: str) -> str | None:
     return EXPECTED_REFUSALS.get((model, plan))
 

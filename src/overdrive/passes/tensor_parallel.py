@@ -137,7 +137,7 @@ def _model_plan(graph: ModuleGraph, own: dict[str, str]) -> tuple[dict[str, str]
 def _is_moe_style(style: str, glob: str) -> bool:
     """transformers' expert-parallel / grouped-experts styles (``moe_tp_experts``,
     ``ep_router``, ``grouped_gemm``…) or any style given to an ``experts`` module."""
-    return style.startswith(("moe", "ep_", "grouped", "local_packed", "packed")) or \
+    return style.startswith(("moe", "ep_", "grouped")) or \
         glob.rsplit(".", 1)[-1] == "experts"
 
 
