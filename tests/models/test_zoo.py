@@ -81,3 +81,34 @@ def test_inspect_fsdp_of_a_real_multihead_attention_model_is_not_refused():
 
     report = od.inspect(zoo.EncoderLM(), "fsdp", world_size=2)
     assert "fsdp" in report.names()
+
+
+BUFFERS_SCRIPT = """
+import json, sys, torch, torch.distributed as dist
+import overdrive as od
+from tests.models import zoo
+from tests.models.dist_worker import _buffers_agree
+
+out = {}
+for flag in (True, False):
+    torch.manual_seed(0)
+    model = zoo.BatchNormCNN()
+    rt = od.accelerate(model, od.Plan(ddp=od.DDP(broadcast_buffers=flag)),
+                       optimizer=lambda p: torch.optim.SGD(p, lr=0.05))
+    batch = zoo.shard(zoo.make_batches("image", 1)[0], rt.rank, 2)
+    rt.backward(zoo.loss_of("image", model, batch))
+    out[str(flag)] = {"agree": _buffers_agree(model),
+                      "notes": rt.report["ddp"].notes}
+if rt.rank == 0:
+    json.dump(out, open(sys.argv[1], "w"))
+"""
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_ddp_broadcast_buffers_switch(tmp_path):
+    out = tmp_path / "buffers.json"
+    run_torchrun(BUFFERS_SCRIPT, 2, str(out), tmp_path=tmp_path)
+    got = json.loads(out.read_text())
+    assert got["True"]["agree"] and any("broadcast_buffers=True" in n for n in got["True"]["notes"])
+    assert not got["False"]["agree"]  # each rank keeps its own data's running stats
