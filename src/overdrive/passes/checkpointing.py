@@ -7,6 +7,12 @@ masks are replayed exactly). No ``_checkpoint_wrapped_module.`` appears in any k
 because every block's new ``forward`` is the same function, identical blocks still share
 one compiled graph when the compile pass runs next.
 
+While a block trains, caching is off inside it (``use_cache=False``, no KV cache, by
+name or by position), as transformers' own gradient checkpointing does: the recompute
+would update the cache a second time. In eval or under ``no_grad`` the block runs as is.
+BatchNorm-style running stats are put back after the recompute, so a step updates them
+once.
+
 Modes:
   full       every block
   every      every N-th block (``every=2``: blocks 2, 4, … counting from 1)
