@@ -112,3 +112,13 @@ def test_ddp_broadcast_buffers_switch(tmp_path):
     got = json.loads(out.read_text())
     assert got["True"]["agree"] and any("broadcast_buffers=True" in n for n in got["True"]["notes"])
     assert not got["False"]["agree"]  # each rank keeps its own data's running stats
+
+
+def test_report_lists_each_stack_of_blocks():
+    import overdrive as od
+
+    report = od.inspect(zoo.t5(), "ac")
+    assert report.block_groups() == [["encoder.block.0", "encoder.block.1"],
+                                     ["decoder.block.0", "decoder.block.1"]]
+    assert "blocks: 2 under 'encoder.block', 2 under 'decoder.block'" in str(report)
+    assert report.to_dict()["block_groups"] == report.block_groups()
