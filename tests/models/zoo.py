@@ -212,8 +212,7 @@ EXACT = 1e-4
 # The cells refused at check time, with the message (a regex) that says why. Every
 # other cell trains and matches the plain loop.
 EXPECTED_REFUSALS: dict[tuple[str, str], str] = {
-    ("gpt2", "fp8"): r"fp8: no nn\.Linear is eligible for conversion \(lm_head: output projection",
-    ("cnn", "fp8"): r"fp8: no nn\.Linear is eligible .*head: in_features=16, out_features=10: "
+    ("cnn", "fp8"): r"fp8: no nn\.Linear \(or transformers Conv1D\) is eligible .*head: in_features=16, out_features=10: "
                     r"fp8 matmuls need multiples of 16",
     ("cnn", "fsdp+tp"): r"parallel\.tp=2 but the tp plan shards no module of BatchNormCNN",
     ("gpt2", "fsdp+tp"): r"shards no module of GPT2LMHeadModel .*transformer\.h\.0\.attn\.c_attn"
@@ -221,9 +220,6 @@ EXPECTED_REFUSALS: dict[tuple[str, str], str] = {
 }
 # Why, in words, for docs/models.md.
 REFUSAL_REASONS: dict[tuple[str, str], str] = {
-    ("gpt2", "fp8"): "torchao's fp8 layers replace `nn.Linear` only; GPT-2's projections are "
-                     "transformers' `Conv1D` (a transposed weight), and the output head is "
-                     "kept in high precision by default",
     ("cnn", "fp8"): "fp8 converts Linear layers whose dims are multiples of 16; the CNN's "
                     "only Linear is its 16→10 head (convolutions have no fp8 path)",
     ("cnn", "fsdp+tp"): "no attention/MLP structure to derive a tensor-parallel plan from; "
@@ -249,6 +245,8 @@ TRAINED_NOTES: dict[tuple[str, str], str] = {
     ("encoder_lm", "casting"): "linear1/linear2 and `out_proj` stay unconverted: the fused "
                                "inference path reads their weights directly",
     ("gpt2", "casting"): "the `Conv1D` projections are cast",
+    ("gpt2", "fp8"): "the `Conv1D` projections run torchao's fp8 matmul (weight layout and "
+                     "keys kept); `lm_head` stays in high precision",
 }
 
 

@@ -39,7 +39,8 @@ class Compile:
 class FP8:
     """FP8 training layers: torchao everywhere, Transformer Engine on NVIDIA GPUs.
 
-    ``filter`` picks the ``nn.Linear`` layers to convert: a regex searched in the qualified
+    ``filter`` picks the ``nn.Linear`` layers (and transformers ``Conv1D``, torchao only)
+    to convert: a regex searched in the qualified
     name, or ``fn(name) -> bool``. Layers whose dims are not multiples of 16 are never
     converted. Without a filter the output projection (``lm_head``, else the last Linear)
     stays in high precision; a given filter decides for it too — returning True for it
