@@ -122,3 +122,42 @@ def test_report_lists_each_stack_of_blocks():
                                      ["decoder.block.0", "decoder.block.1"]]
     assert "blocks: 2 under 'encoder.block', 2 under 'decoder.block'" in str(report)
     assert report.to_dict()["block_groups"] == report.block_groups()
+
+
+def _tp_styles(model) -> dict[str, str]:
+    import overdrive as od
+
+    report = od.inspect(model, zoo.DIST_PLANS["fsdp+tp"](), world_size=2)
+    return report["tensor_parallel"].details["styles"]
+
+
+def test_auto_tp_plan_pairs_projections_by_structure():
+    from torch import nn
+
+    class MLP(nn.Module):  # torchtitan's order: w1 (gate), w2 (down), w3 (up)
+        def __init__(self):
+            super().__init__()
+            self.w1, self.w2, self.w3 = nn.Linear(32, 64), nn.Linear(64, 32), nn.Linear(32, 64)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = MLP()
+
+    model = nn.Module()
+    model.layers = nn.ModuleList(Block() for _ in range(2))
+    assert _tp_styles(model) == {f"layers.{i}.mlp.{n}": s for i in range(2)
+                                 for n, s in (("w1", "colwise"), ("w3", "colwise"),
+                                              ("w2", "rowwise"))}
+    bert = _tp_styles(zoo.bert())
+    layer = "bert.encoder.layer.0."
+    assert {k[len(layer):]: v for k, v in bert.items() if k.startswith(layer)} == {
+        "attention.self.query": "colwise", "attention.self.key": "colwise",
+        "attention.self.value": "colwise", "attention.output.dense": "rowwise",
+        "intermediate.dense": "colwise", "output.dense": "rowwise"}
+    enc = _tp_styles(zoo.EncoderLM())
+    assert "encoder.layers.0.self_attn.out_proj" not in enc  # fed by a raw in_proj_weight
+    assert enc["encoder.layers.0.linear1"] == "colwise"
+    t5 = _tp_styles(zoo.t5())
+    assert not any("Attention" in k for k in t5)  # the relative bias is per head
+    assert t5["decoder.block.1.layer.2.DenseReluDense.wo"] == "rowwise"

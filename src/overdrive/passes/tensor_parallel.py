@@ -183,33 +183,44 @@ def _linear_role(graph: ModuleGraph, name: str) -> str | None:
 
 
 def _block_units(graph: ModuleGraph, block: str, notes: list[str]) -> list[dict[str, str]]:
-    """The block's projections in definition order, as units: a run of colwise layers
-    closed by the rowwise layer that consumes their sharded output (q/k/v → o,
-    gate/up → down, fc1 → fc2). A rowwise layer with no open run before it (the
-    out_proj of nn.MultiheadAttention, whose input projection is a raw parameter) would
-    receive a replicated input: it stays whole. A unit whose span holds a module with its
-    own weights that is neither a projection nor a norm (T5's relative position bias,
-    computed per head) stays whole too."""
+    """The block's projections as units: column-parallel layers and the row-parallel
+    layer that consumes their sharded output. Projections under one module form a unit
+    whatever their order (q/k/v/o, gate/up/down, torchtitan's w1/w2/w3, linear1/linear2);
+    a module holding only column-parallel ones is closed by the next module holding only
+    row-parallel ones (BERT: attention.self → attention.output, intermediate → output).
+    A row-parallel layer nothing sharded feeds (nn.MultiheadAttention's out_proj: its
+    input projection is a raw parameter) stays whole, and so does a unit whose span holds
+    a module with weights that is neither a projection nor a norm (T5's relative
+    position bias, computed per head)."""
     names = graph.subtree(block)
-    units: list[dict[str, str]] = []
-    run: list[str] = []
+    by_owner: dict[str, dict[str, list[str]]] = {}
     for name in names:
         role = _linear_role(graph, name)
-        if role == "colwise":
-            run.append(name)
-        elif role == "rowwise":
-            if not run:
-                notes.append(f"{name} not sharded: no column-parallel projection feeds it")
+        if role is not None:
+            roles = by_owner.setdefault(name.rpartition(".")[0], {"colwise": [], "rowwise": []})
+            roles[role].append(name)
+    units: list[dict[str, str]] = []
+    pending: list[str] = []
+    for roles in by_owner.values():
+        col, row = roles["colwise"], roles["rowwise"]
+        if col and not row:
+            pending += col
+            continue
+        if not col:
+            if not pending:
+                notes.append(f"{', '.join(row)} not sharded: no column-parallel projection "
+                             "feeds it")
                 continue
-            unit = {n: "colwise" for n in run}
-            unit[name] = "rowwise"
-            run = []
-            foreign = _foreign_weights(graph, names, list(unit))
-            if foreign:
-                notes.append(f"{', '.join(unit)} not sharded: {foreign} inside that "
-                             "attention/MLP has weights the plan cannot shard")
-                continue
-            units.append(unit)
+            col, pending = pending, []
+        unit = {**{n: "colwise" for n in col}, **{n: "rowwise" for n in row}}
+        foreign = _foreign_weights(graph, names, list(unit))
+        if foreign:
+            notes.append(f"{', '.join(unit)} not sharded: {foreign} inside that "
+                         "attention/MLP has weights the plan cannot shard")
+            continue
+        units.append(unit)
+    if pending:
+        notes.append(f"{', '.join(pending)} not sharded: no row-parallel layer consumes them")
     return units
 
 
@@ -217,7 +228,7 @@ def _foreign_weights(graph: ModuleGraph, names: list[str], unit: list[str]) -> s
     """A module with own parameters under the unit's common parent, from the unit's first
     layer on, that is neither one of the unit's projections nor a norm."""
     common = _common_parent(unit)
-    start = names.index(unit[0])
+    start = min(names.index(n) for n in unit)
     for name in names[start:]:
         if not (name.startswith(common + ".") or not common) or name in unit:
             continue
