@@ -234,3 +234,19 @@ def test_transformers_conv1d_is_cast():
         got = model(x)
     assert got.shape == want.shape
     assert ((got - want).norm() / want.norm()).item() < 0.1
+
+
+def test_a_layer_whose_cast_forward_fails_on_a_meta_probe_is_skipped_untouched():
+    model = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 4))
+    from overdrive.passes import casting
+
+    original = casting.CastLinear._compute
+    casting.CastLinear._compute = lambda self, x, w, b: x @ w  # wrong unless square
+    try:
+        rt = od.accelerate(model, od.Plan(casting=od.Casting()))
+    finally:
+        casting.CastLinear._compute = original
+    notes = " ".join(rt.report["casting"].notes)
+    assert "0 skipped: a one-layer probe of the cast layer failed on meta" in notes
+    assert model[0].weight.dtype == torch.float32  # not cast: its forward would fail
+    assert model[1].weight.dtype == torch.float8_e4m3fn

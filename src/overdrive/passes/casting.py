@@ -176,12 +176,46 @@ def _weight_reader(graph: ModuleGraph, name: str) -> str | None:
     return None
 
 
+def _probe_input(module: nn.Module) -> torch.Tensor:
+    """A small meta input the layer accepts: (2, in) features, or one image/sequence
+    large enough for its kernel."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        dims = len(module.kernel_size)
+        side = [k * d + 1 for k, d in zip(module.kernel_size, module.dilation)]
+        return torch.empty(1, module.in_channels, *side[:dims], device="meta")
+    in_features = module.weight.shape[1 if isinstance(module, nn.Linear) else 0]  # Conv1D: (in, out)
+    return torch.empty(2, in_features, device="meta")
+
+
+def probe_failure(module: nn.Module, storage: torch.dtype) -> str | None:
+    """Cast a meta copy of ``module`` and run its forward on a meta input; the error
+    text when that fails. The user's module and weights are not touched."""
+    from ..rewrite.trace import meta_copy
+
+    try:
+        probe = meta_copy(module)
+        cast_module(probe, storage, torch.bfloat16)
+        with torch.no_grad():
+            probe(_probe_input(module))
+    except Exception as err:  # noqa: BLE001 - any failure means: do not cast this layer
+        return f"{type(err).__name__}: {str(err)[:120]}"
+    return None
+
+
+def _probed(probes: dict, module: nn.Module, storage: torch.dtype) -> str | None:
+    key = (type(module), repr(module), tuple(module.weight.shape))
+    if key not in probes:
+        probes[key] = probe_failure(module, storage)
+    return probes[key]
+
+
 def select(graph: ModuleGraph, skip: tuple[str, ...],
            storage: torch.dtype) -> tuple[list[str], dict[str, str]]:
     """(modules to cast, {skipped module: reason}); touches nothing."""
     candidates = [n for n in graph.modules_of_type(*CAST_CLASSES) if n]
     owners = parameter_owners(graph.model)
     cast, skipped = [], {}
+    probes: dict[tuple, str | None] = {}  # one probe per distinct layer configuration
     for name in candidates:
         module = graph.module(name)
         hit = next((frag for frag in skip if frag in name), None)
@@ -197,6 +231,8 @@ def select(graph: ModuleGraph, skip: tuple[str, ...],
         elif _out_of_range(module.weight, storage):
             skipped[name] = (f"weights outside {storage}'s range "
                              f"±{torch.finfo(storage).max:g} (or not finite) would be clipped")
+        elif (failure := _probed(probes, module, storage)) is not None:
+            skipped[name] = f"a one-layer probe of the cast layer failed on meta ({failure})"
         else:
             cast.append(name)
     chosen = set(cast)
