@@ -23,11 +23,11 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import PlanError
-from .buffers import keep_buffers_in_sync, plain_buffers
 from ..rewrite.graph import ModuleGraph
 from ..rewrite.manager import Pass, register_pass
 from ..rewrite.plan import Plan
 from ..rewrite.report import PassRecord
+from .buffers import keep_buffers_in_sync, plain_buffers
 from .ddp_comm import check_comm_hook, register_comm_hook
 
 
