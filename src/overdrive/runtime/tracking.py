@@ -148,9 +148,10 @@ class WandbTracker(Tracker):
 
 
 class MlflowTracker(Tracker):
-    """An MLflow run through ``MlflowClient`` (no global active run): a file store under
-    ``run_dir/mlruns`` unless ``MLFLOW_TRACKING_URI`` is set; experiment "overdrive"
-    (``MLFLOW_EXPERIMENT_NAME`` overrides)."""
+    """An MLflow run through ``MlflowClient`` (no global active run): a local SQLite store
+    ``run_dir/mlflow.db`` with artifacts in ``run_dir/mlartifacts`` (``mlflow ui
+    --backend-store-uri sqlite:///RUN_DIR/mlflow.db``) unless ``MLFLOW_TRACKING_URI`` is
+    set; experiment "overdrive" (``MLFLOW_EXPERIMENT_NAME`` overrides)."""
 
     name = "mlflow"
 
@@ -160,11 +161,16 @@ class MlflowTracker(Tracker):
     def open(self, run_dir: Path) -> None:
         from mlflow.tracking import MlflowClient
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or (run_dir / "mlruns").resolve().as_uri()
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        artifacts = None
+        if not uri:
+            uri = f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+            artifacts = (run_dir / "mlartifacts").resolve().as_uri()
         self._client = MlflowClient(tracking_uri=uri)
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "overdrive")
         experiment = self._client.get_experiment_by_name(name)
-        exp_id = experiment.experiment_id if experiment else self._client.create_experiment(name)
+        exp_id = experiment.experiment_id if experiment else \
+            self._client.create_experiment(name, artifact_location=artifacts)
         self._run_id = self._client.create_run(exp_id, run_name=run_dir.name).info.run_id
 
     def log_config(self, config: dict[str, Any]) -> None:
@@ -304,9 +310,6 @@ class Tracking:
 
     # -- lifecycle ----------------------------------------------------------------
     def _open(self) -> None:
-        if self._finished:
-            raise OverdriveError("rt.log after rt.finish(): the trackers are closed; log "
-                                 "before finishing, or accelerate a new runtime for a new run")
         self.run_dir = _fresh_dir(self.run_dir, self.config.run_dir)
         self._trackers = [t if isinstance(t, Tracker) else BUILT_IN[t].cls()
                           for t in self.config.trackers]
@@ -335,6 +338,9 @@ class Tracking:
         if not self.active:
             return
         row = to_floats(metrics)
+        if self._finished:
+            raise OverdriveError("rt.log after rt.finish(): the trackers are closed; log "
+                                 "before finishing, or accelerate a new runtime for a new run")
         if not self._opened:
             self._open()
         for tracker in self._trackers:
