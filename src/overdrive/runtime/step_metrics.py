@@ -13,6 +13,9 @@ ranks), ``grad_norm``, ``lr``, ``step_seconds``, ``samples_per_s``, ``tokens_per
 (both global), ``tflops`` and ``mfu`` (per device, where a peak is known: FLOPs from the
 meta-device trace of the first batch), ``memory_allocated_gb`` and ``memory_peak_gb``
 (the accelerator's; on CPU the process's peak resident memory).
+
+The same numbers go to rank 0's "overdrive" logger as one compact line, at most every
+``LINE_INTERVAL_S`` seconds (a fast loop logs every row, but prints a line twice a second).
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from .grad import raw_optimizer
 log = logging.getLogger("overdrive")
 
 _GB = 1024 ** 3
+# the log line comes at most this often (every row still reaches the trackers): a line per
+# step of a fast loop would cost more than the step and scroll past unread
+LINE_INTERVAL_S = 0.5
 
 
 class StepMeter:
@@ -41,6 +47,8 @@ class StepMeter:
         self._peak = peak
         self._shadow = shadow  # meta copy of the model, traced once for FLOPs (peak known)
         self._flops_per_token: float | None = None
+        self._cuda = rt.device.type == "cuda"
+        self._line_at = -LINE_INTERVAL_S  # when the last log line was printed
         self._group = self._group_known = None
         self._reset()
         self._t_last: float | None = None
@@ -117,36 +125,38 @@ class StepMeter:
                 per_device = self._flops_per_token * (tokens or samples) / self.rt.world_size
                 row["tflops"] = per_device / elapsed / 1e12
                 row["mfu"] = per_device / elapsed / self._peak
-        row.update(memory())
-        self.tracking.log(row, self.rt.step)
-        log.info("%s", format_line(self.rt.step, row))
+        row.update(memory(self._cuda))
+        self.tracking.log_row(row, self.rt.step)
+        if now - self._line_at >= LINE_INTERVAL_S and log.isEnabledFor(logging.INFO):
+            self._line_at = now
+            log.info("%s", format_line(self.rt.step, row))
 
     def _reduced(self) -> tuple[float, int, int, int, float | None]:
         """(loss sum, micro-steps, samples, tokens) summed over the data-parallel ranks
         and the grad norm: one all-reduce (several ranks) and one device→host copy."""
-        loss = self._loss
-        device = loss.device if loss is not None else self.rt.device
-        counts = torch.tensor([self._micro, self._samples, self._tokens], dtype=torch.float64,
-                              device=device)
-        packed = counts if loss is None else torch.cat([loss.double().reshape(1), counts])
+        loss, norm = self._loss, self._norm
+        micro, samples, tokens = self._micro, self._samples, self._tokens
         if self.rt.dp_size > 1:
+            device = loss.device if loss is not None else self.rt.device
+            counts = torch.tensor([micro, samples, tokens], dtype=torch.float64, device=device)
+            packed = counts if loss is None else torch.cat([loss.double().reshape(1), counts])
             dist.all_reduce(packed, group=self._dp_group())
-        if not self.rt.is_main:
-            return 0.0, 0, 0, 0, None
-        norm = self._norm
-        if isinstance(norm, torch.Tensor):
-            if hasattr(norm, "full_tensor"):
-                norm = norm.full_tensor()
-            packed = torch.cat([packed, norm.detach().double().reshape(1).to(packed.device)])
-            values = packed.tolist()
-            norm = values.pop()
+            if not self.rt.is_main:
+                return 0.0, 0, 0, 0, None
+            values = _read(packed, norm)
+            norm = values.pop() if isinstance(norm, torch.Tensor) else norm
+            if loss is None:
+                values.insert(0, 0.0)
+            loss_sum, micro, samples, tokens = values
+        elif loss is not None and not isinstance(norm, torch.Tensor):
+            loss_sum = loss.item()
+        elif loss is not None:
+            loss_sum, norm = _read(loss.reshape(1), norm)
         else:
-            values = packed.tolist()
-            norm = float(norm) if norm is not None else None
-        if loss is None:
-            values.insert(0, 0.0)
-        loss_sum, micro, samples, tokens = values
-        return loss_sum, int(micro), int(samples), int(tokens), norm
+            loss_sum = 0.0
+            norm = _read(torch.zeros(0), norm)[0] if isinstance(norm, torch.Tensor) else norm
+        return loss_sum, int(micro), int(samples), int(tokens), \
+            (float(norm) if norm is not None else None)
 
     def _dp_group(self):
         if not self._group_known:
@@ -179,6 +189,16 @@ class StepMeter:
 # --------------------------------------------------------------------------- helpers
 
 
+def _read(values: torch.Tensor, norm: Any) -> list[float]:
+    """``values`` (1-d) and, when it is a tensor, the grad norm last: one host copy."""
+    if isinstance(norm, torch.Tensor):
+        if hasattr(norm, "full_tensor"):  # a DTensor norm (FSDP/TP)
+            norm = norm.full_tensor()
+        norm = norm.detach().reshape(1).to(device=values.device, dtype=values.dtype)
+        values = torch.cat([values, norm]) if values.numel() else norm
+    return values.tolist()
+
+
 def token_count(batch: Any) -> int:
     """Tokens in a batch: ``input_ids``'s elements, else those of the first integer
     tensor with two or more dimensions; 0 when there is none."""
@@ -198,9 +218,9 @@ def token_count(batch: Any) -> int:
     return 0
 
 
-def memory() -> dict[str, float]:
+def memory(cuda: bool) -> dict[str, float]:
     """The accelerator's allocated and peak memory (GB); on CPU, peak resident memory."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if cuda:
         return {"memory_allocated_gb": torch.cuda.memory_allocated() / _GB,
                 "memory_peak_gb": torch.cuda.max_memory_allocated() / _GB}
     try:

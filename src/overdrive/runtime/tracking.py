@@ -337,7 +337,10 @@ class Tracking:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.active:
             return
-        row = to_floats(metrics)
+        self.log_row(to_floats(metrics), step)
+
+    def log_row(self, row: dict[str, float], step: int) -> None:
+        """A row of Python numbers (the step metrics): straight to the trackers."""
         if self._finished:
             raise OverdriveError("rt.log after rt.finish(): the trackers are closed; log "
                                  "before finishing, or accelerate a new runtime for a new run")
