@@ -72,6 +72,9 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path = "plot.png",
             steps, values = series(rows, key)
             if steps:
                 ax.plot(steps, values, label=label, linewidth=1.4)
+        if key == "memory":  # accelerator memory, or a CPU run's peak resident memory
+            cpu_only = not any("memory_allocated_gb" in r for _, rows in runs for r in rows)
+            title = "peak resident memory (GB)" if cpu_only else "memory allocated (GB)"
         ax.set_title(title)
         ax.grid(alpha=0.3)
         if key in ("loss",) and _positive(ax):
