@@ -53,6 +53,9 @@ def test_two_ranks_log_one_row_per_step_with_the_mean_loss(tmp_path):
     assert recorder["config"]["run_config"] == {"lr": 0.05, "nested": {"a": [1, 2]}}
     assert recorder["config"]["plan"]["grad_accum"] == 2
     assert json.loads((run / "config.json").read_text()) == recorder["config"]
+    for rank in (0, 1):  # rt.profile(ranks=None): a trace per rank
+        trace = json.loads((tmp_path / "prof" / f"trace_rank{rank}.json").read_text())
+        assert any(e.get("name") == "ProfilerStep#1" for e in trace["traceEvents"])
 
     if _have("tensorboard"):
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -129,8 +132,16 @@ def test_log_every_and_step_override(tmp_path):
     assert rows[0]["step_seconds"] > 0
 
 
-def test_log_every_zero_and_no_trackers_write_nothing(tmp_path, monkeypatch):
+def _real_default_run_dir(monkeypatch, tmp_path) -> None:
+    """Undo conftest's redirection: runs/<timestamp> in the working directory."""
+    from overdrive.runtime import tracking
+
+    monkeypatch.setattr(tracking, "default_run_dir", tracking.ORIGINAL_DEFAULT_RUN_DIR)
     monkeypatch.chdir(tmp_path)
+
+
+def test_log_every_zero_and_no_trackers_write_nothing(tmp_path, monkeypatch):
+    _real_default_run_dir(monkeypatch, tmp_path)
     rt = _accelerate(log_every=0)
     _train(rt)
     assert rt._meter is None
@@ -144,7 +155,7 @@ def test_log_every_zero_and_no_trackers_write_nothing(tmp_path, monkeypatch):
 
 
 def test_default_run_dir_is_a_fresh_timestamped_folder(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+    _real_default_run_dir(monkeypatch, tmp_path)
     first, second = _accelerate(), _accelerate()
     _train(first, 1), _train(second, 1)
     first.finish(), second.finish()
@@ -200,3 +211,39 @@ def test_the_log_line_is_compact():
                            "memory_peak_gb": 2.0, "tflops": 312.5, "mfu": 0.41})
     assert line == ("step 7 | loss 2.5000 | grad_norm 0.500 | lr 3.00e-04 | 51.2k tok/s | "
                     "0.250 s/step | 312.5 TFLOP/s mfu 41.0% | mem 1.50/2.00 GB")
+
+
+def test_tflops_and_mfu_from_the_meta_trace_where_a_peak_is_known(tmp_path):
+    """On CPU no peak is known, so accelerate builds no FLOP model; here the meter is given
+    a peak and a meta copy, as on a GPU, and must report FLOP/s from the traced FLOPs."""
+    from torch.utils.data import DataLoader
+
+    from overdrive.rewrite.trace import meta_copy, trace_model
+    from overdrive.runtime.step_metrics import StepMeter
+
+    class Tokens(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = torch.nn.Embedding(16, 8), torch.nn.Linear(8, 16)
+
+        def forward(self, input_ids):
+            return self.head(self.emb(input_ids)).logsumexp(-1).mean()
+
+    model = Tokens()
+    shadow = meta_copy(model)
+    rt = od.accelerate(model, optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+                       run_dir=tmp_path / "run")
+    assert rt._meter._peak is None  # CPU: no peak, no MFU
+    rt._meter = StepMeter(rt, 1, rt._tracking, peak=1e12, shadow=shadow)
+    ids = [{"input_ids": torch.randint(0, 16, (6,))} for _ in range(8)]
+    for batch in rt.shard(DataLoader(ids, batch_size=4)):
+        rt.backward(rt.model(**batch))
+        rt.optimizer.step()
+        rt.optimizer.zero_grad()
+    rt.finish()
+    rows = _rows(tmp_path / "run")
+    trace = trace_model(meta_copy(model), {"input_ids": torch.zeros(4, 6, dtype=torch.long)})
+    per_token = (trace.forward_flops + trace.backward_flops) / 24
+    for r in rows:
+        assert r["tflops"] * 1e12 * r["step_seconds"] == pytest.approx(per_token * 24, rel=1e-6)
+        assert r["mfu"] == pytest.approx(r["tflops"], rel=1e-6)  # peak 1 TFLOP/s

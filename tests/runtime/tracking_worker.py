@@ -68,6 +68,7 @@ rt = od.accelerate(Model(), od.Plan(ddp=od.DDP(), grad_accum=ACCUM),
 plan_before = rt.plan.to_dict()
 loader = rt.shard(DataLoader(Tokens(), batch_size=BATCH))
 seen, current = [], []
+rt.profile(os.path.join(out, "prof"), wait=0, warmup=1, active=1, ranks=None)  # steps 1-2
 for batch in loader:
     with rt.accumulate():
         loss = rt.model(**batch)

@@ -102,6 +102,10 @@ class StepMeter:
     def _emit(self) -> None:
         now = time.perf_counter()
         elapsed = now - (self._t_last if self._t_last is not None else now)
+        if not self.rt.is_main and self.rt.dp_size == 1:  # nothing to add up, nothing to log
+            self._reset()
+            self._t_last = now
+            return
         loss_sum, micro, samples, tokens, norm = self._reduced()
         steps = self._steps
         self._reset()
@@ -118,7 +122,8 @@ class StepMeter:
             row["lr"] = lr
         if elapsed > 0:
             row["step_seconds"] = elapsed / steps
-            row["samples_per_s"] = samples / elapsed
+            if samples:
+                row["samples_per_s"] = samples / elapsed
             if tokens:
                 row["tokens_per_s"] = tokens / elapsed
             if self._peak is not None and self._flops_per_token:

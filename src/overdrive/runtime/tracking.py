@@ -19,6 +19,7 @@ import importlib.util
 import json
 import logging
 import math
+import numbers
 import os
 import time
 import weakref
@@ -384,11 +385,12 @@ def to_floats(metrics: dict[str, Any]) -> dict[str, float]:
                                      f"{tuple(value.shape)}; log a single number "
                                      "(e.g. its .mean())")
             tensors[key] = value.detach().reshape(())
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        elif isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise OverdriveError(f"rt.log: {key!r} = {value!r} is not a number; log ints, "
                                  "floats or one-element tensors")
         else:
-            row[key] = value
+            row[key] = value if type(value) in (int, float) else \
+                (int(value) if isinstance(value, numbers.Integral) else float(value))
     if tensors:
         if len(tensors) == 1:
             (key, t), = tensors.items()
