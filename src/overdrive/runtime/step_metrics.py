@@ -62,8 +62,8 @@ class StepMeter:
                    shadow=flops_model if peak is not None else None)
 
     def _reset(self) -> None:
-        self._loss: torch.Tensor | None = None
-        self._micro = self._samples = self._tokens = self._steps = 0
+        self._losses: list[torch.Tensor] = []  # detached, summed on the logged step
+        self._samples = self._tokens = self._steps = 0
         self._norm = None
 
     # -- feeds --------------------------------------------------------------------
@@ -80,13 +80,8 @@ class StepMeter:
     def on_backward(self, loss: Any) -> None:
         if self._t_last is None:
             self._t_last = time.perf_counter()
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            return
-        value = loss.detach()
-        if value.dtype != torch.float32:
-            value = value.float()
-        self._loss = value if self._loss is None else self._loss + value
-        self._micro += 1
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            self._losses.append(loss.detach())
 
     def on_clip(self, norm: Any) -> None:
         if norm is not None:
@@ -139,8 +134,14 @@ class StepMeter:
     def _reduced(self) -> tuple[float, int, int, int, float | None]:
         """(loss sum, micro-steps, samples, tokens) summed over the data-parallel ranks
         and the grad norm: one all-reduce (several ranks) and one device→host copy."""
-        loss, norm = self._loss, self._norm
-        micro, samples, tokens = self._micro, self._samples, self._tokens
+        losses, norm = self._losses, self._norm
+        micro, samples, tokens = len(losses), self._samples, self._tokens
+        loss = None
+        if losses:
+            loss = losses[0].reshape(()).float() if micro == 1 else \
+                torch.stack([t.reshape(()).float() for t in losses]).sum()
+            if hasattr(loss, "full_tensor"):  # a DTensor loss (loss parallel)
+                loss = loss.full_tensor()
         if self.rt.dp_size > 1:
             device = loss.device if loss is not None else self.rt.device
             counts = torch.tensor([micro, samples, tokens], dtype=torch.float64, device=device)
