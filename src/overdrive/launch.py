@@ -81,8 +81,10 @@ def launch(fn: Callable, *args: Any, nproc: int = 2, start_method: str | None = 
                "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "ROLE_RANK": str(rank),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "OMP_NUM_THREADS": threads, "TORCHELASTIC_RUN_ID": f"od-launch-{port}"}
+        # not daemonic: a worker may start its own processes (DataLoader workers); the
+        # parent ends every worker itself, also when it is interrupted
         p = ctx.Process(target=_worker, args=(rank, env, payload, results),
-                        name=f"overdrive-rank{rank}", daemon=True)
+                        name=f"overdrive-rank{rank}", daemon=False)
         p.start()
         procs.append(p)
     try:

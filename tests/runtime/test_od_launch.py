@@ -61,3 +61,36 @@ def test_accelerate_inside_launch_logs_one_row_per_step(tmp_path):
 def test_bad_nproc_is_refused():
     with pytest.raises(od.OverdriveError, match="nproc"):
         od.launch(launch_fns.rank_and_world, nproc=0)
+
+
+NOTEBOOK = """
+import sys
+{block}
+import overdrive as od
+from overdrive.launch import _payload
+
+def cell_fn(x):  # defined in an interactive __main__ (no file), like a notebook cell
+    import os
+    return x * 10 + int(os.environ["WORLD_SIZE"])
+
+method, _ = _payload(cell_fn, (1,), {{}}, None)
+print("method", method, type(_).__name__)
+print("result", od.launch(cell_fn, 4, nproc=2))
+"""
+
+
+@pytest.mark.parametrize("cloudpickle", [True, False], ids=["cloudpickle", "fork"])
+def test_a_function_of_an_interactive_session(cloudpickle):
+    import subprocess
+    import sys
+
+    from tests.helpers import child_env
+
+    if cloudpickle:
+        pytest.importorskip("cloudpickle")
+    block = "" if cloudpickle else "sys.modules['cloudpickle'] = None  # not installed"
+    proc = subprocess.run([sys.executable, "-c", NOTEBOOK.format(block=block)],
+                          env=child_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = "spawn _Cloudpickled" if cloudpickle else "fork tuple"
+    assert f"method {expected}" in proc.stdout and "result 42" in proc.stdout
