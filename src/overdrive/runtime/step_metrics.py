@@ -48,6 +48,7 @@ class StepMeter:
         self._shadow = shadow  # meta copy of the model, traced once for FLOPs (peak known)
         self._flops_per_token: float | None = None
         self._cuda = rt.device.type == "cuda"
+        self._opt = None  # the torch optimizer whose lr is logged (found at the first row)
         self._line_at = -LINE_INTERVAL_S  # when the last log line was printed
         self._group = self._group_known = None
         self._reset()
@@ -136,33 +137,36 @@ class StepMeter:
         and the grad norm: one all-reduce (several ranks) and one device→host copy."""
         losses, norm = self._losses, self._norm
         micro, samples, tokens = len(losses), self._samples, self._tokens
+        if self.rt.dp_size == 1 and not isinstance(norm, torch.Tensor):
+            if micro == 1:
+                return losses[0].item(), 1, samples, tokens, _float(norm)
+            if micro == 0:
+                return 0.0, 0, samples, tokens, _float(norm)
         loss = None
         if losses:
-            loss = losses[0].reshape(()).float() if micro == 1 else \
-                torch.stack([t.reshape(()).float() for t in losses]).sum()
+            loss = losses[0].reshape(1).float() if micro == 1 else \
+                torch.stack([t.reshape(()).float() for t in losses]).sum().reshape(1)
             if hasattr(loss, "full_tensor"):  # a DTensor loss (loss parallel)
                 loss = loss.full_tensor()
         if self.rt.dp_size > 1:
             device = loss.device if loss is not None else self.rt.device
             counts = torch.tensor([micro, samples, tokens], dtype=torch.float64, device=device)
-            packed = counts if loss is None else torch.cat([loss.double().reshape(1), counts])
+            packed = counts if loss is None else torch.cat([loss.double(), counts])
             dist.all_reduce(packed, group=self._dp_group())
             if not self.rt.is_main:
                 return 0.0, 0, 0, 0, None
-            values = _read(packed, norm)
-            norm = values.pop() if isinstance(norm, torch.Tensor) else norm
+        else:
+            packed = loss if loss is not None else torch.zeros(0)
+        values = _read(packed, norm)
+        if isinstance(norm, torch.Tensor):
+            norm = values.pop()
+        if self.rt.dp_size > 1:
             if loss is None:
                 values.insert(0, 0.0)
             loss_sum, micro, samples, tokens = values
-        elif loss is not None and not isinstance(norm, torch.Tensor):
-            loss_sum = loss.item()
-        elif loss is not None:
-            loss_sum, norm = _read(loss.reshape(1), norm)
         else:
-            loss_sum = 0.0
-            norm = _read(torch.zeros(0), norm)[0] if isinstance(norm, torch.Tensor) else norm
-        return loss_sum, int(micro), int(samples), int(tokens), \
-            (float(norm) if norm is not None else None)
+            loss_sum = values[0] if values else 0.0
+        return loss_sum, int(micro), int(samples), int(tokens), _float(norm)
 
     def _dp_group(self):
         if not self._group_known:
@@ -170,8 +174,9 @@ class StepMeter:
         return self._group
 
     def _lr(self) -> float | None:
-        opt = raw_optimizer(self.rt.optimizer)
-        groups = getattr(opt, "param_groups", None)
+        if self._opt is None:
+            self._opt = raw_optimizer(self.rt.optimizer)
+        groups = getattr(self._opt, "param_groups", None)
         if not groups or "lr" not in groups[0]:
             return None
         return float(groups[0]["lr"])
@@ -193,6 +198,10 @@ class StepMeter:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _float(x: Any) -> float | None:
+    return None if x is None else float(x)
 
 
 def _read(values: torch.Tensor, norm: Any) -> list[float]:
