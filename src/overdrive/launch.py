@@ -63,6 +63,8 @@ def launch(fn: Callable, *args: Any, nproc: int = 2, start_method: str | None = 
 
     ``start_method``: None picks as the module docstring says; "spawn" or "fork" force
     one. ``timeout``: seconds after which the workers are ended and LaunchError raised.
+    (``nproc``, ``start_method`` and ``timeout`` are launch's own; every other keyword
+    goes to ``fn``.)
     """
     if not callable(fn):
         raise OverdriveError(f"od.launch(fn={fn!r}): fn must be callable")
