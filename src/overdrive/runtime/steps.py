@@ -18,7 +18,10 @@ from .pipeline import LossFn, call_args, loss_of
 
 def forward_backward(rt, batch: Any, loss_fn: LossFn = None) -> torch.Tensor:
     if rt._pipeline is not None:
-        return rt._pipeline.forward_backward(batch, loss_fn)
+        loss = rt._pipeline.forward_backward(batch, loss_fn)
+        if getattr(rt, "_meter", None) is not None:  # step metrics see the loss, as rt.backward's
+            rt._meter.on_backward(loss)
+        return loss
     args, kwargs = call_args(batch)
     loss = loss_of(rt.model(*args, **kwargs), batch, loss_fn)
     rt.backward(loss)
