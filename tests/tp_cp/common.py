@@ -16,19 +16,22 @@ BATCH = 2
 VOCAB = 256
 
 
-def batches(n: int = STEPS, vocab: int = VOCAB, seq: int = SEQ, seed: int = 1) -> list[dict]:
+def batches(n: int = STEPS, vocab: int = VOCAB, seq: int = SEQ, seed: int = 1,
+            ignored: int = 0) -> list[dict]:
+    """Causal-LM batches: the labels are the inputs (the models' losses shift them), the
+    first ``ignored`` labels of every sequence -100 (a prompt the loss skips)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        ids = torch.randint(0, vocab, (BATCH, seq + 1), generator=g)
-        out.append({"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous()})
+        ids = torch.randint(0, vocab, (BATCH, seq), generator=g)
+        labels = ids.clone()
+        labels[:, :ignored] = -100
+        out.append({"input_ids": ids, "labels": labels})
     return out
 
 
 def hf_batches(n: int = STEPS) -> list[dict]:
-    """transformers' convention: the labels are the inputs (its loss shifts them)."""
-    return [{"input_ids": b["input_ids"], "labels": b["input_ids"]}
-            for b in batches(n, vocab=128)]
+    return batches(n, vocab=128)
 
 
 def llama(**cfg) -> nn.Module:
@@ -94,3 +97,4 @@ def fp8_llama() -> nn.Module:
     torch.manual_seed(0)
     return convert_to_float8_training(llama(ffn_dim=128),
                                       module_filter_fn=lambda mod, fqn: fqn != "lm_head")
+

@@ -44,7 +44,7 @@ def two_ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tp_cp")
     out = tmp / "out.json"
     run_torchrun(WORKER, 2, str(out), "tp", "sp", "divide", "hf", "cp_attention", "cp",
-                 "cp_ac", "cp_hf", "fp8", "fsdp_tp", "fsdp_tp_hf", "refusals", tmp_path=tmp,
+                 "cp_ignored", "cp_ac", "cp_hf", "fp8", "fsdp_tp", "fsdp_tp_hf", "refusals", tmp_path=tmp,
                  env=cpu_only())
     return read_json(out)
 
@@ -106,6 +106,12 @@ def test_cp_matches_single_process(two_ranks):
     assert cp["keys_kept"]
     assert "parallel.cp=2" in cp["bad_len"] and "2·cp = 4" in cp["bad_len"]
     assert any("averaged over the cp group" in n for n in cp["notes"])
+
+
+def test_cp_loss_is_the_exact_token_mean(two_ranks):
+    """Ignored targets fall unevenly on the cp ranks: the cp average of the losses (and the
+    training it drives) equals one process, not a mean of per-rank means."""
+    assert_curve(two_ranks["cp_ignored"]["losses"], reference(llama, ignored=10))
 
 
 def test_cp_under_checkpointing_and_compile(two_ranks):

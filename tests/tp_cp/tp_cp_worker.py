@@ -128,6 +128,14 @@ def scenario_cp():
             "keys_kept": sorted(rt.model.state_dict()) == sorted(llama().state_dict())}
 
 
+def scenario_cp_ignored():
+    """cp=2 with the first 10 labels of every sequence ignored (-100): the ranks hold
+    different numbers of targets, so only a token-weighted loss equals one process."""
+    rt = od.accelerate(llama(), od.Plan(parallel=od.Parallel(cp=2, dp_shard=1)), optimizer=sgd)
+    losses = run(rt, batches(ignored=10), shard=rt.shard_sequence)
+    return {"losses": mean_over(losses, rt.mesh["cp"].get_group())}
+
+
 def scenario_cp_hf():
     """transformers' Llama under cp=2, fed through rt.shard's data path: the loader's
     global batches are split by the runtime itself (no explicit shard_sequence)."""
