@@ -266,10 +266,11 @@ def test_rowwise_recipe_converts_and_runs():
 # --------------------------------------------------------------------------- FSDP hook
 
 
-def test_fsdp_tensorwise_enables_fp8_all_gather_and_post_step_hook():
+def test_fsdp_tensorwise_enables_fp8_all_gather_and_post_step_hook(monkeypatch):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    monkeypatch.setattr(fp8_pass, "float8_collectives", lambda env: True)  # as on nccl
     plan = Plan(fp8=od.FP8(), fsdp=od.FSDP())
     env = _env(plan)
     model = tiny(2)
@@ -296,6 +297,22 @@ def test_fsdp_tensorwise_enables_fp8_all_gather_and_post_step_hook():
     for hook in env.post_step_hooks:
         hook(model, opt)
     assert local._precomputed_scale is not None and local._precomputed_scale > 0
+
+
+def test_fsdp_on_gloo_all_gathers_fp8_weights_in_high_precision():
+    """gloo rejects float8 tensors: the float8 all-gather is off there, and the record
+    (od.inspect's too) says why."""
+    plan = Plan(fp8=od.FP8(), fsdp=od.FSDP())
+    env = _env(plan)
+    model = tiny(1)
+    rec = fp8_pass.FP8Training().apply(model, ModuleGraph(model), plan, env)
+    assert rec.details["fsdp_float8_all_gather"] is False
+    assert not model.layers[0].attn.q_proj.config.enable_fsdp_float8_all_gather
+    assert env.post_step_hooks == []
+    assert any("gloo backend cannot all-gather float8" in n for n in rec.notes)
+    if not torch.cuda.is_available():
+        preview = od.inspect(tiny(1), plan, world_size=2)["fp8"]
+        assert any("gloo backend cannot all-gather float8" in n for n in preview.notes)
 
 
 @pytest.mark.parametrize("fp8_cfg, fsdp", [(od.FP8(), None),

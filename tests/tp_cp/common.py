@@ -98,3 +98,50 @@ def fp8_llama() -> nn.Module:
     return convert_to_float8_training(llama(ffn_dim=128),
                                       module_filter_fn=lambda mod, fqn: fqn != "lm_head")
 
+
+class LinearOnlyBlock(nn.Module):
+    """Bias-free Linears only: under fp8 an FSDP unit of it holds nothing but float8 weights."""
+
+    def __init__(self, dim: int = 64):
+        super().__init__()
+        self.up = nn.Linear(dim, dim, bias=False)
+        self.down = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x):
+        return x + self.down(F.relu(self.up(x)))
+
+
+class LinearOnlyNet(nn.Module):
+    def __init__(self, dim: int = 64, n_layers: int = 2):
+        super().__init__()
+        self.layers = nn.ModuleList(LinearOnlyBlock(dim) for _ in range(n_layers))
+        self.head = nn.Linear(dim, 16)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def linear_only_net() -> nn.Module:
+    torch.manual_seed(0)
+    return LinearOnlyNet()
+
+
+def regression_batches(n: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(4, 64, generator=g), torch.randn(4, 16, generator=g))
+            for _ in range(n)]
+
+
+def train_regression(model: nn.Module, data, backward=None, opt=None) -> list[float]:
+    """SGD on the mean squared error; ``backward``/``opt`` default to plain torch's."""
+    opt = opt or torch.optim.SGD(model.parameters(), lr=LR)
+    losses = []
+    for x, y in data:
+        loss = F.mse_loss(model(x), y)
+        (backward or torch.Tensor.backward)(loss)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses

@@ -15,8 +15,9 @@ import torch
 
 from tests.helpers import child_env, read_json, run_torchrun
 from overdrive.passes.context_parallel import balanced_positions
-from tests.tp_cp.common import (batches, fp8_llama, hf_batches, hf_llama, llama,
-                                stored_heads_llama, train)
+from tests.tp_cp.common import (batches, fp8_llama, hf_batches, hf_llama, linear_only_net,
+                                llama, regression_batches, stored_heads_llama, train,
+                                train_regression)
 
 WORKER = Path(__file__).with_name("tp_cp_worker.py")
 TOL = 1e-4
@@ -44,7 +45,7 @@ def two_ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tp_cp")
     out = tmp / "out.json"
     run_torchrun(WORKER, 2, str(out), "tp", "sp", "divide", "hf", "cp_attention", "cp",
-                 "cp_ignored", "cp_ac", "cp_hf", "fp8", "fsdp_tp", "fsdp_tp_hf", "refusals", tmp_path=tmp,
+                 "cp_ignored", "fsdp_fp8", "cp_ac", "cp_hf", "fp8", "fsdp_tp", "fsdp_tp_hf", "refusals", tmp_path=tmp,
                  env=cpu_only())
     return read_json(out)
 
@@ -86,6 +87,19 @@ def test_fp8_tensorwise_layers_under_tp_and_sp(two_ranks):
     assert any("cannot all-gather float8" in n for n in fp8["notes"])
     torch.manual_seed(0)
     assert_curve(fp8["losses"], train(fp8_llama(), batches()))
+
+
+def test_fsdp_fp8_on_gloo_with_float8_only_units(two_ranks):
+    """Every FSDP unit of this model holds only float8 weights; gloo cannot all-gather
+    float8, so the fp8 pass has FSDP gather them in high precision, and says so."""
+    from torchao.float8 import convert_to_float8_training
+
+    res = two_ranks["fsdp_fp8"]
+    assert res["all_gather"] is False
+    assert any("gloo backend cannot all-gather float8" in n for n in res["notes"])
+    model = convert_to_float8_training(linear_only_net(),
+                                       module_filter_fn=lambda _m, fqn: fqn != "head")
+    assert_curve(res["losses"], train_regression(model, regression_batches()))
 
 
 def test_cp_attention_equals_unsharded(two_ranks):

@@ -13,8 +13,8 @@ import torch.distributed as dist
 
 import overdrive as od
 from overdrive.passes.context_parallel import ContextParallelAttention, balanced_positions
-from tests.tp_cp.common import (LR, batches, fp8_llama, hf_batches, hf_llama, llama,
-                                stored_heads_llama)
+from tests.tp_cp.common import (LR, batches, fp8_llama, hf_batches, hf_llama, linear_only_net,
+                                llama, regression_batches, stored_heads_llama, train_regression)
 
 
 
@@ -134,6 +134,16 @@ def scenario_cp_ignored():
     rt = od.accelerate(llama(), od.Plan(parallel=od.Parallel(cp=2, dp_shard=1)), optimizer=sgd)
     losses = run(rt, batches(ignored=10), shard=rt.shard_sequence)
     return {"losses": mean_over(losses, rt.mesh["cp"].get_group())}
+
+
+def scenario_fsdp_fp8():
+    """fsdp + fp8 on gloo where an FSDP unit holds only float8 weights (bias-free Linears):
+    gloo cannot all-gather float8, so the weights travel in high precision."""
+    rt = od.accelerate(linear_only_net(), od.Plan(fp8=od.FP8(), fsdp=od.FSDP()), optimizer=sgd)
+    rec = rt.report["fp8"]
+    losses = train_regression(rt.model, regression_batches(), rt.backward, rt.optimizer)
+    return {"losses": losses, "notes": rec.notes,
+            "all_gather": rec.details["fsdp_float8_all_gather"]}
 
 
 def scenario_cp_hf():

@@ -219,17 +219,29 @@ def select(graph: ModuleGraph, cfg: FP8, backend: str) -> Selection:
 # --------------------------------------------------------------------------- torchao
 
 
-def _fsdp_float8_all_gather(plan: Plan) -> bool:
+def _fsdp_float8_asked(plan: Plan) -> bool:
     cfg = plan.fp8
     return (plan.fsdp is not None and cfg.recipe == "tensorwise"
             and cfg.fsdp_float8_all_gather)
 
 
-def torchao_config(plan: Plan):
+def float8_collectives(env: Any) -> bool:
+    """Can the process group move float8 tensors? gloo cannot ("Invalid scalar type"): an
+    FSDP unit whose weights are all float8 would all-gather them in float8 and fail."""
+    from .tensor_parallel import collective_backend
+
+    return collective_backend(env) != "gloo"
+
+
+def _fsdp_float8_all_gather(plan: Plan, env: Any) -> bool:
+    return _fsdp_float8_asked(plan) and float8_collectives(env)
+
+
+def torchao_config(plan: Plan, env: Any):
     from torchao.float8 import Float8LinearConfig
 
     config = Float8LinearConfig.from_recipe_name(plan.fp8.recipe)
-    if _fsdp_float8_all_gather(plan):
+    if _fsdp_float8_all_gather(plan, env):
         config = dataclasses.replace(config, enable_fsdp_float8_all_gather=True)
     return config
 
@@ -238,7 +250,7 @@ def apply_torchao(model: nn.Module, sel: Selection, plan: Plan, env: Any) -> dic
     from torchao.float8 import convert_to_float8_training
 
     chosen = set(sel.convert)
-    config = torchao_config(plan)
+    config = torchao_config(plan, env)
     convert_to_float8_training(model, config=config,
                                module_filter_fn=lambda _m, fqn: fqn in chosen)
     details: dict[str, Any] = {"fsdp_float8_all_gather": config.enable_fsdp_float8_all_gather}
@@ -385,12 +397,15 @@ class FP8Training(Pass):
         sel = select(graph, plan.fp8, backend)
         details = apply_torchao(model, sel, plan, env) if backend == "torchao" \
             else apply_te(model, sel, plan, env)
-        return self._record(sel, backend, plan, details)
+        rec = self._record(sel, backend, plan, details)
+        self._note_collectives(rec, backend, plan, env)
+        return rec
 
     def preview(self, graph: ModuleGraph, plan: Plan, env: Any) -> PassRecord:
         backend = self.backend(plan, env)
         sel = select(graph, plan.fp8, backend)
         rec = self._record(sel, backend, plan, {})
+        self._note_collectives(rec, backend, plan, env)
         if backend == "te":
             rec.note("te: the real run needs a CUDA device (compute capability >= 8.9, "
                      ">= 10.0 for mxfp8)")
@@ -402,6 +417,14 @@ class FP8Training(Pass):
         elif not torchao_importable():
             rec.note(f"torchao is not importable on this machine; {TORCHAO_EXTRA}")
         return rec
+
+    @staticmethod
+    def _note_collectives(rec: PassRecord, backend: str, plan: Plan, env: Any) -> None:
+        if backend == "torchao" and _fsdp_float8_asked(plan) and not float8_collectives(env):
+            rec.details["fsdp_float8_all_gather"] = False
+            rec.note("fsdp all-gathers the fp8 layers' weights in high precision: the gloo "
+                     "backend cannot all-gather float8 tensors (fp8.fsdp_float8_all_gather "
+                     "applies on nccl)")
 
     def _record(self, sel: Selection, backend: str, plan: Plan,
                 details: dict[str, Any]) -> PassRecord:
