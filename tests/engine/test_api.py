@@ -151,6 +151,20 @@ def test_inspect_touches_nothing_and_estimates_memory():
     assert '"memory_per_rank"' in rep.to_json()
 
 
+def test_inspect_of_a_meta_model_with_example_inputs_leaves_no_grads():
+    """A meta model is traced in place (no copy): the backward's gradients must not be
+    left on the user's parameters."""
+    from overdrive.models.llama import Llama, LlamaConfig
+
+    with torch.device("meta"):
+        model = Llama(LlamaConfig(n_layers=2))
+    ids = torch.randint(0, 256, (2, 16))
+    rep = od.inspect(model, "fsdp+ac", world_size=2, example_inputs={"input_ids": ids,
+                                                                     "labels": ids})
+    assert rep.trace.backward_flops > rep.trace.forward_flops > 0
+    assert [n for n, p in model.named_parameters() if p.grad is not None] == []
+
+
 def test_inspect_reports_parameter_bytes_per_rank_before_and_after_each_pass():
     model = tiny(n_layers=2)
     full = sum(p.numel() * 4 for p in model.parameters())
@@ -227,3 +241,4 @@ def test_forward_contexts_from_passes_wrap_every_forward():
         assert type(rt.model).__name__ == "Llama" and list(rt.model.state_dict()) == keys
     finally:
         manager.unregister_pass("t_ctx")
+

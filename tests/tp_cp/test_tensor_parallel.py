@@ -61,6 +61,17 @@ def test_tied_embeddings_are_left_whole():
     assert owners[id(model.norm.weight)] == {"norm"}
 
 
+def test_explicit_tp_plan_naming_tied_modules_is_refused():
+    """Sharding one of two modules sharing a weight would untie them: refused at check,
+    whichever of the two the plan names; naming untied modules only is fine."""
+    for name, other in (("lm_head", "embed_tokens"), ("embed_tokens", "lm_head")):
+        style = "colwise_rep" if name == "lm_head" else "embedding_rowwise"
+        refused(llama(tie_embeddings=True), tp(2, tp_plan={name: style}), 2,
+                f"tp_plan: {name!r} ({style})", f"tied to {other!r}", "tp_plan='auto'")
+    od.inspect(llama(tie_embeddings=True), tp(2, tp_plan={"layers.*.attn.q_proj": "colwise"}),
+               world_size=2)
+
+
 def test_inspect_reports_sharded_modules_and_halves_their_bytes():
     model = llama()
     report = od.inspect(model, tp(2), world_size=2)

@@ -292,7 +292,13 @@ def refusal_cases() -> dict:
         "sp_own_plan": (hf_llama, tp_plan(sequence_parallel=True)),
         "offload_tp": (llama, od.Plan(parallel=od.Parallel(tp=2, dp_shard=1), fsdp=offload)),
         "offload_fp8": (llama, od.Plan(fsdp=offload, fp8=od.FP8())),
+        "tp_tied": (lambda: llama(tie_embeddings=True),
+                    tp_plan_for({"lm_head": "colwise_rep", "layers.*.attn.q_proj": "colwise"})),
     }
+
+
+def tp_plan_for(styles: dict) -> od.Plan:
+    return od.Plan(parallel=od.Parallel(tp=2, dp_shard=1), tp_plan=styles)
 
 
 def scenario_refusals():
