@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import types
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -47,6 +48,7 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
     graph = ModuleGraph(model, plan.blocks)
     graph.blocks()  # resolves a user override now: a bad glob is refused before mutation
     manager = PassManager(plan)
+    _check_not_transformed(model, manager.names(), plan)
     _check_optimizer_arg(optimizer, manager, plan)
     param_names = {id(p): n for n, p in model.named_parameters()}
     # set before check: an engine pass (deepspeed) checks that it has an optimizer
@@ -57,6 +59,7 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
     _place_model(model, plan, env)
     records = manager.apply_all(model, graph, env)
     _enter_forward_contexts(model, env)
+    _APPLIED[model] = (*_APPLIED.get(model, ()), *manager.names())
 
     opt = env.extras.get("optimizer")  # an engine (DeepSpeed) may have built it
     if opt is None and env.optimizer_factory is not None:
@@ -91,6 +94,7 @@ def inspect(model: nn.Module, plan: Plan | dict | str | None = None, *,
     graph = ModuleGraph(shadow, plan.blocks)
     graph.blocks()
     manager = PassManager(plan)
+    _check_not_transformed(model, manager.names(), plan)
     env.extras["example_inputs"] = example_inputs  # budget checkpointing traces with them
     manager.check_all(graph, env)
     records = manager.preview_all(graph, env)
@@ -155,6 +159,42 @@ def _optimizer_factory(optimizer: OptimizerArg, param_names: dict[int, str],
     return rebuild
 
 
+# the passes od.accelerate applied to each live model, in order (nothing is set on the model)
+_APPLIED: "weakref.WeakKeyDictionary[nn.Module, tuple[str, ...]]" = weakref.WeakKeyDictionary()
+
+
+def _check_not_transformed(model: nn.Module, names: list[str], plan: Plan) -> None:
+    """Refuse to transform a model a second time in the same way: a second autocast
+    wrapper recurses, a second fully_shard trips torch's asserts, a DDP wrapper wrapped
+    again renames every key (``module.``)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        raise PlanError(
+            f"model: {type(model.module).__name__} is wrapped in torch's "
+            "DistributedDataParallel; pass the module it wraps (model.module) to "
+            "od.accelerate: the plan's ddp / fsdp does the wrapping, and the state_dict "
+            "keys stay the model's own (no 'module.' prefix)")
+    done = _APPLIED.get(model, ())
+    again = [n for n in names if n in done]
+    if again:
+        raise PlanError(
+            f"model: od.accelerate already applied {', '.join(done)} to this "
+            f"{type(model).__name__}; the plan would apply {', '.join(again)} a second time. "
+            "Call od.accelerate once per model with the whole plan (its passes compose), "
+            "or build a fresh model")
+    if plan.data_parallel is not None:
+        from torch.distributed.fsdp import FSDPModule
+
+        sharded = [n or "<root>" for n, m in model.named_modules() if isinstance(m, FSDPModule)]
+        if sharded:
+            raise PlanError(
+                f"model: fully_shard was already applied to {', '.join(sharded[:3])}; the "
+                f"plan's {plan.data_parallel} would shard or wrap it again. Pass the model "
+                "before fully_shard and let the plan shard it, or drop the plan's "
+                f"{plan.data_parallel}")
+
+
 def _check_meta_device(model: nn.Module, plan: Plan) -> None:
     """A model on the meta device has no weights: only fsdp materialises it (shard by
     shard, after sharding). A partly-meta model is refused even then: ``to_empty`` would
@@ -210,8 +250,11 @@ def _enter_forward_contexts(model: nn.Module, env) -> None:
     """
     if not env.forward_contexts:
         return
+    if "_overdrive_context_forward" in model.__dict__:  # an earlier od.accelerate wrapped it
+        env.forward_contexts[:0] = model._overdrive_forward_contexts  # theirs stay outermost
+    else:
+        model._overdrive_context_forward = model.forward
     model._overdrive_forward_contexts = env.forward_contexts
-    model._overdrive_context_forward = model.forward
     model.forward = types.MethodType(_forward_in_contexts, model)
 
 

@@ -159,6 +159,8 @@ def test_cp_transformers_llama_through_rt_shard(two_ranks):
     ("sp_own_plan", ["sequence_parallel=True", "own tp plan"]),
     ("offload_tp", ["fsdp.offload=True", "parallel.tp=2"]),
     ("offload_fp8", ["fsdp.offload=True", "fp8"]),
+    ("fsdp_twice", ["already applied fsdp", "a second time"]),
+    ("ddp_wrapped", ["DistributedDataParallel", "model.module"]),
     ("tp_tied", ["tp_plan", "'lm_head'", "tied to 'embed_tokens'", "tp_plan='auto'"]),
 ])
 def test_refusals_through_accelerate_leave_the_model_untouched(two_ranks, case, fragments):

@@ -292,6 +292,10 @@ def refusal_cases() -> dict:
         "sp_own_plan": (hf_llama, tp_plan(sequence_parallel=True)),
         "offload_tp": (llama, od.Plan(parallel=od.Parallel(tp=2, dp_shard=1), fsdp=offload)),
         "offload_fp8": (llama, od.Plan(fsdp=offload, fp8=od.FP8())),
+        "fsdp_twice": (lambda: od.accelerate(llama(), od.Plan(fsdp=od.FSDP())).model,
+                       od.Plan(fsdp=od.FSDP())),
+        "ddp_wrapped": (lambda: torch.nn.parallel.DistributedDataParallel(llama()),
+                        od.Plan(ddp=od.DDP())),
         "tp_tied": (lambda: llama(tie_embeddings=True),
                     tp_plan_for({"lm_head": "colwise_rep", "layers.*.attn.q_proj": "colwise"})),
     }
