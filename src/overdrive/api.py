@@ -90,6 +90,7 @@ def inspect(model: nn.Module, plan: Plan | dict | str | None = None, *,
     plan = resolve_plan(plan)
     plan, env = make_env(plan, world_size=world_size, dry_run=True)
     on_meta = all(p.device.type == "meta" for p in model.parameters())
+    env.model_on_meta = on_meta
     shadow = model if on_meta else meta_copy(model)
     graph = ModuleGraph(shadow, plan.blocks)
     graph.blocks()
