@@ -68,7 +68,7 @@ def latest_checkpoint(out: str | None) -> str | None:
 def make_plan(args: argparse.Namespace) -> od.Plan:
     if args.plan is None:
         plan = od.Plan()
-    elif args.plan.endswith((".yaml", ".yml", ".json")):
+    elif args.plan.lower().endswith((".yaml", ".yml", ".json")):
         plan = od.Plan.from_file(args.plan)
     else:
         plan = od.Plan.preset(args.plan)
