@@ -1,6 +1,6 @@
 """``accelerate`` and ``inspect``: the one call, and its dry run.
 
-The flow (DESIGN.md): resolve the plan → inspect the model → order the passes → check
+The flow (docs/architecture.md): resolve the plan → inspect the model → order the passes → check
 every pass → (only then) mutate: place the model, apply the passes, build the optimizer.
 """
 
