@@ -28,7 +28,6 @@ def test_readme_block_runs(code, tmp_path):
 
 
 def test_readme_pipeline_line_is_the_builtin_order():
-    import overdrive  # noqa: F401  (registers the built-in passes)
     from overdrive.rewrite.manager import _REGISTRY, registered_passes
 
     line = next(l for l in (ROOT / "README.md").read_text().splitlines()
