@@ -6,6 +6,7 @@ from torch import nn
 
 from overdrive import ModuleGraph, PlanError
 from overdrive.models.llama import Llama, LlamaConfig, tiny
+from tests.helpers import require
 
 
 class Inner(nn.Module):
@@ -48,7 +49,7 @@ def test_transformers_style_nesting():
 
 
 def test_transformers_llama():
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
                                    num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2)

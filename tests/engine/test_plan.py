@@ -6,6 +6,7 @@ import pytest
 
 import overdrive as od
 from overdrive.rewrite.plan import resolve_for_world, resolve_plan, resolve_sizes
+from tests.helpers import require
 
 
 @pytest.mark.parametrize("name,check", [
@@ -55,7 +56,7 @@ def test_dict_round_trip(name):
 
 @pytest.mark.parametrize("name", ["budget", "casting", "attrs"])
 def test_file_round_trip(name, tmp_path):
-    yaml = pytest.importorskip("yaml")
+    yaml = require("yaml")
     plan = ROUND_TRIP_PLANS[name]
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(plan.to_dict()))
     (tmp_path / "p.json").write_text(json.dumps(plan.to_dict()))
@@ -64,7 +65,7 @@ def test_file_round_trip(name, tmp_path):
 
 
 def test_yaml_and_json_files(tmp_path):
-    yaml = pytest.importorskip("yaml")
+    yaml = require("yaml")
     plan = od.Plan(fsdp=od.FSDP(reshard_after_forward=False), compile=od.Compile(backend="eager"),
                    grad_accum=4, blocks=("layers.*",), mixed_precision="bf16")
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(plan.to_dict()))

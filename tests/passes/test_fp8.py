@@ -20,9 +20,9 @@ from overdrive.rewrite.graph import ModuleGraph
 from overdrive.rewrite.plan import Plan
 from overdrive.runtime.state import Env
 
-from tests.helpers import assert_untouched, snapshot
+from tests.helpers import assert_untouched, require, snapshot
 
-Float8Linear = pytest.importorskip("torchao.float8.float8_linear").Float8Linear
+Float8Linear = require("torchao.float8.float8_linear").Float8Linear
 
 # e4m3 keeps 3 mantissa bits: round-to-nearest changes a (scaled, normal) value by at most
 # 2^-4 relative. torchao quantizes both matmul operands (input and weight) with dynamic

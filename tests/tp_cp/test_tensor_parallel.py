@@ -9,7 +9,7 @@ from torch import nn
 import overdrive as od
 from overdrive.passes.tensor_parallel import head_counts, make_style, resolve_tp_plan
 from overdrive.rewrite.graph import ModuleGraph
-from tests.helpers import assert_untouched, snapshot
+from tests.helpers import assert_untouched, require, snapshot
 from tests.tp_cp.common import hf_llama, llama
 
 
@@ -141,7 +141,7 @@ def test_sequence_parallel_refusals():
 
 
 def test_fp8_tensorwise_picks_torchao_styles():
-    pytest.importorskip("torchao")
+    require("torchao")
     from torch.distributed.tensor.parallel import ColwiseParallel
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     from torchao.float8.float8_tensor_parallel import (Float8ColwiseParallel,
