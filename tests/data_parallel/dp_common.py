@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from overdrive.models.llama import Llama, LlamaConfig
+from overdrive.quiet import known_harmless_noise
 
 STEPS = 5
 LR = 0.5
@@ -25,8 +26,9 @@ def make_llama() -> Llama:
 
 
 def make_hf():
-    from transformers import LlamaConfig as HFConfig
-    from transformers import LlamaForCausalLM
+    with known_harmless_noise():  # transformers imports torchao
+        from transformers import LlamaConfig as HFConfig
+        from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = HFConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,

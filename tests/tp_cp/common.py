@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from overdrive.models.llama import Attention, LlamaConfig, apply_rope, tiny
+from overdrive.quiet import known_harmless_noise
 
 LR = 0.1
 STEPS = 5
@@ -39,7 +40,8 @@ def llama(**cfg) -> nn.Module:
 
 
 def hf_llama() -> nn.Module:
-    from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
+    with known_harmless_noise():  # transformers imports torchao
+        from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = HFConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -92,7 +94,8 @@ def train(model: nn.Module, data: list[dict], step_fn=None) -> list[float]:
 
 def fp8_llama() -> nn.Module:
     """The tiny Llama with torchao tensorwise Float8Linear layers (what the fp8 pass makes)."""
-    from torchao.float8 import convert_to_float8_training
+    with known_harmless_noise():
+        from torchao.float8 import convert_to_float8_training
 
     torch.manual_seed(0)
     return convert_to_float8_training(llama(ffn_dim=128),

@@ -217,8 +217,10 @@ def fsdp_tp(model, data):
     plan = od.Plan(parallel=od.Parallel(dp_shard=-1, tp=2), fsdp=od.FSDP())
     rt = od.accelerate(model, plan, optimizer=sgd)
     losses = mean_over(run(rt, data, shard=dp_slice(rt)), None)
+    metrics = rt.gather_for_metrics(torch.tensor([rt.dp_rank]))  # over the dp group only
     return {"losses": losses, "bytes_after": rt.report.passes[-1].bytes_after,
-            "rank_bytes": gathered(local_bytes(rt.model)), "passes": rt.report.names()}
+            "rank_bytes": gathered(local_bytes(rt.model)), "passes": rt.report.names(),
+            "metrics": metrics.tolist()}
 
 
 def scenario_fsdp_tp():
