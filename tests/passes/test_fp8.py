@@ -572,3 +572,14 @@ def test_te_real_swap_trains_under_fp8_autocast():
         rt.optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_record_says_fp8_on_cpu_is_emulated():
+    """On CPU torchao emulates the fp8 matmuls: the record (and od.inspect's) says so."""
+    rec = _fp8(tiny(1)).report["fp8"]
+    assert rec.details["emulated"] is True
+    assert any("fp8 on cpu is emulated" in n and "no speedup" in n for n in rec.notes)
+    if not torch.cuda.is_available():
+        preview = od.inspect(tiny(1), Plan(fp8=od.FP8()))["fp8"]
+        assert preview.details["emulated"] is True
+        assert any("emulated" in n for n in preview.notes)

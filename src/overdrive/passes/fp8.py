@@ -400,6 +400,7 @@ class FP8Training(Pass):
             else apply_te(model, sel, plan, env)
         rec = self._record(sel, backend, plan, details)
         self._note_collectives(rec, backend, plan, env)
+        self._note_emulation(rec, backend, env)
         return rec
 
     def preview(self, graph: ModuleGraph, plan: Plan, env: Any) -> PassRecord:
@@ -407,6 +408,7 @@ class FP8Training(Pass):
         sel = select(graph, plan.fp8, backend)
         rec = self._record(sel, backend, plan, {})
         self._note_collectives(rec, backend, plan, env)
+        self._note_emulation(rec, backend, env)
         if backend == "te":
             rec.note("te: the real run needs a CUDA device (compute capability >= 8.9, "
                      ">= 10.0 for mxfp8)")
@@ -418,6 +420,21 @@ class FP8Training(Pass):
         elif not torchao_importable():
             rec.note(f"torchao is not importable on this machine; {TORCHAO_EXTRA}")
         return rec
+
+    @staticmethod
+    def _note_emulation(rec: PassRecord, backend: str, env: Any) -> None:
+        """torchao has no fp8 matmul kernel on CPU: it emulates them (correct, not fast)."""
+        device_type = env.device.type
+        if env.dry_run:
+            device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        emulated = backend == "torchao" and device_type != "cuda"
+        rec.details["emulated"] = emulated
+        if emulated:
+            rec.note(f"fp8 on {device_type} is emulated (torchao upcasts every fp8 matmul): "
+                     "it trains with fp8 numerics but is no speedup — slower than bf16 "
+                     "wherever the CPU computes bf16 natively (3x in benchmarks/fp8.py's "
+                     "latest run); the speedup needs a CUDA GPU with fp8 tensor cores "
+                     "(compute capability >= 8.9)")
 
     @staticmethod
     def _note_collectives(rec: PassRecord, backend: str, plan: Plan, env: Any) -> None:
