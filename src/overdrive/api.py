@@ -1,7 +1,8 @@
 """``accelerate`` and ``inspect``: the one call, and its dry run.
 
-The flow (docs/architecture.md): resolve the plan → inspect the model → order the passes → check
-every pass → (only then) mutate: place the model, apply the passes, build the optimizer.
+The flow (docs/architecture.md): resolve the plan → inspect the model → order the
+passes → check every pass → (only then) mutate: place the model, apply the passes,
+build the optimizer.
 """
 
 from __future__ import annotations
@@ -89,13 +90,13 @@ def inspect(model: nn.Module, plan: Plan | dict | str | None = None, *,
         raise PlanError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     plan = resolve_plan(plan)
     plan, env = make_env(plan, world_size=world_size, dry_run=True)
+    manager = PassManager(plan)
+    _check_not_transformed(model, manager.names(), plan)
     on_meta = all(p.device.type == "meta" for p in model.parameters())
     env.model_on_meta = on_meta
     shadow = model if on_meta else meta_copy(model)
     graph = ModuleGraph(shadow, plan.blocks)
     graph.blocks()
-    manager = PassManager(plan)
-    _check_not_transformed(model, manager.names(), plan)
     env.extras["example_inputs"] = example_inputs  # budget checkpointing traces with them
     manager.check_all(graph, env)
     records = manager.preview_all(graph, env)
