@@ -236,7 +236,7 @@ def test_refuses_models_without_blocks_and_bad_every():
         od.Plan(checkpointing=od.Checkpointing(mode="every", every=0)).replace()
     assert_untouched(model, before)
     od.accelerate(model, "ac")
-    with pytest.raises(od.PlanError, match="already checkpointed"):
+    with pytest.raises(od.PlanError, match="already applied checkpointing"):
         od.accelerate(model, "ac")
 
 

@@ -28,7 +28,7 @@ class Compile:
     """Regional (per block), full-model or no ``torch.compile``."""
 
     mode: str = "regional"  # "regional" | "full" | "off"
-    backend: str = "inductor"
+    backend: str | Callable[..., Any] = "inductor"  # a torch.compile backend name or callable
     compile_mode: str | None = None  # torch.compile's own `mode`
     fullgraph: bool = False
     dynamic: bool | None = None
