@@ -29,6 +29,8 @@ _EXPORTS: dict[str, str] = {
     "load_weights": ".runtime.export",
     "find_executable_batch_size": ".runtime.helpers",
     "Runtime": ".runtime.runtime",
+    "Tracker": ".runtime.tracking",
+    "launch": ".launch", "LaunchError": ".launch",
 }
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "Pass", "register_pass", "find_executable_batch_size",
     "OverdriveError", "PlanError", "BackendUnavailable", "PassFailed",
     "load_weights", "CheckpointError", "NotACheckpoint", "CheckpointMismatch", "CheckpointCorrupt",
+    "Tracker", "launch", "LaunchError",
 ]
 
 
@@ -68,3 +71,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .runtime.export import load_weights
     from .runtime.helpers import find_executable_batch_size
     from .runtime.runtime import Runtime
+    from .runtime.tracking import Tracker
+    from .launch import LaunchError, launch

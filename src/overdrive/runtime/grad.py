@@ -78,6 +78,11 @@ class Optimizer(torch.optim.Optimizer):
             self._engine.step()  # DeepSpeed counts accumulation boundaries itself
             if not self._grad.sync:
                 return None
+            # its fp16 loss scaler skips steps with inf/NaN grads: no hooks, no scheduler step
+            applied = getattr(self._engine, "was_step_applied", None)
+            self.step_was_skipped = callable(applied) and not applied()
+            if self.step_was_skipped:
+                return None
             return self._after_step(None)
         if not self._grad.sync:
             return None
@@ -128,6 +133,11 @@ class Optimizer(torch.optim.Optimizer):
             hook(self._model, self.optimizer)
         self.rt.step += 1
         self.unscaled = False
+        rt = self.rt
+        if rt._meter is not None:
+            rt._meter.on_step()
+        if rt._profiler is not None:
+            rt._profiler.step()
         return out
 
     def zero_grad(self, set_to_none: bool = True) -> None:
