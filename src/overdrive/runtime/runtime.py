@@ -304,7 +304,7 @@ class Runtime:
         """The data-parallel process group (None: the default group is the dp group)."""
         if self.dp_size == self.world_size:
             return None
-        return self.mesh["dp"].get_group()
+        return self.env.submesh("dp").get_group()  # the kept flattened mesh (torch asks so)
 
     # -- state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

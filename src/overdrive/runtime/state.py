@@ -106,6 +106,8 @@ class Env:
     world_size: int
     device: torch.device
     dry_run: bool = False
+    # od.inspect: the user's model itself is on the meta device (not just the dry run's copy)
+    model_on_meta: bool = False
     _mesh: Any = None
     _flat: dict[str, Any] = field(default_factory=dict)  # flattened meshes by name
     # hand-off slots, filled by passes, read by the runtime
