@@ -103,7 +103,14 @@ def _group(rt):
         return None
     if getattr(rt, "_ckpt_group", None) is None:
         rt._ckpt_group = dist.new_group(backend="gloo")
+        rt._ckpt_dcp_group = dist.new_group(backend="gloo")
     return rt._ckpt_group
+
+
+def _dcp_group(rt):
+    """DCP's own collectives use a second group: an async save's run in its background
+    thread while the agreements of ``_agreed`` run on the first."""
+    return None if _group(rt) is None else rt._ckpt_dcp_group
 
 
 @contextlib.contextmanager
@@ -325,13 +332,14 @@ def _write_tensors(rt, p: PendingSave, tensors: Any, async_: bool) -> None:
         return
     cf.test_hook("write")
     p.writer = cf.ChecksumWriter(str(p.tmp), sync_files=True, thread_count=io_threads())
-    with _quiet(p.group):
+    group = _dcp_group(rt)
+    with _quiet(group):
         if async_:
-            p.future = dcp.async_save(tensors, storage_writer=p.writer, process_group=p.group,
-                                      no_dist=p.group is None)
+            p.future = dcp.async_save(tensors, storage_writer=p.writer, process_group=group,
+                                      no_dist=group is None)
         else:
-            dcp.save(tensors, storage_writer=p.writer, process_group=p.group,
-                     no_dist=p.group is None)
+            dcp.save(tensors, storage_writer=p.writer, process_group=group,
+                     no_dist=group is None)
 
 
 def _discard(p: PendingSave) -> None:
@@ -675,7 +683,7 @@ def _verify(path: Path, manifest: dict[str, dict[str, int]], group, crc: bool) -
 def _load_dcp(rt, todo: _Load, group) -> None:
     with _quiet(group):
         dcp.load(todo.tensors, storage_reader=todo.reader, planner=cf.SafeLoadPlanner(),
-                 process_group=group, no_dist=group is None)
+                 process_group=_dcp_group(rt), no_dist=group is None)
     full = merge(todo.tensors, todo.plain)
     opt = raw_optimizer(rt.optimizer)
     options = StateDictOptions(strict=True)
