@@ -305,6 +305,17 @@ def save(rt, path: str | Path, *, keep_last: int | None = None, async_: bool = F
         _finish(pending)
 
 
+def _remove_tree(tmp: Path, patience_s: float = 30.0) -> None:
+    """Remove ``tmp``, again while files keep appearing: when one of DCP's writer threads
+    fails, the others are not joined and finish their files after the error was raised."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.lexists(tmp) or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
+
+
 def _start(path: Path, tmp: Path) -> cf.SaveLock:
     """Rank 0: remove what failed or crashed saves of the series left, make ``tmp``."""
     cf.remove_stale_tmp(path)
@@ -346,7 +357,7 @@ def _discard(p: PendingSave) -> None:
     """A failed save: rank 0 removes its temporary directory (every rank has stopped
     writing into it: the failure was agreed on), then drops the lock."""
     if p.rank == 0:
-        shutil.rmtree(p.tmp, ignore_errors=True)
+        _remove_tree(p.tmp)
         log.warning("overdrive: the save of %s failed; removed its temporary directory %s",
                     p.path, p.tmp.name)
     if p.lock is not None:
