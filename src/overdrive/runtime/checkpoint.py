@@ -29,6 +29,15 @@ With a DeepSpeed engine (``env.engine``) the engine's own ``save_checkpoint`` /
 DeepSpeed's rules. ``checkpoint_deepspeed.py`` fsyncs them and makes DeepSpeed read them
 with ``weights_only=True`` (and says what stays trusted).
 
+Load checks, then restores (``load``): every rank reads and checks its share of the files
+and records and all of its own small state, the ranks agree (``_agreed``: one rank's
+refusal is raised on every rank), and only then does any rank restore. Tensors are not
+staged in a second copy: each DCP record is checked on the meta device first (its pickle
+and zip layout, no data read), so the read into the model's own storage that follows can
+only fail on an I/O error. Save and load run as steps agreed on every rank the same way,
+and every failure, DCP's ``CheckpointException`` (a BaseException) included, is raised as
+a ``CheckpointError``; a failed save removes its temporary directory (``_discard``).
+
 ``async_=True``: tensors are staged to CPU memory, written by a background thread, and the
 checkpoint is published (manifest, marker, rename) by the next ``save``/``load``,
 ``rt.wait_for_save()``, or at the latest when the interpreter exits (an ``atexit`` hook):
@@ -498,7 +507,7 @@ def load(rt, path: str | Path, *, verify: bool = True) -> dict[str, Any]:
     _verify(path, manifest, group, verify)
     todo = _agreed(lambda: _prepare(rt, path, meta, manifest, rank, world), group)
     _agreed(lambda: _restore(rt, todo, meta, rank, group), group,
-            what="the load (after the checks passed, while restoring: this runtime may be "
+            what="the load while restoring, after every check passed (this runtime may be "
                  "partly restored; load a checkpoint again before training)")
     if rank == 0:
         log.info("overdrive: loaded checkpoint %s (step %s, saved on %s rank(s), loaded on %s)",
@@ -512,13 +521,20 @@ def _open(path: Path, rank: int) -> tuple[Path, dict[str, Any], dict[str, dict[s
 
 
 def _restore(rt, todo: "_Load", meta: dict[str, Any], rank: int, group) -> None:
-    """Everything was checked on every rank: now the runtime is changed."""
-    if todo.engine is not None:
-        ds.load(todo.engine, todo.path)
-    else:
-        _load_dcp(rt, todo, group)
-    _restore_replicated(rt, todo)
-    _restore_rank(rt, todo, meta, rank)
+    """Everything was checked on every rank: now the runtime is changed. Only an I/O error
+    or a file changed meanwhile can still fail here."""
+    try:
+        if todo.engine is not None:
+            ds.load(todo.engine, todo.path)
+        else:
+            _load_dcp(rt, todo, group)
+        _restore_replicated(rt, todo)
+        _restore_rank(rt, todo, meta, rank)
+    except _FAILURES as e:
+        error = as_checkpoint_error(e, CheckpointCorrupt)
+        raise type(error)(f"{error} (while restoring {todo.path}, after every check passed: "
+                          "this runtime may be partly restored; load a checkpoint again "
+                          "before training)") from e
 
 
 def _existing(path: Path, rank: int) -> Path:
@@ -771,13 +787,15 @@ def _check_replicated(rt, state: dict[str, Any]) -> None:
                 f"runtime {have} {name}; build the runtime with the same {name} setup")
         if obj is None or saved == {}:  # a disabled GradScaler saves {}
             continue
-        # load_state_dict of a scheduler is __dict__.update: only the keys it has itself
+        # a scheduler's load_state_dict is __dict__.update: no keys its own state lacks;
+        # GradScaler's reads each of its keys
         want = set(obj.state_dict())
-        if set(saved) != want:
+        if not isinstance(saved, dict) or not (
+                set(saved) <= want if name == "scheduler" else set(saved) == want):
+            got = sorted(map(str, saved)) if isinstance(saved, dict) else type(saved).__name__
             raise CheckpointMismatch(
-                f"the checkpoint's {name} state has keys {sorted(map(str, saved))}, this "
-                f"runtime's {type(obj).__name__} {sorted(want)}; build the runtime with the "
-                f"same {name}")
+                f"the checkpoint's {name} state has keys {got}, this runtime's "
+                f"{type(obj).__name__} {sorted(want)}; build the runtime with the same {name}")
 
 
 def _check_loaders(rt, loaders: list[Any], where: Path) -> None:

@@ -14,7 +14,7 @@ A checkpoint is a directory ``path`` holding
 It is written to a hidden sibling ``.<name>.tmp-<uuid>`` and renamed to ``path`` by rank 0
 only after every rank has written and fsynced its files. A directory without the marker is
 not a checkpoint; a crash before the rename leaves only the hidden sibling, which the next
-save of the same ``path`` removes. All ranks must see the same filesystem.
+save of ``path`` or of its series removes. All ranks must see the same filesystem.
 
 Nothing here executes code from a file: DCP's pickled ``.metadata`` is read with an
 unpickler that only admits DCP's own metadata classes, the ``.pt`` files are loaded with
@@ -29,7 +29,8 @@ A save in progress holds an exclusive ``flock`` on ``<tmp>/.lock`` (taken before
 directory appears under its ``.tmp-`` name, released after the rename): a temporary
 directory whose lock can be taken belongs to a save that crashed or failed, and is removed
 by the next save of the same series; one whose lock is held (an async save, another process)
-is left alone.
+is left alone. (The lock is as good as the filesystem's ``flock``: local filesystems and
+NFSv4 share it between machines; a filesystem mounted with node-local locks does not.)
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from zlib_ng.zlib_ng import crc32  # zlib's crc32, SIMD-accelerated: ~3x zlib's speed
 
-from ..errors import CheckpointCorrupt, CheckpointError, NotACheckpoint
+from ..errors import CheckpointCorrupt, NotACheckpoint
 
 MARKER = "overdrive_checkpoint.json"
 MANIFEST = "manifest.json"
@@ -188,7 +189,7 @@ class SaveLock:
 def make_tmp(tmp: Path) -> SaveLock:
     """Create ``tmp`` with its lock already held: it is built under another name and
     renamed, so no other process ever sees it unlocked."""
-    building = tmp.with_name(tmp.name.replace(".tmp-", ".new-", 1))
+    building = tmp.with_name(tmp.name + ".new")
     building.mkdir(parents=True)
     fd = os.open(building / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
