@@ -124,3 +124,23 @@ def test_a_load_one_rank_fails_while_checking_raises_on_both_untouched(tmp_path)
         assert all(o["error"] and o["error"].startswith("CheckpointCorrupt") for o in out), out
     rng = [read_json(tmp_path / f"rng-rank{r}.json")["error"] for r in range(2)]
     assert "RNG state is not valid" in rng[1] and "rank 1 refused the load" in rng[0], rng
+
+
+def test_dcp_records_take_the_fast_check_and_the_slow_one_agrees(saved, monkeypatch):
+    """Records torch.save writes for a plain tensor are read by ``_RecordUnpickler`` (no
+    torch.load per record); anything else goes through torch's weights_only loader on the
+    meta device, which must accept and refuse the same records."""
+    import zipfile
+
+    from overdrive.runtime import checkpoint_files as cf
+
+    md = cf.SafeReader(str(saved), cf.read_manifest(saved)).read_metadata()
+    for idx in cf.record_order(md.storage_data):
+        info = md.storage_data[idx]
+        with open(saved / info.relative_path, "rb") as f:
+            z = zipfile.ZipFile(cf._Slice(f, info.offset, info.length))
+            assert cf._fast_record(z) is not None, idx.fqn
+    monkeypatch.setattr(cf, "_fast_record", lambda z: None)  # every record: the slow path
+    assert _runtime(seed=7).load(saved)["step"] == 2
+    replace_record(saved, last_record(saved), edit=lambda t: torch.zeros(3, 5))
+    _refused(saved, od.CheckpointCorrupt, r"holds a torch.float32 tensor of shape \[3, 5\]")
