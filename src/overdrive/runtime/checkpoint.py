@@ -73,6 +73,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from ..errors import CheckpointCorrupt, CheckpointError, CheckpointMismatch, OverdriveError
 from . import checkpoint_deepspeed as ds
 from . import checkpoint_files as cf
+from . import custom_state, model_meta
 from .grad import raw_optimizer
 
 log = logging.getLogger("overdrive")
@@ -206,9 +207,10 @@ def _app_state(rt) -> dict[str, Any]:
     return app
 
 
-def _replicated_state(rt, plain_app: Any) -> dict[str, Any]:
+def _replicated_state(rt, plain_app: Any, custom: list) -> dict[str, Any]:
     return {
         "app": plain_app,
+        "custom": custom,  # rt.register_for_checkpointing objects (custom_state.py)
         "scheduler": rt.scheduler.state_dict() if rt.scheduler is not None else None,
         "scaler": rt.scaler.state_dict() if rt.scaler is not None else None,
         "counters": {c: getattr(rt, c) for c in COUNTERS},
@@ -282,6 +284,7 @@ def save(rt, path: str | Path, *, keep_last: int | None = None, async_: bool = F
     if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
         raise ValueError(f"keep_last={keep_last!r} is not valid; use an integer >= 1 or None")
     _check_at_boundary(rt, "rt.save")
+    custom = custom_state.collect(rt._custom_objects)  # every rank (may be a collective)
     if keep_last is not None and cf.series(path.name) is None:
         raise ValueError(f"keep_last={keep_last} keeps the newest checkpoints named like "
                          f"{path.name!r} with another number, and {path.name!r} has no number; "
@@ -295,11 +298,12 @@ def save(rt, path: str | Path, *, keep_last: int | None = None, async_: bool = F
     meta = {"format": cf.FORMAT, "kind": "dcp", "step": getattr(rt, "step", 0),
             "world_size": world, "time_ns": time.time_ns(),
             "plan": rt.plan.to_dict() if rt.plan is not None else None,
-            "model": type(rt.model).__name__}
+            "model": type(rt.model).__name__,
+            "export": model_meta.describe(rt)}  # for `overdrive export` (model_meta.py)
     pending = PendingSave(None, tmp, path, keep_last, meta, group, rank, world, {}, lock=lock)
     try:
         # every rank's own files first, agreed: no rank enters DCP's collectives alone
-        tensors = _agreed(lambda: _write_plain(rt, pending), group, CheckpointError,
+        tensors = _agreed(lambda: _write_plain(rt, pending, custom), group, CheckpointError,
                           f"the save of {path}")
         _agreed(lambda: _write_tensors(rt, pending, tensors, async_), group, CheckpointError,
                 f"the save of {path}")
@@ -331,7 +335,7 @@ def _start(path: Path, tmp: Path) -> cf.SaveLock:
     return cf.make_tmp(tmp)
 
 
-def _write_plain(rt, p: PendingSave) -> Any:
+def _write_plain(rt, p: PendingSave, custom: list) -> Any:
     """This rank's ``rank-<r>.pt`` (and rank 0's ``state.pt``); returns the tensors DCP
     writes next (None for a DeepSpeed engine, which writes its own)."""
     p.written[f"rank-{p.rank}.pt"] = cf.save_plain(_rank_state(rt), p.tmp / f"rank-{p.rank}.pt")
@@ -341,7 +345,8 @@ def _write_plain(rt, p: PendingSave) -> Any:
     else:
         tensors, plain = split(_app_state(rt))
     if p.rank == 0:
-        p.written["state.pt"] = cf.save_plain(_replicated_state(rt, plain), p.tmp / "state.pt")
+        p.written["state.pt"] = cf.save_plain(_replicated_state(rt, plain, custom),
+                                              p.tmp / "state.pt")
     return tensors
 
 
@@ -529,6 +534,7 @@ def _restore(rt, todo: "_Load", meta: dict[str, Any], rank: int, group) -> None:
         else:
             _load_dcp(rt, todo, group)
         _restore_replicated(rt, todo)
+        custom_state.restore(rt._custom_objects, todo.replicated.get("custom"))
         _restore_rank(rt, todo, meta, rank)
     except _FAILURES as e:
         error = as_checkpoint_error(e, CheckpointCorrupt)
@@ -625,6 +631,7 @@ def _prepare(rt, path: Path, meta: dict[str, Any], manifest: dict[str, dict[str,
     counters = _check_counters(replicated["counters"], path / "state.pt")
     _check_replicated(rt, replicated)
     _check_loaders(rt, loaders, path / loader_file)
+    custom_state.check(rt._custom_objects, replicated.get("custom"), path)
     todo = _Load(path, replicated, counters, rank_state, own_rng, loaders)
     if meta["kind"] == "deepspeed":
         todo.engine = getattr(rt.env, "engine", None)
