@@ -211,6 +211,12 @@ class ShardedLoader:
                 "batch_size": self.batch_size, "dp_size": self.size,
                 "position": self.position}
 
+    def check_state_dict(self, state: dict[str, int]) -> None:
+        """Raise for a position ``load_state_dict`` would refuse, changing nothing
+        (``rt.load`` checks every loader's before restoring any)."""
+        self._global_position(state)
+        int(state["epoch"]), int(state.get("seed", self.seed))
+
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue where ``state`` left off, also when it was saved on another number of
         data-parallel ranks: the remaining global batches are dealt out anew."""
