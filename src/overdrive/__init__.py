@@ -7,7 +7,8 @@
 
 from .api import accelerate, inspect
 from .errors import (BackendUnavailable, CheckpointCorrupt, CheckpointError,
-                     CheckpointMismatch, NotACheckpoint, OverdriveError, PassFailed, PlanError)
+                     CheckpointMismatch, DesyncError, NonFiniteError, NotACheckpoint,
+                     OverdriveError, PassFailed, PlanError)
 from .rewrite.graph import ModuleGraph
 from .rewrite.manager import Pass, register_pass
 from .rewrite.plan import (DDP, FP8, FSDP, PRESETS, Casting, Checkpointing, Compile,
@@ -27,4 +28,5 @@ __all__ = [
     "Pass", "register_pass", "find_executable_batch_size",
     "OverdriveError", "PlanError", "BackendUnavailable", "PassFailed",
     "load_weights", "CheckpointError", "NotACheckpoint", "CheckpointMismatch", "CheckpointCorrupt",
+    "DesyncError", "NonFiniteError",
 ]

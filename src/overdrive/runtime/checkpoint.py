@@ -62,6 +62,7 @@ from ..errors import CheckpointCorrupt, CheckpointError, CheckpointMismatch
 from . import checkpoint_deepspeed as ds
 from . import checkpoint_files as cf
 from .grad import raw_optimizer
+from .ledger import collective
 
 log = logging.getLogger("overdrive")
 
@@ -111,14 +112,14 @@ def _quiet(group):
 
 def _barrier(group) -> None:
     if group is not None:
-        dist.barrier(group=group)
+        collective("barrier", dist.barrier, group=group)
 
 
 def _broadcast(obj: Any, group) -> Any:
     if group is None:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0, group=group)
+    collective("broadcast_object_list", dist.broadcast_object_list, box, src=0, group=group)
     return box[0]
 
 
@@ -126,7 +127,7 @@ def _all_gather(obj: Any, group) -> list[Any]:
     if group is None:
         return [obj]
     out: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
+    collective("all_gather_object", dist.all_gather_object, out, obj, group=group)
     return out
 
 

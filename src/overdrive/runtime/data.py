@@ -262,6 +262,9 @@ class ShardedLoader:
                 self.consumed += self._per_batch
                 self.rt._active_loader = self
                 yield self._place(batch)
+            ledger = getattr(self.rt, "_ledger", None)
+            if ledger is not None:  # a sync point: every rank ends the epoch together
+                ledger.point(f"rt.shard epoch {self.epoch} end")
             self.epoch, self.consumed = self.epoch + 1, 0
         finally:
             self._iterating = False

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import CheckpointCorrupt, CheckpointMismatch, NotACheckpoint
+from .ledger import collective
 from .runtime import clean_key
 
 log = logging.getLogger("overdrive")
@@ -138,7 +139,7 @@ def export(model: nn.Module, directory: str | Path, *, max_shard_size: int | str
         _name_shards(directory, shards, total)
         _save_config(model, directory)
     if dist.is_initialized():
-        dist.barrier()
+        collective("barrier", dist.barrier)
     return directory
 
 

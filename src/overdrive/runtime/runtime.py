@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from typing import Any
 
 import torch
@@ -18,6 +19,8 @@ from torch import nn
 from ..rewrite.plan import Plan
 from ..rewrite.report import Report
 from . import collectives, data, grad, helpers
+from .guards import NonFiniteGuard
+from .ledger import make_ledger
 from .state import Env
 
 log = logging.getLogger("overdrive")
@@ -43,7 +46,8 @@ class Runtime:
     """
 
     def __init__(self, model: nn.Module, *, plan: Plan, report: Report, env: Env,
-                 optimizer: Any = None, scheduler: Any = None):
+                 optimizer: Any = None, scheduler: Any = None,
+                 desync_timeout: float | None = 60.0):
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -60,6 +64,11 @@ class Runtime:
         self._active_loader = None  # the sharded loader being iterated (its last batch syncs)
         self._grad_sync = grad.GradSync(self, self.grad_accum)
         self._dtensor_grads = _has_dtensor(model)
+        self._guard = NonFiniteGuard(self)
+        # the collective ledger and its watchdog (ledger.py); None on a single process
+        self._ledger = make_ledger(desync_timeout)
+        if self._ledger is not None:
+            weakref.finalize(self, self._ledger.stop)
         if optimizer is not None:
             self.optimizer = grad.Optimizer(optimizer, self)
         if scheduler is not None:
@@ -140,7 +149,25 @@ class Runtime:
 
     # -- backward -------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
-        """``loss.backward()`` scaled by 1/grad_accum (and by the fp16 scaler)."""
+        """``loss.backward()`` scaled by 1/grad_accum (and by the fp16 scaler).
+
+        A NaN/inf loss outside fp16 raises ``NonFiniteError`` (guards.py) before the
+        optimizer steps, or skips the step with ``Plan(skip_nonfinite=True)``.
+        """
+        self._guard.value(loss, "the loss")
+        ledger = self._ledger
+        if ledger is None:
+            return self._backward(loss, kwargs)
+        if ledger.error is not None:
+            ledger.raise_error()
+        ledger.inside = "rt.backward"  # a peer stalled meanwhile names it
+        try:
+            self._backward(loss, kwargs)
+        finally:
+            ledger.inside = None
+        return None
+
+    def _backward(self, loss: torch.Tensor, kwargs: dict) -> None:
         if self.env.engine is not None:
             self.env.engine.backward(loss, **kwargs)
             return
@@ -182,7 +209,10 @@ class Runtime:
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0):
         """Clip the gradients; returns the global norm across every shard."""
-        return grad.clip_grad_norm_(self, max_norm, norm_type)
+        total = grad.clip_grad_norm_(self, max_norm, norm_type)
+        if total is not None and self.env.engine is None:
+            self._guard.value(total, "the gradient norm")
+        return total
 
     def clip_grad_value_(self, clip_value: float) -> None:
         grad.clip_grad_value_(self, clip_value)
@@ -190,27 +220,39 @@ class Runtime:
     # -- collectives (collectives.py) -------------------------------------------------
     def gather(self, x: Any) -> Any:
         """Every rank's tensors concatenated along dim 0 (nested structures kept)."""
-        return collectives.gather(x)
+        with self._collective("rt.gather"):
+            return collectives.gather(x)
 
     def gather_for_metrics(self, x: Any) -> Any:
         """``gather`` over the data-parallel ranks without even_batches padding: the
         gathered values of a whole epoch are exactly the dataset."""
         loader = self._active_loader
         rows = (loader.batch_len, loader.n_real) if loader is not None else None
-        return collectives.gather_for_metrics(x, rows, group=self._dp_group())
+        with self._collective("rt.gather_for_metrics"):
+            return collectives.gather_for_metrics(x, rows, group=self._dp_group())
 
     def gather_object(self, obj: Any) -> list:
-        return collectives.gather_object(obj)
+        with self._collective("rt.gather_object"):
+            return collectives.gather_object(obj)
 
     def reduce(self, x: Any, op: str = "sum") -> Any:
-        return collectives.reduce(x, op)
+        with self._collective("rt.reduce"):
+            return collectives.reduce(x, op)
 
     def broadcast(self, x: Any, src: int = 0) -> Any:
-        return collectives.broadcast(x, src)
+        with self._collective("rt.broadcast"):
+            return collectives.broadcast(x, src)
 
     def pad_across_processes(self, x: Any, dim: int = 0, pad_index: int = 0,
                              pad_first: bool = False) -> Any:
-        return collectives.pad_across_processes(x, dim, pad_index, pad_first)
+        with self._collective("rt.pad_across_processes"):
+            return collectives.pad_across_processes(x, dim, pad_index, pad_first)
+
+    def _collective(self, name: str, *, entry_check: bool = False):
+        """The ledger's span for a collective helper (every rank must call it)."""
+        if self._ledger is None:
+            return contextlib.nullcontext()
+        return self._ledger.helper(name, entry_check=entry_check)
 
     def _dp_group(self):
         """The data-parallel process group (None: the default group is the dp group)."""
@@ -228,8 +270,9 @@ class Runtime:
         """
         from .export import full_cpu
 
-        return {clean_key(key): full_cpu(value)
-                for key, value in self.model.state_dict(keep_vars=True).items()}
+        with self._collective("rt.state_dict"):
+            return {clean_key(key): full_cpu(value)
+                    for key, value in self.model.state_dict(keep_vars=True).items()}
 
     def unwrap(self) -> nn.Module:
         """The model as the user built it (passes act in place, so this is ``rt.model``)."""
@@ -248,13 +291,15 @@ class Runtime:
         """Save the whole training state to ``path`` atomically (every rank calls this)."""
         from . import checkpoint
 
-        checkpoint.save(self, path, keep_last=keep_last, async_=async_)
+        with self._collective("rt.save", entry_check=True):
+            checkpoint.save(self, path, keep_last=keep_last, async_=async_)
 
     def load(self, path, *, verify: bool = True) -> dict[str, Any]:
         """Restore what ``save`` wrote (on any number of ranks); returns its metadata."""
         from . import checkpoint
 
-        return checkpoint.load(self, path, verify=verify)
+        with self._collective("rt.load", entry_check=True):
+            return checkpoint.load(self, path, verify=verify)
 
     def wait_for_save(self) -> None:
         """Block until a pending ``save(..., async_=True)`` is written and published."""
@@ -267,13 +312,15 @@ class Runtime:
         """Consolidated safetensors weights (transformers layout), written by rank 0."""
         from . import export
 
-        return export.export(self.model, directory, max_shard_size=max_shard_size, dtype=dtype,
-                             is_main=self.is_main)
+        with self._collective("rt.export", entry_check=True):
+            return export.export(self.model, directory, max_shard_size=max_shard_size,
+                                 dtype=dtype, is_main=self.is_main)
 
     # -- process helpers --------------------------------------------------------------
     def barrier(self) -> None:
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.barrier()
+            with self._collective("rt.barrier"):
+                collectives.barrier()
 
     def print(self, *args: Any, **kwargs: Any) -> None:
         """``print`` on rank 0 only."""
