@@ -68,24 +68,29 @@ _INSTANCES = itertools.count()  # ledgers made in this process: the same order o
 
 # --------------------------------------------------------------------------- entries
 # An entry is a tuple: ("c", helper, op, dtype, shape, n) for collective #n, or
-# ("p", label, n) for a point reached after n collectives. Formatted only when shown.
+# ("p", point, n, op) for a point reached after n collectives, the last an ``op``. A point
+# is an optimizer step (an int) or a label ("rt.save", "rt.shard epoch 0 end").
+# Formatted only when shown.
 
 
 def describe(entry: tuple) -> str:
     if entry[0] == "c":
         _, helper, op, dtype, shape, n = entry
         what = f"{op} {dtype}{list(shape)}" if dtype else op
-        return f"{helper} ({what} #{n})"
-    _, label, n = entry
-    return f"{label} ({_last(n)})"
+        return f"issued {what} #{n} in {helper}"
+    _, point, n, op = entry
+    return f"{_label(point)} ({_last(n, op)})"
 
 
-def _last(n: int) -> str:
-    return f"after collective #{n}" if n else "no collective yet"
+def _last(n: int, op: str = "collective") -> str:
+    return f"after {op} #{n}" if n else "no collective yet"
 
 
 def _label(point: Any) -> str:
-    return f"optimizer step {point}" if isinstance(point, int) else str(point)
+    if isinstance(point, int):
+        return f"at optimizer step {point}"
+    return f"entered {point}" if str(point).startswith("rt.") and " " not in str(point) \
+        else f"at {point}"
 
 
 class Ledger:
@@ -96,6 +101,7 @@ class Ledger:
         self.timeout = desync_timeout
         self.prefix = prefix
         self.n = 0  # collectives noted
+        self.last_op = "collective"  # the op of the last one
         self.hash = 0
         self.points = 0  # points passed
         self.inside: str | None = None  # helper / phase in progress
@@ -115,6 +121,7 @@ class Ledger:
         if self.error is not None:
             self.raise_error()
         self.n += 1
+        self.last_op = op
         helper = helper or self.inside or "overdrive"
         dtype = str(tensor.dtype).removeprefix("torch.") if tensor is not None else ""
         shape = tuple(tensor.shape) if tensor is not None else ()
@@ -130,7 +137,7 @@ class Ledger:
                                self.hash)
         self.history.append((self.points, self.hash))
         self.at = (self.points, self.hash, self.n, point)
-        self._add(("p", point, self.n))
+        self._add(("p", point, self.n, self.last_op))
 
     def _add(self, entry: tuple) -> None:
         self.entries.append((self.total, entry))
@@ -222,8 +229,8 @@ class Ledger:
         self._stop.set()
 
     def _position(self) -> tuple:
-        point, h, n, label = self.at
-        return (point, self.n, self.inside or "", h, _label(label))
+        point, h, _, label = self.at
+        return (point, self.n, self.inside or "", h, _label(label), self.last_op)
 
     def _publish(self, pos: tuple) -> None:
         self.store.set(f"{self.prefix}/pos/{self.rank}", json.dumps(pos))
@@ -301,7 +308,7 @@ class Ledger:
         """Every rank posts its entries, reads the others' and builds the same error."""
         finding = json.loads(self.store.get(f"{self.prefix}/desync"))
         dump = {"rank": self.rank, "pos": list(self._position()),
-                "entries": [(i, describe(e)) for i, e in self.entries]}
+                "entries": [(i, describe(e), _helper_point(e)) for i, e in self.entries]}
         self.store.set(f"{self.prefix}/dump/{self.rank}", json.dumps(dump))
         self.store.add(f"{self.prefix}/acks", 1)
         deadline = time.monotonic() + GRACE
@@ -343,17 +350,17 @@ class Ledger:
 def desync_message(finding: dict, dumps: dict[int, dict], timeout: float | None) -> str:
     """What every rank raises: what was found, and where each rank is."""
     where = {r: _where(d) for r, d in dumps.items()}
+    a, b = sorted(finding["ranks"])
     if finding["reason"] == "mismatch":
-        a, b = finding["ranks"]
-        head = (f"ranks {a} and {b} issued different collectives before point "
-                f"#{finding['point']}")
+        head = f"ranks {a} and {b} issued different collectives"
+        alone = None
         if a in dumps and b in dumps:
-            head += "; first divergent entry: " + _first_divergence(a, dumps[a], b, dumps[b])
+            text, alone = _first_divergence(a, dumps[a], b, dumps[b])
+            head += f"; first divergent entry: {text}"
     else:
-        a, b = finding["ranks"]
         head = (f"ranks {a} and {b} have stood still at different places for "
                 f"{finding['seconds']} s (desync_timeout={timeout})")
-    alone = _alone(dumps)
+        alone = _alone(dumps)
     if alone:
         head = f"{alone}; {head}"
     shown = "; ".join(where[r] for r in sorted(where)[:8])
@@ -364,12 +371,23 @@ def desync_message(finding: dict, dumps: dict[int, dict], timeout: float | None)
 
 
 def _where(dump: dict) -> str:
-    point, n, inside, _, label = dump["pos"]
-    rank = dump.get("rank")
-    who = "" if rank is None else f"rank {rank} "
-    if inside:
-        return f"{who}entered {inside} ({_last(n)})"
-    return f"{who}is at {label} ({_last(n)})"
+    point, n, inside, _, label, op = dump["pos"]
+    if inside:  # in a helper (its point is the last one) or in rt.backward after a step
+        where = f"is in {inside}" if label == f"entered {inside}" else \
+            f"is in {inside} ({label.removeprefix('at ')})"
+    elif label.startswith("entered "):
+        where = f"has left {label.removeprefix('entered ')}"
+    else:
+        where = label.replace("at ", "is at ", 1)
+    return f"rank {dump['rank']} {where} ({_last(n, op)})"
+
+
+def _helper_point(entry: tuple) -> str | None:
+    """The helper an entry enters (a point such as "rt.save"), else None."""
+    if entry[0] == "p" and isinstance(entry[1], str) and entry[1].startswith("rt.") \
+            and " " not in entry[1]:
+        return entry[1]
+    return None
 
 
 def _alone(dumps: dict[int, dict]) -> str | None:
@@ -384,13 +402,21 @@ def _alone(dumps: dict[int, dict]) -> str | None:
     return None
 
 
-def _first_divergence(a: int, da: dict, b: int, db: dict) -> str:
-    ea, eb = dict(map(tuple, da["entries"])), dict(map(tuple, db["entries"]))
+def _first_divergence(a: int, da: dict, b: int, db: dict) -> tuple[str, str | None]:
+    """The first entry where two ranks differ, and "H called on ranks [r] only" when one
+    of them entered a collective helper H there."""
+    ea = {e[0]: (e[1], e[2]) for e in da["entries"]}
+    eb = {e[0]: (e[1], e[2]) for e in db["entries"]}
     for i in sorted(set(ea) | set(eb)):
-        if ea.get(i) != eb.get(i):
-            return f"rank {a}: {ea.get(i, 'nothing')}, rank {b}: {eb.get(i, 'nothing')} " \
-                   f"(entry #{i})"
-    return "not in the recent entries"
+        (ta, ha), (tb, hb) = ea.get(i, ("nothing", None)), eb.get(i, ("nothing", None))
+        if ta != tb:
+            alone = None
+            if ha and ha != hb:
+                alone = f"{ha} called on ranks [{a}] only; every rank must call it"
+            elif hb and hb != ha:
+                alone = f"{hb} called on ranks [{b}] only; every rank must call it"
+            return f"rank {a} {ta}, rank {b} {tb} (entry #{i})", alone
+    return "not in the recent entries", None
 
 
 # --------------------------------------------------------------------------- wiring
@@ -445,17 +471,18 @@ def current() -> Ledger | None:
     return _CURRENT.get()
 
 
-def collective(op: str, fn: Callable, *args: Any, tensor: torch.Tensor | None = None,
+def collective(_name: str, _fn: Callable, *args: Any, tensor: torch.Tensor | None = None,
                **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)`` — a torch collective — noted on the current ledger and,
-    when it can be, waited for in slices (a desync found meanwhile is raised)."""
+    """``_fn(*args, **kwargs)`` — a torch collective named ``_name`` — noted on the
+    current ledger and, when it can be, waited for in slices (a desync found meanwhile is
+    raised)."""
     ledger = _CURRENT.get()
     if ledger is None:
-        return fn(*args, **kwargs)
-    ledger.note(op, tensor)
-    if op in ("all_gather_object", "broadcast_object_list"):
-        return fn(*args, **kwargs)
-    ledger.wait(fn(*args, async_op=True, **kwargs))
+        return _fn(*args, **kwargs)
+    ledger.note(_name, tensor)
+    if _name in ("all_gather_object", "broadcast_object_list"):
+        return _fn(*args, **kwargs)
+    ledger.wait(_fn(*args, async_op=True, **kwargs))
     return None
 
 
