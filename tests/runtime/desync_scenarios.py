@@ -100,8 +100,8 @@ def sleep_forward(out: Path) -> int:
     return 200
 
 
-def clean(out: Path) -> int:
-    """1,000 DDP steps over a sharded loader with an uneven last batch, an evaluation
+def clean(out: Path, steps: int = 1000) -> int:
+    """``steps`` DDP steps over a sharded loader with an uneven last batch, an evaluation
     with gather_for_metrics every 250 steps (uneven too), a save every 100."""
     rt = ddp_runtime()
     train = TensorDataset(torch.randn(41, 4), torch.randn(41, 1))  # 41 rows: a ragged tail
@@ -109,7 +109,7 @@ def clean(out: Path) -> int:
     loader = rt.shard(DataLoader(train, batch_size=4, shuffle=True))
     eval_loader = rt.shard(DataLoader(evals, batch_size=4))
     step = 0
-    while step < 1000:
+    while step < steps:
         for x, y in loader:
             train_step(rt, x, y)
             step += 1
@@ -120,14 +120,17 @@ def clean(out: Path) -> int:
                     rows = [rt.gather_for_metrics(F.mse_loss(rt.model(ex), ey, reduction="none"))
                             for ex, ey in eval_loader]
                 assert sum(r.shape[0] for r in rows) == len(evals)
-            if step == 1000:
+            if step % 250 == 50:  # an evaluation off the save/eval grid, in train mode
+                rt.gather_for_metrics(torch.tensor([float(step)]))
+            if step == steps:
                 break
-    rt.load(out / "step-1000")
+    rt.load(out / f"step-{steps}")
     return step
 
 
 SCENARIOS = {"skip_reduce": skip_reduce, "save_alone": save_alone,
-             "sleep_forward": sleep_forward, "clean": clean}
+             "sleep_forward": sleep_forward, "clean": clean,
+             "clean_short": lambda out: clean(out, steps=200)}
 
 
 def main() -> None:

@@ -226,7 +226,13 @@ class Ledger:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the watchdog and close its store client (at exit too: a client dropped
+        by a thread the interpreter froze aborts the process)."""
         self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=2 * INTERVAL + 1.0)
+        self.store = None
 
     def _position(self) -> tuple:
         point, h, _, label = self.at

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import PlanError
+from ..launcher import die_with_parent
 from ..rewrite.plan import Plan, resolve_for_world
 
 log = logging.getLogger("overdrive")
@@ -230,6 +231,7 @@ def make_env(plan: Plan, *, world_size: int | None = None, dry_run: bool = False
     env = Env(plan, rank=rank, local_rank=local_rank, world_size=ws, device=device,
               pg_timeout=timeout)
     set_current_device(device)  # before the process group: nccl/xccl bind to it
+    die_with_parent()  # under `overdrive launch` only: a worker never outlives torchrun
     if ws > 1:
         env.ensure_process_group()
     return plan, env
