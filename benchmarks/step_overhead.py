@@ -9,7 +9,8 @@ run. Target: overdrive ≤ 1.01× raw.
 
 Prints one JSON object and writes benchmarks/results/step_overhead[_dist].json.
 Under torchrun every variant is data parallel over gloo: raw DDP, overdrive's ddp pass,
-Accelerate's prepare (cpu=True).
+Accelerate's prepare (cpu=True). There, overdrive_no_ledger (OVERDRIVE_LEDGER=0) gives the
+collective ledger's own cost: overdrive / overdrive_no_ledger (target ≤ 1.01).
 """
 
 from __future__ import annotations
@@ -88,6 +89,16 @@ def overdrive_variant(accum: int, distributed: bool) -> Callable:
     return step
 
 
+def overdrive_no_ledger_variant(accum: int, distributed: bool) -> Callable:
+    """overdrive with the collective ledger off (OVERDRIVE_LEDGER=0): the ledger's own
+    cost is overdrive / this (single process: no ledger either way)."""
+    os.environ["OVERDRIVE_LEDGER"] = "0"
+    try:
+        return overdrive_variant(accum, distributed)
+    finally:
+        del os.environ["OVERDRIVE_LEDGER"]
+
+
 def accelerate_variant(accum: int, distributed: bool) -> Callable:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
@@ -110,6 +121,7 @@ def accelerate_variant(accum: int, distributed: bool) -> Callable:
 
 # "raw_again" is the raw loop a second time: its ratio is the run's noise floor (A/A).
 BUILDERS = {"raw": raw_variant, "raw_again": raw_variant, "overdrive": overdrive_variant,
+            "overdrive_no_ledger": overdrive_no_ledger_variant,
             "accelerate": accelerate_variant}
 
 
@@ -152,6 +164,16 @@ def measure(accum: int, steps: int, warmup: int, distributed: bool) -> list[dict
     return rows
 
 
+def ledger_cost(rows: list[dict]) -> dict[int, float | None]:
+    """overdrive's median step / the same without the collective ledger, per grad_accum."""
+    med = {(r["variant"], r["grad_accum"]): r.get("median_us") for r in rows}
+    out = {}
+    for accum in sorted({r["grad_accum"] for r in rows}):
+        on, off = med.get(("overdrive", accum)), med.get(("overdrive_no_ledger", accum))
+        out[accum] = round(on / off, 4) if on and off else None
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300)
@@ -169,11 +191,16 @@ def main() -> None:
         rows += measure(accum, args.steps, args.warmup, distributed)
     ratios = {f"overdrive_accum{r['grad_accum']}": r.get("ratio_vs_raw")
               for r in rows if r["variant"] == "overdrive"}
+    ledger = ledger_cost(rows)
     world = dist.get_world_size() if distributed else 1
     baseline = "raw DDP loop" if distributed else "raw loop"
     targets = [target(f"overdrive / {baseline}, grad_accum {r['grad_accum']}, "
                       f"{world} process(es)", r.get("ratio_vs_raw"), 1.01)
                for r in rows if r["variant"] == "overdrive"]
+    if distributed:  # a single process has no ledger: nothing to measure
+        targets += [target(f"collective ledger: overdrive / overdrive without it, grad_accum "
+                           f"{accum}, {world} processes", ratio, 1.01)
+                    for accum, ratio in ledger.items()]
     targets += [target(f"Accelerate / {baseline}, grad_accum {r['grad_accum']}, "
                        f"{world} process(es) (reference, no target)", r.get("ratio_vs_raw"),
                        None) for r in rows if r["variant"] == "accelerate"]
@@ -181,6 +208,7 @@ def main() -> None:
         "processes": world,
         "model": f"MLP {DIM}-{DIM}-{DIM}-1, micro-batch {MICRO_BATCH}, SGD, 1 thread",
         "steps": args.steps, "rows": rows, "overdrive_ratio": ratios,
+        "ledger_ratio": {f"accum{a}": r for a, r in ledger.items()} if distributed else None,
         "baseline": f"median of the {baseline}'s steps, raw and raw_again pooled; raw_again "
                     "vs raw shows the run's noise",
         "targets": targets,

@@ -458,8 +458,11 @@ def _store_client():
 
 
 def make_ledger(desync_timeout: float | None) -> Ledger | None:
-    """The ledger of a new runtime under a process group of 2+ ranks (else None)."""
+    """The ledger of a new runtime under a process group of 2+ ranks (else None).
+    OVERDRIVE_LEDGER=0 turns it off (benchmarks/step_overhead.py measures it that way)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    if os.environ.get("OVERDRIVE_LEDGER", "1") == "0":
         return None
     run = os.environ.get("TORCHELASTIC_RUN_ID", "run")
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
