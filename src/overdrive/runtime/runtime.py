@@ -270,9 +270,8 @@ class Runtime:
         """
         from .export import full_cpu
 
-        with self._collective("rt.state_dict"):
-            return {clean_key(key): full_cpu(value)
-                    for key, value in self.model.state_dict(keep_vars=True).items()}
+        return {clean_key(key): full_cpu(value)
+                for key, value in self.model.state_dict(keep_vars=True).items()}
 
     def unwrap(self) -> nn.Module:
         """The model as the user built it (passes act in place, so this is ``rt.model``)."""
