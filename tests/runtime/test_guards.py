@@ -85,6 +85,11 @@ def test_skip_nonfinite_must_be_a_bool():
         od.Plan(skip_nonfinite="yes").replace()
 
 
+def test_skip_nonfinite_is_refused_with_deepspeed():
+    with pytest.raises(od.PlanError, match="skip_nonfinite=True with deepspeed"):
+        od.Plan(skip_nonfinite=True, deepspeed=od.DeepSpeed()).replace()
+
+
 def test_fp16_leaves_inf_to_the_grad_scaler():
     rt = make(mixed_precision="fp16")
     assert not rt._guard.enabled
