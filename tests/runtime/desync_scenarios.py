@@ -100,10 +100,27 @@ def sleep_forward(out: Path) -> int:
     return 200
 
 
+def gather_alone(out: Path) -> int:
+    """Rank 0 calls rt.gather_for_metrics alone at step 3; rank 1 trains on."""
+    rt = plain_runtime()
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    for step in range(1, 2000):
+        loss = train_step(rt, x, y)
+        if rt.rank == 0 and step == 3:
+            mark_fault(out)
+            rt.gather_for_metrics(loss.detach())
+        time.sleep(0.005)
+    return 2000
+
+
 def clean(out: Path, steps: int = 1000) -> int:
-    """``steps`` DDP steps over a sharded loader with an uneven last batch, an evaluation
+    """After rank 0 spent longer than desync_timeout alone in rt.main_process_first,
+    ``steps`` DDP steps over a sharded loader with an uneven last batch, an evaluation
     with gather_for_metrics every 250 steps (uneven too), a save every 100."""
     rt = ddp_runtime()
+    with rt.main_process_first():  # rank 0 alone for longer than desync_timeout: by design
+        if rt.is_main:
+            time.sleep(DESYNC_TIMEOUT + 2)
     train = TensorDataset(torch.randn(41, 4), torch.randn(41, 1))  # 41 rows: a ragged tail
     evals = TensorDataset(torch.randn(13, 4), torch.randn(13, 1))
     loader = rt.shard(DataLoader(train, batch_size=4, shuffle=True))
@@ -129,7 +146,7 @@ def clean(out: Path, steps: int = 1000) -> int:
 
 
 SCENARIOS = {"skip_reduce": skip_reduce, "save_alone": save_alone,
-             "sleep_forward": sleep_forward, "clean": clean,
+             "sleep_forward": sleep_forward, "gather_alone": gather_alone, "clean": clean,
              "clean_short": lambda out: clean(out, steps=200)}
 
 

@@ -1,6 +1,8 @@
 """The collective ledger on 2 gloo ranks: a rank that skips a collective, calls rt.save
-alone or stalls makes every rank report a DesyncError naming both sides within
-desync_timeout + 5 s; a long clean run raises nothing. Scenarios: desync_scenarios.py."""
+or rt.gather_for_metrics alone, or stalls makes every rank report a DesyncError naming
+both sides within desync_timeout + 5 s; a long clean run (after rank 0 spent longer than
+desync_timeout alone in rt.main_process_first) raises nothing. Scenarios:
+desync_scenarios.py."""
 
 from __future__ import annotations
 
@@ -69,6 +71,15 @@ def test_rt_save_on_one_rank_says_it_is_collective(tmp_path):
     check_fault(proc, results, ended, tmp_path, raised=[1], names=[
         "rt.save called on ranks [1] only; every rank must call it",
         "rank 0 is in rt.backward", "rank 1 is in rt.save"])
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_rt_gather_for_metrics_on_one_rank_says_it_is_collective(tmp_path):
+    proc, results, ended = run("gather_alone", tmp_path)
+    check_fault(proc, results, ended, tmp_path, raised=[0, 1], names=[
+        "rt.gather_for_metrics called on ranks [0] only; every rank must call it",
+        "rank 0 entered rt.gather_for_metrics", "rank 1 at optimizer step 4"])
 
 
 @pytest.mark.dist

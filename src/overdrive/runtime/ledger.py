@@ -57,6 +57,9 @@ log = logging.getLogger("overdrive")
 INTERVAL = 0.25  # s between the watchdog's store round trips
 GRACE = 3.0  # s a blocked main thread has to raise before the process exits
 RING = 256  # recent entries kept (and posted when a desync is found)
+# helpers whose ranks wait for another by design, for as long as it takes (rank 0
+# downloading a dataset first): never a stall
+PATIENT = frozenset({"rt.main_process_first"})
 _ALL_DUMPS = 64  # worlds up to this size read every rank's entries on a desync
 
 # The ledger of the runtime helper running now (a context, not a process-wide setting):
@@ -289,7 +292,7 @@ class Ledger:
             ours = self._hash_at(their_point)
             if ours is not None and ours != their_hash:
                 return {"reason": "mismatch", "ranks": [self.rank, peer], "point": their_point}
-        if self.timeout is None or mine[:3] == theirs[:3]:
+        if self.timeout is None or mine[:3] == theirs[:3] or PATIENT & {mine[2], theirs[2]}:
             return None
         still = min(now - mine_since, now - theirs_since)
         if still >= self.timeout:
@@ -489,9 +492,11 @@ def collective(_name: str, _fn: Callable, *args: Any, tensor: torch.Tensor | Non
     if ledger is None:
         return _fn(*args, **kwargs)
     ledger.note(_name, tensor)
-    if _name in ("all_gather_object", "broadcast_object_list"):
+    if tensor is None or tensor.device.type != "cpu":
+        # objects and barriers: torch's own call. Accelerator collectives too: a timed
+        # wait on NCCL blocks the host and may abort the communicator on expiry
         return _fn(*args, **kwargs)
-    ledger.wait(_fn(*args, async_op=True, **kwargs))
+    ledger.wait(_fn(*args, async_op=True, **kwargs))  # gloo: in slices
     return None
 
 
