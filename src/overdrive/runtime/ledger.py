@@ -155,17 +155,6 @@ class Ledger:
         raise self.error
 
     @contextlib.contextmanager
-    def phase(self, name: str):
-        """Mark a span (rt.backward) a stalled peer's message can name; no point."""
-        if self.error is not None:
-            self.raise_error()
-        outer, self.inside = self.inside, name
-        try:
-            yield
-        finally:
-            self.inside = outer
-
-    @contextlib.contextmanager
     def helper(self, name: str, *, entry_check: bool = False):
         """A collective helper: a point, and the ledger its collectives are noted on.
 
