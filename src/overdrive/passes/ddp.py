@@ -7,8 +7,10 @@ instead of wrapping it, so the root object stays the same, ``state_dict`` keys g
 gradient accumulation needs. Gradients are averaged over ``dp_cp``: context-parallel
 ranks hold the same weights and their losses cover different tokens.
 
-One data rank (a single process, or tp/cp using every rank) leaves nothing to average:
-the pass is then a no-op that says so in its record.
+One data rank (a single process, or tp/cp using every rank) leaves nothing to average, and
+so does a model with no parameter that requires grad (a frozen distillation teacher
+prepared with ``optimizer=None``; torch's DDP would refuse it at the first forward): the
+pass is then a no-op that says so in its record.
 
 Tensor parallelism with more than one data rank is refused (torchtitan refuses DDP with
 >1-D meshes too): ``replicate`` localises DTensor parameters and re-creates them as new
@@ -25,11 +27,21 @@ from ..rewrite.graph import ModuleGraph
 from ..rewrite.manager import Pass, register_pass
 from ..rewrite.plan import Plan
 from ..rewrite.report import PassRecord
+from .ddp_comm import check_comm_hook, register_comm_hook
 
 
 def on_meta(model: nn.Module) -> bool:
     """Any parameter or buffer on the meta device (replicate broadcasts both)."""
     return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+
+
+def frozen(model: nn.Module) -> bool:
+    """No parameter requires grad (a distillation teacher, an EMA copy): nothing to
+    all-reduce — and torch's DDP refuses such a module at its first forward."""
+    return not any(p.requires_grad for p in model.parameters())
+
+
+FROZEN_NOTE = "no parameter requires grad (inference): nothing to all-reduce, ddp is a no-op"
 
 
 def sync_size(plan: Plan) -> int:
@@ -59,17 +71,24 @@ class DDPPass(Pass):
             raise PlanError(
                 "ddp: the model is on the meta device, and every ddp rank holds the whole "
                 "model; build it on a real device, or use fsdp, which materialises it sharded")
+        if plan.ddp.comm_hook is not None:
+            check_comm_hook(plan, env)
 
     def preview(self, graph: ModuleGraph, plan: Plan, env) -> PassRecord:
         rec = self.record(modules=[""], dry_run=True)
         if sync_size(plan) == 1:
             rec.note("one data-parallel rank: nothing to all-reduce, ddp is a no-op")
+        elif frozen(graph.model):
+            rec.note(FROZEN_NOTE)
         return rec
 
     def apply(self, model: nn.Module, graph: ModuleGraph, plan: Plan, env) -> PassRecord:
         rec = self.record()
         if sync_size(plan) == 1:
             rec.note("one data-parallel rank: nothing to all-reduce, ddp is a no-op")
+            return rec
+        if frozen(model):
+            rec.note(FROZEN_NOTE)
             return rec
         from torch.distributed._composable import replicate
 
@@ -82,6 +101,8 @@ class DDPPass(Pass):
         env.ensure_process_group()  # every rank is a data rank (dp × cp; tp is refused)
         replicate(model, **kwargs)
         env.set_gradient_sync = model.set_requires_gradient_sync
+        if cfg.comm_hook is not None:
+            rec.details.update(register_comm_hook(model, plan))
         rec.touch("")
         rec.details["sync_size"] = sync_size(plan)
         return rec

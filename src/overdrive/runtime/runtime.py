@@ -18,7 +18,7 @@ from torch import nn
 
 from ..rewrite.plan import Plan
 from ..rewrite.report import Report
-from . import collectives, data, grad, helpers
+from . import collectives, data, grad, helpers, split, trigger
 from .guards import NonFiniteGuard
 from .ledger import make_ledger
 from .state import Env
@@ -62,6 +62,8 @@ class Runtime:
         # positions rt.load found before the loaders were made: rt.shard takes them in order
         self._pending_loader_states: list[dict] = []
         self._active_loader = None  # the sharded loader being iterated (its last batch syncs)
+        self._custom_objects: list[Any] = []  # rt.register_for_checkpointing, in order
+        self._trigger = trigger.Trigger()
         self._grad_sync = grad.GradSync(self, self.grad_accum)
         self._dtensor_grads = _has_dtensor(model)
         self._guard = NonFiniteGuard(self)
@@ -254,6 +256,23 @@ class Runtime:
             return contextlib.nullcontext()
         return self._ledger.helper(name, entry_check=entry_check)
 
+    def split_between_processes(self, inputs: Any, apply_padding: bool = False):
+        """``with rt.split_between_processes(items) as mine:`` this data rank's share of a
+        list, tuple, tensor (dim 0) or dict of those. With ``apply_padding=True`` every
+        rank gets ``ceil(n / dp_size)`` items (the last one repeated), so the gathered
+        results truncated to ``n`` are in input order (split.py)."""
+        return split.split_between_processes(self, inputs, apply_padding)
+
+    def set_trigger(self) -> None:
+        """Raise this rank's flag; the next ``check_trigger()`` is True on every rank."""
+        self._trigger.set()
+
+    def check_trigger(self) -> bool:
+        """True on every rank when any rank called ``set_trigger()`` since the last check
+        (every rank calls this at the same point: it is one all-reduce)."""
+        with self._collective("rt.check_trigger"):
+            return self._trigger.check()
+
     def _dp_group(self):
         """The data-parallel process group (None: the default group is the dp group)."""
         if self.dp_size == self.world_size:
@@ -299,6 +318,14 @@ class Runtime:
 
         with self._collective("rt.load", entry_check=True):
             return checkpoint.load(self, path, verify=verify)
+
+    def register_for_checkpointing(self, *objects: Any) -> None:
+        """Save these objects' ``state_dict()`` with ``rt.save`` and hand it back to their
+        ``load_state_dict`` on ``rt.load``, in registration order (custom_state.py)."""
+        from . import custom_state
+
+        for obj in objects:
+            custom_state.register(self._custom_objects, obj)
 
     def wait_for_save(self) -> None:
         """Block until a pending ``save(..., async_=True)`` is written and published."""

@@ -152,7 +152,9 @@ class Env:
             if self.dry_run:
                 raise RuntimeError("a dry-run environment has no DeviceMesh")
             self.ensure_process_group()
-            self._mesh, self._flat = build_mesh(self.plan, self.device)
+            from .mesh_cache import shared_mesh
+
+            self._mesh, self._flat = shared_mesh(self.plan, self.device, build_mesh)
         return self._mesh
 
     def submesh(self, *names: str):
