@@ -9,6 +9,7 @@ from .api import accelerate, inspect
 from .errors import (BackendUnavailable, CheckpointCorrupt, CheckpointError,
                      CheckpointMismatch, DesyncError, NonFiniteError, NotACheckpoint,
                      OverdriveError, PassFailed, PlanError)
+from .launch import LaunchError, launch
 from .rewrite.graph import ModuleGraph
 from .rewrite.manager import Pass, register_pass
 from .rewrite.plan import (DDP, FP8, FSDP, PRESETS, Casting, Checkpointing, Compile,
@@ -17,6 +18,7 @@ from .rewrite.report import MemoryEstimate, PassRecord, Report
 from .runtime.export import load_weights
 from .runtime.helpers import find_executable_batch_size
 from .runtime.runtime import Runtime
+from .runtime.tracking import Tracker
 
 __version__ = "0.1.0"
 
@@ -28,5 +30,5 @@ __all__ = [
     "Pass", "register_pass", "find_executable_batch_size",
     "OverdriveError", "PlanError", "BackendUnavailable", "PassFailed",
     "load_weights", "CheckpointError", "NotACheckpoint", "CheckpointMismatch", "CheckpointCorrupt",
-    "DesyncError", "NonFiniteError",
+    "Tracker", "launch", "LaunchError", "DesyncError", "NonFiniteError",
 ]

@@ -24,6 +24,7 @@ from ..rewrite.graph import ModuleGraph, parameter_owners
 from ..rewrite.manager import Pass, register_pass
 from ..rewrite.plan import Plan
 from ..rewrite.report import PassRecord
+from .buffers import keep_buffers_in_sync, running_stat_buffers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PLAN_PARAM_DTYPES = {"no": None, "bf16": "bfloat16", "fp16": "float16"}
@@ -184,7 +185,8 @@ class FSDPPass(Pass):
             raise PlanError(
                 "fsdp.offload=True is not valid on a CPU device: parameters already live in "
                 "host memory; set offload=False (offload is for cuda/xpu runs)")
-        if _on_meta(graph.model):
+        # a dry run looks at a meta copy: only a model that is itself on meta is initialised
+        if _on_meta(graph.model) and env.extras.get("model_on_meta", True):
             missing = _missing_initialisers(graph.model)
             if missing:
                 raise PlanError(
@@ -216,6 +218,9 @@ class FSDPPass(Pass):
         rec = self.record(modules=[n for u in units for n in u] + [""], notes=notes)
         if _on_meta(model):
             rec.note(self._materialise(model, env))
+        if keep_buffers_in_sync(model, running_stat_buffers(model)):
+            rec.note("running stats (BatchNorm) broadcast from rank 0 before each training "
+                     "forward: every rank holds and saves the same ones")
         rec.details.update(self._details(plan, units))
         rec.details["mesh"] = dict(zip(mesh.mesh_dim_names, mesh.shape))
         return rec

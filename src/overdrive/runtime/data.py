@@ -261,6 +261,9 @@ class ShardedLoader:
                 self.batch_len, self.n_real = _rows(batch), n_real
                 self.consumed += self._per_batch
                 self.rt._active_loader = self
+                meter = getattr(self.rt, "_meter", None)
+                if meter is not None and self.rt.model.training:
+                    meter.on_batch(batch, n_real, self.batch_len)
                 yield self._place(batch)
             ledger = getattr(self.rt, "_ledger", None)
             if ledger is not None:  # a sync point: every rank ends the epoch together

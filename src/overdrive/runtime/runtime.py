@@ -22,6 +22,8 @@ from . import collectives, data, grad, helpers, split, trigger
 from .guards import NonFiniteGuard
 from .ledger import make_ledger
 from .state import Env
+from .step_metrics import StepMeter
+from .tracking import Tracking, TrackingConfig
 
 log = logging.getLogger("overdrive")
 
@@ -47,6 +49,7 @@ class Runtime:
 
     def __init__(self, model: nn.Module, *, plan: Plan, report: Report, env: Env,
                  optimizer: Any = None, scheduler: Any = None,
+                 tracking: TrackingConfig | None = None, flops_model: nn.Module | None = None,
                  desync_timeout: float | None = 60.0):
         self.model = model
         self.optimizer = optimizer
@@ -71,6 +74,8 @@ class Runtime:
         self._ledger = make_ledger(desync_timeout)
         if self._ledger is not None:
             weakref.finalize(self, self._ledger.stop)
+        self._tracking, self._meter = self._make_tracking(tracking, flops_model)
+        self._profiler = None  # the active rt.profile, stepped with the optimizer
         if optimizer is not None:
             self.optimizer = grad.Optimizer(optimizer, self)
         if scheduler is not None:
@@ -130,6 +135,43 @@ class Runtime:
         """``hook(model, optimizer)`` run after each real optimizer step (env's list)."""
         return self.env.post_step_hooks
 
+    # -- tracking (tracking.py, step_metrics.py, profile.py) -------------------------
+    def _make_tracking(self, config: TrackingConfig | None, flops_model: nn.Module | None):
+        config = config or TrackingConfig()
+        tracking = Tracking(config, is_main=self.is_main, plan=self.plan)
+        meter = StepMeter.for_runtime(self, config, tracking, flops_model) \
+            if config.log_every else None
+        return tracking, meter
+
+    @property
+    def run_dir(self):
+        """Where rank 0's trackers write (created at the first logged row)."""
+        return self._tracking.run_dir
+
+    def log(self, metrics: dict, step: int | None = None) -> None:
+        """Send ``metrics`` to the trackers (rank 0 only; other ranks return at once).
+
+        ``step`` defaults to the optimizer step ``rt.step``. Tensor values are read to
+        Python floats together, with one device→host copy.
+        """
+        if self._tracking.active:
+            self._tracking.log(metrics, self.step if step is None else step)
+
+    def finish(self) -> None:
+        """Flush and close the trackers (also done at interpreter exit)."""
+        self._tracking.finish()
+
+    def profile(self, out_dir, *, wait: int = 1, warmup: int = 1, active: int = 3,
+                ranks=(0,), memory: bool = False):
+        """Profile ``active`` optimizer steps after ``wait`` + ``warmup`` steps with
+        torch.profiler: a Chrome/Perfetto trace per profiled rank and a table of the top
+        ops in ``out_dir``. Starts now; stops by itself after the active steps (or at the
+        end of a ``with rt.profile(...):`` block). Ranks not in ``ranks`` do nothing."""
+        from .profile import StepProfiler
+
+        return StepProfiler.start(self, out_dir, wait=wait, warmup=warmup, active=active,
+                                  ranks=ranks, memory=memory)
+
     # -- precision ------------------------------------------------------------------
     def _choose_autocast_dtype(self) -> torch.dtype | None:
         if self.plan.mixed_precision == "no":
@@ -157,6 +199,8 @@ class Runtime:
         optimizer steps, or skips the step with ``Plan(skip_nonfinite=True)``.
         """
         self._guard.value(loss, "the loss")
+        if self._meter is not None:
+            self._meter.on_backward(loss)
         ledger = self._ledger
         if ledger is None:
             return self._backward(loss, kwargs)
@@ -211,10 +255,12 @@ class Runtime:
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0):
         """Clip the gradients; returns the global norm across every shard."""
-        total = grad.clip_grad_norm_(self, max_norm, norm_type)
-        if total is not None and self.env.engine is None:
-            self._guard.value(total, "the gradient norm")
-        return total
+        norm = grad.clip_grad_norm_(self, max_norm, norm_type)
+        if norm is not None and self.env.engine is None:
+            self._guard.value(norm, "the gradient norm")
+        if self._meter is not None:
+            self._meter.on_clip(norm)
+        return norm
 
     def clip_grad_value_(self, clip_value: float) -> None:
         grad.clip_grad_value_(self, clip_value)
