@@ -4,6 +4,7 @@
     overdrive launch --nproc 2 examples/train_llm.py --plan fsdp --grad-accum 4
     overdrive launch --nproc 2 examples/train_llm.py --steps 8 --save-every 4 --out out/run
     overdrive launch --nproc 2 examples/train_llm.py --steps 12 --out out/run --resume
+    overdrive launch --nproc 2 examples/train_llm.py --plan pp    # two pipeline stages
     overdrive plot out/run/metrics --out out/run/plot.png     # loss, lr, tokens/s, memory
 
 Step metrics (loss, grad norm, lr, tokens/s, step time, memory) are logged every step
@@ -112,15 +113,14 @@ def main() -> None:
     while rt.step < args.steps:
         for batch in rt.progress(loader, desc=f"epoch {loader.epoch}", disable=None):
             with rt.accumulate():
-                with rt.autocast():
-                    loss = rt.model(**batch).loss
-                rt.backward(loss)
+                # forward + backward under any plan (under pp: the pipeline schedule)
+                loss = rt.forward_backward(batch)
                 norm = rt.clip_grad_norm_(args.max_grad_norm)
                 rt.optimizer.step()
                 rt.optimizer.zero_grad()
             if not rt.sync_gradients:
                 continue
-            mean_loss = rt.reduce(loss.detach(), "mean").item()
+            mean_loss = rt.reduce(loss, "mean").item()
             # (DeepSpeed computes the norm inside its step: rt.clip_grad_norm_ returns its
             # last one, None before the first step)
             shown = "-" if norm is None else f"{float(norm):.3f}"

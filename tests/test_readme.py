@@ -32,7 +32,7 @@ def test_readme_pipeline_line_is_the_builtin_order():
     from overdrive.rewrite.manager import _REGISTRY, registered_passes
 
     line = next(l for l in (ROOT / "README.md").read_text().splitlines()
-                if l.startswith("casting → "))
+                if l.startswith("pipeline → "))
     names = [n.strip() for stage in line.split("→") for n in stage.split("|")]
     builtin = [n for n in registered_passes()
                if _REGISTRY[n].cls.__module__.startswith("overdrive.passes.")]

@@ -75,8 +75,12 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
 
     # ---- nothing above this line mutates the model ----
     _place_model(model, plan, env)
-    records = manager.apply_all(model, graph, env)
-    _enter_forward_contexts(model, env)
+    pipeline = None
+    if plan.parallel.pp > 1:
+        model, records, pipeline = _apply_pipeline(model, graph, manager, plan, env)
+    else:
+        records = manager.apply_all(model, graph, env)
+        _enter_forward_contexts(model, env)
 
     opt = env.extras.get("optimizer")  # an engine (DeepSpeed) may have built it
     if opt is None and env.optimizer_factory is not None:
@@ -88,7 +92,8 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
     report = Report(records, model=model_name, plan=plan.to_dict(),
                     blocks=graph.blocks())
     rt = Runtime(model, plan=plan, report=report, env=env, optimizer=opt, scheduler=sched,
-                 tracking=tracking, flops_model=flops_model, desync_timeout=desync_timeout)
+                 tracking=tracking, flops_model=flops_model, pipeline=pipeline,
+                 desync_timeout=desync_timeout)
     if rt.is_main:
         log.info("overdrive: applied %s", " → ".join(report.names()) or "no passes")
     return rt
@@ -131,6 +136,29 @@ def _check_seconds(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise PlanError(f"{name}={value!r} is not valid; give a number of seconds > 0 "
                         f"(e.g. {name}=60){' or None to turn the check off' if name == 'desync_timeout' else ''}")
+
+
+def _apply_pipeline(model: nn.Module, graph: ModuleGraph, manager: PassManager, plan: Plan,
+                    env):
+    """Carve this rank's stages, run every pass on each stage as its own model part, and
+    build the schedule. Returns the module holding the stages (``rt.model``), the first
+    part's pass records and the runner."""
+    from .passes.pipeline import check_pipeline
+    from .runtime.pipeline import PipelineRunner, carve_parts, refresh_holder
+    from .runtime.state import mesh_coordinates
+
+    layout = check_pipeline(graph, plan)
+    pp_rank = mesh_coordinates(env.rank, plan)["pp"]
+    order = [n for n, _ in model.named_parameters()]
+    parts, holder = carve_parts(model, layout, pp_rank)
+    records = None
+    for part in parts:
+        recs = manager.apply_all(part.module, ModuleGraph(part.module, part.blocks), env)
+        records = records if records is not None else recs
+        _enter_forward_contexts(part.module, env)
+    refresh_holder(holder, parts)
+    env.set_gradient_sync = None  # each PipelineStage syncs its own part's gradients
+    return holder, records, PipelineRunner(parts, layout, plan, env, order)
 
 
 def _flops_model(model: nn.Module, tracking, env) -> nn.Module | None:
@@ -192,7 +220,8 @@ def _optimizer_factory(optimizer: OptimizerArg, param_names: dict[int, str],
         new_groups = []
         for g, names in zip(optimizer.param_groups, groups):
             ng = {k: v for k, v in g.items() if k != "params"}
-            ng["params"] = [current[n] for n in names]
+            # under pp a rank holds only its stages' parameters
+            ng["params"] = [current[n] for n in names if n in current]
             new_groups.append(ng)
         return type(optimizer)(new_groups, **optimizer.defaults)
 

@@ -221,11 +221,11 @@ def scenario_fsdp_tp_meta():
         model = Llama(LlamaConfig(n_layers=2, tie_embeddings=True))
     plan = od.Plan(parallel=od.Parallel(dp_shard=-1, tp=2), fsdp=od.FSDP())
     rt = od.accelerate(model, plan, optimizer=sgd)
-    coords = rt.mesh.get_coordinate()  # (dp_replicate, dp_shard, cp, tp)
+    coords = dict(zip(rt.mesh.mesh_dim_names, rt.mesh.get_coordinate()))
     sums = {"q_proj": rt.model.layers[0].attn.q_proj.weight.to_local().sum().item(),
             "embed": rt.model.embed_tokens.weight.to_local().sum().item()}
     losses = mean_over(run(rt, batches(), shard=dp_slice(rt)), None)
-    return {"sums": gathered(sums), "coords": gathered([coords[1], coords[3]]),
+    return {"sums": gathered(sums), "coords": gathered([coords["dp_shard"], coords["tp"]]),
             "losses": losses, "notes": rt.report["fsdp"].notes}
 
 

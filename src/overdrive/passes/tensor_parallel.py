@@ -551,6 +551,9 @@ class TensorParallel(Pass):
 
         sp, tp = plan.parallel.sequence_parallel, plan.parallel.tp
         styles, notes = getattr(self, "_resolved", None) or resolve_tp_plan(graph, plan)
+        # under pp the graph is one stage: the modules of the other stages are elsewhere
+        styles = {n: s for n, s in styles.items() if n in graph and not getattr(
+            graph.module(n), "stage_placeholder", False)}
         _verify_after_earlier_passes(graph, styles)
         mesh = env.mesh["tp"]
         fp8 = sorted(n for n in styles if _is_float8_tensorwise(graph.module(n)))

@@ -358,7 +358,8 @@ class Dispatch:
     """How a dispatched batch travels from global rank 0, the only reader, to every rank.
 
     Rank 0 scatters one message per data-parallel rank over the dp ranks of its own
-    (cp, tp) slice; each of those broadcasts it to its cp peers (the ranks with tp
+    (pp, cp, tp) slice; each of those broadcasts it to its pp peers (every pipeline
+    stage of a data rank gets the same batch), then to its cp peers (the ranks with tp
     coordinate 0), then every rank receives it from its tp peer 0. Without tp/cp the dp
     group is the default group and the scatter is all there is. Groups are looked up once.
     """
@@ -370,10 +371,12 @@ class Dispatch:
         if rt.world_size == rt.dp_size:
             return
         coords = mesh_coordinates(rt.rank, rt.plan)
-        self.in_scatter = coords["cp"] == 0 and coords["tp"] == 0
+        self.in_scatter = coords["cp"] == 0 and coords["tp"] == 0 and coords["pp"] == 0
         if self.in_scatter and self.size > 1:
             self.scatter_group = rt.env.submesh("dp").get_group()
         par = rt.plan.parallel
+        if par.pp > 1 and coords["cp"] == 0 and coords["tp"] == 0:
+            self.hops.append(_peers(rt.env.submesh("pp")))  # every stage sees the batch
         if par.cp > 1 and coords["tp"] == 0:
             self.hops.append(_peers(rt.env.submesh("cp")))
         if par.tp > 1:

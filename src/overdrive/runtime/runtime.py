@@ -50,8 +50,9 @@ class Runtime:
     def __init__(self, model: nn.Module, *, plan: Plan, report: Report, env: Env,
                  optimizer: Any = None, scheduler: Any = None,
                  tracking: TrackingConfig | None = None, flops_model: nn.Module | None = None,
-                 desync_timeout: float | None = 60.0):
+                 pipeline: Any = None, desync_timeout: float | None = 60.0):
         self.model = model
+        self._pipeline = pipeline  # runtime/pipeline.PipelineRunner under parallel.pp > 1
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.plan = plan
@@ -120,7 +121,7 @@ class Runtime:
 
     @property
     def mesh(self):
-        """The DeviceMesh (dims dp_replicate, dp_shard, cp, tp; flattened dp, dp_shard_cp,
+        """The DeviceMesh (dims pp, dp_replicate, dp_shard, cp, tp; flattened dp, dp_shard_cp,
         dp_cp), or None for a single process that never needed one."""
         if self.env._mesh is None and not self.env.distributed:
             return None
@@ -222,6 +223,27 @@ class Runtime:
         if self._scaler is not None:
             loss = self._scaler.scale(loss)
         loss.backward(**kwargs)
+
+    # -- one micro-step (steps.py) -----------------------------------------------------
+    def forward_backward(self, batch: Any, loss_fn=None) -> torch.Tensor:
+        """Forward and backward of ``batch`` under any plan; returns the (detached) loss.
+
+        ``batch`` is what the loop would hand the model: a dict (``model(**batch)``), a
+        tensor (``model(batch)``) or a tuple (``model(*batch)``). The loss is
+        ``output.loss`` or ``loss_fn(output, batch)``. Under pp the batch is split into
+        the schedule's micro-batches (``loss_fn`` then sees each micro-batch) and the
+        mean loss over them is returned, the same on every pipeline rank.
+        """
+        from . import steps
+
+        return steps.forward_backward(self, batch, loss_fn)
+
+    def evaluate(self, batch: Any, loss_fn=None) -> torch.Tensor:
+        """The loss of ``batch`` without gradients (the schedule's forward-only path
+        under pp)."""
+        from . import steps
+
+        return steps.evaluate(self, batch, loss_fn)
 
     # -- data (data.py) ---------------------------------------------------------------
     def shard(self, dataloader, *, split_batches: bool = False, even_batches: bool = True,
@@ -331,10 +353,12 @@ class Runtime:
 
         Sharded parameters (DTensor, DeepSpeed ZeRO-3 partitions) are gathered one by one,
         so every rank gets the full state; every rank must call this together. Tensors are
-        on the CPU.
+        on the CPU. Under pp the stages of every pipeline rank are gathered too.
         """
         from .export import full_cpu
 
+        if self._pipeline is not None:  # every stage's, gathered over the pp ranks
+            return dict(self._pipeline.gathered_weights(self.model, True))
         return {clean_key(key): full_cpu(value)
                 for key, value in self.model.state_dict(keep_vars=True).items()}
 
@@ -384,9 +408,12 @@ class Runtime:
         """Consolidated safetensors weights (transformers layout), written by rank 0."""
         from . import export
 
+        entries = None
         with self._collective("rt.export", entry_check=True):
+            if self._pipeline is not None:  # every stage's weights, gathered on rank 0
+                entries = self._pipeline.gathered_weights(self.model, self.is_main)
             return export.export(self.model, directory, max_shard_size=max_shard_size,
-                                 dtype=dtype, is_main=self.is_main)
+                                 dtype=dtype, is_main=self.is_main, entries=entries)
 
     # -- process helpers --------------------------------------------------------------
     def barrier(self) -> None:
