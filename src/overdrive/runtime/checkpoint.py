@@ -76,6 +76,7 @@ from . import checkpoint_files as cf
 from . import custom_state, model_meta
 from . import checkpoint_pipeline as pipeline_ckpt
 from .grad import raw_optimizer
+from .ledger import collective
 
 log = logging.getLogger("overdrive")
 
@@ -135,14 +136,14 @@ def _quiet(group):
 
 def _barrier(group) -> None:
     if group is not None:
-        dist.barrier(group=group)
+        collective("barrier", dist.barrier, group=group)
 
 
 def _broadcast(obj: Any, group) -> Any:
     if group is None:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0, group=group)
+    collective("broadcast_object_list", dist.broadcast_object_list, box, src=0, group=group)
     return box[0]
 
 
@@ -150,7 +151,7 @@ def _all_gather(obj: Any, group) -> list[Any]:
     if group is None:
         return [obj]
     out: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
+    collective("all_gather_object", dist.all_gather_object, out, obj, group=group)
     return out
 
 

@@ -276,6 +276,9 @@ class ShardedLoader:
                 if meter is not None and self.rt.model.training:
                     meter.on_batch(batch, n_real, self.batch_len)
                 yield self._place(batch)
+            ledger = getattr(self.rt, "_ledger", None)
+            if ledger is not None:  # a sync point: every rank ends the epoch together
+                ledger.point(f"rt.shard epoch {self.epoch} end")
             self.epoch, self.consumed = self.epoch + 1, 0
         finally:
             self._iterating = False

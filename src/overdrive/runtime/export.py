@@ -46,6 +46,7 @@ from zlib_ng.zlib_ng import crc32
 
 from ..errors import CheckpointCorrupt, CheckpointMismatch, NotACheckpoint
 from . import checkpoint_files as cf
+from .ledger import collective
 from .runtime import clean_key
 
 log = logging.getLogger("overdrive")
@@ -160,7 +161,7 @@ def export(model: nn.Module, directory: str | Path, *, max_shard_size: int | str
         _name_shards(directory, shards, total)
         _save_config(model, directory)
     if dist.is_initialized():
-        dist.barrier()
+        collective("barrier", dist.barrier)
     return directory
 
 
