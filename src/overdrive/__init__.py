@@ -9,8 +9,9 @@ from .api import accelerate, inspect
 from .errors import (BackendUnavailable, CheckpointCorrupt, CheckpointError,
                      CheckpointMismatch, NotACheckpoint, OverdriveError, PassFailed, PlanError)
 from .rewrite.graph import ModuleGraph
-from .rewrite.manager import Pass, register_pass
-from .rewrite.plan import (DDP, FP8, FSDP, PRESETS, Casting, Checkpointing, Compile,
+from .rewrite.contract import Applied, Decision, KeyMap, MemoryEffect, Pass, PassContext
+from .rewrite.manager import register_pass
+from .plan import (DDP, FP8, FSDP, PRESETS, Casting, Checkpointing, Compile,
                            DeepSpeed, Parallel, Plan)
 from .rewrite.report import MemoryEstimate, PassRecord, Report
 from .runtime.export import load_weights
@@ -24,7 +25,8 @@ __all__ = [
     "Plan", "Compile", "FP8", "Checkpointing", "Casting", "Parallel", "FSDP", "DDP",
     "DeepSpeed", "PRESETS",
     "Runtime", "Report", "PassRecord", "MemoryEstimate", "ModuleGraph",
-    "Pass", "register_pass", "find_executable_batch_size",
+    "Pass", "register_pass", "PassContext", "Decision", "Applied", "MemoryEffect", "KeyMap",
+    "find_executable_batch_size",
     "OverdriveError", "PlanError", "BackendUnavailable", "PassFailed",
     "load_weights", "CheckpointError", "NotACheckpoint", "CheckpointMismatch", "CheckpointCorrupt",
 ]

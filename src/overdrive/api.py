@@ -18,7 +18,7 @@ from .errors import PlanError
 from .rewrite.estimate import estimate_memory
 from .rewrite.graph import ModuleGraph
 from .rewrite.manager import PassManager
-from .rewrite.plan import Plan, resolve_plan
+from .plan import Plan, resolve_plan
 from .rewrite.report import Report
 from .rewrite.trace import meta_copy, trace_model
 from .runtime.grad import raw_optimizer
@@ -49,16 +49,16 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
     manager = PassManager(plan)
     _check_optimizer_arg(optimizer, manager, plan)
     param_names = {id(p): n for n, p in model.named_parameters()}
-    # set before check: an engine pass (deepspeed) checks that it has an optimizer
+    # set before check: an engine pass checks that it has an optimizer
     env.optimizer_factory = _optimizer_factory(optimizer, param_names, model)
-    manager.check_all(graph, env)
+    decisions = manager.check_all(graph, env)
 
     # ---- nothing above this line mutates the model ----
     _place_model(model, plan, env)
-    records = manager.apply_all(model, graph, env)
-    _enter_forward_contexts(model, env)
+    records, handoff = manager.apply_all(model, graph, env, decisions)
+    _enter_forward_contexts(model, handoff.forward_contexts)
 
-    opt = env.extras.get("optimizer")  # an engine (DeepSpeed) may have built it
+    opt = handoff.optimizer  # an engine may have built it
     if opt is None and env.optimizer_factory is not None:
         opt = env.optimizer_factory(model)
     sched = scheduler
@@ -67,7 +67,8 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
         sched = scheduler(raw_optimizer(opt))
     report = Report(records, model=model_name, plan=plan.to_dict(),
                     blocks=graph.blocks())
-    rt = Runtime(model, plan=plan, report=report, env=env, optimizer=opt, scheduler=sched)
+    rt = Runtime(model, plan=plan, report=report, env=env, optimizer=opt, scheduler=sched,
+                 handoff=handoff)
     if rt.is_main:
         log.info("overdrive: applied %s", " → ".join(report.names()) or "no passes")
     return rt
@@ -91,11 +92,12 @@ def inspect(model: nn.Module, plan: Plan | dict | str | None = None, *,
     graph = ModuleGraph(shadow, plan.blocks)
     graph.blocks()
     manager = PassManager(plan)
-    env.extras["example_inputs"] = example_inputs  # budget checkpointing traces with them
-    manager.check_all(graph, env)
-    records = manager.preview_all(graph, env)
+    env.example_inputs = example_inputs  # a pass may trace with them (budgeted recompute)
+    decisions = manager.check_all(graph, env)
+    records = manager.preview_all(graph, env, decisions)
     trace = trace_model(shadow, example_inputs) if example_inputs is not None else None
-    memory = estimate_memory(graph, plan, records, env.world_size, trace=trace)
+    effects = [d.memory for d in decisions if d.memory is not None]
+    memory = estimate_memory(graph, effects, env.world_size, trace=trace)
     return Report(records, model=type(model).__name__, plan=plan.to_dict(),
                   blocks=graph.blocks(), memory=memory, dry_run=True, trace=trace)
 
@@ -201,16 +203,15 @@ def _forward_in_contexts(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
                     args, kwargs)
 
 
-def _enter_forward_contexts(model: nn.Module, env) -> None:
-    """Run the root forward inside the contexts passes asked for (TE's fp8_autocast,
-    mixed_precision's torch.autocast), in pass order.
+def _enter_forward_contexts(model: nn.Module, contexts: list) -> None:
+    """Run the root forward inside the contexts the passes handed on (TE's fp8_autocast,
+    torch.autocast), in pass order.
 
-    The forward is wrapped in place on the instance: class, hooks and keys stay. The list is
-    shared with ``env`` so the contexts are looked up on every call, never copied.
+    The forward is wrapped in place on the instance: class, hooks and keys stay.
     """
-    if not env.forward_contexts:
+    if not contexts:
         return
-    model._overdrive_forward_contexts = env.forward_contexts
+    model._overdrive_forward_contexts = contexts
     model._overdrive_context_forward = model.forward
     model.forward = types.MethodType(_forward_in_contexts, model)
 

@@ -24,7 +24,7 @@ order), which ``rt.shard`` consumes as it makes them.
 ``rt.optimizer`` may be a wrapper with ``.optimizer``: the raw optimizer is checkpointed.
 With ``grad_accum > 1`` a checkpoint is taken between optimizer steps: ``save`` and ``load``
 in the middle of an accumulation are refused (``_check_at_boundary`` says why).
-With a DeepSpeed engine (``env.engine``) the engine's own ``save_checkpoint`` /
+With a DeepSpeed engine (the engine a pass handed on) the engine's own ``save_checkpoint`` /
 ``load_checkpoint`` write its files inside the same atomic directory; resharding follows
 DeepSpeed's rules. ``checkpoint_deepspeed.py`` fsyncs them and makes DeepSpeed read them
 with ``weights_only=True`` (and says what stays trusted).
@@ -277,7 +277,7 @@ def save(rt, path: str | Path, *, keep_last: int | None = None, async_: bool = F
             "plan": rt.plan.to_dict() if rt.plan is not None else None,
             "model": type(rt.model).__name__}
     written = {f"rank-{rank}.pt": cf.save_plain(_rank_state(rt), tmp / f"rank-{rank}.pt")}
-    engine = getattr(rt.env, "engine", None)
+    engine = rt._engine
     writer = future = None
     if engine is not None:
         meta["kind"] = "deepspeed"
@@ -288,7 +288,6 @@ def save(rt, path: str | Path, *, keep_last: int | None = None, async_: bool = F
         tensors, plain = split(_app_state(rt))
         if rank == 0:
             written["state.pt"] = cf.save_plain(_replicated_state(rt, plain), tmp / "state.pt")
-        cf.test_hook("write")
         writer = cf.ChecksumWriter(str(tmp), sync_files=True, thread_count=io_threads())
         if async_:
             with _quiet(group):
@@ -391,7 +390,6 @@ def _publish(p: PendingSave, group, rank: int, world: int) -> None:
         cf.check_sizes(p.tmp, entries)
         cf.write_file(p.tmp / cf.MANIFEST, _json({"files": entries}))
         cf.write_marker(p.tmp, p.meta)
-        cf.test_hook("rename")
         cf.publish(p.tmp, p.path)
         if p.keep_last is not None:
             removed = cf.prune(p.path, p.keep_last)
@@ -499,7 +497,7 @@ def _prepare(rt, path: Path, meta: dict[str, Any], manifest: dict[str, dict[str,
     _check_loaders(rt, loaders)
     todo = _Load(replicated, rank_state, own_rng, loaders)
     if meta["kind"] == "deepspeed":
-        todo.engine = getattr(rt.env, "engine", None)
+        todo.engine = rt._engine
         ds.check_loadable(todo.engine, path, manifest)
         return todo
     todo.reader = cf.SafeReader(str(path), manifest, threads=io_threads())

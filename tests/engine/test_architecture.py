@@ -1,0 +1,99 @@
+"""The arrows of the design, read from the source: the engine (``rewrite/``) knows no pass
+and imports neither ``passes/`` nor ``runtime/``; no pass imports another pass or the
+runtime; no string-keyed hand-offs; no test hooks or environment writes in the library."""
+
+import ast
+import re
+from pathlib import Path
+
+import overdrive  # noqa: F401  (registers the built-in passes)
+from overdrive.rewrite.manager import _REGISTRY
+
+SRC = Path(overdrive.__file__).parent
+BUILTIN = sorted(n for n, e in _REGISTRY.items()
+                 if e.cls.__module__.startswith("overdrive.passes."))
+
+
+def _sources(folder: str) -> dict[str, str]:
+    return {str(p.relative_to(SRC)): p.read_text() for p in sorted((SRC / folder).glob("*.py"))}
+
+
+def _imports(source: str, module: str) -> set[str]:
+    """Absolute names of what ``source`` (the module named ``module``) imports."""
+    out = set()
+    package = module.rpartition(".")[0].split(".")
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[:len(package) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            out.add(mod)
+            out |= {f"{mod}.{a.name}" for a in node.names}
+    return out
+
+
+def test_the_builtin_passes_are_the_ten_we_know():
+    assert set(BUILTIN) == {"casting", "fp8", "tensor_parallel", "context_parallel",
+                            "checkpointing", "compile", "mixed_precision", "fsdp", "ddp",
+                            "deepspeed"}
+
+
+def test_rewrite_imports_neither_passes_nor_runtime():
+    for name, source in _sources("rewrite").items():
+        bad = {m for m in _imports(source, "overdrive." + name[:-3].replace("/", "."))
+               if m.startswith(("overdrive.passes", "overdrive.runtime", "overdrive.plan",
+                                "overdrive.api"))}
+        assert not bad, f"{name} imports {sorted(bad)}"
+
+
+def test_rewrite_names_no_builtin_pass():
+    """Not in code, strings, comments or docstrings (torch's own ``.compile()`` aside)."""
+    words = re.compile(r"(?<![.\w])(" + "|".join(BUILTIN) + r")(?!\w|\()", re.I)
+    for name, source in _sources("rewrite").items():
+        hits = [(i, line.strip()) for i, line in enumerate(source.splitlines(), 1)
+                if words.search(line)]
+        assert not hits, f"{name} names a built-in pass: {hits}"
+
+
+def test_no_pass_imports_another_pass_or_the_runtime():
+    for name, source in _sources("passes").items():
+        if name.endswith("__init__.py"):
+            continue  # it imports every pass: that is how they register
+        own = "overdrive.passes." + Path(name).stem
+        bad = {m for m in _imports(source, own)
+               if m.startswith("overdrive.runtime")
+               or (m.startswith("overdrive.passes") and not m.startswith(own)
+                   and m != "overdrive.passes")}
+        assert not bad, f"{name} imports {sorted(bad)}"
+
+
+def test_no_string_keyed_handoffs_test_hooks_or_environment_writes():
+    everything = {str(p.relative_to(SRC)): p.read_text() for p in SRC.rglob("*.py")}
+    for name, source in everything.items():
+        assert "extras[" not in source, name
+        assert "TEST_HANG" not in source and "test_hook" not in source, name
+        assert "excepthook" not in source and "os._exit" not in source, name
+        if name != "runtime/state.py":
+            writes = re.findall(r"os\.environ(\[[^\]]+\]\s*=|\.setdefault|\.update|\.pop)", source)
+            assert not writes, f"{name} writes os.environ"
+
+
+def test_runtime_and_export_import_no_circle():
+    runtime = _imports((SRC / "runtime/runtime.py").read_text(), "overdrive.runtime.runtime")
+    export = _imports((SRC / "runtime/export.py").read_text(), "overdrive.runtime.export")
+    assert not any(m.startswith("overdrive.runtime.runtime") for m in export)
+    assert "overdrive.runtime.keys.clean_key" in runtime | export  # the leaf both use
+
+
+def test_importing_the_trace_leaves_torch_flop_formulas_alone():
+    import torch
+    from torch.utils import flop_counter
+
+    import overdrive.rewrite.trace  # noqa: F401
+
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    assert op not in flop_counter.flop_registry
