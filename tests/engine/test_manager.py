@@ -232,3 +232,83 @@ def test_custom_pass_between_builtins(registry):
 def test_register_pass_takes_only_pass_subclasses(registry):
     with pytest.raises(TypeError, match="subclass of od.Pass"):
         od.register_pass("t_fn", config=_config("t_fn"))(lambda m: m)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleHeadConfig:
+    """A user pass's own config: the factor it scales the output head by."""
+
+    factor: float = 0.5
+
+
+def test_user_pass_with_its_own_config_previewed_applied_and_absent_without_it(registry):
+    """Registered once, process-wide; it runs exactly where its config is in the plan."""
+
+    @od.register_pass("scale_head", config=ScaleHeadConfig, after=("checkpointing",),
+                      before=("compile",))
+    class ScaleHead(od.Pass):
+        def check(self, ctx):
+            if "lm_head" not in ctx.graph:
+                raise od.PlanError("scale_head: the model has no lm_head")
+            return od.Decision(modules=["lm_head"], details={"factor": ctx.cfg.factor},
+                               notes=[f"lm_head weight × {ctx.cfg.factor}"])
+
+        def apply(self, model, decision, ctx):
+            with torch.no_grad():
+                ctx.graph.module("lm_head").weight.mul_(decision.details["factor"])
+
+    plan = od.Plan(checkpointing=od.Checkpointing(), compile=od.Compile(backend="eager"),
+                   extra=(ScaleHeadConfig(factor=0.25),))
+    report = od.inspect(tiny(n_layers=2), plan)
+    assert report.names() == ["checkpointing", "scale_head", "compile"]
+    assert report["scale_head"].modules == ["lm_head"]
+    assert report["scale_head"].details == {"factor": 0.25}
+    assert "lm_head weight × 0.25" in str(report)
+
+    model = tiny(n_layers=2)
+    head = model.lm_head.weight.detach().clone()
+    rt = od.accelerate(model, plan)
+    assert rt.report.names() == report.names()
+    assert rt.report["scale_head"].modules == report["scale_head"].modules
+    assert torch.equal(rt.model.lm_head.weight, head * 0.25)
+    assert rt.report.plan["extra"] == [{"ScaleHeadConfig": {"factor": 0.25}}]
+
+    for other in (od.Plan(checkpointing=od.Checkpointing()), "ac"):
+        untouched = tiny(n_layers=2)
+        head = untouched.lm_head.weight.detach().clone()
+        assert "scale_head" not in od.inspect(untouched, other)
+        assert "scale_head" not in od.accelerate(untouched, other).report
+        assert torch.equal(untouched.lm_head.weight, head)
+
+
+@dataclasses.dataclass(frozen=True)
+class RenameHeadConfig:
+    pass
+
+
+def test_a_key_map_a_pass_hands_on_keeps_the_models_keys(registry, tmp_path):
+    """A pass that moves a module under another name hands on the mapping; rt.state_dict
+    and rt.export give the user's model's keys back."""
+
+    @od.register_pass("rename_head", config=RenameHeadConfig)
+    class RenameHead(od.Pass):
+        def check(self, ctx):
+            return od.Decision(modules=["lm_head"])
+
+        def apply(self, model, decision, ctx):
+            model.head = model.lm_head
+            del model.lm_head
+            return od.Applied(self.record(modules=["lm_head"]), key_map=od.KeyMap(
+                to_model=lambda k: "lm_head." + k[5:] if k.startswith("head.") else k,
+                from_model=lambda k: "head." + k[8:] if k.startswith("lm_head.") else k))
+
+    model = tiny(n_layers=1)
+    keys = set(model.state_dict())
+    rt = od.accelerate(model, od.Plan(extra=(RenameHeadConfig(),)))
+    assert "head.weight" in rt.model.state_dict()
+    assert set(rt.state_dict()) == keys
+    rt.export(tmp_path / "w")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "w" / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == keys
