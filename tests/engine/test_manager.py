@@ -312,3 +312,29 @@ def test_a_key_map_a_pass_hands_on_keeps_the_models_keys(registry, tmp_path):
 
     with safe_open(str(tmp_path / "w" / "model.safetensors"), "pt") as f:
         assert set(f.keys()) == keys
+
+
+def test_memory_effects_compose_without_naming_a_pass():
+    """The estimate multiplies the splits that apply to each module and, when a pass
+    splits the model between ranks (pipeline stages), counts the heaviest rank."""
+    from overdrive.rewrite.estimate import estimate_memory
+
+    graph = od.ModuleGraph(tiny(n_layers=4))
+    full = estimate_memory(graph, [], 1)
+    blocks = tuple(graph.blocks())
+    tp = od.MemoryEffect(parameters=2, gradients=2, optimizer=2, modules=blocks)
+    shard = od.MemoryEffect(parameters=4, gradients=4, optimizer=4)
+    both = estimate_memory(graph, [tp, shard], 8)
+    block_bytes = sum(graph.g.nodes[n]["bytes"] for n in graph.names()
+                      if any(n == b or n.startswith(b + ".") for b in blocks))
+    other = full.parameters - block_bytes
+    assert both.parameters == int(block_bytes / 8 + other / 4)
+    stages = od.MemoryEffect(held=(("embed_tokens", "layers.0", "layers.1"),
+                                   ("layers.2", "layers.3", "norm", "lm_head")))
+    split = estimate_memory(graph, [stages], 2)
+    assert split.full_parameters == full.parameters
+    assert full.parameters / 2 <= split.parameters < full.parameters
+    cast = od.MemoryEffect(parameter_bytes=-1000, inference=True, notes=("no training",))
+    inference = estimate_memory(graph, [cast], 1)
+    assert inference.parameters == full.parameters - 1000
+    assert inference.gradients == inference.optimizer == 0 and "no training" in inference.notes

@@ -54,7 +54,9 @@ class MemoryEffect:
     activations (tensor / context parallel); ``parameter_bytes`` is a change in stored
     bytes (a smaller storage dtype); ``inference`` says no gradients or optimizer state
     exist; ``checkpointed`` names the blocks whose activations are recomputed
-    (``selective``: op-level, counted as none).
+    (``selective``: op-level, counted as none). ``held`` splits the model between ranks
+    (pipeline stages): the modules each such rank holds; the estimate counts the
+    heaviest.
     """
 
     parameters: int = 1
@@ -66,6 +68,7 @@ class MemoryEffect:
     inference: bool = False
     checkpointed: tuple[str, ...] = ()
     selective: bool = False
+    held: tuple[tuple[str, ...], ...] | None = None
     notes: tuple[str, ...] = ()
 
 

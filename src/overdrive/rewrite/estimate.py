@@ -22,29 +22,53 @@ OPTIMIZER_STATES = 2  # AdamW's exp_avg and exp_avg_sq
 FP32 = 4
 
 
-def _split(effects: Sequence, name: str, kind: str) -> int:
-    """The product of the splits that apply to module ``name``."""
-    n = 1
-    for e in effects:
-        if e.modules is None or name in e.modules:
-            n *= getattr(e, kind)
-    return n
+def _splits(effects: Sequence, name: str, scopes: list) -> tuple[int, int, int]:
+    """(parameters, gradients, optimizer): the products of the splits that apply to module
+    ``name`` (an effect's ``modules`` cover their submodules too)."""
+    p = g = o = 1
+    for e, scope in zip(effects, scopes):
+        if scope is None or _within(name, scope):
+            p, g, o = p * e.parameters, g * e.gradients, o * e.optimizer
+    return p, g, o
 
 
 def _per_rank(graph: ModuleGraph, effects: Sequence) -> dict[str, float]:
-    """Parameter, gradient and optimizer bytes on one rank under ``effects``."""
+    """Parameter, gradient and optimizer bytes on one rank under ``effects`` (when an
+    effect splits the model between ranks, on the rank that holds the most)."""
+    splits = [e.held for e in effects if e.held is not None]
+    if not splits:
+        return _held(graph, effects, None)
+    full = _held(graph, effects, None)["full"]
+    worst = max((_held(graph, effects, mods) for mods in splits[-1]),
+                key=lambda m: m["parameters"])
+    return {**worst, "full": full}
+
+
+def _within(name: str, modules) -> bool:
+    """Is ``name`` one of ``modules`` or inside one ("" is the root)?"""
+    if "" in modules or name in modules:
+        return True
+    parts = name.split(".")
+    return any(".".join(parts[:i]) in modules for i in range(1, len(parts)))
+
+
+def _held(graph: ModuleGraph, effects: Sequence, within: Sequence[str] | None
+          ) -> dict[str, float]:
+    """The bytes of the modules ``within`` (None: all) under ``effects``."""
     out = {"parameters": float(sum(e.parameter_bytes for e in effects)), "gradients": 0.0,
            "optimizer": 0.0, "full": 0}
+    scopes = [None if e.modules is None else frozenset(e.modules) for e in effects]
+    within = None if within is None else frozenset(within)
     for name, data in graph.g.nodes(data=True):
         nbytes, numel = data["bytes"], data["params"]
-        if not numel:
+        if not numel or (within is not None and not _within(name, within)):
             continue
         out["full"] += nbytes
-        out["parameters"] += nbytes / _split(effects, name, "parameters")
-        if any(p.requires_grad for p in data["module"].parameters(recurse=False)):
-            out["gradients"] += nbytes / _split(effects, name, "gradients")
-            out["optimizer"] += numel * OPTIMIZER_STATES * FP32 / _split(effects, name,
-                                                                           "optimizer")
+        p, g, o = _splits(effects, name, scopes)
+        out["parameters"] += nbytes / p
+        if any(t.requires_grad for t in data["module"].parameters(recurse=False)):
+            out["gradients"] += nbytes / g
+            out["optimizer"] += numel * OPTIMIZER_STATES * FP32 / o
     return out
 
 
