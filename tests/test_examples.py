@@ -43,3 +43,26 @@ def test_finetune_transformers_under_fsdp_tp_exports_and_reloads(tmp_path):
     assert "tensor_parallel" in out and "step 4: loss" in out
     assert "reloaded with from_pretrained" in out
     assert (tmp_path / "ft" / "model.safetensors").is_file()
+
+
+@pytest.mark.dist
+def test_distill_and_infer_then_export_and_inspect_offline(tmp_path):
+    out = run("-m", "overdrive.cli", "launch", "--nproc", "2",
+              str(EXAMPLES / "distill_and_infer.py"), "--out", str(tmp_path / "d"), cwd=tmp_path)
+    assert "student: fsdp; teacher: fsdp; one mesh: True" in out
+    assert "early stop" in out and "EMA restored by rt.load: True" in out
+    assert "5 answers for 5 prompts" in out
+    run("-m", "overdrive.cli", "export", str(tmp_path / "d" / "ck"), str(tmp_path / "hf"),
+        "--dtype", "bf16", cwd=tmp_path)
+    out = run("-m", "overdrive.cli", "inspect", "--config", str(tmp_path / "hf" / "config.json"),
+              "--plan", "fsdp", "--world-size", "8", cwd=tmp_path)
+    assert "LlamaForCausalLM" in out and "memory per rank (world size 8)" in out
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_distill_and_infer_under_ddp_with_a_powersgd_hook(tmp_path):
+    out = run("-m", "overdrive.cli", "launch", "--nproc", "2",
+              str(EXAMPLES / "distill_and_infer.py"), "--plan", "ddp", "--comm-hook",
+              "powersgd", "--out", str(tmp_path / "d"), cwd=tmp_path)
+    assert "student: ddp; teacher: ddp" in out and "EMA restored by rt.load: True" in out

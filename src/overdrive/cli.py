@@ -1,4 +1,4 @@
-"""The ``overdrive`` command: inspect, launch, env.
+"""The ``overdrive`` command: inspect, export, launch, env.
 
 Benchmarks are not a subcommand: they live in the repository (`benchmarks/run_all.py`,
 `make bench`), beside the baselines they compare against, not in the installed package.
@@ -43,9 +43,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     import overdrive as od
 
-    factory = load_factory(args.model)
-    with torch.device("meta"):
-        model = factory()
+    if args.config is not None:
+        from .cli_offline import meta_model_from_config
+
+        model = meta_model_from_config(args.config, args.arch)
+    elif args.model is None:
+        raise SystemExit("overdrive inspect: give MODULE:FACTORY or --config config.json")
+    else:
+        factory = load_factory(args.model)
+        with torch.device("meta"):
+            model = factory()
     report = od.inspect(model, args.plan, world_size=args.world_size)
     print(report.to_json() if args.json else report)
     return 0
@@ -146,16 +153,43 @@ def cmd_launch(args: argparse.Namespace) -> int:
         return 130
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .cli_offline import cmd_export
+
+    return cmd_export(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="overdrive", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="dry-run a plan on a meta-device model; print the report")
-    p.add_argument("model", help="MODULE:FACTORY returning an nn.Module (built on meta)")
+    p.add_argument("model", nargs="?", default=None,
+                   help="MODULE:FACTORY returning an nn.Module (built on meta)")
+    p.add_argument("--config", default=None,
+                   help="a transformers config.json (or its directory): build that model on "
+                        "meta instead of MODULE:FACTORY, no download")
+    p.add_argument("--arch", default=None,
+                   help="with --config: the transformers class (default: the config's "
+                        "architectures[0]), e.g. LlamaForCausalLM")
     p.add_argument("--plan", default=None, help="preset (fsdp+compile), YAML or JSON path")
     p.add_argument("--world-size", type=int, default=None, help="ranks to plan for")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("export", help="turn an rt.save checkpoint into a transformers "
+                                      "safetensors directory, offline")
+    p.add_argument("checkpoint", help="a directory written by rt.save (any world size, plan)")
+    p.add_argument("out", help="the directory to write (model*.safetensors, config.json)")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="cast floating tensors (default: as saved)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest output file, e.g. 2GB")
+    p.add_argument("--config", default=None,
+                   help="config.json to write when the checkpoint recorded none")
+    p.add_argument("--no-verify", action="store_true",
+                   help="check file sizes only, not their crc32")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("launch", help="run a training script on several processes "
                                       "(torch.distributed.run underneath)")

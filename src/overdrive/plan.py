@@ -108,6 +108,12 @@ class DDP:
     bucket_cap_mb: int = 25
     find_unused_parameters: bool = False
     static_graph: bool = False
+    # gradient all-reduce through torch's DDP communication hooks: "fp16" / "bf16" compress
+    # the buckets, "powersgd" all-reduces a rank-`powersgd_rank` approximation (plain
+    # all-reduce for the first `powersgd_start_iter` steps, as torch's PowerSGDState does)
+    comm_hook: str | None = None
+    powersgd_rank: int = 1
+    powersgd_start_iter: int = 1000
 
 
 @dataclass(frozen=True)
@@ -273,6 +279,7 @@ CHOICES: dict[tuple[str, str], tuple] = {
     ("fsdp", "param_dtype"): (None, "float32", "bfloat16", "float16"),
     ("fsdp", "reduce_dtype"): (None, "float32", "bfloat16", "float16"),
     ("deepspeed", "zero_stage"): (0, 1, 2, 3),
+    ("ddp", "comm_hook"): (None, "fp16", "bf16", "powersgd"),
     ("plan", "mixed_precision"): ("no", "bf16", "fp16"),
 }
 
@@ -420,6 +427,29 @@ def _check_part_values(plan: Plan) -> None:
                             "positive max norm such as 1.0, or None")
     if plan.ddp is not None:
         _check_int("ddp.bucket_cap_mb", plan.ddp.bucket_cap_mb, 1)
+        _check_comm_hook(plan)
+
+
+def _check_comm_hook(plan: Plan) -> None:
+    """ddp.comm_hook and its PowerSGD settings (checked before the engine contradictions:
+    the message says what fsdp offers instead)."""
+    ddp = plan.ddp
+    _check_int("ddp.powersgd_rank", ddp.powersgd_rank, 1)
+    _check_int("ddp.powersgd_start_iter", ddp.powersgd_start_iter, 1)
+    if ddp.comm_hook != "powersgd" and (ddp.powersgd_rank, ddp.powersgd_start_iter) != (1, 1000):
+        raise PlanError(
+            f"ddp.powersgd_rank={ddp.powersgd_rank}, ddp.powersgd_start_iter="
+            f"{ddp.powersgd_start_iter} only apply with ddp.comm_hook='powersgd' (comm_hook="
+            f"{ddp.comm_hook!r}); set comm_hook='powersgd' or leave them at 1 and 1000")
+    if ddp.comm_hook == "powersgd" and ddp.powersgd_start_iter < 2:
+        raise PlanError(
+            f"ddp.powersgd_start_iter={ddp.powersgd_start_iter} is not valid: PowerSGD's error "
+            "feedback needs at least 2 plain all-reduce steps first; use >= 2")
+    if ddp.comm_hook is not None and plan.fsdp is not None:
+        raise PlanError(
+            f"ddp.comm_hook={ddp.comm_hook!r} is a DDP communication hook and the plan uses "
+            "fsdp, which reduce-scatters its own way; drop ddp (fsdp compresses its "
+            "reduction with od.FSDP(reduce_dtype='bfloat16'))")
 
 
 TP_STYLES = ("colwise", "rowwise", "sequence_parallel", "colwise_rep", "rowwise_rep",

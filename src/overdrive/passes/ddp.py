@@ -7,8 +7,10 @@ instead of wrapping it, so the root object stays the same, ``state_dict`` keys g
 gradient accumulation needs. Gradients are averaged over ``dp_cp``: context-parallel
 ranks hold the same weights and their losses cover different tokens.
 
-One data rank (a single process, or tp/cp using every rank) leaves nothing to average:
-the pass is then a no-op that says so in its record.
+One data rank (a single process, or tp/cp using every rank) leaves nothing to average, and
+so does a model with no parameter that requires grad (a frozen distillation teacher
+prepared with ``optimizer=None``; torch's DDP would refuse it at the first forward): the
+pass is then a no-op that says so in its record.
 
 Tensor parallelism with more than one data rank is refused (torchtitan refuses DDP with
 >1-D meshes too): ``replicate`` localises DTensor parameters and re-creates them as new
@@ -27,11 +29,21 @@ from ..errors import PlanError
 from ..plan import DDP
 from ..rewrite.contract import Applied, Decision, Pass, PassContext
 from ..rewrite.manager import register_pass
+from .ddp_comm import check_comm_hook, register_comm_hook
 
 
 def on_meta(model: nn.Module) -> bool:
     """Any parameter or buffer on the meta device (replicate broadcasts both)."""
     return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+
+
+def frozen(model: nn.Module) -> bool:
+    """No parameter requires grad (a distillation teacher, an EMA copy): nothing to
+    all-reduce — and torch's DDP refuses such a module at its first forward."""
+    return not any(p.requires_grad for p in model.parameters())
+
+
+FROZEN_NOTE = "no parameter requires grad (inference): nothing to all-reduce, ddp is a no-op"
 
 
 def sync_size(parallel) -> int:
@@ -44,6 +56,7 @@ class DDPDecision(Decision):
 
     sync_size: int
     kwargs: dict[str, Any]
+    comm_hook: str | None  # registered after replicate (ddp_comm.py)
 
 
 # After compile (blocks are compiled before they are wrapped).
@@ -64,18 +77,22 @@ class DDPPass(Pass):
             raise PlanError(
                 "ddp: the model is on the meta device, and every ddp rank holds the whole "
                 "model; build it on a real device, or use fsdp, which materialises it sharded")
+        if cfg.comm_hook is not None:
+            check_comm_hook(plan, env)
         kwargs = dict(bucket_cap_mb=cfg.bucket_cap_mb,
                       find_unused_parameters=cfg.find_unused_parameters,
                       static_graph=cfg.static_graph)
         if n == 1:
-            return DDPDecision(sync_size=1, kwargs=kwargs, notes=[
+            return DDPDecision(sync_size=1, kwargs=kwargs, comm_hook=None, notes=[
                 "one data-parallel rank: nothing to all-reduce, ddp is a no-op"])
-        return DDPDecision(modules=[""], sync_size=n, kwargs=kwargs,
+        if frozen(graph.model):
+            return DDPDecision(sync_size=n, kwargs=kwargs, comm_hook=None, notes=[FROZEN_NOTE])
+        return DDPDecision(modules=[""], sync_size=n, kwargs=kwargs, comm_hook=cfg.comm_hook,
                            details={"sync_size": n})
 
     def apply(self, model: nn.Module, decision: DDPDecision, ctx: PassContext) -> Applied:
         rec = self.preview(decision, ctx)
-        if decision.sync_size == 1:
+        if not decision.modules:  # one data rank, or nothing trainable
             return Applied(rec)
         from torch.distributed._composable import replicate
 
@@ -84,4 +101,6 @@ class DDPPass(Pass):
             kwargs["device_id"] = ctx.env.device
         ctx.env.ensure_process_group()  # every rank is a data rank (dp × cp; tp is refused)
         replicate(model, **kwargs)
+        if decision.comm_hook is not None:
+            rec.details.update(register_comm_hook(model, ctx.plan))
         return Applied(rec, gradient_sync=model.set_requires_gradient_sync)

@@ -61,6 +61,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
 from ..errors import CheckpointCorrupt, CheckpointError, CheckpointMismatch
 from . import checkpoint_deepspeed as ds
 from . import checkpoint_files as cf
+from . import custom_state, model_meta
 from .grad import raw_optimizer
 
 log = logging.getLogger("overdrive")
@@ -184,9 +185,10 @@ def _app_state(rt) -> dict[str, Any]:
     return app
 
 
-def _replicated_state(rt, plain_app: Any) -> dict[str, Any]:
+def _replicated_state(rt, plain_app: Any, custom: list) -> dict[str, Any]:
     return {
         "app": plain_app,
+        "custom": custom,  # rt.register_for_checkpointing objects (custom_state.py)
         "scheduler": rt.scheduler.state_dict() if rt.scheduler is not None else None,
         "scaler": rt.scaler.state_dict() if rt.scaler is not None else None,
         "counters": {c: getattr(rt, c) for c in COUNTERS},
@@ -259,6 +261,7 @@ def save(rt, path: str | Path, *, keep_last: int | None = None, async_: bool = F
     if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
         raise ValueError(f"keep_last={keep_last!r} is not valid; use an integer >= 1 or None")
     _check_at_boundary(rt, "rt.save")
+    custom = custom_state.collect(rt._custom_objects)  # every rank (may be a collective)
     if keep_last is not None and cf.series(path.name) is None:
         raise ValueError(f"keep_last={keep_last} keeps the newest checkpoints named like "
                          f"{path.name!r} with another number, and {path.name!r} has no number; "
@@ -275,7 +278,8 @@ def save(rt, path: str | Path, *, keep_last: int | None = None, async_: bool = F
     meta = {"format": cf.FORMAT, "kind": "dcp", "step": getattr(rt, "step", 0),
             "world_size": world, "time_ns": time.time_ns(),
             "plan": rt.plan.to_dict() if rt.plan is not None else None,
-            "model": type(rt.model).__name__}
+            "model": type(rt.model).__name__,
+            "export": model_meta.describe(rt)}  # for `overdrive export` (model_meta.py)
     written = {f"rank-{rank}.pt": cf.save_plain(_rank_state(rt), tmp / f"rank-{rank}.pt")}
     engine = rt._engine
     writer = future = None
@@ -283,11 +287,13 @@ def save(rt, path: str | Path, *, keep_last: int | None = None, async_: bool = F
         meta["kind"] = "deepspeed"
         ds.save(engine, tmp)
         if rank == 0:
-            written["state.pt"] = cf.save_plain(_replicated_state(rt, None), tmp / "state.pt")
+            written["state.pt"] = cf.save_plain(_replicated_state(rt, None, custom),
+                                                tmp / "state.pt")
     else:
         tensors, plain = split(_app_state(rt))
         if rank == 0:
-            written["state.pt"] = cf.save_plain(_replicated_state(rt, plain), tmp / "state.pt")
+            written["state.pt"] = cf.save_plain(_replicated_state(rt, plain, custom),
+                                                tmp / "state.pt")
         writer = cf.ChecksumWriter(str(tmp), sync_files=True, thread_count=io_threads())
         if async_:
             with _quiet(group):
@@ -427,6 +433,7 @@ def load(rt, path: str | Path, *, verify: bool = True) -> dict[str, Any]:
     else:
         _load_dcp(rt, todo, group)
     _restore_replicated(rt, todo.replicated)
+    custom_state.restore(rt._custom_objects, todo.replicated.get("custom"))
     _restore_rank(rt, todo, meta, rank)
     _barrier(group)
     if rank == 0:
@@ -495,6 +502,7 @@ def _prepare(rt, path: Path, meta: dict[str, Any], manifest: dict[str, dict[str,
         cf.load_plain(path / f"rank-{rank % saved_world}.pt")["loaders"]
     _check_replicated(rt, replicated)
     _check_loaders(rt, loaders)
+    custom_state.check(rt._custom_objects, replicated.get("custom"), path)
     todo = _Load(replicated, rank_state, own_rng, loaders)
     if meta["kind"] == "deepspeed":
         todo.engine = rt._engine

@@ -78,6 +78,11 @@ class Optimizer(torch.optim.Optimizer):
             self._engine.step()  # DeepSpeed counts accumulation boundaries itself
             if not self._grad.sync:
                 return None
+            # its fp16 loss scaler skips steps with inf/NaN grads: no hooks, no scheduler step
+            applied = getattr(self._engine, "was_step_applied", None)
+            self.step_was_skipped = callable(applied) and not applied()
+            if self.step_was_skipped:
+                return None
             return self._after_step(None)
         if not self._grad.sync:
             return None

@@ -22,7 +22,7 @@ from ..plan import Plan
 from ..rewrite.contract import Handoff
 from ..rewrite.env import Env
 from ..rewrite.report import Report
-from . import collectives, data, grad, helpers
+from . import collectives, data, grad, helpers, split, trigger
 from .keys import clean_key
 
 log = logging.getLogger("overdrive")
@@ -38,12 +38,14 @@ class Runtime:
         steps taken), ``post_step_hooks`` (``hook(model, optimizer)`` after each real
         step; append to it)
     data
-        ``shard(dataloader, ...)``, ``shard_sequence(batch)`` (context parallel's split)
+        ``shard(dataloader, ...)``, ``shard_sequence(batch)`` (context parallel's split),
+        ``split_between_processes(inputs)``
     collectives
         ``gather``, ``gather_for_metrics``, ``gather_object``, ``reduce``, ``broadcast``,
-        ``pad_across_processes``, ``barrier``
+        ``pad_across_processes``, ``barrier``, ``set_trigger()`` / ``check_trigger()``
     checkpoint
-        ``save``, ``load``, ``wait_for_save``, ``export``, ``state_dict()``, ``unwrap()``
+        ``save``, ``load``, ``wait_for_save``, ``export``, ``state_dict()``, ``unwrap()``,
+        ``register_for_checkpointing(*objects)``
     info
         ``plan``, ``report``, ``grad_accum``, ``device``, ``rank``, ``local_rank``,
         ``world_size``, ``dp_rank``, ``dp_size``, ``is_main``, ``is_local_main``, ``mesh``,
@@ -70,6 +72,8 @@ class Runtime:
         # positions rt.load found before the loaders were made: rt.shard takes them in order
         self._pending_loader_states: list[dict] = []
         self._active_loader = None  # the sharded loader being iterated (its last batch syncs)
+        self._custom_objects: list[Any] = []  # rt.register_for_checkpointing, in order
+        self._trigger = trigger.Trigger()
         self._grad_sync = grad.GradSync(self, self.grad_accum)
         self._dtensor_grads = _has_dtensor(model)
         if optimizer is not None:
@@ -220,6 +224,22 @@ class Runtime:
                              pad_first: bool = False) -> Any:
         return collectives.pad_across_processes(x, dim, pad_index, pad_first)
 
+    def split_between_processes(self, inputs: Any, apply_padding: bool = False):
+        """``with rt.split_between_processes(items) as mine:`` this data rank's share of a
+        list, tuple, tensor (dim 0) or dict of those. With ``apply_padding=True`` every
+        rank gets ``ceil(n / dp_size)`` items (the last one repeated), so the gathered
+        results truncated to ``n`` are in input order (split.py)."""
+        return split.split_between_processes(self, inputs, apply_padding)
+
+    def set_trigger(self) -> None:
+        """Raise this rank's flag; the next ``check_trigger()`` is True on every rank."""
+        self._trigger.set()
+
+    def check_trigger(self) -> bool:
+        """True on every rank when any rank called ``set_trigger()`` since the last check
+        (every rank calls this at the same point: it is one all-reduce)."""
+        return self._trigger.check()
+
     def _dp_group(self):
         """The data-parallel process group (None: the default group is the dp group)."""
         if self.dp_size == self.world_size:
@@ -266,6 +286,14 @@ class Runtime:
         from . import checkpoint
 
         return checkpoint.load(self, path, verify=verify)
+
+    def register_for_checkpointing(self, *objects: Any) -> None:
+        """Save these objects' ``state_dict()`` with ``rt.save`` and hand it back to their
+        ``load_state_dict`` on ``rt.load``, in registration order (custom_state.py)."""
+        from . import custom_state
+
+        for obj in objects:
+            custom_state.register(self._custom_objects, obj)
 
     def wait_for_save(self) -> None:
         """Block until a pending ``save(..., async_=True)`` is written and published."""

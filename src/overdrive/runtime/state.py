@@ -125,7 +125,9 @@ def env_for(plan: Plan, *, rank: int, local_rank: int, world_size: int,
 
 def _open_mesh(plan: Plan, device: torch.device):
     ensure_process_group(device)
-    return build_mesh(plan, device)
+    from .mesh_cache import shared_mesh  # one mesh per process and layout
+
+    return shared_mesh(plan, device, build_mesh)
 
 
 def make_env(plan: Plan, *, world_size: int | None = None, dry_run: bool = False) -> tuple[Plan, Env]:
