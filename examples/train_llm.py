@@ -4,6 +4,12 @@
     overdrive launch --nproc 2 examples/train_llm.py --plan fsdp --grad-accum 4
     overdrive launch --nproc 2 examples/train_llm.py --steps 8 --save-every 4 --out out/run
     overdrive launch --nproc 2 examples/train_llm.py --steps 12 --out out/run --resume
+    overdrive plot out/run/metrics --out out/run/plot.png     # loss, lr, tokens/s, memory
+
+Step metrics (loss, grad norm, lr, tokens/s, step time, memory) are logged every step
+to ``metrics.jsonl`` and TensorBoard event files (``tensorboard --logdir DIR``) in
+``--run-dir`` (default: ``OUT/metrics`` with ``--out``, else ``runs/<timestamp>``); a
+resumed run appends to the same files.
 
 Every sequence counts upwards from a random start with a random stride (mod the
 vocabulary), so the loss falls quickly: the next token is predictable from the last two.
@@ -53,6 +59,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", default=None, help="checkpoint directory")
     p.add_argument("--save-every", type=int, default=0, help="save every N steps (needs --out)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--run-dir", default=None, help="metrics directory (default: OUT/metrics, "
+                   "else runs/<timestamp>)")
+    p.add_argument("--profile", default=None, help="write a torch.profiler trace of steps 3-5 "
+                   "to this directory")
     return p.parse_args()
 
 
@@ -81,8 +91,11 @@ def main() -> None:
     args = parse_args()
     torch.manual_seed(args.seed)
     model = tiny(n_layers=2, dim=64, n_heads=4, vocab_size=128, max_seq_len=args.seq_len)
+    run_dir = args.run_dir or (os.path.join(args.out, "metrics") if args.out else None)
     rt = od.accelerate(model, make_plan(args),
-                       optimizer=lambda p: torch.optim.AdamW(p, lr=args.lr))
+                       optimizer=lambda p: torch.optim.AdamW(p, lr=args.lr),
+                       trackers=("jsonl", "tensorboard"), run_dir=run_dir,
+                       run_config=vars(args))
     rt.print(rt.report)
 
     data = CountingTokens(n=4096, seq_len=args.seq_len, vocab=128, seed=args.seed)
@@ -93,6 +106,8 @@ def main() -> None:
         rt.load(ckpt)  # after rt.shard: the loader's position is restored too
         rt.print(f"resumed from {ckpt} at step {rt.step}")
 
+    if args.profile:
+        rt.profile(args.profile, wait=2, warmup=1, active=2)  # stops by itself after step 5
     rt.model.train()
     while rt.step < args.steps:
         for batch in rt.progress(loader, desc=f"epoch {loader.epoch}", disable=None):
@@ -114,6 +129,7 @@ def main() -> None:
                 rt.save(os.path.join(args.out, f"step-{rt.step}"))
             if rt.step >= args.steps:
                 break
+    rt.finish()
 
 
 if __name__ == "__main__":

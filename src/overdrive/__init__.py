@@ -8,6 +8,7 @@
 from .api import accelerate, inspect
 from .errors import (BackendUnavailable, CheckpointCorrupt, CheckpointError,
                      CheckpointMismatch, NotACheckpoint, OverdriveError, PassFailed, PlanError)
+from .launch import LaunchError, launch
 from .rewrite.graph import ModuleGraph
 from .rewrite.contract import Applied, Decision, KeyMap, MemoryEffect, Pass, PassContext
 from .rewrite.manager import register_pass
@@ -17,6 +18,7 @@ from .rewrite.report import MemoryEstimate, PassRecord, Report
 from .runtime.export import load_weights
 from .runtime.helpers import find_executable_batch_size
 from .runtime.runtime import Runtime
+from .runtime.tracking import Tracker
 
 __version__ = "0.1.0"
 
@@ -29,4 +31,5 @@ __all__ = [
     "find_executable_batch_size",
     "OverdriveError", "PlanError", "BackendUnavailable", "PassFailed",
     "load_weights", "CheckpointError", "NotACheckpoint", "CheckpointMismatch", "CheckpointCorrupt",
+    "Tracker", "launch", "LaunchError",
 ]

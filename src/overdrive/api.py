@@ -24,6 +24,7 @@ from .rewrite.trace import meta_copy, trace_model
 from .runtime.grad import raw_optimizer
 from .runtime.runtime import Runtime
 from .runtime.state import make_env
+from .runtime.tracking import resolve_tracking
 
 log = logging.getLogger("overdrive")
 
@@ -31,15 +32,24 @@ OptimizerArg = torch.optim.Optimizer | Callable[..., torch.optim.Optimizer] | No
 
 
 def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
-               optimizer: OptimizerArg = None, scheduler: Any = None) -> Runtime:
+               optimizer: OptimizerArg = None, scheduler: Any = None,
+               trackers: Any = ("jsonl",), run_dir: Any = None, run_config: dict | None = None,
+               log_every: int = 1) -> Runtime:
     """Transform ``model`` in place according to ``plan`` and return a ``Runtime``.
 
     ``optimizer`` may be an optimizer or a factory ``params -> optimizer``; a factory is
     called after sharding, which FSDP/TP need. ``scheduler`` may be a scheduler or a
     factory ``optimizer -> scheduler``.
+
+    ``trackers`` (built-in names "jsonl", "tensorboard", "wandb", "mlflow", "trackio", or
+    ``od.Tracker`` instances; ``()`` for none) receive ``rt.log`` rows and, every
+    ``log_every`` optimizer steps (0: never), the built-in step metrics, on rank 0, in
+    ``run_dir`` (default ``runs/<timestamp>``, created at the first row); ``run_config``
+    and the resolved plan are logged once.
     """
     if not isinstance(model, nn.Module):
         raise PlanError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    tracking = resolve_tracking(trackers, run_dir, run_config, log_every)
     model_name = type(model).__name__  # fully_shard / replicate rename the class
     plan = resolve_plan(plan)
     _check_meta_device(model, plan)
@@ -52,6 +62,7 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
     # set before check: an engine pass checks that it has an optimizer
     env.optimizer_factory = _optimizer_factory(optimizer, param_names, model)
     decisions = manager.check_all(graph, env)
+    flops_model = _flops_model(model, tracking, env)
 
     # ---- nothing above this line mutates the model ----
     _place_model(model, plan, env)
@@ -68,7 +79,7 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
     report = Report(records, model=model_name, plan=plan.to_dict(),
                     blocks=graph.blocks())
     rt = Runtime(model, plan=plan, report=report, env=env, optimizer=opt, scheduler=sched,
-                 handoff=handoff)
+                 handoff=handoff, tracking=tracking, flops_model=flops_model)
     if rt.is_main:
         log.info("overdrive: applied %s", " → ".join(report.names()) or "no passes")
     return rt
@@ -93,6 +104,7 @@ def inspect(model: nn.Module, plan: Plan | dict | str | None = None, *,
     graph.blocks()
     manager = PassManager(plan)
     env.example_inputs = example_inputs  # a pass may trace with them (budgeted recompute)
+    env.model_on_meta = on_meta  # the shadow is on meta; the user's model may not be
     decisions = manager.check_all(graph, env)
     records = manager.preview_all(graph, env, decisions)
     trace = trace_model(shadow, example_inputs) if example_inputs is not None else None
@@ -103,6 +115,20 @@ def inspect(model: nn.Module, plan: Plan | dict | str | None = None, *,
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _flops_model(model: nn.Module, tracking, env) -> nn.Module | None:
+    """A meta copy of the untransformed model for the step metrics' FLOP count (TFLOP/s,
+    MFU), made only where they are logged and the device's peak is known."""
+    from .runtime.peaks import peak_flops
+
+    if not tracking.log_every or peak_flops(env.device) is None:
+        return None
+    try:
+        return meta_copy(model)
+    except Exception as err:  # noqa: BLE001 — MFU is optional
+        log.info("overdrive: no TFLOP/s or MFU (the model cannot be copied to meta: %s)", err)
+        return None
 
 
 def _check_optimizer_arg(optimizer: OptimizerArg, manager: PassManager, plan: Plan) -> None:

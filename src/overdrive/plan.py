@@ -45,7 +45,8 @@ class Compile:
 class FP8:
     """FP8 training layers: torchao everywhere, Transformer Engine on NVIDIA GPUs.
 
-    ``filter`` picks the ``nn.Linear`` layers to convert: a regex searched in the qualified
+    ``filter`` picks the ``nn.Linear`` layers (and transformers ``Conv1D``, torchao only)
+    to convert: a regex searched in the qualified
     name, or ``fn(name) -> bool``. Layers whose dims are not multiples of 16 are never
     converted. Without a filter the output projection (``lm_head``, else the last Linear)
     stays in high precision; a given filter decides for it too — returning True for it
@@ -114,6 +115,9 @@ class DDP:
     comm_hook: str | None = None
     powersgd_rank: int = 1
     powersgd_start_iter: int = 1000
+    # torch DDP's default: rank 0's buffers (BatchNorm running stats) are broadcast
+    # with each training forward, so every rank holds (and saves) the same ones
+    broadcast_buffers: bool = True
 
 
 @dataclass(frozen=True)

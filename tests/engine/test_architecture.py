@@ -78,8 +78,12 @@ def test_no_string_keyed_handoffs_test_hooks_or_environment_writes():
     for name, source in everything.items():
         assert "extras[" not in source, name
         assert "TEST_HANG" not in source and "test_hook" not in source, name
-        assert "excepthook" not in source and "os._exit" not in source, name
-        if name != "runtime/state.py":
+        assert "sys.excepthook =" not in source, name  # no process-wide exception hook
+        if name.startswith("runtime/"):  # (od.launch's own child processes may os._exit)
+            assert "os._exit" not in source, name
+        # state.py: a one-rank group's rendezvous; launch.py: od.launch's spawned worker
+        # sets its own RANK/WORLD_SIZE before anything runs in it (a launcher, as torchrun)
+        if name not in ("runtime/state.py", "launch.py"):
             writes = re.findall(r"os\.environ(\[[^\]]+\]\s*=|\.setdefault|\.update|\.pop)", source)
             assert not writes, f"{name} writes os.environ"
 

@@ -174,7 +174,7 @@ def test_callable_filter_gets_the_qualified_name():
 def test_nothing_eligible_is_refused_before_mutation():
     model = tiny(2)
     before = snapshot(model)
-    with pytest.raises(PlanError, match="no nn.Linear is eligible"):
+    with pytest.raises(PlanError, match=r"no nn.Linear \(or transformers Conv1D\) is eligible"):
         _fp8(model, filter="matches_nothing")
     assert_untouched(model, before)
 
@@ -550,3 +550,21 @@ def test_te_real_swap_trains_under_fp8_autocast():
         rt.optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_transformers_conv1d_trains_in_fp8_with_its_layout_and_keys():
+    Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(64, 32), nn.GELU(), Conv1D(32, 64), nn.Linear(32, 10))
+    plain = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    rt = _fp8(model)
+    assert rt.report["fp8"].details["converted"] == ["0", "2"]
+    assert isinstance(model[0], Conv1D) and type(model[0]).__name__ == "Float8Conv1D"
+    assert list(model.state_dict()) == keys and model[0].weight.shape == (32, 64)
+    x = torch.randn(4, 8, 32)
+    got, want = model(x), plain(x)
+    err = _rel(got, want)
+    assert FP8_MIN_ERR < err < FP8_REL_ERR  # fp8 really ran, within its rounding
+    got.sum().backward()
+    assert model[0].weight.grad is not None and model[0].weight.grad.shape == (32, 64)

@@ -29,6 +29,7 @@ from ..errors import PlanError
 from ..plan import DDP
 from ..rewrite.contract import Applied, Decision, Pass, PassContext
 from ..rewrite.manager import register_pass
+from .buffers import keep_buffers_in_sync, plain_buffers
 from .ddp_comm import check_comm_hook, register_comm_hook
 
 
@@ -101,6 +102,9 @@ class DDPPass(Pass):
             kwargs["device_id"] = ctx.env.device
         ctx.env.ensure_process_group()  # every rank is a data rank (dp × cp; tp is refused)
         replicate(model, **kwargs)
+        if ctx.cfg.broadcast_buffers and keep_buffers_in_sync(model, plain_buffers(model)):
+            rec.note("buffers broadcast from rank 0 with each training forward "
+                     "(broadcast_buffers=True, torch DDP's default)")
         if decision.comm_hook is not None:
             rec.details.update(register_comm_hook(model, ctx.plan))
         return Applied(rec, gradient_sync=model.set_requires_gradient_sync)

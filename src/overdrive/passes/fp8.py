@@ -39,6 +39,7 @@ from ..plan import FP8, Plan
 from ..rewrite.contract import Applied, Decision, Pass, PassContext
 from ..rewrite.graph import ModuleGraph
 from ..rewrite.manager import register_pass
+from .fp8_conv1d import conv1d_features, convert_conv1d, is_hf_conv1d
 
 TORCHAO_EXTRA = "pip install overdrive[fp8]"
 TE_EXTRA = "pip install overdrive[te]"
@@ -199,14 +200,39 @@ def _skip_reason(name: str, module: nn.Linear, cfg: FP8, output: str | None) -> 
     return "fp8.filter returned False"
 
 
+def _conv1d_skip_reason(name: str, module: nn.Module, cfg: FP8, backend: str) -> str | None:
+    """transformers' Conv1D (GPT-2): torchao runs it in fp8; te swaps nn.Linear only."""
+    if backend != "torchao":
+        return "transformers' Conv1D: only the torchao backend converts it"
+    i, o = conv1d_features(module)
+    if i % MULTIPLE or o % MULTIPLE:
+        return (f"in_features={i}, out_features={o}: fp8 matmuls need multiples of "
+                f"{MULTIPLE}")
+    if cfg.filter is None or _filter_says(cfg.filter, name):
+        return None
+    if isinstance(cfg.filter, str):
+        return f"fp8.filter {cfg.filter!r} does not match the name"
+    return "fp8.filter returned False"
+
+
+def _candidates(graph: ModuleGraph) -> list[str]:
+    """nn.Linear layers and transformers' Conv1D layers, in model order."""
+    return [n for n in graph.names()
+            if isinstance(graph.module(n), nn.Linear) or is_hf_conv1d(graph.module(n))]
+
+
 def select(graph: ModuleGraph, cfg: FP8, backend: str) -> Selection:
     """Decide, without touching anything, which modules the pass converts."""
     sel = Selection(output=output_projection(graph))
-    for name in graph.modules_of_type(nn.Linear):
+    for name in _candidates(graph):
         if not name:
             sel.skipped["<root>"] = "the root module itself cannot be swapped in place"
             continue
-        reason = _skip_reason(name, graph.module(name), cfg, sel.output)
+        module = graph.module(name)
+        if is_hf_conv1d(module):
+            reason = _conv1d_skip_reason(name, module, cfg, backend)
+        else:
+            reason = _skip_reason(name, module, cfg, sel.output)
         if reason is None:
             sel.convert.append(name)
         else:
@@ -243,6 +269,9 @@ def apply_torchao(model: nn.Module, sel: Selection, plan: Plan) -> tuple[dict, l
     config = torchao_config(plan)
     convert_to_float8_training(model, config=config,
                                module_filter_fn=lambda _m, fqn: fqn in chosen)
+    conv1d = [n for n in sel.convert if is_hf_conv1d(model.get_submodule(n))]
+    for name in conv1d:
+        convert_conv1d(model.get_submodule(name), config)
     details: dict[str, Any] = {"fsdp_float8_all_gather": config.enable_fsdp_float8_all_gather}
     hooks = [precompute_fsdp_scales] if config.enable_fsdp_float8_all_gather else []
     return details, hooks
@@ -403,7 +432,7 @@ class FP8Training(Pass):
         if not sel.convert:
             shown = "; ".join(f"{n}: {r}" for n, r in list(sel.skipped.items())[:6])
             raise PlanError(
-                "fp8: no nn.Linear is eligible for conversion"
+                "fp8: no nn.Linear (or transformers Conv1D) is eligible for conversion"
                 + (f" ({shown})" if shown else " (the model has no nn.Linear)")
                 + "; check fp8.filter, or use mixed_precision='bf16' for this model")
         if backend == "te" and not env.dry_run:

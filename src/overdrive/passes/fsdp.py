@@ -26,6 +26,8 @@ from ..plan import FSDP, Plan
 from ..rewrite.contract import Applied, Decision, MemoryEffect, Pass, PassContext
 from ..rewrite.graph import ModuleGraph, parameter_owners
 from ..rewrite.manager import register_pass
+from .buffers import keep_buffers_in_sync, running_stat_buffers
+
 
 def param_dtype_name(plan: Plan) -> str | None:
     """FSDP.param_dtype when set, else the plan's mixed precision (FSDP casts it:
@@ -214,7 +216,8 @@ class FSDPPass(Pass):
             raise PlanError(
                 "fsdp.offload=True is not valid on a CPU device: parameters already live in "
                 "host memory; set offload=False (offload is for cuda/xpu runs)")
-        if _on_meta(graph.model):
+        # a dry run looks at a meta copy: only a model that is itself on meta is initialised
+        if _on_meta(graph.model) and env.model_on_meta is not False:
             missing = _missing_initialisers(graph.model)
             if missing:
                 raise PlanError(
@@ -238,6 +241,9 @@ class FSDPPass(Pass):
         rec = self.preview(decision, ctx)
         if decision.materialise:
             rec.note(_materialise(model, ctx.env))
+        if keep_buffers_in_sync(model, running_stat_buffers(model)):
+            rec.note("running stats (BatchNorm) broadcast from rank 0 before each training "
+                     "forward: every rank holds and saves the same ones")
         rec.details["mesh"] = dict(zip(mesh.mesh_dim_names, mesh.shape))
         return Applied(rec, gradient_sync=model.set_requires_gradient_sync)
 

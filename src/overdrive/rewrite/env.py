@@ -47,6 +47,9 @@ class Env:
     backend: str = "gloo"  # the collective backend of ``device`` (nccl, xccl, hccl, gloo)
     optimizer_factory: Callable[..., Any] | None = None
     example_inputs: Any = None
+    # od.inspect: whether the user's model is on the meta device (its shadow always is);
+    # None in a real run, where the model itself says
+    model_on_meta: bool | None = None
     # given by runtime/state.py: start the process group; build (mesh, flattened views)
     open_group: Callable[[], None] | None = field(default=None, repr=False)
     open_mesh: Callable[[], tuple[Any, dict[str, Any]]] | None = field(default=None, repr=False)

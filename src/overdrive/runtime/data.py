@@ -261,6 +261,9 @@ class ShardedLoader:
                 self.batch_len, self.n_real = _rows(batch), n_real
                 self.consumed += self._per_batch
                 self.rt._active_loader = self
+                meter = getattr(self.rt, "_meter", None)
+                if meter is not None and self.rt.model.training:
+                    meter.on_batch(batch, n_real, self.batch_len)
                 yield self._place(batch)
             self.epoch, self.consumed = self.epoch + 1, 0
         finally:

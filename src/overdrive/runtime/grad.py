@@ -133,6 +133,11 @@ class Optimizer(torch.optim.Optimizer):
             hook(self._model, self.optimizer)
         self.rt.step += 1
         self.unscaled = False
+        rt = self.rt
+        if rt._meter is not None:
+            rt._meter.on_step()
+        if rt._profiler is not None:
+            rt._profiler.step()
         return out
 
     def zero_grad(self, set_to_none: bool = True) -> None:

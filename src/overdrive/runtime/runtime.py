@@ -24,6 +24,8 @@ from ..rewrite.env import Env
 from ..rewrite.report import Report
 from . import collectives, data, grad, helpers, split, trigger
 from .keys import clean_key
+from .step_metrics import StepMeter
+from .tracking import Tracking, TrackingConfig
 
 log = logging.getLogger("overdrive")
 
@@ -36,7 +38,8 @@ class Runtime:
         ``backward(loss)``, ``accumulate()``, ``sync_gradients``, ``clip_grad_norm_``,
         ``clip_grad_value_``, ``autocast()``, ``scaler`` (fp16), ``step`` (real optimizer
         steps taken), ``post_step_hooks`` (``hook(model, optimizer)`` after each real
-        step; append to it)
+        step; append to it), ``log(metrics)`` / ``finish()`` (experiment tracking),
+        ``profile(...)``
     data
         ``shard(dataloader, ...)``, ``shard_sequence(batch)`` (context parallel's split),
         ``split_between_processes(inputs)``
@@ -49,13 +52,15 @@ class Runtime:
     info
         ``plan``, ``report``, ``grad_accum``, ``device``, ``rank``, ``local_rank``,
         ``world_size``, ``dp_rank``, ``dp_size``, ``is_main``, ``is_local_main``, ``mesh``,
+        ``run_dir``,
         ``print``, ``main_process_first()``, ``progress(iterable)``
 
     Everything else (names starting with ``_``) is the runtime's own.
     """
 
     def __init__(self, model: nn.Module, *, plan: Plan, report: Report, env: Env,
-                 optimizer: Any = None, scheduler: Any = None, handoff: Handoff | None = None):
+                 optimizer: Any = None, scheduler: Any = None, handoff: Handoff | None = None,
+                 tracking: TrackingConfig | None = None, flops_model: nn.Module | None = None):
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -76,6 +81,8 @@ class Runtime:
         self._trigger = trigger.Trigger()
         self._grad_sync = grad.GradSync(self, self.grad_accum)
         self._dtensor_grads = _has_dtensor(model)
+        self._tracking, self._meter = self._make_tracking(tracking, flops_model)
+        self._profiler = None  # the active rt.profile, stepped with the optimizer
         if optimizer is not None:
             self.optimizer = grad.Optimizer(optimizer, self)
         if scheduler is not None:
@@ -134,6 +141,43 @@ class Runtime:
         hooks first (fp8's scale precompute), then whatever is appended."""
         return self._handoff.post_step_hooks
 
+    # -- tracking (tracking.py, step_metrics.py, profile.py) -------------------------
+    def _make_tracking(self, config: TrackingConfig | None, flops_model: nn.Module | None):
+        config = config or TrackingConfig()
+        tracking = Tracking(config, is_main=self.is_main, plan=self.plan)
+        meter = StepMeter.for_runtime(self, config, tracking, flops_model) \
+            if config.log_every else None
+        return tracking, meter
+
+    @property
+    def run_dir(self):
+        """Where rank 0's trackers write (created at the first logged row)."""
+        return self._tracking.run_dir
+
+    def log(self, metrics: dict, step: int | None = None) -> None:
+        """Send ``metrics`` to the trackers (rank 0 only; other ranks return at once).
+
+        ``step`` defaults to the optimizer step ``rt.step``. Tensor values are read to
+        Python floats together, with one device→host copy.
+        """
+        if self._tracking.active:
+            self._tracking.log(metrics, self.step if step is None else step)
+
+    def finish(self) -> None:
+        """Flush and close the trackers (also done at interpreter exit)."""
+        self._tracking.finish()
+
+    def profile(self, out_dir, *, wait: int = 1, warmup: int = 1, active: int = 3,
+                ranks=(0,), memory: bool = False):
+        """Profile ``active`` optimizer steps after ``wait`` + ``warmup`` steps with
+        torch.profiler: a Chrome/Perfetto trace per profiled rank and a table of the top
+        ops in ``out_dir``. Starts now; stops by itself after the active steps (or at the
+        end of a ``with rt.profile(...):`` block). Ranks not in ``ranks`` do nothing."""
+        from .profile import StepProfiler
+
+        return StepProfiler.start(self, out_dir, wait=wait, warmup=warmup, active=active,
+                                  ranks=ranks, memory=memory)
+
     # -- precision ------------------------------------------------------------------
     def _choose_autocast_dtype(self) -> torch.dtype | None:
         cfg = self.plan.autocast()  # None when an engine casts the parameters itself
@@ -153,6 +197,8 @@ class Runtime:
     # -- backward -------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
         """``loss.backward()`` scaled by 1/grad_accum (and by the fp16 scaler)."""
+        if self._meter is not None:
+            self._meter.on_backward(loss)
         if self._engine is not None:
             self._engine.backward(loss, **kwargs)
             return
@@ -194,7 +240,10 @@ class Runtime:
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0):
         """Clip the gradients; returns the global norm across every shard."""
-        return grad.clip_grad_norm_(self, max_norm, norm_type)
+        norm = grad.clip_grad_norm_(self, max_norm, norm_type)
+        if self._meter is not None:
+            self._meter.on_clip(norm)
+        return norm
 
     def clip_grad_value_(self, clip_value: float) -> None:
         grad.clip_grad_value_(self, clip_value)
