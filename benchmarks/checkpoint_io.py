@@ -43,15 +43,15 @@ def build_model():
 
 def _runtime(model):
     from overdrive.rewrite.report import Report
-    from overdrive.rewrite.plan import Plan
+    from overdrive.plan import Plan
     from overdrive.runtime.runtime import Runtime
-    from overdrive.runtime.state import Env
+    from overdrive.runtime.state import env_for
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         from overdrive.runtime.state import ensure_process_group
         ensure_process_group(torch.device("cpu"))
-    env = Env(Plan(), rank=int(os.environ.get("RANK", "0")), local_rank=0, world_size=world,
+    env = env_for(Plan(), rank=int(os.environ.get("RANK", "0")), local_rank=0, world_size=world,
               device=torch.device("cpu"))
     return Runtime(model, plan=Plan(), report=Report([]), env=env)
 

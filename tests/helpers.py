@@ -144,3 +144,27 @@ def refusal_outcome(make, plan, optimizer) -> dict:
             untouched = False
         return {"error": str(err), "untouched": untouched}
     return {"error": None}
+
+
+def pass_context(p, graph, plan, env):
+    """The ``PassContext`` the manager would hand pass ``p`` under ``plan``."""
+    from overdrive.rewrite.contract import PassContext
+
+    cfg = next(c for c in plan.configs() if type(c) is p.config)
+    return PassContext(cfg, graph, plan, env)
+
+
+def check_pass(p, graph, plan, env):
+    """``p.check`` as the manager calls it: the decision."""
+    return p.check(pass_context(p, graph, plan, env))
+
+
+def apply_pass(p, model, plan, env):
+    """``check`` then ``apply`` of one pass on ``model``: the ``Applied`` (record and
+    contributions), as the manager would gather it."""
+    from overdrive.rewrite.graph import ModuleGraph
+    from overdrive.rewrite.manager import _as_applied
+
+    ctx = pass_context(p, ModuleGraph(model), plan, env)
+    decision = p.check(ctx)
+    return _as_applied(p, p.apply(model, decision, ctx), decision, ctx)

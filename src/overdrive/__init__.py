@@ -22,9 +22,11 @@ _EXPORTS: dict[str, str] = {
                      "CheckpointMismatch", "DesyncError", "NonFiniteError", "NotACheckpoint",
                      "OverdriveError", "PassFailed", "PlanError"), ".errors"),
     "ModuleGraph": ".rewrite.graph",
-    "Pass": ".rewrite.manager", "register_pass": ".rewrite.manager",
+    "register_pass": ".rewrite.manager",
+    **dict.fromkeys(("Applied", "Decision", "KeyMap", "MemoryEffect", "Pass", "PassContext"),
+                    ".rewrite.contract"),
     **dict.fromkeys(("DDP", "FP8", "FSDP", "PRESETS", "Casting", "Checkpointing", "Compile",
-                     "DeepSpeed", "Parallel", "Pipeline", "Plan"), ".rewrite.plan"),
+                     "DeepSpeed", "Parallel", "Pipeline", "Plan"), ".plan"),
     **dict.fromkeys(("MemoryEstimate", "PassRecord", "Report"), ".rewrite.report"),
     "load_weights": ".runtime.export",
     "find_executable_batch_size": ".runtime.helpers",
@@ -38,7 +40,8 @@ __all__ = [
     "Plan", "Compile", "FP8", "Checkpointing", "Casting", "Parallel", "FSDP", "DDP",
     "DeepSpeed", "Pipeline", "PRESETS",
     "Runtime", "Report", "PassRecord", "MemoryEstimate", "ModuleGraph",
-    "Pass", "register_pass", "find_executable_batch_size",
+    "Pass", "register_pass", "PassContext", "Decision", "Applied", "MemoryEffect", "KeyMap",
+    "find_executable_batch_size",
     "OverdriveError", "PlanError", "BackendUnavailable", "PassFailed",
     "load_weights", "CheckpointError", "NotACheckpoint", "CheckpointMismatch", "CheckpointCorrupt",
     "Tracker", "launch", "LaunchError", "DesyncError", "NonFiniteError",
@@ -64,8 +67,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
                          CheckpointMismatch, DesyncError, NonFiniteError, NotACheckpoint,
                          OverdriveError, PassFailed, PlanError)
     from .rewrite.graph import ModuleGraph
-    from .rewrite.manager import Pass, register_pass
-    from .rewrite.plan import (DDP, FP8, FSDP, PRESETS, Casting, Checkpointing, Compile,
+    from .rewrite.contract import Applied, Decision, KeyMap, MemoryEffect, Pass, PassContext
+    from .rewrite.manager import register_pass
+    from .plan import (DDP, FP8, FSDP, PRESETS, Casting, Checkpointing, Compile,
                                DeepSpeed, Parallel, Pipeline, Plan)
     from .rewrite.report import MemoryEstimate, PassRecord, Report
     from .runtime.export import load_weights

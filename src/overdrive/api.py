@@ -20,7 +20,7 @@ from .errors import PlanError
 from .rewrite.estimate import estimate_memory
 from .rewrite.graph import ModuleGraph
 from .rewrite.manager import PassManager
-from .rewrite.plan import Plan, resolve_plan
+from .plan import Plan, resolve_plan
 from .rewrite.report import Report
 from .rewrite.trace import meta_copy, trace_model
 from .runtime.grad import raw_optimizer
@@ -71,9 +71,9 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
     _check_not_transformed(model, manager.names(), plan)
     _check_optimizer_arg(optimizer, manager, plan)
     param_names = {id(p): n for n, p in model.named_parameters()}
-    # set before check: an engine pass (deepspeed) checks that it has an optimizer
+    # set before check: an engine pass checks that it has an optimizer
     env.optimizer_factory = _optimizer_factory(optimizer, param_names, model)
-    manager.check_all(graph, env)
+    decisions = manager.check_all(graph, env)
     flops_model = _flops_model(model, tracking, env)
 
     # ---- nothing above this line mutates the model ----
@@ -81,13 +81,13 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
     pipeline = None
     user_model = model
     if plan.parallel.pp > 1:
-        model, records, pipeline = _apply_pipeline(model, graph, manager, plan, env)
+        model, records, handoff, pipeline = _apply_pipeline(model, graph, manager, plan, env)
     else:
-        records = manager.apply_all(model, graph, env)
-        _enter_forward_contexts(model, env)
+        records, handoff = manager.apply_all(model, graph, env, decisions)
+        _enter_forward_contexts(model, handoff.forward_contexts)
     _APPLIED[user_model] = (*_APPLIED.get(user_model, ()), *manager.names())
 
-    opt = env.extras.get("optimizer")  # an engine (DeepSpeed) may have built it
+    opt = handoff.optimizer  # an engine may have built it
     if opt is None and env.optimizer_factory is not None:
         opt = env.optimizer_factory(model)
     sched = scheduler
@@ -97,8 +97,8 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
     report = Report(records, model=model_name, plan=plan.to_dict(),
                     blocks=graph.blocks())
     rt = Runtime(model, plan=plan, report=report, env=env, optimizer=opt, scheduler=sched,
-                 tracking=tracking, flops_model=flops_model, pipeline=pipeline,
-                 desync_timeout=desync_timeout)
+                 handoff=handoff, tracking=tracking, flops_model=flops_model,
+                 pipeline=pipeline, desync_timeout=desync_timeout)
     if rt.is_main:
         log.info("overdrive: applied %s", " → ".join(report.names()) or "no passes")
     return rt
@@ -124,16 +124,32 @@ def inspect(model: nn.Module, plan: Plan | dict | str | None = None, *,
     shadow = model if on_meta else meta_copy(model)
     graph = ModuleGraph(shadow, plan.blocks)
     graph.blocks()
-    env.extras["example_inputs"] = example_inputs  # budget checkpointing traces with them
-    manager.check_all(graph, env)
-    records = manager.preview_all(graph, env)
+    env.example_inputs = example_inputs  # a pass may trace with them (budgeted recompute)
+    env.model_on_meta = on_meta  # the shadow is on meta; the user's model may not be
+    decisions = manager.check_all(graph, env)
+    records = manager.preview_all(graph, env, decisions)
     trace = trace_model(shadow, example_inputs) if example_inputs is not None else None
-    memory = estimate_memory(graph, plan, records, env.world_size, trace=trace)
+    effects = [d.memory for d in decisions if d.memory is not None]
+    memory = estimate_memory(graph, effects, env.world_size, trace=trace)
+    _stage_memory(graph, effects, records)
     return Report(records, model=type(model).__name__, plan=plan.to_dict(),
                   blocks=graph.blocks(), memory=memory, dry_run=True, trace=trace)
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _stage_memory(graph: ModuleGraph, effects: list, records: list) -> None:
+    """Each pipeline stage's parameter, gradient and optimizer bytes per rank, after every
+    pass (a record listing ``stages`` with their ``modules``)."""
+    from .rewrite.estimate import memory_within
+
+    for rec in records:
+        for st in rec.details.get("stages", ()):
+            if isinstance(st, dict) and "modules" in st:
+                held = memory_within(graph, effects, st["modules"])
+                st["memory"] = {k: int(held[k]) for k in ("parameters", "gradients",
+                                                           "optimizer")}
 
 
 def _check_seconds(name: str, value: Any) -> None:
@@ -146,25 +162,33 @@ def _check_seconds(name: str, value: Any) -> None:
 
 def _apply_pipeline(model: nn.Module, graph: ModuleGraph, manager: PassManager, plan: Plan,
                     env):
-    """Carve this rank's stages, run every pass on each stage as its own model part, and
-    build the schedule. Returns the module holding the stages (``rt.model``), the first
-    part's pass records and the runner."""
-    from .passes.pipeline import check_pipeline
+    """Carve this rank's stages, decide and apply every pass on each stage as its own
+    model part (a stage's decisions are its own: its blocks, its fsdp units), and build the
+    schedule. Returns the module holding the stages (``rt.model``), the first part's pass
+    records, the parts' hand-offs as one and the runner."""
+    from .rewrite.contract import Handoff
     from .runtime.pipeline import PipelineRunner, carve_parts, refresh_holder
     from .runtime.state import mesh_coordinates
+    from .stages import check_pipeline
 
     layout = check_pipeline(graph, plan)
-    pp_rank = mesh_coordinates(env.rank, plan)["pp"]
+    pp_rank = mesh_coordinates(env.rank, plan.parallel)["pp"]
     order = [n for n, _ in model.named_parameters()]
     parts, holder = carve_parts(model, layout, pp_rank)
-    records = None
+    records, handoff = None, Handoff()
     for part in parts:
-        recs = manager.apply_all(part.module, ModuleGraph(part.module, part.blocks), env)
-        records = records if records is not None else recs
-        _enter_forward_contexts(part.module, env)
+        part_graph = ModuleGraph(part.module, part.blocks)
+        recs, part_handoff = manager.apply_all(part.module, part_graph, env,
+                                               manager.check_all(part_graph, env))
+        _enter_forward_contexts(part.module, part_handoff.forward_contexts)
+        if records is None:
+            records, handoff = recs, part_handoff
+        else:  # hooks run on rt.model (the holder): each once
+            handoff.post_step_hooks += [h for h in part_handoff.post_step_hooks
+                                        if h not in handoff.post_step_hooks]
     refresh_holder(holder, parts)
-    env.set_gradient_sync = None  # each PipelineStage syncs its own part's gradients
-    return holder, records, PipelineRunner(parts, layout, plan, env, order)
+    handoff.gradient_sync = None  # each PipelineStage syncs its own part's gradients
+    return holder, records, handoff, PipelineRunner(parts, layout, plan, env, order)
 
 
 def _flops_model(model: nn.Module, tracking, env) -> nn.Module | None:
@@ -316,20 +340,19 @@ def _forward_in_contexts(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
                     args, kwargs)
 
 
-def _enter_forward_contexts(model: nn.Module, env) -> None:
-    """Run the root forward inside the contexts passes asked for (TE's fp8_autocast,
-    mixed_precision's torch.autocast), in pass order.
+def _enter_forward_contexts(model: nn.Module, contexts: list) -> None:
+    """Run the root forward inside the contexts the passes handed on (TE's fp8_autocast,
+    torch.autocast), in pass order.
 
-    The forward is wrapped in place on the instance: class, hooks and keys stay. The list is
-    shared with ``env`` so the contexts are looked up on every call, never copied.
+    The forward is wrapped in place on the instance: class, hooks and keys stay.
     """
-    if not env.forward_contexts:
+    if not contexts:
         return
     if "_overdrive_context_forward" in model.__dict__:  # an earlier od.accelerate wrapped it
-        env.forward_contexts[:0] = model._overdrive_forward_contexts  # theirs stay outermost
+        contexts = [*model._overdrive_forward_contexts, *contexts]  # theirs stay outermost
     else:
         model._overdrive_context_forward = model.forward
-    model._overdrive_forward_contexts = env.forward_contexts
+    model._overdrive_forward_contexts = contexts
     model.forward = types.MethodType(_forward_in_contexts, model)
 
 

@@ -15,10 +15,10 @@ import torch
 
 import overdrive as od
 from overdrive.models.llama import tiny
-from overdrive.rewrite.plan import resolve_for_world
+from overdrive.plan import resolve_for_world
 from overdrive.rewrite.report import Report
 from overdrive.runtime.runtime import Runtime
-from overdrive.runtime.state import Env, ensure_process_group
+from overdrive.runtime.state import ensure_process_group, env_for
 
 VOCAB = 64
 
@@ -35,7 +35,7 @@ def manual_runtime(model, optimizer=None, scheduler=None, plan=None) -> Runtime:
     plan = resolve_for_world(od.Plan() if plan is None else plan, world)  # as accelerate does
     if world > 1:
         ensure_process_group(torch.device("cpu"))
-    env = Env(plan, rank=int(os.environ.get("RANK", "0")),
+    env = env_for(plan, rank=int(os.environ.get("RANK", "0")),
               local_rank=int(os.environ.get("LOCAL_RANK", "0")), world_size=world,
               device=torch.device("cpu"))
     return Runtime(model, plan=plan, report=Report([]), env=env, optimizer=optimizer,

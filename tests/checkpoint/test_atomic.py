@@ -18,7 +18,7 @@ SCRIPT = Path(__file__).parent / "scripts" / "save_then_hang.py"
 
 def _kill_at(tmp_path, stage, target):
     signal_file = tmp_path / "reached"
-    env = child_env(OVERDRIVE_CKPT_TEST_HANG=f"{stage}:{signal_file}")
+    env = child_env(HANG_AT=f"{stage}:{signal_file}")
     proc = subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path), target], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
     try:

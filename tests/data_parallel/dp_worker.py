@@ -118,20 +118,20 @@ def train(name: str, model, rt, keys) -> dict:
         mine = batch.chunk(rt.dp_size)[rt.dp_rank]
         step_loss = torch.zeros(())
         for i, micro in enumerate(mine.chunk(accum)):
-            if rt.env.set_gradient_sync is not None:
-                rt.env.set_gradient_sync(i == accum - 1)
+            if rt._handoff.gradient_sync is not None:
+                rt._handoff.gradient_sync(i == accum - 1)
             loss = rt.model(input_ids=micro, labels=micro).loss
             rt.backward(loss)
-            if rt.env.engine is not None:
-                rt.env.engine.step()  # every micro-step: DeepSpeed counts the boundaries
+            if rt._engine is not None:
+                rt._engine.step()  # every micro-step: DeepSpeed counts the boundaries
             step_loss += loss.detach() / accum
-        if rt.env.engine is None:
+        if rt._engine is None:
             rt.optimizer.step()
             rt.optimizer.zero_grad()
         dist.all_reduce(step_loss)
         losses.append(step_loss.item() / dist.get_world_size())
     record = rt.report.passes[-1] if len(rt.report) else None
-    sd = rt.state_dict() if rt.env.engine is None else model.state_dict()
+    sd = rt.state_dict() if rt._engine is None else model.state_dict()
     return {
         "losses": losses,
         "local_bytes": local_bytes(model),

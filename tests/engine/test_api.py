@@ -1,5 +1,6 @@
 """accelerate() / inspect(): flow, runtime core, refusal leaves the model untouched."""
 
+import dataclasses
 import pytest
 import torch
 
@@ -226,16 +227,19 @@ def test_forward_contexts_from_passes_wrap_every_forward():
         def __exit__(self, *exc):
             entered.append("out")
 
-    @od.register_pass("t_ctx")
+    @dataclasses.dataclass(frozen=True)
+    class CtxConfig:
+        pass
+
+    @od.register_pass("t_ctx", config=CtxConfig)
     class NeedsContext(od.Pass):
-        def apply(self, model, graph, plan, env):
-            env.forward_contexts.append(Ctx)
-            return self.record()
+        def apply(self, model, decision, ctx):
+            return od.Applied(self.record(), forward_contexts=[Ctx])
 
     try:
         model = tiny(n_layers=1)
         keys = list(model.state_dict())
-        rt = od.accelerate(model)
+        rt = od.accelerate(model, od.Plan(extra=(CtxConfig(),)))
         rt.model(torch.randint(0, 256, (1, 8)))
         assert entered == ["in", "out"]
         assert type(rt.model).__name__ == "Llama" and list(rt.model.state_dict()) == keys

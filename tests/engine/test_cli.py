@@ -69,8 +69,12 @@ def test_help_does_not_import_torch():
 
 
 def test_lazy_names_resolve_and_builtins_register_first():
-    code = ("import overdrive as od\n"
-            "@od.register_pass('mine')\n"
+    code = ("import dataclasses\n"
+            "import overdrive as od\n"
+            "@dataclasses.dataclass(frozen=True)\n"
+            "class MineConfig:\n"
+            "    pass\n"
+            "@od.register_pass('mine', config=MineConfig)\n"
             "class Mine(od.Pass):\n"
             "    pass\n"
             "from overdrive.rewrite.manager import registered_passes\n"

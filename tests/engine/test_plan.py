@@ -5,8 +5,8 @@ import json
 import pytest
 
 import overdrive as od
-from overdrive.rewrite.plan import resolve_for_world, resolve_plan, resolve_sizes
 from tests.helpers import require
+from overdrive.plan import resolve_for_world, resolve_plan, resolve_sizes
 
 
 @pytest.mark.parametrize("name,check", [
@@ -227,8 +227,14 @@ def test_plan_is_frozen_and_replace_validates():
         plan.replace(grad_accum=0)
 
 
-def test_requested_passes():
+def test_configs_select_the_passes():
+    from overdrive.plan import ContextParallelConfig, TensorParallelConfig
+    from overdrive.rewrite.manager import order_passes
+
     plan = od.Plan.preset("fsdp+compile+ac+fp8+tp+cp")
-    assert set(plan.requested_passes()) == {"fp8", "checkpointing", "fsdp", "compile",
-                                            "tensor_parallel", "context_parallel"}
-    assert od.Plan(compile=od.Compile(mode="off")).requested_passes() == []
+    kinds = {type(c) for c in plan.configs()}
+    assert kinds == {od.FP8, od.Checkpointing, od.FSDP, od.Compile, TensorParallelConfig,
+                     ContextParallelConfig}
+    assert {p.name for p, _ in order_passes(plan)} == {
+        "fp8", "checkpointing", "fsdp", "compile", "tensor_parallel", "context_parallel"}
+    assert od.Plan(compile=od.Compile(mode="off")).configs() == []

@@ -8,7 +8,7 @@ import torch
 
 import overdrive as od
 from overdrive.models.llama import tiny
-from overdrive.rewrite.plan import Plan
+from overdrive.plan import Plan
 
 
 @pytest.mark.parametrize("mixed_precision", ["no", "bf16"])

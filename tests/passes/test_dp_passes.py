@@ -12,7 +12,7 @@ from tests.helpers import assert_untouched, snapshot
 
 import overdrive as od
 from overdrive.models.llama import Llama, LlamaConfig, tiny
-from overdrive.rewrite.plan import Parallel, resolve_sizes
+from overdrive.plan import Parallel, resolve_sizes
 
 
 
@@ -134,7 +134,7 @@ def test_fsdp_single_process_matches_plain_training():
         want.backward()
         opt.step(), opt.zero_grad()
         assert abs(got.item() - want.item()) < 1e-5
-    assert rt.model is model and rt.env.set_gradient_sync is not None
+    assert rt.model is model and rt._handoff.gradient_sync is not None
     assert list(rt.state_dict()) == list(ref.state_dict())
     rec = rt.report["fsdp"]
     assert rec.details["units"][-2] == ["norm", "lm_head"]
@@ -142,15 +142,17 @@ def test_fsdp_single_process_matches_plain_training():
 
 
 def test_fsdp_mixed_precision_policy():
-    from overdrive.passes.fsdp import FSDPPass
+    from overdrive.passes.fsdp import _mp_policy, decide
 
-    plan = od.Plan(fsdp=od.FSDP(), mixed_precision="bf16")
-    mp = FSDPPass._mp_policy(plan)
+    def policy(plan):
+        return _mp_policy(decide(od.ModuleGraph(tiny(n_layers=2)), plan))
+
+    mp = policy(od.Plan(fsdp=od.FSDP(), mixed_precision="bf16"))
     assert mp.param_dtype == torch.bfloat16 and mp.reduce_dtype == torch.float32
-    mp = FSDPPass._mp_policy(od.Plan(fsdp=od.FSDP(param_dtype="float16", reduce_dtype=None),
-                                     mixed_precision="bf16"))
+    mp = policy(od.Plan(fsdp=od.FSDP(param_dtype="float16", reduce_dtype=None),
+                        mixed_precision="bf16"))
     assert mp.param_dtype == torch.float16 and mp.reduce_dtype is None  # the part wins
-    assert FSDPPass._mp_policy(od.Plan(fsdp=od.FSDP())).param_dtype is None
+    assert policy(od.Plan(fsdp=od.FSDP())).param_dtype is None
 
 
 def test_fsdp_units_tied_embeddings_and_no_blocks():
@@ -187,7 +189,7 @@ def test_ddp_single_process_is_a_noop_with_a_note():
     assert_untouched(model, before)
     assert rt.report["ddp"].notes == [
         "one data-parallel rank: nothing to all-reduce, ddp is a no-op"]
-    assert rt.env.set_gradient_sync is None
+    assert rt._handoff.gradient_sync is None
 
 
 @pytest.mark.parametrize("plan", ["ddp", "zero3"])

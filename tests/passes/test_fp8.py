@@ -17,10 +17,10 @@ from overdrive.errors import BackendUnavailable, PlanError
 from overdrive.models.llama import tiny
 from overdrive.passes import fp8 as fp8_pass
 from overdrive.rewrite.graph import ModuleGraph
-from overdrive.rewrite.plan import Plan
-from overdrive.runtime.state import Env
+from overdrive.plan import Plan
+from overdrive.runtime.state import env_for
 
-from tests.helpers import assert_untouched, require, snapshot
+from tests.helpers import apply_pass, assert_untouched, check_pass, require, snapshot
 
 Float8Linear = require("torchao.float8.float8_linear").Float8Linear
 
@@ -46,8 +46,8 @@ def _rel(a, b):
 
 
 def _env(plan, device="cpu", dry_run=False):
-    return Env(plan, rank=0, local_rank=0, world_size=1, device=torch.device(device),
-               dry_run=dry_run)
+    return env_for(plan, rank=0, local_rank=0, world_size=1, device=torch.device(device),
+                   dry_run=dry_run)
 
 
 def _fp8(model, **kw):
@@ -274,13 +274,10 @@ def test_fsdp_tensorwise_enables_fp8_all_gather_and_post_step_hook(monkeypatch):
     plan = Plan(fp8=od.FP8(), fsdp=od.FSDP())
     env = _env(plan)
     model = tiny(2)
-    graph = ModuleGraph(model)
-    p = fp8_pass.FP8Training()
-    p.check(graph, plan, env)
-    rec = p.apply(model, graph, plan, env)
-    assert rec.details["fsdp_float8_all_gather"] is True
+    applied = apply_pass(fp8_pass.FP8Training(), model, plan, env)
+    assert applied.record.details["fsdp_float8_all_gather"] is True
     assert model.layers[0].attn.q_proj.config.enable_fsdp_float8_all_gather
-    assert env.post_step_hooks == [fp8_pass.precompute_fsdp_scales]
+    assert applied.post_step_hooks == [fp8_pass.precompute_fsdp_scales]
 
     # the hook really computes the scales of FSDP-sharded fp8 weights (1-rank gloo group)
     env.ensure_process_group()
@@ -294,7 +291,7 @@ def test_fsdp_tensorwise_enables_fp8_all_gather_and_post_step_hook(monkeypatch):
     opt.step()
     local = model.layers[0].attn.q_proj.weight._local_tensor
     assert getattr(local, "_precomputed_scale", None) is None
-    for hook in env.post_step_hooks:
+    for hook in applied.post_step_hooks:
         hook(model, opt)
     assert local._precomputed_scale is not None and local._precomputed_scale > 0
 
@@ -322,8 +319,8 @@ def test_no_post_step_hook_without_fsdp_fp8_all_gather(fp8_cfg, fsdp):
     plan = Plan(fp8=fp8_cfg, fsdp=fsdp)
     env = _env(plan)
     model = tiny(1)
-    fp8_pass.FP8Training().apply(model, ModuleGraph(model), plan, env)
-    assert env.post_step_hooks == []
+    applied = apply_pass(fp8_pass.FP8Training(), model, plan, env)
+    assert applied.post_step_hooks == []
     assert not model.layers[0].attn.q_proj.config.enable_fsdp_float8_all_gather
 
 
@@ -375,18 +372,18 @@ def test_te_on_old_gpu_is_refused(monkeypatch):
     plan = Plan(fp8=od.FP8(backend="te"))
     model = tiny(1)
     with pytest.raises(BackendUnavailable, match="compute capability >= 8.9"):
-        fp8_pass.FP8Training().check(ModuleGraph(model), plan, _env(plan, "cuda"))
+        check_pass(fp8_pass.FP8Training(), ModuleGraph(model), plan, _env(plan, "cuda"))
     plan = Plan(fp8=od.FP8(backend="te", recipe="mxfp8"))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     with pytest.raises(BackendUnavailable, match="mxfp8.*10.0"):
-        fp8_pass.FP8Training().check(ModuleGraph(model), plan, _env(plan, "cuda"))
+        check_pass(fp8_pass.FP8Training(), ModuleGraph(model), plan, _env(plan, "cuda"))
 
 
 def test_te_rowwise_is_a_plan_error(monkeypatch):
     monkeypatch.setattr(fp8_pass, "te_importable", lambda: True)
     plan = Plan(fp8=od.FP8(backend="te", recipe="rowwise"))
     with pytest.raises(PlanError, match="not available with backend='te'"):
-        fp8_pass.FP8Training().check(ModuleGraph(tiny(1)), plan, _env(plan, "cuda"))
+        check_pass(fp8_pass.FP8Training(), ModuleGraph(tiny(1)), plan, _env(plan, "cuda"))
 
 
 def test_inspect_plans_te_on_a_machine_without_it():
@@ -458,17 +455,15 @@ def _fake_te(monkeypatch):
 def _apply_te(model, **kw):
     plan = Plan(fp8=od.FP8(**kw))
     env = _env(plan, "cuda")
-    p = fp8_pass.FP8Training()
-    graph = ModuleGraph(model)
-    p.check(graph, plan, env)
-    return p.apply(model, graph, plan, env), env
+    applied = apply_pass(fp8_pass.FP8Training(), model, plan, env)
+    return applied.record, applied
 
 
 def test_te_swap_copies_weights_keeps_keys_and_registers_fp8_autocast(monkeypatch):
     te, entered = _fake_te(monkeypatch)
     model = tiny(2)
     ref = copy.deepcopy(model)
-    rec, env = _apply_te(model, backend="auto", layernorm=True)
+    rec, applied = _apply_te(model, backend="auto", layernorm=True)
     assert rec.details["backend"] == "te"  # auto: CUDA + TE present
     assert sorted(rec.modules) == sorted(_linears() + [
         f"layers.{i}.{n}" for i in range(2) for n in ("attn_norm", "mlp_norm")] + ["norm"])
@@ -477,9 +472,9 @@ def test_te_swap_copies_weights_keeps_keys_and_registers_fp8_autocast(monkeypatc
     assert list(model.state_dict()) == list(ref.state_dict())  # no _extra_state entries
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in model.state_dict().items())
     assert rec.details["te_recipe"] == "Float8CurrentScaling"
-    assert len(env.forward_contexts) == 1
+    assert len(applied.forward_contexts) == 1
     x = torch.randint(0, 256, (2, 8))
-    with env.forward_contexts[0]():
+    with applied.forward_contexts[0]():
         out = model(x).logits
     assert type(entered[0]).__name__ == "Float8CurrentScaling"
     torch.testing.assert_close(out, ref(x).logits)
@@ -489,10 +484,10 @@ def test_te_mxfp8_recipe_and_no_norm_swap_by_default(monkeypatch):
     te, entered = _fake_te(monkeypatch)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
     model = tiny(1)
-    rec, env = _apply_te(model, backend="te", recipe="mxfp8")
+    rec, applied = _apply_te(model, backend="te", recipe="mxfp8")
     assert rec.details["te_recipe"] == "MXFP8BlockScaling"
     assert type(model.norm) is nn.RMSNorm
-    with env.forward_contexts[0]():
+    with applied.forward_contexts[0]():
         pass
     assert type(entered[0]).__name__ == "MXFP8BlockScaling"
 
@@ -513,7 +508,7 @@ def test_te_swap_that_would_change_keys_is_refused_in_check(monkeypatch):
     plan = Plan(fp8=od.FP8(backend="te"))
     with pytest.raises(PlanError, match=r"Transformer Engine's ScaledLinear has parameters "
                                         r"\['weight', 'weight_scale'\].*state_dict keys"):
-        fp8_pass.FP8Training().check(ModuleGraph(model), plan, _env(plan, "cuda"))
+        check_pass(fp8_pass.FP8Training(), ModuleGraph(model), plan, _env(plan, "cuda"))
     assert_untouched(model, before)
 
 
@@ -529,13 +524,13 @@ def test_te_without_current_scaling_is_refused_in_check(monkeypatch):
     plan = Plan(fp8=od.FP8(backend="te"))
     upgrade = r"pip install -U 'transformer-engine\[pytorch\]>=2.2'"
     with pytest.raises(BackendUnavailable, match=r"Float8CurrentScaling.*>= 2.2.*" + upgrade):
-        fp8_pass.FP8Training().check(ModuleGraph(model), plan, _env(plan, "cuda"))
+        check_pass(fp8_pass.FP8Training(), ModuleGraph(model), plan, _env(plan, "cuda"))
     assert_untouched(model, before)
     auto = Plan(fp8=od.FP8(backend="auto"))
-    assert fp8_pass.FP8Training().backend(auto, _env(auto, "cuda")) == "torchao"
+    assert fp8_pass.backend_for(auto.fp8, _env(auto, "cuda")) == "torchao"
     mx = Plan(fp8=od.FP8(backend="te", recipe="mxfp8"))  # MXFP8BlockScaling is there
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
-    fp8_pass.FP8Training().check(ModuleGraph(model), mx, _env(mx, "cuda"))
+    check_pass(fp8_pass.FP8Training(), ModuleGraph(model), mx, _env(mx, "cuda"))
 
 
 def test_pyproject_te_extra_requires_current_scaling():

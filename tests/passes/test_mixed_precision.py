@@ -12,7 +12,7 @@ import torch
 import overdrive as od
 from overdrive.models.llama import tiny
 from overdrive.passes.mixed_precision import MixedPrecision, outputs_to_fp32
-from overdrive.rewrite.plan import Plan
+from overdrive.plan import Plan
 from tests.helpers import assert_untouched, require, snapshot
 
 
@@ -42,8 +42,8 @@ def test_forward_computes_in_low_precision_and_returns_fp32(mp, dtype):
 def test_autocast_is_a_forward_context_entered_by_the_one_root_wrapper():
     model = tiny(1)
     rt = od.accelerate(model, Plan(mixed_precision="bf16"))
-    assert len(rt.env.forward_contexts) == 1
-    with rt.env.forward_contexts[0]():
+    assert len(rt._handoff.forward_contexts) == 1
+    with rt._handoff.forward_contexts[0]():
         assert torch.is_autocast_enabled("cpu")
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16
     # one wrapper around the class's own forward, not autocast inside a context wrapper
@@ -105,9 +105,13 @@ def test_no_mixed_precision_leaves_forward_alone():
     (Plan(mixed_precision="fp16", deepspeed=od.DeepSpeed()), False),  # DeepSpeed's config
     (Plan(mixed_precision="bf16", ddp=od.DDP()), True),
 ])
-def test_enabled_exactly_when_requested(plan, on):
-    assert MixedPrecision().enabled(plan) is on
-    assert ("mixed_precision" in plan.requested_passes()) is on
+def test_runs_exactly_when_autocast_casts(plan, on):
+    from overdrive.plan import who_casts
+    from overdrive.rewrite.manager import order_passes
+
+    assert (MixedPrecision.config in {type(c) for c in plan.configs()}) is on
+    assert ("mixed_precision" in [p.name for p, _ in order_passes(plan)]) is on
+    assert (who_casts(plan) == "autocast") is on
 
 
 def test_fp16_backward_scales_the_loss_with_the_runtime_scaler():

@@ -12,7 +12,7 @@ import torch
 import overdrive as od
 from overdrive.models.llama import tiny
 from overdrive.passes.pipeline import balanced_starts
-from overdrive.rewrite.bubble import bubble_fraction
+from overdrive.bubble import bubble_fraction
 from tests.helpers import assert_untouched, read_json, run_torchrun, snapshot
 from tests.pipeline.common import batches, hf_batches, hf_llama, llama, train_steps
 

@@ -159,7 +159,7 @@ def distillation(rank):
     rt_t = od.accelerate(teacher, "fsdp")  # optimizer=None: inference
     groups_after = len(dist.distributed_c10d._world.pg_map)
     teacher_sync_calls = []
-    rt_t.env.set_gradient_sync = lambda flag: teacher_sync_calls.append(flag)
+    rt_t._grad_sync._set_sync = lambda flag: teacher_sync_calls.append(flag)  # accumulate
     losses = []
     for step in range(steps):
         total = 0.0

@@ -10,7 +10,8 @@ import traceback
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
-from overdrive.rewrite.plan import Plan
+from overdrive.plan import Plan
+from overdrive.rewrite.contract import Handoff
 from overdrive.rewrite.report import Report
 from overdrive.runtime.runtime import Runtime
 from overdrive.runtime.state import make_env
@@ -289,9 +290,9 @@ def accum_raw_fsdp(rt):
         calls.append(flag)
         model.set_requires_gradient_sync(flag)
 
-    env.set_gradient_sync = set_sync
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    acc_rt = Runtime(model, plan=plan, report=Report([]), env=env, optimizer=opt)
+    acc_rt = Runtime(model, plan=plan, report=Report([]), env=env, optimizer=opt,
+                     handoff=Handoff(gradient_sync=set_sync))
     train_micro(acc_rt, tokens)
     state = {k: v.full_tensor().tolist() for k, v in model.state_dict().items()}
     return {"state": state, "steps": acc_rt.step, "sync_calls": calls}

@@ -296,18 +296,19 @@ class OverflowingEngine:
 
 
 def test_scheduler_does_not_step_on_a_step_deepspeed_skipped():
-    from overdrive.rewrite.plan import resolve_for_world
+    from overdrive.plan import resolve_for_world
+    from overdrive.rewrite.contract import Handoff
     from overdrive.rewrite.report import Report
     from overdrive.runtime.runtime import Runtime
-    from overdrive.runtime.state import Env
+    from overdrive.runtime.state import env_for
 
     model = torch.nn.Linear(2, 2)
     plan = resolve_for_world(od.Plan(), 1)
-    env = Env(plan, rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    env.engine = OverflowingEngine(skip={2})
+    env = env_for(plan, rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda n: 1 - n / 10)
-    rt = Runtime(model, plan=plan, report=Report([]), env=env, optimizer=opt, scheduler=sched)
+    rt = Runtime(model, plan=plan, report=Report([]), env=env, optimizer=opt, scheduler=sched,
+                 handoff=Handoff(engine=OverflowingEngine(skip={2})))
     lrs = []
     for _ in range(3):
         rt.backward(model(torch.ones(1, 2)).sum())

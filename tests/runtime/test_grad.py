@@ -6,10 +6,11 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import overdrive as od
-from overdrive.rewrite.plan import Plan, resolve_for_world
+from overdrive.plan import Plan, resolve_for_world
 from overdrive.rewrite.report import Report
 from overdrive.runtime.runtime import Runtime
-from overdrive.runtime.state import Env
+from overdrive.runtime.state import env_for
+from overdrive.rewrite.contract import Handoff
 
 
 def mlp() -> torch.nn.Module:
@@ -24,11 +25,12 @@ def data(n=16):
 
 def make_rt(model, plan: Plan, *, set_sync=None, engine=None, optimizer=True, scheduler=None):
     plan = resolve_for_world(plan, 1)
-    env = Env(plan, rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    env.set_gradient_sync, env.engine = set_sync, engine
+    env = env_for(plan, rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    handoff = Handoff(gradient_sync=set_sync, engine=engine)
     opt = torch.optim.SGD(model.parameters(), lr=0.1) if optimizer else None
     sched = scheduler(opt) if scheduler else None
-    return Runtime(model, plan=plan, report=Report([]), env=env, optimizer=opt, scheduler=sched)
+    return Runtime(model, plan=plan, report=Report([]), env=env, optimizer=opt, scheduler=sched,
+                   handoff=handoff)
 
 
 def test_four_micro_batches_equal_one_big_batch():
@@ -80,7 +82,7 @@ def test_scheduler_and_post_step_hooks_only_on_real_steps():
     rt = make_rt(model, Plan(grad_accum=2),
                  scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5))
     hooked = []
-    rt.env.post_step_hooks.append(lambda m, o: hooked.append((m, o)))
+    rt.post_step_hooks.append(lambda m, o: hooked.append((m, o)))
     x, y = data(4)
     for i in range(4):
         with rt.accumulate():
@@ -209,7 +211,7 @@ def test_fp16_step_skipped_on_inf_grads_runs_no_hooks_and_reads_no_scale():
     rt = make_rt(model, Plan(mixed_precision="fp16"),
                  scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5))
     hooked = []
-    rt.env.post_step_hooks.append(lambda m, o: hooked.append(rt.step))
+    rt.post_step_hooks.append(lambda m, o: hooked.append(rt.step))
     reads = []
     real_get_scale = rt.scaler.get_scale
     rt.scaler.get_scale = lambda: reads.append(1) or real_get_scale()  # a device sync on GPU
@@ -239,7 +241,7 @@ def test_fp16_step_skipped_on_inf_grads_runs_no_hooks_and_reads_no_scale():
 def test_fp16_skipped_step_of_a_fused_optimizer_is_seen_too():
     model = mlp()
     plan = resolve_for_world(Plan(mixed_precision="fp16"), 1)
-    env = Env(plan, rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    env = env_for(plan, rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)  # skips on the device
     rt = Runtime(model, plan=plan, report=Report([]), env=env, optimizer=opt)
     x, y = data(4)
@@ -257,7 +259,6 @@ def test_deepspeed_clip_norm_must_match_the_engines_clipping():
     import pytest
 
     from overdrive.errors import OverdriveError
-    from overdrive.rewrite.plan import DeepSpeed
 
     rt = make_rt(mlp(), Plan(), engine=RecordingEngine())
     with pytest.raises(OverdriveError, match=r"max_norm=0.5.*gradient_clipping=1.0.*"
@@ -266,10 +267,8 @@ def test_deepspeed_clip_norm_must_match_the_engines_clipping():
     assert float(rt.clip_grad_norm_(1.0)) == 3.0  # the engine's last computed norm
 
     class NoClipMethod(RecordingEngine):
-        gradient_clipping = None  # an engine without the method: the plan's value counts
+        gradient_clipping = None  # an engine that says nothing about clipping does not clip
 
-    rt = make_rt(mlp(), Plan(deepspeed=DeepSpeed(gradient_clipping=2.0)), engine=NoClipMethod())
-    assert float(rt.clip_grad_norm_(2.0)) == 3.0
     rt = make_rt(mlp(), Plan(), engine=NoClipMethod())
     with pytest.raises(OverdriveError, match="no gradient clipping"):
         rt.clip_grad_norm_(1.0)
@@ -277,7 +276,7 @@ def test_deepspeed_clip_norm_must_match_the_engines_clipping():
 
 def test_post_step_hooks_on_the_runtime_run_after_real_steps_only():
     rt = make_rt(mlp(), Plan(grad_accum=3))
-    assert rt.post_step_hooks is rt.env.post_step_hooks
+    assert rt.post_step_hooks is rt._handoff.post_step_hooks
     seen = []
     rt.post_step_hooks.append(lambda model, opt: seen.append((rt.step, rt.sync_gradients)))
     x, y = data(6)

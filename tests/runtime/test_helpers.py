@@ -10,16 +10,16 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import overdrive as od
 from overdrive.errors import OverdriveError
-from overdrive.rewrite.plan import Plan, resolve_for_world
+from overdrive.plan import Plan, resolve_for_world
 from overdrive.rewrite.report import Report
 from overdrive.runtime.helpers import RankFilter
 from overdrive.runtime.runtime import Runtime
-from overdrive.runtime.state import Env
+from overdrive.runtime.state import env_for
 
 
 def fake_rt(rank: int = 0, size: int = 1) -> Runtime:
     plan = resolve_for_world(Plan(seed=0), size)
-    env = Env(plan, rank=rank, local_rank=rank, world_size=size, device=torch.device("cpu"))
+    env = env_for(plan, rank=rank, local_rank=rank, world_size=size, device=torch.device("cpu"))
     return Runtime(torch.nn.Linear(2, 2), plan=plan, report=Report([]), env=env)
 
 

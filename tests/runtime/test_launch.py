@@ -3,6 +3,7 @@ the example training script on 2 CPU processes."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -41,7 +42,7 @@ def test_multi_node_without_endpoint_is_refused():
 FAILING = """
 import time
 import torch
-from overdrive.rewrite.plan import Plan
+from overdrive.plan import Plan
 from overdrive.rewrite.report import Report
 from overdrive.runtime.runtime import Runtime
 from overdrive.runtime.state import make_env
@@ -50,6 +51,7 @@ plan, env = make_env(Plan())
 rt = Runtime(torch.nn.Linear(2, 2), plan=plan, report=Report([]), env=env)
 rt.barrier()
 if rt.rank == 1:
+    print(f"raising at {time.time()}", flush=True)
     raise ValueError("boom on purpose")
 rt.reduce(torch.ones(1), "sum")  # rank 0 waits here for a rank that is gone
 time.sleep(600)
@@ -60,16 +62,21 @@ time.sleep(600)
 def test_a_raising_rank_ends_the_job_promptly_and_is_named(tmp_path):
     script = tmp_path / "fail.py"
     script.write_text(textwrap.dedent(FAILING))
-    start = time.monotonic()
+    # the collective timeout is long (120 s): the job must end well before it, because
+    # torchrun stops the other rank once one has failed (startup time, which a loaded
+    # machine stretches, is not counted)
     proc = subprocess.run([sys.executable, "-m", "overdrive.cli", "launch", "--nproc", "2",
-                           str(script)], env=child_env(OVERDRIVE_PG_TIMEOUT="30"),
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    elapsed = time.monotonic() - start
+                           str(script)], env=child_env(OVERDRIVE_PG_TIMEOUT="120"),
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    ended = time.time()
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out
-    assert elapsed < 60, f"took {elapsed:.0f}s\n{out}"
-    assert "rank 1 failed: ValueError: boom on purpose" in out
-    assert "rank      : 1" in out  # torchrun's failure summary names it too
+    raised = float(re.search(r"raising at ([0-9.]+)", out).group(1))
+    assert ended - raised < 60, f"ended {ended - raised:.0f}s after the raise\n{out}"
+    # torch names the rank on every line of its traceback, torchrun's summary names it too
+    # (no exception hook of overdrive's: torchrun stops the other ranks)
+    assert "[rank1]: ValueError: boom on purpose" in out
+    assert "rank      : 1" in out
 
 
 @pytest.mark.dist

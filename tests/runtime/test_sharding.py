@@ -8,16 +8,16 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Sampler, SequentialSampler, TensorDataset
 
 from overdrive.errors import OverdriveError
-from overdrive.rewrite.plan import Parallel, Plan, resolve_for_world
+from overdrive.plan import Parallel, Plan, resolve_for_world
 from overdrive.rewrite.report import Report
 from overdrive.runtime.sampling import shard_indices, sharded_len
 from overdrive.runtime.runtime import Runtime
-from overdrive.runtime.state import Env
+from overdrive.runtime.state import env_for
 
 
 def fake_rt(rank: int, size: int, plan: Plan | None = None) -> Runtime:
     plan = resolve_for_world(plan or Plan(seed=3), size)
-    env = Env(plan, rank=rank, local_rank=rank, world_size=size, device=torch.device("cpu"))
+    env = env_for(plan, rank=rank, local_rank=rank, world_size=size, device=torch.device("cpu"))
     return Runtime(torch.nn.Linear(2, 2), plan=plan, report=Report([]), env=env)
 
 
@@ -127,7 +127,7 @@ def test_tensor_parallel_peers_get_the_same_batch():
     got = {}
     for rank in range(4):
         plan_w = resolve_for_world(plan, 4)
-        env = Env(plan_w, rank=rank, local_rank=rank, world_size=4, device=torch.device("cpu"))
+        env = env_for(plan_w, rank=rank, local_rank=rank, world_size=4, device=torch.device("cpu"))
         rt = Runtime(torch.nn.Linear(2, 2), plan=plan_w, report=Report([]), env=env)
         got[rank] = [b[0].tolist() for b in rt.shard(DataLoader(ds, batch_size=2))]
     assert got[0] == got[1] and got[2] == got[3] and got[0] != got[2]

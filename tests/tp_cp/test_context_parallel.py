@@ -26,17 +26,17 @@ def test_balanced_positions_head_tail():
 
 
 def test_sequence_not_divisible_names_parallel_cp():
-    env = SimpleNamespace(plan=cp(2))  # no mesh: the length is refused before it is needed
+    env = SimpleNamespace(parallel=cp(2).parallel)  # no mesh: refused before it is needed
     batch = {"input_ids": torch.zeros(2, 10, dtype=torch.long)}
     with pytest.raises(od.PlanError, match=r"parallel.cp=2.*10.*2·cp = 4"):
         shard_sequence(batch, env)
-    env1 = SimpleNamespace(plan=od.Plan())
+    env1 = SimpleNamespace(parallel=od.Plan().parallel)
     assert shard_sequence(batch, env1) is batch
 
 
 def cp_env(n: int, rank: int) -> SimpleNamespace:
     mesh = {"cp": SimpleNamespace(get_local_rank=lambda: rank)}
-    return SimpleNamespace(plan=cp(n), mesh=mesh)
+    return SimpleNamespace(parallel=cp(n).parallel, mesh=mesh)
 
 
 def test_causal_lm_labels_shifted_before_the_split():

@@ -176,14 +176,16 @@ def test_apply_refuses_modules_an_earlier_pass_swapped():
             super().__init__()
             self.weight = linear.weight
 
+    from tests.helpers import check_pass, pass_context
+
     model, plan = llama(), tp(2)
     tpp = TensorParallel()
-    tpp.check(ModuleGraph(model), plan, None)
+    env = SimpleNamespace(backend="gloo", dry_run=False)  # no mesh: refused before it is used
+    decision = check_pass(tpp, ModuleGraph(model), plan, env)
     for block in model.layers:  # what the fp8 pass does between check and apply
         block.attn.q_proj = NotALinear(block.attn.q_proj)
-    env = SimpleNamespace(backend="gloo")  # no mesh: the refusal comes before it is used
     with pytest.raises(od.PlanError, match=r"replaced a module.*layers.0.attn.q_proj.*NotALinear"):
-        tpp.apply(model, ModuleGraph(model), plan, env)
+        tpp.apply(model, decision, pass_context(tpp, ModuleGraph(model), plan, env))
 
 
 def test_inspect_says_which_float8_styles_apply_will_use(monkeypatch):

@@ -20,17 +20,19 @@ from __future__ import annotations
 
 import inspect
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..dtypes import to_torch
 from ..errors import PlanError
+from ..plan import Casting
+from ..rewrite.contract import Decision, MemoryEffect, Pass, PassContext
 from ..rewrite.graph import ModuleGraph, parameter_owners, tensor_bytes
-from ..rewrite.manager import Pass, register_pass
-from ..rewrite.plan import Plan
-from ..rewrite.report import PassRecord
+from ..rewrite.manager import register_pass
 
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 FP16_MASK_E4M3 = -16512  # 0xBF80: sign, fp16 exponent bits 13..10 and 3 mantissa bits
@@ -126,10 +128,6 @@ CAST_CLASSES: dict[type, type] = {nn.Linear: CastLinear, nn.Conv1d: CastConv1d,
                                   nn.Conv2d: CastConv2d, nn.Conv3d: CastConv3d}
 if _hf_conv1d() is not None:
     CAST_CLASSES[_hf_conv1d()] = _cast_hf_conv1d(_hf_conv1d())
-
-
-def _dtype(name: str) -> torch.dtype:
-    return getattr(torch, name)
 
 
 def _base(module: nn.Module) -> type | None:
@@ -255,47 +253,50 @@ def cast_module(module: nn.Module, storage: torch.dtype, compute: torch.dtype) -
     module.compute_dtype = compute
 
 
-@register_pass("casting", before=("fp8",))
+@dataclass(kw_only=True)
+class CastingDecision(Decision):
+    """``modules``: the layers whose weights are stored in ``storage`` and computed in
+    ``compute``; ``skipped``: the candidates left alone, with the reason."""
+
+    storage: str
+    compute: str
+    skipped: dict[str, str]
+
+
+def decide(graph: ModuleGraph, cfg: Casting) -> CastingDecision:
+    storage = to_torch(cfg.storage)
+    cast, skipped = select(graph, tuple(cfg.skip), storage)
+    before = sum(tensor_bytes(graph.module(n).weight) for n in cast)
+    after = sum(graph.module(n).weight.numel() for n in cast) * storage.itemsize
+    notes = [f"{len(cast)} layer weight(s) stored as {cfg.storage}, computed in "
+             f"{cfg.compute} from a temporary copy"]
+    notes += [f"{name} skipped: {reason}" for name, reason in skipped.items()]
+    return CastingDecision(
+        modules=list(cast), notes=notes, storage=cfg.storage, compute=cfg.compute,
+        skipped=dict(skipped),
+        details=dict(storage=cfg.storage, compute=cfg.compute, skipped=dict(skipped),
+                     cast_weight_bytes_before=before, cast_weight_bytes_after=after),
+        memory=MemoryEffect(parameter_bytes=after - before, inference=True, notes=(
+            "casting is an inference plan: no gradients, no optimizer state",)))
+
+
+@register_pass("casting", config=Casting, before=("fp8",))
 class LayerwiseCasting(Pass):
     """Inference: Linear/Conv weights stored in ``storage``, computed in ``compute``."""
 
     replaces_parameters = True
 
-    def enabled(self, plan: Plan) -> bool:
-        return plan.casting is not None
-
-    def check(self, graph: ModuleGraph, plan: Plan, env: Any) -> None:
-        cast, skipped = select(graph, tuple(plan.casting.skip), _dtype(plan.casting.storage))
-        if not cast:
-            why = "; ".join(f"{n}: {r}" for n, r in list(skipped.items())[:6])
+    def check(self, ctx: PassContext) -> CastingDecision:
+        decision = decide(ctx.graph, ctx.cfg)
+        if not decision.modules:
+            why = "; ".join(f"{n}: {r}" for n, r in list(decision.skipped.items())[:6])
             raise PlanError(
                 "casting: no Linear / Conv1d / Conv2d / Conv3d / Conv1D module is left to cast"
                 + (f" ({why})" if why else " (the model has none)")
-                + f"; casting.skip={tuple(plan.casting.skip)!r} — narrow it")
+                + f"; casting.skip={tuple(ctx.cfg.skip)!r} — narrow it")
+        return decision
 
-    def apply(self, model: nn.Module, graph: ModuleGraph, plan: Plan, env: Any) -> PassRecord:
-        cfg = plan.casting
-        storage, compute = _dtype(cfg.storage), _dtype(cfg.compute)
-        cast, skipped = select(graph, tuple(cfg.skip), _dtype(cfg.storage))
-        before = sum(tensor_bytes(graph.module(n).weight) for n in cast)
-        for name in cast:
+    def apply(self, model: nn.Module, decision: CastingDecision, ctx: PassContext) -> None:
+        storage, compute = to_torch(decision.storage), to_torch(decision.compute)
+        for name in decision.modules:
             cast_module(model.get_submodule(name), storage, compute)
-        after = sum(tensor_bytes(model.get_submodule(n).weight) for n in cast)
-        return self._record(cast, skipped, cfg, before, after)
-
-    def preview(self, graph: ModuleGraph, plan: Plan, env: Any) -> PassRecord:
-        cfg = plan.casting
-        cast, skipped = select(graph, tuple(cfg.skip), _dtype(cfg.storage))
-        before = sum(tensor_bytes(graph.module(n).weight) for n in cast)
-        after = sum(graph.module(n).weight.numel() for n in cast) * _dtype(cfg.storage).itemsize
-        return self._record(cast, skipped, cfg, before, after)
-
-    def _record(self, cast, skipped, cfg, before: int, after: int) -> PassRecord:
-        rec = self.record(modules=list(cast))
-        rec.note(f"{len(cast)} layer weight(s) stored as {cfg.storage}, computed in "
-                 f"{cfg.compute} from a temporary copy")
-        for name, reason in skipped.items():
-            rec.note(f"{name} skipped: {reason}")
-        rec.details.update(storage=cfg.storage, compute=cfg.compute, skipped=dict(skipped),
-                           cast_weight_bytes_before=before, cast_weight_bytes_after=after)
-        return rec

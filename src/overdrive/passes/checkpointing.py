@@ -29,6 +29,7 @@ import contextlib
 import functools
 import inspect
 import types
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,11 +38,11 @@ from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
                                     create_selective_checkpoint_contexts)
 
 from ..errors import PlanError
+from ..plan import Checkpointing
+from ..rewrite.contract import Decision, MemoryEffect, Pass, PassContext
 from ..rewrite.estimate import activation_estimate, block_activations
 from ..rewrite.graph import ModuleGraph
-from ..rewrite.manager import Pass, register_pass
-from ..rewrite.plan import Plan
-from ..rewrite.report import PassRecord
+from ..rewrite.manager import register_pass
 from ..rewrite.trace import trace_model
 from .buffers import running_stat_buffers
 
@@ -197,11 +198,10 @@ def is_checkpointed(module: nn.Module) -> bool:
 # --------------------------------------------------------------------------- budget
 
 
-def _example_inputs(plan: Plan, env: Any) -> Any:
-    extras = getattr(env, "extras", None) or {}
-    if extras.get("example_inputs") is not None:
-        return extras["example_inputs"]
-    shape = plan.checkpointing.budget_input_shape
+def _example_inputs(ac: Checkpointing, env: Any) -> Any:
+    if getattr(env, "example_inputs", None) is not None:
+        return env.example_inputs
+    shape = ac.budget_input_shape
     if shape is not None:
         return torch.zeros(tuple(shape), dtype=torch.long)  # token ids
     raise PlanError(
@@ -211,10 +211,10 @@ def _example_inputs(plan: Plan, env: Any) -> Any:
     )
 
 
-def choose_budget_blocks(graph: ModuleGraph, plan: Plan, env: Any) -> tuple[list[str], dict]:
+def choose_budget_blocks(graph: ModuleGraph, ac: Checkpointing, env: Any
+                         ) -> tuple[list[str], dict]:
     """The fewest blocks (most saving first) whose checkpointing fits ``budget_bytes``."""
-    ac = plan.checkpointing
-    trace = trace_model(graph.model, _example_inputs(plan, env), backward=False)
+    trace = trace_model(graph.model, _example_inputs(ac, env), backward=False)
     blocks = [b for b in graph.blocks() if b in trace.modules]
     acts, kept = block_activations(graph, trace, blocks)
     order = sorted(blocks, key=lambda b: (-(acts[b] - kept[b]), blocks.index(b)))
@@ -240,88 +240,87 @@ def _every(blocks: list[str], n: int) -> list[str]:
     return [b for i, b in enumerate(blocks, 1) if i % n == 0]
 
 
-@register_pass("checkpointing", after=("tensor_parallel", "context_parallel"), before=("compile",))
+@dataclass(kw_only=True)
+class CheckpointingDecision(Decision):
+    """``modules``: the blocks whose forward is recomputed in backward, in ``mode``."""
+
+    mode: str
+    selective: bool
+
+
+def _check_config(graph: ModuleGraph, ac: Checkpointing, blocks: list[str]) -> None:
+    if not blocks:
+        raise PlanError(
+            f"checkpointing: blocks: no repeated blocks found in "
+            f"{type(graph.model).__name__}; name them with Plan(blocks=('layers.*',)) "
+            "(qualified names or globs of the modules to checkpoint)"
+        )
+    if not isinstance(ac.every, int) or isinstance(ac.every, bool) or ac.every < 1:
+        raise PlanError(f"checkpointing.every={ac.every!r} is not valid; use an integer >= 1")
+    if ac.mode == "every" and ac.every > len(blocks):
+        raise PlanError(
+            f"checkpointing.every={ac.every} with mode='every' selects none of the "
+            f"{len(blocks)} blocks; use every <= {len(blocks)}"
+        )
+    shape = ac.budget_input_shape
+    if shape is not None and (isinstance(shape, (str, bytes)) or not all(
+            isinstance(s, int) and s > 0 for s in shape)):
+        raise PlanError(f"checkpointing.budget_input_shape={shape!r} is not valid; use a "
+                        "tuple of positive integers such as (8, 2048)")
+    done = [b for b in blocks if is_checkpointed(graph.module(b))]
+    if done:
+        raise PlanError(f"checkpointing: block {done[0]!r} is already checkpointed by "
+                        "overdrive; apply the plan to a fresh model")
+
+
+def decide(graph: ModuleGraph, ac: Checkpointing, env: Any) -> CheckpointingDecision:
+    """The blocks to recompute and why, from the graph, the config (and, for a budget, a
+    meta trace of the example inputs)."""
+    blocks = graph.blocks()
+    facts: dict[str, Any] = {}
+    if ac.mode == "every":
+        chosen, facts = _every(blocks, ac.every), {"every": ac.every}
+    elif ac.mode == "budget":
+        chosen, facts = choose_budget_blocks(graph, ac, env)
+    else:
+        chosen = list(blocks)
+    notes = [f"{ac.mode}: {len(chosen)} of {len(blocks)} blocks checkpointed "
+             "(non-reentrant, RNG state preserved)",
+             "caching is off inside checkpointed blocks while training (use_cache=False, "
+             "no KV cache), as transformers' own gradient checkpointing does: a recompute "
+             "must not update the cache twice"]
+    with_stats = [b for b in chosen if running_stat_buffers(graph.module(b))]
+    if with_stats:
+        notes.append(f"{len(with_stats)} checkpointed blocks hold BatchNorm running stats: "
+                     "the recompute puts them back, so each step updates them once")
+    if ac.mode == "selective":
+        notes.append("selective: attention and every second matmul saved, other ops "
+                     "recomputed")
+    if ac.mode == "budget":
+        notes.append(f"budget: traced activations {facts['traced_activation_bytes']} B → "
+                     f"about {facts['estimated_activation_bytes']} B "
+                     f"(budget {facts['budget_bytes']} B)")
+    selective = ac.mode == "selective"
+    return CheckpointingDecision(
+        modules=list(chosen), notes=notes, mode=ac.mode, selective=selective,
+        details={"mode": ac.mode, **facts},
+        memory=MemoryEffect(checkpointed=tuple(chosen), selective=selective))
+
+
+@register_pass("checkpointing", config=Checkpointing,
+               after=("tensor_parallel", "context_parallel"), before=("compile",))
 class ActivationCheckpointing(Pass):
     """Wrap the repeated blocks' forward in ``torch.utils.checkpoint`` (in place)."""
 
-    def __init__(self) -> None:
-        self._budget: tuple[list[str], dict] | None = None
+    def check(self, ctx: PassContext) -> CheckpointingDecision:
+        _check_config(ctx.graph, ctx.cfg, ctx.graph.blocks())
+        return decide(ctx.graph, ctx.cfg, ctx.env)
 
-    def enabled(self, plan: Plan) -> bool:
-        return plan.checkpointing is not None
-
-    def check(self, graph: ModuleGraph, plan: Plan, env: Any) -> None:
-        ac = plan.checkpointing
-        blocks = graph.blocks()
-        if not blocks:
-            raise PlanError(
-                f"checkpointing: blocks: no repeated blocks found in "
-                f"{type(graph.model).__name__}; name them with Plan(blocks=('layers.*',)) "
-                "(qualified names or globs of the modules to checkpoint)"
-            )
-        if not isinstance(ac.every, int) or isinstance(ac.every, bool) or ac.every < 1:
-            raise PlanError(f"checkpointing.every={ac.every!r} is not valid; use an integer >= 1")
-        if ac.mode == "every" and ac.every > len(blocks):
-            raise PlanError(
-                f"checkpointing.every={ac.every} with mode='every' selects none of the "
-                f"{len(blocks)} blocks; use every <= {len(blocks)}"
-            )
-        shape = ac.budget_input_shape
-        if shape is not None and (isinstance(shape, (str, bytes)) or not all(
-                isinstance(s, int) and s > 0 for s in shape)):
-            raise PlanError(f"checkpointing.budget_input_shape={shape!r} is not valid; use a "
-                            "tuple of positive integers such as (8, 2048)")
-        done = [b for b in blocks if is_checkpointed(graph.module(b))]
-        if done:
-            raise PlanError(f"checkpointing: block {done[0]!r} is already checkpointed by "
-                            "overdrive; apply the plan to a fresh model")
-        if ac.mode == "budget":
-            self._budget = choose_budget_blocks(graph, plan, env)
-
-    def _selected(self, graph: ModuleGraph, plan: Plan, env: Any) -> tuple[list[str], dict]:
-        ac = plan.checkpointing
-        blocks = graph.blocks()
-        if ac.mode == "every":
-            return _every(blocks, ac.every), {"every": ac.every}
-        if ac.mode == "budget":
-            if self._budget is None:
-                self._budget = choose_budget_blocks(graph, plan, env)
-            return list(self._budget[0]), dict(self._budget[1])
-        return blocks, {}
-
-    def _record(self, graph: ModuleGraph, plan: Plan, env: Any, **kw: Any) -> PassRecord:
-        chosen, facts = self._selected(graph, plan, env)
-        mode = plan.checkpointing.mode
-        rec = self.record(modules=list(chosen), details={"mode": mode, **facts}, **kw)
-        blocks = graph.blocks()
-        rec.note(f"{mode}: {len(chosen)} of {len(blocks)} blocks checkpointed "
-                 "(non-reentrant, RNG state preserved)")
-        rec.note("caching is off inside checkpointed blocks while training (use_cache=False, "
-                 "no KV cache), as transformers' own gradient checkpointing does: a recompute "
-                 "must not update the cache twice")
-        with_stats = [b for b in chosen if running_stat_buffers(graph.module(b))]
-        if with_stats:
-            rec.note(f"{len(with_stats)} checkpointed blocks hold BatchNorm running stats: "
-                     "the recompute puts them back, so each step updates them once")
-        if mode == "selective":
-            rec.note("selective: attention and every second matmul saved, other ops "
-                     "recomputed")
-        if mode == "budget":
-            rec.note(f"budget: traced activations {facts['traced_activation_bytes']} B → "
-                     f"about {facts['estimated_activation_bytes']} B "
-                     f"(budget {facts['budget_bytes']} B)")
-        return rec
-
-    def preview(self, graph: ModuleGraph, plan: Plan, env: Any) -> PassRecord:
-        return self._record(graph, plan, env, dry_run=True)
-
-    def apply(self, model: nn.Module, graph: ModuleGraph, plan: Plan, env: Any) -> PassRecord:
-        rec = self._record(graph, plan, env)
-        selective = plan.checkpointing.mode == "selective"
-        for name in rec.modules:
-            checkpoint_block(graph.module(name), selective=selective)
-        return rec
+    def apply(self, model: nn.Module, decision: CheckpointingDecision,
+              ctx: PassContext) -> None:
+        for name in decision.modules:
+            checkpoint_block(ctx.graph.module(name), selective=decision.selective)
 
 
-__all__ = ["ActivationCheckpointing", "checkpoint_block", "is_checkpointed",
+__all__ = ["ActivationCheckpointing", "CheckpointingDecision", "decide", "checkpoint_block", "is_checkpointed",
            "choose_budget_blocks", "selective_policy", "SAVE_OPS", "MATMUL_OPS"]

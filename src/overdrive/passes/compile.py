@@ -12,16 +12,17 @@ No blocks found → regional falls back to full, with a note in the record.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from ..errors import BackendUnavailable, PlanError
+from ..plan import Compile
+from ..rewrite.contract import Decision, Pass, PassContext
 from ..rewrite.graph import ModuleGraph
-from ..rewrite.manager import Pass, register_pass
-from ..rewrite.plan import Compile, Plan
-from ..rewrite.report import PassRecord
+from ..rewrite.manager import register_pass
 
 # backends torch.compile knows by name even when list_backends() hides them
 KNOWN_BACKENDS = ("inductor", "eager", "aot_eager", "aot_eager_decomp_partition", "cudagraphs")
@@ -169,33 +170,39 @@ def check_compile(cfg: Compile, env: Any) -> None:
 # --------------------------------------------------------------------------- the pass
 
 
-@register_pass("compile", after=("checkpointing",), before=("fsdp", "ddp", "deepspeed"))
+@dataclass(kw_only=True)
+class CompileDecision(Decision):
+    """``modules``: the regions compiled (``""``: the root); ``mode``: what is done
+    ("full" when regional found no blocks); ``kwargs``: what ``module.compile`` gets."""
+
+    mode: str
+    kwargs: dict[str, Any]
+
+
+def decide(graph: ModuleGraph, cfg: Compile) -> CompileDecision:
+    """The regions and arguments, from the graph and the config alone."""
+    names, notes = targets(graph, cfg)
+    fell_back = cfg.mode == "regional" and names == [""]
+    mode = "full" if fell_back else cfg.mode
+    return CompileDecision(
+        modules=names, notes=notes, mode=mode, kwargs=compile_kwargs(cfg),
+        details={"mode": mode, "requested_mode": cfg.mode, "backend": str(cfg.backend)})
+
+
+@register_pass("compile", config=Compile, after=("checkpointing",),
+               before=("fsdp", "ddp", "deepspeed"))
 class CompilePass(Pass):
     """Compile each repeated block (regional) or the root (full) with ``module.compile``."""
 
-    def enabled(self, plan: Plan) -> bool:
-        return plan.compile_enabled()
+    def check(self, ctx: PassContext) -> CompileDecision:
+        check_compile(ctx.cfg, ctx.env)
+        return decide(ctx.graph, ctx.cfg)
 
-    def check(self, graph: ModuleGraph, plan: Plan, env: Any) -> None:
-        check_compile(plan.compile, env)
-
-    def _record(self, graph: ModuleGraph, plan: Plan, **kw: Any) -> PassRecord:
-        names, notes = targets(graph, plan.compile)
-        fell_back = plan.compile.mode == "regional" and names == [""]
-        details = {"mode": "full" if fell_back else plan.compile.mode,
-                   "requested_mode": plan.compile.mode, "backend": str(plan.compile.backend)}
-        return self.record(modules=names, notes=notes, details=details, **kw)
-
-    def preview(self, graph: ModuleGraph, plan: Plan, env: Any) -> PassRecord:
-        return self._record(graph, plan, dry_run=True)
-
-    def apply(self, model: nn.Module, graph: ModuleGraph, plan: Plan, env: Any) -> PassRecord:
-        rec = self._record(graph, plan)
-        kwargs = compile_kwargs(plan.compile)
-        for name in rec.modules:  # "" is the root
-            compile_in_place(model if name == "" else graph.module(name), **kwargs)
-        return rec
+    def apply(self, model: nn.Module, decision: CompileDecision, ctx: PassContext) -> None:
+        for name in decision.modules:  # "" is the root
+            compile_in_place(model if name == "" else ctx.graph.module(name),
+                             **decision.kwargs)
 
 
-__all__ = ["CompilePass", "compile_kwargs", "targets", "check_compile", "available_backends",
+__all__ = ["CompilePass", "CompileDecision", "decide", "compile_kwargs", "targets", "check_compile", "available_backends",
            "compile_in_place"]

@@ -43,6 +43,7 @@ engine the pass averages gradients over the cp group itself; fsdp (which shards 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -51,10 +52,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import PlanError
+from ..plan import ContextParallelConfig
+from ..rewrite.contract import Applied, Decision, MemoryEffect, Pass, PassContext
 from ..rewrite.graph import ModuleGraph
-from ..rewrite.manager import Pass, register_pass
-from ..rewrite.plan import Plan
-from ..rewrite.report import PassRecord
+from ..rewrite.manager import register_pass
 
 SDPA = F.scaled_dot_product_attention
 
@@ -101,7 +102,7 @@ def shard_sequence(batch: Any, env: Any, seq_dim: int = 1, causal_lm: bool = Fal
     packed sequences and building a block mask. Without ``causal_lm`` labels are taken as
     already aligned with the inputs and only sliced.
     """
-    cp = env.plan.parallel.cp
+    cp = env.parallel.cp
     if cp == 1:
         return batch
     if not isinstance(batch, Mapping):
@@ -329,13 +330,22 @@ def _attn_implementation(graph: ModuleGraph) -> str | None:
 # --------------------------------------------------------------------------- the pass
 
 
-@register_pass("context_parallel", after=("tensor_parallel",), before=("checkpointing",))
-class ContextParallel(Pass):
-    def enabled(self, plan: Plan) -> bool:
-        return plan.parallel.cp > 1
+@dataclass(kw_only=True)
+class ContextParallelDecision(Decision):
+    """``modules``: where attention is redirected (the blocks, else the root);
+    ``attention``: which kernel (by device); ``average_grads``: no data-parallel engine
+    averages the cp ranks' gradients, so the pass does."""
 
-    def check(self, graph: ModuleGraph, plan: Plan, env: Any) -> None:
-        cp = plan.parallel.cp
+    cp: int
+    attention: str
+    average_grads: bool
+
+
+@register_pass("context_parallel", config=ContextParallelConfig, after=("tensor_parallel",),
+               before=("checkpointing",))
+class ContextParallel(Pass):
+    def check(self, ctx: PassContext) -> ContextParallelDecision:
+        graph, cp = ctx.graph, ctx.cfg.size
         window = _sliding_window(graph)
         if window is not None:
             raise PlanError(
@@ -355,15 +365,26 @@ class ContextParallel(Pass):
                 "parallelism redirects F.scaled_dot_product_attention, so build the model "
                 "with attn_implementation='sdpa' or set cp=1"
             )
+        env = ctx.env
+        attention = ("cuda ring SDPA or all-gather-KV (by device)" if env.dry_run else
+                     "torch ring SDPA" if env.device.type == "cuda" else "all-gather-KV")
+        average = ctx.plan.data_parallel is None
+        notes = [f"cp={cp}: sequence split in {2 * cp} chunks (rank r holds r and "
+                 f"{2 * cp - 1}-r); attention: {attention}"]
+        if is_transformers_causal_lm(graph.model):
+            notes.append("transformers causal LM: labels shifted before the split "
+                         "(shift_labels), losses weighted by target count (num_items_in_batch)")
+        if average:
+            notes.append("no data-parallel engine: gradients averaged over the cp group")
+        return ContextParallelDecision(
+            modules=graph.blocks() or [""], notes=notes, cp=cp, attention=attention,
+            average_grads=average,
+            details={"cp": cp, "attention": attention, "load_balance": "head-tail"},
+            memory=MemoryEffect(activation_split=cp))
 
-    def _targets(self, graph: ModuleGraph) -> list[str]:
-        return graph.blocks() or [""]
-
-    def preview(self, graph: ModuleGraph, plan: Plan, env: Any) -> PassRecord:
-        return self._record(graph, plan, "cuda ring SDPA or all-gather-KV (by device)")
-
-    def apply(self, model: nn.Module, graph: ModuleGraph, plan: Plan, env: Any) -> PassRecord:
-        cp = plan.parallel.cp
+    def apply(self, model: nn.Module, decision: ContextParallelDecision,
+              ctx: PassContext) -> Applied:
+        env, cp = ctx.env, decision.cp
         mesh = env.mesh["cp"]
         use_torch_cp = env.device.type == "cuda"
         if use_torch_cp:
@@ -372,24 +393,16 @@ class ContextParallel(Pass):
             _enable_context_parallel_dispatcher()  # process-wide: DTensor SDPA → ring attention
             _cp_options.enable_load_balance = True  # head-tail, as balanced_positions lays out
         make_mode = functools.partial(ContextParallelAttention, mesh, cp, use_torch_cp)
-        for name in self._targets(graph):
-            run_under(graph.module(name), name, make_mode)
-        rec = self._record(graph, plan, "torch ring SDPA" if use_torch_cp else "all-gather-KV")
+        for name in decision.modules:
+            run_under(ctx.graph.module(name), name, make_mode)
+        if decision.average_grads:
+            average_grads_over(model, mesh)
         transformers_lm = is_transformers_causal_lm(model)
         causal_lm = transformers_lm or takes_shift_labels(model)
-        env.extras["shard_sequence"] = functools.partial(  # rt.shard_sequence, rt.shard
-            shard_sequence, env=env, causal_lm=causal_lm, attention_mask=transformers_lm)
+        split = functools.partial(shard_sequence, env=env, causal_lm=causal_lm,
+                                  attention_mask=transformers_lm)
+        rec = self.preview(decision, ctx)
         if causal_lm:
             rec.note("causal LM: labels shifted before the split (shift_labels), "
                      "losses weighted by target count (num_items_in_batch)")
-        if plan.data_parallel is None:
-            n = average_grads_over(model, mesh)
-            rec.note(f"no data-parallel engine: {n} gradients averaged over the cp group")
-        return rec
-
-    def _record(self, graph: ModuleGraph, plan: Plan, attention: str) -> PassRecord:
-        rec = self.record(modules=self._targets(graph))
-        rec.details.update(cp=plan.parallel.cp, attention=attention, load_balance="head-tail")
-        rec.note(f"cp={plan.parallel.cp}: sequence split in {2 * plan.parallel.cp} chunks "
-                 f"(rank r holds r and {2 * plan.parallel.cp - 1}-r); attention: {attention}")
-        return rec
+        return Applied(rec, batch_transform=split)

@@ -20,13 +20,15 @@ keep stepping the first ones — training silently stalls. fsdp composes with tp
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from torch import nn
 
 from ..errors import PlanError
-from ..rewrite.graph import ModuleGraph
-from ..rewrite.manager import Pass, register_pass
-from ..rewrite.plan import Plan
-from ..rewrite.report import PassRecord
+from ..plan import DDP
+from ..rewrite.contract import Applied, Decision, Pass, PassContext
+from ..rewrite.manager import register_pass
 from .buffers import keep_buffers_in_sync, plain_buffers
 from .ddp_comm import check_comm_hook, register_comm_hook
 
@@ -45,26 +47,30 @@ def frozen(model: nn.Module) -> bool:
 FROZEN_NOTE = "no parameter requires grad (inference): nothing to all-reduce, ddp is a no-op"
 
 
-def sync_size(plan: Plan) -> int:
-    par = plan.parallel
-    return par.dp_replicate * par.dp_shard * par.cp
+def sync_size(parallel) -> int:
+    return parallel.dp_replicate * parallel.dp_shard * parallel.cp
 
 
-# After compile (blocks are compiled before they are wrapped). The name is only given
-# when compile is registered: passes/__init__.py imports it first; the manager refuses
-# an order relative to an unknown pass.
-@register_pass("ddp", after=("compile", "mixed_precision"))
+@dataclass(kw_only=True)
+class DDPDecision(Decision):
+    """``replicate`` the root over ``sync_size`` ranks, or nothing when that is one."""
+
+    sync_size: int
+    kwargs: dict[str, Any]
+    comm_hook: str | None  # registered after replicate (ddp_comm.py)
+
+
+# After compile (blocks are compiled before they are wrapped).
+@register_pass("ddp", config=DDP, after=("compile", "mixed_precision"))
 class DDPPass(Pass):
     replaces_parameters = False  # replicate keeps the parameter objects
 
-    def enabled(self, plan: Plan) -> bool:
-        return plan.ddp is not None
-
-    def check(self, graph: ModuleGraph, plan: Plan, env) -> None:
-        tp = plan.parallel.tp
-        if tp > 1 and sync_size(plan) > 1:
+    def check(self, ctx: PassContext) -> DDPDecision:
+        graph, plan, env, cfg = ctx.graph, ctx.plan, ctx.env, ctx.cfg
+        tp, n = plan.parallel.tp, sync_size(plan.parallel)
+        if tp > 1 and n > 1:
             raise PlanError(
-                f"ddp with parallel.tp={tp} and {sync_size(plan)} data-parallel ranks is not "
+                f"ddp with parallel.tp={tp} and {n} data-parallel ranks is not "
                 "supported: DDP cannot keep tensor-parallel (DTensor) parameters, its "
                 "optimizer would step stale copies; use fsdp=od.FSDP() for dp × tp (the "
                 "'fsdp+tp' preset, which is also what a tp plan naming no engine gets)")
@@ -72,41 +78,33 @@ class DDPPass(Pass):
             raise PlanError(
                 "ddp: the model is on the meta device, and every ddp rank holds the whole "
                 "model; build it on a real device, or use fsdp, which materialises it sharded")
-        if plan.ddp.comm_hook is not None:
+        if cfg.comm_hook is not None:
             check_comm_hook(plan, env)
-
-    def preview(self, graph: ModuleGraph, plan: Plan, env) -> PassRecord:
-        rec = self.record(modules=[""], dry_run=True)
-        if sync_size(plan) == 1:
-            rec.note("one data-parallel rank: nothing to all-reduce, ddp is a no-op")
-        elif frozen(graph.model):
-            rec.note(FROZEN_NOTE)
-        return rec
-
-    def apply(self, model: nn.Module, graph: ModuleGraph, plan: Plan, env) -> PassRecord:
-        rec = self.record()
-        if sync_size(plan) == 1:
-            rec.note("one data-parallel rank: nothing to all-reduce, ddp is a no-op")
-            return rec
-        if frozen(model):
-            rec.note(FROZEN_NOTE)
-            return rec
-        from torch.distributed._composable import replicate
-
-        cfg = plan.ddp
         kwargs = dict(bucket_cap_mb=cfg.bucket_cap_mb,
                       find_unused_parameters=cfg.find_unused_parameters,
                       static_graph=cfg.static_graph)
-        if env.device.type != "cpu":
-            kwargs["device_id"] = env.device
-        env.ensure_process_group()  # every rank is a data rank (dp × cp; tp is refused)
+        if n == 1:
+            return DDPDecision(sync_size=1, kwargs=kwargs, comm_hook=None, notes=[
+                "one data-parallel rank: nothing to all-reduce, ddp is a no-op"])
+        if frozen(graph.model):
+            return DDPDecision(sync_size=n, kwargs=kwargs, comm_hook=None, notes=[FROZEN_NOTE])
+        return DDPDecision(modules=[""], sync_size=n, kwargs=kwargs, comm_hook=cfg.comm_hook,
+                           details={"sync_size": n})
+
+    def apply(self, model: nn.Module, decision: DDPDecision, ctx: PassContext) -> Applied:
+        rec = self.preview(decision, ctx)
+        if not decision.modules:  # one data rank, or nothing trainable
+            return Applied(rec)
+        from torch.distributed._composable import replicate
+
+        kwargs = dict(decision.kwargs)
+        if ctx.env.device.type != "cpu":
+            kwargs["device_id"] = ctx.env.device
+        ctx.env.ensure_process_group()  # every rank is a data rank (dp × cp; tp is refused)
         replicate(model, **kwargs)
-        env.set_gradient_sync = model.set_requires_gradient_sync
-        if cfg.broadcast_buffers and keep_buffers_in_sync(model, plain_buffers(model)):
+        if ctx.cfg.broadcast_buffers and keep_buffers_in_sync(model, plain_buffers(model)):
             rec.note("buffers broadcast from rank 0 with each training forward "
                      "(broadcast_buffers=True, torch DDP's default)")
-        if cfg.comm_hook is not None:
-            rec.details.update(register_comm_hook(model, plan))
-        rec.touch("")
-        rec.details["sync_size"] = sync_size(plan)
-        return rec
+        if decision.comm_hook is not None:
+            rec.details.update(register_comm_hook(model, ctx.plan))
+        return Applied(rec, gradient_sync=model.set_requires_gradient_sync)

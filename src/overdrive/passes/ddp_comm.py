@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import PlanError
-from ..rewrite.plan import Plan
+from ..plan import Plan
 
 
 def check_comm_hook(plan: Plan, env) -> None:

@@ -5,7 +5,8 @@ plan owns filled in from the plan — ZeRO stage, gradient accumulation steps, f
 optimizer offload, gradient clipping — so the two can never disagree: a user config that
 says otherwise is refused in ``check`` with both values named.
 
-The engine owns backward and step: ``env.engine`` is what ``rt.backward`` calls, and
+The engine owns backward and step: handed on as ``Applied.engine``, it is what
+``rt.backward`` calls, and
 ``engine.step()`` must run on *every* micro-step (it counts the accumulation boundaries
 itself and only updates the weights on the last one). The optimizer is the user's
 (a torch optimizer from ``env.optimizer_factory``, which on CPU is what works: DeepSpeed's
@@ -20,15 +21,15 @@ import copy
 import importlib.util
 import json
 import os
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from torch import nn
 
 from ..errors import BackendUnavailable, PlanError
-from ..rewrite.graph import ModuleGraph
-from ..rewrite.manager import Pass, register_pass
-from ..rewrite.plan import Plan
-from ..rewrite.report import PassRecord
+from ..plan import DeepSpeed, Plan
+from ..rewrite.contract import Applied, Decision, MemoryEffect, Pass, PassContext
+from ..rewrite.manager import register_pass
 
 INSTALL_HINT = "pip install overdrive[deepspeed]"
 
@@ -136,16 +137,31 @@ def build_config(plan: Plan, dp_size: int, client_optimizer: bool) -> dict[str, 
     return cfg
 
 
-# After compile; the name is only given when compile is registered (passes/__init__.py
-# imports it first; the manager refuses an order relative to an unknown pass).
-@register_pass("deepspeed", after=("compile", "mixed_precision"))
+@dataclass(kw_only=True)
+class DeepSpeedDecision(Decision):
+    """ZeRO ``zero_stage`` over ``dp_size`` ranks; ``client_optimizer``: the user's torch
+    optimizer (else the config's ``"optimizer"`` section)."""
+
+    zero_stage: int
+    dp_size: int
+    client_optimizer: bool
+
+
+def _memory(plan: Plan, dp: int) -> MemoryEffect:
+    stage = plan.deepspeed.zero_stage
+    notes = ("DeepSpeed also keeps an fp32 master copy of the parameters (sharded with the "
+             "optimizer state)",) if plan.mixed_precision != "no" else ()
+    return MemoryEffect(parameters=dp if stage >= 3 else 1, gradients=dp if stage >= 2 else 1,
+                        optimizer=dp if stage >= 1 else 1, notes=notes)
+
+
+# After compile (blocks are compiled before the engine wraps the model).
+@register_pass("deepspeed", config=DeepSpeed, after=("compile", "mixed_precision"))
 class DeepSpeedPass(Pass):
     replaces_parameters = True
 
-    def enabled(self, plan: Plan) -> bool:
-        return plan.deepspeed is not None
-
-    def check(self, graph: ModuleGraph, plan: Plan, env) -> None:
+    def check(self, ctx: PassContext) -> DeepSpeedDecision:
+        graph, plan, env = ctx.graph, ctx.plan, ctx.env
         if importlib.util.find_spec("deepspeed") is None:
             raise BackendUnavailable(
                 f"deepspeed is not installed; {INSTALL_HINT} (or choose fsdp / ddp)")
@@ -171,29 +187,25 @@ class DeepSpeedPass(Pass):
             raise PlanError(
                 "deepspeed: both accelerate(optimizer=...) and an \"optimizer\" section in "
                 "deepspeed.config; keep one of them")
+        stage = plan.deepspeed.zero_stage
+        return DeepSpeedDecision(
+            modules=[""], zero_stage=stage, dp_size=env.dp_size,
+            client_optimizer=env.optimizer_factory is not None,
+            details={"zero_stage": stage}, memory=_memory(plan, env.dp_size),
+            notes=[f"ZeRO stage {stage} over {env.dp_size} data rank(s); engine.step() runs "
+                   f"every micro-step and steps the weights every {plan.grad_accum}"])
 
-    def preview(self, graph: ModuleGraph, plan: Plan, env) -> PassRecord:
-        rec = self.record(modules=[""], dry_run=True)
-        rec.details["zero_stage"] = plan.deepspeed.zero_stage
-        rec.note("engine.step() runs every micro-step; it steps the weights every "
-                 f"{plan.grad_accum} micro-step(s)")
-        return rec
-
-    def apply(self, model: nn.Module, graph: ModuleGraph, plan: Plan, env) -> PassRecord:
-        os.environ.setdefault("DS_BUILD_OPS", "0")  # no JIT-compiled kernels needed
+    def apply(self, model: nn.Module, decision: DeepSpeedDecision, ctx: PassContext) -> Applied:
         import deepspeed
 
+        env = ctx.env
         env.ensure_process_group()
         deepspeed.init_distributed(dist_backend=env.backend)
-        optimizer = env.optimizer_factory(model) if env.optimizer_factory else None
-        config = build_config(plan, env.dp_size, client_optimizer=optimizer is not None)
+        optimizer = env.optimizer_factory(model) if decision.client_optimizer else None
+        config = build_config(ctx.plan, decision.dp_size, client_optimizer=optimizer is not None)
         engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=config,
             model_parameters=None if optimizer is not None else model.parameters())
-        env.engine = engine
-        env.extras["optimizer"] = engine.optimizer
-        rec = self.record(modules=[""])
-        rec.details.update(zero_stage=plan.deepspeed.zero_stage, config=config)
-        rec.note(f"ZeRO stage {plan.deepspeed.zero_stage} over {env.dp_size} data rank(s); "
-                 "call engine.step() every micro-step")
-        return rec
+        rec = self.preview(decision, ctx)
+        rec.details["config"] = config
+        return Applied(rec, engine=engine, optimizer=engine.optimizer)

@@ -8,7 +8,8 @@ Two backends, one selection rule:
 - ``te``: NVIDIA Transformer Engine. Each eligible ``nn.Linear`` (and, with
   ``layernorm=True``, each LayerNorm / RMSNorm) becomes the ``transformer_engine.pytorch``
   module with the same weights; the forward runs under ``te.fp8_autocast`` with the recipe,
-  registered in ``env.forward_contexts`` for the runtime to enter. Needs CUDA.
+  handed on as a forward context (``Applied.forward_contexts``) for the runtime to enter.
+  Needs CUDA.
 - ``auto``: ``te`` when CUDA and Transformer Engine are present (and the recipe is one TE
   has), else ``torchao``.
 
@@ -35,10 +36,10 @@ from torch import nn
 
 from ..errors import BackendUnavailable, PlanError
 from ..quiet import quiet_import
+from ..plan import FP8, Plan
+from ..rewrite.contract import Applied, Decision, Pass, PassContext
 from ..rewrite.graph import ModuleGraph
-from ..rewrite.manager import Pass, register_pass
-from ..rewrite.plan import FP8, Plan
-from ..rewrite.report import PassRecord
+from ..rewrite.manager import register_pass
 from .fp8_conv1d import conv1d_features, convert_conv1d, is_hf_conv1d
 
 TORCHAO_EXTRA = "pip install overdrive[fp8]"
@@ -255,9 +256,9 @@ def _fsdp_float8_asked(plan: Plan) -> bool:
 def float8_collectives(env: Any) -> bool:
     """Can the process group move float8 tensors? gloo cannot ("Invalid scalar type"): an
     FSDP unit whose weights are all float8 would all-gather them in float8 and fail."""
-    from .tensor_parallel import collective_backend
-
-    return collective_backend(env) != "gloo"
+    if env.dry_run:  # od.inspect answers for this machine (nccl when it has CUDA)
+        return torch.cuda.is_available()
+    return env.backend != "gloo"
 
 
 def _fsdp_float8_all_gather(plan: Plan, env: Any) -> bool:
@@ -273,7 +274,8 @@ def torchao_config(plan: Plan, env: Any):
     return config
 
 
-def apply_torchao(model: nn.Module, sel: Selection, plan: Plan, env: Any) -> dict[str, Any]:
+def apply_torchao(model: nn.Module, sel: Selection, plan: Plan, env: Any) -> tuple[dict, list]:
+    """Convert; returns (record details, post-step hooks)."""
     from torchao.float8 import convert_to_float8_training
 
     chosen = set(sel.convert)
@@ -284,9 +286,8 @@ def apply_torchao(model: nn.Module, sel: Selection, plan: Plan, env: Any) -> dic
     for name in conv1d:
         convert_conv1d(model.get_submodule(name), config)
     details: dict[str, Any] = {"fsdp_float8_all_gather": config.enable_fsdp_float8_all_gather}
-    if config.enable_fsdp_float8_all_gather:
-        env.post_step_hooks.append(precompute_fsdp_scales)
-    return details
+    hooks = [precompute_fsdp_scales] if config.enable_fsdp_float8_all_gather else []
+    return details, hooks
 
 
 def precompute_fsdp_scales(model: nn.Module, optimizer: Any = None) -> None:
@@ -373,7 +374,8 @@ def _te_replacement(te, module: nn.Module) -> nn.Module:
     return new
 
 
-def apply_te(model: nn.Module, sel: Selection, plan: Plan, env: Any) -> dict[str, Any]:
+def apply_te(model: nn.Module, sel: Selection, plan: Plan) -> tuple[dict, list]:
+    """Swap; returns (record details, forward contexts: TE's fp8_autocast)."""
     te = importlib.import_module("transformer_engine.pytorch")
     names = sel.convert + sel.norms
     # build every replacement first: a failure leaves the model as it was
@@ -383,36 +385,63 @@ def apply_te(model: nn.Module, sel: Selection, plan: Plan, env: Any) -> dict[str
         setattr(model.get_submodule(parent), child, new)
     recipe = te_recipe(plan.fp8.recipe)
     autocast = getattr(te, "fp8_autocast")
-    env.forward_contexts.append(lambda: autocast(enabled=True, fp8_recipe=recipe))
-    return {"te_recipe": type(recipe).__name__, "norms": list(sel.norms)}
+    context = lambda: autocast(enabled=True, fp8_recipe=recipe)  # noqa: E731
+    return {"te_recipe": type(recipe).__name__, "norms": list(sel.norms)}, [context]
 
 
 # --------------------------------------------------------------------------- the pass
 
 
-@register_pass("fp8", after=("casting",), before=("tensor_parallel",))
+@dataclass(kw_only=True)
+class FP8Decision(Decision):
+    """``selection``: the Linear layers converted (and TE norms), those skipped and why;
+    ``backend``: torchao or te, as resolved for this device."""
+
+    backend: str
+    recipe: str
+    selection: Selection
+
+
+def backend_for(cfg: FP8, env: Any) -> str:
+    device_type = env.device.type
+    if env.dry_run:  # the real device is unknown: resolve as this machine would
+        if cfg.backend == "auto" and cfg.recipe not in TORCHAO_RECIPES:
+            return "te"
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    return choose_backend(cfg, device_type, te_importable() and te_has_recipe(cfg.recipe))
+
+
+def decide(graph: ModuleGraph, cfg: FP8, backend: str) -> FP8Decision:
+    sel = select(graph, cfg, backend)
+    notes = [f"backend {backend}, recipe {cfg.recipe}: {len(sel.convert)} Linear layer(s) "
+             "converted"]
+    notes += [f"{name} skipped: {reason}" for name, reason in sel.skipped.items()]
+    head_converted = sel.output in sel.convert
+    if head_converted:
+        notes.append(f"{sel.output} converted: fp8.filter selected the output projection, "
+                     "which is kept in high precision when no filter is given (fp8 logits "
+                     "can cost accuracy); make the filter return False for it to keep it")
+    return FP8Decision(
+        modules=sel.convert + sel.norms, notes=notes, backend=backend, recipe=cfg.recipe,
+        selection=sel,
+        details=dict(backend=backend, recipe=cfg.recipe, converted=list(sel.convert),
+                     skipped=dict(sel.skipped), output_projection=sel.output,
+                     output_projection_converted=head_converted))
+
+
+@register_pass("fp8", config=FP8, after=("casting",), before=("tensor_parallel",))
 class FP8Training(Pass):
     """Swap eligible Linears for FP8 training layers (torchao or Transformer Engine)."""
 
     replaces_parameters = True  # te builds new modules; torchao + FSDP all-gather re-wraps
 
-    def enabled(self, plan: Plan) -> bool:
-        return plan.fp8 is not None
-
-    def backend(self, plan: Plan, env: Any) -> str:
-        device_type = env.device.type
-        if env.dry_run:  # the real device is unknown: resolve as this machine would
-            if plan.fp8.backend == "auto" and plan.fp8.recipe not in TORCHAO_RECIPES:
-                return "te"
-            device_type = "cuda" if torch.cuda.is_available() else "cpu"
-        return choose_backend(plan.fp8, device_type,
-                              te_importable() and te_has_recipe(plan.fp8.recipe))
-
-    def check(self, graph: ModuleGraph, plan: Plan, env: Any) -> None:
-        backend = self.backend(plan, env)
+    def check(self, ctx: PassContext) -> FP8Decision:
+        cfg, env = ctx.cfg, ctx.env
+        backend = backend_for(cfg, env)
         if not env.dry_run:  # od.inspect plans for another machine: notes, not errors
-            _check_backend(backend, plan.fp8, env.device)
-        sel = select(graph, plan.fp8, backend)
+            _check_backend(backend, cfg, env.device)
+        decision = decide(ctx.graph, cfg, backend)
+        sel = decision.selection
         if not sel.convert:
             shown = "; ".join(f"{n}: {r}" for n, r in list(sel.skipped.items())[:6])
             raise PlanError(
@@ -420,72 +449,61 @@ class FP8Training(Pass):
                 + (f" ({shown})" if shown else " (the model has no nn.Linear)")
                 + "; check fp8.filter, or use mixed_precision='bf16' for this model")
         if backend == "te" and not env.dry_run:
-            check_te_keys(graph, sel)
-
-    def apply(self, model: nn.Module, graph: ModuleGraph, plan: Plan, env: Any) -> PassRecord:
-        backend = self.backend(plan, env)
-        sel = select(graph, plan.fp8, backend)
-        details = apply_torchao(model, sel, plan, env) if backend == "torchao" \
-            else apply_te(model, sel, plan, env)
-        rec = self._record(sel, backend, plan, details)
-        self._note_collectives(rec, backend, plan, env)
-        self._note_emulation(rec, backend, env)
-        return rec
-
-    def preview(self, graph: ModuleGraph, plan: Plan, env: Any) -> PassRecord:
-        backend = self.backend(plan, env)
-        sel = select(graph, plan.fp8, backend)
-        rec = self._record(sel, backend, plan, {})
-        self._note_collectives(rec, backend, plan, env)
-        self._note_emulation(rec, backend, env)
-        if backend == "te":
-            rec.note("te: the real run needs a CUDA device (compute capability >= 8.9, "
-                     ">= 10.0 for mxfp8)")
-            if not te_importable():
-                rec.note(f"te: Transformer Engine is not importable on this machine; {TE_EXTRA}")
-            elif not te_has_recipe(plan.fp8.recipe):
-                rec.note(f"te: Transformer Engine {te_version()} here lacks "
-                         f"{TE_RECIPES[plan.fp8.recipe]} (needs >= 2.2); {TE_UPGRADE}")
-        elif not torchao_importable():
-            rec.note(f"torchao is not importable on this machine; {TORCHAO_EXTRA}")
-        return rec
-
-    @staticmethod
-    def _note_emulation(rec: PassRecord, backend: str, env: Any) -> None:
-        """torchao has no fp8 matmul kernel on CPU: it emulates them (correct, not fast)."""
-        device_type = env.device.type
+            check_te_keys(ctx.graph, sel)
         if env.dry_run:
-            device_type = "cuda" if torch.cuda.is_available() else "cpu"
-        emulated = backend == "torchao" and device_type != "cuda"
-        rec.details["emulated"] = emulated
-        if emulated:
-            rec.note(f"fp8 on {device_type} is emulated (torchao upcasts every fp8 matmul): "
-                     "it trains with fp8 numerics but is no speedup — slower than bf16 "
-                     "wherever the CPU computes bf16 natively (3x in benchmarks/fp8.py's "
-                     "latest run); the speedup needs a CUDA GPU with fp8 tensor cores "
-                     "(compute capability >= 8.9)")
+            decision.notes += _availability_notes(backend, cfg)
+        decision.notes += _collective_notes(decision, ctx) + _emulation_notes(decision, env)
+        return decision
 
-    @staticmethod
-    def _note_collectives(rec: PassRecord, backend: str, plan: Plan, env: Any) -> None:
-        if backend == "torchao" and _fsdp_float8_asked(plan) and not float8_collectives(env):
-            rec.details["fsdp_float8_all_gather"] = False
-            rec.note("fsdp all-gathers the fp8 layers' weights in high precision: the gloo "
-                     "backend cannot all-gather float8 tensors (fp8.fsdp_float8_all_gather "
-                     "applies on nccl)")
+    def apply(self, model: nn.Module, decision: FP8Decision, ctx: PassContext) -> Applied:
+        rec = self.preview(decision, ctx)
+        if decision.backend == "torchao":
+            details, hooks = apply_torchao(model, decision.selection, ctx.plan, ctx.env)
+            rec.details.update(details)
+            return Applied(rec, post_step_hooks=hooks)
+        details, contexts = apply_te(model, decision.selection, ctx.plan)
+        rec.details.update(details)
+        return Applied(rec, forward_contexts=contexts)
 
-    def _record(self, sel: Selection, backend: str, plan: Plan,
-                details: dict[str, Any]) -> PassRecord:
-        rec = self.record(modules=sel.convert + sel.norms)
-        rec.note(f"backend {backend}, recipe {plan.fp8.recipe}: "
-                 f"{len(sel.convert)} Linear layer(s) converted")
-        for name, reason in sel.skipped.items():
-            rec.note(f"{name} skipped: {reason}")
-        head_converted = sel.output in sel.convert
-        if head_converted:
-            rec.note(f"{sel.output} converted: fp8.filter selected the output projection, "
-                     "which is kept in high precision when no filter is given (fp8 logits "
-                     "can cost accuracy); make the filter return False for it to keep it")
-        rec.details.update(backend=backend, recipe=plan.fp8.recipe, converted=list(sel.convert),
-                           skipped=dict(sel.skipped), output_projection=sel.output,
-                           output_projection_converted=head_converted, **details)
-        return rec
+
+def _collective_notes(decision: FP8Decision, ctx: PassContext) -> list[str]:
+    if decision.backend == "torchao" and _fsdp_float8_asked(ctx.plan) \
+            and not float8_collectives(ctx.env):
+        decision.details["fsdp_float8_all_gather"] = False
+        return ["fsdp all-gathers the fp8 layers' weights in high precision: the gloo "
+                "backend cannot all-gather float8 tensors (fp8.fsdp_float8_all_gather "
+                "applies on nccl)"]
+    return []
+
+
+def _emulation_notes(decision: FP8Decision, env: Any) -> list[str]:
+    """torchao has no fp8 matmul kernel on CPU: it emulates them (correct, not fast)."""
+    device_type = env.device.type
+    if env.dry_run:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    emulated = decision.backend == "torchao" and device_type != "cuda"
+    decision.details["emulated"] = emulated
+    if not emulated:
+        return []
+    return [f"fp8 on {device_type} is emulated (torchao upcasts every fp8 matmul): "
+            "it trains with fp8 numerics but is no speedup — slower than bf16 "
+            "wherever the CPU computes bf16 natively (3x in benchmarks/fp8.py's "
+            "latest run); the speedup needs a CUDA GPU with fp8 tensor cores "
+            "(compute capability >= 8.9)"]
+
+
+def _availability_notes(backend: str, cfg: FP8) -> list[str]:
+    """What a dry run says about running ``backend`` (od.inspect plans for another
+    machine: these are notes, not errors)."""
+    if backend == "te":
+        notes = ["te: the real run needs a CUDA device (compute capability >= 8.9, "
+                 ">= 10.0 for mxfp8)"]
+        if not te_importable():
+            notes.append(f"te: Transformer Engine is not importable on this machine; {TE_EXTRA}")
+        elif not te_has_recipe(cfg.recipe):
+            notes.append(f"te: Transformer Engine {te_version()} here lacks "
+                         f"{TE_RECIPES[cfg.recipe]} (needs >= 2.2); {TE_UPGRADE}")
+        return notes
+    if not torchao_importable():
+        return [f"torchao is not importable on this machine; {TORCHAO_EXTRA}"]
+    return []

@@ -14,25 +14,25 @@ A model built on the meta device is sharded first and only then materialised
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..dtypes import to_torch, torch_name
 from ..errors import PlanError
+from ..plan import FSDP, Plan
+from ..rewrite.contract import Applied, Decision, MemoryEffect, Pass, PassContext
 from ..rewrite.graph import ModuleGraph, parameter_owners
-from ..rewrite.manager import Pass, register_pass
-from ..rewrite.plan import Plan
-from ..rewrite.report import PassRecord
+from ..rewrite.manager import register_pass
 from .buffers import keep_buffers_in_sync, running_stat_buffers
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PLAN_PARAM_DTYPES = {"no": None, "bf16": "bfloat16", "fp16": "float16"}
 
 
 def param_dtype_name(plan: Plan) -> str | None:
-    """FSDP.param_dtype when set, else the plan's mixed precision."""
-    return plan.fsdp.param_dtype or PLAN_PARAM_DTYPES[plan.mixed_precision]
+    """FSDP.param_dtype when set, else the plan's mixed precision (FSDP casts it:
+    ``who_casts``)."""
+    return plan.fsdp.param_dtype or torch_name(plan.mixed_precision)
 
 
 def shard_units(graph: ModuleGraph) -> tuple[list[list[str]], list[str]]:
@@ -168,18 +168,49 @@ class PlacementSeeds(TorchFunctionMode):
             torch.default_generator.manual_seed(_mix(self.base, self.count))
 
 
-# After compile (blocks are compiled before they are wrapped). The name is only given
-# when compile is registered: passes/__init__.py imports it first; the manager refuses
-# an order relative to an unknown pass.
-@register_pass("fsdp", after=("compile", "mixed_precision"))
+@dataclass(kw_only=True)
+class FSDPDecision(Decision):
+    """``units``: the module groups ``fully_shard`` wraps, in order, then the root;
+    ``mesh_dims``: the mesh it shards over; ``materialise``: the model is on meta."""
+
+    units: list[list[str]]
+    mesh_dims: tuple[str, ...]
+    param_dtype: str | None
+    reduce_dtype: str | None
+    reshard_after_forward: bool
+    offload: bool
+    materialise: bool
+
+
+def decide(graph: ModuleGraph, plan: Plan) -> FSDPDecision:
+    cfg, par = plan.fsdp, plan.parallel
+    units, notes = shard_units(graph)
+    hsdp = par.dp_replicate > 1
+    shard, rep = par.dp_shard * par.cp, par.dp_replicate
+    memory_notes = (f"HSDP: sharded over {shard} ranks, replicated {rep}×",) if hsdp else ()
+    decision = FSDPDecision(
+        modules=[n for u in units for n in u] + [""], notes=notes,
+        units=[list(u) for u in units] + [[""]],
+        mesh_dims=("dp_replicate", "dp_shard_cp") if hsdp else ("dp_shard_cp",),
+        param_dtype=param_dtype_name(plan), reduce_dtype=cfg.reduce_dtype,
+        reshard_after_forward=cfg.reshard_after_forward, offload=cfg.offload,
+        materialise=_on_meta(graph.model),
+        memory=MemoryEffect(parameters=shard, gradients=shard, optimizer=shard,
+                            notes=memory_notes))
+    decision.details.update(units=decision.units, shard_size=shard, replicate_size=rep,
+                            param_dtype=decision.param_dtype, reduce_dtype=cfg.reduce_dtype,
+                            reshard_after_forward=cfg.reshard_after_forward,
+                            offload=cfg.offload)
+    return decision
+
+
+# After compile (blocks are compiled before they are wrapped).
+@register_pass("fsdp", config=FSDP, after=("compile", "mixed_precision"))
 class FSDPPass(Pass):
     replaces_parameters = True
 
-    def enabled(self, plan: Plan) -> bool:
-        return plan.fsdp is not None
-
-    def check(self, graph: ModuleGraph, plan: Plan, env) -> None:
-        cfg = plan.fsdp
+    def check(self, ctx: PassContext) -> FSDPDecision:
+        graph, plan, env, cfg = ctx.graph, ctx.plan, ctx.env, ctx.cfg
         if cfg.offload and plan.parallel.tp > 1:
             raise PlanError(
                 f"fsdp.offload=True with parallel.tp={plan.parallel.tp} is not supported "
@@ -193,88 +224,61 @@ class FSDPPass(Pass):
                 "fsdp.offload=True is not valid on a CPU device: parameters already live in "
                 "host memory; set offload=False (offload is for cuda/xpu runs)")
         # od.inspect plans for the real run: whether it can initialise is a note there
-        if not env.dry_run and _on_meta(graph.model):
-            missing = _missing_initialisers(graph.model)
-            if missing:
-                raise PlanError(_uninitialisable(missing))
-
-    def preview(self, graph: ModuleGraph, plan: Plan, env) -> PassRecord:
-        units, notes = shard_units(graph)
-        rec = self.record(modules=[n for u in units for n in u] + [""], notes=notes,
-                          dry_run=True)
-        rec.details.update(self._details(plan, units))
-        missing = _missing_initialisers(graph.model) if env.model_on_meta else []
+        missing = _missing_initialisers(graph.model) if _on_meta(graph.model) and (
+            not env.dry_run or env.model_on_meta) else []
+        if missing and not env.dry_run:
+            raise PlanError(_uninitialisable(missing))
+        decision = decide(graph, plan)
         if missing:
-            rec.note(f"od.accelerate will refuse this meta model: {_uninitialisable(missing)}")
-        return rec
+            decision.notes.append(
+                f"od.accelerate will refuse this meta model: {_uninitialisable(missing)}")
+        return decision
 
-    def apply(self, model: nn.Module, graph: ModuleGraph, plan: Plan, env) -> PassRecord:
+    def apply(self, model: nn.Module, decision: FSDPDecision, ctx: PassContext) -> Applied:
         from torch.distributed.fsdp import fully_shard
 
-        units, notes = shard_units(graph)
-        mesh = self._mesh(plan, env)
-        kwargs = dict(mesh=mesh, reshard_after_forward=plan.fsdp.reshard_after_forward,
-                      mp_policy=self._mp_policy(plan),
-                      offload_policy=self._offload_policy(plan, env))
-        for unit in units:
-            modules = [graph.module(n) for n in unit]
+        mesh = ctx.env.submesh(*decision.mesh_dims)
+        kwargs = dict(mesh=mesh, reshard_after_forward=decision.reshard_after_forward,
+                      mp_policy=_mp_policy(decision),
+                      offload_policy=_offload_policy(decision, ctx.env))
+        for unit in decision.units[:-1]:  # the last unit is the root
+            modules = [ctx.graph.module(n) for n in unit]
             fully_shard(modules if len(modules) > 1 else modules[0], **kwargs)
         fully_shard(model, **kwargs)
-        env.set_gradient_sync = model.set_requires_gradient_sync
-        rec = self.record(modules=[n for u in units for n in u] + [""], notes=notes)
-        if _on_meta(model):
-            rec.note(self._materialise(model, env))
+        rec = self.preview(decision, ctx)
+        if decision.materialise:
+            rec.note(_materialise(model, ctx.env))
         if keep_buffers_in_sync(model, running_stat_buffers(model)):
             rec.note("running stats (BatchNorm) broadcast from rank 0 before each training "
                      "forward: every rank holds and saves the same ones")
-        rec.details.update(self._details(plan, units))
         rec.details["mesh"] = dict(zip(mesh.mesh_dim_names, mesh.shape))
-        return rec
+        return Applied(rec, gradient_sync=model.set_requires_gradient_sync)
 
-    # -- pieces ---------------------------------------------------------------------
-    @staticmethod
-    def _mesh(plan: Plan, env):
-        if plan.parallel.dp_replicate > 1:
-            return env.submesh("dp_replicate", "dp_shard_cp")
-        return env.submesh("dp_shard_cp")
 
-    @staticmethod
-    def _mp_policy(plan: Plan):
-        from torch.distributed.fsdp import MixedPrecisionPolicy
+def _mp_policy(decision: FSDPDecision):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
-        param = param_dtype_name(plan)
-        reduce = plan.fsdp.reduce_dtype
-        return MixedPrecisionPolicy(param_dtype=DTYPES[param] if param else None,
-                                    reduce_dtype=DTYPES[reduce] if reduce else None)
+    return MixedPrecisionPolicy(param_dtype=to_torch(decision.param_dtype),
+                                reduce_dtype=to_torch(decision.reduce_dtype))
 
-    @staticmethod
-    def _offload_policy(plan: Plan, env):
-        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
 
-        if not plan.fsdp.offload:
-            return OffloadPolicy()
-        return CPUOffloadPolicy(pin_memory=env.device.type == "cuda")
+def _offload_policy(decision: FSDPDecision, env):
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
 
-    @staticmethod
-    def _materialise(model: nn.Module, env) -> str:
-        """Allocate this rank's shards on the device, then initialise them in place."""
-        model.to_empty(device=env.device)
-        with torch.no_grad(), _shard_rng(env):
-            if callable(getattr(model, "init_weights", None)):
-                model.init_weights()
-                return "materialised from the meta device: to_empty + model.init_weights()"
-            for m in model.modules():
-                if callable(getattr(m, "reset_parameters", None)):
-                    m.reset_parameters()
-        return "materialised from the meta device: to_empty + reset_parameters() per module"
+    if not decision.offload:
+        return OffloadPolicy()
+    return CPUOffloadPolicy(pin_memory=env.device.type == "cuda")
 
-    @staticmethod
-    def _details(plan: Plan, units: list[list[str]]) -> dict:
-        par = plan.parallel
-        return {"units": [list(u) for u in units] + [[""]],
-                "shard_size": par.dp_shard * par.cp,
-                "replicate_size": par.dp_replicate,
-                "param_dtype": param_dtype_name(plan),
-                "reduce_dtype": plan.fsdp.reduce_dtype,
-                "reshard_after_forward": plan.fsdp.reshard_after_forward,
-                "offload": plan.fsdp.offload}
+
+def _materialise(model: nn.Module, env) -> str:
+    """Allocate this rank's shards on the device, then initialise them in place."""
+    model.to_empty(device=env.device)
+    with torch.no_grad(), _shard_rng(env):
+        if callable(getattr(model, "init_weights", None)):
+            model.init_weights()
+            return "materialised from the meta device: to_empty + model.init_weights()"
+        for m in model.modules():
+            if callable(getattr(m, "reset_parameters", None)):
+                m.reset_parameters()
+    return "materialised from the meta device: to_empty + reset_parameters() per module"
+

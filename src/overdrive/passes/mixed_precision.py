@@ -2,8 +2,8 @@
 
 Without a sharding engine (FSDP casts parameters through its ``MixedPrecisionPolicy``,
 DeepSpeed through its config) mixed precision is autocast: the pass registers
-``torch.autocast`` in ``env.forward_contexts``, which the runtime enters around the root
-forward (the one mechanism for every pass's forward context, TE's fp8_autocast too) —
+``torch.autocast`` as a forward context (``Applied.forward_contexts``), which the
+runtime enters around the root forward (the one mechanism for every pass's forward context, TE's fp8_autocast too) —
 the module object, its class and its state_dict keys stay — so that matmuls run in the
 low-precision dtype. A forward hook on the root returns floating outputs as fp32 (as
 Accelerate's ``convert_outputs_to_fp32`` does) so losses and metrics computed outside the
@@ -14,19 +14,19 @@ the loss in ``rt.backward``.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..dtypes import to_torch
 from ..errors import BackendUnavailable
-from ..rewrite.graph import ModuleGraph
-from ..rewrite.manager import Pass, register_pass
-from ..rewrite.plan import Plan
-from ..rewrite.report import PassRecord
+from ..plan import AutocastConfig
+from ..rewrite.contract import Applied, Decision, Pass, PassContext
+from ..rewrite.manager import register_pass
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 LOW = (torch.bfloat16, torch.float16)
 
 
@@ -53,43 +53,42 @@ def _outputs_to_fp32_hook(module: nn.Module, args: Any, out: Any) -> Any:
 
 
 def autocast_context(device_type: str, dtype: torch.dtype):
-    """A forward-context factory (what ``env.forward_contexts`` holds) for autocast."""
+    """A forward-context factory (what ``Applied.forward_contexts`` holds) for autocast."""
     return lambda: torch.autocast(device_type, dtype=dtype)
 
 
-@register_pass("mixed_precision",
+@dataclass(kw_only=True)
+class AutocastDecision(Decision):
+    """Autocast of the root forward to ``dtype`` on ``device_type`` (unknown in a dry run)."""
+
+    dtype: str
+    device_type: str
+
+
+@register_pass("mixed_precision", config=AutocastConfig,
                after=("casting", "fp8", "tensor_parallel", "context_parallel", "checkpointing",
                       "compile"),
                before=("fsdp", "ddp", "deepspeed"))
 class MixedPrecision(Pass):
-    """``torch.autocast`` around the root forward when no engine casts parameters."""
+    """``torch.autocast`` around the root forward when no engine casts parameters (the
+    plan holds an ``AutocastConfig`` exactly then: ``plan.who_casts``)."""
 
-    def enabled(self, plan: Plan) -> bool:
-        return (plan.mixed_precision != "no" and plan.fsdp is None
-                and plan.deepspeed is None)
-
-    def check(self, graph: ModuleGraph, plan: Plan, env: Any) -> None:
-        if env.dry_run:
-            return  # the real device is unknown
-        if not torch.amp.is_autocast_available(env.device.type):
+    def check(self, ctx: PassContext) -> AutocastDecision:
+        cfg, env = ctx.cfg, ctx.env
+        if not env.dry_run and not torch.amp.is_autocast_available(env.device.type):
             raise BackendUnavailable(
-                f"mixed_precision={plan.mixed_precision!r}: torch.autocast is not available "
+                f"mixed_precision={cfg.dtype!r}: torch.autocast is not available "
                 f"on device {env.device.type!r}; use mixed_precision='no'")
+        device_type = "<device>" if env.dry_run else env.device.type
+        notes = [f"root forward under torch.autocast({device_type!r}, {to_torch(cfg.dtype)}); "
+                 "floating outputs returned as fp32"]
+        if cfg.dtype == "fp16":
+            notes.append("fp16: rt.backward scales the loss with the runtime's GradScaler")
+        return AutocastDecision(modules=[""], notes=notes, dtype=cfg.dtype,
+                                device_type=device_type,
+                                details={"dtype": cfg.dtype, "device_type": device_type})
 
-    def apply(self, model: nn.Module, graph: ModuleGraph, plan: Plan, env: Any) -> PassRecord:
-        env.forward_contexts.append(autocast_context(env.device.type,
-                                                     DTYPES[plan.mixed_precision]))
+    def apply(self, model: nn.Module, decision: AutocastDecision, ctx: PassContext) -> Applied:
         model.register_forward_hook(_outputs_to_fp32_hook)
-        return self._record(plan, env.device.type)
-
-    def preview(self, graph: ModuleGraph, plan: Plan, env: Any) -> PassRecord:
-        return self._record(plan, "<device>")
-
-    def _record(self, plan: Plan, device_type: str) -> PassRecord:
-        rec = self.record(modules=[""])
-        rec.note(f"root forward under torch.autocast({device_type!r}, "
-                 f"{DTYPES[plan.mixed_precision]}); floating outputs returned as fp32")
-        if plan.mixed_precision == "fp16":
-            rec.note("fp16: rt.backward scales the loss with the runtime's GradScaler")
-        rec.details.update(dtype=plan.mixed_precision, device_type=device_type)
-        return rec
+        context = autocast_context(decision.device_type, to_torch(decision.dtype))
+        return Applied(self.preview(decision, ctx), forward_contexts=[context])

@@ -28,16 +28,17 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from ..errors import PlanError
+from ..plan import TP_STYLES, Plan, TensorParallelConfig
+from ..rewrite.contract import Applied, Decision, MemoryEffect, Pass, PassContext
 from ..rewrite.graph import ModuleGraph, parameter_owners
-from ..rewrite.manager import Pass, register_pass
-from ..rewrite.plan import TP_STYLES, Plan
-from ..rewrite.report import PassRecord
+from ..rewrite.manager import register_pass
 
 # transformers' style names -> ours (None: the module stays as it is)
 HF_STYLES: dict[str, str | None] = {
@@ -469,7 +470,11 @@ def _verify_after_earlier_passes(graph: ModuleGraph, styles: dict[str, str]) -> 
 
 
 def _is_float8_tensorwise(module: nn.Module) -> bool:
-    if type(module).__name__ != "Float8Linear":
+    try:
+        from torchao.float8.float8_linear import Float8Linear
+    except Exception:  # noqa: BLE001 - no (working) torchao: no Float8Linear either
+        return False
+    if not isinstance(module, Float8Linear):
         return False
     from torchao.float8.config import ScalingGranularity
 
@@ -529,83 +534,101 @@ def gather_sequence_style(owner: nn.Module, children: list[nn.Module],
 # --------------------------------------------------------------------------- the pass
 
 
-@register_pass("tensor_parallel", after=("fp8",), before=("context_parallel",))
+@dataclass(kw_only=True)
+class TensorParallelDecision(Decision):
+    """``styles``: {module: style} resolved from the plan's tp_plan (the ``modules``);
+    ``sharded``: those whose weights are split; ``gather_owners``: modules whose first
+    input is all-gathered (sequence parallel); ``divide``: {owner: [attr]} integer
+    attributes divided by tp; ``float8_collectives``: float8 TP styles may be used (the
+    backend can move float8 tensors)."""
+
+    tp: int
+    sequence_parallel: bool
+    styles: dict[str, str]
+    sharded: list[str]
+    gather_owners: list[str]
+    divide: dict[str, list[str]]
+    float8_collectives: bool
+
+
+def decide(graph: ModuleGraph, plan: Plan, env: Any) -> TensorParallelDecision:
+    tp, sp = plan.parallel.tp, plan.parallel.sequence_parallel
+    styles, notes = resolve_tp_plan(graph, plan)
+    sharded = [n for n, s in styles.items() if s in SHARDING_STYLES]
+    counts: dict[str, int] = {}
+    for s in styles.values():
+        counts[s] = counts.get(s, 0) + 1
+    notes = list(notes) + [f"tp={tp}: " + ", ".join(f"{v} {k}" for k, v in counts.items())]
+    f8c = collective_backend(env) != "gloo"  # gloo has no float8 collectives
+    if plan.fp8 is not None and plan.fp8.recipe == "tensorwise":
+        notes.append("fp8 tensorwise: " + (
+            "torchao's float8 TP styles (float8 all-gathers)" if f8c else
+            "the plain TP styles: the gloo backend cannot all-gather float8 tensors"))
+    divide = {o: [a for a in plan.tp_divide_attrs
+                  if isinstance(getattr(graph.module(o), a, None), int)]
+              for o in _owners_of_sharded(styles)}
+    return TensorParallelDecision(
+        modules=list(styles), notes=notes, tp=tp, sequence_parallel=sp, styles=dict(styles),
+        sharded=sharded, gather_owners=_sp_owners(graph, styles) if sp else [],
+        divide={o: a for o, a in divide.items() if a}, float8_collectives=f8c,
+        details={"styles": dict(styles), "sharded_modules": sharded, "tp": tp},
+        memory=MemoryEffect(parameters=tp, gradients=tp, optimizer=tp,
+                            modules=tuple(sharded), activation_split=tp))
+
+
+@register_pass("tensor_parallel", config=TensorParallelConfig, after=("fp8",),
+               before=("context_parallel",))
 class TensorParallel(Pass):
     replaces_parameters = True
 
-    def enabled(self, plan: Plan) -> bool:
-        return plan.parallel.tp > 1
-
-    def check(self, graph: ModuleGraph, plan: Plan, env: Any) -> None:
+    def check(self, ctx: PassContext) -> TensorParallelDecision:
+        graph, plan = ctx.graph, ctx.plan
         tp = plan.parallel.tp
         _check_fp8_backend(plan)
-        styles, notes = resolve_tp_plan(graph, plan)
-        self._resolved = (styles, notes)  # apply keeps these: the fp8 pass runs in between
-        if not any(s in SHARDING_STYLES for s in styles.values()):
+        decision = decide(graph, plan, ctx.env)
+        if not decision.sharded:
             raise PlanError(
                 f"parallel.tp={tp} but the tp plan shards no module of "
                 f"{type(graph.model).__name__} (plan {plan.tp_plan!r}){_unshardable(graph)}; "
                 f"give tp_plan as a dict {{glob: style}}, e.g. "
                 f"{{{_example(graph)!r}: 'colwise'}}, or use fsdp / ddp without tp"
             )
-        _check_modules(graph, styles)
+        _check_modules(graph, decision.styles)
         _check_heads(graph, tp)
-        _check_divide_attrs(graph, styles, plan)
+        _check_divide_attrs(graph, decision.styles, plan)
         if plan.parallel.sequence_parallel:
-            _check_sequence_parallel(graph, styles)
+            _check_sequence_parallel(graph, decision.styles)
+        return decision
 
-    def preview(self, graph: ModuleGraph, plan: Plan, env: Any) -> PassRecord:
-        styles, notes = resolve_tp_plan(graph, plan)
-        rec = self._record(styles, notes, plan)
-        if plan.fp8 is not None and plan.fp8.recipe == "tensorwise":
-            backend = collective_backend(env)
-            rec.note("fp8 tensorwise: " + (
-                "torchao's float8 TP styles (float8 all-gathers)" if backend != "gloo" else
-                "the plain TP styles: the gloo backend cannot all-gather float8 tensors"))
-        return rec
-
-    def apply(self, model: nn.Module, graph: ModuleGraph, plan: Plan, env: Any) -> PassRecord:
+    def apply(self, model: nn.Module, decision: TensorParallelDecision,
+              ctx: PassContext) -> Applied:
         from torch.distributed.tensor.parallel import parallelize_module
 
-        sp, tp = plan.parallel.sequence_parallel, plan.parallel.tp
-        styles, notes = getattr(self, "_resolved", None) or resolve_tp_plan(graph, plan)
+        graph = ctx.graph
         # under pp the graph is one stage: the modules of the other stages are elsewhere
-        styles = {n: s for n, s in styles.items() if n in graph and not getattr(
+        styles = {n: s for n, s in decision.styles.items() if n in graph and not getattr(
             graph.module(n), "stage_placeholder", False)}
+        sp, f8c = decision.sequence_parallel, decision.float8_collectives
         _verify_after_earlier_passes(graph, styles)
-        mesh = env.mesh["tp"]
+        mesh = ctx.env.mesh["tp"]
         fp8 = sorted(n for n in styles if _is_float8_tensorwise(graph.module(n)))
-        f8c = collective_backend(env) != "gloo"  # gloo has no float8 collectives
         for name, style in styles.items():
             module = graph.module(name)
             parallelize_module(module, mesh, make_style(style, module, sp, f8c))
-        if sp:
-            for owner in _sp_owners(graph, styles):
-                kids = [graph.module(n) for n, s in styles.items()
-                        if s == "colwise" and n.rpartition(".")[0] == owner]
-                parallelize_module(graph.module(owner), mesh,
-                                   gather_sequence_style(graph.module(owner), kids, f8c))
-        for owner in _owners_of_sharded(styles):
-            for attr in plan.tp_divide_attrs:
-                value = getattr(graph.module(owner), attr, None)
-                if isinstance(value, int):
-                    setattr(graph.module(owner), attr, value // tp)
-        rec = self._record(styles, notes, plan)
+        for owner in decision.gather_owners:
+            kids = [graph.module(n) for n, s in styles.items()
+                    if s == "colwise" and n.rpartition(".")[0] == owner]
+            parallelize_module(graph.module(owner), mesh,
+                               gather_sequence_style(graph.module(owner), kids, f8c))
+        for owner, attrs in decision.divide.items():
+            for attr in attrs:
+                setattr(graph.module(owner), attr, getattr(graph.module(owner), attr)
+                        // decision.tp)
+        rec = self.preview(decision, ctx)
         if fp8 and f8c:
             rec.note(f"{len(fp8)} Float8Linear modules use torchao's float8 TP styles")
         elif fp8:
             rec.note(f"{len(fp8)} Float8Linear modules use the plain TP styles: the "
-                     f"{env.backend} backend cannot all-gather float8 tensors")
+                     f"{ctx.env.backend} backend cannot all-gather float8 tensors")
         rec.details["float8_modules"] = fp8
-        return rec
-
-    def _record(self, styles: dict[str, str], notes: list[str], plan: Plan) -> PassRecord:
-        rec = self.record(modules=list(styles), notes=list(notes))
-        rec.details["styles"] = dict(styles)
-        rec.details["sharded_modules"] = [n for n, s in styles.items() if s in SHARDING_STYLES]
-        rec.details["tp"] = plan.parallel.tp
-        counts: dict[str, int] = {}
-        for s in styles.values():
-            counts[s] = counts.get(s, 0) + 1
-        rec.note(f"tp={plan.parallel.tp}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
-        return rec
+        return Applied(rec)

@@ -1,143 +1,110 @@
-"""Per-rank memory under a plan's sharding, worked out from the module graph alone.
+"""Per-rank memory under a plan's passes, worked out from the module graph alone.
 
 Used by ``od.inspect``: parameters, gradients and optimizer state (AdamW-like: two fp32
 states per trainable parameter) for each rank, and activations when a meta trace exists.
-The parameter bytes after each pass of a dry run come from here too, and the one model
-of checkpointed activation memory (od.inspect's estimate and the budget checkpointing
-mode's choice of blocks).
+Each pass's decision says how it changes memory (a ``MemoryEffect``: shards, a storage
+dtype, recomputed blocks); this module only composes them. The parameter bytes after each
+pass of a dry run come from here too, and the one model of recomputed activation memory
+(od.inspect's estimate and a budgeted choice of blocks to recompute).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 from torch import nn
 
 from .graph import ModuleGraph
-from .plan import Plan
-from .report import MemoryEstimate, PassRecord, human_bytes
+from .report import MemoryEstimate
 
 OPTIMIZER_STATES = 2  # AdamW's exp_avg and exp_avg_sq
 FP32 = 4
 
 
-def _record(records: list[PassRecord], name: str) -> PassRecord | None:
-    return next((r for r in records if r.name == name), None)
+def _splits(effects: Sequence, name: str, scopes: list) -> tuple[int, int, int]:
+    """(parameters, gradients, optimizer): the products of the splits that apply to module
+    ``name`` (an effect's ``modules`` cover their submodules too)."""
+    p = g = o = 1
+    for e, scope in zip(effects, scopes):
+        if scope is None or _within(name, scope):
+            p, g, o = p * e.parameters, g * e.gradients, o * e.optimizer
+    return p, g, o
 
 
-def _tp_sharded(records: list[PassRecord]) -> set[str]:
-    r = _record(records, "tensor_parallel")
-    return set(r.details.get("sharded_modules", r.modules)) if r else set()
-
-
-def _shard_factors(plan: Plan, records: list[PassRecord]) -> tuple[int, int, int]:
-    """(parameters, gradients, optimizer state) are each split over this many ranks
-    once the data-parallel pass in ``records`` has run."""
-    par = plan.parallel
-    if _record(records, "fsdp") is not None:
-        n = par.dp_shard * par.cp
-        return n, n, n
-    if _record(records, "deepspeed") is not None:
-        dp, stage = par.dp_replicate * par.dp_shard, plan.deepspeed.zero_stage
-        return dp if stage >= 3 else 1, dp if stage >= 2 else 1, dp if stage >= 1 else 1
-    return 1, 1, 1
-
-
-def _cast_delta(records: list[PassRecord]) -> int:
-    """Bytes casting's smaller storage dtype saves (negative), from its record."""
-    r = _record(records, "casting")
-    if r is None:
-        return 0
-    return r.details.get("cast_weight_bytes_after", 0) - r.details.get("cast_weight_bytes_before", 0)
-
-
-def _pipeline_ranks(records: list[PassRecord]) -> list[list[str]] | None:
-    """Under pp, the modules each pipeline rank holds (from the pipeline pass's record)."""
-    r = _record(records, "pipeline")
-    if r is None or "stages" not in r.details:
-        return None
-    ranks: dict[int, list[str]] = {}
-    for stage in r.details["stages"]:
-        ranks.setdefault(stage["rank"], []).extend(stage["modules"])
-    return [ranks[k] for k in sorted(ranks)]
-
-
-def _per_rank(graph: ModuleGraph, plan: Plan, records: list[PassRecord]) -> dict[str, float]:
-    """Parameter, gradient and optimizer bytes on one rank after the passes in ``records``
-    (under pp: on the pipeline rank whose stages hold the most)."""
-    ranks = _pipeline_ranks(records)
-    if ranks is None:
-        return _held(graph, plan, records, None)
-    full = _held(graph, plan, records, None)["full"]
-    worst = max((_held(graph, plan, records, mods) for mods in ranks),
+def _per_rank(graph: ModuleGraph, effects: Sequence) -> dict[str, float]:
+    """Parameter, gradient and optimizer bytes on one rank under ``effects`` (when an
+    effect splits the model between ranks, on the rank that holds the most)."""
+    splits = [e.held for e in effects if e.held is not None]
+    if not splits:
+        return _held(graph, effects, None)
+    full = _held(graph, effects, None)["full"]
+    worst = max((_held(graph, effects, mods) for mods in splits[-1]),
                 key=lambda m: m["parameters"])
     return {**worst, "full": full}
 
 
-def _held(graph: ModuleGraph, plan: Plan, records: list[PassRecord],
-          within: list[str] | None) -> dict[str, float]:
-    tp, tp_modules = plan.parallel.tp, _tp_sharded(records)
-    data_shard, grad_shard, opt_shard = _shard_factors(plan, records)
-    out = {"parameters": _cast_delta(records), "gradients": 0.0, "optimizer": 0.0, "full": 0}
+def memory_within(graph: ModuleGraph, effects: Sequence, modules: Sequence[str]
+                  ) -> dict[str, float]:
+    """Parameter, gradient and optimizer bytes per rank of just ``modules`` under
+    ``effects`` (one share of a model split between ranks)."""
+    return _held(graph, effects, modules)
+
+
+def _within(name: str, modules) -> bool:
+    """Is ``name`` one of ``modules`` or inside one ("" is the root)?"""
+    if "" in modules or name in modules:
+        return True
+    parts = name.split(".")
+    return any(".".join(parts[:i]) in modules for i in range(1, len(parts)))
+
+
+def _held(graph: ModuleGraph, effects: Sequence, within: Sequence[str] | None
+          ) -> dict[str, float]:
+    """The bytes of the modules ``within`` (None: all) under ``effects``."""
+    out = {"parameters": float(sum(e.parameter_bytes for e in effects)), "gradients": 0.0,
+           "optimizer": 0.0, "full": 0}
+    scopes = [None if e.modules is None else frozenset(e.modules) for e in effects]
+    within = None if within is None else frozenset(within)
     for name, data in graph.g.nodes(data=True):
         nbytes, numel = data["bytes"], data["params"]
-        if not numel:
+        if not numel or (within is not None and not _within(name, within)):
             continue
         if within is not None and not any(name == m or name.startswith(m + ".")
                                           for m in within):
             continue
         out["full"] += nbytes
-        split = tp if name in tp_modules else 1
-        out["parameters"] += nbytes / split / data_shard
-        if any(p.requires_grad for p in data["module"].parameters(recurse=False)):
-            out["gradients"] += nbytes / split / grad_shard
-            out["optimizer"] += numel * OPTIMIZER_STATES * FP32 / split / opt_shard
+        p, g, o = _splits(effects, name, scopes)
+        out["parameters"] += nbytes / p
+        if any(t.requires_grad for t in data["module"].parameters(recurse=False)):
+            out["gradients"] += nbytes / g
+            out["optimizer"] += numel * OPTIMIZER_STATES * FP32 / o
     return out
 
 
-def parameter_bytes_per_rank(graph: ModuleGraph, plan: Plan, records: list[PassRecord]) -> int:
-    """This rank's parameter bytes once the passes in ``records`` have run (casting's
-    storage dtype, tensor-parallel and FSDP / ZeRO-3 shards): a dry run's bytes after."""
-    return int(_per_rank(graph, plan, records)["parameters"])
+def parameter_bytes_per_rank(graph: ModuleGraph, effects: Sequence) -> int:
+    """This rank's parameter bytes under the memory effects of the passes so far: a dry
+    run's bytes after each pass."""
+    return int(_per_rank(graph, effects)["parameters"])
 
 
-def estimate_memory(graph: ModuleGraph, plan: Plan, records: list[PassRecord],
-                    world_size: int, trace=None) -> MemoryEstimate:
-    par = plan.parallel
-    notes: list[str] = []
-    if plan.fsdp is not None and par.dp_replicate > 1:
-        notes.append(f"HSDP: sharded over {par.dp_shard * par.cp} ranks, replicated "
-                     f"{par.dp_replicate}×")
-    mem = _per_rank(graph, plan, records)
-    pipe = _record(records, "pipeline")
-    if pipe is not None and "stages" in pipe.details:
-        for st in pipe.details["stages"]:
-            held = _held(graph, plan, records, st["modules"])
-            st["memory"] = {k: int(held[k]) for k in ("parameters", "gradients", "optimizer")}
-            notes.append(
-                f"pipeline stage {st['stage']} (rank {st['rank']}, blocks {st['blocks'][0]}-"
-                f"{st['blocks'][-1]}): parameters {human_bytes(held['parameters'])}, "
-                f"gradients {human_bytes(held['gradients'])}, optimizer "
-                f"{human_bytes(held['optimizer'])} per rank")
-        notes.append(f"pipeline: the heaviest pipeline rank is counted above; bubble "
-                     f"{pipe.details.get('bubble_fraction')} ({pipe.details['schedule']}, "
-                     f"{pipe.details['microbatches']} micro-batches)")
-    if plan.deepspeed is not None and plan.mixed_precision != "no":
-        notes.append("DeepSpeed also keeps an fp32 master copy of the parameters "
-                     "(sharded with the optimizer state)")
-    if plan.casting is not None:
+def estimate_memory(graph: ModuleGraph, effects: Sequence, world_size: int,
+                    trace=None) -> MemoryEstimate:
+    """Per-rank memory under ``effects`` (the ``MemoryEffect`` of each pass's decision)."""
+    notes: list[str] = [n for e in effects for n in e.notes]
+    mem = _per_rank(graph, effects)
+    if any(e.inference for e in effects):
         mem["gradients"] = mem["optimizer"] = 0
-        notes.append("casting is an inference plan: no gradients, no optimizer state")
     else:
         notes.append("optimizer: AdamW-like, two fp32 states per trainable parameter")
-
     activations = None
     if trace is not None:
-        activations = _activation_bytes(graph, trace, records) / (par.tp * par.cp)
+        split = math.prod(e.activation_split for e in effects)
+        activations = _activation_bytes(graph, trace, effects) / split
         notes.append("activations: one micro-batch of the example inputs, from the meta trace")
-        ckpt = _record(records, "checkpointing")
-        if ckpt is not None and ckpt.details.get("mode") == "selective":
-            notes.append("activations: selective checkpointing counted as none (upper bound)")
+        if any(e.selective for e in effects):
+            notes.append("activations: op-level (selective) recompute counted as none "
+                         "(upper bound)")
     return MemoryEstimate(world_size=world_size, parameters=int(mem["parameters"]),
                           gradients=int(mem["gradients"]), optimizer=int(mem["optimizer"]),
                           activations=None if activations is None else int(activations),
@@ -156,7 +123,7 @@ def _element_size(module: nn.Module) -> int:
 
 def block_activations(graph: ModuleGraph, trace, blocks: list[str]
                       ) -> tuple[dict[str, int], dict[str, int]]:
-    """Per block: (bytes it saves for backward, bytes it keeps when checkpointed — its
+    """Per block: (bytes it saves for backward, bytes it keeps when recomputed — its
     output, the next block's input, in the block's parameter dtype)."""
     acts = {b: trace[b].activation_bytes for b in blocks}
     kept = {b: sum(math.prod(s) for s in trace[b].output_shapes)
@@ -166,9 +133,9 @@ def block_activations(graph: ModuleGraph, trace, blocks: list[str]
 
 def activation_estimate(total: int, blocks: list[str], acts: dict[str, int],
                         kept: dict[str, int], chosen: list[str]) -> int:
-    """Peak saved-for-backward bytes when the ``chosen`` blocks are checkpointed.
+    """Peak saved-for-backward bytes when the ``chosen`` blocks are recomputed.
 
-    A checkpointed block keeps only its input until backward reaches it, then holds its
+    A recomputed block keeps only its input until backward reaches it, then holds its
     recomputed activations while the blocks before it still hold theirs. Everything
     outside the blocks (embeddings, head, loss) is counted as live the whole time."""
     other = total - sum(acts.values())
@@ -182,13 +149,12 @@ def activation_estimate(total: int, blocks: list[str], acts: dict[str, int],
     return peak
 
 
-def _activation_bytes(graph: ModuleGraph, trace, records: list[PassRecord]) -> int:
-    """Saved-for-backward bytes of one micro-batch under the plan's checkpointing."""
+def _activation_bytes(graph: ModuleGraph, trace, effects: Sequence) -> int:
+    """Saved-for-backward bytes of one micro-batch when the effects' blocks recompute."""
     total = trace.activation_bytes
-    ckpt = _record(records, "checkpointing")
-    if ckpt is None or ckpt.details.get("mode") == "selective" or not ckpt.modules:
+    chosen = {b for e in effects if not e.selective for b in e.checkpointed}
+    if not chosen:
         return total
     blocks = [b for b in graph.blocks() if b in trace.modules]
     acts, kept = block_activations(graph, trace, blocks)
-    return activation_estimate(total, blocks, acts, kept, [b for b in blocks
-                                                           if b in ckpt.modules])
+    return activation_estimate(total, blocks, acts, kept, [b for b in blocks if b in chosen])

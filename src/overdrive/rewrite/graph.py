@@ -4,8 +4,8 @@ Nodes are qualified module names ("" is the root); an edge goes from a parent to
 child. Node attributes: ``module`` (the object), ``cls`` (class name), ``params`` and
 ``bytes`` (the module's *own* parameters, not its children's), ``dtype``, ``device``.
 
-``blocks()`` finds the repeated blocks — decoder layers — that regional compilation,
-activation checkpointing and FSDP act on one by one. Nothing here needs real weights:
+``blocks()`` finds the repeated blocks — decoder layers — that passes such as regional
+compilation, activation recomputation and sharding act on one by one. Nothing here needs real weights:
 a model on the meta device works the same.
 """
 

@@ -3,7 +3,7 @@
 Runs one forward (and, for FLOPs, one backward) of a meta-device copy of the model with
 example inputs. No real weights are touched and nothing is allocated: meta tensors carry
 shapes only. Activation bytes are what autograd saves for backward inside each module
-(counted with ``saved_tensors_hooks``), which is what activation checkpointing trades away.
+(counted with ``saved_tensors_hooks``), which is what recomputing activations trades away.
 """
 
 from __future__ import annotations
@@ -43,15 +43,22 @@ class FusedAttentionOnMeta(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-@flop_counter.register_flop_formula(_FLASH)
 def _flash_cpu_flop(query, key, value,  # shapes, not tensors
-                     *args, out_shape=None, **kwargs) -> int:
+                    *args, out_shape=None, **kwargs) -> int:
     return flop_counter.sdpa_flop_count(query, key, value)
 
 
-@flop_counter.register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)
 def _flash_cpu_backward_flop(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
     return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def _flop_counter() -> FlopCounterMode:
+    """A FlopCounterMode that also counts the CPU flash-attention ops the meta trace routes
+    to; the formulas are handed to this counter only (torch's global table is left alone)."""
+    return FlopCounterMode(display=False, custom_mapping={
+        _FLASH: _flash_cpu_flop,
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            _flash_cpu_backward_flop})
 
 
 @dataclass
@@ -148,7 +155,7 @@ def trace_model(model: nn.Module, example_inputs: Any, *, backward: bool = True)
     records: dict[str, ModuleTrace] = {}
     stack: list[str] = []
     saved_ids: set[int] = set()
-    counter = FlopCounterMode(display=False)
+    counter = _flop_counter()
 
     def pre_hook(module, _args):
         name = names[module]
@@ -186,7 +193,7 @@ def trace_model(model: nn.Module, example_inputs: Any, *, backward: bool = True)
         if loss is not None and loss.requires_grad and trainable:
             # autograd.grad, not backward(): a meta model traced in place is the user's
             # own, and must not be left holding (meta) .grad tensors
-            with FlopCounterMode(display=False) as bwd_counter, FusedAttentionOnMeta():
+            with _flop_counter() as bwd_counter, FusedAttentionOnMeta():
                 torch.autograd.grad(loss.sum(), trainable, allow_unused=True)
             backward_flops = bwd_counter.get_total_flops()
     finally:

@@ -24,7 +24,7 @@ order), which ``rt.shard`` consumes as it makes them.
 ``rt.optimizer`` may be a wrapper with ``.optimizer``: the raw optimizer is checkpointed.
 With ``grad_accum > 1`` a checkpoint is taken between optimizer steps: ``save`` and ``load``
 in the middle of an accumulation are refused (``_check_at_boundary`` says why).
-With a DeepSpeed engine (``env.engine``) the engine's own ``save_checkpoint`` /
+With a DeepSpeed engine (the engine a pass handed on) the engine's own ``save_checkpoint`` /
 ``load_checkpoint`` write its files inside the same atomic directory; resharding follows
 DeepSpeed's rules. ``checkpoint_deepspeed.py`` fsyncs them and makes DeepSpeed read them
 with ``weights_only=True`` (and says what stays trusted).
@@ -341,7 +341,7 @@ def _write_plain(rt, p: PendingSave, custom: list) -> Any:
     """This rank's ``rank-<r>.pt`` (and rank 0's ``state.pt``); returns the tensors DCP
     writes next (None for a DeepSpeed engine, which writes its own)."""
     p.written[f"rank-{p.rank}.pt"] = cf.save_plain(_rank_state(rt), p.tmp / f"rank-{p.rank}.pt")
-    if getattr(rt.env, "engine", None) is not None:
+    if rt._engine is not None:
         p.meta["kind"] = "deepspeed"
         plain = tensors = None
     else:
@@ -356,11 +356,10 @@ def _write_plain(rt, p: PendingSave, custom: list) -> Any:
 
 
 def _write_tensors(rt, p: PendingSave, tensors: Any, async_: bool) -> None:
-    engine = getattr(rt.env, "engine", None)
+    engine = rt._engine
     if engine is not None:
         ds.save(engine, p.tmp)
         return
-    cf.test_hook("write")
     p.writer = cf.ChecksumWriter(str(p.tmp), sync_files=True, thread_count=io_threads())
     group = _dcp_group(rt)
     with _quiet(group):
@@ -480,7 +479,6 @@ def _put_in_place(p: PendingSave, entries: dict[str, dict[str, int]]) -> None:
     cf.check_sizes(p.tmp, entries)
     cf.write_file(p.tmp / cf.MANIFEST, _json({"files": entries}))
     cf.write_marker(p.tmp, p.meta)
-    cf.test_hook("rename")
     cf.publish(p.tmp, p.path)
     (p.path / cf.LOCK).unlink(missing_ok=True)
     if p.lock is not None:
@@ -639,7 +637,7 @@ def _prepare(rt, path: Path, meta: dict[str, Any], manifest: dict[str, dict[str,
     custom_state.check(rt._custom_objects, replicated.get("custom"), path)
     todo = _Load(path, replicated, counters, rank_state, own_rng, loaders)
     if meta["kind"] == "deepspeed":
-        todo.engine = getattr(rt.env, "engine", None)
+        todo.engine = rt._engine
         ds.check_loadable(todo.engine, path, manifest)
         return todo
     todo.reader = cf.SafeReader(str(path), manifest, threads=io_threads())

@@ -1,4 +1,4 @@
-"""The ``deepspeed/`` part of a checkpoint saved from a DeepSpeed engine (``env.engine``).
+"""The ``deepspeed/`` part of a checkpoint saved from a DeepSpeed engine (the engine a pass handed on).
 
 DeepSpeed writes and reads its own files (``engine.save_checkpoint`` / ``load_checkpoint``,
 resharding by DeepSpeed's rules). Two things are added around it:

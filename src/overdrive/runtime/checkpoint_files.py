@@ -543,22 +543,11 @@ def publish(tmp: Path, path: Path) -> None:
     if path.exists():
         aside = path.parent / f"{aside_prefix(path)}{tmp.name.rsplit('-', 1)[-1]}"
         os.rename(path, aside)
-        test_hook("swap")
     os.rename(tmp, path)
     fsync_path(path.parent)
     if aside is not None:
         (aside / MARKER).unlink(missing_ok=True)  # half deleted, it is no checkpoint
         shutil.rmtree(aside, ignore_errors=True)
-
-
-def test_hook(stage: str) -> None:
-    """``OVERDRIVE_CKPT_TEST_HANG=<stage>:<file>``: at ``stage`` touch ``file`` and hang,
-    so a test can SIGKILL the process at a known point of a save."""
-    spec = os.environ.get("OVERDRIVE_CKPT_TEST_HANG", "")
-    if spec.partition(":")[0] == stage:
-        Path(spec.partition(":")[2]).write_text(stage)
-        while True:
-            time.sleep(1)
 
 
 # --------------------------------------------------------------------------- safe DCP reading

@@ -74,8 +74,8 @@ class ShardedLoader:
         self.dispatch = self.iterable if dispatch is None else bool(dispatch)
         self.device = rt.device if device_placement else None
         self.non_blocking = rt.device.type == "cuda"
-        self.shard_sequence = getattr(rt, "shard_sequence", None) \
-            if rt.plan.parallel.cp > 1 else None
+        # the passes' batch transforms (context parallel's sequence split), if any
+        self.shard_sequence = rt.shard_sequence if rt._handoff.batch_transforms else None
         self.batch_size = self._batch_size(loader)
         if split_batches and self.batch_size % self.size:
             raise OverdriveError(
@@ -381,17 +381,17 @@ class Dispatch:
         self.in_scatter, self.scatter_group, self.hops = True, None, []
         if rt.world_size == rt.dp_size:
             return
-        coords = mesh_coordinates(rt.rank, rt.plan)
+        coords = mesh_coordinates(rt.rank, rt.plan.parallel)
         self.in_scatter = coords["cp"] == 0 and coords["tp"] == 0 and coords["pp"] == 0
         if self.in_scatter and self.size > 1:
-            self.scatter_group = rt.env.submesh("dp").get_group()
+            self.scatter_group = rt._env.submesh("dp").get_group()
         par = rt.plan.parallel
         if par.pp > 1 and coords["cp"] == 0 and coords["tp"] == 0:
             self.hops.append(_peers(rt.env.submesh("pp")))  # every stage sees the batch
         if par.cp > 1 and coords["tp"] == 0:
-            self.hops.append(_peers(rt.env.submesh("cp")))
+            self.hops.append(_peers(rt._env.submesh("cp")))
         if par.tp > 1:
-            self.hops.append(_peers(rt.env.submesh("tp")))
+            self.hops.append(_peers(rt._env.submesh("tp")))
 
     def receive(self, msgs: list | None) -> Any:
         """This rank's message (every rank calls this once per step, in step)."""

@@ -47,7 +47,7 @@ from zlib_ng.zlib_ng import crc32
 from ..errors import CheckpointCorrupt, CheckpointMismatch, NotACheckpoint
 from . import checkpoint_files as cf
 from .ledger import collective
-from .runtime import clean_key
+from .keys import clean_key
 
 log = logging.getLogger("overdrive")
 
@@ -69,15 +69,15 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
-def _unique_entries(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """(clean key, tensor) for every state-dict entry, tied tensors once."""
+def _unique_entries(model: nn.Module, key_of=clean_key) -> list[tuple[str, torch.Tensor]]:
+    """(the model's own key, tensor) for every state-dict entry, tied tensors once."""
     seen: set[int] = set()
     out = []
     for key, t in model.state_dict(keep_vars=True).items():
         if id(t) in seen:
             continue
         seen.add(id(t))
-        out.append((clean_key(key), t))
+        out.append((key_of(key), t))
     return out
 
 
@@ -119,8 +119,9 @@ def _on_cpu(t: torch.Tensor, dtype: torch.dtype | None, copy: bool) -> torch.Ten
 
 def export(model: nn.Module, directory: str | Path, *, max_shard_size: int | str = "5GB",
            dtype: torch.dtype | None = None, is_main: bool | None = None,
-           entries: list[tuple[str, torch.Tensor]] | None = None) -> Path:
-    """Write ``model``'s weights to ``directory`` (every rank calls; rank 0 writes).
+           entries: list[tuple[str, torch.Tensor]] | None = None, key_of=clean_key) -> Path:
+    """Write ``model``'s weights to ``directory`` (every rank calls; rank 0 writes);
+    ``key_of`` turns a state-dict key into the name written.
 
     ``entries``: the (key, tensor) pairs to write instead of ``model``'s own (the
     pipeline runtime hands the weights of every stage, gathered on rank 0)."""
@@ -146,7 +147,7 @@ def export(model: nn.Module, directory: str | Path, *, max_shard_size: int | str
             shards.append(list(shard))
         shard, shard_bytes = {}, 0
 
-    for key, t in entries if entries is not None else _unique_entries(model):
+    for key, t in entries if entries is not None else _unique_entries(model, key_of):
         full = full_cpu(t, dtype, keep=is_main)  # a collective: every rank runs the loop
         if not is_main:
             continue

@@ -2,7 +2,7 @@
 
 ``Plan(grad_accum=N)``: inside ``with rt.accumulate():`` micro-steps before the N-th (and
 not the last batch of a sharded loader) turn the data-parallel gradient sync off through
-``env.set_gradient_sync``; ``rt.optimizer.step()`` and ``rt.scheduler.step()`` do nothing
+the gradient-sync switch the data-parallel pass handed on; ``rt.optimizer.step()`` and ``rt.scheduler.step()`` do nothing
 on those micro-steps. Which engine owns the step (a DeepSpeed engine, an fp16 GradScaler,
 a plain optimizer) is decided once, when the wrapper is built.
 """
@@ -24,9 +24,9 @@ class GradSync:
 
     def __init__(self, rt, n: int):
         self.rt, self.n, self.micro, self.sync = rt, n, 0, True
-        self._set_sync = rt.env.set_gradient_sync
+        self._set_sync = rt._handoff.gradient_sync
         self._synced = True  # what the data-parallel engine currently does
-        engine = rt.env.engine
+        engine = rt._engine
         self._ds_boundary = getattr(engine, "set_gradient_accumulation_boundary", None)
 
     def __enter__(self):
@@ -62,8 +62,8 @@ class Optimizer(torch.optim.Optimizer):
         self.rt = rt
         self._grad = rt._grad_sync
         self._scaler = rt.scaler
-        self._engine = rt.env.engine
-        self._hooks = rt.env.post_step_hooks  # the list itself: passes may append later
+        self._engine = rt._engine
+        self._hooks = rt.post_step_hooks  # the list itself: users may append later
         self._model = rt.model
         self.step_was_skipped = False  # the last real step was skipped by the fp16 scaler
         self.unscaled = False  # grads of this step already unscaled (clip before step)
@@ -268,7 +268,7 @@ def clip_grad_norm_(rt, max_norm: float, norm_type: float = 2.0) -> torch.Tensor
     """
     if not rt._grad_sync.sync:
         return None
-    engine = rt.env.engine
+    engine = rt._engine
     if engine is not None:
         return _engine_norm(rt, engine, max_norm)
     unscale_once(rt)
@@ -309,10 +309,7 @@ def _engine_norm(rt, engine, max_norm: float) -> torch.Tensor | None:
 def _engine_clipping(rt, engine) -> float:
     """The max norm the engine clips to (0.0: it does not clip)."""
     get = getattr(engine, "gradient_clipping", None)
-    if callable(get):
-        return float(get() or 0.0)
-    ds = rt.plan.deepspeed
-    return float(ds.gradient_clipping or 0.0) if ds is not None else 0.0
+    return float((get() if callable(get) else get) or 0.0)
 
 
 def _norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:

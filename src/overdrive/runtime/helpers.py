@@ -1,5 +1,6 @@
 """Process helpers: main_process_first, progress bars and logging on rank 0, batch-size
-search on OOM, and failure handling that names the failing rank and never hangs."""
+search on OOM. (A crashing rank ends the job through torchrun, which stops the other
+ranks; nothing here replaces the interpreter's exception hook.)"""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import functools
 import gc
 import logging
 import os
-import sys
 from typing import Any, Callable, Iterable
 
 import torch
@@ -70,48 +70,6 @@ def configure_logging(rank: int) -> None:
         handler.setFormatter(logging.Formatter(f"[overdrive rank {rank}] %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-
-
-# --------------------------------------------------------------------------- failures
-
-_previous_hook = None
-
-
-def install_failure_hook(rank: int) -> None:
-    """On an uncaught exception: print it, log "rank N failed", abort the process group
-    and exit non-zero at once — the launcher then stops the other ranks; ranks blocked in
-    a collective elsewhere time out after OVERDRIVE_PG_TIMEOUT and exit too."""
-    global _previous_hook
-    if _previous_hook is not None:
-        return
-    _previous_hook = sys.excepthook
-
-    def hook(exc_type, exc, tb):
-        try:
-            _previous_hook(exc_type, exc, tb)
-            if not issubclass(exc_type, KeyboardInterrupt):
-                msg = f"overdrive: rank {rank} failed: {exc_type.__name__}: {exc}"
-                if log.hasHandlers() and log.isEnabledFor(logging.ERROR):
-                    log.error(msg)
-                else:
-                    print(msg, file=sys.stderr)
-        finally:
-            sys.stdout.flush(), sys.stderr.flush()
-            _abort_process_group()
-            os._exit(1)
-
-    sys.excepthook = hook
-
-
-def _abort_process_group() -> None:
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
-    try:
-        if abort is not None:
-            abort()
-    except Exception:  # noqa: BLE001 — best effort on the way out
-        pass
 
 
 # --------------------------------------------------------------------------- batch size

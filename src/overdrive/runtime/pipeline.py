@@ -1,6 +1,6 @@
 """Pipeline runtime: this rank's stages, torch's schedule, and one training micro-step.
 
-``carve_parts`` cuts this rank's stages out of the model (``passes/pipeline.py`` does
+``carve_parts`` cuts this rank's stages out of the model (``overdrive/stages.py`` does
 the surgery); every part runs the model's own ``forward`` through ``StageIO``, which
 hands it the current micro-batch of the batch ``rt.forward_backward`` was given. A
 part's output is the activation after its last block; the last stage's is the loss
@@ -27,8 +27,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import OverdriveError, PlanError
-from ..passes.pipeline import StageLayout, carve_stage
-from ..rewrite.plan import SCHEDULE_CLASSES, SINGLE_STAGE_SCHEDULES, Plan
+from ..stages import StageLayout, carve_stage
+from ..plan import SCHEDULE_CLASSES, SINGLE_STAGE_SCHEDULES, Plan
 
 LossFn = Callable[[Any, Any], torch.Tensor] | None
 

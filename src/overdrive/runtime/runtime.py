@@ -2,7 +2,9 @@
 
 Everything that can be decided once (which engine owns backward, whether a scaler is
 needed, the autocast dtype) is decided in ``__init__``; the per-step methods only do the
-work. Sections below group the helpers by the module that implements them.
+work. What the passes handed on (``rewrite.contract.Handoff``: forward contexts, post-step
+hooks, the gradient-sync switch, an engine, batch transforms, key maps) is consumed here
+and in ``grad.py`` / ``data.py`` / ``checkpoint.py``; the runtime never imports a pass.
 """
 
 from __future__ import annotations
@@ -16,39 +18,52 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..rewrite.plan import Plan
+from ..dtypes import to_torch
+from ..plan import Plan
+from ..rewrite.contract import Handoff
+from ..rewrite.env import Env
 from ..rewrite.report import Report
 from . import collectives, data, grad, helpers, split, trigger
 from .guards import NonFiniteGuard
+from .keys import clean_key
 from .ledger import make_ledger
-from .state import Env
 from .step_metrics import StepMeter
 from .tracking import Tracking, TrackingConfig
 
 log = logging.getLogger("overdrive")
 
-WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
-
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def clean_key(key: str) -> str:
-    """A state-dict key without the prefixes wrappers add (compile, checkpoint wrappers)."""
-    for prefix in WRAPPER_PREFIXES:
-        key = key.replace(prefix, "")
-    return key
-
 
 class Runtime:
-    """What ``od.accelerate`` returns: ``rt.model``, ``rt.optimizer``… and the helpers.
+    """What ``od.accelerate`` returns. Its public surface, all of it:
 
-    ``rt.post_step_hooks`` is the list of ``hook(model, optimizer)`` called after every
-    real optimizer step (not on accumulation micro-steps, nor on a step the fp16 scaler
-    skips), after those the passes registered (fp8's scale precompute): append to it.
+    loop
+        ``model``, ``optimizer``, ``scheduler`` (both step only on real steps),
+        ``backward(loss)``, ``forward_backward(batch)`` / ``evaluate(batch)`` (one
+        pipeline step; any plan), ``accumulate()``, ``sync_gradients``, ``clip_grad_norm_``,
+        ``clip_grad_value_``, ``autocast()``, ``scaler`` (fp16), ``step`` (real optimizer
+        steps taken), ``post_step_hooks`` (``hook(model, optimizer)`` after each real
+        step; append to it), ``log(metrics)`` / ``finish()`` (experiment tracking),
+        ``profile(...)``
+    data
+        ``shard(dataloader, ...)``, ``shard_sequence(batch)`` (context parallel's split),
+        ``split_between_processes(inputs)``
+    collectives
+        ``gather``, ``gather_for_metrics``, ``gather_object``, ``reduce``, ``broadcast``,
+        ``pad_across_processes``, ``barrier``, ``set_trigger()`` / ``check_trigger()``
+    checkpoint
+        ``save``, ``load``, ``wait_for_save``, ``export``, ``state_dict()``, ``unwrap()``,
+        ``register_for_checkpointing(*objects)``
+    info
+        ``plan``, ``report``, ``grad_accum``, ``device``, ``rank``, ``local_rank``,
+        ``world_size``, ``dp_rank``, ``dp_size``, ``is_main``, ``is_local_main``, ``mesh``,
+        ``run_dir``,
+        ``print``, ``main_process_first()``, ``progress(iterable)``
+
+    Everything else (names starting with ``_``) is the runtime's own.
     """
 
     def __init__(self, model: nn.Module, *, plan: Plan, report: Report, env: Env,
-                 optimizer: Any = None, scheduler: Any = None,
+                 optimizer: Any = None, scheduler: Any = None, handoff: Handoff | None = None,
                  tracking: TrackingConfig | None = None, flops_model: nn.Module | None = None,
                  pipeline: Any = None, desync_timeout: float | None = 60.0):
         self.model = model
@@ -57,7 +72,9 @@ class Runtime:
         self.scheduler = scheduler
         self.plan = plan
         self.report = report
-        self.env = env
+        self._env = env
+        self._handoff = handoff if handoff is not None else Handoff()
+        self._engine = self._handoff.engine
         self.grad_accum = plan.grad_accum
         self._autocast_dtype = self._choose_autocast_dtype()
         self._scaler = self._make_scaler()
@@ -83,49 +100,47 @@ class Runtime:
             self.scheduler = grad.Scheduler(scheduler, self)
         launched = dist.is_initialized() and dist.get_world_size() > 1
         helpers.configure_logging(dist.get_rank() if launched else 0)
-        if launched:
-            helpers.install_failure_hook(dist.get_rank())
 
     # -- identity -------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self.env.device
+        return self._env.device
 
     @property
     def rank(self) -> int:
-        return self.env.rank
+        return self._env.rank
 
     @property
     def local_rank(self) -> int:
-        return self.env.local_rank
+        return self._env.local_rank
 
     @property
     def world_size(self) -> int:
-        return self.env.world_size
+        return self._env.world_size
 
     @property
     def dp_rank(self) -> int:
-        return self.env.dp_rank
+        return self._env.dp_rank
 
     @property
     def dp_size(self) -> int:
-        return self.env.dp_size
+        return self._env.dp_size
 
     @property
     def is_main(self) -> bool:
-        return self.env.rank == 0
+        return self._env.rank == 0
 
     @property
     def is_local_main(self) -> bool:
-        return self.env.local_rank == 0
+        return self._env.local_rank == 0
 
     @property
     def mesh(self):
         """The DeviceMesh (dims pp, dp_replicate, dp_shard, cp, tp; flattened dp, dp_shard_cp,
         dp_cp), or None for a single process that never needed one."""
-        if self.env._mesh is None and not self.env.distributed:
+        if not self._env.mesh_built and not self._env.distributed:
             return None
-        return self.env.mesh
+        return self._env.mesh
 
     @property
     def scaler(self):
@@ -133,8 +148,9 @@ class Runtime:
 
     @property
     def post_step_hooks(self) -> list:
-        """``hook(model, optimizer)`` run after each real optimizer step (env's list)."""
-        return self.env.post_step_hooks
+        """``hook(model, optimizer)`` run after each real optimizer step: the passes'
+        hooks first (fp8's scale precompute), then whatever is appended."""
+        return self._handoff.post_step_hooks
 
     # -- tracking (tracking.py, step_metrics.py, profile.py) -------------------------
     def _make_tracking(self, config: TrackingConfig | None, flops_model: nn.Module | None):
@@ -175,15 +191,12 @@ class Runtime:
 
     # -- precision ------------------------------------------------------------------
     def _choose_autocast_dtype(self) -> torch.dtype | None:
-        if self.plan.mixed_precision == "no":
-            return None
-        if self.plan.fsdp is not None or self.plan.deepspeed is not None:
-            return None  # the engine casts parameters itself (MixedPrecisionPolicy / DS config)
-        return _AUTOCAST_DTYPES[self.plan.mixed_precision]
+        cfg = self.plan.autocast()  # None when an engine casts the parameters itself
+        return None if cfg is None else to_torch(cfg.dtype)
 
     def _make_scaler(self):
-        if self.plan.mixed_precision != "fp16" or self.plan.deepspeed is not None:
-            return None
+        if self.plan.mixed_precision != "fp16" or self._engine is not None:
+            return None  # an engine that owns backward scales the loss itself
         return torch.amp.GradScaler(self.device.type)
 
     def autocast(self):
@@ -215,8 +228,8 @@ class Runtime:
         return None
 
     def _backward(self, loss: torch.Tensor, kwargs: dict) -> None:
-        if self.env.engine is not None:
-            self.env.engine.backward(loss, **kwargs)
+        if self._engine is not None:
+            self._engine.backward(loss, **kwargs)
             return
         if self.grad_accum > 1:
             loss = loss / self.grad_accum
@@ -278,7 +291,7 @@ class Runtime:
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0):
         """Clip the gradients; returns the global norm across every shard."""
         norm = grad.clip_grad_norm_(self, max_norm, norm_type)
-        if norm is not None and self.env.engine is None:
+        if norm is not None and self._engine is None:
             self._guard.value(norm, "the gradient norm")
         if self._meter is not None:
             self._meter.on_clip(norm)
@@ -345,7 +358,7 @@ class Runtime:
         """The data-parallel process group (None: the default group is the dp group)."""
         if self.dp_size == self.world_size:
             return None
-        return self.env.submesh("dp").get_group()  # the kept flattened mesh (torch asks so)
+        return self._env.submesh("dp").get_group()
 
     # -- state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -359,8 +372,12 @@ class Runtime:
 
         if self._pipeline is not None:  # every stage's, gathered over the pp ranks
             return dict(self._pipeline.gathered_weights(self.model, True))
-        return {clean_key(key): full_cpu(value)
+        return {self._model_key(key): full_cpu(value)
                 for key, value in self.model.state_dict(keep_vars=True).items()}
+
+    def _model_key(self, key: str) -> str:
+        """A key of the transformed model as the user's model names it."""
+        return self._handoff.to_model_key(clean_key(key))
 
     def unwrap(self) -> nn.Module:
         """The model as the user built it (passes act in place, so this is ``rt.model``)."""
@@ -369,10 +386,9 @@ class Runtime:
     # -- context parallel -----------------------------------------------------------
     def shard_sequence(self, batch: Any) -> Any:
         """This cp rank's load-balanced slice of ``batch`` along the sequence (dim 1), with
-        ``position_ids``; the batch itself when cp == 1. The context_parallel pass hands
-        the splitter over in ``env.extras`` (the runtime never imports a pass)."""
-        split = self.env.extras.get("shard_sequence")
-        return batch if split is None else split(batch)
+        ``position_ids``; the batch itself when cp == 1. The passes' batch transforms
+        (context parallel's split) run in pass order."""
+        return self._handoff.transform_batch(batch)
 
     # -- checkpointing (checkpoint.py, export.py) -------------------------------------
     def save(self, path, *, keep_last: int | None = None, async_: bool = False) -> None:
@@ -413,7 +429,8 @@ class Runtime:
             if self._pipeline is not None:  # every stage's weights, gathered on rank 0
                 entries = self._pipeline.gathered_weights(self.model, self.is_main)
             return export.export(self.model, directory, max_shard_size=max_shard_size,
-                                 dtype=dtype, is_main=self.is_main, entries=entries)
+                                 dtype=dtype, is_main=self.is_main, entries=entries,
+                                 key_of=self._model_key)
 
     # -- process helpers --------------------------------------------------------------
     def barrier(self) -> None:

@@ -1,9 +1,9 @@
 """Process group, device and DeviceMesh from the plan and torchrun's environment.
 
-``Env`` is what every pass's ``check``/``apply`` receives: ranks, device, the mesh (built
-lazily, so a single process with no parallelism never needs a process group) and the
-hand-off slots through which passes give the runtime what it must call later
-(post-optimizer-step hooks, forward contexts, an engine that owns backward/step).
+Builds the ``Env`` (``rewrite/env.py``) every pass's ``check``/``apply`` receives: ranks,
+device, and the means to open the process group and the mesh (lazily, so a single process
+with no parallelism never needs a process group). The only module that writes
+``os.environ`` (the rendezvous variables of a one-rank process group).
 
 Under torchrun (``WORLD_SIZE`` > 1) the environment is always distributed — on CPU too,
 with gloo. A run never silently trains each rank alone.
@@ -15,21 +15,17 @@ import datetime
 import logging
 import os
 import socket
-import warnings
-from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ..errors import PlanError
 from ..launcher import die_with_parent
-from ..rewrite.plan import Plan, resolve_for_world
+from ..plan import Plan, resolve_for_world
+from ..rewrite.env import MESH_DIMS, Env, mesh_coordinates  # noqa: F401  (re-exported)
 
 log = logging.getLogger("overdrive")
-
-MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
 def launched_world_size() -> int:
@@ -104,95 +100,6 @@ def ensure_process_group(device: torch.device, timeout: float | None = None) -> 
     dist.init_process_group(**kwargs)
 
 
-@dataclass
-class Env:
-    """The world a pass runs in. ``dry_run`` envs (od.inspect) have no process group."""
-
-    plan: Plan
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-    dry_run: bool = False
-    # od.inspect: the user's model itself is on the meta device (not just the dry run's copy)
-    model_on_meta: bool = False
-    _mesh: Any = None
-    _flat: dict[str, Any] = field(default_factory=dict)  # flattened meshes by name
-    # hand-off slots, filled by passes, read by the runtime
-    optimizer_factory: Callable[..., Any] | None = None
-    post_step_hooks: list[Callable[..., None]] = field(default_factory=list)
-    forward_contexts: list[Callable[[], AbstractContextManager]] = field(default_factory=list)
-    engine: Any = None  # e.g. a DeepSpeed engine that owns backward/step
-    # fn(bool): turn gradient all-reduce on/off (DDP no_sync, FSDP2
-    # set_requires_gradient_sync); set by the data-parallel pass, called by rt.accumulate
-    set_gradient_sync: Callable[[bool], None] | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-    pg_timeout: float | None = None  # od.accelerate(timeout=): the process group's, in s
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def backend(self) -> str:
-        return backend_for(self.device)
-
-    @property
-    def parallel(self):
-        return self.plan.parallel
-
-    def ensure_process_group(self) -> None:
-        if self.dry_run:
-            raise RuntimeError("a dry-run environment has no process group")
-        ensure_process_group(self.device, self.pg_timeout)
-
-    @property
-    def mesh(self):
-        """The 5-D mesh (pp, dp_replicate, dp_shard, cp, tp) with flattened ``dp``,
-        ``dp_shard_cp`` and ``dp_cp`` views; built on first use."""
-        if self._mesh is None:
-            if self.dry_run:
-                raise RuntimeError("a dry-run environment has no DeviceMesh")
-            self.ensure_process_group()
-            from .mesh_cache import shared_mesh
-
-            self._mesh, self._flat = shared_mesh(self.plan, self.device, build_mesh)
-        return self._mesh
-
-    def submesh(self, *names: str):
-        """A named view of the mesh: a dim (``"tp"``), a flattened dim (``"dp"``,
-        ``"dp_shard_cp"``, ``"dp_cp"``, kept from ``_flatten`` as torch asks) or a 2-D
-        slice such as ``("dp_replicate", "dp_shard_cp")`` for HSDP."""
-        mesh = self.mesh
-        if len(names) == 1 and names[0] in self._flat:
-            return self._flat[names[0]]
-        if names == ("dp_replicate", "dp_shard_cp") and self.parallel.cp == 1:
-            names = ("dp_replicate", "dp_shard")  # the same ranks, no flattened slice
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Slicing a flattened dim")
-            return mesh[names if len(names) > 1 else names[0]]
-
-    @property
-    def dp_size(self) -> int:
-        return self.parallel.dp_replicate * self.parallel.dp_shard
-
-    @property
-    def dp_rank(self) -> int:
-        """Data-parallel rank: TP, CP and PP peers share it (they see the same batch)."""
-        coords = mesh_coordinates(self.rank, self.plan)
-        return coords["dp_replicate"] * self.parallel.dp_shard + coords["dp_shard"]
-
-
-def mesh_coordinates(rank: int, plan: Plan) -> dict[str, int]:
-    """Row-major coordinates of ``rank`` in the (pp, dp_replicate, dp_shard, cp, tp) mesh."""
-    sizes = [getattr(plan.parallel, d) for d in MESH_DIMS]
-    coords = {}
-    for dim, size in zip(reversed(MESH_DIMS), reversed(sizes)):
-        coords[dim] = rank % size
-        rank //= size
-    return coords
-
-
 def build_mesh(plan: Plan, device: torch.device):
     """The 5-D mesh and its flattened views {"dp", "dp_shard_cp", "dp_cp"}.
 
@@ -211,6 +118,27 @@ def build_mesh(plan: Plan, device: torch.device):
     return mesh, flat
 
 
+def env_for(plan: Plan, *, rank: int, local_rank: int, world_size: int,
+            device: torch.device, dry_run: bool = False, timeout: float | None = None) -> Env:
+    """The ``Env`` of one rank of a world of ``world_size`` under ``plan`` (sizes resolved):
+    a real one opens the process group (``timeout``: od.accelerate's, in s) and the mesh on
+    first use."""
+    if dry_run:
+        return Env(plan.parallel, rank=rank, local_rank=local_rank, world_size=world_size,
+                   device=device, dry_run=True, backend=backend_for(device))
+    return Env(plan.parallel, rank=rank, local_rank=local_rank, world_size=world_size,
+               device=device, backend=backend_for(device),
+               open_group=lambda: ensure_process_group(device, timeout),
+               open_mesh=lambda: _open_mesh(plan, device, timeout))
+
+
+def _open_mesh(plan: Plan, device: torch.device, timeout: float | None = None):
+    ensure_process_group(device, timeout)
+    from .mesh_cache import shared_mesh  # one mesh per process and layout
+
+    return shared_mesh(plan, device, build_mesh)
+
+
 def make_env(plan: Plan, *, world_size: int | None = None, dry_run: bool = False,
              timeout: float | None = None) -> tuple[Plan, Env]:
     """Resolve the plan's sizes against the world and build the ``Env``.
@@ -223,8 +151,8 @@ def make_env(plan: Plan, *, world_size: int | None = None, dry_run: bool = False
         if not isinstance(ws, int) or ws < 1:
             raise PlanError(f"world_size={ws!r} is not valid; use an integer >= 1")
         plan = resolve_for_world(plan, ws)
-        return plan, Env(plan, rank=0, local_rank=0, world_size=ws,
-                         device=torch.device("meta"), dry_run=True)
+        return plan, env_for(plan, rank=0, local_rank=0, world_size=ws,
+                             device=torch.device("meta"), dry_run=True)
     ws = dist.get_world_size() if dist.is_initialized() else launched_world_size()
     if world_size is not None and world_size != ws:
         raise PlanError(f"world_size={world_size} does not match the launched world ({ws})")
@@ -232,8 +160,8 @@ def make_env(plan: Plan, *, world_size: int | None = None, dry_run: bool = False
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(local_rank)
-    env = Env(plan, rank=rank, local_rank=local_rank, world_size=ws, device=device,
-              pg_timeout=timeout)
+    env = env_for(plan, rank=rank, local_rank=local_rank, world_size=ws, device=device,
+                  timeout=timeout)
     set_current_device(device)  # before the process group: nccl/xccl bind to it
     die_with_parent()  # under `overdrive launch` only: a worker never outlives torchrun
     if ws > 1:

@@ -22,7 +22,7 @@ rt.backward(rt.model(x, labels=x).loss)
 rt.optimizer.step()
 rt.optimizer.zero_grad()
 after = rt.state_dict()
-reference = rt.env.engine._zero3_consolidated_16bit_state_dict()  # DeepSpeed's own gather
+reference = rt._engine._zero3_consolidated_16bit_state_dict()  # DeepSpeed's own gather
 rt.export(f"{out}/export", max_shard_size="40KB")
 if rt.rank == 0:
     fresh = make_model(2, seed=5)

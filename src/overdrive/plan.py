@@ -4,6 +4,12 @@ A plan says *what* to do; the passes say *how*. ``resolve_plan`` turns whatever 
 handed in (a ``Plan``, a dict, a file path or a preset string such as ``"fsdp+compile+ac"``)
 into one frozen, fully defaulted ``Plan`` and refuses anything malformed with a
 ``PlanError`` that names the field, the value and the valid choices.
+
+Each pass is keyed by a config type: ``Plan.configs()`` is the one place that says which
+configs a plan holds — its parts that are on, the configs derived from its sizes and
+precision (``TensorParallelConfig``, ``ContextParallelConfig``, ``AutocastConfig``) and
+the user's own in ``Plan.extra`` — and so which passes run. ``who_casts`` is the one rule
+for who applies mixed precision.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Mapping
 
-from ..errors import PlanError
+from .errors import PlanError
 
 # --------------------------------------------------------------------------- parts
 
@@ -139,6 +145,43 @@ class Pipeline:
     split: tuple[int, ...] | None = None
 
 
+@dataclass(frozen=True)
+class TensorParallelConfig:
+    """Derived from the plan when ``parallel.tp > 1``: what the tensor-parallel pass does."""
+
+    size: int
+    sequence_parallel: bool = False
+    tp_plan: str | Mapping[str, str] | None = "auto"
+    divide_attrs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ContextParallelConfig:
+    """Derived from the plan when ``parallel.cp > 1``."""
+
+    size: int
+
+
+@dataclass(frozen=True)
+class AutocastConfig:
+    """Derived from the plan when mixed precision is autocast (``who_casts``)."""
+
+    dtype: str  # "bf16" | "fp16"
+
+
+def who_casts(plan: "Plan") -> str | None:
+    """Who applies the plan's mixed precision: None (full precision), "fsdp" or "deepspeed"
+    (they cast the parameters themselves: MixedPrecisionPolicy / the DeepSpeed config), or
+    "autocast" (torch.autocast around the forward). The one owner of this rule."""
+    if plan.mixed_precision == "no":
+        return None
+    if plan.fsdp is not None:
+        return "fsdp"
+    if plan.deepspeed is not None:
+        return "deepspeed"
+    return "autocast"
+
+
 PARTS: dict[str, type] = {
     "compile": Compile,
     "fp8": FP8,
@@ -175,6 +218,9 @@ class Plan:
     seed: int | None = None  # one seed for shuffling and RNG on every rank
     # a NaN/inf loss or gradient norm (outside fp16) skips the step instead of raising
     skip_nonfinite: bool = False
+    # configs of user passes (dataclass instances), each selecting the pass registered for
+    # its type: od.Plan(extra=(MyPassConfig(...),))
+    extra: tuple[Any, ...] = ()
 
     # -- conversions ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -208,30 +254,37 @@ class Plan:
     def compile_enabled(self) -> bool:
         return self.compile is not None and self.compile.mode != "off"
 
-    def requested_passes(self) -> list[str]:
-        """Names of the passes this plan asks for; each must exist and be enabled."""
-        wanted = [n for n in ("casting", "fp8", "checkpointing", "fsdp", "ddp", "deepspeed")
-                  if getattr(self, n) is not None]
-        if self.compile_enabled():
-            wanted.append("compile")
-        if self.parallel.pp > 1:
-            wanted.append("pipeline")
-        if self.parallel.tp > 1:
-            wanted.append("tensor_parallel")
-        if self.parallel.cp > 1:
-            wanted.append("context_parallel")
-        if self.mixed_precision != "no" and self.fsdp is None and self.deepspeed is None:
-            wanted.append("mixed_precision")  # autocast; fsdp/deepspeed cast themselves
-        return wanted
+    def autocast(self) -> AutocastConfig | None:
+        """The autocast config when ``who_casts`` says autocast, else None."""
+        return AutocastConfig(self.mixed_precision) if who_casts(self) == "autocast" else None
+
+    def configs(self) -> list[Any]:
+        """Every config this plan holds: each runs the pass registered for its type."""
+        out: list[Any] = [getattr(self, n) for n in PARTS
+                          if n != "parallel" and getattr(self, n) is not None]
+        if self.compile is not None and not self.compile_enabled():
+            out.remove(self.compile)
+        par = self.parallel
+        if par.tp > 1:
+            out.append(TensorParallelConfig(par.tp, par.sequence_parallel, self.tp_plan,
+                                            tuple(self.tp_divide_attrs)))
+        if par.cp > 1:
+            out.append(ContextParallelConfig(par.cp))
+        if self.autocast() is not None:
+            out.append(self.autocast())
+        return out + list(self.extra)
 
 
 def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and type(obj) not in (Plan, *PARTS.values()):
+        return {type(obj).__name__: {f.name: _to_plain(getattr(obj, f.name))
+                                     for f in fields(obj)}}  # a user config: named
     if dataclasses.is_dataclass(obj):
         return {f.name: _to_plain(getattr(obj, f.name)) for f in fields(obj)}
     if isinstance(obj, Mapping):
         return {k: _to_plain(v) for k, v in obj.items()}
     if isinstance(obj, tuple):
-        return list(obj)
+        return [_to_plain(v) for v in obj]
     return obj
 
 
@@ -334,6 +387,7 @@ def validate_plan(plan: Plan) -> Plan:
         )
     if plan.seed is not None and (not isinstance(plan.seed, int) or plan.seed < 0):
         raise PlanError(f"seed={plan.seed!r} is not valid; use a non-negative integer or None")
+    _check_extra(plan.extra)
     _check_contradictions(plan)
     return plan
 
@@ -380,6 +434,19 @@ def _check_types(obj: Any, prefix: str, part: str) -> None:
                 raise _choices_error(f"{prefix}{f.name}", value, choices)
             raise PlanError(f"{prefix}{f.name}={value!r} is not valid; {prefix}{f.name} takes "
                             f"{rule[1]}")
+def _check_extra(extra: Any) -> None:
+    if not isinstance(extra, tuple):
+        raise PlanError(f"extra={extra!r} is not valid; use a tuple of pass configs, e.g. "
+                        "extra=(MyPassConfig(),)")
+    seen: set[type] = set()
+    for cfg in extra:
+        if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
+            raise PlanError(f"extra: {cfg!r} is not a config; each entry is an instance of the "
+                            "dataclass a pass was registered with (register_pass(config=...))")
+        if type(cfg) in seen or type(cfg) in PARTS.values():
+            raise PlanError(f"extra: {type(cfg).__name__} appears twice (or is a built-in part; "
+                            "set that on its Plan field); give each config once")
+        seen.add(type(cfg))
 
 
 def _check_int(path: str, value: Any, minimum: int, allow_minus_one: bool = False) -> None:
