@@ -280,14 +280,17 @@ def test_accelerate_twice_with_other_passes_enters_every_context_once():
     od.accelerate(model, "bf16")
     calls = []
 
-    @od.register_pass("count_forwards")
+    @dataclasses.dataclass(frozen=True)
+    class CountConfig:
+        pass
+
+    @od.register_pass("count_forwards", config=CountConfig)
     class CountForwards(od.Pass):
-        def apply(self, model, graph, plan, env):
-            env.forward_contexts.append(lambda: _Counting(calls))
-            return self.record()
+        def apply(self, model, decision, ctx):
+            return od.Applied(self.record(), forward_contexts=[lambda: _Counting(calls)])
 
     try:
-        od.accelerate(model)
+        od.accelerate(model, od.Plan(extra=(CountConfig(),)))
     finally:
         unregister_pass("count_forwards")
     x = torch.randint(0, 256, (2, 8))
