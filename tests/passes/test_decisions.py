@@ -52,7 +52,7 @@ def test_every_builtin_pass_is_compared_here_or_on_two_ranks():
     assert builtin == here | set(TWO_RANKS)
 
 
-TWO_RANKS = ("tensor_parallel", "context_parallel", "fsdp", "ddp", "deepspeed")
+TWO_RANKS = ("tensor_parallel", "context_parallel", "fsdp", "ddp", "deepspeed", "pipeline")
 
 
 @pytest.mark.dist
