@@ -302,10 +302,11 @@ def test_fsdp_on_gloo_all_gathers_fp8_weights_in_high_precision():
     plan = Plan(fp8=od.FP8(), fsdp=od.FSDP())
     env = _env(plan)
     model = tiny(1)
-    rec = fp8_pass.FP8Training().apply(model, ModuleGraph(model), plan, env)
+    applied = apply_pass(fp8_pass.FP8Training(), model, plan, env)
+    rec = applied.record
     assert rec.details["fsdp_float8_all_gather"] is False
     assert not model.layers[0].attn.q_proj.config.enable_fsdp_float8_all_gather
-    assert env.post_step_hooks == []
+    assert applied.post_step_hooks == []
     assert any("gloo backend cannot all-gather float8" in n for n in rec.notes)
     if not torch.cuda.is_available():
         preview = od.inspect(tiny(1), plan, world_size=2)["fp8"]
