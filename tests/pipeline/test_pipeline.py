@@ -48,7 +48,7 @@ def test_pp_presets_and_mesh_order():
 
     assert MESH_DIMS[0] == "pp"
     resolved = od.Plan(parallel=od.Parallel(pp=2, dp_shard=2))
-    assert mesh_coordinates(2, resolved) == {"pp": 1, "dp_replicate": 0, "dp_shard": 0,
+    assert mesh_coordinates(2, resolved.parallel) == {"pp": 1, "dp_replicate": 0, "dp_shard": 0,
                                              "cp": 0, "tp": 0}
 
 

@@ -387,7 +387,7 @@ class Dispatch:
             self.scatter_group = rt._env.submesh("dp").get_group()
         par = rt.plan.parallel
         if par.pp > 1 and coords["cp"] == 0 and coords["tp"] == 0:
-            self.hops.append(_peers(rt.env.submesh("pp")))  # every stage sees the batch
+            self.hops.append(_peers(rt._env.submesh("pp")))  # every stage sees the batch
         if par.cp > 1 and coords["tp"] == 0:
             self.hops.append(_peers(rt._env.submesh("cp")))
         if par.tp > 1:
