@@ -83,6 +83,16 @@ def _model_structure(model: nn.Module) -> list[Any]:
 
 
 def device_kind(device: torch.device) -> str:
+    """``cpu``, ``cuda:<name>``…; od.inspect's meta device stands for the device a real
+    run would pick (cuda, else xpu / npu, else cpu), so both name the same bundle."""
+    if device.type == "meta":
+        for kind in ("cuda", "xpu", "npu"):
+            backend = getattr(torch, kind, None)
+            if backend is not None and backend.is_available():
+                device = torch.device(kind, 0)
+                break
+        else:
+            device = torch.device("cpu")
     if device.type == "cuda" and torch.cuda.is_available():
         index = device.index if device.index is not None else 0
         return f"cuda:{torch.cuda.get_device_name(index)}"

@@ -15,6 +15,7 @@ that dynamo skipped or that fell back to eager stores False (Accelerate's issues
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 import warnings
@@ -127,23 +128,34 @@ class CompileWatch:
         if failed:
             details["failed_compiles"] = failed
         details["recompiles_after_first_step"] = 0
-        self._check_ran_compiled()
+        self._check_ran_compiled(compiles)
         if self.cache is not None:
             self._store_cache()
 
-    def _check_ran_compiled(self) -> None:
-        states = {name: ran_compiled(module) for name, module in self.regions.items()}
+    def _check_ran_compiled(self, compiles: list[Any]) -> None:
+        failed = {(m.co_filename, m.co_firstlineno) for m in compiles if m.fail_type}
+        states = {name: ran_compiled(module) and _forward_code(module) not in failed
+                  if ran_compiled(module) is not None else None
+                  for name, module in self.regions.items()}
         eager = [name or "<root>" for name, ok in states.items() if ok is False]
         uncalled = [name or "<root>" for name, ok in states.items() if ok is None]
         details = self.record.details
         details["ran_compiled"] = [name or "<root>" for name, ok in states.items() if ok]
         details["ran_eager"] = eager
         details["not_called"] = uncalled
-        if eager:
-            msg = (f"compile: {len(eager)} of {len(states)} compiled region(s) ran EAGER code "
-                   f"in the first step, not the compiled code: {', '.join(eager)}; see "
-                   "rt.report['compile'].details['failed_compiles'] and TORCH_LOGS=graph_breaks"
-                   " (torch.compiler.disable, a skipped file or a suppressed compile error)")
+        if eager or uncalled:
+            parts = []
+            if eager:
+                parts.append(f"{len(eager)} of {len(states)} compiled region(s) ran EAGER code "
+                             f"in the first step, not the compiled code: {', '.join(eager)} "
+                             "(a suppressed compile error, torch.compiler.disable or a "
+                             "force_eager stance; see rt.report['compile']"
+                             ".details['failed_compiles'])")
+            if uncalled:
+                parts.append(f"{len(uncalled)} compiled region(s) were never called through "
+                             f"module(...) in the first step, so never ran compiled code: "
+                             f"{', '.join(uncalled)} (does a parent call .forward() directly?)")
+            msg = "compile: " + "; ".join(parts)
             self.record.note(msg)
             if self.is_main:
                 log.warning(msg)
@@ -194,6 +206,11 @@ class CompileWatch:
             self.record.details.setdefault("recompile_reasons", []).append(entry)
             if self.is_main:
                 log.warning("compile: recompile after the first step, %s", entry)
+
+
+def _forward_code(module: nn.Module) -> tuple[str, int]:
+    code = inspect.unwrap(type(module).forward).__code__
+    return code.co_filename, code.co_firstlineno
 
 
 def _seconds(metrics: Any) -> float:
