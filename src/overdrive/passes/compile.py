@@ -30,6 +30,7 @@ from torch import nn
 from ..errors import BackendUnavailable, PlanError
 from ..plan import Compile
 from ..rewrite.contract import Applied, Decision, Pass, PassContext
+from ..rewrite.env import mesh_coordinates
 from ..rewrite.graph import ModuleGraph
 from ..rewrite.manager import register_pass
 from . import compile_cache
@@ -220,7 +221,9 @@ def decide(graph: ModuleGraph, cfg: Compile, plan: Any = None, env: Any = None) 
                                "backend": str(cfg.backend)}
     cache_file = key = None
     if cfg.cache and plan is not None and env is not None:
-        key = compile_cache.fingerprint(plan, graph.model, env.device, env.world_size)
+        coords = mesh_coordinates(env.rank, env.parallel)
+        place = {dim: coords[dim] for dim in ("pp", "cp", "tp")}
+        key = compile_cache.fingerprint(plan, graph.model, env.device, env.world_size, place)
         folder = Path(cfg.cache_dir) if cfg.cache_dir is not None \
             else compile_cache.default_cache_dir()
         cache_file = str(folder / f"{key}.zip")
@@ -245,8 +248,9 @@ class CompilePass(Pass):
         cache = _load_cache(decision, record, is_main=ctx.env.rank == 0)
         regions = {name: model if name == "" else ctx.graph.module(name)
                    for name in decision.modules}  # "" is the root
+        # one writer per bundle: the first data-parallel rank of each pp/cp/tp place
         watch = CompileWatch(record, regions, str(decision.kwargs["backend"]), cache,
-                             is_main=ctx.env.rank == 0)
+                             is_main=ctx.env.rank == 0, writes=ctx.env.dp_rank == 0)
         for module in regions.values():
             module.register_forward_pre_hook(mark_compiled)
             compile_in_place(module, **decision.kwargs)

@@ -99,9 +99,13 @@ def device_kind(device: torch.device) -> str:
     return device.type
 
 
-def fingerprint(plan: Any, model: nn.Module, device: torch.device, world_size: int) -> str:
-    """The key of a bundle: equal for the same plan, model structure, torch and device."""
+def fingerprint(plan: Any, model: nn.Module, device: torch.device, world_size: int,
+                place: dict[str, int] | None = None) -> str:
+    """The key of a bundle: equal for the same plan, model structure, torch and device.
+    ``place``: this rank's pp / cp / tp coordinates (ranks there compile different graphs;
+    data-parallel peers compile the same ones and share a bundle)."""
     parts = {
+        "place": sorted((place or {}).items()),
         "format": FORMAT,
         "plan": {f.name: _stable(getattr(plan, f.name)) for f in dataclasses.fields(plan)},
         "model": _model_structure(model),

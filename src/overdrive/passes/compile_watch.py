@@ -97,6 +97,7 @@ class CompileWatch:
     backend: str
     cache: CacheTarget | None
     is_main: bool
+    writes: bool = True  # this rank writes the bundle (its data-parallel peers do not)
     started_us: int = field(default_factory=_now_us)
     graphs_before: int = field(default_factory=lambda: _counter("stats", "unique_graphs"))
     breaks_before: int = field(default_factory=_graph_breaks)
@@ -170,7 +171,7 @@ class CompileWatch:
         assert target is not None
         details = self.record.details
         missed = _cache_misses() > self.misses_before
-        if target.loaded.hit and not missed:
+        if (target.loaded.hit and not missed) or not self.writes:
             details["cache_written"] = False
             return
         size, problem = compile_cache.save_bundle(target.path, target.key)
