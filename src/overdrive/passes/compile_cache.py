@@ -138,18 +138,19 @@ def _compiled_kernel_keys() -> set[str]:
     return keys
 
 
-def _kernel_files() -> dict[str, bytes]:
+def _kernel_files(since: float) -> dict[str, bytes]:
+    """The C++ libraries of this process's compiles: those its code caches hold, and any
+    built since ``since`` (inductor's CPU ISA probes are compiled there too, per process)."""
     keys = _compiled_kernel_keys()
-    if not keys:
-        return {}
     root = _inductor_cache_dir()
     out: dict[str, bytes] = {}
-    for key in keys:
-        folder = root / key[1:3]
-        if not folder.is_dir():
-            continue
-        for path in folder.glob(f"{key}*"):
-            if path.suffix in KERNEL_SUFFIXES and path.is_file():
+    for suffix in KERNEL_SUFFIXES:
+        for path in root.glob(f"??/*{suffix}"):
+            try:
+                fresh = path.stat().st_mtime >= since
+            except OSError:
+                continue
+            if fresh or path.name.split(".", 1)[0] in keys:
                 out[path.relative_to(root).as_posix()] = path.read_bytes()
     return out
 
@@ -195,9 +196,10 @@ def load_bundle(path: Path) -> LoadResult:
                       artifacts=counts)
 
 
-def save_bundle(path: Path, key: str) -> tuple[int, str | None]:
+def save_bundle(path: Path, key: str, since: float) -> tuple[int, str | None]:
     """Write what this process compiled to ``path`` atomically: (bytes written, problem).
-    Nothing is written when torch recorded no artifacts (the eager backend)."""
+    Nothing is written when torch recorded no artifacts (the eager backend). ``since``:
+    when the compiles began (``time.time()``): kernel libraries built after it go in."""
     try:
         saved = torch.compiler.save_cache_artifacts()
         if saved is None:
@@ -209,7 +211,7 @@ def save_bundle(path: Path, key: str) -> tuple[int, str | None]:
                 "format": FORMAT, "fingerprint": key, "torch": torch.__version__,
                 "artifacts": {k: len(v) for k, v in info.artifacts.items()}}))
             zf.writestr("torch.bin", blob)
-            for rel, data in sorted(_kernel_files().items()):
+            for rel, data in sorted(_kernel_files(since).items()):
                 zf.writestr(f"kernels/{rel}", data)
         path.parent.mkdir(parents=True, exist_ok=True)
         data = buf.getvalue()

@@ -174,7 +174,8 @@ class CompileWatch:
         if (target.loaded.hit and not missed) or not self.writes:
             details["cache_written"] = False
             return
-        size, problem = compile_cache.save_bundle(target.path, target.key)
+        size, problem = compile_cache.save_bundle(target.path, target.key,
+                                                  self.started_us / 1e6 - 1.0)
         details["cache_written"] = size > 0
         details["cache_bytes"] = size
         if problem:
