@@ -72,6 +72,11 @@ def _cache_misses() -> int:
         _counter("aot_autograd", "autograd_cache_miss")
 
 
+def _cache_hits() -> int:
+    return _counter("inductor", "fxgraph_cache_hit") + \
+        _counter("aot_autograd", "autograd_cache_hit")
+
+
 def guard_of(reason: str) -> str:
     """The first line of dynamo's recompile reason without its ``0/0: `` prefix."""
     first = reason.strip().splitlines()[0] if reason.strip() else reason
@@ -102,6 +107,7 @@ class CompileWatch:
     graphs_before: int = field(default_factory=lambda: _counter("stats", "unique_graphs"))
     breaks_before: int = field(default_factory=_graph_breaks)
     misses_before: int = field(default_factory=_cache_misses)
+    hits_before: int = field(default_factory=_cache_hits)
     steps: int = 0
     recompiles: int = 0
     _last_us: int = 0
@@ -129,6 +135,9 @@ class CompileWatch:
         if failed:
             details["failed_compiles"] = failed
         details["recompiles_after_first_step"] = 0
+        # torch's own caches (FX graph + AOTAutograd entries) in the first step's compiles
+        details["torch_cache_hits"] = _cache_hits() - self.hits_before
+        details["torch_cache_misses"] = _cache_misses() - self.misses_before
         self._check_ran_compiled(compiles)
         if self.cache is not None:
             self._store_cache()
