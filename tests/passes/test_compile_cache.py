@@ -234,3 +234,46 @@ def test_inductor_warm_start_in_a_fresh_process_with_inductors_cache_wiped(tmp_p
     assert warm["cache"] == "hit" and warm["written"] is False
     assert warm["ran_compiled"] == ["layers.0", "layers.1"] and warm["fx_hits"] >= 1
     assert warm["seconds"] < cold["seconds"], (warm, cold)
+
+
+DDP_RECOMPILE = """
+    import json, logging, sys
+    from pathlib import Path
+    import torch
+    import overdrive as od
+    from overdrive.models.llama import tiny
+
+    out = Path(sys.argv[1])
+    lines = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    logging.getLogger("overdrive").addHandler(Keep())
+    plan = od.Plan(ddp=od.DDP(), compile=od.Compile(backend="eager", cache_dir=str(out)))
+    rt = od.accelerate(tiny(n_layers=2), plan, optimizer=lambda p: torch.optim.SGD(p, lr=0.01))
+    for seq in (16, 16, 24):
+        ids = torch.randint(0, 256, (2, seq))
+        rt.backward(rt.model(input_ids=ids, labels=ids).loss)
+        rt.optimizer.step()
+        rt.optimizer.zero_grad()
+    d = rt.report["compile"].details
+    (out / f"rank{rt.rank}.json").write_text(json.dumps({
+        "recompiles": d["recompiles_after_first_step"], "ran_compiled": d["ran_compiled"],
+        "cache_file": d["cache_file"],
+        "logged": [m for m in lines if "recompile after the first step" in m]}))
+"""
+
+
+@pytest.mark.dist
+def test_two_ranks_count_recompiles_and_only_rank0_logs(tmp_path):
+    from tests.helpers import run_torchrun
+
+    run_torchrun(DDP_RECOMPILE, 2, str(tmp_path), tmp_path=tmp_path)
+    r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
+    for r in (r0, r1):
+        assert r["recompiles"] == 1 and r["ran_compiled"] == ["layers.0", "layers.1"]
+    assert r0["cache_file"] == r1["cache_file"]  # data-parallel peers share one bundle
+    assert len(r0["logged"]) == 1 and "size mismatch" in r0["logged"][0]
+    assert r1["logged"] == []
