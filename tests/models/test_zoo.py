@@ -161,3 +161,21 @@ def test_auto_tp_plan_pairs_projections_by_structure():
     t5 = _tp_styles(zoo.t5())
     assert not any("Attention" in k for k in t5)  # the relative bias is per head
     assert t5["decoder.block.1.layer.2.DenseReluDense.wo"] == "rowwise"
+
+
+def test_auto_tp_plan_shards_conv1d_and_grouped_experts():
+    """GPT-2's Conv1D layers get the local-shard styles (c_attn strided over q/k/v);
+    Mixtral's grouped experts are sharded on their hidden dim, their parameter entries in
+    the model's plan need no note."""
+    import overdrive as od
+
+    gpt2 = _tp_styles(zoo.gpt2())
+    assert gpt2["transformer.h.0.attn.c_attn"] == "conv1d_colwise"
+    assert gpt2["transformer.h.0.attn.c_proj"] == "conv1d_rowwise"
+    assert gpt2["transformer.h.1.mlp.c_fc"] == "conv1d_colwise"
+    assert "lm_head" not in gpt2  # tied to wte
+    report = od.inspect(zoo.mixtral(), zoo.DIST_PLANS["fsdp+tp"](), world_size=2)
+    rec = report["tensor_parallel"]
+    assert rec.details["styles"]["model.layers.0.mlp.experts"] == "experts"
+    assert "model.layers.0.mlp.gate" not in rec.details["styles"]  # the router: replicated
+    assert not any("experts" in n and "skipped" in n for n in rec.notes)

@@ -215,8 +215,6 @@ EXPECTED_REFUSALS: dict[tuple[str, str], str] = {
     ("cnn", "fp8"): r"fp8: no nn\.Linear \(or transformers Conv1D\) is eligible .*head: in_features=16, out_features=10: "
                     r"fp8 matmuls need multiples of 16",
     ("cnn", "fsdp+tp"): r"parallel\.tp=2 but the tp plan shards no module of BatchNormCNN",
-    ("gpt2", "fsdp+tp"): r"shards no module of GPT2LMHeadModel .*transformer\.h\.0\.attn\.c_attn"
-                         r", …\) are transformers' Conv1D",
 }
 # Why, in words, for docs/models.md.
 REFUSAL_REASONS: dict[tuple[str, str], str] = {
@@ -224,17 +222,18 @@ REFUSAL_REASONS: dict[tuple[str, str], str] = {
                     "only Linear is its 16→10 head (convolutions have no fp8 path)",
     ("cnn", "fsdp+tp"): "no attention/MLP structure to derive a tensor-parallel plan from; "
                         "give `tp_plan` as a dict",
-    ("gpt2", "fsdp+tp"): "GPT-2's projections are transformers' `Conv1D` with q/k/v fused in "
-                         "`c_attn`; DTensor's Linear styles cannot shard them (not done: a "
-                         "strided shard of the fused weight)",
 }
 
 
 # What a trained cell did differently from the plain model, for docs/models.md (each is
 # a note in that pass's record).
 TRAINED_NOTES: dict[tuple[str, str], str] = {
-    ("mixtral", "fsdp+tp"): "attention sharded; the experts (`moe_tp_experts`) stay whole on "
-                            "every tp rank — expert sharding is not done yet",
+    ("mixtral", "fsdp+tp"): "attention sharded; each expert's hidden dim is sharded "
+                            "(`gate_up_proj` strided so each rank holds its gate and up "
+                            "slices), the router replicated, the experts' output summed",
+    ("gpt2", "fsdp+tp"): "the `Conv1D` projections are sharded; the fused `c_attn` is split "
+                         "strided so each rank holds its heads' q, k and v; the tied "
+                         "`wte`/`lm_head` stay whole",
     ("t5", "fsdp+tp"): "the feed-forward layers are sharded; attention stays whole (the first "
                        "block's relative position bias is computed per head)",
     ("encoder_lm", "fsdp+tp"): "linear1/linear2, the embedding and the head are sharded; "

@@ -38,6 +38,8 @@ from ..rewrite.graph import ModuleGraph, parameter_owners
 from ..rewrite.manager import Pass, register_pass
 from ..rewrite.plan import TP_STYLES, Plan
 from ..rewrite.report import PassRecord
+from .tp_local import (CONV1D_COLWISE, CONV1D_ROWWISE, EXPERTS, LOCAL_STYLES, fused_factor,
+                       is_conv1d, is_grouped_experts, make_local_style, shard_size_error)
 
 # transformers' style names -> ours (None: the module stays as it is)
 HF_STYLES: dict[str, str | None] = {
@@ -55,7 +57,10 @@ COLWISE_NAMES = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "wq", "wk
                  "w3", "q", "k", "v", "query", "key", "value", "fc1", "linear1", "wi", "wi_0",
                  "wi_1"}
 ROWWISE_NAMES = {"o_proj", "down_proj", "out_proj", "wo", "w2", "o", "fc2", "linear2"}
-SHARDING_STYLES = {"colwise", "rowwise", "colwise_rep", "rowwise_rep", "embedding_rowwise"}
+CONV1D_COLWISE_NAMES = {"c_attn", "c_fc"}  # transformers' Conv1D (GPT-2)
+CONV1D_ROWWISE_NAMES = {"c_proj"}
+SHARDING_STYLES = {"colwise", "rowwise", "colwise_rep", "rowwise_rep", "embedding_rowwise",
+                   *LOCAL_STYLES}
 HEAD_ATTRS = ("num_attention_heads", "n_heads", "num_heads", "n_head")
 KV_HEAD_ATTRS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "kv_heads")
 
@@ -113,10 +118,17 @@ def _explicit_plan(graph: ModuleGraph, tp_plan: Mapping[str, str]) -> dict[str, 
 
 def _model_plan(graph: ModuleGraph, own: dict[str, str]) -> tuple[dict[str, str], list[str]]:
     styles, notes = {}, []
+    experts = [g for g, s in own.items() if _is_moe_style(s, g)]
     for glob, hf_style in own.items():
         hits = graph.match(glob)
+        if not hits and any(glob.startswith(e + ".") for e in experts):
+            continue  # a parameter of grouped experts: the experts style shards it
         if not hits:
             notes.append(f"model tp plan entry {glob!r} matches no module: skipped")
+            continue
+        if hf_style not in HF_STYLES and _is_moe_style(hf_style, glob) and \
+                all(is_grouped_experts(graph.module(h)) for h in hits):
+            styles.update((h, EXPERTS) for h in hits)
             continue
         if hf_style not in HF_STYLES and _is_moe_style(hf_style, glob):
             notes.append(f"{glob} ({hf_style}): the experts stay whole on every tp rank "
@@ -136,7 +148,9 @@ def _model_plan(graph: ModuleGraph, own: dict[str, str]) -> tuple[dict[str, str]
 
 def _is_moe_style(style: str, glob: str) -> bool:
     """transformers' expert-parallel / grouped-experts styles (``moe_tp_experts``,
-    ``ep_router``, ``grouped_gemm``…) or any style given to an ``experts`` module."""
+    ``ep_router``, ``grouped_gemm``…) or any style given to an ``experts`` module. Grouped
+    experts (3-D ``gate_up_proj`` / ``down_proj``) are sharded on their hidden dim; other
+    expert layouts stay whole with a note."""
     return style.startswith(("moe", "ep_", "grouped")) or \
         glob.rsplit(".", 1)[-1] == "experts"
 
@@ -168,10 +182,14 @@ def _default_plan(graph: ModuleGraph, sp: bool) -> tuple[dict[str, str], list[st
 
 
 def _linear_role(graph: ModuleGraph, name: str) -> str | None:
-    """'colwise' / 'rowwise' for a Linear named like an attention or MLP projection."""
+    """'colwise' / 'rowwise' for a Linear (or transformers Conv1D) named like an attention
+    or MLP projection."""
+    parent, _, leaf = name.rpartition(".")
+    if is_conv1d(graph.module(name)):
+        return "colwise" if leaf in CONV1D_COLWISE_NAMES else \
+            "rowwise" if leaf in CONV1D_ROWWISE_NAMES else None
     if not isinstance(graph.module(name), nn.Linear):
         return None
-    parent, _, leaf = name.rpartition(".")
     if leaf in COLWISE_NAMES:
         return "colwise"
     if leaf in ROWWISE_NAMES:
@@ -218,10 +236,16 @@ def _block_units(graph: ModuleGraph, block: str, notes: list[str]) -> list[dict[
             notes.append(f"{', '.join(unit)} not sharded: {foreign} inside that "
                          "attention/MLP has weights the plan cannot shard")
             continue
-        units.append(unit)
+        units.append({n: _conv1d_style(graph, n, s) for n, s in unit.items()})
     if pending:
         notes.append(f"{', '.join(pending)} not sharded: no row-parallel layer consumes them")
     return units
+
+
+def _conv1d_style(graph: ModuleGraph, name: str, style: str) -> str:
+    if not is_conv1d(graph.module(name)):
+        return style
+    return CONV1D_COLWISE if style == "colwise" else CONV1D_ROWWISE
 
 
 def _foreign_weights(graph: ModuleGraph, names: list[str], unit: list[str]) -> str | None:
@@ -366,6 +390,14 @@ def _check_heads(graph: ModuleGraph, tp: int) -> None:
 def _check_modules(graph: ModuleGraph, styles: dict[str, str]) -> None:
     for name, style in styles.items():
         module = graph.module(name)
+        if style in LOCAL_STYLES:
+            fits = is_grouped_experts(module) if style == EXPERTS else is_conv1d(module)
+            if not fits:
+                raise PlanError(
+                    f"tp_plan: {name!r} is a {type(module).__name__}; style {style!r} needs "
+                    + ("grouped experts (3-D gate_up_proj/down_proj)" if style == EXPERTS
+                       else "a transformers Conv1D"))
+            continue
         want = nn.Embedding if style == "embedding_rowwise" else nn.Linear
         if style in SHARDING_STYLES and not isinstance(module, want):
             raise PlanError(
@@ -373,6 +405,25 @@ def _check_modules(graph: ModuleGraph, styles: dict[str, str]) -> None:
                 f"nn.{want.__name__} (colwise/rowwise styles shard Linear weights, "
                 "embedding_rowwise an Embedding's rows)"
             )
+
+
+def _check_local_sizes(graph: ModuleGraph, styles: dict[str, str], tp: int) -> None:
+    for name, style in styles.items():
+        if style in LOCAL_STYLES:
+            bad = shard_size_error(name, graph.module(name), style, tp)
+            if bad:
+                raise PlanError(f"parallel.tp={tp} does not divide {bad}; choose a tp that "
+                                "divides it")
+
+
+def _divide_fused_split(graph: ModuleGraph, styles: dict[str, str], tp: int) -> None:
+    """GPT-2's attention splits c_attn's output with ``split_size`` (its width): on each
+    rank the fused output holds that rank's heads, so the split is ``split_size // tp``."""
+    for name, style in styles.items():
+        if style == CONV1D_COLWISE and fused_factor(name, graph.module(name)) > 1:
+            owner = graph.module(name.rpartition(".")[0])
+            if isinstance(getattr(owner, "split_size", None), int):
+                owner.split_size //= tp
 
 
 def _check_divide_attrs(graph: ModuleGraph, styles: dict[str, str], plan: Plan) -> None:
@@ -532,6 +583,7 @@ class TensorParallel(Pass):
             )
         _check_modules(graph, styles)
         _check_heads(graph, tp)
+        _check_local_sizes(graph, styles, tp)
         _check_divide_attrs(graph, styles, plan)
         if plan.parallel.sequence_parallel:
             _check_sequence_parallel(graph, styles)
@@ -557,7 +609,9 @@ class TensorParallel(Pass):
         f8c = collective_backend(env) != "gloo"  # gloo has no float8 collectives
         for name, style in styles.items():
             module = graph.module(name)
-            parallelize_module(module, mesh, make_style(style, module, sp, f8c))
+            parallelize_module(module, mesh, make_local_style(name, module, style)
+                               if style in LOCAL_STYLES else make_style(style, module, sp, f8c))
+        _divide_fused_split(graph, styles, tp)
         if sp:
             for owner in _sp_owners(graph, styles):
                 kids = [graph.module(n) for n, s in styles.items()
