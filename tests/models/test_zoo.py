@@ -67,6 +67,17 @@ def test_two_rank_cells(tmp_path, model):
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.dist
+@pytest.mark.slow
+def test_two_rank_sequence_parallel_on_model_plans(tmp_path):
+    """Llama/Qwen2 train under tp+sp on transformers' own plans like a plain loop;
+    Mixtral is refused at check time (experts)."""
+    results = _run_dist(tmp_path, list(zoo.SP_MODELS), list(zoo.SP_PLANS))
+    assert len(results) == len(zoo.SP_MODELS) * len(zoo.SP_PLANS)
+    for res in results:
+        zoo.check_cell(res)
+
+
 def test_models_doc_is_current():
     """docs/models.md is rendered from the zoo's expectations, which the cells test."""
     doc = ROOT / "docs" / "models.md"
@@ -179,3 +190,17 @@ def test_auto_tp_plan_shards_conv1d_and_grouped_experts():
     assert rec.details["styles"]["model.layers.0.mlp.experts"] == "experts"
     assert "model.layers.0.mlp.gate" not in rec.details["styles"]  # the router: replicated
     assert not any("experts" in n and "skipped" in n for n in rec.notes)
+
+
+def test_sequence_parallel_on_a_model_plan_keeps_the_embedding_output_whole():
+    """transformers models derive positions and the causal mask from the embedding
+    output's length: under tp+sp it stays whole and the first block splits the sequence."""
+    import overdrive as od
+
+    report = od.inspect(zoo.llama(), zoo.SP_PLANS["tp+sp"](), world_size=2)
+    styles = report["tensor_parallel"].details["styles"]
+    assert styles["model.embed_tokens"] == "embedding_rowwise_rep"
+    assert styles["model.layers.0"] == "sequence_split" and "model.layers.1" not in styles
+    assert styles["model.norm"] == styles["model.layers.1.input_layernorm"] == \
+        "sequence_parallel_local"
+    assert styles["lm_head"] == "colwise_rep"

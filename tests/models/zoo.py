@@ -203,6 +203,11 @@ DIST_PLANS: dict[str, Callable[[], Any]] = {
     "fsdp+tp": lambda: od.Plan(fsdp=od.FSDP(), parallel=od.Parallel(tp=2, dp_shard=1)),
     "fsdp+compile": lambda: od.Plan(fsdp=od.FSDP(), compile=od.Compile(backend="aot_eager")),
 }
+# sequence parallel on the transformers models' own tp plans (its own 2-rank test)
+SP_PLANS: dict[str, Callable[[], Any]] = {
+    "tp+sp": lambda: od.Plan(parallel=od.Parallel(tp=2, dp_shard=1, sequence_parallel=True)),
+}
+SP_MODELS = ("llama", "qwen2", "mixtral")
 DIST_WORLD = 2
 
 # Loss tolerance against the plain loop: relative for the low-precision plans.
@@ -215,11 +220,16 @@ EXPECTED_REFUSALS: dict[tuple[str, str], str] = {
     ("cnn", "fp8"): r"fp8: no nn\.Linear \(or transformers Conv1D\) is eligible .*head: in_features=16, out_features=10: "
                     r"fp8 matmuls need multiples of 16",
     ("cnn", "fsdp+tp"): r"parallel\.tp=2 but the tp plan shards no module of BatchNormCNN",
+    ("mixtral", "tp+sp"): r"sequence_parallel=True with grouped experts "
+                          r"\(model\.layers\.0\.mlp\.experts\)",
 }
 # Why, in words, for docs/models.md.
 REFUSAL_REASONS: dict[tuple[str, str], str] = {
     ("cnn", "fp8"): "fp8 converts Linear layers whose dims are multiples of 16; the CNN's "
                     "only Linear is its 16→10 head (convolutions have no fp8 path)",
+    ("mixtral", "tp+sp"): "the expert style sums each expert's output over tp from whole "
+                          "token activations; a sequence-sharded stream would need the router "
+                          "and experts to gather it first (not done)",
     ("cnn", "fsdp+tp"): "no attention/MLP structure to derive a tensor-parallel plan from; "
                         "give `tp_plan` as a dict",
 }

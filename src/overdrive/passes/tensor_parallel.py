@@ -14,7 +14,9 @@ out as torchtitan does:
 
 With ``Parallel(sequence_parallel=True)`` the residual stream stays sharded on the
 sequence dim between sublayers; the modules that own colwise layers (attention, mlp) get a
-``PrepareModuleInput`` that all-gathers their first input. When the fp8 pass left torchao
+``PrepareModuleInput`` that all-gathers their first input. On a transformers model's own
+plan the embedding output stays whole instead (the model derives positions and masks from
+its length) and the first block of each stack splits the sequence. When the fp8 pass left torchao
 ``Float8Linear`` modules with tensorwise scaling, torchao's float8 TP styles are used so
 the all-gathers run in float8.
 
@@ -93,13 +95,8 @@ def resolve_tp_plan(graph: ModuleGraph, plan: Plan) -> tuple[dict[str, str], lis
         return _explicit_plan(graph, plan.tp_plan), []
     own = model_tp_plan(graph.model)
     if own is not None:
-        if sp:
-            raise PlanError(
-                "parallel.sequence_parallel=True is not supported with the model's own tp plan "
-                f"({type(graph.model).__name__}: it derives positions and masks from the "
-                "embedding output's length); use sequence_parallel=False"
-            )
-        return _model_plan(graph, own)
+        styles, notes = _model_plan(graph, own)
+        return (_sequence_parallel_on_model_plan(graph, styles), notes) if sp else (styles, notes)
     return _default_plan(graph, sp)
 
 
@@ -144,6 +141,28 @@ def _model_plan(graph: ModuleGraph, own: dict[str, str]) -> tuple[dict[str, str]
         if HF_STYLES[hf_style] is not None:
             styles.update((h, HF_STYLES[hf_style]) for h in hits)
     return _untie(graph, styles, notes)
+
+
+def _sequence_parallel_on_model_plan(graph: ModuleGraph, styles: dict[str, str]) -> dict[str, str]:
+    """Sequence parallel on top of a transformers plan. Such a model derives positions,
+    rotary tables and the causal mask from the embedding output's length at the model
+    level, so the embedding output stays whole and the first block of each stack splits
+    its input on the sequence (``sequence_split``); the norms run sequence-parallel, and
+    the attention/MLP modules all-gather their input (any call form: transformers passes
+    ``hidden_states=`` by keyword)."""
+    experts = [n for n, s in styles.items() if s == EXPERTS]
+    if experts:
+        raise PlanError(
+            f"parallel.sequence_parallel=True with grouped experts ({experts[0]}): the router "
+            "and the experts' tp style (output summed over tp) read whole token activations, "
+            "not a sequence-sharded stream; use sequence_parallel=False with this model")
+    out = {n: ("embedding_rowwise_rep" if s == "embedding_rowwise" else s)
+           for n, s in styles.items()}
+    for group in graph.block_groups():
+        out[group[0]] = "sequence_split"
+    out.update((n, "sequence_parallel_local") for n in graph.names()
+               if n and _is_norm(graph.module(n)))
+    return out
 
 
 def _is_moe_style(style: str, glob: str) -> bool:
@@ -450,6 +469,13 @@ def _check_divide_attrs(graph: ModuleGraph, styles: dict[str, str], plan: Plan) 
 
 def _check_sequence_parallel(graph: ModuleGraph, styles: dict[str, str]) -> None:
     have = set(styles.values())
+    if "sequence_split" in have:  # on the model's own plan
+        if "colwise_rep" not in have:
+            raise PlanError(
+                "parallel.sequence_parallel=True needs the lm_head gathered (colwise_rep) in "
+                f"the tp plan to leave the sequence-sharded stream; found {sorted(have)}; use "
+                "sequence_parallel=False")
+        return
     if not {"embedding_rowwise", "colwise_rep"} <= have or "sequence_parallel" not in have:
         raise PlanError(
             "parallel.sequence_parallel=True needs the token embedding (embedding_rowwise), "
@@ -538,6 +564,10 @@ def make_style(style: str, module: nn.Module, sp: bool, float8_collectives: bool
         return RowwiseParallel(input_layouts=Replicate(), output_layouts=stream)
     if style == "sequence_parallel":
         return SequenceParallel()
+    if style == "sequence_parallel_local":
+        return SequenceParallel(use_local_output=True)
+    if style == "embedding_rowwise_rep":
+        return RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
     raise PlanError(f"unknown tp style {style!r}; choose one of: {', '.join(TP_STYLES)}")
 
 
@@ -557,6 +587,35 @@ def gather_sequence_style(owner: nn.Module, children: list[nn.Module],
         cls = PrepareFloat8ModuleInput
     return cls(input_layouts=(Shard(1), *rest), desired_input_layouts=(Replicate(), *rest),
                use_local_output=True)
+
+
+class SequenceHook:
+    """A module's hidden-states input (first positional, or ``hidden_states=``) split on the
+    sequence (``split``: a block entered with the whole stream) or all-gathered from it
+    (an attention/MLP module under sequence parallel)."""
+
+    def __init__(self, split: bool):
+        self.split = split
+
+    def apply(self, module: nn.Module, mesh) -> None:
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        src, dst = ((Replicate(), Shard(1)) if self.split else (Shard(1), Replicate()))
+
+        def relayout(x):
+            if isinstance(x, DTensor):
+                x = x.to_local()
+            return DTensor.from_local(x, mesh, [src], run_check=False).redistribute(
+                mesh, [dst]).to_local()
+
+        def hook(mod, args, kwargs):
+            if args:
+                return (relayout(args[0]), *args[1:]), kwargs
+            if "hidden_states" in kwargs:
+                return args, {**kwargs, "hidden_states": relayout(kwargs["hidden_states"])}
+            raise RuntimeError(f"{type(mod).__name__}: no hidden states input to relayout")
+
+        module.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 # --------------------------------------------------------------------------- the pass
@@ -609,11 +668,17 @@ class TensorParallel(Pass):
         f8c = collective_backend(env) != "gloo"  # gloo has no float8 collectives
         for name, style in styles.items():
             module = graph.module(name)
+            if style == "sequence_split":
+                SequenceHook(split=True).apply(module, mesh)
+                continue
             parallelize_module(module, mesh, make_local_style(name, module, style)
                                if style in LOCAL_STYLES else make_style(style, module, sp, f8c))
         _divide_fused_split(graph, styles, tp)
         if sp:
             for owner in _sp_owners(graph, styles):
+                if "sequence_split" in styles.values():
+                    SequenceHook(split=False).apply(graph.module(owner), mesh)
+                    continue
                 kids = [graph.module(n) for n, s in styles.items()
                         if s == "colwise" and n.rpartition(".")[0] == owner]
                 parallelize_module(graph.module(owner), mesh,
