@@ -1,4 +1,4 @@
-"""The ``overdrive`` command: inspect, export, launch, env.
+"""The ``overdrive`` command: inspect, export, launch, plot, env.
 
 Benchmarks are not a subcommand: they live in the repository (`benchmarks/run_all.py`,
 `make bench`), beside the baselines they compare against, not in the installed package.
@@ -136,7 +136,8 @@ def nproc_arg(value: str) -> str:
 
 def cmd_launch(args: argparse.Namespace) -> int:
     import shlex
-    import subprocess
+
+    from .launcher import run_owned
 
     if args.nproc == "auto":
         import torch
@@ -147,16 +148,21 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} {shlex.join(cmd)}")
         return 0
-    try:
-        return subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:
-        return 130
+    return run_owned(cmd, env)  # signals passed on; no worker outlives the launcher
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from .cli_offline import cmd_export
 
     return cmd_export(args)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plotting import plot_runs  # matplotlib is imported only here
+
+    out = plot_runs(args.run_dirs, args.out, labels=args.label)
+    print(f"wrote {out}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,6 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("script", help="the training script")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
     p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser("plot", help="loss, lr, tokens/s and memory against step from "
+                                    "runs' metrics.jsonl, overlaid (needs matplotlib)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+    p.add_argument("--out", default="plot.png", help="image to write (default plot.png)")
+    p.add_argument("--label", action="append", default=None,
+                   help="a legend label per run, in order (default: the directory names)")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("env", help="versions and backends, for bug reports")
     p.add_argument("--json", action="store_true")

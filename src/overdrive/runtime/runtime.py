@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from typing import Any
 
 import torch
@@ -18,7 +19,11 @@ from torch import nn
 from ..rewrite.plan import Plan
 from ..rewrite.report import Report
 from . import collectives, data, grad, helpers, split, trigger
+from .guards import NonFiniteGuard
+from .ledger import make_ledger
 from .state import Env
+from .step_metrics import StepMeter
+from .tracking import Tracking, TrackingConfig
 
 log = logging.getLogger("overdrive")
 
@@ -43,8 +48,11 @@ class Runtime:
     """
 
     def __init__(self, model: nn.Module, *, plan: Plan, report: Report, env: Env,
-                 optimizer: Any = None, scheduler: Any = None):
+                 optimizer: Any = None, scheduler: Any = None,
+                 tracking: TrackingConfig | None = None, flops_model: nn.Module | None = None,
+                 pipeline: Any = None, desync_timeout: float | None = 60.0):
         self.model = model
+        self._pipeline = pipeline  # runtime/pipeline.PipelineRunner under parallel.pp > 1
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.plan = plan
@@ -62,6 +70,13 @@ class Runtime:
         self._trigger = trigger.Trigger()
         self._grad_sync = grad.GradSync(self, self.grad_accum)
         self._dtensor_grads = _has_dtensor(model)
+        self._guard = NonFiniteGuard(self)
+        # the collective ledger and its watchdog (ledger.py); None on a single process
+        self._ledger = make_ledger(desync_timeout)
+        if self._ledger is not None:
+            weakref.finalize(self, self._ledger.stop)
+        self._tracking, self._meter = self._make_tracking(tracking, flops_model)
+        self._profiler = None  # the active rt.profile, stepped with the optimizer
         if optimizer is not None:
             self.optimizer = grad.Optimizer(optimizer, self)
         if scheduler is not None:
@@ -106,7 +121,7 @@ class Runtime:
 
     @property
     def mesh(self):
-        """The DeviceMesh (dims dp_replicate, dp_shard, cp, tp; flattened dp, dp_shard_cp,
+        """The DeviceMesh (dims pp, dp_replicate, dp_shard, cp, tp; flattened dp, dp_shard_cp,
         dp_cp), or None for a single process that never needed one."""
         if self.env._mesh is None and not self.env.distributed:
             return None
@@ -120,6 +135,43 @@ class Runtime:
     def post_step_hooks(self) -> list:
         """``hook(model, optimizer)`` run after each real optimizer step (env's list)."""
         return self.env.post_step_hooks
+
+    # -- tracking (tracking.py, step_metrics.py, profile.py) -------------------------
+    def _make_tracking(self, config: TrackingConfig | None, flops_model: nn.Module | None):
+        config = config or TrackingConfig()
+        tracking = Tracking(config, is_main=self.is_main, plan=self.plan)
+        meter = StepMeter.for_runtime(self, config, tracking, flops_model) \
+            if config.log_every else None
+        return tracking, meter
+
+    @property
+    def run_dir(self):
+        """Where rank 0's trackers write (created at the first logged row)."""
+        return self._tracking.run_dir
+
+    def log(self, metrics: dict, step: int | None = None) -> None:
+        """Send ``metrics`` to the trackers (rank 0 only; other ranks return at once).
+
+        ``step`` defaults to the optimizer step ``rt.step``. Tensor values are read to
+        Python floats together, with one device→host copy.
+        """
+        if self._tracking.active:
+            self._tracking.log(metrics, self.step if step is None else step)
+
+    def finish(self) -> None:
+        """Flush and close the trackers (also done at interpreter exit)."""
+        self._tracking.finish()
+
+    def profile(self, out_dir, *, wait: int = 1, warmup: int = 1, active: int = 3,
+                ranks=(0,), memory: bool = False):
+        """Profile ``active`` optimizer steps after ``wait`` + ``warmup`` steps with
+        torch.profiler: a Chrome/Perfetto trace per profiled rank and a table of the top
+        ops in ``out_dir``. Starts now; stops by itself after the active steps (or at the
+        end of a ``with rt.profile(...):`` block). Ranks not in ``ranks`` do nothing."""
+        from .profile import StepProfiler
+
+        return StepProfiler.start(self, out_dir, wait=wait, warmup=warmup, active=active,
+                                  ranks=ranks, memory=memory)
 
     # -- precision ------------------------------------------------------------------
     def _choose_autocast_dtype(self) -> torch.dtype | None:
@@ -142,7 +194,27 @@ class Runtime:
 
     # -- backward -------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
-        """``loss.backward()`` scaled by 1/grad_accum (and by the fp16 scaler)."""
+        """``loss.backward()`` scaled by 1/grad_accum (and by the fp16 scaler).
+
+        A NaN/inf loss outside fp16 raises ``NonFiniteError`` (guards.py) before the
+        optimizer steps, or skips the step with ``Plan(skip_nonfinite=True)``.
+        """
+        self._guard.value(loss, "the loss")
+        if self._meter is not None:
+            self._meter.on_backward(loss)
+        ledger = self._ledger
+        if ledger is None:
+            return self._backward(loss, kwargs)
+        if ledger.error is not None:
+            ledger.raise_error()
+        ledger.inside = "rt.backward"  # a peer stalled meanwhile names it
+        try:
+            self._backward(loss, kwargs)
+        finally:
+            ledger.inside = None
+        return None
+
+    def _backward(self, loss: torch.Tensor, kwargs: dict) -> None:
         if self.env.engine is not None:
             self.env.engine.backward(loss, **kwargs)
             return
@@ -151,6 +223,27 @@ class Runtime:
         if self._scaler is not None:
             loss = self._scaler.scale(loss)
         loss.backward(**kwargs)
+
+    # -- one micro-step (steps.py) -----------------------------------------------------
+    def forward_backward(self, batch: Any, loss_fn=None) -> torch.Tensor:
+        """Forward and backward of ``batch`` under any plan; returns the (detached) loss.
+
+        ``batch`` is what the loop would hand the model: a dict (``model(**batch)``), a
+        tensor (``model(batch)``) or a tuple (``model(*batch)``). The loss is
+        ``output.loss`` or ``loss_fn(output, batch)``. Under pp the batch is split into
+        the schedule's micro-batches (``loss_fn`` then sees each micro-batch) and the
+        mean loss over them is returned, the same on every pipeline rank.
+        """
+        from . import steps
+
+        return steps.forward_backward(self, batch, loss_fn)
+
+    def evaluate(self, batch: Any, loss_fn=None) -> torch.Tensor:
+        """The loss of ``batch`` without gradients (the schedule's forward-only path
+        under pp)."""
+        from . import steps
+
+        return steps.evaluate(self, batch, loss_fn)
 
     # -- data (data.py) ---------------------------------------------------------------
     def shard(self, dataloader, *, split_batches: bool = False, even_batches: bool = True,
@@ -184,7 +277,12 @@ class Runtime:
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0):
         """Clip the gradients; returns the global norm across every shard."""
-        return grad.clip_grad_norm_(self, max_norm, norm_type)
+        norm = grad.clip_grad_norm_(self, max_norm, norm_type)
+        if norm is not None and self.env.engine is None:
+            self._guard.value(norm, "the gradient norm")
+        if self._meter is not None:
+            self._meter.on_clip(norm)
+        return norm
 
     def clip_grad_value_(self, clip_value: float) -> None:
         grad.clip_grad_value_(self, clip_value)
@@ -192,27 +290,39 @@ class Runtime:
     # -- collectives (collectives.py) -------------------------------------------------
     def gather(self, x: Any) -> Any:
         """Every rank's tensors concatenated along dim 0 (nested structures kept)."""
-        return collectives.gather(x)
+        with self._collective("rt.gather"):
+            return collectives.gather(x)
 
     def gather_for_metrics(self, x: Any) -> Any:
         """``gather`` over the data-parallel ranks without even_batches padding: the
         gathered values of a whole epoch are exactly the dataset."""
         loader = self._active_loader
         rows = (loader.batch_len, loader.n_real) if loader is not None else None
-        return collectives.gather_for_metrics(x, rows, group=self._dp_group())
+        with self._collective("rt.gather_for_metrics"):
+            return collectives.gather_for_metrics(x, rows, group=self._dp_group())
 
     def gather_object(self, obj: Any) -> list:
-        return collectives.gather_object(obj)
+        with self._collective("rt.gather_object"):
+            return collectives.gather_object(obj)
 
     def reduce(self, x: Any, op: str = "sum") -> Any:
-        return collectives.reduce(x, op)
+        with self._collective("rt.reduce"):
+            return collectives.reduce(x, op)
 
     def broadcast(self, x: Any, src: int = 0) -> Any:
-        return collectives.broadcast(x, src)
+        with self._collective("rt.broadcast"):
+            return collectives.broadcast(x, src)
 
     def pad_across_processes(self, x: Any, dim: int = 0, pad_index: int = 0,
                              pad_first: bool = False) -> Any:
-        return collectives.pad_across_processes(x, dim, pad_index, pad_first)
+        with self._collective("rt.pad_across_processes"):
+            return collectives.pad_across_processes(x, dim, pad_index, pad_first)
+
+    def _collective(self, name: str, *, entry_check: bool = False):
+        """The ledger's span for a collective helper (every rank must call it)."""
+        if self._ledger is None:
+            return contextlib.nullcontext()
+        return self._ledger.helper(name, entry_check=entry_check)
 
     def split_between_processes(self, inputs: Any, apply_padding: bool = False):
         """``with rt.split_between_processes(items) as mine:`` this data rank's share of a
@@ -228,13 +338,14 @@ class Runtime:
     def check_trigger(self) -> bool:
         """True on every rank when any rank called ``set_trigger()`` since the last check
         (every rank calls this at the same point: it is one all-reduce)."""
-        return self._trigger.check()
+        with self._collective("rt.check_trigger"):
+            return self._trigger.check()
 
     def _dp_group(self):
         """The data-parallel process group (None: the default group is the dp group)."""
         if self.dp_size == self.world_size:
             return None
-        return self.mesh["dp"].get_group()
+        return self.env.submesh("dp").get_group()  # the kept flattened mesh (torch asks so)
 
     # -- state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -242,10 +353,12 @@ class Runtime:
 
         Sharded parameters (DTensor, DeepSpeed ZeRO-3 partitions) are gathered one by one,
         so every rank gets the full state; every rank must call this together. Tensors are
-        on the CPU.
+        on the CPU. Under pp the stages of every pipeline rank are gathered too.
         """
         from .export import full_cpu
 
+        if self._pipeline is not None:  # every stage's, gathered over the pp ranks
+            return dict(self._pipeline.gathered_weights(self.model, True))
         return {clean_key(key): full_cpu(value)
                 for key, value in self.model.state_dict(keep_vars=True).items()}
 
@@ -266,13 +379,15 @@ class Runtime:
         """Save the whole training state to ``path`` atomically (every rank calls this)."""
         from . import checkpoint
 
-        checkpoint.save(self, path, keep_last=keep_last, async_=async_)
+        with self._collective("rt.save", entry_check=True):
+            checkpoint.save(self, path, keep_last=keep_last, async_=async_)
 
     def load(self, path, *, verify: bool = True) -> dict[str, Any]:
         """Restore what ``save`` wrote (on any number of ranks); returns its metadata."""
         from . import checkpoint
 
-        return checkpoint.load(self, path, verify=verify)
+        with self._collective("rt.load", entry_check=True):
+            return checkpoint.load(self, path, verify=verify)
 
     def register_for_checkpointing(self, *objects: Any) -> None:
         """Save these objects' ``state_dict()`` with ``rt.save`` and hand it back to their
@@ -293,13 +408,18 @@ class Runtime:
         """Consolidated safetensors weights (transformers layout), written by rank 0."""
         from . import export
 
-        return export.export(self.model, directory, max_shard_size=max_shard_size, dtype=dtype,
-                             is_main=self.is_main)
+        entries = None
+        with self._collective("rt.export", entry_check=True):
+            if self._pipeline is not None:  # every stage's weights, gathered on rank 0
+                entries = self._pipeline.gathered_weights(self.model, self.is_main)
+            return export.export(self.model, directory, max_shard_size=max_shard_size,
+                                 dtype=dtype, is_main=self.is_main, entries=entries)
 
     # -- process helpers --------------------------------------------------------------
     def barrier(self) -> None:
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.barrier()
+            with self._collective("rt.barrier"):
+                collectives.barrier()
 
     def print(self, *args: Any, **kwargs: Any) -> None:
         """``print`` on rank 0 only."""
