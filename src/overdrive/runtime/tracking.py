@@ -347,8 +347,9 @@ class Tracking:
                                  "before finishing, or accelerate a new runtime for a new run")
         if not self._opened:
             self._open()
-        for tracker in self._trackers:
-            tracker.log(dict(row), step)
+        last = len(self._trackers) - 1
+        for i, tracker in enumerate(self._trackers):  # the last one gets the row itself:
+            tracker.log(row if i == last else dict(row), step)  # it is a fresh dict
 
 
 def _finish_at_exit(ref) -> None:
