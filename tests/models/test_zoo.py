@@ -11,11 +11,11 @@ import json
 
 import pytest
 
-from tests.helpers import ROOT, run_torchrun
+from tests.helpers import ROOT, require, run_torchrun
 from tests.models import zoo
 from tests.models.render_docs import render
 
-pytest.importorskip("transformers")
+require("transformers")
 
 # make test: one cell of each plan kind over the families that broke before
 FAST_SINGLE = {("llama", "sac"), ("gemma2", "ac"), ("t5", "ac"), ("gpt2", "casting"),

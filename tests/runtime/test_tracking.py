@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import overdrive as od
-from tests.helpers import ROOT, assert_untouched, run_torchrun, snapshot
+from tests.helpers import ROOT, assert_untouched, require, run_torchrun, snapshot
 
 WORKER = ROOT / "tests" / "runtime" / "tracking_worker.py"
 STEP_KEYS = {"step", "loss", "grad_norm", "lr", "step_seconds", "samples_per_s",
@@ -90,7 +90,7 @@ def _accelerate(**kwargs):
 
 
 def test_wandb_offline_writes_its_run_files(tmp_path, monkeypatch):
-    pytest.importorskip("wandb", reason="wandb not installed (pip install 'overdrive[wandb]')")
+    require("wandb", reason="wandb not installed (pip install 'overdrive[wandb]')")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     rt = _accelerate(trackers=("wandb",), run_dir=tmp_path / "run", run_config={"x": 1})
@@ -106,7 +106,7 @@ def test_wandb_offline_writes_its_run_files(tmp_path, monkeypatch):
 
 
 def test_mlflow_local_store_has_the_metrics(tmp_path, monkeypatch):
-    pytest.importorskip("mlflow", reason="mlflow not installed (pip install 'overdrive[mlflow]')")
+    require("mlflow", reason="mlflow not installed (pip install 'overdrive[mlflow]')")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     rt = _accelerate(trackers=("mlflow",), run_dir=tmp_path / "run")
     _train(rt)

@@ -108,7 +108,25 @@ def _explicit_plan(graph: ModuleGraph, tp_plan: Mapping[str, str]) -> dict[str, 
                 f"qualified names or globs such as {_example(graph)!r}"
             )
         styles.update((h, style) for h in hits)
+    _refuse_tied(graph, styles)
     return styles
+
+
+def _refuse_tied(graph: ModuleGraph, styles: dict[str, str]) -> None:
+    """An explicit plan that shards a module whose weight is shared with another would
+    untie them (each gets its own DTensor): refused, naming both."""
+    owners = parameter_owners(graph.model)
+    for name, style in styles.items():
+        if style not in SHARDING_STYLES:
+            continue
+        for pname, p in graph.module(name).named_parameters(recurse=False):
+            others = sorted(owners[id(p)] - {name})
+            if others:
+                raise PlanError(
+                    f"tp_plan: {name!r} ({style}) has its {pname} tied to {others[0]!r}; "
+                    "sharding it would untie them and train two copies. Leave "
+                    f"{name!r} out of tp_plan (tp_plan='auto' leaves tied modules "
+                    "alone), or untie the weights before od.accelerate")
 
 
 def _model_plan(graph: ModuleGraph, own: dict[str, str]) -> tuple[dict[str, str], list[str]]:
