@@ -31,7 +31,8 @@ from overdrive.models.llama import tiny
 
 
 class CountingTokens(Dataset):
-    """``n`` sequences of ``seq_len + 1`` tokens: start, start+stride, … (mod vocab)."""
+    """``n`` sequences of ``seq_len`` tokens: start, start+stride, … (mod vocab); the labels
+    are the tokens themselves (the model's loss shifts them)."""
 
     def __init__(self, n: int, seq_len: int, vocab: int, seed: int = 0):
         self.n, self.seq_len, self.vocab, self.seed = n, seq_len, vocab, seed
@@ -42,8 +43,8 @@ class CountingTokens(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
         start, stride = torch.randint(0, self.vocab, (2,), generator=g).tolist()
-        seq = (start + (stride % 7 + 1) * torch.arange(self.seq_len + 1)) % self.vocab
-        return {"input_ids": seq[:-1], "labels": seq[1:]}
+        seq = (start + (stride % 7 + 1) * torch.arange(self.seq_len)) % self.vocab
+        return {"input_ids": seq, "labels": seq}
 
 
 def parse_args() -> argparse.Namespace:
@@ -78,7 +79,7 @@ def latest_checkpoint(out: str | None) -> str | None:
 def make_plan(args: argparse.Namespace) -> od.Plan:
     if args.plan is None:
         plan = od.Plan()
-    elif args.plan.endswith((".yaml", ".yml", ".json")):
+    elif args.plan.lower().endswith((".yaml", ".yml", ".json")):
         plan = od.Plan.from_file(args.plan)
     else:
         plan = od.Plan.preset(args.plan)

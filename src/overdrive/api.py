@@ -1,13 +1,15 @@
 """``accelerate`` and ``inspect``: the one call, and its dry run.
 
-The flow (DESIGN.md): resolve the plan → inspect the model → order the passes → check
-every pass → (only then) mutate: place the model, apply the passes, build the optimizer.
+The flow (docs/architecture.md): resolve the plan → inspect the model → order the
+passes → check every pass → (only then) mutate: place the model, apply the passes,
+build the optimizer.
 """
 
 from __future__ import annotations
 
 import logging
 import types
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -34,7 +36,8 @@ OptimizerArg = torch.optim.Optimizer | Callable[..., torch.optim.Optimizer] | No
 def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
                optimizer: OptimizerArg = None, scheduler: Any = None,
                trackers: Any = ("jsonl",), run_dir: Any = None, run_config: dict | None = None,
-               log_every: int = 1) -> Runtime:
+               log_every: int = 1, timeout: float | None = None,
+               desync_timeout: float | None = 60.0) -> Runtime:
     """Transform ``model`` in place according to ``plan`` and return a ``Runtime``.
 
     ``optimizer`` may be an optimizer or a factory ``params -> optimizer``; a factory is
@@ -46,17 +49,26 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
     ``log_every`` optimizer steps (0: never), the built-in step metrics, on rank 0, in
     ``run_dir`` (default ``runs/<timestamp>``, created at the first row); ``run_config``
     and the resolved plan are logged once.
+
+    ``timeout``: the process-group timeout in seconds when overdrive starts the process
+    group (default: OVERDRIVE_PG_TIMEOUT, else 600 — generous, for first-step compiles).
+    ``desync_timeout``: seconds ranks may stand still at different places before every
+    rank raises ``DesyncError`` (docs/reliability.md); None turns that check off (the
+    ledger still compares the collectives the ranks issued).
     """
     if not isinstance(model, nn.Module):
         raise PlanError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_seconds("timeout", timeout)
+    _check_seconds("desync_timeout", desync_timeout)
     tracking = resolve_tracking(trackers, run_dir, run_config, log_every)
     model_name = type(model).__name__  # fully_shard / replicate rename the class
     plan = resolve_plan(plan)
     _check_meta_device(model, plan)
-    plan, env = make_env(plan)
+    plan, env = make_env(plan, timeout=timeout)
     graph = ModuleGraph(model, plan.blocks)
     graph.blocks()  # resolves a user override now: a bad glob is refused before mutation
     manager = PassManager(plan)
+    _check_not_transformed(model, manager.names(), plan)
     _check_optimizer_arg(optimizer, manager, plan)
     param_names = {id(p): n for n, p in model.named_parameters()}
     # set before check: an engine pass (deepspeed) checks that it has an optimizer
@@ -67,11 +79,13 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
     # ---- nothing above this line mutates the model ----
     _place_model(model, plan, env)
     pipeline = None
+    user_model = model
     if plan.parallel.pp > 1:
         model, records, pipeline = _apply_pipeline(model, graph, manager, plan, env)
     else:
         records = manager.apply_all(model, graph, env)
         _enter_forward_contexts(model, env)
+    _APPLIED[user_model] = (*_APPLIED.get(user_model, ()), *manager.names())
 
     opt = env.extras.get("optimizer")  # an engine (DeepSpeed) may have built it
     if opt is None and env.optimizer_factory is not None:
@@ -83,7 +97,8 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
     report = Report(records, model=model_name, plan=plan.to_dict(),
                     blocks=graph.blocks())
     rt = Runtime(model, plan=plan, report=report, env=env, optimizer=opt, scheduler=sched,
-                 tracking=tracking, flops_model=flops_model, pipeline=pipeline)
+                 tracking=tracking, flops_model=flops_model, pipeline=pipeline,
+                 desync_timeout=desync_timeout)
     if rt.is_main:
         log.info("overdrive: applied %s", " → ".join(report.names()) or "no passes")
     return rt
@@ -102,13 +117,14 @@ def inspect(model: nn.Module, plan: Plan | dict | str | None = None, *,
         raise PlanError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     plan = resolve_plan(plan)
     plan, env = make_env(plan, world_size=world_size, dry_run=True)
+    manager = PassManager(plan)
+    _check_not_transformed(model, manager.names(), plan)
     on_meta = all(p.device.type == "meta" for p in model.parameters())
+    env.model_on_meta = on_meta
     shadow = model if on_meta else meta_copy(model)
     graph = ModuleGraph(shadow, plan.blocks)
     graph.blocks()
-    manager = PassManager(plan)
     env.extras["example_inputs"] = example_inputs  # budget checkpointing traces with them
-    env.extras["model_on_meta"] = on_meta  # the shadow is on meta; the user's model may not be
     manager.check_all(graph, env)
     records = manager.preview_all(graph, env)
     trace = trace_model(shadow, example_inputs) if example_inputs is not None else None
@@ -118,6 +134,14 @@ def inspect(model: nn.Module, plan: Plan | dict | str | None = None, *,
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _check_seconds(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise PlanError(f"{name}={value!r} is not valid; give a number of seconds > 0 "
+                        f"(e.g. {name}=60){' or None to turn the check off' if name == 'desync_timeout' else ''}")
 
 
 def _apply_pipeline(model: nn.Module, graph: ModuleGraph, manager: PassManager, plan: Plan,
@@ -210,6 +234,42 @@ def _optimizer_factory(optimizer: OptimizerArg, param_names: dict[int, str],
     return rebuild
 
 
+# the passes od.accelerate applied to each live model, in order (nothing is set on the model)
+_APPLIED: "weakref.WeakKeyDictionary[nn.Module, tuple[str, ...]]" = weakref.WeakKeyDictionary()
+
+
+def _check_not_transformed(model: nn.Module, names: list[str], plan: Plan) -> None:
+    """Refuse to transform a model a second time in the same way: a second autocast
+    wrapper recurses, a second fully_shard trips torch's asserts, a DDP wrapper wrapped
+    again renames every key (``module.``)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        raise PlanError(
+            f"model: {type(model.module).__name__} is wrapped in torch's "
+            "DistributedDataParallel; pass the module it wraps (model.module) to "
+            "od.accelerate: the plan's ddp / fsdp does the wrapping, and the state_dict "
+            "keys stay the model's own (no 'module.' prefix)")
+    done = _APPLIED.get(model, ())
+    again = [n for n in names if n in done]
+    if again:
+        raise PlanError(
+            f"model: od.accelerate already applied {', '.join(done)} to this "
+            f"{type(model).__name__}; the plan would apply {', '.join(again)} a second time. "
+            "Call od.accelerate once per model with the whole plan (its passes compose), "
+            "or build a fresh model")
+    if plan.data_parallel is not None:
+        from torch.distributed.fsdp import FSDPModule
+
+        sharded = [n or "<root>" for n, m in model.named_modules() if isinstance(m, FSDPModule)]
+        if sharded:
+            raise PlanError(
+                f"model: fully_shard was already applied to {', '.join(sharded[:3])}; the "
+                f"plan's {plan.data_parallel} would shard or wrap it again. Pass the model "
+                "before fully_shard and let the plan shard it, or drop the plan's "
+                f"{plan.data_parallel}")
+
+
 def _check_meta_device(model: nn.Module, plan: Plan) -> None:
     """A model on the meta device has no weights: only fsdp materialises it (shard by
     shard, after sharding). A partly-meta model is refused even then: ``to_empty`` would
@@ -265,8 +325,11 @@ def _enter_forward_contexts(model: nn.Module, env) -> None:
     """
     if not env.forward_contexts:
         return
+    if "_overdrive_context_forward" in model.__dict__:  # an earlier od.accelerate wrapped it
+        env.forward_contexts[:0] = model._overdrive_forward_contexts  # theirs stay outermost
+    else:
+        model._overdrive_context_forward = model.forward
     model._overdrive_forward_contexts = env.forward_contexts
-    model._overdrive_context_forward = model.forward
     model.forward = types.MethodType(_forward_in_contexts, model)
 
 

@@ -6,6 +6,7 @@ from torch import nn
 
 from overdrive import ModuleGraph, PlanError
 from overdrive.models.llama import Llama, LlamaConfig, tiny
+from tests.helpers import require
 
 
 class Inner(nn.Module):
@@ -48,7 +49,7 @@ def test_transformers_style_nesting():
 
 
 def test_transformers_llama():
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
                                    num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2)
@@ -107,7 +108,7 @@ def test_a_star_matches_one_name_segment():
 
 
 def test_transformers_t5_has_two_stacks():
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     cfg = transformers.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2,
                                 num_decoder_layers=3, num_heads=4)
     g = ModuleGraph(transformers.T5ForConditionalGeneration(cfg))

@@ -16,7 +16,7 @@ from overdrive.passes.casting import CastConv2d, CastLinear, upcast
 from overdrive.rewrite.manager import parameter_bytes
 from overdrive.rewrite.plan import Plan
 
-from tests.helpers import assert_untouched, snapshot
+from tests.helpers import assert_untouched, require, snapshot
 
 CAST = Plan(casting=od.Casting())
 
@@ -220,7 +220,7 @@ def test_a_weight_read_outside_its_layer_is_skipped_and_the_rest_runs():
 
 
 def test_transformers_conv1d_is_cast():
-    Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    Conv1D = require("transformers.pytorch_utils").Conv1D
     model = nn.Sequential(Conv1D(48, 32), nn.GELU(), Conv1D(32, 48)).eval()
     x = torch.randn(2, 5, 32)
     with torch.no_grad():

@@ -19,7 +19,7 @@ from overdrive.models.llama import tiny
 from overdrive.passes.checkpointing import is_checkpointed
 from overdrive.rewrite.estimate import activation_estimate
 from overdrive.rewrite.trace import trace_model
-from tests.helpers import assert_untouched, snapshot
+from tests.helpers import assert_untouched, require, snapshot
 
 BATCH = (2, 16)
 
@@ -237,7 +237,7 @@ def test_refuses_models_without_blocks_and_bad_every():
         od.Plan(checkpointing=od.Checkpointing(mode="every", every=0)).replace()
     assert_untouched(model, before)
     od.accelerate(model, "ac")
-    with pytest.raises(od.PlanError, match="already checkpointed"):
+    with pytest.raises(od.PlanError, match="already applied checkpointing"):
         od.accelerate(model, "ac")
 
 
@@ -275,7 +275,7 @@ def test_composes_with_compile_and_trains():
 
 
 def _hf(name: str):
-    pytest.importorskip("transformers")
+    require("transformers")
     from tests.models import zoo
     torch.manual_seed(0)
     return zoo.MODELS[name].build()

@@ -9,6 +9,7 @@ import pytest
 
 import overdrive as od
 from tests.runtime import launch_fns
+from tests.helpers import require
 
 pytestmark = pytest.mark.dist
 
@@ -43,7 +44,7 @@ def test_a_rank_that_exits_ends_the_launch_within_10s(tmp_path, monkeypatch):
 
 
 def test_a_closure_goes_by_cloudpickle():
-    pytest.importorskip("cloudpickle")
+    require("cloudpickle")
     base = 7
 
     def local_fn(x):  # not importable: defined inside the test, like a notebook cell
@@ -87,7 +88,7 @@ def test_a_function_of_an_interactive_session(cloudpickle):
     from tests.helpers import child_env
 
     if cloudpickle:
-        pytest.importorskip("cloudpickle")
+        require("cloudpickle")
     block = "" if cloudpickle else "sys.modules['cloudpickle'] = None  # not installed"
     proc = subprocess.run([sys.executable, "-c", NOTEBOOK.format(block=block)],
                           env=child_env(), capture_output=True, text=True, timeout=120)

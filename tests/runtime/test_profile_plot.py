@@ -10,6 +10,7 @@ import torch
 
 import overdrive as od
 from overdrive.cli import main
+from tests.helpers import require
 
 
 def _runtime(tmp_path, **kwargs):
@@ -54,7 +55,7 @@ def test_profile_on_other_ranks_and_bad_arguments(tmp_path):
 
 
 def test_plot_two_runs_writes_a_png(tmp_path, capsys):
-    pytest.importorskip("matplotlib", reason="matplotlib not installed "
+    require("matplotlib", reason="matplotlib not installed "
                         "(pip install 'overdrive[plot]')")
     for name, lr in (("a", 0.01), ("b", 0.05)):
         torch.manual_seed(0)
@@ -71,7 +72,7 @@ def test_plot_two_runs_writes_a_png(tmp_path, capsys):
 
 
 def test_plot_refuses_a_folder_without_metrics(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
+    require("matplotlib")
     assert main(["plot", str(tmp_path)]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
 

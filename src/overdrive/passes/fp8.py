@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import BackendUnavailable, PlanError
+from ..quiet import quiet_import
 from ..rewrite.graph import ModuleGraph
 from ..rewrite.manager import Pass, register_pass
 from ..rewrite.plan import FP8, Plan
@@ -55,7 +56,7 @@ MULTIPLE = 16
 
 def torchao_importable() -> bool:
     try:
-        importlib.import_module("torchao.float8")
+        quiet_import("torchao.float8")  # its CUDA-only kernels' load failures are harmless
     except Exception:  # noqa: BLE001 - a broken install is as unavailable as a missing one
         return False
     return True
@@ -245,17 +246,29 @@ def select(graph: ModuleGraph, cfg: FP8, backend: str) -> Selection:
 # --------------------------------------------------------------------------- torchao
 
 
-def _fsdp_float8_all_gather(plan: Plan) -> bool:
+def _fsdp_float8_asked(plan: Plan) -> bool:
     cfg = plan.fp8
     return (plan.fsdp is not None and cfg.recipe == "tensorwise"
             and cfg.fsdp_float8_all_gather)
 
 
-def torchao_config(plan: Plan):
+def float8_collectives(env: Any) -> bool:
+    """Can the process group move float8 tensors? gloo cannot ("Invalid scalar type"): an
+    FSDP unit whose weights are all float8 would all-gather them in float8 and fail."""
+    from .tensor_parallel import collective_backend
+
+    return collective_backend(env) != "gloo"
+
+
+def _fsdp_float8_all_gather(plan: Plan, env: Any) -> bool:
+    return _fsdp_float8_asked(plan) and float8_collectives(env)
+
+
+def torchao_config(plan: Plan, env: Any):
     from torchao.float8 import Float8LinearConfig
 
     config = Float8LinearConfig.from_recipe_name(plan.fp8.recipe)
-    if _fsdp_float8_all_gather(plan):
+    if _fsdp_float8_all_gather(plan, env):
         config = dataclasses.replace(config, enable_fsdp_float8_all_gather=True)
     return config
 
@@ -264,7 +277,7 @@ def apply_torchao(model: nn.Module, sel: Selection, plan: Plan, env: Any) -> dic
     from torchao.float8 import convert_to_float8_training
 
     chosen = set(sel.convert)
-    config = torchao_config(plan)
+    config = torchao_config(plan, env)
     convert_to_float8_training(model, config=config,
                                module_filter_fn=lambda _m, fqn: fqn in chosen)
     conv1d = [n for n in sel.convert if is_hf_conv1d(model.get_submodule(n))]
@@ -414,12 +427,17 @@ class FP8Training(Pass):
         sel = select(graph, plan.fp8, backend)
         details = apply_torchao(model, sel, plan, env) if backend == "torchao" \
             else apply_te(model, sel, plan, env)
-        return self._record(sel, backend, plan, details)
+        rec = self._record(sel, backend, plan, details)
+        self._note_collectives(rec, backend, plan, env)
+        self._note_emulation(rec, backend, env)
+        return rec
 
     def preview(self, graph: ModuleGraph, plan: Plan, env: Any) -> PassRecord:
         backend = self.backend(plan, env)
         sel = select(graph, plan.fp8, backend)
         rec = self._record(sel, backend, plan, {})
+        self._note_collectives(rec, backend, plan, env)
+        self._note_emulation(rec, backend, env)
         if backend == "te":
             rec.note("te: the real run needs a CUDA device (compute capability >= 8.9, "
                      ">= 10.0 for mxfp8)")
@@ -431,6 +449,29 @@ class FP8Training(Pass):
         elif not torchao_importable():
             rec.note(f"torchao is not importable on this machine; {TORCHAO_EXTRA}")
         return rec
+
+    @staticmethod
+    def _note_emulation(rec: PassRecord, backend: str, env: Any) -> None:
+        """torchao has no fp8 matmul kernel on CPU: it emulates them (correct, not fast)."""
+        device_type = env.device.type
+        if env.dry_run:
+            device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        emulated = backend == "torchao" and device_type != "cuda"
+        rec.details["emulated"] = emulated
+        if emulated:
+            rec.note(f"fp8 on {device_type} is emulated (torchao upcasts every fp8 matmul): "
+                     "it trains with fp8 numerics but is no speedup — slower than bf16 "
+                     "wherever the CPU computes bf16 natively (3x in benchmarks/fp8.py's "
+                     "latest run); the speedup needs a CUDA GPU with fp8 tensor cores "
+                     "(compute capability >= 8.9)")
+
+    @staticmethod
+    def _note_collectives(rec: PassRecord, backend: str, plan: Plan, env: Any) -> None:
+        if backend == "torchao" and _fsdp_float8_asked(plan) and not float8_collectives(env):
+            rec.details["fsdp_float8_all_gather"] = False
+            rec.note("fsdp all-gathers the fp8 layers' weights in high precision: the gloo "
+                     "backend cannot all-gather float8 tensors (fp8.fsdp_float8_all_gather "
+                     "applies on nccl)")
 
     def _record(self, sel: Selection, backend: str, plan: Plan,
                 details: dict[str, Any]) -> PassRecord:

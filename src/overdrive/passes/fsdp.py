@@ -99,6 +99,13 @@ def _missing_initialisers(model: nn.Module) -> list[str]:
             and not callable(getattr(m, "reset_parameters", None))]
 
 
+def _uninitialisable(missing: list[str]) -> str:
+    shown = ", ".join(missing[:5]) + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
+    return (f"fsdp: the model is on the meta device and {shown} cannot be initialised after "
+            "sharding (no init_weights() on the model, no reset_parameters() on those "
+            "modules); add model.init_weights() or build the model on a real device")
+
+
 @contextlib.contextmanager
 def _shard_rng(env):
     """Random init of sharded parameters. Where DTensor's RNG works (cuda-like devices,
@@ -185,21 +192,20 @@ class FSDPPass(Pass):
             raise PlanError(
                 "fsdp.offload=True is not valid on a CPU device: parameters already live in "
                 "host memory; set offload=False (offload is for cuda/xpu runs)")
-        # a dry run looks at a meta copy: only a model that is itself on meta is initialised
-        if _on_meta(graph.model) and env.extras.get("model_on_meta", True):
+        # od.inspect plans for the real run: whether it can initialise is a note there
+        if not env.dry_run and _on_meta(graph.model):
             missing = _missing_initialisers(graph.model)
             if missing:
-                raise PlanError(
-                    f"fsdp: the model is on the meta device and {', '.join(missing[:5])} "
-                    "cannot be initialised after sharding (no init_weights() on the model, "
-                    "no reset_parameters() on those modules); add model.init_weights() or "
-                    "build the model on a real device")
+                raise PlanError(_uninitialisable(missing))
 
     def preview(self, graph: ModuleGraph, plan: Plan, env) -> PassRecord:
         units, notes = shard_units(graph)
         rec = self.record(modules=[n for u in units for n in u] + [""], notes=notes,
                           dry_run=True)
         rec.details.update(self._details(plan, units))
+        missing = _missing_initialisers(graph.model) if env.model_on_meta else []
+        if missing:
+            rec.note(f"od.accelerate will refuse this meta model: {_uninitialisable(missing)}")
         return rec
 
     def apply(self, model: nn.Module, graph: ModuleGraph, plan: Plan, env) -> PassRecord:

@@ -28,7 +28,7 @@ class Compile:
     """Regional (per block), full-model or no ``torch.compile``."""
 
     mode: str = "regional"  # "regional" | "full" | "off"
-    backend: str = "inductor"
+    backend: str | Callable[..., Any] = "inductor"  # a torch.compile backend name or callable
     compile_mode: str | None = None  # torch.compile's own `mode`
     fullgraph: bool = False
     dynamic: bool | None = None
@@ -173,6 +173,8 @@ class Plan:
     # divided by tp on each rank: for attention that reshapes with a stored head count
     tp_divide_attrs: tuple[str, ...] = ()
     seed: int | None = None  # one seed for shuffling and RNG on every rank
+    # a NaN/inf loss or gradient norm (outside fp16) skips the step instead of raising
+    skip_nonfinite: bool = False
 
     # -- conversions ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -287,6 +289,7 @@ def validate_plan(plan: Plan) -> Plan:
     """
     if not isinstance(plan, Plan):
         raise PlanError(f"plan must be an overdrive Plan, got {type(plan).__name__}")
+    _check_types(plan, "", "plan")
     for name, part_cls in PARTS.items():
         part = getattr(plan, name)
         if part is None:
@@ -295,6 +298,7 @@ def validate_plan(plan: Plan) -> Plan:
             raise PlanError(
                 f"plan.{name} must be od.{part_cls.__name__}(...) or None, got {part!r}"
             )
+        _check_types(part, f"{name}.", name)
         for f in fields(part):
             choices = CHOICES.get((name, f.name))
             value = getattr(part, f.name)
@@ -314,6 +318,14 @@ def validate_plan(plan: Plan) -> Plan:
                 "or globs, e.g. ('model.layers.*',)"
             )
     _check_tp_plan(plan.tp_plan)
+    if not isinstance(plan.skip_nonfinite, bool):
+        raise PlanError(f"skip_nonfinite={plan.skip_nonfinite!r} is not valid; use True (skip "
+                        "steps with a NaN/inf loss, logged) or False (raise NonFiniteError)")
+    if plan.skip_nonfinite and plan.deepspeed is not None:
+        raise PlanError("skip_nonfinite=True with deepspeed: the DeepSpeed engine owns the "
+                        "optimizer step and overdrive cannot skip it; drop skip_nonfinite (a "
+                        "NaN/inf loss then raises NonFiniteError) or use DeepSpeed's fp16 loss "
+                        "scaling, which skips overflowing steps itself")
     if isinstance(plan.tp_divide_attrs, str) or not all(
             isinstance(a, str) and a.isidentifier() for a in plan.tp_divide_attrs):
         raise PlanError(
@@ -324,6 +336,50 @@ def validate_plan(plan: Plan) -> Plan:
         raise PlanError(f"seed={plan.seed!r} is not valid; use a non-negative integer or None")
     _check_contradictions(plan)
     return plan
+
+
+# what a field's type accepts, for the types checked generically; fields typed otherwise
+# (callables, mappings, parts) have their own checks
+_ATOMS: dict[Any, tuple[Callable[[Any], bool], str]] = {
+    bool: (lambda v: isinstance(v, bool), "true or false (a boolean: unquoted in YAML)"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    str: (lambda v: isinstance(v, str), "a string"),
+    type(None): (lambda v: v is None, "null / None"),
+}
+
+
+def _type_rule(hint: Any) -> tuple[Callable[[Any], bool], str] | None:
+    """(accepts(value), description) for ``hint``, or None when it is not checked here."""
+    if hint in _ATOMS:
+        return _ATOMS[hint]
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis and args[0] in _ATOMS:
+        item, what = _ATOMS[args[0]]
+        return (lambda v: isinstance(v, (tuple, list)) and all(item(x) for x in v),
+                f"a list of {what.split(' (')[0].removeprefix('a ').removeprefix('an ')}s")
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        rules = [_type_rule(a) for a in args]
+        if any(r is None for r in rules):
+            return None
+        return (lambda v: any(ok(v) for ok, _ in rules),
+                " or ".join(what for _, what in rules))
+    return None
+
+
+def _check_types(obj: Any, prefix: str, part: str) -> None:
+    """Every field holds a value of its declared type: a quoted "false" is not a boolean,
+    ``true`` is not the integer 1 (nor ``deepspeed.zero_stage`` 1)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        rule = _type_rule(hints[f.name])
+        value = getattr(obj, f.name)
+        if rule is not None and not rule[0](value):
+            choices = CHOICES.get((part, f.name))
+            if choices is not None:
+                raise _choices_error(f"{prefix}{f.name}", value, choices)
+            raise PlanError(f"{prefix}{f.name}={value!r} is not valid; {prefix}{f.name} takes "
+                            f"{rule[1]}")
 
 
 def _check_int(path: str, value: Any, minimum: int, allow_minus_one: bool = False) -> None:
@@ -633,11 +689,32 @@ def plan_from_dict(data: Mapping[str, Any]) -> Plan:
     return validate_plan(Plan(**kwargs))
 
 
+PLAN_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def is_plan_path(plan: str) -> bool:
+    """A string naming a plan file (any case: ``P.YAML`` too), not a preset."""
+    return plan.lower().endswith(PLAN_SUFFIXES)
+
+
+def read_plan_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise PlanError(f"plan file {path!r}: no such file; give the path of a YAML/JSON "
+                        "plan or a preset such as 'fsdp+compile'") from None
+    except UnicodeDecodeError as err:
+        raise PlanError(f"plan file {path!r} is not UTF-8 text ({err.reason} at byte "
+                        f"{err.start}); save it as UTF-8 YAML or JSON") from None
+    except OSError as err:
+        raise PlanError(f"plan file {path!r} cannot be read: {err.strerror or err}") from None
+
+
 def plan_from_file(path: str | os.PathLike) -> Plan:
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
-    if path.endswith(".json"):
+    text = read_plan_text(path)
+    if path.lower().endswith(".json"):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
@@ -726,7 +803,7 @@ def resolve_plan(plan: Plan | Mapping[str, Any] | str | os.PathLike | None) -> P
     if isinstance(plan, os.PathLike):
         return plan_from_file(plan)
     if isinstance(plan, str):
-        if plan.endswith((".yaml", ".yml", ".json")):
+        if is_plan_path(plan):
             if not os.path.isfile(plan):
                 raise PlanError(f"plan={plan!r}: no such plan file")
             return plan_from_file(plan)

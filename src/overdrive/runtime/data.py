@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-import random
 from typing import Any, Iterator
 
 import torch
@@ -123,10 +122,16 @@ class ShardedLoader:
         return bool(getattr(loader.batch_sampler, "drop_last", loader.drop_last))
 
     def _agree_on_seed(self, loader: DataLoader) -> int:
+        """The shuffle seed every rank uses: ``Plan.seed``, else the loader's generator's,
+        else one drawn from torch's default generator as ``DataLoader(shuffle=True)`` does
+        (so ``torch.manual_seed`` makes the order repeat); rank 0's is broadcast."""
         if self.rt.plan.seed is not None:
             return self.rt.plan.seed
         gen = loader.generator
-        seed = gen.initial_seed() if gen is not None else random.SystemRandom().randrange(2**31)
+        if gen is not None:
+            seed = gen.initial_seed()
+        else:  # every rank draws, so their default generators stay in step
+            seed = int(torch.empty((), dtype=torch.int64).random_().item()) % 2**31
         if dist.is_initialized() and dist.get_world_size() > 1:
             box = [seed]
             dist.broadcast_object_list(box, src=0)
@@ -206,6 +211,12 @@ class ShardedLoader:
                 "batch_size": self.batch_size, "dp_size": self.size,
                 "position": self.position}
 
+    def check_state_dict(self, state: dict[str, int]) -> None:
+        """Raise for a position ``load_state_dict`` would refuse, changing nothing
+        (``rt.load`` checks every loader's before restoring any)."""
+        self._global_position(state)
+        int(state["epoch"]), int(state.get("seed", self.seed))
+
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue where ``state`` left off, also when it was saved on another number of
         data-parallel ranks: the remaining global batches are dealt out anew."""
@@ -265,6 +276,9 @@ class ShardedLoader:
                 if meter is not None and self.rt.model.training:
                     meter.on_batch(batch, n_real, self.batch_len)
                 yield self._place(batch)
+            ledger = getattr(self.rt, "_ledger", None)
+            if ledger is not None:  # a sync point: every rank ends the epoch together
+                ledger.point(f"rt.shard epoch {self.epoch} end")
             self.epoch, self.consumed = self.epoch + 1, 0
         finally:
             self._iterating = False
