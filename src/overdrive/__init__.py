@@ -11,7 +11,7 @@ from .errors import (BackendUnavailable, CheckpointCorrupt, CheckpointError,
 from .rewrite.graph import ModuleGraph
 from .rewrite.manager import Pass, register_pass
 from .rewrite.plan import (DDP, FP8, FSDP, PRESETS, Casting, Checkpointing, Compile,
-                           DeepSpeed, Parallel, Plan)
+                           DeepSpeed, Offload, Parallel, Plan)
 from .rewrite.report import MemoryEstimate, PassRecord, Report
 from .runtime.export import load_weights
 from .runtime.helpers import find_executable_batch_size
@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "accelerate", "inspect",
     "Plan", "Compile", "FP8", "Checkpointing", "Casting", "Parallel", "FSDP", "DDP",
-    "DeepSpeed", "PRESETS",
+    "DeepSpeed", "Offload", "PRESETS",
     "Runtime", "Report", "PassRecord", "MemoryEstimate", "ModuleGraph",
     "Pass", "register_pass", "find_executable_batch_size",
     "OverdriveError", "PlanError", "BackendUnavailable", "PassFailed",

@@ -12,3 +12,4 @@ from . import mixed_precision  # noqa: F401
 from . import fsdp  # noqa: F401
 from . import ddp  # noqa: F401
 from . import deepspeed  # noqa: F401
+from . import offload  # noqa: F401
