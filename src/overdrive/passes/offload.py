@@ -145,9 +145,11 @@ def _final_dtype(current: torch.Tensor, dtype: torch.dtype | None) -> torch.dtyp
 
 @torch.no_grad()
 def place(model: nn.Module, dmap: pl.DeviceMap, dtype: torch.dtype | None,
-          folder: str | None, source: WeightsSource | None) -> Placed:
+          folder: str | None, source: WeightsSource | None,
+          no_split: set[str] = frozenset()) -> Placed:
     """Every parameter to its home (from ``source`` when given, one tensor at a time),
-    every buffer to the execution device; offloaded ones become placeholders."""
+    every buffer to the execution device; offloaded ones become placeholders. Disk
+    tensors are written one unit (block) per file, one unit in memory at a time."""
     execution = torch.device(dmap.execution_device)
     placed = Placed()
     disk_groups: dict[str, list[tuple[str, list[str], nn.Parameter]]] = {}
@@ -155,7 +157,8 @@ def place(model: nn.Module, dmap: pl.DeviceMap, dtype: torch.dtype | None,
         home = dmap.tensors[first]
         want = _final_dtype(p, dtype)
         if home == "disk":
-            disk_groups.setdefault(_entry_of(dmap.entries, first), []).append((first, names, p))
+            unit = _hook_module(model, first.rpartition(".")[0], no_split)
+            disk_groups.setdefault(unit, []).append((first, names, p))
             continue
         t = read(source.entries[source.chosen[first]]) if source is not None else p.detach()
         t = _convert(t, want)
@@ -169,11 +172,6 @@ def place(model: nn.Module, dmap: pl.DeviceMap, dtype: torch.dtype | None,
         _write_disk(model, disk_groups, dtype, folder, source, placed, execution)
     _place_buffers(model, execution, source)
     return placed
-
-
-def _entry_of(entries: Mapping[str, str], name: str) -> str:
-    best = max((k for k in entries if k == "" or (name + ".").startswith(k + ".")), key=len)
-    return best
 
 
 def _write_disk(model, groups, dtype, folder, source, placed: Placed, execution) -> None:
@@ -287,9 +285,11 @@ class OffloadPass(Pass):
         cfg = plan.offload
         dmap = resolve_device_map(model, cfg, graph.blocks())
         source = env.extras.get("weights")
+        no_split = no_split_classes(model, cfg, graph.blocks())
         placed = place(model, dmap, target_dtype(cfg),
-                       None if cfg.offload_folder is None else str(cfg.offload_folder), source)
-        units = build_units(model, dmap, no_split_classes(model, cfg, graph.blocks()))
+                       None if cfg.offload_folder is None else str(cfg.offload_folder), source,
+                       no_split)
+        units = build_units(model, dmap, no_split)
         offloader = Offloader(units, placed.store,
                               torch.device(dmap.execution_device), cfg.prefetch)
         offloader.install(model)

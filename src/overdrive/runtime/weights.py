@@ -11,6 +11,7 @@ with a model (meta or real) before anything is touched.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 MAX_HEADER = 100 * 2**20
+MMAP_MIN = 256 * 2**10  # bytes from which a read gets a mapping of its own
 
 
 @dataclass(frozen=True)
@@ -102,11 +104,22 @@ def open_weights(path: str | os.PathLike) -> dict[str, TensorEntry]:
     return entries
 
 
+def _buffer(nbytes: int, pin: bool) -> tuple[torch.Tensor, memoryview]:
+    """A fresh byte buffer. Large CPU ones are anonymous mappings of their own, unmapped
+    the moment the tensor dies: heap allocations freed by another thread (the prefetch
+    thread reads, the forward frees) would stay in malloc's arenas and grow the resident
+    memory block after block."""
+    if pin or nbytes < MMAP_MIN:
+        buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        return buf, memoryview(buf.numpy())
+    region = mmap.mmap(-1, nbytes)
+    return torch.frombuffer(region, dtype=torch.uint8), memoryview(region)
+
+
 def read(entry: TensorEntry, pin: bool = False) -> torch.Tensor:
     """The tensor, read into its own CPU buffer (pinned for a fast host→GPU copy)."""
-    buf = torch.empty(entry.nbytes, dtype=torch.uint8, pin_memory=pin)
+    buf, view = _buffer(entry.nbytes, pin)
     if entry.nbytes:
-        view = memoryview(buf.numpy())
         fd = os.open(entry.file, os.O_RDONLY)
         try:
             done = 0
