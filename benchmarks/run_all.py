@@ -17,10 +17,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ["inspect_speed", "step_overhead", "step_overhead_dist", "checkpoint_io", "memory",
-           "casting", "fp8", "compile_time"]
+           "casting", "fp8", "compile_time", "offload"]
 QUICK_ARGS = {"compile_time": ["--quick"], "checkpoint_io": ["--quick"],
               "step_overhead": ["--steps", "100"], "step_overhead_dist": ["--steps", "100"],
-              "casting": ["--quick"], "fp8": ["--quick"], "memory": ["--quick"],
+              "casting": ["--quick"], "offload": ["--quick"], "fp8": ["--quick"], "memory": ["--quick"],
               "inspect_speed": ["--rounds", "1"]}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
 
