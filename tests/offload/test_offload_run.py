@@ -180,3 +180,22 @@ def test_streaming_weights_peak_rss_is_one_model(big_export, tmp_path):
     path, total, _ = big_export
     got = _child(path, "stream", 0, tmp_path / "unused")
     assert got["load_peak_above_baseline"] <= 1.2 * total, (got, total)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_cpu_disk_offload_matches_the_gpu_model(exported, tmp_path):
+    ref, path = exported
+    gpu_ref = build(ref.config).cuda()
+    gpu_ref.load_state_dict(ref.state_dict())
+    total = model_bytes(ref)
+    model = build(ref.config, meta=True)
+    plan = od.Plan(offload=od.Offload(max_memory={"cuda:0": total // 3, "cpu": total // 3,
+                                                  "disk": "1GiB"}, offload_folder=str(tmp_path)))
+    rt = od.accelerate(model, plan, weights=path)
+    assert set(rt.report.passes[0].details["bytes_per_device"]) == {"cuda:0", "cpu", "disk"}
+    ids = torch.randint(0, ref.config.vocab_size, (2, 11), device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, gpu_ref(ids).logits)
+    out = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(out, gpu_ref.generate(ids, max_new_tokens=6, do_sample=False))
