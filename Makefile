@@ -22,11 +22,13 @@ venv: $(VENV)/.installed
 DEMO_PLAN ?= fsdp+ac
 
 # 2 CPU processes (gloo): FSDP2-sharded, activation-checkpointed tiny Llama; 8 steps with a
-# checkpoint every 4, then a fresh launch that resumes from the latest and runs to 12.
+# checkpoint every 4, then a fresh launch that resumes from the latest and runs to 12; the
+# step metrics of both (out/demo/metrics) are plotted to out/demo/plot.png.
 demo: venv
 	rm -rf out/demo
 	OMP_NUM_THREADS=1 $(BIN)/overdrive launch --nproc $(NPROC) examples/train_llm.py --plan $(DEMO_PLAN) --steps 8 --save-every 4 --out out/demo
 	OMP_NUM_THREADS=1 $(BIN)/overdrive launch --nproc $(NPROC) examples/train_llm.py --plan $(DEMO_PLAN) --steps 12 --save-every 4 --out out/demo --resume
+	$(BIN)/overdrive plot out/demo/metrics --out out/demo/plot.png
 
 # make test is what CI runs (kept under 20 min here); test-all adds the long matrices.
 test: venv

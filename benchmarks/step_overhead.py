@@ -2,7 +2,8 @@
 
 A tiny model, so the loop's own cost shows. The variants run interleaved, one optimizer
 step each in turn, and the median step time is compared with the raw loop in the same
-run. Target: overdrive ≤ 1.01× raw.
+run. Targets: overdrive ≤ 1.01× raw; overdrive logging its step metrics every step
+(trackers=("jsonl",), log_every=1, the defaults) ≤ 1.02× the same runtime without trackers.
 
     python benchmarks/step_overhead.py --steps 300
     torchrun --standalone --nproc-per-node=2 benchmarks/step_overhead.py --dist --steps 200
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import tempfile
 import time
 from typing import Callable
 
@@ -74,9 +76,9 @@ class _Null:
 _null = _Null()
 
 
-def overdrive_variant(accum: int, distributed: bool) -> Callable:
+def overdrive_variant(accum: int, distributed: bool, **tracking) -> Callable:
     plan = od.Plan(grad_accum=accum, ddp=od.DDP() if distributed else None)
-    rt = od.accelerate(tiny_model(), plan, optimizer=sgd)
+    rt = od.accelerate(tiny_model(), plan, optimizer=sgd, **(tracking or {"trackers": ()}))
 
     def step(xs, ys):
         for x, y in zip(xs, ys):
@@ -86,6 +88,14 @@ def overdrive_variant(accum: int, distributed: bool) -> Callable:
                 rt.optimizer.step()
                 rt.optimizer.zero_grad()
     return step
+
+
+def logged_variant(accum: int, distributed: bool) -> Callable:
+    """overdrive with its default tracking: step metrics every step into metrics.jsonl
+    and the log line (to a file here, as a terminal would slow the whole machine)."""
+    run_dir = tempfile.mkdtemp(prefix="od-step-overhead-")
+    return overdrive_variant(accum, distributed, trackers=("jsonl",), run_dir=run_dir,
+                             log_every=1)
 
 
 def accelerate_variant(accum: int, distributed: bool) -> Callable:
@@ -110,7 +120,7 @@ def accelerate_variant(accum: int, distributed: bool) -> Callable:
 
 # "raw_again" is the raw loop a second time: its ratio is the run's noise floor (A/A).
 BUILDERS = {"raw": raw_variant, "raw_again": raw_variant, "overdrive": overdrive_variant,
-            "accelerate": accelerate_variant}
+            "overdrive_logged": logged_variant, "accelerate": accelerate_variant}
 
 
 # --------------------------------------------------------------------------- timing
@@ -152,6 +162,17 @@ def measure(accum: int, steps: int, warmup: int, distributed: bool) -> list[dict
     return rows
 
 
+def _log_to_file() -> None:
+    """overdrive's log lines (the per-step metrics line) go to a file, as in a batch job."""
+    import logging
+
+    logger = logging.getLogger("overdrive")
+    handler = logging.FileHandler(os.path.join(tempfile.mkdtemp(prefix="od-log-"), "log.txt"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300)
@@ -159,6 +180,7 @@ def main() -> None:
     p.add_argument("--dist", action="store_true", help="run under torchrun (gloo, raw DDP baseline)")
     args = p.parse_args()
     torch.set_num_threads(1)
+    _log_to_file()
     distributed = args.dist and int(os.environ.get("WORLD_SIZE", "1")) > 1
     if args.dist and not distributed:
         raise SystemExit("--dist: launch with torchrun --nproc-per-node=2 (or overdrive launch)")
@@ -174,6 +196,13 @@ def main() -> None:
     targets = [target(f"overdrive / {baseline}, grad_accum {r['grad_accum']}, "
                       f"{world} process(es)", r.get("ratio_vs_raw"), 1.01)
                for r in rows if r["variant"] == "overdrive"]
+    by = {(r["variant"], r["grad_accum"]): r.get("median_us") for r in rows}
+    for accum in (1, 4):
+        logged, plain = by.get(("overdrive_logged", accum)), by.get(("overdrive", accum))
+        targets.append(target(
+            f"overdrive with step metrics logged every step / without, grad_accum {accum}, "
+            f"{world} process(es)", round(logged / plain, 4) if logged and plain else None,
+            1.02))
     targets += [target(f"Accelerate / {baseline}, grad_accum {r['grad_accum']}, "
                        f"{world} process(es) (reference, no target)", r.get("ratio_vs_raw"),
                        None) for r in rows if r["variant"] == "accelerate"]

@@ -4,6 +4,13 @@
     overdrive launch --nproc 2 examples/train_llm.py --plan fsdp --grad-accum 4
     overdrive launch --nproc 2 examples/train_llm.py --steps 8 --save-every 4 --out out/run
     overdrive launch --nproc 2 examples/train_llm.py --steps 12 --out out/run --resume
+    overdrive launch --nproc 2 examples/train_llm.py --plan pp    # two pipeline stages
+    overdrive plot out/run/metrics --out out/run/plot.png     # loss, lr, tokens/s, memory
+
+Step metrics (loss, grad norm, lr, tokens/s, step time, memory) are logged every step
+to ``metrics.jsonl`` and TensorBoard event files (``tensorboard --logdir DIR``) in
+``--run-dir`` (default: ``OUT/metrics`` with ``--out``, else ``runs/<timestamp>``); a
+resumed run appends to the same files.
 
 Every sequence counts upwards from a random start with a random stride (mod the
 vocabulary), so the loss falls quickly: the next token is predictable from the last two.
@@ -24,7 +31,8 @@ from overdrive.models.llama import tiny
 
 
 class CountingTokens(Dataset):
-    """``n`` sequences of ``seq_len + 1`` tokens: start, start+stride, … (mod vocab)."""
+    """``n`` sequences of ``seq_len`` tokens: start, start+stride, … (mod vocab); the labels
+    are the tokens themselves (the model's loss shifts them)."""
 
     def __init__(self, n: int, seq_len: int, vocab: int, seed: int = 0):
         self.n, self.seq_len, self.vocab, self.seed = n, seq_len, vocab, seed
@@ -35,8 +43,8 @@ class CountingTokens(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
         start, stride = torch.randint(0, self.vocab, (2,), generator=g).tolist()
-        seq = (start + (stride % 7 + 1) * torch.arange(self.seq_len + 1)) % self.vocab
-        return {"input_ids": seq[:-1], "labels": seq[1:]}
+        seq = (start + (stride % 7 + 1) * torch.arange(self.seq_len)) % self.vocab
+        return {"input_ids": seq, "labels": seq}
 
 
 def parse_args() -> argparse.Namespace:
@@ -53,6 +61,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", default=None, help="checkpoint directory")
     p.add_argument("--save-every", type=int, default=0, help="save every N steps (needs --out)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--run-dir", default=None, help="metrics directory (default: OUT/metrics, "
+                   "else runs/<timestamp>)")
+    p.add_argument("--profile", default=None, help="write a torch.profiler trace of steps 3-5 "
+                   "to this directory")
     return p.parse_args()
 
 
@@ -67,7 +79,7 @@ def latest_checkpoint(out: str | None) -> str | None:
 def make_plan(args: argparse.Namespace) -> od.Plan:
     if args.plan is None:
         plan = od.Plan()
-    elif args.plan.endswith((".yaml", ".yml", ".json")):
+    elif args.plan.lower().endswith((".yaml", ".yml", ".json")):
         plan = od.Plan.from_file(args.plan)
     else:
         plan = od.Plan.preset(args.plan)
@@ -81,8 +93,11 @@ def main() -> None:
     args = parse_args()
     torch.manual_seed(args.seed)
     model = tiny(n_layers=2, dim=64, n_heads=4, vocab_size=128, max_seq_len=args.seq_len)
+    run_dir = args.run_dir or (os.path.join(args.out, "metrics") if args.out else None)
     rt = od.accelerate(model, make_plan(args),
-                       optimizer=lambda p: torch.optim.AdamW(p, lr=args.lr))
+                       optimizer=lambda p: torch.optim.AdamW(p, lr=args.lr),
+                       trackers=("jsonl", "tensorboard"), run_dir=run_dir,
+                       run_config=vars(args))
     rt.print(rt.report)
 
     data = CountingTokens(n=4096, seq_len=args.seq_len, vocab=128, seed=args.seed)
@@ -93,19 +108,20 @@ def main() -> None:
         rt.load(ckpt)  # after rt.shard: the loader's position is restored too
         rt.print(f"resumed from {ckpt} at step {rt.step}")
 
+    if args.profile:
+        rt.profile(args.profile, wait=2, warmup=1, active=2)  # stops by itself after step 5
     rt.model.train()
     while rt.step < args.steps:
         for batch in rt.progress(loader, desc=f"epoch {loader.epoch}", disable=None):
             with rt.accumulate():
-                with rt.autocast():
-                    loss = rt.model(**batch).loss
-                rt.backward(loss)
+                # forward + backward under any plan (under pp: the pipeline schedule)
+                loss = rt.forward_backward(batch)
                 norm = rt.clip_grad_norm_(args.max_grad_norm)
                 rt.optimizer.step()
                 rt.optimizer.zero_grad()
             if not rt.sync_gradients:
                 continue
-            mean_loss = rt.reduce(loss.detach(), "mean").item()
+            mean_loss = rt.reduce(loss, "mean").item()
             # (DeepSpeed computes the norm inside its step: rt.clip_grad_norm_ returns its
             # last one, None before the first step)
             shown = "-" if norm is None else f"{float(norm):.3f}"
@@ -114,6 +130,7 @@ def main() -> None:
                 rt.save(os.path.join(args.out, f"step-{rt.step}"))
             if rt.step >= args.steps:
                 break
+    rt.finish()
 
 
 if __name__ == "__main__":

@@ -21,3 +21,15 @@ def _no_leaked_process_group():
         dist.destroy_process_group()
     for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         os.environ.pop(key, None)
+
+
+@pytest.fixture(autouse=True)
+def _default_runs_outside_the_checkout(monkeypatch, tmp_path_factory):
+    """od.accelerate's default run_dir is runs/<timestamp> in the working directory: tests
+    that train in-process write theirs under pytest's temporary folder instead."""
+    from overdrive.runtime import tracking
+
+    original = tracking.default_run_dir
+    base = tmp_path_factory.getbasetemp()
+    monkeypatch.setattr(tracking, "default_run_dir", lambda: base / original())
+    monkeypatch.setattr(tracking, "ORIGINAL_DEFAULT_RUN_DIR", original, raising=False)

@@ -15,6 +15,27 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 
 
+def in_ci() -> bool:
+    """CI sets ``CI=true`` (GitHub Actions, GitLab, most others)."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def require(module: str, reason: str = ""):
+    """``pytest.importorskip`` for a test dependency, except in CI: there a missing or
+    broken import fails (the suite would otherwise turn into silent skips)."""
+    import pytest
+
+    if not in_ci():
+        return pytest.importorskip(module, reason=reason or None)
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except Exception as err:  # noqa: BLE001 - a broken install is as missing as an absent one
+        pytest.fail(f"CI: test dependency {module!r} cannot be imported ({type(err).__name__}: "
+                    f"{err}); CI installs .[test,fp8,deepspeed]", pytrace=False)
+
+
 def child_env(**extra: str) -> dict[str, str]:
     """The environment of a test's child process: this checkout importable, one thread,
     no inherited torchrun variables, and no GPUs unless ``extra`` names some — the

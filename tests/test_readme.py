@@ -28,12 +28,24 @@ def test_readme_block_runs(code, tmp_path):
 
 
 def test_readme_pipeline_line_is_the_builtin_order():
-    import overdrive  # noqa: F401  (registers the built-in passes)
     from overdrive.rewrite.manager import _REGISTRY, registered_passes
 
     line = next(l for l in (ROOT / "README.md").read_text().splitlines()
-                if l.startswith("casting → "))
+                if l.startswith("pipeline → "))
     names = [n.strip() for stage in line.split("→") for n in stage.split("|")]
     builtin = [n for n in registered_passes()
                if _REGISTRY[n].cls.__module__.startswith("overdrive.passes.")]
     assert names == builtin
+
+
+def test_docs_point_at_nothing_outside_the_repository():
+    """A clone has only the repository: README/docs links and paths resolve inside it."""
+    link = re.compile(r"\]\(([^)#\s]+)[^)]*\)|`(\.\./[^`\s]+)`")
+    for doc in DOCS:
+        text = doc.read_text()
+        assert "../shared" not in text, doc.name
+        for target in (a or b for a, b in link.findall(text)):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            resolved = (doc.parent / target).resolve()
+            assert resolved.is_relative_to(ROOT.resolve()), f"{doc.name}: {target}"

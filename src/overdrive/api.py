@@ -1,7 +1,8 @@
 """``accelerate`` and ``inspect``: the one call, and its dry run.
 
-The flow (DESIGN.md): resolve the plan → inspect the model → order the passes → check
-every pass → (only then) mutate: place the model, apply the passes, build the optimizer.
+The flow (docs/architecture.md): resolve the plan → inspect the model → order the
+passes → check every pass → (only then) mutate: place the model, apply the passes,
+build the optimizer.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import types
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -25,6 +27,7 @@ from .rewrite.trace import meta_copy, trace_model
 from .runtime.grad import raw_optimizer
 from .runtime.runtime import Runtime
 from .runtime.state import make_env
+from .runtime.tracking import resolve_tracking
 
 log = logging.getLogger("overdrive")
 
@@ -33,7 +36,8 @@ OptimizerArg = torch.optim.Optimizer | Callable[..., torch.optim.Optimizer] | No
 
 def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
                optimizer: OptimizerArg = None, scheduler: Any = None,
-               weights: str | os.PathLike | None = None) -> Runtime:
+               trackers: Any = ("jsonl",), run_dir: Any = None, run_config: dict | None = None,
+               log_every: int = 1, weights: str | os.PathLike | None = None) -> Runtime:
     """Transform ``model`` in place according to ``plan`` and return a ``Runtime``.
 
     ``optimizer`` may be an optimizer or a factory ``params -> optimizer``; a factory is
@@ -41,9 +45,16 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
     factory ``optimizer -> scheduler``. ``weights``: a safetensors file or export
     directory streamed into the (typically meta-device) model one tensor at a time, each
     straight to its final place; its keys are checked before anything is touched.
+
+    ``trackers`` (built-in names "jsonl", "tensorboard", "wandb", "mlflow", "trackio", or
+    ``od.Tracker`` instances; ``()`` for none) receive ``rt.log`` rows and, every
+    ``log_every`` optimizer steps (0: never), the built-in step metrics, on rank 0, in
+    ``run_dir`` (default ``runs/<timestamp>``, created at the first row); ``run_config``
+    and the resolved plan are logged once.
     """
     if not isinstance(model, nn.Module):
         raise PlanError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    tracking = resolve_tracking(trackers, run_dir, run_config, log_every)
     model_name = type(model).__name__  # fully_shard / replicate rename the class
     plan = resolve_plan(plan)
     source = _weights_source(model, weights)
@@ -58,18 +69,26 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
     graph = ModuleGraph(model, plan.blocks)
     graph.blocks()  # resolves a user override now: a bad glob is refused before mutation
     manager = PassManager(plan)
+    _check_not_transformed(model, manager.names(), plan)
     _check_optimizer_arg(optimizer, manager, plan)
     param_names = {id(p): n for n, p in model.named_parameters()}
     # set before check: an engine pass (deepspeed) checks that it has an optimizer
     env.optimizer_factory = _optimizer_factory(optimizer, param_names, model)
     manager.check_all(graph, env)
+    flops_model = _flops_model(model, tracking, env)
 
     # ---- nothing above this line mutates the model ----
     if source is not None and plan.offload is None:
         _stream_weights(model, source, env)
     _place_model(model, plan, env)
-    records = manager.apply_all(model, graph, env)
-    _enter_forward_contexts(model, env)
+    pipeline = None
+    user_model = model
+    if plan.parallel.pp > 1:
+        model, records, pipeline = _apply_pipeline(model, graph, manager, plan, env)
+    else:
+        records = manager.apply_all(model, graph, env)
+        _enter_forward_contexts(model, env)
+    _APPLIED[user_model] = (*_APPLIED.get(user_model, ()), *manager.names())
 
     opt = env.extras.get("optimizer")  # an engine (DeepSpeed) may have built it
     if opt is None and env.optimizer_factory is not None:
@@ -80,7 +99,8 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
         sched = scheduler(raw_optimizer(opt))
     report = Report(records, model=model_name, plan=plan.to_dict(),
                     blocks=graph.blocks())
-    rt = Runtime(model, plan=plan, report=report, env=env, optimizer=opt, scheduler=sched)
+    rt = Runtime(model, plan=plan, report=report, env=env, optimizer=opt, scheduler=sched,
+                 tracking=tracking, flops_model=flops_model, pipeline=pipeline)
     if rt.is_main:
         log.info("overdrive: applied %s", " → ".join(report.names()) or "no passes")
     return rt
@@ -99,11 +119,13 @@ def inspect(model: nn.Module, plan: Plan | dict | str | None = None, *,
         raise PlanError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     plan = resolve_plan(plan)
     plan, env = make_env(plan, world_size=world_size, dry_run=True)
+    manager = PassManager(plan)
+    _check_not_transformed(model, manager.names(), plan)
     on_meta = all(p.device.type == "meta" for p in model.parameters())
+    env.model_on_meta = on_meta
     shadow = model if on_meta else meta_copy(model)
     graph = ModuleGraph(shadow, plan.blocks)
     graph.blocks()
-    manager = PassManager(plan)
     env.extras["example_inputs"] = example_inputs  # budget checkpointing traces with them
     manager.check_all(graph, env)
     records = manager.preview_all(graph, env)
@@ -114,6 +136,43 @@ def inspect(model: nn.Module, plan: Plan | dict | str | None = None, *,
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _apply_pipeline(model: nn.Module, graph: ModuleGraph, manager: PassManager, plan: Plan,
+                    env):
+    """Carve this rank's stages, run every pass on each stage as its own model part, and
+    build the schedule. Returns the module holding the stages (``rt.model``), the first
+    part's pass records and the runner."""
+    from .passes.pipeline import check_pipeline
+    from .runtime.pipeline import PipelineRunner, carve_parts, refresh_holder
+    from .runtime.state import mesh_coordinates
+
+    layout = check_pipeline(graph, plan)
+    pp_rank = mesh_coordinates(env.rank, plan)["pp"]
+    order = [n for n, _ in model.named_parameters()]
+    parts, holder = carve_parts(model, layout, pp_rank)
+    records = None
+    for part in parts:
+        recs = manager.apply_all(part.module, ModuleGraph(part.module, part.blocks), env)
+        records = records if records is not None else recs
+        _enter_forward_contexts(part.module, env)
+    refresh_holder(holder, parts)
+    env.set_gradient_sync = None  # each PipelineStage syncs its own part's gradients
+    return holder, records, PipelineRunner(parts, layout, plan, env, order)
+
+
+def _flops_model(model: nn.Module, tracking, env) -> nn.Module | None:
+    """A meta copy of the untransformed model for the step metrics' FLOP count (TFLOP/s,
+    MFU), made only where they are logged and the device's peak is known."""
+    from .runtime.peaks import peak_flops
+
+    if not tracking.log_every or peak_flops(env.device) is None:
+        return None
+    try:
+        return meta_copy(model)
+    except Exception as err:  # noqa: BLE001 — MFU is optional
+        log.info("overdrive: no TFLOP/s or MFU (the model cannot be copied to meta: %s)", err)
+        return None
 
 
 def _check_optimizer_arg(optimizer: OptimizerArg, manager: PassManager, plan: Plan) -> None:
@@ -165,11 +224,48 @@ def _optimizer_factory(optimizer: OptimizerArg, param_names: dict[int, str],
         new_groups = []
         for g, names in zip(optimizer.param_groups, groups):
             ng = {k: v for k, v in g.items() if k != "params"}
-            ng["params"] = [current[n] for n in names]
+            # under pp a rank holds only its stages' parameters
+            ng["params"] = [current[n] for n in names if n in current]
             new_groups.append(ng)
         return type(optimizer)(new_groups, **optimizer.defaults)
 
     return rebuild
+
+
+# the passes od.accelerate applied to each live model, in order (nothing is set on the model)
+_APPLIED: "weakref.WeakKeyDictionary[nn.Module, tuple[str, ...]]" = weakref.WeakKeyDictionary()
+
+
+def _check_not_transformed(model: nn.Module, names: list[str], plan: Plan) -> None:
+    """Refuse to transform a model a second time in the same way: a second autocast
+    wrapper recurses, a second fully_shard trips torch's asserts, a DDP wrapper wrapped
+    again renames every key (``module.``)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        raise PlanError(
+            f"model: {type(model.module).__name__} is wrapped in torch's "
+            "DistributedDataParallel; pass the module it wraps (model.module) to "
+            "od.accelerate: the plan's ddp / fsdp does the wrapping, and the state_dict "
+            "keys stay the model's own (no 'module.' prefix)")
+    done = _APPLIED.get(model, ())
+    again = [n for n in names if n in done]
+    if again:
+        raise PlanError(
+            f"model: od.accelerate already applied {', '.join(done)} to this "
+            f"{type(model).__name__}; the plan would apply {', '.join(again)} a second time. "
+            "Call od.accelerate once per model with the whole plan (its passes compose), "
+            "or build a fresh model")
+    if plan.data_parallel is not None:
+        from torch.distributed.fsdp import FSDPModule
+
+        sharded = [n or "<root>" for n, m in model.named_modules() if isinstance(m, FSDPModule)]
+        if sharded:
+            raise PlanError(
+                f"model: fully_shard was already applied to {', '.join(sharded[:3])}; the "
+                f"plan's {plan.data_parallel} would shard or wrap it again. Pass the model "
+                "before fully_shard and let the plan shard it, or drop the plan's "
+                f"{plan.data_parallel}")
 
 
 def _check_meta_device(model: nn.Module, plan: Plan) -> None:
@@ -259,8 +355,11 @@ def _enter_forward_contexts(model: nn.Module, env) -> None:
     """
     if not env.forward_contexts:
         return
+    if "_overdrive_context_forward" in model.__dict__:  # an earlier od.accelerate wrapped it
+        env.forward_contexts[:0] = model._overdrive_forward_contexts  # theirs stay outermost
+    else:
+        model._overdrive_context_forward = model.forward
     model._overdrive_forward_contexts = env.forward_contexts
-    model._overdrive_context_forward = model.forward
     model.forward = types.MethodType(_forward_in_contexts, model)
 
 

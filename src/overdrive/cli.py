@@ -1,4 +1,4 @@
-"""The ``overdrive`` command: inspect, export, launch, env.
+"""The ``overdrive`` command: inspect, export, launch, plot, env.
 
 Benchmarks are not a subcommand: they live in the repository (`benchmarks/run_all.py`,
 `make bench`), beside the baselines they compare against, not in the installed package.
@@ -159,6 +159,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return cmd_export(args)
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plotting import plot_runs  # matplotlib is imported only here
+
+    out = plot_runs(args.run_dirs, args.out, labels=args.label)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="overdrive", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -204,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("script", help="the training script")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
     p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser("plot", help="loss, lr, tokens/s and memory against step from "
+                                    "runs' metrics.jsonl, overlaid (needs matplotlib)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+    p.add_argument("--out", default="plot.png", help="image to write (default plot.png)")
+    p.add_argument("--label", action="append", default=None,
+                   help="a legend label per run, in order (default: the directory names)")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("env", help="versions and backends, for bug reports")
     p.add_argument("--json", action="store_true")

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT, child_env, read_json, run_torchrun
+from tests.helpers import ROOT, child_env, read_json, require, run_torchrun
 
-pytest.importorskip("deepspeed")
+require("deepspeed")
 
 
 @pytest.mark.dist

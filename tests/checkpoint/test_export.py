@@ -7,6 +7,7 @@ import torch
 from safetensors import safe_open
 
 import overdrive as od
+from tests.helpers import require
 
 from ckpt_util import make_model, manual_runtime
 
@@ -77,7 +78,7 @@ def test_tied_weights_saved_once(tmp_path):
 
 
 def test_transformers_from_pretrained(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
                                    num_hidden_layers=2, num_attention_heads=2,
                                    num_key_value_heads=2, tie_word_embeddings=True)

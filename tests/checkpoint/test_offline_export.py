@@ -12,7 +12,7 @@ import torch
 
 import overdrive as od
 from overdrive.runtime.checkpoint_export import export_checkpoint
-from tests.helpers import ROOT, child_env, run_torchrun
+from tests.helpers import ROOT, child_env, require, run_torchrun
 
 SCRIPT = ROOT / "tests" / "checkpoint" / "scripts" / "train_hf_and_save.py"
 
@@ -95,7 +95,7 @@ def test_export_of_a_two_rank_zero3_checkpoint_reads_weights_only(tmp_path):
     """DeepSpeed's zero_to_fp32 consolidates the partitions; every file it reads goes
     through weights_only=True: a pickled callable in a (manifest-consistent) file is
     refused, not run."""
-    pytest.importorskip("deepspeed")
+    require("deepspeed")
     from overdrive.runtime import checkpoint_files as cf
 
     ck, _ = check_export(tmp_path, "zero3")

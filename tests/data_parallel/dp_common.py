@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from overdrive.models.llama import Llama, LlamaConfig
+from overdrive.quiet import known_harmless_noise
 
 STEPS = 5
 LR = 0.5
@@ -25,8 +26,9 @@ def make_llama() -> Llama:
 
 
 def make_hf():
-    from transformers import LlamaConfig as HFConfig
-    from transformers import LlamaForCausalLM
+    with known_harmless_noise():  # transformers imports torchao
+        from transformers import LlamaConfig as HFConfig
+        from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = HFConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
@@ -35,21 +37,19 @@ def make_hf():
     return LlamaForCausalLM(cfg)
 
 
-def global_batches(hf: bool = False) -> list[torch.Tensor]:
-    """Random tokens (the reference Llama's loss is unshifted, so they are learnable);
-    for transformers' shifted next-token loss, counting sequences from random starts."""
+def global_batches() -> list[torch.Tensor]:
+    """Counting sequences from random starts: learnable for a next-token loss (the
+    reference Llama and transformers' both shift the labels)."""
     g = torch.Generator().manual_seed(1234)
-    if hf:
-        starts = [torch.randint(0, VOCAB, (GLOBAL_BATCH, 1), generator=g) for _ in range(STEPS)]
-        return [(s + torch.arange(SEQ)) % VOCAB for s in starts]
-    return [torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=g) for _ in range(STEPS)]
+    starts = [torch.randint(0, VOCAB, (GLOBAL_BATCH, 1), generator=g) for _ in range(STEPS)]
+    return [(s + torch.arange(SEQ)) % VOCAB for s in starts]
 
 
-def reference_losses(model: torch.nn.Module, hf: bool = False) -> list[float]:
+def reference_losses(model: torch.nn.Module) -> list[float]:
     """Plain single-process SGD on the full global batches."""
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     losses = []
-    for batch in global_batches(hf):
+    for batch in global_batches():
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         opt.step()

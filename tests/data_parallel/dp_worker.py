@@ -114,7 +114,7 @@ def train(name: str, model, rt, keys) -> dict:
     init = init_stats(rt) if name == "fsdp_meta" else None
     accum = rt.plan.grad_accum
     losses = []
-    for batch in global_batches(hf=name == "fsdp_hf"):
+    for batch in global_batches():
         mine = batch.chunk(rt.dp_size)[rt.dp_rank]
         step_loss = torch.zeros(())
         for i, micro in enumerate(mine.chunk(accum)):

@@ -101,7 +101,7 @@ def test_meta_model_materialises_sharded(two):
 
 def test_transformers_llama_under_fsdp(two):
     model = make_hf()
-    ref = reference_losses(model, hf=True)
+    ref = reference_losses(model)
     res = two["fsdp_hf"]
     _assert_curve(res["losses"], ref)
     assert res["losses"][-1] < res["losses"][0]

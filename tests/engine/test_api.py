@@ -151,6 +151,20 @@ def test_inspect_touches_nothing_and_estimates_memory():
     assert '"memory_per_rank"' in rep.to_json()
 
 
+def test_inspect_of_a_meta_model_with_example_inputs_leaves_no_grads():
+    """A meta model is traced in place (no copy): the backward's gradients must not be
+    left on the user's parameters."""
+    from overdrive.models.llama import Llama, LlamaConfig
+
+    with torch.device("meta"):
+        model = Llama(LlamaConfig(n_layers=2))
+    ids = torch.randint(0, 256, (2, 16))
+    rep = od.inspect(model, "fsdp+ac", world_size=2, example_inputs={"input_ids": ids,
+                                                                     "labels": ids})
+    assert rep.trace.backward_flops > rep.trace.forward_flops > 0
+    assert [n for n, p in model.named_parameters() if p.grad is not None] == []
+
+
 def test_inspect_reports_parameter_bytes_per_rank_before_and_after_each_pass():
     model = tiny(n_layers=2)
     full = sum(p.numel() * 4 for p in model.parameters())
@@ -227,3 +241,85 @@ def test_forward_contexts_from_passes_wrap_every_forward():
         assert type(rt.model).__name__ == "Llama" and list(rt.model.state_dict()) == keys
     finally:
         manager.unregister_pass("t_ctx")
+
+
+# --------------------------------------------------------------------------- twice
+
+
+def _refused_again(model, plan, *fragments):
+    before = snapshot(model)
+    with pytest.raises(od.PlanError) as err:
+        od.accelerate(model, plan)
+    for f in fragments:
+        assert f in str(err.value), str(err.value)
+    assert_untouched(model, before)
+    return err
+
+
+def test_accelerate_twice_with_the_same_pass_is_refused_before_any_change():
+    model = tiny(n_layers=1)
+    rt = od.accelerate(model, "bf16")
+    _refused_again(model, "bf16", "already applied mixed_precision", "a second time",
+                   "once per model")
+    with pytest.raises(od.PlanError, match="already applied mixed_precision"):
+        od.inspect(model, "bf16")
+    x = torch.randint(0, 256, (2, 8))
+    assert rt.model(x, labels=x).loss.isfinite()  # still one autocast, no recursion
+
+
+def test_accelerate_twice_with_other_passes_enters_every_context_once():
+    """A second od.accelerate with another pass that adds a forward context: the root
+    forward is wrapped once, the earlier contexts stay outermost, each entered once."""
+    from overdrive.rewrite.manager import unregister_pass
+
+    model = tiny(n_layers=2)
+    od.accelerate(model, "bf16")
+    calls = []
+
+    @od.register_pass("count_forwards")
+    class CountForwards(od.Pass):
+        def apply(self, model, graph, plan, env):
+            env.forward_contexts.append(lambda: _Counting(calls))
+            return self.record()
+
+    try:
+        od.accelerate(model)
+    finally:
+        unregister_pass("count_forwards")
+    x = torch.randint(0, 256, (2, 8))
+    out = model(x, labels=x)
+    assert out.loss.isfinite() and calls == [torch.bfloat16]
+
+
+class _Counting:
+    """Records the autocast dtype in force when it is entered."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def __enter__(self):
+        self.calls.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
+                          else None)
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_fsdp_twice_and_hand_sharded_models_are_refused():
+    from torch.distributed.fsdp import fully_shard
+
+    model = tiny(n_layers=1)
+    od.accelerate(model, "fsdp")
+    _refused_again(model, "fsdp", "already applied fsdp")
+    by_hand = tiny(n_layers=1)
+    fully_shard(by_hand.layers[0])
+    _refused_again(by_hand, "fsdp", "fully_shard was already applied to layers.0",
+                   "drop the plan's fsdp")
+
+
+def test_a_ddp_wrapped_model_is_refused():
+    from torch.nn.parallel import DistributedDataParallel
+
+    od.accelerate(tiny(n_layers=1), "fsdp")  # a process group for DDP
+    wrapped = DistributedDataParallel(tiny(n_layers=1))
+    _refused_again(wrapped, "ddp", "DistributedDataParallel", "model.module", "'module.'")

@@ -48,3 +48,35 @@ def test_inspect_plan_error_is_a_clean_message():
     assert out.returncode == 2
     assert "PlanError" in out.stderr and "unknown preset token 'warp'" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_help_does_not_import_torch():
+    """`overdrive --help` (and `import overdrive`) stay light: torch is imported on first
+    use of a name that needs it, not by the package or the command line."""
+    code = ("import sys\n"
+            "import overdrive\n"
+            "from overdrive.cli import main\n"
+            "try:\n"
+            "    main(['--help'])\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "print('torch imported:', 'torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: overdrive" in proc.stdout
+    assert "torch imported: False" in proc.stdout
+
+
+def test_lazy_names_resolve_and_builtins_register_first():
+    code = ("import overdrive as od\n"
+            "@od.register_pass('mine')\n"
+            "class Mine(od.Pass):\n"
+            "    pass\n"
+            "from overdrive.rewrite.manager import registered_passes\n"
+            "print(registered_passes()[0], registered_passes()[-1], od.PlanError.__name__,\n"
+            "      'accelerate' in dir(od))\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["casting", "mine", "PlanError", "True"]

@@ -6,6 +6,7 @@ from torch import nn
 
 from overdrive import ModuleGraph, PlanError
 from overdrive.models.llama import Llama, LlamaConfig, tiny
+from tests.helpers import require
 
 
 class Inner(nn.Module):
@@ -48,7 +49,7 @@ def test_transformers_style_nesting():
 
 
 def test_transformers_llama():
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
                                    num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2)
@@ -63,8 +64,56 @@ def test_no_repeats_is_a_valid_answer():
     assert "no repeated blocks" in g.describe()
 
 
-def test_largest_group_wins_across_containers():
-    assert ModuleGraph(EncDec()).blocks() == [f"decoder.{i}" for i in range(4)]
+def test_every_stack_is_found_across_containers():
+    g = ModuleGraph(EncDec())
+    assert g.blocks() == ["encoder.0", "encoder.1"] + [f"decoder.{i}" for i in range(4)]
+    assert g.block_groups() == [["encoder.0", "encoder.1"], [f"decoder.{i}" for i in range(4)]]
+    assert "2 blocks under 'encoder'" in g.describe() and "4 blocks under 'decoder'" in g.describe()
+
+
+def test_a_small_stack_or_one_inside_a_block_is_not_a_stack():
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = nn.ModuleList(nn.Linear(16, 16) for _ in range(2))
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(Layer() for _ in range(2))
+            self.tiny = nn.ModuleList(nn.Linear(2, 2) for _ in range(2))
+
+    assert ModuleGraph(Model()).blocks() == ["layers.0", "layers.1"]
+
+
+def test_blocks_of_one_class_form_a_stack_when_one_owns_extra_weights():
+    class Block(nn.Module):  # T5: the first block owns the relative-position bias
+        def __init__(self, first):
+            super().__init__()
+            self.ff = nn.Linear(8, 8)
+            self.bias = nn.Embedding(4, 2) if first else None
+
+    model = nn.ModuleList(Block(i == 0) for i in range(3))
+    assert ModuleGraph(model).blocks() == ["0", "1", "2"]
+
+
+def test_a_star_matches_one_name_segment():
+    model = HFStyle()
+    assert ModuleGraph(model, ("model.layers.*",)).blocks() == [
+        "model.layers.0", "model.layers.1", "model.layers.2"]
+    assert ModuleGraph(model, ("**.layers.0",)).blocks() == ["model.layers.0"]
+    assert ModuleGraph(model, ("model.**.layers.1",)).blocks() == ["model.layers.1"]
+    with pytest.raises(PlanError, match=r"matches no module.*'model\.layers\.\*'"):
+        ModuleGraph(model, ("layers.*",)).blocks()
+
+
+def test_transformers_t5_has_two_stacks():
+    transformers = require("transformers")
+    cfg = transformers.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2,
+                                num_decoder_layers=3, num_heads=4)
+    g = ModuleGraph(transformers.T5ForConditionalGeneration(cfg))
+    assert g.block_groups() == [["encoder.block.0", "encoder.block.1"],
+                                ["decoder.block.0", "decoder.block.1", "decoder.block.2"]]
 
 
 def test_differently_shaped_member_is_left_out():

@@ -6,6 +6,7 @@ import pytest
 
 import overdrive as od
 from overdrive.rewrite.plan import resolve_for_world, resolve_plan, resolve_sizes
+from tests.helpers import require
 
 
 @pytest.mark.parametrize("name,check", [
@@ -55,7 +56,7 @@ def test_dict_round_trip(name):
 
 @pytest.mark.parametrize("name", ["budget", "casting", "attrs"])
 def test_file_round_trip(name, tmp_path):
-    yaml = pytest.importorskip("yaml")
+    yaml = require("yaml")
     plan = ROUND_TRIP_PLANS[name]
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(plan.to_dict()))
     (tmp_path / "p.json").write_text(json.dumps(plan.to_dict()))
@@ -64,7 +65,7 @@ def test_file_round_trip(name, tmp_path):
 
 
 def test_yaml_and_json_files(tmp_path):
-    yaml = pytest.importorskip("yaml")
+    yaml = require("yaml")
     plan = od.Plan(fsdp=od.FSDP(reshard_after_forward=False), compile=od.Compile(backend="eager"),
                    grad_accum=4, blocks=("layers.*",), mixed_precision="bf16")
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(plan.to_dict()))
@@ -111,6 +112,72 @@ def test_missing_plan_file():
 def test_bad_values_name_field_value_and_choices(data, pattern):
     with pytest.raises(od.PlanError, match=pattern):
         od.Plan.from_dict(data)
+
+
+@pytest.mark.parametrize("data,pattern", [
+    ({"ddp": {"static_graph": "no"}}, r"ddp.static_graph='no' is not valid; ddp.static_graph "
+                                      r"takes true or false \(a boolean: unquoted in YAML\)"),
+    ({"fp8": {"layernorm": "false"}}, r"fp8.layernorm='false'.*true or false"),
+    ({"fsdp": {"offload": "false"}}, r"fsdp.offload='false'.*true or false"),
+    ({"fsdp": {"reshard_after_forward": "no"}}, r"fsdp.reshard_after_forward='no'.*true or false"),
+    ({"parallel": {"sequence_parallel": 1}}, r"parallel.sequence_parallel=1.*true or false"),
+    ({"compile": {"fullgraph": "yes"}}, r"compile.fullgraph='yes'.*true or false"),
+    ({"seed": True}, r"seed=True is not valid; seed takes an integer or null"),
+    ({"deepspeed": {"zero_stage": True}}, r"deepspeed.zero_stage=True.*0, 1, 2, 3"),
+    ({"mixed_precision": True}, r"mixed_precision=True.*'no', 'bf16', 'fp16'"),
+    ({"casting": {"skip": 5}}, r"casting.skip=5 is not valid; casting.skip takes a list of "
+                               r"strings"),
+    ({"casting": {"skip": ["norm", 5]}}, r"casting.skip=\('norm', 5\)"),
+    ({"tp_divide_attrs": [3]}, r"tp_divide_attrs=\(3,\)"),
+    ({"checkpointing": {"mode": "budget", "budget_bytes": 1, "budget_input_shape": ["2"]}},
+     r"checkpointing.budget_input_shape=\('2',\).*list of integers"),
+], ids=lambda v: str(v)[:40] if isinstance(v, dict) else None)
+def test_types_are_strict(data, pattern):
+    """A quoted boolean is a string, ``true`` is not an integer: refused with the field,
+    the value and what it takes (before any model is touched)."""
+    with pytest.raises(od.PlanError, match=pattern):
+        od.Plan.from_dict(data)
+
+
+def test_strict_types_in_python_parts_and_plans():
+    with pytest.raises(od.PlanError, match=r"ddp.static_graph='no'"):
+        resolve_plan(od.Plan(ddp=od.DDP(static_graph="no")))
+    with pytest.raises(od.PlanError, match=r"fsdp.offload='false'"):
+        od.Plan().replace(fsdp=od.FSDP(offload="false"))
+    ok = od.Plan.from_dict({"ddp": {"static_graph": True}, "seed": 3,
+                            "compile": {"dynamic": None}})
+    assert ok.ddp.static_graph is True and ok.seed == 3
+    assert od.Plan.from_dict({"casting": {"skip": ["norm"]}}).casting.skip == ("norm",)
+
+
+def test_plan_files_refused_with_plan_errors(tmp_path):
+    with pytest.raises(od.PlanError, match=r"plan file '.*nope.yaml': no such file"):
+        od.Plan.from_file(tmp_path / "nope.yaml")
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("fsdp: true  # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(od.PlanError, match=r"latin1.yaml' is not UTF-8 text.*save it as UTF-8"):
+        resolve_plan(str(latin1))
+    upper = tmp_path / "P.YAML"
+    upper.write_text("fsdp: true\n")
+    assert resolve_plan(str(upper)).fsdp == od.FSDP()  # a file, not a preset named 'p.yaml'
+    with pytest.raises(od.PlanError, match="no such plan file"):
+        resolve_plan(str(tmp_path / "MISSING.JSON"))
+    folder = tmp_path / "dir.yaml"
+    folder.mkdir()
+    with pytest.raises(od.PlanError, match=r"dir.yaml' cannot be read"):
+        od.Plan.from_file(folder)
+
+
+def test_a_quoted_boolean_is_refused_before_the_model_is_touched(tmp_path):
+    from overdrive.models.llama import tiny
+    from tests.helpers import assert_untouched, snapshot
+
+    (tmp_path / "p.yaml").write_text("fsdp:\n  reshard_after_forward: 'no'\n")
+    model = tiny(n_layers=2)
+    before = snapshot(model)
+    with pytest.raises(od.PlanError, match=r"fsdp.reshard_after_forward='no'"):
+        od.accelerate(model, str(tmp_path / "p.yaml"))
+    assert_untouched(model, before)
 
 
 @pytest.mark.parametrize("plan,pattern", [

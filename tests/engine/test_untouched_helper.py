@@ -75,3 +75,27 @@ def test_meta_models_compare_without_values():
     model.lm_head.weight.requires_grad_(False)
     with pytest.raises(AssertionError):
         assert_untouched(model, before)
+
+
+def test_require_skips_locally_and_fails_in_ci(tmp_path):
+    """A missing test dependency is a skip on a developer's machine, a failure in CI."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, child_env
+
+    test = tmp_path / "test_needs_missing.py"
+    test.write_text("from tests.helpers import require\n"
+                    "require('overdrive_no_such_module')\n\n"
+                    "def test_never():\n    pass\n")
+
+    def run(ci: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               str(test)], env=child_env(CI=ci), cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+
+    local = run("")
+    assert local.returncode in (0, 5) and "1 skipped" in local.stdout, local.stdout  # 5: none ran
+    ci = run("true")
+    assert ci.returncode != 0, ci.stdout
+    assert "test dependency 'overdrive_no_such_module' cannot be imported" in ci.stdout

@@ -16,7 +16,7 @@ from overdrive.passes.casting import CastConv2d, CastLinear, upcast
 from overdrive.rewrite.manager import parameter_bytes
 from overdrive.rewrite.plan import Plan
 
-from tests.helpers import assert_untouched, snapshot
+from tests.helpers import assert_untouched, require, snapshot
 
 CAST = Plan(casting=od.Casting())
 
@@ -199,3 +199,54 @@ def test_weights_outside_e4m3_range_are_skipped_not_clipped():
     rec = od.accelerate(model, Plan(casting=od.Casting(skip=()))).report["casting"]
     assert rec.modules == ["0"]
     assert "range" in rec.details["skipped"]["1"] and model[1].weight[0, 0] == 1000.0
+
+
+def test_a_weight_read_outside_its_layer_is_skipped_and_the_rest_runs():
+    """nn.TransformerEncoderLayer hands linear1/linear2's weights to a fused kernel
+    (eval fast path): casting them would fail at the first forward, so they are skipped."""
+    model = nn.Sequential(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True),
+                          nn.Linear(32, 32)).eval()
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        want = model(x)
+    rt = od.accelerate(model, od.Plan(casting=od.Casting()))
+    notes = " ".join(rt.report["casting"].notes)
+    assert "0.linear1 skipped: 0 (TransformerEncoderLayer) reads its weight directly" in notes
+    assert model[0].linear1.weight.dtype == torch.float32
+    assert model[1].weight.dtype == torch.float8_e4m3fn
+    with torch.no_grad():
+        got = model(x)
+    assert ((got - want).norm() / want.norm()).item() < 0.1
+
+
+def test_transformers_conv1d_is_cast():
+    Conv1D = require("transformers.pytorch_utils").Conv1D
+    model = nn.Sequential(Conv1D(48, 32), nn.GELU(), Conv1D(32, 48)).eval()
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        want = model(x)
+    rt = od.accelerate(model, od.Plan(casting=od.Casting()))
+    assert rt.report["casting"].modules == ["0", "2"]
+    assert model[0].weight.dtype == torch.float8_e4m3fn
+    assert isinstance(model[0], Conv1D) and list(model.state_dict()) == [
+        "0.weight", "0.bias", "2.weight", "2.bias"]
+    with torch.no_grad():
+        got = model(x)
+    assert got.shape == want.shape
+    assert ((got - want).norm() / want.norm()).item() < 0.1
+
+
+def test_a_layer_whose_cast_forward_fails_on_a_meta_probe_is_skipped_untouched():
+    model = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 4))
+    from overdrive.passes import casting
+
+    original = casting.CastLinear._compute
+    casting.CastLinear._compute = lambda self, x, w, b: x @ w  # wrong unless square
+    try:
+        rt = od.accelerate(model, od.Plan(casting=od.Casting()))
+    finally:
+        casting.CastLinear._compute = original
+    notes = " ".join(rt.report["casting"].notes)
+    assert "0 skipped: a one-layer probe of the cast layer failed on meta" in notes
+    assert model[0].weight.dtype == torch.float32  # not cast: its forward would fail
+    assert model[1].weight.dtype == torch.float8_e4m3fn

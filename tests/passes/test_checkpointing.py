@@ -3,6 +3,7 @@ unchanged (dropout too), keys and classes survive, budget mode picks the fewest 
 
 from __future__ import annotations
 
+import copy
 import gc
 
 import pytest
@@ -18,7 +19,7 @@ from overdrive.models.llama import tiny
 from overdrive.passes.checkpointing import is_checkpointed
 from overdrive.rewrite.estimate import activation_estimate
 from overdrive.rewrite.trace import trace_model
-from tests.helpers import assert_untouched, snapshot
+from tests.helpers import assert_untouched, require, snapshot
 
 BATCH = (2, 16)
 
@@ -236,7 +237,7 @@ def test_refuses_models_without_blocks_and_bad_every():
         od.Plan(checkpointing=od.Checkpointing(mode="every", every=0)).replace()
     assert_untouched(model, before)
     od.accelerate(model, "ac")
-    with pytest.raises(od.PlanError, match="already checkpointed"):
+    with pytest.raises(od.PlanError, match="already applied checkpointing"):
         od.accelerate(model, "ac")
 
 
@@ -271,3 +272,47 @@ def test_composes_with_compile_and_trains():
     assert losses[-1] < losses[0] - 0.5
     assert counters["stats"]["unique_graphs"] == 1  # checkpointed blocks still share a graph
     torch._dynamo.reset()
+
+
+def _hf(name: str):
+    require("transformers")
+    from tests.models import zoo
+    torch.manual_seed(0)
+    return zoo.MODELS[name].build()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gemma2"])
+def test_transformers_blocks_train_with_caching_off_and_still_cache_in_eval(name):
+    """The KV cache is off inside checkpointed blocks while training (GPT-2 passes it
+    positionally, Gemma2 would otherwise replay a longer cache); eval still caches."""
+    model = _hf(name)
+    plain = copy.deepcopy(model)
+    rt = od.accelerate(model, "sac")
+    assert any("caching is off" in n for n in rt.report["checkpointing"].notes)
+    x = _batch()[:, :8] % 64
+    loss = model(x, labels=x).loss
+    loss.backward()
+    want = plain(x, labels=x).loss
+    want.backward()
+    assert torch.allclose(loss, want)
+    for (n, p), q in zip(model.named_parameters(), plain.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), n
+    model.eval()
+    with torch.no_grad():
+        out = model(x, use_cache=True)
+    assert out.past_key_values is not None and out.past_key_values.get_seq_length() == 8
+
+
+def test_batchnorm_running_stats_update_once_per_step():
+    from tests.models.zoo import BatchNormCNN
+
+    model, plain = BatchNormCNN(), BatchNormCNN()
+    plain.load_state_dict(model.state_dict())
+    rt = od.accelerate(model, "ac")
+    assert any("BatchNorm running stats" in n for n in rt.report["checkpointing"].notes)
+    x = torch.randn(4, 3, 8, 8)
+    model(x).sum().backward()
+    plain(x).sum().backward()
+    for a, b in zip(model.buffers(), plain.buffers()):
+        assert torch.equal(a, b)
+    assert int(model.blocks[0].bn.num_batches_tracked) == 1

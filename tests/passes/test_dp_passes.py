@@ -73,6 +73,53 @@ def test_meta_model_without_initialisers_is_refused():
     assert all(p.is_meta for _, p in params)  # (torch.equal has no meta kernel)
 
 
+class _NormWithoutReset(torch.nn.Module):
+    """An RMSNorm with no reset_parameters (as many hand-written models have)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * self.weight
+
+
+def _meta_8b_without_norm_init():
+    """Llama-3-8B's shapes on the meta device, norms without reset_parameters, and no
+    model-wide init_weights: nothing could initialise the norms after sharding."""
+    from overdrive.models.llama import llama3_8b
+
+    with torch.device("meta"):
+        model = llama3_8b()
+        for block in model.layers:
+            block.attn_norm, block.mlp_norm = _NormWithoutReset(4096), _NormWithoutReset(4096)
+        model.norm = _NormWithoutReset(4096)
+    model.init_weights = None
+    return model
+
+
+def test_inspect_of_a_meta_8b_model_notes_what_accelerate_cannot_initialise():
+    """The dry run before renting GPUs: od.inspect plans it (fast) and says what the real
+    od.accelerate will refuse; od.accelerate still refuses, before touching the model."""
+    model = _meta_8b_without_norm_init()
+    report = od.inspect(model, "fsdp", world_size=8)
+    notes = report["fsdp"].notes
+    assert any("od.accelerate will refuse" in n and "layers.0.attn_norm" in n
+               and "(and 61 more)" in n for n in notes), notes
+    assert report.memory.parameters > 0
+    params = list(model.named_parameters())
+    with pytest.raises(od.PlanError, match=r"meta device and <root>, layers.0.attn_norm"):
+        od.accelerate(model, od.Plan(fsdp=od.FSDP()))
+    assert list(model.named_parameters()) == params
+
+
+def test_inspect_of_a_real_model_has_no_initialiser_note():
+    """Only a model that is itself on meta needs initialising (the dry run's copy is not)."""
+    model = small()
+    model.norm = _NormWithoutReset(model.cfg.dim)
+    assert not any("will refuse" in n for n in od.inspect(model, "fsdp")["fsdp"].notes)
+
+
 def test_fsdp_single_process_matches_plain_training():
     ref = small()
     model = small()

@@ -20,9 +20,9 @@ from overdrive.rewrite.graph import ModuleGraph
 from overdrive.rewrite.plan import Plan
 from overdrive.runtime.state import Env
 
-from tests.helpers import assert_untouched, snapshot
+from tests.helpers import assert_untouched, require, snapshot
 
-Float8Linear = pytest.importorskip("torchao.float8.float8_linear").Float8Linear
+Float8Linear = require("torchao.float8.float8_linear").Float8Linear
 
 # e4m3 keeps 3 mantissa bits: round-to-nearest changes a (scaled, normal) value by at most
 # 2^-4 relative. torchao quantizes both matmul operands (input and weight) with dynamic
@@ -174,7 +174,7 @@ def test_callable_filter_gets_the_qualified_name():
 def test_nothing_eligible_is_refused_before_mutation():
     model = tiny(2)
     before = snapshot(model)
-    with pytest.raises(PlanError, match="no nn.Linear is eligible"):
+    with pytest.raises(PlanError, match=r"no nn.Linear \(or transformers Conv1D\) is eligible"):
         _fp8(model, filter="matches_nothing")
     assert_untouched(model, before)
 
@@ -266,10 +266,11 @@ def test_rowwise_recipe_converts_and_runs():
 # --------------------------------------------------------------------------- FSDP hook
 
 
-def test_fsdp_tensorwise_enables_fp8_all_gather_and_post_step_hook():
+def test_fsdp_tensorwise_enables_fp8_all_gather_and_post_step_hook(monkeypatch):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    monkeypatch.setattr(fp8_pass, "float8_collectives", lambda env: True)  # as on nccl
     plan = Plan(fp8=od.FP8(), fsdp=od.FSDP())
     env = _env(plan)
     model = tiny(2)
@@ -296,6 +297,22 @@ def test_fsdp_tensorwise_enables_fp8_all_gather_and_post_step_hook():
     for hook in env.post_step_hooks:
         hook(model, opt)
     assert local._precomputed_scale is not None and local._precomputed_scale > 0
+
+
+def test_fsdp_on_gloo_all_gathers_fp8_weights_in_high_precision():
+    """gloo rejects float8 tensors: the float8 all-gather is off there, and the record
+    (od.inspect's too) says why."""
+    plan = Plan(fp8=od.FP8(), fsdp=od.FSDP())
+    env = _env(plan)
+    model = tiny(1)
+    rec = fp8_pass.FP8Training().apply(model, ModuleGraph(model), plan, env)
+    assert rec.details["fsdp_float8_all_gather"] is False
+    assert not model.layers[0].attn.q_proj.config.enable_fsdp_float8_all_gather
+    assert env.post_step_hooks == []
+    assert any("gloo backend cannot all-gather float8" in n for n in rec.notes)
+    if not torch.cuda.is_available():
+        preview = od.inspect(tiny(1), plan, world_size=2)["fp8"]
+        assert any("gloo backend cannot all-gather float8" in n for n in preview.notes)
 
 
 @pytest.mark.parametrize("fp8_cfg, fsdp", [(od.FP8(), None),
@@ -555,3 +572,32 @@ def test_te_real_swap_trains_under_fp8_autocast():
         rt.optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_record_says_fp8_on_cpu_is_emulated():
+    """On CPU torchao emulates the fp8 matmuls: the record (and od.inspect's) says so."""
+    rec = _fp8(tiny(1)).report["fp8"]
+    assert rec.details["emulated"] is True
+    assert any("fp8 on cpu is emulated" in n and "no speedup" in n for n in rec.notes)
+    if not torch.cuda.is_available():
+        preview = od.inspect(tiny(1), Plan(fp8=od.FP8()))["fp8"]
+        assert preview.details["emulated"] is True
+        assert any("emulated" in n for n in preview.notes)
+
+
+def test_transformers_conv1d_trains_in_fp8_with_its_layout_and_keys():
+    Conv1D = require("transformers.pytorch_utils").Conv1D
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(64, 32), nn.GELU(), Conv1D(32, 64), nn.Linear(32, 10))
+    plain = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    rt = _fp8(model)
+    assert rt.report["fp8"].details["converted"] == ["0", "2"]
+    assert isinstance(model[0], Conv1D) and type(model[0]).__name__ == "Float8Conv1D"
+    assert list(model.state_dict()) == keys and model[0].weight.shape == (32, 64)
+    x = torch.randn(4, 8, 32)
+    got, want = model(x), plain(x)
+    err = _rel(got, want)
+    assert FP8_MIN_ERR < err < FP8_REL_ERR  # fp8 really ran, within its rounding
+    got.sum().backward()
+    assert model[0].weight.grad is not None and model[0].weight.grad.shape == (32, 64)

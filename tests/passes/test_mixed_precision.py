@@ -13,7 +13,7 @@ import overdrive as od
 from overdrive.models.llama import tiny
 from overdrive.passes.mixed_precision import MixedPrecision, outputs_to_fp32
 from overdrive.rewrite.plan import Plan
-from tests.helpers import assert_untouched, snapshot
+from tests.helpers import assert_untouched, require, snapshot
 
 
 def _matmul_dtypes(model):
@@ -147,7 +147,7 @@ def test_outputs_to_fp32_keeps_structure():
     out = outputs_to_fp32({"x": [h, (h, ids)], "p": Pair(h, 3)})
     assert out["x"][0].dtype == torch.float32 and out["x"][1][1].dtype == torch.long
     assert isinstance(out["p"], Pair) and out["p"].a.dtype == torch.float32 and out["p"].b == 3
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     mo = transformers.modeling_outputs.CausalLMOutputWithPast(loss=h.sum(), logits=h)
     conv = outputs_to_fp32(mo)
     assert type(conv) is type(mo) and conv.logits.dtype == torch.float32

@@ -50,6 +50,21 @@ class Recording(Dataset):
         return torch.tensor([i])
 
 
+def torch_seeded_shuffle(_rt):
+    """No Plan.seed, no loader generator: the shuffle follows torch.manual_seed (each rank
+    seeded differently here: rank 0's draw is the one every rank uses)."""
+    rank = torch.distributed.get_rank()
+    ds = TensorDataset(torch.arange(37))
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(rank)
+        rt = runtime()
+        runs.append(items(rt.shard(DataLoader(ds, batch_size=4, shuffle=True))))
+    torch.manual_seed(1000 + rank)
+    other = items(runtime().shard(DataLoader(ds, batch_size=4, shuffle=True)))
+    return {"runs": runs, "other": other}
+
+
 def shards(rt):
     out = {}
     ds = TensorDataset(torch.arange(37))
@@ -323,7 +338,7 @@ def main() -> None:
         return
     rt = runtime(seed=7)
     result = {}
-    for fn in (shards, metrics, resume, collectives, clip_fsdp, clip_tp, accum_raw_fsdp,
+    for fn in (shards, torch_seeded_shuffle, metrics, resume, collectives, clip_fsdp, clip_tp, accum_raw_fsdp,
                batch_size_search, main_first):
         try:
             result[fn.__name__] = fn(rt)

@@ -43,6 +43,17 @@ def test_shards_are_disjoint_and_complete(ranks, key):
     assert all(len(values) == 4 for p in per_rank for values, _ in p["batches"])
 
 
+def test_shuffle_without_plan_seed_follows_torch_manual_seed(ranks):
+    """As DataLoader(shuffle=True): the same torch.manual_seed gives the same order, run
+    after run; the ranks agree on one permutation (disjoint, complete shards)."""
+    runs = [r["torch_seeded_shuffle"]["runs"] for r in ranks]
+    assert all(first == second for first, second in runs)
+    seen = [real_items(r[0]) for r in runs]
+    assert set(seen[0]).isdisjoint(seen[1]) and sorted(seen[0] + seen[1]) == list(range(37))
+    others = [r["torch_seeded_shuffle"]["other"] for r in ranks]
+    assert others[0] != runs[0][0]  # another seed, another order
+
+
 def test_shuffle_uses_one_permutation(ranks):
     order = [values for r in ranks for values, _ in r["shards"]["shuffle=True"]["batches"]]
     assert order[0] != [0, 1, 2, 3]  # really shuffled (seed 7)

@@ -424,3 +424,18 @@ def test_rt_load_before_rt_shard_restores_the_position(tmp_path):
     fresh.load(tmp_path / "ck")  # no loader yet: the position waits for rt.shard
     resumed = fresh.shard(make())
     assert [b[0].tolist() for b in resumed] == order[3:]
+
+
+def test_shuffle_without_a_seed_follows_torch_manual_seed():
+    """No Plan.seed, no generator: torch.manual_seed fixes the order, as for DataLoader."""
+    import overdrive as od
+
+    ds = TensorDataset(torch.arange(40))
+
+    def order(seed: int) -> list[list[int]]:
+        torch.manual_seed(seed)
+        rt = od.accelerate(torch.nn.Linear(2, 2))
+        return [b[0].tolist() for b in rt.shard(DataLoader(ds, batch_size=4, shuffle=True))]
+
+    assert order(0) == order(0)
+    assert order(0) != order(1)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from overdrive.models.llama import Attention, LlamaConfig, apply_rope, tiny
+from overdrive.quiet import known_harmless_noise
 
 LR = 0.1
 STEPS = 5
@@ -16,19 +17,22 @@ BATCH = 2
 VOCAB = 256
 
 
-def batches(n: int = STEPS, vocab: int = VOCAB, seq: int = SEQ, seed: int = 1) -> list[dict]:
+def batches(n: int = STEPS, vocab: int = VOCAB, seq: int = SEQ, seed: int = 1,
+            ignored: int = 0) -> list[dict]:
+    """Causal-LM batches: the labels are the inputs (the models' losses shift them), the
+    first ``ignored`` labels of every sequence -100 (a prompt the loss skips)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        ids = torch.randint(0, vocab, (BATCH, seq + 1), generator=g)
-        out.append({"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous()})
+        ids = torch.randint(0, vocab, (BATCH, seq), generator=g)
+        labels = ids.clone()
+        labels[:, :ignored] = -100
+        out.append({"input_ids": ids, "labels": labels})
     return out
 
 
 def hf_batches(n: int = STEPS) -> list[dict]:
-    """transformers' convention: the labels are the inputs (its loss shifts them)."""
-    return [{"input_ids": b["input_ids"], "labels": b["input_ids"]}
-            for b in batches(n, vocab=128)]
+    return batches(n, vocab=128)
 
 
 def llama(**cfg) -> nn.Module:
@@ -36,7 +40,8 @@ def llama(**cfg) -> nn.Module:
 
 
 def hf_llama() -> nn.Module:
-    from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
+    with known_harmless_noise():  # transformers imports torchao
+        from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = HFConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -89,8 +94,57 @@ def train(model: nn.Module, data: list[dict], step_fn=None) -> list[float]:
 
 def fp8_llama() -> nn.Module:
     """The tiny Llama with torchao tensorwise Float8Linear layers (what the fp8 pass makes)."""
-    from torchao.float8 import convert_to_float8_training
+    with known_harmless_noise():
+        from torchao.float8 import convert_to_float8_training
 
     torch.manual_seed(0)
     return convert_to_float8_training(llama(ffn_dim=128),
                                       module_filter_fn=lambda mod, fqn: fqn != "lm_head")
+
+
+class LinearOnlyBlock(nn.Module):
+    """Bias-free Linears only: under fp8 an FSDP unit of it holds nothing but float8 weights."""
+
+    def __init__(self, dim: int = 64):
+        super().__init__()
+        self.up = nn.Linear(dim, dim, bias=False)
+        self.down = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x):
+        return x + self.down(F.relu(self.up(x)))
+
+
+class LinearOnlyNet(nn.Module):
+    def __init__(self, dim: int = 64, n_layers: int = 2):
+        super().__init__()
+        self.layers = nn.ModuleList(LinearOnlyBlock(dim) for _ in range(n_layers))
+        self.head = nn.Linear(dim, 16)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def linear_only_net() -> nn.Module:
+    torch.manual_seed(0)
+    return LinearOnlyNet()
+
+
+def regression_batches(n: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(4, 64, generator=g), torch.randn(4, 16, generator=g))
+            for _ in range(n)]
+
+
+def train_regression(model: nn.Module, data, backward=None, opt=None) -> list[float]:
+    """SGD on the mean squared error; ``backward``/``opt`` default to plain torch's."""
+    opt = opt or torch.optim.SGD(model.parameters(), lr=LR)
+    losses = []
+    for x, y in data:
+        loss = F.mse_loss(model(x), y)
+        (backward or torch.Tensor.backward)(loss)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses

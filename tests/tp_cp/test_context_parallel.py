@@ -44,14 +44,19 @@ def test_causal_lm_labels_shifted_before_the_split():
     ids[1, 3] = -100  # an ignored target stays ignored after the shift
     for rank in (0, 1):
         idx = balanced_positions(16, 2, rank)
-        out = shard_sequence({"input_ids": ids, "labels": ids}, cp_env(2, rank), causal_lm=True)
+        out = shard_sequence({"input_ids": ids, "labels": ids}, cp_env(2, rank), causal_lm=True,
+                             attention_mask=True)
         shifted = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
         assert torch.equal(out["shift_labels"], shifted[:, idx])
         assert torch.equal(out["labels"], ids[:, idx])  # still given: transformers needs it
         assert out["num_items_in_batch"].item() == (2 * 15 - 1) / 2
         assert out["attention_mask"].shape == (2, 8) and bool(out["attention_mask"].all())
         assert torch.equal(out["position_ids"], idx.expand(2, -1))
-    # overdrive's Llama: labels arrive aligned with the inputs and are only sliced
+    # overdrive's Llama: shifted the same way, no attention_mask (it takes none)
+    ours = shard_sequence({"input_ids": ids, "labels": ids}, cp_env(2, 0), causal_lm=True)
+    assert set(ours) == {"input_ids", "labels", "shift_labels", "num_items_in_batch",
+                         "position_ids"}
+    # a model that does not shift: labels arrive aligned with the inputs and are only sliced
     plain = shard_sequence({"input_ids": ids, "labels": ids}, cp_env(2, 0))
     assert set(plain) == {"input_ids", "labels", "position_ids"}
     given = shard_sequence({"input_ids": ids, "labels": ids, "num_items_in_batch": 10},
@@ -67,10 +72,30 @@ def test_tensor_and_tuple_batches_refused_with_a_clear_message():
 
 
 def test_causal_lm_detection():
-    from overdrive.passes.context_parallel import is_transformers_causal_lm
+    from overdrive.passes.context_parallel import is_transformers_causal_lm, takes_shift_labels
 
     assert is_transformers_causal_lm(hf_llama())
     assert not is_transformers_causal_lm(llama())
+    assert takes_shift_labels(llama()) and not takes_shift_labels(torch.nn.Linear(2, 2))
+
+
+def test_llama_shifts_labels_like_transformers():
+    """labels = input ids: position t is scored against token t+1 (-100 ignored), as
+    transformers' causal LMs do; shift_labels / num_items_in_batch as theirs."""
+    import torch.nn.functional as F
+
+    model = llama()
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, 5] = -100
+    out = model(ids, labels=labels)
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    want = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    torch.testing.assert_close(out.loss, want)
+    same = model(ids, shift_labels=targets).loss
+    torch.testing.assert_close(same, want)
+    n = (targets != -100).sum()
+    torch.testing.assert_close(model(ids, labels=labels, num_items_in_batch=2 * n).loss, want / 2)
 
 
 def test_inspect_previews_blocks():

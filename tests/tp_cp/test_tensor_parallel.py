@@ -9,7 +9,7 @@ from torch import nn
 import overdrive as od
 from overdrive.passes.tensor_parallel import head_counts, make_style, resolve_tp_plan
 from overdrive.rewrite.graph import ModuleGraph
-from tests.helpers import assert_untouched, snapshot
+from tests.helpers import assert_untouched, require, snapshot
 from tests.tp_cp.common import hf_llama, llama
 
 
@@ -59,6 +59,17 @@ def test_tied_embeddings_are_left_whole():
     owners = parameter_owners(model)  # the map tensor_parallel and fsdp share
     assert owners[id(model.lm_head.weight)] == {"embed_tokens", "lm_head"}
     assert owners[id(model.norm.weight)] == {"norm"}
+
+
+def test_explicit_tp_plan_naming_tied_modules_is_refused():
+    """Sharding one of two modules sharing a weight would untie them: refused at check,
+    whichever of the two the plan names; naming untied modules only is fine."""
+    for name, other in (("lm_head", "embed_tokens"), ("embed_tokens", "lm_head")):
+        style = "colwise_rep" if name == "lm_head" else "embedding_rowwise"
+        refused(llama(tie_embeddings=True), tp(2, tp_plan={name: style}), 2,
+                f"tp_plan: {name!r} ({style})", f"tied to {other!r}", "tp_plan='auto'")
+    od.inspect(llama(tie_embeddings=True), tp(2, tp_plan={"layers.*.attn.q_proj": "colwise"}),
+               world_size=2)
 
 
 def test_inspect_reports_sharded_modules_and_halves_their_bytes():
@@ -130,7 +141,7 @@ def test_sequence_parallel_refusals():
 
 
 def test_fp8_tensorwise_picks_torchao_styles():
-    pytest.importorskip("torchao")
+    require("torchao")
     from torch.distributed.tensor.parallel import ColwiseParallel
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     from torchao.float8.float8_tensor_parallel import (Float8ColwiseParallel,

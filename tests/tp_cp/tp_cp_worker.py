@@ -13,8 +13,8 @@ import torch.distributed as dist
 
 import overdrive as od
 from overdrive.passes.context_parallel import ContextParallelAttention, balanced_positions
-from tests.tp_cp.common import (LR, batches, fp8_llama, hf_batches, hf_llama, llama,
-                                stored_heads_llama)
+from tests.tp_cp.common import (LR, batches, fp8_llama, hf_batches, hf_llama, linear_only_net,
+                                llama, regression_batches, stored_heads_llama, train_regression)
 
 
 
@@ -128,6 +128,24 @@ def scenario_cp():
             "keys_kept": sorted(rt.model.state_dict()) == sorted(llama().state_dict())}
 
 
+def scenario_cp_ignored():
+    """cp=2 with the first 10 labels of every sequence ignored (-100): the ranks hold
+    different numbers of targets, so only a token-weighted loss equals one process."""
+    rt = od.accelerate(llama(), od.Plan(parallel=od.Parallel(cp=2, dp_shard=1)), optimizer=sgd)
+    losses = run(rt, batches(ignored=10), shard=rt.shard_sequence)
+    return {"losses": mean_over(losses, rt.mesh["cp"].get_group())}
+
+
+def scenario_fsdp_fp8():
+    """fsdp + fp8 on gloo where an FSDP unit holds only float8 weights (bias-free Linears):
+    gloo cannot all-gather float8, so the weights travel in high precision."""
+    rt = od.accelerate(linear_only_net(), od.Plan(fp8=od.FP8(), fsdp=od.FSDP()), optimizer=sgd)
+    rec = rt.report["fp8"]
+    losses = train_regression(rt.model, regression_batches(), rt.backward, rt.optimizer)
+    return {"losses": losses, "notes": rec.notes,
+            "all_gather": rec.details["fsdp_float8_all_gather"]}
+
+
 def scenario_cp_hf():
     """transformers' Llama under cp=2, fed through rt.shard's data path: the loader's
     global batches are split by the runtime itself (no explicit shard_sequence)."""
@@ -199,8 +217,10 @@ def fsdp_tp(model, data):
     plan = od.Plan(parallel=od.Parallel(dp_shard=-1, tp=2), fsdp=od.FSDP())
     rt = od.accelerate(model, plan, optimizer=sgd)
     losses = mean_over(run(rt, data, shard=dp_slice(rt)), None)
+    metrics = rt.gather_for_metrics(torch.tensor([rt.dp_rank]))  # over the dp group only
     return {"losses": losses, "bytes_after": rt.report.passes[-1].bytes_after,
-            "rank_bytes": gathered(local_bytes(rt.model)), "passes": rt.report.names()}
+            "rank_bytes": gathered(local_bytes(rt.model)), "passes": rt.report.names(),
+            "metrics": metrics.tolist()}
 
 
 def scenario_fsdp_tp():
@@ -221,11 +241,11 @@ def scenario_fsdp_tp_meta():
         model = Llama(LlamaConfig(n_layers=2, tie_embeddings=True))
     plan = od.Plan(parallel=od.Parallel(dp_shard=-1, tp=2), fsdp=od.FSDP())
     rt = od.accelerate(model, plan, optimizer=sgd)
-    coords = rt.mesh.get_coordinate()  # (dp_replicate, dp_shard, cp, tp)
+    coords = dict(zip(rt.mesh.mesh_dim_names, rt.mesh.get_coordinate()))
     sums = {"q_proj": rt.model.layers[0].attn.q_proj.weight.to_local().sum().item(),
             "embed": rt.model.embed_tokens.weight.to_local().sum().item()}
     losses = mean_over(run(rt, batches(), shard=dp_slice(rt)), None)
-    return {"sums": gathered(sums), "coords": gathered([coords[1], coords[3]]),
+    return {"sums": gathered(sums), "coords": gathered([coords["dp_shard"], coords["tp"]]),
             "losses": losses, "notes": rt.report["fsdp"].notes}
 
 
@@ -274,7 +294,17 @@ def refusal_cases() -> dict:
         "sp_own_plan": (hf_llama, tp_plan(sequence_parallel=True)),
         "offload_tp": (llama, od.Plan(parallel=od.Parallel(tp=2, dp_shard=1), fsdp=offload)),
         "offload_fp8": (llama, od.Plan(fsdp=offload, fp8=od.FP8())),
+        "fsdp_twice": (lambda: od.accelerate(llama(), od.Plan(fsdp=od.FSDP())).model,
+                       od.Plan(fsdp=od.FSDP())),
+        "ddp_wrapped": (lambda: torch.nn.parallel.DistributedDataParallel(llama()),
+                        od.Plan(ddp=od.DDP())),
+        "tp_tied": (lambda: llama(tie_embeddings=True),
+                    tp_plan_for({"lm_head": "colwise_rep", "layers.*.attn.q_proj": "colwise"})),
     }
+
+
+def tp_plan_for(styles: dict) -> od.Plan:
+    return od.Plan(parallel=od.Parallel(tp=2, dp_shard=1), tp_plan=styles)
 
 
 def scenario_refusals():

@@ -71,6 +71,29 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return out.type_as(x)
 
 
+IGNORE_INDEX = -100
+
+
+def shift_left(labels: torch.Tensor) -> torch.Tensor:
+    """``labels[:, 1:]`` with ``IGNORE_INDEX`` appended: the target of every position."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor | None,
+                   shift_labels: torch.Tensor | None = None,
+                   num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token cross-entropy: the summed token losses over ``num_items_in_batch``
+    (default: the number of targets that are not ``IGNORE_INDEX``)."""
+    targets = shift_left(labels) if shift_labels is None else shift_labels
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten().to(logits.device),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    if num_items_in_batch is None:
+        num_items_in_batch = (targets != IGNORE_INDEX).sum()
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -136,7 +159,17 @@ class Llama(nn.Module):
                              persistent=False)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> CausalLMOutput:
+                position_ids: torch.Tensor | None = None,
+                shift_labels: torch.Tensor | None = None,
+                num_items_in_batch: int | torch.Tensor | None = None) -> CausalLMOutput:
+        """Logits, and with ``labels`` (or ``shift_labels``) the next-token loss.
+
+        As transformers' causal LMs: ``labels`` are the input ids (-100 ignored), shifted
+        here, so position ``t`` is scored against token ``t+1``. ``shift_labels`` are
+        targets already shifted (context parallelism shifts before it splits the
+        sequence); ``num_items_in_batch`` divides the summed token losses instead of this
+        call's own target count (a rank's share of a larger batch).
+        """
         s = input_ids.shape[1]
         rope = self.rope[:s] if position_ids is None else self.rope[position_ids[0]]
         h = self.embed_tokens(input_ids)
@@ -144,9 +177,8 @@ class Llama(nn.Module):
             h = layer(h, rope)
         logits = self.lm_head(self.norm(h))
         loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                                   ignore_index=-100)
+        if labels is not None or shift_labels is not None:
+            loss = causal_lm_loss(logits, labels, shift_labels, num_items_in_batch)
         return CausalLMOutput(loss, logits)
 
     @torch.no_grad()

@@ -1,7 +1,8 @@
 """The built-in passes, imported in canonical order (the tie-breaker of the sort):
-casting → fp8 → tensor_parallel → context_parallel → checkpointing → compile →
-mixed_precision → fsdp | ddp | deepspeed. Importing a module registers its pass."""
+pipeline → casting → fp8 → tensor_parallel → context_parallel → checkpointing → compile →
+mixed_precision → fsdp | ddp | deepspeed | offload. Importing a module registers its pass."""
 
+from . import pipeline  # noqa: F401  (first: the stages are carved before the others)
 from . import casting  # noqa: F401
 from . import fp8  # noqa: F401
 from . import tensor_parallel  # noqa: F401

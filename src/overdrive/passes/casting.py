@@ -18,6 +18,8 @@ storage range (|w| > 448 for e4m3) are left alone rather than clipped.
 
 from __future__ import annotations
 
+import inspect
+import re
 from typing import Any
 
 import torch
@@ -76,31 +78,54 @@ class _UpcastForward:
             else:
                 inp = inp * scale
         bias = None if self.bias is None else self.bias.to(c)
-        if isinstance(self, nn.Linear):
-            out = F.linear(inp, weight, bias)
-        else:
-            out = self._conv_forward(inp, weight, bias)
-        return out.to(x.dtype)
+        return self._compute(inp, weight, bias).to(x.dtype)
 
 
 class CastLinear(_UpcastForward, nn.Linear):
+    def _compute(self, x, weight, bias):
+        return F.linear(x, weight, bias)
+
+
+class _CastConv(_UpcastForward):
+    def _compute(self, x, weight, bias):
+        return self._conv_forward(x, weight, bias)
+
+
+class CastConv1d(_CastConv, nn.Conv1d):
     pass
 
 
-class CastConv1d(_UpcastForward, nn.Conv1d):
+class CastConv2d(_CastConv, nn.Conv2d):
     pass
 
 
-class CastConv2d(_UpcastForward, nn.Conv2d):
+class CastConv3d(_CastConv, nn.Conv3d):
     pass
 
 
-class CastConv3d(_UpcastForward, nn.Conv3d):
-    pass
+def _hf_conv1d() -> type | None:
+    """transformers' ``Conv1D`` (GPT-2's projections: a Linear with the weight
+    transposed), when transformers is installed."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except Exception:  # noqa: BLE001 - transformers is optional
+        return None
+    return Conv1D
+
+
+def _cast_hf_conv1d(conv1d: type) -> type:
+    def _compute(self, x, weight, bias):
+        flat = x.reshape(-1, x.size(-1))
+        out = flat @ weight if bias is None else torch.addmm(bias, flat, weight)
+        return out.view(*x.shape[:-1], self.nf)
+
+    return type("CastHFConv1D", (_UpcastForward, conv1d), {"_compute": _compute})
 
 
 CAST_CLASSES: dict[type, type] = {nn.Linear: CastLinear, nn.Conv1d: CastConv1d,
                                   nn.Conv2d: CastConv2d, nn.Conv3d: CastConv3d}
+if _hf_conv1d() is not None:
+    CAST_CLASSES[_hf_conv1d()] = _cast_hf_conv1d(_hf_conv1d())
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -122,12 +147,75 @@ def _out_of_range(weight: torch.Tensor, storage: torch.dtype) -> bool:
     return not bool((weight.detach().abs() <= torch.finfo(storage).max).all())
 
 
+def _forward_source(cls: type) -> str:
+    src = _SOURCES.get(cls)
+    if src is None:
+        try:
+            src = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            src = ""
+        _SOURCES[cls] = src
+    return src
+
+
+_SOURCES: dict[type, str] = {}
+
+
+def _weight_reader(graph: ModuleGraph, name: str) -> str | None:
+    """The enclosing module whose own forward reads ``<child>.weight`` of ``name``
+    (T5's feed-forward checks ``self.wo.weight.dtype``; nn.TransformerEncoderLayer's
+    fast path and nn.MultiheadAttention hand ``linear1.weight`` / ``out_proj.weight`` to
+    fused kernels). Found from the forward's source, before anything is cast."""
+    parts = name.split(".")
+    for depth in range(1, min(len(parts), 3) + 1):
+        owner, rel = ".".join(parts[:-depth]), ".".join(parts[-depth:])
+        module = graph.module(owner)
+        pattern = r"\bself\." + re.escape(rel) + r"\.(weight|bias)\b"
+        if re.search(pattern, _forward_source(type(module))):
+            return f"{owner or '<root>'} ({type(module).__name__})"
+    return None
+
+
+def _probe_input(module: nn.Module) -> torch.Tensor:
+    """A small meta input the layer accepts: (2, in) features, or one image/sequence
+    large enough for its kernel."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        dims = len(module.kernel_size)
+        side = [k * d + 1 for k, d in zip(module.kernel_size, module.dilation)]
+        return torch.empty(1, module.in_channels, *side[:dims], device="meta")
+    in_features = module.weight.shape[1 if isinstance(module, nn.Linear) else 0]  # Conv1D: (in, out)
+    return torch.empty(2, in_features, device="meta")
+
+
+def probe_failure(module: nn.Module, storage: torch.dtype) -> str | None:
+    """Cast a meta copy of ``module`` and run its forward on a meta input; the error
+    text when that fails. The user's module and weights are not touched."""
+    from ..rewrite.trace import meta_copy
+
+    try:
+        probe = meta_copy(module)
+        cast_module(probe, storage, torch.bfloat16)
+        with torch.no_grad():
+            probe(_probe_input(module))
+    except Exception as err:  # noqa: BLE001 - any failure means: do not cast this layer
+        return f"{type(err).__name__}: {str(err)[:120]}"
+    return None
+
+
+def _probed(probes: dict, module: nn.Module, storage: torch.dtype) -> str | None:
+    key = (type(module), repr(module), tuple(module.weight.shape))
+    if key not in probes:
+        probes[key] = probe_failure(module, storage)
+    return probes[key]
+
+
 def select(graph: ModuleGraph, skip: tuple[str, ...],
            storage: torch.dtype) -> tuple[list[str], dict[str, str]]:
     """(modules to cast, {skipped module: reason}); touches nothing."""
     candidates = [n for n in graph.modules_of_type(*CAST_CLASSES) if n]
     owners = parameter_owners(graph.model)
     cast, skipped = [], {}
+    probes: dict[tuple, str | None] = {}  # one probe per distinct layer configuration
     for name in candidates:
         module = graph.module(name)
         hit = next((frag for frag in skip if frag in name), None)
@@ -135,10 +223,16 @@ def select(graph: ModuleGraph, skip: tuple[str, ...],
             skipped[name] = f"name contains {hit!r} (casting.skip)"
         elif _base(module) is None:
             skipped[name] = (f"{type(module).__name__} is a subclass (its forward may differ); "
-                             "only plain Linear / Conv1d / Conv2d / Conv3d are cast")
+                             "only plain Linear / Conv1d / Conv2d / Conv3d and "
+                             "transformers' Conv1D are cast")
+        elif (reader := _weight_reader(graph, name)) is not None:
+            skipped[name] = (f"{reader} reads its weight directly (dtype or a functional "
+                             "call): a stored float8 weight would reach that code")
         elif _out_of_range(module.weight, storage):
             skipped[name] = (f"weights outside {storage}'s range "
                              f"±{torch.finfo(storage).max:g} (or not finite) would be clipped")
+        elif (failure := _probed(probes, module, storage)) is not None:
+            skipped[name] = f"a one-layer probe of the cast layer failed on meta ({failure})"
         else:
             cast.append(name)
     chosen = set(cast)
@@ -175,7 +269,7 @@ class LayerwiseCasting(Pass):
         if not cast:
             why = "; ".join(f"{n}: {r}" for n, r in list(skipped.items())[:6])
             raise PlanError(
-                "casting: no Linear / Conv1d / Conv2d / Conv3d module is left to cast"
+                "casting: no Linear / Conv1d / Conv2d / Conv3d / Conv1D module is left to cast"
                 + (f" ({why})" if why else " (the model has none)")
                 + f"; casting.skip={tuple(plan.casting.skip)!r} — narrow it")
 

@@ -7,6 +7,12 @@ masks are replayed exactly). No ``_checkpoint_wrapped_module.`` appears in any k
 because every block's new ``forward`` is the same function, identical blocks still share
 one compiled graph when the compile pass runs next.
 
+While a block trains, caching is off inside it (``use_cache=False``, no KV cache, by
+name or by position), as transformers' own gradient checkpointing does: the recompute
+would update the cache a second time. In eval or under ``no_grad`` the block runs as is.
+BatchNorm-style running stats are put back after the recompute, so a step updates them
+once.
+
 Modes:
   full       every block
   every      every N-th block (``every=2``: blocks 2, 4, … counting from 1)
@@ -19,6 +25,9 @@ Modes:
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
+import inspect
 import types
 from typing import Any
 
@@ -34,6 +43,7 @@ from ..rewrite.manager import Pass, register_pass
 from ..rewrite.plan import Plan
 from ..rewrite.report import PassRecord
 from ..rewrite.trace import trace_model
+from .buffers import running_stat_buffers
 
 _MARK = "_overdrive_checkpointed"
 _INNER = "_overdrive_inner_forward"  # an instance-level forward that was there before us
@@ -84,14 +94,91 @@ def _original_forward(module: nn.Module):
     return inner if inner is not None else type(module).forward.__get__(module)
 
 
+# A KV cache handed to a block is updated by its forward; the recompute would update it a
+# second time (and see a longer cache). Like transformers' own gradient checkpointing,
+# caching is off inside a checkpointed block while it trains.
+_CACHE_KWARGS = ("cache", "past_key_value", "past_key_values", "layer_past")
+
+
+@functools.lru_cache(maxsize=256)
+def _positional_names(fn: Any) -> tuple[str, ...]:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return ()
+    return tuple(p.name for p in params
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+def _no_cache(name: str, value: Any) -> Any:
+    if name == "use_cache" and value:
+        return False
+    if name in _CACHE_KWARGS and value is not None:
+        return None
+    return value
+
+
+def _training_call(forward: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``args``/``kwargs`` with the cache arguments off, by name or by position
+    (GPT-2 hands its cache to each block positionally)."""
+    names = _positional_names(getattr(forward, "__func__", forward))
+    if getattr(forward, "__self__", None) is not None and names[:1] == ("self",):
+        names = names[1:]
+    args = tuple(_no_cache(n, a) for n, a in zip(names, args)) + args[len(names):]
+    return args, {k: _no_cache(k, v) for k, v in kwargs.items()}
+
+
+@contextlib.contextmanager
+def _restoring(buffers: list[torch.Tensor]):
+    """The recompute runs BatchNorm in training mode again: put its running stats back
+    afterwards so one step updates them once, as without checkpointing."""
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, s in zip(buffers, saved):
+                b.copy_(s)
+
+
+@contextlib.contextmanager
+def _recompute_restoring(rec: Any, stats: list[torch.Tensor]):
+    with _restoring(stats), rec:  # the copies run outside the selective mode
+        yield
+
+
+def _restoring_contexts(stats: list[torch.Tensor], selective: bool):
+    fwd, rec = (_selective_context() if selective
+                else (contextlib.nullcontext(), contextlib.nullcontext()))
+    return fwd, _recompute_restoring(rec, stats)
+
+
+def _contexts(module: nn.Module, selective: bool):
+    """The ``context_fn`` of one checkpointed call, or None when the defaults do.
+    (torch.compile accepts a module-level ``context_fn``, hence no closures.)"""
+    stats = running_stat_buffers(module)
+    if stats:
+        return functools.partial(_restoring_contexts, stats, selective)
+    return _selective_context if selective else None
+
+
+def _run_checkpointed(self: nn.Module, selective: bool, args: tuple, kwargs: dict) -> Any:
+    forward = _original_forward(self)
+    if not (self.training and torch.is_grad_enabled()):
+        return forward(*args, **kwargs)  # no backward will replay it: run as is, cache too
+    args, kwargs = _training_call(forward, args, kwargs)
+    context_fn = _contexts(self, selective)
+    extra = {} if context_fn is None else {"context_fn": context_fn}
+    return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=True,
+                      **extra, **kwargs)
+
+
 def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    return checkpoint(_original_forward(self), *args, use_reentrant=False,
-                      preserve_rng_state=True, **kwargs)
+    return _run_checkpointed(self, False, args, kwargs)
 
 
 def _selective_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    return checkpoint(_original_forward(self), *args, use_reentrant=False,
-                      preserve_rng_state=True, context_fn=_selective_context, **kwargs)
+    return _run_checkpointed(self, True, args, kwargs)
 
 
 def checkpoint_block(module: nn.Module, selective: bool = False) -> None:
@@ -209,6 +296,13 @@ class ActivationCheckpointing(Pass):
         blocks = graph.blocks()
         rec.note(f"{mode}: {len(chosen)} of {len(blocks)} blocks checkpointed "
                  "(non-reentrant, RNG state preserved)")
+        rec.note("caching is off inside checkpointed blocks while training (use_cache=False, "
+                 "no KV cache), as transformers' own gradient checkpointing does: a recompute "
+                 "must not update the cache twice")
+        with_stats = [b for b in chosen if running_stat_buffers(graph.module(b))]
+        if with_stats:
+            rec.note(f"{len(with_stats)} checkpointed blocks hold BatchNorm running stats: "
+                     "the recompute puts them back, so each step updates them once")
         if mode == "selective":
             rec.note("selective: attention and every second matmul saved, other ops "
                      "recomputed")

@@ -31,6 +31,10 @@ sdpa. At the SDPA call, a runtime guard for what only the call shows: an explici
 ``shard_sequence``: a sequence not divisible by ``2·cp``. The runtime refusals happen
 after the model was changed (rebuild it, or feed causal, unpadded batches).
 
+Loss: a causal LM that shifts its labels (overdrive's Llama, transformers') gets them
+shifted before the split, and each rank's loss is its summed token losses over the
+batch's target count ÷ cp, so the cp average is the exact unsharded mean.
+
 Gradients: each cp rank's loss covers its own tokens. When the plan has no data-parallel
 engine the pass averages gradients over the cp group itself; fsdp (which shards over
 ``dp_shard_cp``) and ddp (over ``dp_cp``) do it as part of their reduction.
@@ -75,7 +79,8 @@ def cp_rank(env: Any) -> int:
     return env.mesh["cp"].get_local_rank()
 
 
-def shard_sequence(batch: Any, env: Any, seq_dim: int = 1, causal_lm: bool = False) -> Any:
+def shard_sequence(batch: Any, env: Any, seq_dim: int = 1, causal_lm: bool = False,
+                   attention_mask: bool = False) -> Any:
     """This cp rank's load-balanced slice of ``batch`` along ``seq_dim``.
 
     ``batch`` is a tensor or a mapping (e.g. ``{"input_ids", "labels"}``); every tensor
@@ -84,16 +89,17 @@ def shard_sequence(batch: Any, env: Any, seq_dim: int = 1, causal_lm: bool = Fal
     (TensorDataset) are refused: there is no place to put the positions, and a model
     computing its own (RoPE from ``arange``) would be silently wrong.
 
-    ``labels`` are taken as aligned with the inputs (shifted by the data pipeline), as
-    overdrive's Llama expects, unless ``causal_lm``: a transformers causal LM, whose loss
-    shifts ``labels`` itself — which, inside one rank's non-contiguous head+tail slice,
-    would give the tokens at chunk boundaries the wrong targets. For it the full-length
-    labels are shifted here (``labels[..., 1:]``, -100 at the end) and handed over as
+    ``causal_lm``: the model's loss shifts ``labels`` itself (overdrive's Llama,
+    transformers' causal LMs) — which, inside one rank's non-contiguous head+tail slice,
+    would give the tokens at chunk boundaries the wrong targets. So the full-length labels
+    are shifted here (``labels[..., 1:]``, -100 at the end) and handed over as
     ``shift_labels``; ``num_items_in_batch`` (the batch's target count ÷ cp, or the
-    caller's ÷ cp) makes each rank's loss its share of the unsharded mean, so the cp
-    average of losses and gradients equals the unsharded one; and an all-ones
-    ``attention_mask`` (when none is given) stops transformers from reading the
-    non-contiguous ``position_ids`` as packed sequences and building a block mask.
+    caller's ÷ cp) makes each rank's loss its token-weighted share of the unsharded mean,
+    so the cp average of losses and gradients equals the unsharded one exactly, however
+    the ignored (-100) targets fall. ``attention_mask``: add an all-ones mask (when none is
+    given), which stops transformers from reading the non-contiguous ``position_ids`` as
+    packed sequences and building a block mask. Without ``causal_lm`` labels are taken as
+    already aligned with the inputs and only sliced.
     """
     cp = env.plan.parallel.cp
     if cp == 1:
@@ -110,7 +116,7 @@ def shard_sequence(batch: Any, env: Any, seq_dim: int = 1, causal_lm: bool = Fal
     seq_len = ref.shape[seq_dim]
     balanced_positions(seq_len, cp, 0)  # refuses a bad length before touching the mesh
     if causal_lm:
-        batch = _causal_lm_inputs(batch, ref, cp, seq_dim)
+        batch = _causal_lm_inputs(batch, ref, cp, seq_dim, attention_mask)
     idx = balanced_positions(seq_len, cp, cp_rank(env), ref.device)
     out = {k: v.index_select(seq_dim, idx.to(v.device))
            if isinstance(v, torch.Tensor) and v.ndim > seq_dim and v.shape[seq_dim] == seq_len
@@ -120,8 +126,9 @@ def shard_sequence(batch: Any, env: Any, seq_dim: int = 1, causal_lm: bool = Fal
     return type(batch)(out) if not isinstance(batch, dict) else out
 
 
-def _causal_lm_inputs(batch: Mapping, ref: torch.Tensor, cp: int, seq_dim: int) -> dict:
-    """The full-length extras a transformers causal LM needs before the batch is sliced."""
+def _causal_lm_inputs(batch: Mapping, ref: torch.Tensor, cp: int, seq_dim: int,
+                      attention_mask: bool) -> dict:
+    """The full-length extras a label-shifting causal LM needs before the batch is sliced."""
     out = dict(batch)
     labels = out.get("labels")
     if isinstance(labels, torch.Tensor) and "shift_labels" not in out:
@@ -133,10 +140,22 @@ def _causal_lm_inputs(batch: Mapping, ref: torch.Tensor, cp: int, seq_dim: int) 
         out["num_items_in_batch"] = out["num_items_in_batch"] / cp
     elif isinstance(targets, torch.Tensor):
         out["num_items_in_batch"] = (targets != -100).sum() / cp
-    if "attention_mask" not in out and "inputs_embeds" not in out:
+    if attention_mask and "attention_mask" not in out and "inputs_embeds" not in out:
         out["attention_mask"] = torch.ones(ref.shape[:seq_dim + 1], dtype=torch.long,
                                            device=ref.device)
     return out
+
+
+def takes_shift_labels(model: nn.Module) -> bool:
+    """A model whose forward names ``shift_labels`` and ``num_items_in_batch`` (overdrive's
+    Llama): its loss shifts ``labels`` itself and accepts targets shifted beforehand."""
+    import inspect
+
+    try:
+        params = inspect.signature(type(model).forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "shift_labels" in params and "num_items_in_batch" in params
 
 
 def is_transformers_causal_lm(model: nn.Module) -> bool:
@@ -356,11 +375,12 @@ class ContextParallel(Pass):
         for name in self._targets(graph):
             run_under(graph.module(name), name, make_mode)
         rec = self._record(graph, plan, "torch ring SDPA" if use_torch_cp else "all-gather-KV")
-        causal_lm = is_transformers_causal_lm(model)
+        transformers_lm = is_transformers_causal_lm(model)
+        causal_lm = transformers_lm or takes_shift_labels(model)
         env.extras["shard_sequence"] = functools.partial(  # rt.shard_sequence, rt.shard
-            shard_sequence, env=env, causal_lm=causal_lm)
+            shard_sequence, env=env, causal_lm=causal_lm, attention_mask=transformers_lm)
         if causal_lm:
-            rec.note("transformers causal LM: labels shifted before the split (shift_labels), "
+            rec.note("causal LM: labels shifted before the split (shift_labels), "
                      "losses weighted by target count (num_items_in_batch)")
         if plan.data_parallel is None:
             n = average_grads_over(model, mesh)

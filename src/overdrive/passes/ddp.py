@@ -27,6 +27,7 @@ from ..rewrite.graph import ModuleGraph
 from ..rewrite.manager import Pass, register_pass
 from ..rewrite.plan import Plan
 from ..rewrite.report import PassRecord
+from .buffers import keep_buffers_in_sync, plain_buffers
 from .ddp_comm import check_comm_hook, register_comm_hook
 
 
@@ -101,6 +102,9 @@ class DDPPass(Pass):
         env.ensure_process_group()  # every rank is a data rank (dp × cp; tp is refused)
         replicate(model, **kwargs)
         env.set_gradient_sync = model.set_requires_gradient_sync
+        if cfg.broadcast_buffers and keep_buffers_in_sync(model, plain_buffers(model)):
+            rec.note("buffers broadcast from rank 0 with each training forward "
+                     "(broadcast_buffers=True, torch DDP's default)")
         if cfg.comm_hook is not None:
             rec.details.update(register_comm_hook(model, plan))
         rec.touch("")

@@ -34,10 +34,12 @@ import torch
 from torch import nn
 
 from ..errors import BackendUnavailable, PlanError
+from ..quiet import quiet_import
 from ..rewrite.graph import ModuleGraph
 from ..rewrite.manager import Pass, register_pass
 from ..rewrite.plan import FP8, Plan
 from ..rewrite.report import PassRecord
+from .fp8_conv1d import conv1d_features, convert_conv1d, is_hf_conv1d
 
 TORCHAO_EXTRA = "pip install overdrive[fp8]"
 TE_EXTRA = "pip install overdrive[te]"
@@ -54,7 +56,7 @@ MULTIPLE = 16
 
 def torchao_importable() -> bool:
     try:
-        importlib.import_module("torchao.float8")
+        quiet_import("torchao.float8")  # its CUDA-only kernels' load failures are harmless
     except Exception:  # noqa: BLE001 - a broken install is as unavailable as a missing one
         return False
     return True
@@ -198,14 +200,39 @@ def _skip_reason(name: str, module: nn.Linear, cfg: FP8, output: str | None) -> 
     return "fp8.filter returned False"
 
 
+def _conv1d_skip_reason(name: str, module: nn.Module, cfg: FP8, backend: str) -> str | None:
+    """transformers' Conv1D (GPT-2): torchao runs it in fp8; te swaps nn.Linear only."""
+    if backend != "torchao":
+        return "transformers' Conv1D: only the torchao backend converts it"
+    i, o = conv1d_features(module)
+    if i % MULTIPLE or o % MULTIPLE:
+        return (f"in_features={i}, out_features={o}: fp8 matmuls need multiples of "
+                f"{MULTIPLE}")
+    if cfg.filter is None or _filter_says(cfg.filter, name):
+        return None
+    if isinstance(cfg.filter, str):
+        return f"fp8.filter {cfg.filter!r} does not match the name"
+    return "fp8.filter returned False"
+
+
+def _candidates(graph: ModuleGraph) -> list[str]:
+    """nn.Linear layers and transformers' Conv1D layers, in model order."""
+    return [n for n in graph.names()
+            if isinstance(graph.module(n), nn.Linear) or is_hf_conv1d(graph.module(n))]
+
+
 def select(graph: ModuleGraph, cfg: FP8, backend: str) -> Selection:
     """Decide, without touching anything, which modules the pass converts."""
     sel = Selection(output=output_projection(graph))
-    for name in graph.modules_of_type(nn.Linear):
+    for name in _candidates(graph):
         if not name:
             sel.skipped["<root>"] = "the root module itself cannot be swapped in place"
             continue
-        reason = _skip_reason(name, graph.module(name), cfg, sel.output)
+        module = graph.module(name)
+        if is_hf_conv1d(module):
+            reason = _conv1d_skip_reason(name, module, cfg, backend)
+        else:
+            reason = _skip_reason(name, module, cfg, sel.output)
         if reason is None:
             sel.convert.append(name)
         else:
@@ -219,17 +246,29 @@ def select(graph: ModuleGraph, cfg: FP8, backend: str) -> Selection:
 # --------------------------------------------------------------------------- torchao
 
 
-def _fsdp_float8_all_gather(plan: Plan) -> bool:
+def _fsdp_float8_asked(plan: Plan) -> bool:
     cfg = plan.fp8
     return (plan.fsdp is not None and cfg.recipe == "tensorwise"
             and cfg.fsdp_float8_all_gather)
 
 
-def torchao_config(plan: Plan):
+def float8_collectives(env: Any) -> bool:
+    """Can the process group move float8 tensors? gloo cannot ("Invalid scalar type"): an
+    FSDP unit whose weights are all float8 would all-gather them in float8 and fail."""
+    from .tensor_parallel import collective_backend
+
+    return collective_backend(env) != "gloo"
+
+
+def _fsdp_float8_all_gather(plan: Plan, env: Any) -> bool:
+    return _fsdp_float8_asked(plan) and float8_collectives(env)
+
+
+def torchao_config(plan: Plan, env: Any):
     from torchao.float8 import Float8LinearConfig
 
     config = Float8LinearConfig.from_recipe_name(plan.fp8.recipe)
-    if _fsdp_float8_all_gather(plan):
+    if _fsdp_float8_all_gather(plan, env):
         config = dataclasses.replace(config, enable_fsdp_float8_all_gather=True)
     return config
 
@@ -238,9 +277,12 @@ def apply_torchao(model: nn.Module, sel: Selection, plan: Plan, env: Any) -> dic
     from torchao.float8 import convert_to_float8_training
 
     chosen = set(sel.convert)
-    config = torchao_config(plan)
+    config = torchao_config(plan, env)
     convert_to_float8_training(model, config=config,
                                module_filter_fn=lambda _m, fqn: fqn in chosen)
+    conv1d = [n for n in sel.convert if is_hf_conv1d(model.get_submodule(n))]
+    for name in conv1d:
+        convert_conv1d(model.get_submodule(name), config)
     details: dict[str, Any] = {"fsdp_float8_all_gather": config.enable_fsdp_float8_all_gather}
     if config.enable_fsdp_float8_all_gather:
         env.post_step_hooks.append(precompute_fsdp_scales)
@@ -374,7 +416,7 @@ class FP8Training(Pass):
         if not sel.convert:
             shown = "; ".join(f"{n}: {r}" for n, r in list(sel.skipped.items())[:6])
             raise PlanError(
-                "fp8: no nn.Linear is eligible for conversion"
+                "fp8: no nn.Linear (or transformers Conv1D) is eligible for conversion"
                 + (f" ({shown})" if shown else " (the model has no nn.Linear)")
                 + "; check fp8.filter, or use mixed_precision='bf16' for this model")
         if backend == "te" and not env.dry_run:
@@ -385,12 +427,17 @@ class FP8Training(Pass):
         sel = select(graph, plan.fp8, backend)
         details = apply_torchao(model, sel, plan, env) if backend == "torchao" \
             else apply_te(model, sel, plan, env)
-        return self._record(sel, backend, plan, details)
+        rec = self._record(sel, backend, plan, details)
+        self._note_collectives(rec, backend, plan, env)
+        self._note_emulation(rec, backend, env)
+        return rec
 
     def preview(self, graph: ModuleGraph, plan: Plan, env: Any) -> PassRecord:
         backend = self.backend(plan, env)
         sel = select(graph, plan.fp8, backend)
         rec = self._record(sel, backend, plan, {})
+        self._note_collectives(rec, backend, plan, env)
+        self._note_emulation(rec, backend, env)
         if backend == "te":
             rec.note("te: the real run needs a CUDA device (compute capability >= 8.9, "
                      ">= 10.0 for mxfp8)")
@@ -402,6 +449,29 @@ class FP8Training(Pass):
         elif not torchao_importable():
             rec.note(f"torchao is not importable on this machine; {TORCHAO_EXTRA}")
         return rec
+
+    @staticmethod
+    def _note_emulation(rec: PassRecord, backend: str, env: Any) -> None:
+        """torchao has no fp8 matmul kernel on CPU: it emulates them (correct, not fast)."""
+        device_type = env.device.type
+        if env.dry_run:
+            device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        emulated = backend == "torchao" and device_type != "cuda"
+        rec.details["emulated"] = emulated
+        if emulated:
+            rec.note(f"fp8 on {device_type} is emulated (torchao upcasts every fp8 matmul): "
+                     "it trains with fp8 numerics but is no speedup — slower than bf16 "
+                     "wherever the CPU computes bf16 natively (3x in benchmarks/fp8.py's "
+                     "latest run); the speedup needs a CUDA GPU with fp8 tensor cores "
+                     "(compute capability >= 8.9)")
+
+    @staticmethod
+    def _note_collectives(rec: PassRecord, backend: str, plan: Plan, env: Any) -> None:
+        if backend == "torchao" and _fsdp_float8_asked(plan) and not float8_collectives(env):
+            rec.details["fsdp_float8_all_gather"] = False
+            rec.note("fsdp all-gathers the fp8 layers' weights in high precision: the gloo "
+                     "backend cannot all-gather float8 tensors (fp8.fsdp_float8_all_gather "
+                     "applies on nccl)")
 
     def _record(self, sel: Selection, backend: str, plan: Plan,
                 details: dict[str, Any]) -> PassRecord:

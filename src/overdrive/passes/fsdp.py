@@ -24,6 +24,7 @@ from ..rewrite.graph import ModuleGraph, parameter_owners
 from ..rewrite.manager import Pass, register_pass
 from ..rewrite.plan import Plan
 from ..rewrite.report import PassRecord
+from .buffers import keep_buffers_in_sync, running_stat_buffers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PLAN_PARAM_DTYPES = {"no": None, "bf16": "bfloat16", "fp16": "float16"}
@@ -96,6 +97,13 @@ def _missing_initialisers(model: nn.Module) -> list[str]:
             if (any(True for _ in m.parameters(recurse=False))
                 or any(True for _ in m.buffers(recurse=False)))
             and not callable(getattr(m, "reset_parameters", None))]
+
+
+def _uninitialisable(missing: list[str]) -> str:
+    shown = ", ".join(missing[:5]) + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
+    return (f"fsdp: the model is on the meta device and {shown} cannot be initialised after "
+            "sharding (no init_weights() on the model, no reset_parameters() on those "
+            "modules); add model.init_weights() or build the model on a real device")
 
 
 @contextlib.contextmanager
@@ -184,20 +192,20 @@ class FSDPPass(Pass):
             raise PlanError(
                 "fsdp.offload=True is not valid on a CPU device: parameters already live in "
                 "host memory; set offload=False (offload is for cuda/xpu runs)")
-        if _on_meta(graph.model):
+        # od.inspect plans for the real run: whether it can initialise is a note there
+        if not env.dry_run and _on_meta(graph.model):
             missing = _missing_initialisers(graph.model)
             if missing:
-                raise PlanError(
-                    f"fsdp: the model is on the meta device and {', '.join(missing[:5])} "
-                    "cannot be initialised after sharding (no init_weights() on the model, "
-                    "no reset_parameters() on those modules); add model.init_weights() or "
-                    "build the model on a real device")
+                raise PlanError(_uninitialisable(missing))
 
     def preview(self, graph: ModuleGraph, plan: Plan, env) -> PassRecord:
         units, notes = shard_units(graph)
         rec = self.record(modules=[n for u in units for n in u] + [""], notes=notes,
                           dry_run=True)
         rec.details.update(self._details(plan, units))
+        missing = _missing_initialisers(graph.model) if env.model_on_meta else []
+        if missing:
+            rec.note(f"od.accelerate will refuse this meta model: {_uninitialisable(missing)}")
         return rec
 
     def apply(self, model: nn.Module, graph: ModuleGraph, plan: Plan, env) -> PassRecord:
@@ -216,6 +224,9 @@ class FSDPPass(Pass):
         rec = self.record(modules=[n for u in units for n in u] + [""], notes=notes)
         if _on_meta(model):
             rec.note(self._materialise(model, env))
+        if keep_buffers_in_sync(model, running_stat_buffers(model)):
+            rec.note("running stats (BatchNorm) broadcast from rank 0 before each training "
+                     "forward: every rank holds and saves the same ones")
         rec.details.update(self._details(plan, units))
         rec.details["mesh"] = dict(zip(mesh.mesh_dim_names, mesh.shape))
         return rec

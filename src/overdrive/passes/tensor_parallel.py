@@ -51,8 +51,10 @@ HF_STYLES: dict[str, str | None] = {
     "sequence_parallel": "sequence_parallel",
     "replicate": None,
 }
-COLWISE_NAMES = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "wq", "wk", "wv", "w1", "w3"}
-ROWWISE_NAMES = {"o_proj", "down_proj", "out_proj", "wo", "w2"}
+COLWISE_NAMES = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "wq", "wk", "wv", "w1",
+                 "w3", "q", "k", "v", "query", "key", "value", "fc1", "linear1", "wi", "wi_0",
+                 "wi_1"}
+ROWWISE_NAMES = {"o_proj", "down_proj", "out_proj", "wo", "w2", "o", "fc2", "linear2"}
 SHARDING_STYLES = {"colwise", "rowwise", "colwise_rep", "rowwise_rep", "embedding_rowwise"}
 HEAD_ATTRS = ("num_attention_heads", "n_heads", "num_heads", "n_head")
 KV_HEAD_ATTRS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "kv_heads")
@@ -106,7 +108,25 @@ def _explicit_plan(graph: ModuleGraph, tp_plan: Mapping[str, str]) -> dict[str, 
                 f"qualified names or globs such as {_example(graph)!r}"
             )
         styles.update((h, style) for h in hits)
+    _refuse_tied(graph, styles)
     return styles
+
+
+def _refuse_tied(graph: ModuleGraph, styles: dict[str, str]) -> None:
+    """An explicit plan that shards a module whose weight is shared with another would
+    untie them (each gets its own DTensor): refused, naming both."""
+    owners = parameter_owners(graph.model)
+    for name, style in styles.items():
+        if style not in SHARDING_STYLES:
+            continue
+        for pname, p in graph.module(name).named_parameters(recurse=False):
+            others = sorted(owners[id(p)] - {name})
+            if others:
+                raise PlanError(
+                    f"tp_plan: {name!r} ({style}) has its {pname} tied to {others[0]!r}; "
+                    "sharding it would untie them and train two copies. Leave "
+                    f"{name!r} out of tp_plan (tp_plan='auto' leaves tied modules "
+                    "alone), or untie the weights before od.accelerate")
 
 
 def _model_plan(graph: ModuleGraph, own: dict[str, str]) -> tuple[dict[str, str], list[str]]:
@@ -116,31 +136,41 @@ def _model_plan(graph: ModuleGraph, own: dict[str, str]) -> tuple[dict[str, str]
         if not hits:
             notes.append(f"model tp plan entry {glob!r} matches no module: skipped")
             continue
+        if hf_style not in HF_STYLES and _is_moe_style(hf_style, glob):
+            notes.append(f"{glob} ({hf_style}): the experts stay whole on every tp rank "
+                         "(expert sharding is not supported yet); attention is sharded")
+            continue
         if hf_style not in HF_STYLES:
             raise PlanError(
                 f"tp_plan='auto': the model's own plan gives {glob!r} the style {hf_style!r}, "
-                f"which overdrive does not support (supported: {', '.join(HF_STYLES)}); "
-                "give tp_plan as a dict {glob: style} with styles from "
-                f"{', '.join(TP_STYLES)}"
+                "which overdrive cannot map (the transformers styles it maps: "
+                f"{', '.join(HF_STYLES)}); give tp_plan as a dict {{glob: style}} with "
+                f"overdrive's styles ({', '.join(TP_STYLES)})"
             )
         if HF_STYLES[hf_style] is not None:
             styles.update((h, HF_STYLES[hf_style]) for h in hits)
     return _untie(graph, styles, notes)
 
 
+def _is_moe_style(style: str, glob: str) -> bool:
+    """transformers' expert-parallel / grouped-experts styles (``moe_tp_experts``,
+    ``ep_router``, ``grouped_gemm``…) or any style given to an ``experts`` module."""
+    return style.startswith(("moe", "ep_", "grouped")) or \
+        glob.rsplit(".", 1)[-1] == "experts"
+
+
 def _default_plan(graph: ModuleGraph, sp: bool) -> tuple[dict[str, str], list[str]]:
     styles: dict[str, str] = {}
+    notes: list[str] = []
     inside: set[str] = set()
     for block in graph.blocks():
-        for name in graph.subtree(block):
-            inside.add(name)
-            module, leaf = graph.module(name), name.rpartition(".")[2]
-            if isinstance(module, nn.Linear) and leaf in COLWISE_NAMES:
-                styles[name] = "colwise"
-            elif isinstance(module, nn.Linear) and leaf in ROWWISE_NAMES:
-                styles[name] = "rowwise"
-            elif sp and _is_norm(module):
-                styles[name] = "sequence_parallel"
+        inside.update(graph.subtree(block))
+        for unit in _block_units(graph, block, notes):
+            styles.update(unit)
+        if sp:
+            styles.update((n, "sequence_parallel") for n in graph.subtree(block)
+                          if _is_norm(graph.module(n)))
+    notes += _drop_inconsistent_classes(graph, styles)
     outside = [n for n in graph.names() if n and n not in inside]
     embeds = [n for n in outside if isinstance(graph.module(n), nn.Embedding)]
     if len(embeds) == 1:
@@ -152,7 +182,115 @@ def _default_plan(graph: ModuleGraph, sp: bool) -> tuple[dict[str, str], list[st
             styles[heads[0]] = "colwise_rep"
     if sp:
         styles.update((n, "sequence_parallel") for n in outside if _is_norm(graph.module(n)))
-    return _untie(graph, styles, [])
+    return _untie(graph, styles, notes)
+
+
+def _linear_role(graph: ModuleGraph, name: str) -> str | None:
+    """'colwise' / 'rowwise' for a Linear named like an attention or MLP projection."""
+    if not isinstance(graph.module(name), nn.Linear):
+        return None
+    parent, _, leaf = name.rpartition(".")
+    if leaf in COLWISE_NAMES:
+        return "colwise"
+    if leaf in ROWWISE_NAMES:
+        return "rowwise"
+    if leaf == "dense":  # BERT: intermediate.dense widens, output.dense narrows
+        owner = parent.rpartition(".")[2]
+        return {"intermediate": "colwise", "output": "rowwise"}.get(owner)
+    return None
+
+
+def _block_units(graph: ModuleGraph, block: str, notes: list[str]) -> list[dict[str, str]]:
+    """The block's projections as units: column-parallel layers and the row-parallel
+    layer that consumes their sharded output. Projections under one module form a unit
+    whatever their order (q/k/v/o, gate/up/down, torchtitan's w1/w2/w3, linear1/linear2);
+    a module holding only column-parallel ones is closed by the next module holding only
+    row-parallel ones (BERT: attention.self → attention.output, intermediate → output).
+    A row-parallel layer nothing sharded feeds (nn.MultiheadAttention's out_proj: its
+    input projection is a raw parameter) stays whole, and so does a unit whose span holds
+    a module with weights that is neither a projection nor a norm (T5's relative
+    position bias, computed per head)."""
+    names = graph.subtree(block)
+    by_owner: dict[str, dict[str, list[str]]] = {}
+    for name in names:
+        role = _linear_role(graph, name)
+        if role is not None:
+            roles = by_owner.setdefault(name.rpartition(".")[0], {"colwise": [], "rowwise": []})
+            roles[role].append(name)
+    units: list[dict[str, str]] = []
+    pending: list[str] = []
+    for roles in by_owner.values():
+        col, row = roles["colwise"], roles["rowwise"]
+        if col and not row:
+            pending += col
+            continue
+        if not col:
+            if not pending:
+                notes.append(f"{', '.join(row)} not sharded: no column-parallel projection "
+                             "feeds it")
+                continue
+            col, pending = pending, []
+        unit = {**{n: "colwise" for n in col}, **{n: "rowwise" for n in row}}
+        foreign = _foreign_weights(graph, names, list(unit))
+        if foreign:
+            notes.append(f"{', '.join(unit)} not sharded: {foreign} inside that "
+                         "attention/MLP has weights the plan cannot shard")
+            continue
+        units.append(unit)
+    if pending:
+        notes.append(f"{', '.join(pending)} not sharded: no row-parallel layer consumes them")
+    return units
+
+
+def _foreign_weights(graph: ModuleGraph, names: list[str], unit: list[str]) -> str | None:
+    """A module with own parameters under the unit's common parent, from the unit's first
+    layer on, that is neither one of the unit's projections nor a norm."""
+    common = _common_parent(unit)
+    start = min(names.index(n) for n in unit)
+    for name in names[start:]:
+        if not (name.startswith(common + ".") or not common) or name in unit:
+            continue
+        module = graph.module(name)
+        if graph.g.nodes[name]["params"] and not _is_norm(module) \
+                and _linear_role(graph, name) is None:
+            return name
+    return None
+
+
+def _common_parent(names: list[str]) -> str:
+    parts = [n.split(".") for n in names]
+    common = []
+    for segs in zip(*parts):
+        if len(set(segs)) != 1:
+            break
+        common.append(segs[0])
+    return ".".join(common[:len(min(parts, key=len)) - 1])
+
+
+def _drop_inconsistent_classes(graph: ModuleGraph, styles: dict[str, str]) -> list[str]:
+    """One attention class is sharded everywhere or nowhere: T5's first block owns the
+    relative bias its siblings reuse, so sharding the other blocks' heads would not fit."""
+    by_owner: dict[str, list[str]] = {}
+    for name in list(styles):
+        by_owner.setdefault(name.rpartition(".")[0], []).append(name)
+    all_owners: dict[type, list[str]] = {}
+    for block in graph.blocks():
+        for name in graph.subtree(block):
+            if _linear_role(graph, name) is not None:
+                owner = name.rpartition(".")[0]
+                all_owners.setdefault(type(graph.module(owner)), [])
+                if owner not in all_owners[type(graph.module(owner))]:
+                    all_owners[type(graph.module(owner))].append(owner)
+    notes = []
+    for cls, owners in all_owners.items():
+        sharded = [o for o in owners if o in by_owner]
+        if sharded and len(sharded) != len(owners):
+            for o in sharded:
+                for n in by_owner[o]:
+                    del styles[n]
+            notes.append(f"{cls.__name__} not sharded: {len(owners) - len(sharded)} of its "
+                         f"{len(owners)} instances cannot be, and they share activations")
+    return notes
 
 
 def _untie(graph: ModuleGraph, styles: dict[str, str], notes: list[str]):
@@ -169,6 +307,15 @@ def _untie(graph: ModuleGraph, styles: dict[str, str], notes: list[str]):
 def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(
         ("RMSNorm", "LayerNorm"))
+
+
+def _unshardable(graph: ModuleGraph) -> str:
+    """Why nothing was found: projections DTensor's Linear styles cannot shard."""
+    conv1d = [n for n in graph.names() if type(graph.module(n)).__name__ == "Conv1D"]
+    if conv1d:
+        return (f": its projections ({conv1d[0]}, …) are transformers' Conv1D (a transposed "
+                "weight, q/k/v fused in one), which the Linear styles cannot shard")
+    return ""
 
 
 def _example(graph: ModuleGraph) -> str:
@@ -397,8 +544,9 @@ class TensorParallel(Pass):
         if not any(s in SHARDING_STYLES for s in styles.values()):
             raise PlanError(
                 f"parallel.tp={tp} but the tp plan shards no module of "
-                f"{type(graph.model).__name__} (plan {plan.tp_plan!r}); give tp_plan as a "
-                f"dict {{glob: style}}, e.g. {{{_example(graph)!r}: 'colwise'}}"
+                f"{type(graph.model).__name__} (plan {plan.tp_plan!r}){_unshardable(graph)}; "
+                f"give tp_plan as a dict {{glob: style}}, e.g. "
+                f"{{{_example(graph)!r}: 'colwise'}}, or use fsdp / ddp without tp"
             )
         _check_modules(graph, styles)
         _check_heads(graph, tp)
@@ -421,6 +569,9 @@ class TensorParallel(Pass):
 
         sp, tp = plan.parallel.sequence_parallel, plan.parallel.tp
         styles, notes = getattr(self, "_resolved", None) or resolve_tp_plan(graph, plan)
+        # under pp the graph is one stage: the modules of the other stages are elsewhere
+        styles = {n: s for n, s in styles.items() if n in graph and not getattr(
+            graph.module(n), "stage_placeholder", False)}
         _verify_after_earlier_passes(graph, styles)
         mesh = env.mesh["tp"]
         fp8 = sorted(n for n in styles if _is_float8_tensorwise(graph.module(n)))

@@ -15,7 +15,7 @@ from torch import nn
 
 from .graph import ModuleGraph
 from .plan import Plan
-from .report import MemoryEstimate, PassRecord
+from .report import MemoryEstimate, PassRecord, human_bytes
 
 OPTIMIZER_STATES = 2  # AdamW's exp_avg and exp_avg_sq
 FP32 = 4
@@ -51,14 +51,40 @@ def _cast_delta(records: list[PassRecord]) -> int:
     return r.details.get("cast_weight_bytes_after", 0) - r.details.get("cast_weight_bytes_before", 0)
 
 
+def _pipeline_ranks(records: list[PassRecord]) -> list[list[str]] | None:
+    """Under pp, the modules each pipeline rank holds (from the pipeline pass's record)."""
+    r = _record(records, "pipeline")
+    if r is None or "stages" not in r.details:
+        return None
+    ranks: dict[int, list[str]] = {}
+    for stage in r.details["stages"]:
+        ranks.setdefault(stage["rank"], []).extend(stage["modules"])
+    return [ranks[k] for k in sorted(ranks)]
+
+
 def _per_rank(graph: ModuleGraph, plan: Plan, records: list[PassRecord]) -> dict[str, float]:
-    """Parameter, gradient and optimizer bytes on one rank after the passes in ``records``."""
+    """Parameter, gradient and optimizer bytes on one rank after the passes in ``records``
+    (under pp: on the pipeline rank whose stages hold the most)."""
+    ranks = _pipeline_ranks(records)
+    if ranks is None:
+        return _held(graph, plan, records, None)
+    full = _held(graph, plan, records, None)["full"]
+    worst = max((_held(graph, plan, records, mods) for mods in ranks),
+                key=lambda m: m["parameters"])
+    return {**worst, "full": full}
+
+
+def _held(graph: ModuleGraph, plan: Plan, records: list[PassRecord],
+          within: list[str] | None) -> dict[str, float]:
     tp, tp_modules = plan.parallel.tp, _tp_sharded(records)
     data_shard, grad_shard, opt_shard = _shard_factors(plan, records)
     out = {"parameters": _cast_delta(records), "gradients": 0.0, "optimizer": 0.0, "full": 0}
     for name, data in graph.g.nodes(data=True):
         nbytes, numel = data["bytes"], data["params"]
         if not numel:
+            continue
+        if within is not None and not any(name == m or name.startswith(m + ".")
+                                          for m in within):
             continue
         out["full"] += nbytes
         split = tp if name in tp_modules else 1
@@ -83,6 +109,19 @@ def estimate_memory(graph: ModuleGraph, plan: Plan, records: list[PassRecord],
         notes.append(f"HSDP: sharded over {par.dp_shard * par.cp} ranks, replicated "
                      f"{par.dp_replicate}×")
     mem = _per_rank(graph, plan, records)
+    pipe = _record(records, "pipeline")
+    if pipe is not None and "stages" in pipe.details:
+        for st in pipe.details["stages"]:
+            held = _held(graph, plan, records, st["modules"])
+            st["memory"] = {k: int(held[k]) for k in ("parameters", "gradients", "optimizer")}
+            notes.append(
+                f"pipeline stage {st['stage']} (rank {st['rank']}, blocks {st['blocks'][0]}-"
+                f"{st['blocks'][-1]}): parameters {human_bytes(held['parameters'])}, "
+                f"gradients {human_bytes(held['gradients'])}, optimizer "
+                f"{human_bytes(held['optimizer'])} per rank")
+        notes.append(f"pipeline: the heaviest pipeline rank is counted above; bubble "
+                     f"{pipe.details.get('bubble_fraction')} ({pipe.details['schedule']}, "
+                     f"{pipe.details['microbatches']} micro-batches)")
     if plan.deepspeed is not None and plan.mixed_precision != "no":
         notes.append("DeepSpeed also keeps an fp32 master copy of the parameters "
                      "(sharded with the optimizer state)")

@@ -106,10 +106,12 @@ class ModuleGraph:
         return [n for n, d in self.g.nodes(data=True) if isinstance(d["module"], types)]
 
     def match(self, pattern: str) -> list[str]:
-        """Qualified names equal to ``pattern`` or matching it as a glob."""
+        """Qualified names equal to ``pattern`` or matching it as a dotted glob: ``*``
+        matches one name segment (``model.layers.*`` is each layer, not its children),
+        ``**`` any number of them (``**.mlp``: every ``mlp``)."""
         if pattern in self.g:
             return [pattern]
-        return [n for n in self.g.nodes if n and fnmatch.fnmatchcase(n, pattern)]
+        return [n for n in self.g.nodes if n and glob_match(pattern, n)]
 
     # -- structure ------------------------------------------------------------------
     def signature(self, name: str) -> tuple:
@@ -128,33 +130,64 @@ class ModuleGraph:
             self._signature[name] = sig
         return sig
 
+    def _group_key(self, name: str) -> tuple:
+        """Siblings with the same key are one stack. A block class (a decoder layer, a
+        T5 block) is enough: T5's first block owns the relative-position bias its
+        siblings lack. Leaves and containers must match exactly (shapes included)."""
+        module = self.module(name)
+        if self.children(name) and not isinstance(module, CONTAINERS):
+            return (type(module).__qualname__,)
+        return self.signature(name)
+
     def repeated_groups(self) -> list[list[str]]:
-        """Groups of >= 2 structurally identical siblings inside ModuleList/Sequential,
-        largest total parameter count first (ties: more members, then earlier)."""
+        """Groups of >= 2 siblings of one block class (or identical leaves) inside a
+        ModuleList/Sequential, largest total parameter count first (ties: more members,
+        then earlier)."""
         groups: list[list[str]] = []
         for name, data in self.g.nodes(data=True):
             if not isinstance(data["module"], CONTAINERS):
                 continue
-            by_sig: dict[tuple, list[str]] = defaultdict(list)
+            by_key: dict[tuple, list[str]] = defaultdict(list)
             for child in self.children(name):
-                by_sig[self.signature(child)].append(child)
-            groups.extend(members for members in by_sig.values() if len(members) >= 2)
+                by_key[self._group_key(child)].append(child)
+            groups.extend(members for members in by_key.values() if len(members) >= 2)
         order = {n: i for i, n in enumerate(self.g.nodes)}
-        groups.sort(key=lambda m: (-self.subtree_params(m[0]) * len(m), -len(m), order[m[0]]))
+        groups.sort(key=lambda m: (-self._group_params(m), -len(m), order[m[0]]))
         return groups
 
-    def blocks(self) -> list[str]:
-        """The repeated blocks (e.g. ``model.layers.0`` … ``model.layers.31``), or ``[]``.
+    def _group_params(self, members: list[str]) -> int:
+        return sum(self.subtree_params(m) for m in members)
 
-        The user's ``Plan.blocks`` override wins; otherwise the largest group of >= 2
-        structurally identical siblings in a ModuleList/Sequential.
+    def block_groups(self) -> list[list[str]]:
+        """Every stack of repeated blocks, in model order: T5/BART's encoder and decoder
+        layers, a vision and a text tower. A stack inside another stack's block (experts
+        in a decoder layer) is not one, nor a stack under a tenth of the largest's size."""
+        if self._blocks_override is not None:
+            return group_by_parent(self.blocks())
+        groups = [g for g in self.repeated_groups() if self._group_params(g) > 0]
+        if not groups:
+            return []
+        floor = self._group_params(groups[0]) / 10
+        chosen: list[list[str]] = []
+        for members in groups:  # largest first: an enclosing stack is seen before its inner ones
+            inside = any(is_within(members[0], m) for g in chosen for m in g)
+            if not inside and self._group_params(members) >= floor:
+                chosen.append(members)
+        order = {n: i for i, n in enumerate(self.g.nodes)}
+        return sorted(chosen, key=lambda g: order[g[0]])
+
+    def blocks(self) -> list[str]:
+        """The repeated blocks (e.g. ``model.layers.0`` … ``model.layers.31``; T5's
+        ``encoder.block.*`` then ``decoder.block.*``), or ``[]``.
+
+        The user's ``Plan.blocks`` override wins; otherwise every stack of
+        ``block_groups()``.
         """
         if self._blocks is None:
             if self._blocks_override is not None:
                 self._blocks = self._resolve_override(self._blocks_override)
             else:
-                groups = self.repeated_groups()
-                self._blocks = groups[0] if groups else []
+                self._blocks = [b for g in self.block_groups() for b in g]
         return list(self._blocks)
 
     def _resolve_override(self, patterns: tuple[str, ...]) -> list[str]:
@@ -174,7 +207,9 @@ class ModuleGraph:
             while parent:
                 if parent in chosen:
                     raise PlanError(
-                        f"blocks: {name!r} lies inside {parent!r}; blocks must not nest"
+                        f"blocks: {name!r} lies inside {parent!r}; blocks must not nest: "
+                        f"name one level, such as {self._example_glob()!r} (each '*' "
+                        "matches one name segment)"
                     )
                 parent = parent.rpartition(".")[0]
         return found
@@ -200,8 +235,35 @@ class ModuleGraph:
         head = f"{type(self.model).__name__}: {len(self)} modules, {self.total_params():,} params"
         if not blocks:
             return head + ", no repeated blocks"
-        parent = blocks[0].rpartition(".")[0]
-        return head + f", {len(blocks)} blocks under '{parent}' ({self.g.nodes[blocks[0]]['cls']})"
+        parts = [f"{len(g)} blocks under '{g[0].rpartition('.')[0]}' "
+                 f"({self.g.nodes[g[0]]['cls']})" for g in group_by_parent(blocks)]
+        return head + ", " + ", ".join(parts)
+
+
+def is_within(name: str, ancestor: str) -> bool:
+    return name == ancestor or name.startswith(ancestor + ".")
+
+
+def group_by_parent(blocks: list[str]) -> list[list[str]]:
+    """Blocks split into stacks by their container, in the given order."""
+    groups: dict[str, list[str]] = {}
+    for b in blocks:
+        groups.setdefault(b.rpartition(".")[0], []).append(b)
+    return list(groups.values())
+
+
+def glob_match(pattern: str, name: str) -> bool:
+    """Dotted-name glob: each ``*``-segment matches one segment, ``**`` zero or more."""
+    return _match_segments(pattern.split("."), name.split("."))
+
+
+def _match_segments(pat: list[str], parts: list[str]) -> bool:
+    if not pat:
+        return not parts
+    head, rest = pat[0], pat[1:]
+    if head == "**":
+        return any(_match_segments(rest, parts[i:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], head) and _match_segments(rest, parts[1:])
 
 
 def parameter_owners(model: nn.Module) -> dict[int, set[str]]:

@@ -9,6 +9,7 @@ the model untouched.
 
 from __future__ import annotations
 
+import importlib
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -71,6 +72,12 @@ class _Entry:
 _REGISTRY: dict[str, _Entry] = {}
 
 
+def _builtins_first() -> None:
+    """Register the built-in passes before anything else: their registration order is the
+    canonical tie-breaker, whoever reaches the registry first (``import overdrive`` no
+    longer imports them, to keep the package import light)."""
+    importlib.import_module("overdrive.passes")  # a no-op once imported (or importing)
+
 
 def register_pass(name: str, after: tuple[str, ...] | str = (), before: tuple[str, ...] | str = (),
                   requires: tuple[str, ...] | str = ()) -> Callable[[type[Pass]], type[Pass]]:
@@ -79,6 +86,8 @@ def register_pass(name: str, after: tuple[str, ...] | str = (), before: tuple[st
     ``after`` / ``before`` name passes this one must follow / precede when both are
     enabled; ``requires`` names passes that must be enabled whenever this one is.
     """
+
+    _builtins_first()
 
     def as_tuple(v):
         return (v,) if isinstance(v, str) else tuple(v)
@@ -104,11 +113,13 @@ def unregister_pass(name: str) -> None:
 
 
 def registered_passes() -> list[str]:
+    _builtins_first()
     return sorted(_REGISTRY, key=lambda n: _REGISTRY[n].index)
 
 
 def order_passes(plan: Plan) -> list[Pass]:
     """The enabled passes in a valid, deterministic order."""
+    _builtins_first()
     instances = {name: e.cls() for name, e in _REGISTRY.items()}
     enabled = {name: p for name, p in instances.items() if p.enabled(plan)}
     for name in plan.requested_passes():

@@ -28,7 +28,7 @@ class Compile:
     """Regional (per block), full-model or no ``torch.compile``."""
 
     mode: str = "regional"  # "regional" | "full" | "off"
-    backend: str = "inductor"
+    backend: str | Callable[..., Any] = "inductor"  # a torch.compile backend name or callable
     compile_mode: str | None = None  # torch.compile's own `mode`
     fullgraph: bool = False
     dynamic: bool | None = None
@@ -39,7 +39,8 @@ class Compile:
 class FP8:
     """FP8 training layers: torchao everywhere, Transformer Engine on NVIDIA GPUs.
 
-    ``filter`` picks the ``nn.Linear`` layers to convert: a regex searched in the qualified
+    ``filter`` picks the ``nn.Linear`` layers (and transformers ``Conv1D``, torchao only)
+    to convert: a regex searched in the qualified
     name, or ``fn(name) -> bool``. Layers whose dims are not multiples of 16 are never
     converted. Without a filter the output projection (``lm_head``, else the last Linear)
     stays in high precision; a given filter decides for it too — returning True for it
@@ -76,8 +77,10 @@ class Casting:
 
 @dataclass(frozen=True)
 class Parallel:
-    """Mesh sizes. One of them may be -1: it takes the ranks the others leave."""
+    """Mesh sizes, outermost first: pp, dp_replicate, dp_shard, cp, tp. One of them may
+    be -1: it takes the ranks the others leave."""
 
+    pp: int = 1
     dp_replicate: int = 1
     dp_shard: int = -1
     tp: int = 1
@@ -108,6 +111,9 @@ class DDP:
     comm_hook: str | None = None
     powersgd_rank: int = 1
     powersgd_start_iter: int = 1000
+    # torch DDP's default: rank 0's buffers (BatchNorm running stats) are broadcast
+    # with each training forward, so every rank holds (and saves) the same ones
+    broadcast_buffers: bool = True
 
 
 @dataclass(frozen=True)
@@ -141,6 +147,19 @@ class Offload:
     prefetch: int = 1
 
 
+@dataclass(frozen=True)
+class Pipeline:
+    """Pipeline parallelism over ``parallel.pp`` ranks with a torch.distributed.pipelining
+    schedule. ``microbatches`` defaults to the number of stages (pp × stages_per_rank) and
+    must divide the local batch; ``split`` is None (balanced by parameters and FLOPs) or
+    the block indices where the stages begin."""
+
+    schedule: str = "1f1b"  # "gpipe" | "1f1b" | "interleaved-1f1b" | "looped-bfs" | ...
+    microbatches: int | None = None
+    stages_per_rank: int = 1
+    split: tuple[int, ...] | None = None
+
+
 PARTS: dict[str, type] = {
     "compile": Compile,
     "fp8": FP8,
@@ -151,6 +170,7 @@ PARTS: dict[str, type] = {
     "ddp": DDP,
     "deepspeed": DeepSpeed,
     "offload": Offload,
+    "pipeline": Pipeline,
 }
 
 
@@ -167,6 +187,7 @@ class Plan:
     ddp: DDP | None = None
     deepspeed: DeepSpeed | None = None
     offload: Offload | None = None
+    pipeline: Pipeline | None = None  # used when parallel.pp > 1 (defaults if None)
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
     grad_accum: int = 1
     blocks: tuple[str, ...] | None = None  # qualified names or globs of the repeated blocks
@@ -215,6 +236,8 @@ class Plan:
                   if getattr(self, n) is not None]
         if self.compile_enabled():
             wanted.append("compile")
+        if self.parallel.pp > 1:
+            wanted.append("pipeline")
         if self.parallel.tp > 1:
             wanted.append("tensor_parallel")
         if self.parallel.cp > 1:
@@ -251,7 +274,19 @@ CHOICES: dict[tuple[str, str], tuple] = {
     ("ddp", "comm_hook"): (None, "fp16", "bf16", "powersgd"),
     ("plan", "mixed_precision"): ("no", "bf16", "fp16"),
     ("offload", "dtype"): (None, "float32", "bfloat16", "float16"),
+    ("pipeline", "schedule"): ("gpipe", "1f1b", "interleaved-1f1b", "looped-bfs",
+                               "zero-bubble", "zbv"),
 }
+
+# torch.distributed.pipelining's schedule class for each pipeline.schedule
+SCHEDULE_CLASSES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B",
+                    "interleaved-1f1b": "ScheduleInterleaved1F1B",
+                    "looped-bfs": "ScheduleLoopedBFS",
+                    "zero-bubble": "ScheduleInterleavedZeroBubble",
+                    "zbv": "ScheduleZBVZeroBubble"}
+SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")  # torch's PipelineScheduleSingle
+# schedules that need several stages per rank
+MULTI_STAGE_SCHEDULES = ("interleaved-1f1b", "looped-bfs", "zbv")
 
 
 def _choices_error(path: str, value: Any, choices) -> PlanError:
@@ -277,6 +312,7 @@ def validate_plan(plan: Plan) -> Plan:
     """
     if not isinstance(plan, Plan):
         raise PlanError(f"plan must be an overdrive Plan, got {type(plan).__name__}")
+    _check_types(plan, "", "plan")
     for name, part_cls in PARTS.items():
         part = getattr(plan, name)
         if part is None:
@@ -285,6 +321,7 @@ def validate_plan(plan: Plan) -> Plan:
             raise PlanError(
                 f"plan.{name} must be od.{part_cls.__name__}(...) or None, got {part!r}"
             )
+        _check_types(part, f"{name}.", name)
         for f in fields(part):
             choices = CHOICES.get((name, f.name))
             value = getattr(part, f.name)
@@ -316,6 +353,50 @@ def validate_plan(plan: Plan) -> Plan:
     return plan
 
 
+# what a field's type accepts, for the types checked generically; fields typed otherwise
+# (callables, mappings, parts) have their own checks
+_ATOMS: dict[Any, tuple[Callable[[Any], bool], str]] = {
+    bool: (lambda v: isinstance(v, bool), "true or false (a boolean: unquoted in YAML)"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    str: (lambda v: isinstance(v, str), "a string"),
+    type(None): (lambda v: v is None, "null / None"),
+}
+
+
+def _type_rule(hint: Any) -> tuple[Callable[[Any], bool], str] | None:
+    """(accepts(value), description) for ``hint``, or None when it is not checked here."""
+    if hint in _ATOMS:
+        return _ATOMS[hint]
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis and args[0] in _ATOMS:
+        item, what = _ATOMS[args[0]]
+        return (lambda v: isinstance(v, (tuple, list)) and all(item(x) for x in v),
+                f"a list of {what.split(' (')[0].removeprefix('a ').removeprefix('an ')}s")
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        rules = [_type_rule(a) for a in args]
+        if any(r is None for r in rules):
+            return None
+        return (lambda v: any(ok(v) for ok, _ in rules),
+                " or ".join(what for _, what in rules))
+    return None
+
+
+def _check_types(obj: Any, prefix: str, part: str) -> None:
+    """Every field holds a value of its declared type: a quoted "false" is not a boolean,
+    ``true`` is not the integer 1 (nor ``deepspeed.zero_stage`` 1)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        rule = _type_rule(hints[f.name])
+        value = getattr(obj, f.name)
+        if rule is not None and not rule[0](value):
+            choices = CHOICES.get((part, f.name))
+            if choices is not None:
+                raise _choices_error(f"{prefix}{f.name}", value, choices)
+            raise PlanError(f"{prefix}{f.name}={value!r} is not valid; {prefix}{f.name} takes "
+                            f"{rule[1]}")
+
+
 def _check_int(path: str, value: Any, minimum: int, allow_minus_one: bool = False) -> None:
     ok = isinstance(value, int) and not isinstance(value, bool) and (
         value >= minimum or (allow_minus_one and value == -1))
@@ -326,9 +407,9 @@ def _check_int(path: str, value: Any, minimum: int, allow_minus_one: bool = Fals
 
 def _check_part_values(plan: Plan) -> None:
     par = plan.parallel
-    for name in ("dp_replicate", "dp_shard", "tp", "cp"):
+    for name in SIZE_NAMES:
         _check_int(f"parallel.{name}", getattr(par, name), 1, allow_minus_one=True)
-    inferred = [n for n in ("dp_replicate", "dp_shard", "tp", "cp") if getattr(par, n) == -1]
+    inferred = [n for n in SIZE_NAMES if getattr(par, n) == -1]
     if len(inferred) > 1:
         raise PlanError(
             f"parallel: only one size may be -1, got -1 for {', '.join(inferred)}; "
@@ -384,6 +465,8 @@ def _check_part_values(plan: Plan) -> None:
     if plan.ddp is not None:
         _check_int("ddp.bucket_cap_mb", plan.ddp.bucket_cap_mb, 1)
         _check_comm_hook(plan)
+    if plan.pipeline is not None:
+        _check_pipeline_values(plan.pipeline)
 
 
 def _check_offload(cfg: Offload) -> None:
@@ -429,6 +512,37 @@ def _check_comm_hook(plan: Plan) -> None:
             "reduction with od.FSDP(reduce_dtype='bfloat16'))")
 
 
+def _check_pipeline_values(pipe: "Pipeline") -> None:
+    _check_int("pipeline.stages_per_rank", pipe.stages_per_rank, 1)
+    if pipe.microbatches is not None:
+        _check_int("pipeline.microbatches", pipe.microbatches, 1)
+    if pipe.schedule in MULTI_STAGE_SCHEDULES and pipe.stages_per_rank < 2:
+        raise PlanError(
+            f"pipeline.schedule={pipe.schedule!r} runs several stages per rank and needs "
+            f"pipeline.stages_per_rank >= 2 (got {pipe.stages_per_rank}); set "
+            "stages_per_rank=2, or use schedule='1f1b' / 'gpipe' with one stage per rank")
+    if pipe.schedule == "zbv" and pipe.stages_per_rank != 2:
+        raise PlanError(
+            f"pipeline.schedule='zbv' needs exactly pipeline.stages_per_rank=2 (its V shape "
+            f"puts two stages on every rank), got {pipe.stages_per_rank}")
+    if pipe.schedule in ("gpipe", "1f1b") and pipe.stages_per_rank != 1:
+        raise PlanError(
+            f"pipeline.schedule={pipe.schedule!r} runs one stage per rank; "
+            f"pipeline.stages_per_rank={pipe.stages_per_rank} needs 'interleaved-1f1b', "
+            "'looped-bfs', 'zero-bubble' or 'zbv'")
+    split = pipe.split
+    if split is not None:
+        if isinstance(split, (str, bytes)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in split):
+            raise PlanError(
+                f"pipeline.split={split!r} is not valid; use None (balanced) or a tuple of "
+                "the block indices where stages begin, e.g. (0, 2) for two stages of a "
+                "4-block model")
+        if list(split) != sorted(set(split)):
+            raise PlanError(f"pipeline.split={split!r} must be strictly increasing block "
+                            "indices, e.g. (0, 2)")
+
+
 TP_STYLES = ("colwise", "rowwise", "sequence_parallel", "colwise_rep", "rowwise_rep",
              "embedding_rowwise")
 
@@ -456,6 +570,31 @@ def _check_contradictions(plan: Plan) -> None:
             "(fsdp, ddp or deepspeed)"
         )
     par = plan.parallel
+    if plan.pipeline is not None and par.pp == 1:
+        raise PlanError(
+            "plan.pipeline is set but parallel.pp=1; set parallel.pp >= 2 (e.g. the 'pp' "
+            "preset) or drop plan.pipeline")
+    if par.pp != 1:
+        if plan.deepspeed is not None:
+            raise PlanError(
+                f"deepspeed with parallel.pp={par.pp} is not supported (DeepSpeed's engine "
+                "owns the whole model); use fsdp with pp (e.g. 'fsdp+pp') or set pp=1")
+        if plan.ddp is not None:
+            raise PlanError(
+                f"ddp with parallel.pp={par.pp} is not supported; use fsdp for the "
+                "data-parallel ranks of a pipeline (e.g. 'fsdp+pp')")
+        if plan.casting is not None:
+            raise PlanError(
+                f"casting with parallel.pp={par.pp} is not valid: casting is for inference "
+                "and pipeline parallelism is for training; drop one of them")
+        if plan.mixed_precision == "fp16":
+            raise PlanError(
+                f"mixed_precision='fp16' with parallel.pp={par.pp} is not supported (the "
+                "loss scaler cannot see the pipeline's backward); use 'bf16'")
+        if par.cp != 1:
+            raise PlanError(
+                f"parallel.cp={par.cp} with parallel.pp={par.pp} is not supported yet; "
+                "set cp=1 or pp=1")
     if plan.deepspeed is not None and (par.tp not in (1,) or par.cp != 1):
         raise PlanError(
             f"deepspeed with parallel.tp={par.tp}, parallel.cp={par.cp} is not supported; "
@@ -473,7 +612,7 @@ def _check_contradictions(plan: Plan) -> None:
         )
     if plan.offload is not None:
         others = [n for n in ("fsdp", "ddp", "deepspeed") if getattr(plan, n) is not None]
-        others += [f"parallel.{n}={getattr(par, n)}" for n in ("tp", "cp")
+        others += [f"parallel.{n}={getattr(par, n)}" for n in ("tp", "cp", "pp")
                    if getattr(par, n) not in (1,)]
         if others:
             raise PlanError(
@@ -486,9 +625,12 @@ def _check_contradictions(plan: Plan) -> None:
         )
 
 
+SIZE_NAMES = ("pp", "dp_replicate", "dp_shard", "tp", "cp")
+
+
 def resolve_sizes(parallel: Parallel, world_size: int) -> Parallel:
     """Fill the one -1 size and check the product equals the world size."""
-    sizes = {n: getattr(parallel, n) for n in ("dp_replicate", "dp_shard", "tp", "cp")}
+    sizes = {n: getattr(parallel, n) for n in SIZE_NAMES}
     known = 1
     for v in sizes.values():
         if v != -1:
@@ -528,7 +670,10 @@ def resolve_for_world(plan: Plan, world_size: int) -> Plan:
     dp = plan.parallel.dp_replicate * plan.parallel.dp_shard
     if dp > 1 and plan.data_parallel is None and plan.casting is None \
             and plan.offload is None:
-        plan = replace(plan, fsdp=FSDP()) if plan.parallel.tp > 1 else replace(plan, ddp=DDP())
+        fsdp = plan.parallel.tp > 1 or plan.parallel.pp > 1  # pipeline stages: fsdp too
+        plan = replace(plan, fsdp=FSDP()) if fsdp else replace(plan, ddp=DDP())
+    if plan.parallel.pp > 1 and plan.pipeline is None:
+        plan = replace(plan, pipeline=Pipeline())
     return plan
 
 
@@ -591,11 +736,32 @@ def plan_from_dict(data: Mapping[str, Any]) -> Plan:
     return validate_plan(Plan(**kwargs))
 
 
+PLAN_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def is_plan_path(plan: str) -> bool:
+    """A string naming a plan file (any case: ``P.YAML`` too), not a preset."""
+    return plan.lower().endswith(PLAN_SUFFIXES)
+
+
+def read_plan_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise PlanError(f"plan file {path!r}: no such file; give the path of a YAML/JSON "
+                        "plan or a preset such as 'fsdp+compile'") from None
+    except UnicodeDecodeError as err:
+        raise PlanError(f"plan file {path!r} is not UTF-8 text ({err.reason} at byte "
+                        f"{err.start}); save it as UTF-8 YAML or JSON") from None
+    except OSError as err:
+        raise PlanError(f"plan file {path!r} cannot be read: {err.strerror or err}") from None
+
+
 def plan_from_file(path: str | os.PathLike) -> Plan:
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
-    if path.endswith(".json"):
+    text = read_plan_text(path)
+    if path.lower().endswith(".json"):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
@@ -635,9 +801,9 @@ _SIMPLE_TOKENS: dict[str, dict[str, Any]] = {
     "casting": {"casting": Casting()},
     "offload": {"offload": Offload()},
 }
-_SIZED_TOKENS = {"tp": ("tp", 2), "cp": ("cp", 2)}  # "tp" = tp2, "tp4" = 4
+_SIZED_TOKENS = {"tp": ("tp", 2), "cp": ("cp", 2), "pp": ("pp", 2)}  # "tp" = tp2, "tp4" = 4
 
-PRESETS = tuple(_SIMPLE_TOKENS) + ("tp", "tpN", "cp", "cpN")
+PRESETS = tuple(_SIMPLE_TOKENS) + ("tp", "tpN", "cp", "cpN", "pp", "ppN")
 
 
 def plan_from_preset(name: str) -> Plan:
@@ -655,7 +821,7 @@ def plan_from_preset(name: str) -> Plan:
                 else:
                     kwargs[key] = value
             continue
-        m = re.fullmatch(r"(tp|cp)(\d*)", tok)
+        m = re.fullmatch(r"(tp|cp|pp)(\d*)", tok)
         if m:
             dim, default = _SIZED_TOKENS[m.group(1)]
             size = int(m.group(2)) if m.group(2) else default
@@ -685,7 +851,7 @@ def resolve_plan(plan: Plan | Mapping[str, Any] | str | os.PathLike | None) -> P
     if isinstance(plan, os.PathLike):
         return plan_from_file(plan)
     if isinstance(plan, str):
-        if plan.endswith((".yaml", ".yml", ".json")):
+        if is_plan_path(plan):
             if not os.path.isfile(plan):
                 raise PlanError(f"plan={plan!r}: no such plan file")
             return plan_from_file(plan)

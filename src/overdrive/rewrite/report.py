@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .graph import group_by_parent
+
 
 @dataclass
 class PassRecord:
@@ -73,6 +75,10 @@ class Report:
     def names(self) -> list[str]:
         return [r.name for r in self.passes]
 
+    def block_groups(self) -> list[list[str]]:
+        """The blocks split into their stacks (T5: the encoder's, then the decoder's)."""
+        return group_by_parent(self.blocks)
+
     def __getitem__(self, name: str) -> PassRecord:
         for r in self.passes:
             if r.name == name:
@@ -94,6 +100,7 @@ class Report:
             "model": self.model,
             "dry_run": self.dry_run,
             "blocks": self.blocks,
+            "block_groups": self.block_groups(),
             "plan": _jsonable(self.plan),
             "passes": [_jsonable(asdict(r)) for r in self.passes],
         }
@@ -112,8 +119,9 @@ class Report:
         title = "overdrive plan (dry run, nothing applied)" if self.dry_run else "overdrive report"
         lines = [f"{title}: {self.model}"]
         if self.blocks:
-            parent = self.blocks[0].rpartition(".")[0] or "<root>"
-            lines.append(f"blocks: {len(self.blocks)} under '{parent}'")
+            parts = [f"{len(g)} under '{g[0].rpartition('.')[0] or '<root>'}'"
+                     for g in self.block_groups()]
+            lines.append(f"blocks: {', '.join(parts)}")
         else:
             lines.append("blocks: none found")
         rows = [("#", "pass", "modules", "params before", "params after", "seconds")]

@@ -182,9 +182,12 @@ def trace_model(model: nn.Module, example_inputs: Any, *, backward: bool = True)
         forward_flops = counter.get_total_flops()
         backward_flops = 0
         loss = _first_loss(out) if backward else None
-        if loss is not None:
+        trainable = [p for p in meta_model.parameters() if p.requires_grad]
+        if loss is not None and loss.requires_grad and trainable:
+            # autograd.grad, not backward(): a meta model traced in place is the user's
+            # own, and must not be left holding (meta) .grad tensors
             with FlopCounterMode(display=False) as bwd_counter, FusedAttentionOnMeta():
-                loss.sum().backward()
+                torch.autograd.grad(loss.sum(), trainable, allow_unused=True)
             backward_flops = bwd_counter.get_total_flops()
     finally:
         for h in handles:

@@ -62,6 +62,7 @@ from ..errors import CheckpointCorrupt, CheckpointError, CheckpointMismatch
 from . import checkpoint_deepspeed as ds
 from . import checkpoint_files as cf
 from . import custom_state, model_meta
+from . import checkpoint_pipeline as pipeline_ckpt
 from .grad import raw_optimizer
 
 log = logging.getLogger("overdrive")
@@ -291,6 +292,9 @@ def save(rt, path: str | Path, *, keep_last: int | None = None, async_: bool = F
                                                 tmp / "state.pt")
     else:
         tensors, plain = split(_app_state(rt))
+        if getattr(rt, "_pipeline", None) is not None:  # each pp rank's optimizer knows its stages only
+            plain = pipeline_ckpt.merged_param_groups(plain, _all_gather(plain, group),
+                                                      rt._pipeline.param_order)
         if rank == 0:
             written["state.pt"] = cf.save_plain(_replicated_state(rt, plain, custom),
                                                 tmp / "state.pt")
@@ -514,8 +518,11 @@ def _prepare(rt, path: Path, meta: dict[str, Any], manifest: dict[str, dict[str,
     saved = {k: tuple(v.size) for k, v in todo.reader.read_metadata().state_dict_metadata.items()
              if hasattr(v, "size")}
     todo.tensors, current = split(_app_state(rt))
-    _check_keys(flat_shapes(todo.tensors), saved, path)
+    staged = getattr(rt, "_pipeline", None) is not None  # this rank holds some stages: a subset of the keys
+    _check_keys(flat_shapes(todo.tensors), saved, path, subset=staged)
     todo.plain = replicated["app"]
+    if staged:
+        todo.plain = pipeline_ckpt.own_param_groups(todo.plain, current)
     _check_param_groups(current, todo.plain, path)
     return todo
 
@@ -557,9 +564,12 @@ def _loaded_in_place(model, model_sd: dict[str, Any]) -> bool:
     return all(ptr(t) in own for t in model_sd.values())
 
 
-def _check_keys(expected: dict[str, tuple], saved: dict[str, tuple], path: Path) -> None:
+def _check_keys(expected: dict[str, tuple], saved: dict[str, tuple], path: Path, *,
+                subset: bool = False) -> None:
+    """``subset``: this rank holds some pipeline stages, so the checkpoint may hold more
+    (the other stages') than it loads."""
     missing = sorted(set(expected) - set(saved))
-    unexpected = sorted(set(saved) - set(expected))
+    unexpected = [] if subset else sorted(set(saved) - set(expected))
     shapes = sorted(f"{k}: checkpoint {list(saved[k])}, model {list(expected[k])}"
                     for k in set(expected) & set(saved) if saved[k] != expected[k])
     if not (missing or unexpected or shapes):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-import random
 from typing import Any, Iterator
 
 import torch
@@ -123,10 +122,16 @@ class ShardedLoader:
         return bool(getattr(loader.batch_sampler, "drop_last", loader.drop_last))
 
     def _agree_on_seed(self, loader: DataLoader) -> int:
+        """The shuffle seed every rank uses: ``Plan.seed``, else the loader's generator's,
+        else one drawn from torch's default generator as ``DataLoader(shuffle=True)`` does
+        (so ``torch.manual_seed`` makes the order repeat); rank 0's is broadcast."""
         if self.rt.plan.seed is not None:
             return self.rt.plan.seed
         gen = loader.generator
-        seed = gen.initial_seed() if gen is not None else random.SystemRandom().randrange(2**31)
+        if gen is not None:
+            seed = gen.initial_seed()
+        else:  # every rank draws, so their default generators stay in step
+            seed = int(torch.empty((), dtype=torch.int64).random_().item()) % 2**31
         if dist.is_initialized() and dist.get_world_size() > 1:
             box = [seed]
             dist.broadcast_object_list(box, src=0)
@@ -261,6 +266,9 @@ class ShardedLoader:
                 self.batch_len, self.n_real = _rows(batch), n_real
                 self.consumed += self._per_batch
                 self.rt._active_loader = self
+                meter = getattr(self.rt, "_meter", None)
+                if meter is not None and self.rt.model.training:
+                    meter.on_batch(batch, n_real, self.batch_len)
                 yield self._place(batch)
             self.epoch, self.consumed = self.epoch + 1, 0
         finally:
@@ -352,7 +360,8 @@ class Dispatch:
     """How a dispatched batch travels from global rank 0, the only reader, to every rank.
 
     Rank 0 scatters one message per data-parallel rank over the dp ranks of its own
-    (cp, tp) slice; each of those broadcasts it to its cp peers (the ranks with tp
+    (pp, cp, tp) slice; each of those broadcasts it to its pp peers (every pipeline
+    stage of a data rank gets the same batch), then to its cp peers (the ranks with tp
     coordinate 0), then every rank receives it from its tp peer 0. Without tp/cp the dp
     group is the default group and the scatter is all there is. Groups are looked up once.
     """
@@ -364,10 +373,12 @@ class Dispatch:
         if rt.world_size == rt.dp_size:
             return
         coords = mesh_coordinates(rt.rank, rt.plan)
-        self.in_scatter = coords["cp"] == 0 and coords["tp"] == 0
+        self.in_scatter = coords["cp"] == 0 and coords["tp"] == 0 and coords["pp"] == 0
         if self.in_scatter and self.size > 1:
             self.scatter_group = rt.env.submesh("dp").get_group()
         par = rt.plan.parallel
+        if par.pp > 1 and coords["cp"] == 0 and coords["tp"] == 0:
+            self.hops.append(_peers(rt.env.submesh("pp")))  # every stage sees the batch
         if par.cp > 1 and coords["tp"] == 0:
             self.hops.append(_peers(rt.env.submesh("cp")))
         if par.tp > 1:

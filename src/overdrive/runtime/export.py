@@ -100,8 +100,12 @@ def _on_cpu(t: torch.Tensor, dtype: torch.dtype | None, copy: bool) -> torch.Ten
 
 
 def export(model: nn.Module, directory: str | Path, *, max_shard_size: int | str = "5GB",
-           dtype: torch.dtype | None = None, is_main: bool | None = None) -> Path:
-    """Write ``model``'s weights to ``directory`` (every rank calls; rank 0 writes)."""
+           dtype: torch.dtype | None = None, is_main: bool | None = None,
+           entries: list[tuple[str, torch.Tensor]] | None = None) -> Path:
+    """Write ``model``'s weights to ``directory`` (every rank calls; rank 0 writes).
+
+    ``entries``: the (key, tensor) pairs to write instead of ``model``'s own (the
+    pipeline runtime hands the weights of every stage, gathered on rank 0)."""
     from safetensors.torch import save_file
 
     limit = parse_size(max_shard_size)
@@ -123,7 +127,7 @@ def export(model: nn.Module, directory: str | Path, *, max_shard_size: int | str
             shards.append(list(shard))
         shard, shard_bytes = {}, 0
 
-    for key, t in _unique_entries(model):
+    for key, t in entries if entries is not None else _unique_entries(model):
         full = full_cpu(t, dtype, keep=is_main)  # a collective: every rank runs the loop
         if not is_main:
             continue

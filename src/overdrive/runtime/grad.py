@@ -133,6 +133,11 @@ class Optimizer(torch.optim.Optimizer):
             hook(self._model, self.optimizer)
         self.rt.step += 1
         self.unscaled = False
+        rt = self.rt
+        if rt._meter is not None:
+            rt._meter.on_step()
+        if rt._profiler is not None:
+            rt._profiler.step()
         return out
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -256,8 +261,11 @@ def clip_grad_norm_(rt, max_norm: float, norm_type: float = 2.0) -> torch.Tensor
         return _engine_norm(rt, engine, max_norm)
     unscale_once(rt)
     params = grads_of(rt.model)
+    pipeline = rt._pipeline  # under pp: this rank's stages' norm, combined over stages
     if not rt._dtensor_grads:
         total = _norm([p.grad for p in params], norm_type)
+        if pipeline is not None:
+            total = pipeline.global_norm(total, norm_type)
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
         return total
     groups = _by_mesh(params)
@@ -265,6 +273,8 @@ def clip_grad_norm_(rt, max_norm: float, norm_type: float = 2.0) -> torch.Tensor
     parts = [n.full_tensor() if mesh is not None else n for mesh, n in zip(groups, parts)]
     total = parts[0] if len(parts) == 1 else torch.linalg.vector_norm(
         torch.stack([n.to(parts[0].device) for n in parts]), norm_type)
+    if pipeline is not None:
+        total = pipeline.global_norm(total, norm_type)
     for group in groups.values():  # torch's foreach kernels refuse DTensors mixed with tensors
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total

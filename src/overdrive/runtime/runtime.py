@@ -19,6 +19,8 @@ from ..rewrite.plan import Plan
 from ..rewrite.report import Report
 from . import collectives, data, grad, helpers, split, trigger
 from .state import Env
+from .step_metrics import StepMeter
+from .tracking import Tracking, TrackingConfig
 
 log = logging.getLogger("overdrive")
 
@@ -43,8 +45,11 @@ class Runtime:
     """
 
     def __init__(self, model: nn.Module, *, plan: Plan, report: Report, env: Env,
-                 optimizer: Any = None, scheduler: Any = None):
+                 optimizer: Any = None, scheduler: Any = None,
+                 tracking: TrackingConfig | None = None, flops_model: nn.Module | None = None,
+                 pipeline: Any = None):
         self.model = model
+        self._pipeline = pipeline  # runtime/pipeline.PipelineRunner under parallel.pp > 1
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.plan = plan
@@ -62,6 +67,8 @@ class Runtime:
         self._trigger = trigger.Trigger()
         self._grad_sync = grad.GradSync(self, self.grad_accum)
         self._dtensor_grads = _has_dtensor(model)
+        self._tracking, self._meter = self._make_tracking(tracking, flops_model)
+        self._profiler = None  # the active rt.profile, stepped with the optimizer
         if optimizer is not None:
             self.optimizer = grad.Optimizer(optimizer, self)
         if scheduler is not None:
@@ -106,7 +113,7 @@ class Runtime:
 
     @property
     def mesh(self):
-        """The DeviceMesh (dims dp_replicate, dp_shard, cp, tp; flattened dp, dp_shard_cp,
+        """The DeviceMesh (dims pp, dp_replicate, dp_shard, cp, tp; flattened dp, dp_shard_cp,
         dp_cp), or None for a single process that never needed one."""
         if self.env._mesh is None and not self.env.distributed:
             return None
@@ -120,6 +127,43 @@ class Runtime:
     def post_step_hooks(self) -> list:
         """``hook(model, optimizer)`` run after each real optimizer step (env's list)."""
         return self.env.post_step_hooks
+
+    # -- tracking (tracking.py, step_metrics.py, profile.py) -------------------------
+    def _make_tracking(self, config: TrackingConfig | None, flops_model: nn.Module | None):
+        config = config or TrackingConfig()
+        tracking = Tracking(config, is_main=self.is_main, plan=self.plan)
+        meter = StepMeter.for_runtime(self, config, tracking, flops_model) \
+            if config.log_every else None
+        return tracking, meter
+
+    @property
+    def run_dir(self):
+        """Where rank 0's trackers write (created at the first logged row)."""
+        return self._tracking.run_dir
+
+    def log(self, metrics: dict, step: int | None = None) -> None:
+        """Send ``metrics`` to the trackers (rank 0 only; other ranks return at once).
+
+        ``step`` defaults to the optimizer step ``rt.step``. Tensor values are read to
+        Python floats together, with one device→host copy.
+        """
+        if self._tracking.active:
+            self._tracking.log(metrics, self.step if step is None else step)
+
+    def finish(self) -> None:
+        """Flush and close the trackers (also done at interpreter exit)."""
+        self._tracking.finish()
+
+    def profile(self, out_dir, *, wait: int = 1, warmup: int = 1, active: int = 3,
+                ranks=(0,), memory: bool = False):
+        """Profile ``active`` optimizer steps after ``wait`` + ``warmup`` steps with
+        torch.profiler: a Chrome/Perfetto trace per profiled rank and a table of the top
+        ops in ``out_dir``. Starts now; stops by itself after the active steps (or at the
+        end of a ``with rt.profile(...):`` block). Ranks not in ``ranks`` do nothing."""
+        from .profile import StepProfiler
+
+        return StepProfiler.start(self, out_dir, wait=wait, warmup=warmup, active=active,
+                                  ranks=ranks, memory=memory)
 
     # -- precision ------------------------------------------------------------------
     def _choose_autocast_dtype(self) -> torch.dtype | None:
@@ -143,6 +187,8 @@ class Runtime:
     # -- backward -------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
         """``loss.backward()`` scaled by 1/grad_accum (and by the fp16 scaler)."""
+        if self._meter is not None:
+            self._meter.on_backward(loss)
         if self.env.engine is not None:
             self.env.engine.backward(loss, **kwargs)
             return
@@ -151,6 +197,27 @@ class Runtime:
         if self._scaler is not None:
             loss = self._scaler.scale(loss)
         loss.backward(**kwargs)
+
+    # -- one micro-step (steps.py) -----------------------------------------------------
+    def forward_backward(self, batch: Any, loss_fn=None) -> torch.Tensor:
+        """Forward and backward of ``batch`` under any plan; returns the (detached) loss.
+
+        ``batch`` is what the loop would hand the model: a dict (``model(**batch)``), a
+        tensor (``model(batch)``) or a tuple (``model(*batch)``). The loss is
+        ``output.loss`` or ``loss_fn(output, batch)``. Under pp the batch is split into
+        the schedule's micro-batches (``loss_fn`` then sees each micro-batch) and the
+        mean loss over them is returned, the same on every pipeline rank.
+        """
+        from . import steps
+
+        return steps.forward_backward(self, batch, loss_fn)
+
+    def evaluate(self, batch: Any, loss_fn=None) -> torch.Tensor:
+        """The loss of ``batch`` without gradients (the schedule's forward-only path
+        under pp)."""
+        from . import steps
+
+        return steps.evaluate(self, batch, loss_fn)
 
     # -- data (data.py) ---------------------------------------------------------------
     def shard(self, dataloader, *, split_batches: bool = False, even_batches: bool = True,
@@ -184,7 +251,10 @@ class Runtime:
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0):
         """Clip the gradients; returns the global norm across every shard."""
-        return grad.clip_grad_norm_(self, max_norm, norm_type)
+        norm = grad.clip_grad_norm_(self, max_norm, norm_type)
+        if self._meter is not None:
+            self._meter.on_clip(norm)
+        return norm
 
     def clip_grad_value_(self, clip_value: float) -> None:
         grad.clip_grad_value_(self, clip_value)
@@ -234,7 +304,7 @@ class Runtime:
         """The data-parallel process group (None: the default group is the dp group)."""
         if self.dp_size == self.world_size:
             return None
-        return self.mesh["dp"].get_group()
+        return self.env.submesh("dp").get_group()  # the kept flattened mesh (torch asks so)
 
     # -- state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -242,10 +312,12 @@ class Runtime:
 
         Sharded parameters (DTensor, DeepSpeed ZeRO-3 partitions) are gathered one by one,
         so every rank gets the full state; every rank must call this together. Tensors are
-        on the CPU.
+        on the CPU. Under pp the stages of every pipeline rank are gathered too.
         """
         from .export import full_cpu
 
+        if self._pipeline is not None:  # every stage's, gathered over the pp ranks
+            return dict(self._pipeline.gathered_weights(self.model, True))
         return {clean_key(key): full_cpu(value)
                 for key, value in self.model.state_dict(keep_vars=True).items()}
 
@@ -293,8 +365,11 @@ class Runtime:
         """Consolidated safetensors weights (transformers layout), written by rank 0."""
         from . import export
 
+        entries = None
+        if self._pipeline is not None:  # every stage's weights, gathered on rank 0
+            entries = self._pipeline.gathered_weights(self.model, self.is_main)
         return export.export(self.model, directory, max_shard_size=max_shard_size, dtype=dtype,
-                             is_main=self.is_main)
+                             is_main=self.is_main, entries=entries)
 
     # -- process helpers --------------------------------------------------------------
     def barrier(self) -> None:

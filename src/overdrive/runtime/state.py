@@ -28,7 +28,7 @@ from ..rewrite.plan import Plan, resolve_for_world
 
 log = logging.getLogger("overdrive")
 
-MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
 def launched_world_size() -> int:
@@ -106,6 +106,8 @@ class Env:
     world_size: int
     device: torch.device
     dry_run: bool = False
+    # od.inspect: the user's model itself is on the meta device (not just the dry run's copy)
+    model_on_meta: bool = False
     _mesh: Any = None
     _flat: dict[str, Any] = field(default_factory=dict)  # flattened meshes by name
     # hand-off slots, filled by passes, read by the runtime
@@ -137,7 +139,7 @@ class Env:
 
     @property
     def mesh(self):
-        """The 4-D mesh (dp_replicate, dp_shard, cp, tp) with flattened ``dp``,
+        """The 5-D mesh (pp, dp_replicate, dp_shard, cp, tp) with flattened ``dp``,
         ``dp_shard_cp`` and ``dp_cp`` views; built on first use."""
         if self._mesh is None:
             if self.dry_run:
@@ -167,13 +169,13 @@ class Env:
 
     @property
     def dp_rank(self) -> int:
-        """Data-parallel rank: TP and CP peers share it (they see the same batch)."""
+        """Data-parallel rank: TP, CP and PP peers share it (they see the same batch)."""
         coords = mesh_coordinates(self.rank, self.plan)
         return coords["dp_replicate"] * self.parallel.dp_shard + coords["dp_shard"]
 
 
 def mesh_coordinates(rank: int, plan: Plan) -> dict[str, int]:
-    """Row-major coordinates of ``rank`` in the (dp_replicate, dp_shard, cp, tp) mesh."""
+    """Row-major coordinates of ``rank`` in the (pp, dp_replicate, dp_shard, cp, tp) mesh."""
     sizes = [getattr(plan.parallel, d) for d in MESH_DIMS]
     coords = {}
     for dim, size in zip(reversed(MESH_DIMS), reversed(sizes)):
@@ -183,7 +185,7 @@ def mesh_coordinates(rank: int, plan: Plan) -> dict[str, int]:
 
 
 def build_mesh(plan: Plan, device: torch.device):
-    """The 4-D mesh and its flattened views {"dp", "dp_shard_cp", "dp_cp"}.
+    """The 5-D mesh and its flattened views {"dp", "dp_shard_cp", "dp_cp"}.
 
     Size-1 dims are kept (every pass can slice every name); ``mesh["dp_shard_cp"]`` also
     works, but torch asks callers to keep the flattened meshes, so ``Env.submesh`` does.

@@ -1,0 +1,36 @@
+"""``rt.forward_backward`` and ``rt.evaluate``: one micro-step that works under every plan.
+
+Without pipeline parallelism it is the forward the loop would write (``model(**batch)``,
+``model(batch)`` or ``model(*batch)``), the loss (``output.loss`` or ``loss_fn(output,
+batch)``) and ``rt.backward`` (scaled by ``1/grad_accum``, inside ``rt.accumulate`` as
+usual). Under pp the pipeline runner splits the batch into micro-batches and runs the
+schedule.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .pipeline import LossFn, call_args, loss_of
+
+
+def forward_backward(rt, batch: Any, loss_fn: LossFn = None) -> torch.Tensor:
+    if rt._pipeline is not None:
+        loss = rt._pipeline.forward_backward(batch, loss_fn)
+        if getattr(rt, "_meter", None) is not None:  # step metrics see the loss, as rt.backward's
+            rt._meter.on_backward(loss)
+        return loss
+    args, kwargs = call_args(batch)
+    loss = loss_of(rt.model(*args, **kwargs), batch, loss_fn)
+    rt.backward(loss)
+    return loss.detach()
+
+
+def evaluate(rt, batch: Any, loss_fn: LossFn = None) -> torch.Tensor:
+    if rt._pipeline is not None:
+        return rt._pipeline.evaluate(batch, loss_fn)
+    args, kwargs = call_args(batch)
+    with torch.no_grad():
+        return loss_of(rt.model(*args, **kwargs), batch, loss_fn).detach()
