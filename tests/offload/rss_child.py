@@ -24,6 +24,7 @@ from transformers import AutoConfig  # noqa: E402
 cfg = AutoConfig.from_pretrained(export)
 model = build(cfg, meta=True)
 ids = torch.randint(0, cfg.vocab_size, (1, 16))
+od.accelerate, od.Offload  # noqa: B018 - `import overdrive` is lazy: import the code now
 with torch.no_grad():
     torch.zeros(64, 64) @ torch.zeros(64, 64)  # first-call allocations happen before the baseline
 
