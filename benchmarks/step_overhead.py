@@ -10,7 +10,9 @@ run. Targets: overdrive ≤ 1.01× raw; overdrive logging its step metrics every
 
 Prints one JSON object and writes benchmarks/results/step_overhead[_dist].json.
 Under torchrun every variant is data parallel over gloo: raw DDP, overdrive's ddp pass,
-Accelerate's prepare (cpu=True).
+Accelerate's prepare (cpu=True). There, overdrive_no_ledger (the same runtime with its
+collective ledger detached, as OVERDRIVE_LEDGER=0 builds it) gives the ledger's own cost:
+overdrive / overdrive_no_ledger (target ≤ 1.01).
 """
 
 from __future__ import annotations
@@ -76,10 +78,18 @@ class _Null:
 _null = _Null()
 
 
+_RUNTIMES: dict[int, od.Runtime] = {}  # the overdrive variant's runtime, by grad_accum
+
+
 def overdrive_variant(accum: int, distributed: bool, **tracking) -> Callable:
     plan = od.Plan(grad_accum=accum, ddp=od.DDP() if distributed else None)
     rt = od.accelerate(tiny_model(), plan, optimizer=sgd, **(tracking or {"trackers": ()}))
+    if not tracking:
+        _RUNTIMES[accum] = rt
+    return overdrive_step(rt)
 
+
+def overdrive_step(rt) -> Callable:
     def step(xs, ys):
         for x, y in zip(xs, ys):
             with rt.accumulate():
@@ -88,6 +98,23 @@ def overdrive_variant(accum: int, distributed: bool, **tracking) -> Callable:
                 rt.optimizer.step()
                 rt.optimizer.zero_grad()
     return step
+
+
+def overdrive_no_ledger_variant(accum: int, distributed: bool) -> Callable:
+    """The overdrive variant's own runtime with its collective ledger detached for the
+    step (as OVERDRIVE_LEDGER=0 would build it): the same model and memory, so
+    overdrive / this is the ledger's cost alone, free of the build-order effect
+    (single process: no ledger either way)."""
+    rt = _RUNTIMES[accum]
+    step = overdrive_step(rt)
+
+    def without_ledger(xs, ys):
+        ledger, rt._ledger = rt._ledger, None
+        try:
+            step(xs, ys)
+        finally:
+            rt._ledger = ledger
+    return without_ledger
 
 
 def logged_variant(accum: int, distributed: bool) -> Callable:
@@ -120,7 +147,15 @@ def accelerate_variant(accum: int, distributed: bool) -> Callable:
 
 # "raw_again" is the raw loop a second time: its ratio is the run's noise floor (A/A).
 BUILDERS = {"raw": raw_variant, "raw_again": raw_variant, "overdrive": overdrive_variant,
+            "overdrive_no_ledger": overdrive_no_ledger_variant,
             "overdrive_logged": logged_variant, "accelerate": accelerate_variant}
+
+
+# The order the variants take turns in (rotated every step): each overdrive variant
+# follows a raw one, never the other overdrive variant, whose model it shares (it would
+# find that model's tensors warm in the cache).
+RUN_ORDER = ["raw", "overdrive", "raw_again", "overdrive_no_ledger", "accelerate",
+             "overdrive_logged"]
 
 
 # --------------------------------------------------------------------------- timing
@@ -137,7 +172,7 @@ def measure(accum: int, steps: int, warmup: int, distributed: bool) -> list[dict
     xs = [torch.randn(MICRO_BATCH, DIM) for _ in range(accum)]
     ys = [torch.randn(MICRO_BATCH, 1) for _ in range(accum)]
     times: dict[str, list[float]] = {n: [] for n in variants}
-    names = list(variants)
+    names = [n for n in RUN_ORDER if n in variants]
     for i in range(warmup + steps):
         order = names[i % len(names):] + names[: i % len(names)]  # rotate who goes first
         for name in order:
@@ -160,6 +195,16 @@ def measure(accum: int, steps: int, warmup: int, distributed: bool) -> list[dict
         rows.append({"variant": name, "grad_accum": accum, "median_us": round(med * 1e6, 1),
                      "ratio_vs_raw": round(med / raw, 4) if raw else None})
     return rows
+
+
+def ledger_cost(rows: list[dict]) -> dict[int, float | None]:
+    """overdrive's median step / the same without the collective ledger, per grad_accum."""
+    med = {(r["variant"], r["grad_accum"]): r.get("median_us") for r in rows}
+    out = {}
+    for accum in sorted({r["grad_accum"] for r in rows}):
+        on, off = med.get(("overdrive", accum)), med.get(("overdrive_no_ledger", accum))
+        out[accum] = round(on / off, 4) if on and off else None
+    return out
 
 
 def _log_to_file() -> None:
@@ -191,11 +236,16 @@ def main() -> None:
         rows += measure(accum, args.steps, args.warmup, distributed)
     ratios = {f"overdrive_accum{r['grad_accum']}": r.get("ratio_vs_raw")
               for r in rows if r["variant"] == "overdrive"}
+    ledger = ledger_cost(rows)
     world = dist.get_world_size() if distributed else 1
     baseline = "raw DDP loop" if distributed else "raw loop"
     targets = [target(f"overdrive / {baseline}, grad_accum {r['grad_accum']}, "
                       f"{world} process(es)", r.get("ratio_vs_raw"), 1.01)
                for r in rows if r["variant"] == "overdrive"]
+    if distributed:  # a single process has no ledger: nothing to measure
+        targets += [target(f"collective ledger: overdrive / overdrive without it, grad_accum "
+                           f"{accum}, {world} processes", ratio, 1.01)
+                    for accum, ratio in ledger.items()]
     by = {(r["variant"], r["grad_accum"]): r.get("median_us") for r in rows}
     for accum in (1, 4):
         logged, plain = by.get(("overdrive_logged", accum)), by.get(("overdrive", accum))
@@ -210,6 +260,7 @@ def main() -> None:
         "processes": world,
         "model": f"MLP {DIM}-{DIM}-{DIM}-1, micro-batch {MICRO_BATCH}, SGD, 1 thread",
         "steps": args.steps, "rows": rows, "overdrive_ratio": ratios,
+        "ledger_ratio": {f"accum{a}": r for a, r in ledger.items()} if distributed else None,
         "baseline": f"median of the {baseline}'s steps, raw and raw_again pooled; raw_again "
                     "vs raw shows the run's noise",
         "targets": targets,

@@ -19,8 +19,8 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "accelerate": ".api", "inspect": ".api",
     **dict.fromkeys(("BackendUnavailable", "CheckpointCorrupt", "CheckpointError",
-                     "CheckpointMismatch", "NotACheckpoint", "OverdriveError", "PassFailed",
-                     "PlanError"), ".errors"),
+                     "CheckpointMismatch", "DesyncError", "NonFiniteError", "NotACheckpoint",
+                     "OverdriveError", "PassFailed", "PlanError"), ".errors"),
     "ModuleGraph": ".rewrite.graph",
     "Pass": ".rewrite.manager", "register_pass": ".rewrite.manager",
     **dict.fromkeys(("DDP", "FP8", "FSDP", "PRESETS", "Casting", "Checkpointing", "Compile",
@@ -41,7 +41,7 @@ __all__ = [
     "Pass", "register_pass", "find_executable_batch_size",
     "OverdriveError", "PlanError", "BackendUnavailable", "PassFailed",
     "load_weights", "CheckpointError", "NotACheckpoint", "CheckpointMismatch", "CheckpointCorrupt",
-    "Tracker", "launch", "LaunchError",
+    "Tracker", "launch", "LaunchError", "DesyncError", "NonFiniteError",
 ]
 
 
@@ -61,8 +61,8 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from .api import accelerate, inspect
     from .errors import (BackendUnavailable, CheckpointCorrupt, CheckpointError,
-                         CheckpointMismatch, NotACheckpoint, OverdriveError, PassFailed,
-                         PlanError)
+                         CheckpointMismatch, DesyncError, NonFiniteError, NotACheckpoint,
+                         OverdriveError, PassFailed, PlanError)
     from .rewrite.graph import ModuleGraph
     from .rewrite.manager import Pass, register_pass
     from .rewrite.plan import (DDP, FP8, FSDP, PRESETS, Casting, Checkpointing, Compile,

@@ -37,7 +37,9 @@ OptimizerArg = torch.optim.Optimizer | Callable[..., torch.optim.Optimizer] | No
 def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
                optimizer: OptimizerArg = None, scheduler: Any = None,
                trackers: Any = ("jsonl",), run_dir: Any = None, run_config: dict | None = None,
-               log_every: int = 1, weights: str | os.PathLike | None = None) -> Runtime:
+               log_every: int = 1, timeout: float | None = None,
+               desync_timeout: float | None = 60.0,
+               weights: str | os.PathLike | None = None) -> Runtime:
     """Transform ``model`` in place according to ``plan`` and return a ``Runtime``.
 
     ``optimizer`` may be an optimizer or a factory ``params -> optimizer``; a factory is
@@ -51,9 +53,17 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
     ``log_every`` optimizer steps (0: never), the built-in step metrics, on rank 0, in
     ``run_dir`` (default ``runs/<timestamp>``, created at the first row); ``run_config``
     and the resolved plan are logged once.
+
+    ``timeout``: the process-group timeout in seconds when overdrive starts the process
+    group (default: OVERDRIVE_PG_TIMEOUT, else 600 — generous, for first-step compiles).
+    ``desync_timeout``: seconds ranks may stand still at different places before every
+    rank raises ``DesyncError`` (docs/reliability.md); None turns that check off (the
+    ledger still compares the collectives the ranks issued).
     """
     if not isinstance(model, nn.Module):
         raise PlanError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_seconds("timeout", timeout)
+    _check_seconds("desync_timeout", desync_timeout)
     tracking = resolve_tracking(trackers, run_dir, run_config, log_every)
     model_name = type(model).__name__  # fully_shard / replicate rename the class
     plan = resolve_plan(plan)
@@ -64,7 +74,7 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
         raise PlanError(f"weights= streams a checkpoint into the model on one process; with "
                         f"{plan.data_parallel} load it after sharding instead "
                         "(od.load_weights(rt.model, path))")
-    plan, env = make_env(plan)
+    plan, env = make_env(plan, timeout=timeout)
     env.extras["weights"] = source
     graph = ModuleGraph(model, plan.blocks)
     graph.blocks()  # resolves a user override now: a bad glob is refused before mutation
@@ -100,7 +110,8 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
     report = Report(records, model=model_name, plan=plan.to_dict(),
                     blocks=graph.blocks())
     rt = Runtime(model, plan=plan, report=report, env=env, optimizer=opt, scheduler=sched,
-                 tracking=tracking, flops_model=flops_model, pipeline=pipeline)
+                 tracking=tracking, flops_model=flops_model, pipeline=pipeline,
+                 desync_timeout=desync_timeout)
     if rt.is_main:
         log.info("overdrive: applied %s", " → ".join(report.names()) or "no passes")
     return rt
@@ -136,6 +147,14 @@ def inspect(model: nn.Module, plan: Plan | dict | str | None = None, *,
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _check_seconds(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise PlanError(f"{name}={value!r} is not valid; give a number of seconds > 0 "
+                        f"(e.g. {name}=60){' or None to turn the check off' if name == 'desync_timeout' else ''}")
 
 
 def _apply_pipeline(model: nn.Module, graph: ModuleGraph, manager: PassManager, plan: Plan,

@@ -136,7 +136,8 @@ def nproc_arg(value: str) -> str:
 
 def cmd_launch(args: argparse.Namespace) -> int:
     import shlex
-    import subprocess
+
+    from .launcher import run_owned
 
     if args.nproc == "auto":
         import torch
@@ -147,10 +148,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} {shlex.join(cmd)}")
         return 0
-    try:
-        return subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:
-        return 130
+    return run_owned(cmd, env)  # signals passed on; no worker outlives the launcher
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

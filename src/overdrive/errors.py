@@ -50,3 +50,14 @@ class CheckpointMismatch(CheckpointError):
 
 class CheckpointCorrupt(CheckpointError):
     """A file of the checkpoint is missing, truncated, corrupted or unsafe to read."""
+
+
+class DesyncError(OverdriveError, RuntimeError):
+    """The ranks stopped issuing the same collectives: one skipped or added one, called a
+    collective helper (rt.save, rt.gather…) alone, or stood still while the others waited
+    longer than ``desync_timeout``. Raised on every rank; names where each rank is."""
+
+
+class NonFiniteError(OverdriveError, FloatingPointError):
+    """A loss (``rt.backward``) or gradient norm (``rt.clip_grad_norm_``) is NaN or inf
+    outside fp16; names the step. ``Plan(skip_nonfinite=True)`` skips such steps instead."""

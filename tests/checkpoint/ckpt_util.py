@@ -7,7 +7,9 @@ on several ranks without the ddp/fsdp passes.
 
 from __future__ import annotations
 
+import copy
 import os
+import random
 
 import torch
 
@@ -80,3 +82,114 @@ def allreduce_grads(model) -> None:
             dist.all_reduce(p.grad)
             p.grad /= dist.get_world_size()
 
+
+def runtime_state(rt) -> dict:
+    """What a refused load must leave as it was: model, optimizer, scheduler, scaler,
+    counters, loader positions, RNG."""
+    return {
+        "model": {k: v.clone() for k, v in rt.model.state_dict().items()},
+        "optim": copy.deepcopy(rt.optimizer.state_dict()),
+        "scheduler": rt.scheduler.state_dict() if rt.scheduler is not None else None,
+        "scaler": rt.scaler.state_dict() if rt.scaler is not None else None,
+        "step": rt.step, "grad_accum": rt.grad_accum,
+        "loaders": [ld.position for ld in rt._loaders],
+        "rng": (torch.get_rng_state(), random.getstate()),
+        "pending": list(rt._pending_loader_states),
+    }
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for pid, st in a["optim"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, b["optim"]["state"][pid][k]), (pid, k)
+    assert a["optim"]["param_groups"] == b["optim"]["param_groups"]
+    for k in ("scheduler", "scaler", "step", "grad_accum", "loaders", "pending"):
+        assert a[k] == b[k], k
+    assert torch.equal(a["rng"][0], b["rng"][0]) and a["rng"][1] == b["rng"][1]
+
+
+# --------------------------------------------------------------------------- tampering
+
+
+def fix_manifest(ck, *names) -> None:
+    """What an attacker who edits files also does: make the manifest agree."""
+    import json
+    from pathlib import Path
+
+    from overdrive.runtime import checkpoint_files as cf
+
+    ck = Path(ck)
+    manifest = json.loads((ck / cf.MANIFEST).read_text())
+    for name in names:
+        manifest["files"][name] = {"size": (ck / name).stat().st_size,
+                                   "crc32": cf.crc32_file(ck / name)}
+    (ck / cf.MANIFEST).write_text(json.dumps(manifest))
+
+
+class Evil:
+    """Unpickling it would run a shell command: weights_only must refuse it."""
+
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def last_record(ck) -> str:
+    """The key whose DCP record comes last in ``__0_0.distcp`` (read after the others)."""
+    import pickle
+    from pathlib import Path
+
+    with open(Path(ck) / ".metadata", "rb") as f:
+        md = pickle.load(f)  # our own test file
+    infos = [(info.offset, idx.fqn) for idx, info in md.storage_data.items()
+             if info.relative_path == "__0_0.distcp"]
+    return max(infos)[1]
+
+
+def replace_record(ck, fqn: str, obj=None, *, edit=None, raw: bytes | None = None) -> None:
+    """Rewrite ``fqn``'s DCP record as ``torch.save(obj)`` (or of ``edit(saved tensor)``, or
+    the bytes ``raw``); the other records of its file move, ``.metadata`` and the manifest
+    follow (a consistent, crafted checkpoint)."""
+    import io
+    import pickle
+    from pathlib import Path
+
+    ck = Path(ck)
+    with open(ck / ".metadata", "rb") as f:
+        md = pickle.load(f)
+    target = next(i for i in md.storage_data if i.fqn == fqn)
+    rel = md.storage_data[target].relative_path
+    data = (ck / rel).read_bytes()
+    out = bytearray()
+    for i in sorted((i for i, info in md.storage_data.items() if info.relative_path == rel),
+                    key=lambda i: md.storage_data[i].offset):
+        info = md.storage_data[i]
+        if i == target and raw is not None:
+            record = raw
+        elif i == target:
+            record = data[info.offset:info.offset + info.length]
+            if edit is not None:
+                obj = edit(torch.load(io.BytesIO(record), weights_only=True))
+            buf = io.BytesIO()
+            torch.save(obj, buf)
+            record = buf.getvalue()
+        else:
+            record = data[info.offset:info.offset + info.length]
+        info.offset, info.length = len(out), len(record)
+        out += record
+    (ck / rel).write_bytes(bytes(out))
+    with open(ck / ".metadata", "wb") as f:
+        pickle.dump(md, f)
+    fix_manifest(ck, rel, ".metadata")
+
+
+def rewrite_pt(ck, name: str, edit) -> None:
+    """``edit(state)`` on a ``.pt`` file of the checkpoint, manifest fixed."""
+    from pathlib import Path
+
+    path = Path(ck) / name
+    state = torch.load(path, weights_only=True)
+    edit(state)
+    torch.save(state, path)
+    fix_manifest(ck, name)

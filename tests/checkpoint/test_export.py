@@ -115,3 +115,102 @@ def test_load_weights_errors(tmp_path):
     f.write_bytes(f.read_bytes()[:-100])
     with pytest.raises(od.CheckpointCorrupt, match="truncated or corrupted"):
         od.load_weights(make_model(2), tmp_path / "ex")
+
+
+# --------------------------------------------------------------------------- refused exports
+from tests.helpers import assert_untouched, snapshot  # noqa: E402
+
+
+def _sharded(tmp_path):
+    model = make_model(2, seed=0)
+    manual_runtime(model).export(tmp_path / "ex", max_shard_size="20KB")
+    return sorted((tmp_path / "ex").glob("model-*.safetensors"))
+
+
+def _refused(directory, error, match):
+    fresh = make_model(2, seed=9)
+    before = snapshot(fresh)
+    with pytest.raises(error, match=match):
+        od.load_weights(fresh, directory)
+    assert_untouched(fresh, before)
+
+
+def test_a_missing_last_shard_loads_nothing(tmp_path):
+    shards = _sharded(tmp_path)
+    shards[-1].unlink()
+    _refused(tmp_path / "ex", od.CheckpointCorrupt, rf"{shards[-1].name} is missing")
+
+
+def test_a_wrong_shape_in_the_last_shard_loads_nothing(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    last = _sharded(tmp_path)[-1]
+    tensors = load_file(str(last))
+    key = sorted(tensors)[-1]
+    tensors[key] = torch.zeros(3, 3)
+    save_file(tensors, str(last))
+    _refused(tmp_path / "ex", od.CheckpointMismatch, rf"{key}: export \[3, 3\], model")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "header", "header-length"])
+def test_a_damaged_last_shard_loads_nothing(tmp_path, damage):
+    last = _sharded(tmp_path)[-1]
+    data = bytearray(last.read_bytes())
+    if damage == "truncate":
+        data = data[:-100]
+    elif damage == "header":
+        data[12:20] = b"\xff" * 8  # inside the JSON header
+    else:
+        data[:8] = (10**12).to_bytes(8, "little")
+    last.write_bytes(bytes(data))
+    _refused(tmp_path / "ex", od.CheckpointCorrupt, last.name)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_flipped_byte_is_caught_by_the_export_checksum(tmp_path, sharded):
+    from safetensors import safe_open
+
+    model = make_model(2, seed=0)
+    manual_runtime(model).export(tmp_path / "ex", max_shard_size="20KB" if sharded else "5GB")
+    last = sorted((tmp_path / "ex").glob("model*.safetensors"))[-1]
+    with safe_open(str(last), framework="pt") as h:
+        assert set(json.loads(h.metadata()["overdrive.crc32"])) == set(h.keys())
+    data = bytearray(last.read_bytes())
+    data[-3] ^= 0x01  # a weight's byte: safetensors itself cannot notice
+    last.write_bytes(bytes(data))
+    _refused(tmp_path / "ex", od.CheckpointCorrupt, r"differ from the crc32 written at export")
+
+
+def test_exports_without_a_checksum_still_load(tmp_path):
+    from safetensors.torch import save_file
+
+    model = make_model(2, seed=0)
+    (tmp_path / "plain").mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(tmp_path / "plain" / "model.safetensors"))
+    fresh = make_model(2, seed=9)
+    od.load_weights(fresh, tmp_path / "plain")
+    assert torch.equal(fresh(X).logits, model(X).logits)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "index-fifo"])
+def test_a_fifo_in_an_export_is_not_opened(tmp_path, kind):
+    import os
+    import signal
+
+    shards = _sharded(tmp_path)
+    target = shards[-1] if kind == "fifo" else tmp_path / "ex" / "model.safetensors.index.json"
+    target.unlink()
+    os.mkfifo(target)
+    signal.alarm(20)  # fail, rather than hang, if the open blocks
+    try:
+        _refused(tmp_path / "ex", od.CheckpointCorrupt, "not a regular file")
+    finally:
+        signal.alarm(0)
+
+
+@pytest.mark.parametrize("doc", ["[]", "null", '{"weight_map": []}', '{"weight_map": {"a": 1}}'])
+def test_a_malformed_index_is_refused(tmp_path, doc):
+    _sharded(tmp_path)
+    (tmp_path / "ex" / "model.safetensors.index.json").write_text(doc)
+    _refused(tmp_path / "ex", od.CheckpointCorrupt, "not a valid index")

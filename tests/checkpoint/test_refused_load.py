@@ -1,15 +1,13 @@
 """A load the checkpoint refuses leaves the runtime exactly as it was: every check runs
 before the model, optimizer, scheduler, RNG or loaders are touched."""
 
-import copy
-import random
-
 import pytest
 import torch
 
 import overdrive as od
 
 from ckpt_util import CountingLoader, make_model, manual_runtime, train_step
+from ckpt_util import runtime_state as _state, assert_same_state as _assert_same
 
 
 def _runtime(seed=0, scheduler=True, fp16=False, loaders=1, groups=1):
@@ -22,30 +20,6 @@ def _runtime(seed=0, scheduler=True, fp16=False, loaders=1, groups=1):
     for _ in range(loaders):
         rt._loaders.append(CountingLoader())
     return rt
-
-
-def _state(rt):
-    return {
-        "model": {k: v.clone() for k, v in rt.model.state_dict().items()},
-        "optim": copy.deepcopy(rt.optimizer.state_dict()),
-        "scheduler": rt.scheduler.state_dict() if rt.scheduler is not None else None,
-        "scaler": rt.scaler.state_dict() if rt.scaler is not None else None,
-        "step": rt.step, "loaders": [ld.position for ld in rt._loaders],
-        "rng": (torch.get_rng_state(), random.getstate()),
-        "pending": list(rt._pending_loader_states),
-    }
-
-
-def _assert_same(a, b):
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    for pid, st in a["optim"]["state"].items():
-        for k, v in st.items():
-            assert torch.equal(v, b["optim"]["state"][pid][k]), (pid, k)
-    assert a["optim"]["param_groups"] == b["optim"]["param_groups"]
-    for k in ("scheduler", "scaler", "step", "loaders", "pending"):
-        assert a[k] == b[k], k
-    assert torch.equal(a["rng"][0], b["rng"][0]) and a["rng"][1] == b["rng"][1]
 
 
 @pytest.fixture

@@ -115,7 +115,7 @@ def test_shard_symlinked_outside_is_refused(tmp_path):
     outside = tmp_path / "outside.distcp"
     (ck / "__0_0.distcp").rename(outside)
     (ck / "__0_0.distcp").symlink_to(outside)  # same bytes: size and crc32 still match
-    with pytest.raises(od.CheckpointCorrupt, match=r"'__0_0\.distcp', which is outside"):
+    with pytest.raises(od.CheckpointCorrupt, match=r"__0_0\.distcp.*which is outside"):
         rt.load(ck)
 
 

@@ -196,6 +196,8 @@ class Plan:
     # divided by tp on each rank: for attention that reshapes with a stored head count
     tp_divide_attrs: tuple[str, ...] = ()
     seed: int | None = None  # one seed for shuffling and RNG on every rank
+    # a NaN/inf loss or gradient norm (outside fp16) skips the step instead of raising
+    skip_nonfinite: bool = False
 
     # -- conversions ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -341,6 +343,14 @@ def validate_plan(plan: Plan) -> Plan:
                 "or globs, e.g. ('model.layers.*',)"
             )
     _check_tp_plan(plan.tp_plan)
+    if not isinstance(plan.skip_nonfinite, bool):
+        raise PlanError(f"skip_nonfinite={plan.skip_nonfinite!r} is not valid; use True (skip "
+                        "steps with a NaN/inf loss, logged) or False (raise NonFiniteError)")
+    if plan.skip_nonfinite and plan.deepspeed is not None:
+        raise PlanError("skip_nonfinite=True with deepspeed: the DeepSpeed engine owns the "
+                        "optimizer step and overdrive cannot skip it; drop skip_nonfinite (a "
+                        "NaN/inf loss then raises NonFiniteError) or use DeepSpeed's fp16 loss "
+                        "scaling, which skips overflowing steps itself")
     if isinstance(plan.tp_divide_attrs, str) or not all(
             isinstance(a, str) and a.isidentifier() for a in plan.tp_divide_attrs):
         raise PlanError(

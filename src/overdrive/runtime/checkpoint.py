@@ -29,6 +29,15 @@ With a DeepSpeed engine (``env.engine``) the engine's own ``save_checkpoint`` /
 DeepSpeed's rules. ``checkpoint_deepspeed.py`` fsyncs them and makes DeepSpeed read them
 with ``weights_only=True`` (and says what stays trusted).
 
+Load checks, then restores (``load``): every rank reads and checks its share of the files
+and records and all of its own small state, the ranks agree (``_agreed``: one rank's
+refusal is raised on every rank), and only then does any rank restore. Tensors are not
+staged in a second copy: each DCP record is checked on the meta device first (its pickle
+and zip layout, no data read), so the read into the model's own storage that follows can
+only fail on an I/O error. Save and load run as steps agreed on every rank the same way,
+and every failure, DCP's ``CheckpointException`` (a BaseException) included, is raised as
+a ``CheckpointError``; a failed save removes its temporary directory (``_discard``).
+
 ``async_=True``: tensors are staged to CPU memory, written by a background thread, and the
 checkpoint is published (manifest, marker, rename) by the next ``save``/``load``,
 ``rt.wait_for_save()``, or at the latest when the interpreter exits (an ``atexit`` hook):
@@ -42,6 +51,7 @@ import contextlib
 import logging
 import os
 import random
+import shutil
 import time
 import uuid
 import warnings
@@ -58,16 +68,22 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
                                                       set_model_state_dict,
                                                       set_optimizer_state_dict)
 
-from ..errors import CheckpointCorrupt, CheckpointError, CheckpointMismatch
+from torch.distributed.checkpoint.api import CheckpointException
+
+from ..errors import CheckpointCorrupt, CheckpointError, CheckpointMismatch, OverdriveError
 from . import checkpoint_deepspeed as ds
 from . import checkpoint_files as cf
 from . import custom_state, model_meta
 from . import checkpoint_pipeline as pipeline_ckpt
 from .grad import raw_optimizer
+from .ledger import collective
 
 log = logging.getLogger("overdrive")
 
-COUNTERS = ("step",)
+COUNTERS = ("step",)  # the runtime attributes a checkpoint restores: non-negative ints
+
+# What a step of save/load may raise: DCP's CheckpointException is a BaseException.
+_FAILURES = (Exception, CheckpointException)
 
 
 def io_threads() -> int:
@@ -99,7 +115,14 @@ def _group(rt):
         return None
     if getattr(rt, "_ckpt_group", None) is None:
         rt._ckpt_group = dist.new_group(backend="gloo")
+        rt._ckpt_dcp_group = dist.new_group(backend="gloo")
     return rt._ckpt_group
+
+
+def _dcp_group(rt):
+    """DCP's own collectives use a second group: an async save's run in its background
+    thread while the agreements of ``_agreed`` run on the first."""
+    return None if _group(rt) is None else rt._ckpt_dcp_group
 
 
 @contextlib.contextmanager
@@ -113,14 +136,14 @@ def _quiet(group):
 
 def _barrier(group) -> None:
     if group is not None:
-        dist.barrier(group=group)
+        collective("barrier", dist.barrier, group=group)
 
 
 def _broadcast(obj: Any, group) -> Any:
     if group is None:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0, group=group)
+    collective("broadcast_object_list", dist.broadcast_object_list, box, src=0, group=group)
     return box[0]
 
 
@@ -128,7 +151,7 @@ def _all_gather(obj: Any, group) -> list[Any]:
     if group is None:
         return [obj]
     out: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
+    collective("all_gather_object", dist.all_gather_object, out, obj, group=group)
     return out
 
 
@@ -248,6 +271,7 @@ class PendingSave:
     world: int
     written: dict[str, dict[str, int]]  # manifest entries of the files this rank wrote
     writer: Any = None  # DCP's ChecksumWriter: the entries of its files once written
+    lock: cf.SaveLock | None = None  # rank 0: held on tmp until published or discarded
 
 
 # Async saves not published yet. Held here, not through their runtime, so a save started
@@ -271,51 +295,92 @@ def save(rt, path: str | Path, *, keep_last: int | None = None, async_: bool = F
     rank, world = _world()
     token = _broadcast(uuid.uuid4().hex[:12] if rank == 0 else None, group)
     tmp = cf.tmp_sibling(path, token)
-    if rank == 0:
-        cf.remove_stale_tmp(path)
-        tmp.mkdir(parents=True)
-    _barrier(group)
-
+    lock = _agreed(lambda: _start(path, tmp) if rank == 0 else None, group, CheckpointError,
+                   f"the save of {path}")
     meta = {"format": cf.FORMAT, "kind": "dcp", "step": getattr(rt, "step", 0),
             "world_size": world, "time_ns": time.time_ns(),
             "plan": rt.plan.to_dict() if rt.plan is not None else None,
             "model": type(rt.model).__name__,
             "export": model_meta.describe(rt)}  # for `overdrive export` (model_meta.py)
-    written = {f"rank-{rank}.pt": cf.save_plain(_rank_state(rt), tmp / f"rank-{rank}.pt")}
-    engine = getattr(rt.env, "engine", None)
-    writer = future = None
-    if engine is not None:
-        meta["kind"] = "deepspeed"
-        ds.save(engine, tmp)
-        if rank == 0:
-            written["state.pt"] = cf.save_plain(_replicated_state(rt, None, custom),
-                                                tmp / "state.pt")
-    else:
-        tensors, plain = split(_app_state(rt))
-        if getattr(rt, "_pipeline", None) is not None:  # each pp rank's optimizer knows its stages only
-            plain = pipeline_ckpt.merged_param_groups(plain, _all_gather(plain, group),
-                                                      rt._pipeline.param_order)
-        if rank == 0:
-            written["state.pt"] = cf.save_plain(_replicated_state(rt, plain, custom),
-                                                tmp / "state.pt")
-        cf.test_hook("write")
-        writer = cf.ChecksumWriter(str(tmp), sync_files=True, thread_count=io_threads())
-        if async_:
-            with _quiet(group):
-                future = dcp.async_save(tensors, storage_writer=writer, process_group=group,
-                                        no_dist=group is None)
-        else:
-            with _quiet(group):
-                dcp.save(tensors, storage_writer=writer, process_group=group,
-                         no_dist=group is None)
-    pending = PendingSave(future, tmp, path, keep_last, meta, group, rank, world, written,
-                          writer)
+    pending = PendingSave(None, tmp, path, keep_last, meta, group, rank, world, {}, lock=lock)
+    try:
+        # every rank's own files first, agreed: no rank enters DCP's collectives alone
+        tensors = _agreed(lambda: _write_plain(rt, pending, custom), group, CheckpointError,
+                          f"the save of {path}")
+        _agreed(lambda: _write_tensors(rt, pending, tensors, async_), group, CheckpointError,
+                f"the save of {path}")
+    except CheckpointError:
+        _discard(pending)
+        raise
     if async_:
         rt._pending_save = pending
         _UNPUBLISHED.add(pending)
         _register_exit_hook()
     else:
         _finish(pending)
+
+
+def _remove_tree(tmp: Path, patience_s: float = 30.0) -> None:
+    """Remove ``tmp``, again while files keep appearing: when one of DCP's writer threads
+    fails, the others are not joined and finish their files after the error was raised."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.lexists(tmp) or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
+
+
+def _start(path: Path, tmp: Path) -> cf.SaveLock:
+    """Rank 0: remove what failed or crashed saves of the series left, make ``tmp``."""
+    cf.remove_stale_tmp(path)
+    return cf.make_tmp(tmp)
+
+
+def _write_plain(rt, p: PendingSave, custom: list) -> Any:
+    """This rank's ``rank-<r>.pt`` (and rank 0's ``state.pt``); returns the tensors DCP
+    writes next (None for a DeepSpeed engine, which writes its own)."""
+    p.written[f"rank-{p.rank}.pt"] = cf.save_plain(_rank_state(rt), p.tmp / f"rank-{p.rank}.pt")
+    if getattr(rt.env, "engine", None) is not None:
+        p.meta["kind"] = "deepspeed"
+        plain = tensors = None
+    else:
+        tensors, plain = split(_app_state(rt))
+        if getattr(rt, "_pipeline", None) is not None:  # each pp rank's optimizer knows its stages only
+            plain = pipeline_ckpt.merged_param_groups(plain, _all_gather(plain, p.group),
+                                                      rt._pipeline.param_order)
+    if p.rank == 0:
+        p.written["state.pt"] = cf.save_plain(_replicated_state(rt, plain, custom),
+                                              p.tmp / "state.pt")
+    return tensors
+
+
+def _write_tensors(rt, p: PendingSave, tensors: Any, async_: bool) -> None:
+    engine = getattr(rt.env, "engine", None)
+    if engine is not None:
+        ds.save(engine, p.tmp)
+        return
+    cf.test_hook("write")
+    p.writer = cf.ChecksumWriter(str(p.tmp), sync_files=True, thread_count=io_threads())
+    group = _dcp_group(rt)
+    with _quiet(group):
+        if async_:
+            p.future = dcp.async_save(tensors, storage_writer=p.writer, process_group=group,
+                                      no_dist=group is None)
+        else:
+            dcp.save(tensors, storage_writer=p.writer, process_group=group,
+                     no_dist=group is None)
+
+
+def _discard(p: PendingSave) -> None:
+    """A failed save: rank 0 removes its temporary directory (every rank has stopped
+    writing into it: the failure was agreed on), then drops the lock."""
+    if p.rank == 0:
+        _remove_tree(p.tmp)
+        log.warning("overdrive: the save of %s failed; removed its temporary directory %s",
+                    p.path, p.tmp.name)
+    if p.lock is not None:
+        p.lock.release()
 
 
 def _check_at_boundary(rt, what: str) -> None:
@@ -344,8 +409,12 @@ def wait_for_save(rt) -> None:
 
 def _finish(p: PendingSave) -> None:
     _UNPUBLISHED.discard(p)
-    _wait_for_writes(p)
-    _publish(p, p.group, p.rank, p.world)
+    try:
+        _agreed(lambda: _wait_for_writes(p), p.group, CheckpointError, f"the save of {p.path}")
+        _publish(p, p.group, p.rank, p.world)
+    except CheckpointError:
+        _discard(p)
+        raise
 
 
 def _wait_for_writes(p: PendingSave) -> None:
@@ -376,9 +445,13 @@ def _publish_at_exit() -> None:
             # Rank 0's DCP save completes only after every rank's write results reached it,
             # so once its writes are done every file is on disk and it publishes alone.
             _UNPUBLISHED.discard(p)
-            _wait_for_writes(p)
-            if p.rank == 0:
-                _publish(p, None, 0, 1)
+            try:
+                _wait_for_writes(p)
+                if p.rank == 0:
+                    _publish(p, None, 0, 1)
+            except _FAILURES as e:
+                _discard(p)
+                raise as_checkpoint_error(e, CheckpointError) from None
         except Exception:  # at exit, say what was lost rather than a traceback
             log.exception("overdrive: the async save of %s could not be finished at exit; "
                           "it was not published", p.path)
@@ -394,21 +467,29 @@ def _publish(p: PendingSave, group, rank: int, world: int) -> None:
     files = cf.data_files(p.tmp) if rank == 0 else None
     files = _broadcast(files, group)
     unknown = [f for f in files if f not in known]
-    described = cf.describe_files(p.tmp, unknown[rank::world])
+    what = f"the save of {p.path}"
+    described = _agreed(lambda: cf.describe_files(p.tmp, unknown[rank::world]), group,
+                        CheckpointError, what)
     known.update({k: v for part in _all_gather(described, group) for k, v in part.items()})
-    if rank == 0:
-        entries = {f: known[f] for f in files}
-        cf.check_sizes(p.tmp, entries)
-        cf.write_file(p.tmp / cf.MANIFEST, _json({"files": entries}))
-        cf.write_marker(p.tmp, p.meta)
-        cf.test_hook("rename")
-        cf.publish(p.tmp, p.path)
-        if p.keep_last is not None:
-            removed = cf.prune(p.path, p.keep_last)
-            if removed:
-                log.info("overdrive: removed old checkpoint(s) %s", ", ".join(map(str, removed)))
-        log.info("overdrive: saved checkpoint %s (step %s)", p.path, p.meta["step"])
-    _barrier(group)
+    _agreed(lambda: _put_in_place(p, {f: known[f] for f in files}) if rank == 0 else None,
+            group, CheckpointError, what)
+
+
+def _put_in_place(p: PendingSave, entries: dict[str, dict[str, int]]) -> None:
+    """Rank 0: manifest, marker, rename to ``path``, prune the series."""
+    cf.check_sizes(p.tmp, entries)
+    cf.write_file(p.tmp / cf.MANIFEST, _json({"files": entries}))
+    cf.write_marker(p.tmp, p.meta)
+    cf.test_hook("rename")
+    cf.publish(p.tmp, p.path)
+    (p.path / cf.LOCK).unlink(missing_ok=True)
+    if p.lock is not None:
+        p.lock.release()
+    if p.keep_last is not None:
+        removed = cf.prune(p.path, p.keep_last)
+        if removed:
+            log.info("overdrive: removed old checkpoint(s) %s", ", ".join(map(str, removed)))
+    log.info("overdrive: saved checkpoint %s (step %s)", p.path, p.meta["step"])
 
 
 def _json(obj: Any) -> bytes:
@@ -423,29 +504,48 @@ def _json(obj: Any) -> bytes:
 def load(rt, path: str | Path, *, verify: bool = True) -> dict[str, Any]:
     """Restore everything ``save`` wrote; returns the checkpoint's marker (step, plan…).
 
-    Everything that can refuse the checkpoint (files, keys and shapes, scheduler / scaler /
-    loader setup) is checked on every rank before anything is restored: a refused load
-    leaves the runtime as it was.
+    Everything is read and checked on every rank before anything is restored: the files
+    (manifest sizes and crc32), every DCP record (unpickled on the meta device: a tensor of
+    the saved shape and dtype), keys and shapes, RNG states, counters, scheduler / scaler /
+    loader states. Only when every rank found its part good does any rank restore, and a
+    failure on one rank is raised on every rank: a refused load leaves the runtime as it was.
     """
     wait_for_save(rt)
     group = _group(rt)
     rank, world = _world()
-    path = _existing(Path(path).absolute(), rank)
-    meta = cf.read_marker(path)
-    manifest = _verify(path, group, verify)
-    todo = _agreed(lambda: _prepare(rt, path, meta, manifest, rank), group)
-    if todo.engine is not None:
-        ds.load(todo.engine, path)
-    else:
-        _load_dcp(rt, todo, group)
-    _restore_replicated(rt, todo.replicated)
-    custom_state.restore(rt._custom_objects, todo.replicated.get("custom"))
-    _restore_rank(rt, todo, meta, rank)
-    _barrier(group)
+    path, meta, manifest = _agreed(lambda: _open(Path(path).absolute(), rank), group)
+    _verify(path, manifest, group, verify)
+    todo = _agreed(lambda: _prepare(rt, path, meta, manifest, rank, world), group)
+    _agreed(lambda: _restore(rt, todo, meta, rank, group), group,
+            what="the load while restoring, after every check passed (this runtime may be "
+                 "partly restored; load a checkpoint again before training)")
     if rank == 0:
         log.info("overdrive: loaded checkpoint %s (step %s, saved on %s rank(s), loaded on %s)",
                  path, meta["step"], meta["world_size"], world)
     return meta
+
+
+def _open(path: Path, rank: int) -> tuple[Path, dict[str, Any], dict[str, dict[str, int]]]:
+    path = _existing(path, rank)
+    return path, cf.read_marker(path), cf.read_manifest(path)
+
+
+def _restore(rt, todo: "_Load", meta: dict[str, Any], rank: int, group) -> None:
+    """Everything was checked on every rank: now the runtime is changed. Only an I/O error
+    or a file changed meanwhile can still fail here."""
+    try:
+        if todo.engine is not None:
+            ds.load(todo.engine, todo.path)
+        else:
+            _load_dcp(rt, todo, group)
+        _restore_replicated(rt, todo)
+        custom_state.restore(rt._custom_objects, todo.replicated.get("custom"))
+        _restore_rank(rt, todo, meta, rank)
+    except _FAILURES as e:
+        error = as_checkpoint_error(e, CheckpointCorrupt)
+        raise type(error)(f"{error} (while restoring {todo.path}, after every check passed: "
+                          "this runtime may be partly restored; load a checkpoint again "
+                          "before training)") from e
 
 
 def _existing(path: Path, rank: int) -> Path:
@@ -463,7 +563,9 @@ def _existing(path: Path, rank: int) -> Path:
 class _Load:
     """What ``load`` will restore, read and checked before anything is touched."""
 
+    path: Path
     replicated: dict[str, Any]
+    counters: dict[str, int]
     rank_state: dict[str, Any]
     own_rng: bool  # this rank's saved RNG (else derived: a rank beyond the saved ones)
     loaders: list[Any]
@@ -473,49 +575,76 @@ class _Load:
     plain: Any = None
 
 
-def _agreed(prepare, group) -> _Load:
-    """``prepare()`` on every rank; when one rank refuses (or fails), every rank raises
+def _agreed(step, group, kind: type[CheckpointError] = CheckpointCorrupt,
+            what: str = "the load"):
+    """``step()`` on every rank; when one rank refuses (or fails), every rank raises
     (none goes on alone into a collective the others never join): the failing rank its own
-    error, the others the first refusal, naming the rank."""
-    todo, error, refusal = None, None, None
+    error as a ``CheckpointError`` (``kind`` for one that is not), the others the first
+    refusal, naming the rank."""
+    result, error, refusal = None, None, None
     try:
-        todo = prepare()
-    except Exception as e:  # noqa: BLE001 - re-raised below, after the others know
-        error = e
-        kind = type(e) if isinstance(e, CheckpointError) else CheckpointError
-        refusal = (_world()[0], kind, f"{type(e).__name__}: {e}" if kind is not type(e)
-                   else str(e))
+        result = step()
+    except _FAILURES as e:  # re-raised below, after the others know
+        error = as_checkpoint_error(e, kind)
+        refusal = (_world()[0], type(error), str(error))
     refusals = [r for r in _all_gather(refusal, group) if r is not None]
     if error is not None:
         raise error
     if refusals:
         rank, kind, message = refusals[0]
-        raise kind(f"rank {rank} refused the load: {message}")
-    return todo
+        raise kind(f"rank {rank} refused {what}: {message}")
+    return result
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    """The first rank's exception inside DCP's ``CheckpointException``."""
+    if isinstance(e, CheckpointException) and e.failures:
+        first = e.failures[min(e.failures)]
+        return _unwrap(first[0] if isinstance(first, tuple) else first)
+    return e
+
+
+def as_checkpoint_error(e: BaseException, kind: type[CheckpointError]) -> CheckpointError:
+    """``e`` as a CheckpointError: itself when it is one, else ``kind`` naming it."""
+    inner = _unwrap(e)
+    if isinstance(inner, CheckpointError):
+        return inner
+    out = kind(f"{type(inner).__name__}: {inner}")
+    out.__cause__ = inner
+    return out
 
 
 def _prepare(rt, path: Path, meta: dict[str, Any], manifest: dict[str, dict[str, int]],
-             rank: int) -> _Load:
+             rank: int, world: int) -> _Load:
     _check_at_boundary(rt, "rt.load")
-    saved_world = int(meta["world_size"])
+    saved_world = meta["world_size"]
     own_rng = rank < saved_world
-    _check_listed(path, manifest, ["state.pt", f"rank-{rank if own_rng else 0}.pt",
-                                   f"rank-{rank % saved_world}.pt"]
+    rng_file, loader_file = f"rank-{rank if own_rng else 0}.pt", f"rank-{rank % saved_world}.pt"
+    _check_listed(path, manifest, ["state.pt", rng_file, loader_file]
                   + ([".metadata"] if meta["kind"] != "deepspeed" else []))
-    replicated = cf.load_plain(path / "state.pt")
-    rank_state = cf.load_plain(path / f"rank-{rank if own_rng else 0}.pt")
-    loaders = rank_state["loaders"] if own_rng else \
-        cf.load_plain(path / f"rank-{rank % saved_world}.pt")["loaders"]
+    replicated = _check_fields(cf.load_plain(path, "state.pt", manifest), path / "state.pt",
+                               {"app": (dict, type(None)), "scheduler": (dict, type(None)),
+                                "scaler": (dict, type(None)), "counters": (dict,)})
+    rank_state = _check_fields(cf.load_plain(path, rng_file, manifest), path / rng_file,
+                               {"python": (list, tuple), "numpy": (list, tuple),
+                                "torch": (torch.Tensor,), "device": (dict, type(None)),
+                                "loaders": (list,)})
+    loaders = rank_state["loaders"] if loader_file == rng_file else _check_fields(
+        cf.load_plain(path, loader_file, manifest), path / loader_file,
+        {"loaders": (list,)})["loaders"]
+    _check_rng(rank_state, rt.device, path / rng_file)
+    counters = _check_counters(replicated["counters"], path / "state.pt")
     _check_replicated(rt, replicated)
-    _check_loaders(rt, loaders)
+    _check_loaders(rt, loaders, path / loader_file)
     custom_state.check(rt._custom_objects, replicated.get("custom"), path)
-    todo = _Load(replicated, rank_state, own_rng, loaders)
+    todo = _Load(path, replicated, counters, rank_state, own_rng, loaders)
     if meta["kind"] == "deepspeed":
         todo.engine = getattr(rt.env, "engine", None)
         ds.check_loadable(todo.engine, path, manifest)
         return todo
     todo.reader = cf.SafeReader(str(path), manifest, threads=io_threads())
-    saved = {k: tuple(v.size) for k, v in todo.reader.read_metadata().state_dict_metadata.items()
+    metadata = todo.reader.read_metadata()
+    saved = {k: tuple(v.size) for k, v in metadata.state_dict_metadata.items()
              if hasattr(v, "size")}
     todo.tensors, current = split(_app_state(rt))
     staged = getattr(rt, "_pipeline", None) is not None  # this rank holds some stages: a subset of the keys
@@ -524,24 +653,79 @@ def _prepare(rt, path: Path, meta: dict[str, Any], manifest: dict[str, dict[str,
     if staged:
         todo.plain = pipeline_ckpt.own_param_groups(todo.plain, current)
     _check_param_groups(current, todo.plain, path)
+    # every record is checked by one rank (the ranks split them), before any is read
+    cf.check_records(path, metadata, cf.record_order(metadata.storage_data)[rank::world])
     return todo
 
 
-def _verify(path: Path, group, crc: bool) -> dict[str, dict[str, int]]:
+def _check_fields(state: Any, where: Path, fields: dict[str, tuple[type, ...]]) -> dict:
+    """A ``.pt`` state of the checkpoint is a dict whose ``fields`` have the given types."""
+    if not isinstance(state, dict):
+        raise CheckpointCorrupt(f"{where} holds a {type(state).__name__}, not the dict "
+                                "rt.save writes; the file was altered or not written by "
+                                "overdrive")
+    for name, types in fields.items():
+        if not isinstance(state.get(name), types):
+            raise CheckpointCorrupt(
+                f"{where}: {name!r} is a {type(state.get(name)).__name__}, expected "
+                f"{' or '.join(t.__name__ for t in types)}; the file was altered or not "
+                "written by overdrive")
+    return state
+
+
+def _check_counters(counters: dict[str, Any], where: Path) -> dict[str, int]:
+    """Only the runtime's known counters, each a non-negative int."""
+    unknown = sorted(map(str, set(counters) - set(COUNTERS)))
+    if unknown:
+        raise CheckpointCorrupt(f"{where}: counters {unknown} are not counters overdrive "
+                                f"saves (it saves {list(COUNTERS)}); the file was altered")
+    for name in COUNTERS:
+        v = counters.get(name)
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            raise CheckpointCorrupt(f"{where}: counter {name}={v!r} is not an integer >= 0")
+    return {c: counters[c] for c in COUNTERS}
+
+
+def _check_rng(state: dict[str, Any], device: torch.device, where: Path) -> None:
+    """The saved RNG states are applied to throwaway generators first: one that the real
+    ones would refuse is refused here, before anything is restored."""
+    try:
+        version, internal, gauss = state["python"]
+        random.Random().setstate((version, tuple(internal), gauss))
+        name, keys, *rest = state["numpy"]
+        if not isinstance(keys, torch.Tensor):
+            raise TypeError(f"numpy keys are a {type(keys).__name__}, not a tensor")
+        np.random.RandomState().set_state((name, keys.numpy(), *rest))
+        torch.Generator().set_state(state["torch"])
+        dev = state.get("device")
+        if dev is not None and dev.get("type") == device.type:
+            have = getattr(torch, device.type).get_rng_state(device)
+            saved = dev.get("state")
+            if not (isinstance(saved, torch.Tensor) and saved.dtype == have.dtype
+                    and saved.shape == have.shape):
+                raise ValueError(f"the {device.type} RNG state is not a {have.dtype} tensor "
+                                 f"of shape {list(have.shape)}")
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the generators refused
+        raise CheckpointCorrupt(f"{where}: the saved RNG state is not valid "
+                                f"({type(e).__name__}: {e}); the file was altered or not "
+                                "written by overdrive") from None
+
+
+def _verify(path: Path, manifest: dict[str, dict[str, int]], group, crc: bool) -> None:
     rank, world = _world()
-    manifest = cf.read_manifest(path)
     names = sorted(manifest)
     problems = cf.verify_files(path, manifest, names[rank::world], crc, io_threads())
     problems = [p for part in _all_gather(problems, group) for p in part]
     if problems:
         raise CheckpointCorrupt(f"checkpoint {path} is damaged: " + "; ".join(problems))
-    return manifest
 
 
 def _load_dcp(rt, todo: _Load, group) -> None:
     with _quiet(group):
         dcp.load(todo.tensors, storage_reader=todo.reader, planner=cf.SafeLoadPlanner(),
-                 process_group=group, no_dist=group is None)
+                 process_group=_dcp_group(rt), no_dist=group is None)
     full = merge(todo.tensors, todo.plain)
     opt = raw_optimizer(rt.optimizer)
     options = StateDictOptions(strict=True)
@@ -619,21 +803,44 @@ def _check_replicated(rt, state: dict[str, Any]) -> None:
             raise CheckpointMismatch(
                 f"the checkpoint {'has no' if saved is None else 'has a'} {name} state but this "
                 f"runtime {have} {name}; build the runtime with the same {name} setup")
+        if obj is None or saved == {}:  # a disabled GradScaler saves {}
+            continue
+        # a scheduler's load_state_dict is __dict__.update: no keys its own state lacks;
+        # GradScaler's reads each of its keys
+        want = set(obj.state_dict())
+        if not isinstance(saved, dict) or not (
+                set(saved) <= want if name == "scheduler" else set(saved) == want):
+            got = sorted(map(str, saved)) if isinstance(saved, dict) else type(saved).__name__
+            raise CheckpointMismatch(
+                f"the checkpoint's {name} state has keys {got}, this runtime's "
+                f"{type(obj).__name__} {sorted(want)}; build the runtime with the same {name}")
 
 
-def _check_loaders(rt, loaders: list[Any]) -> None:
+def _check_loaders(rt, loaders: list[Any], where: Path) -> None:
     if len(rt._loaders) > len(loaders):
         raise CheckpointMismatch(
             f"the checkpoint holds {len(loaders)} data-loader position(s), this runtime has "
             f"{len(rt._loaders)} loader(s) made by rt.shard; shard the same loaders, in the same "
             "order (before or after rt.load)")
+    for i, (ld, state) in enumerate(zip(rt._loaders, loaders)):
+        check = getattr(ld, "check_state_dict", None)
+        if check is None:
+            continue
+        try:
+            check(state)
+        except OverdriveError as e:
+            raise CheckpointMismatch(f"loader {i}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - a malformed position
+            raise CheckpointCorrupt(f"{where}: the position of loader {i} is not valid "
+                                    f"({type(e).__name__}: {e})") from None
 
 
-def _restore_replicated(rt, state: dict[str, Any]) -> None:
+def _restore_replicated(rt, todo: _Load) -> None:
+    state = todo.replicated
     for obj, saved in ((rt.scheduler, state.get("scheduler")), (rt.scaler, state.get("scaler"))):
         if obj is not None and saved != {}:  # a disabled GradScaler saves {}
             obj.load_state_dict(saved)
-    for c, v in state.get("counters", {}).items():
+    for c, v in todo.counters.items():  # checked: only COUNTERS, ints
         setattr(rt, c, v)
 
 
@@ -645,7 +852,7 @@ def _restore_rank(rt, todo: _Load, meta: dict[str, Any], rank: int) -> None:
     if todo.own_rng:
         _restore_rng(todo.rank_state, rt.device)
     else:
-        _derive_rng(todo.rank_state, int(meta["step"]), rank)
+        _derive_rng(todo.rank_state, meta["step"], rank)
     for ld, state in zip(rt._loaders, todo.loaders):
         ld.load_state_dict(state)
     rt._pending_loader_states = list(todo.loaders[len(rt._loaders):])

@@ -14,19 +14,30 @@ A checkpoint is a directory ``path`` holding
 It is written to a hidden sibling ``.<name>.tmp-<uuid>`` and renamed to ``path`` by rank 0
 only after every rank has written and fsynced its files. A directory without the marker is
 not a checkpoint; a crash before the rename leaves only the hidden sibling, which the next
-save of the same ``path`` removes. All ranks must see the same filesystem.
+save of ``path`` or of its series removes. All ranks must see the same filesystem.
 
 Nothing here executes code from a file: DCP's pickled ``.metadata`` is read with an
 unpickler that only admits DCP's own metadata classes, the ``.pt`` files are loaded with
 ``weights_only=True``. Nothing is read from outside the directory: the manifest and DCP's
 index may only name files inside it (symlinks resolved), and the index only files the
-manifest lists, within their sizes.
+manifest lists, within their sizes. Only regular files are opened (``O_NOFOLLOW`` on the
+resolved path, ``O_NONBLOCK`` so a FIFO cannot block the open, ``fstat`` checked before a
+byte is read), each within a size bound: a listed file its manifest size, the manifest and
+the marker ``MAX_JSON`` bytes.
+
+A save in progress holds an exclusive ``flock`` on ``<tmp>/.lock`` (taken before the
+directory appears under its ``.tmp-`` name, released after the rename): a temporary
+directory whose lock can be taken belongs to a save that crashed or failed, and is removed
+by the next save of the same series; one whose lock is held (an async save, another process)
+is left alone. (The lock is as good as the filesystem's ``flock``: local filesystems and
+NFSv4 share it between machines; a filesystem mounted with node-local locks does not.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import io
 import json
 import mmap
@@ -34,7 +45,9 @@ import os
 import pickle
 import re
 import shutil
+import stat
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -49,8 +62,74 @@ from ..errors import CheckpointCorrupt, NotACheckpoint
 
 MARKER = "overdrive_checkpoint.json"
 MANIFEST = "manifest.json"
+LOCK = ".lock"  # held by the save writing a temporary directory; never part of a checkpoint
 FORMAT = 1
+MAX_JSON = 64 << 20  # the manifest and the marker: far above any real one
 _CRC_BLOCK = 64 << 20
+
+
+# --------------------------------------------------------------------------- safe opening
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def inside(root: Path, name: str) -> Path:
+    """``root / name`` with symlinks resolved; refused when that leaves ``root``."""
+    base = Path(root).resolve()
+    try:
+        real = (Path(root) / name).resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a NUL byte
+        raise CheckpointCorrupt(f"{Path(root) / name} cannot be resolved ({e})") from None
+    if real != base and base not in real.parents:
+        raise CheckpointCorrupt(f"{Path(root) / name} resolves to {real}, which is outside "
+                                f"{root}; refusing to read it")
+    return real
+
+
+def open_regular(path: Path, max_size: int | None = None) -> int:
+    """A read-only descriptor of ``path`` (already resolved), a regular file of at most
+    ``max_size`` bytes: never a FIFO (``O_NONBLOCK`` keeps the open from waiting for a
+    writer), a device or a symlink (``O_NOFOLLOW``)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise CheckpointCorrupt(f"{path} is missing") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointCorrupt(f"{path} cannot be opened as a regular file ({e})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointCorrupt(f"{path} is not a regular file (a FIFO, socket or device); "
+                                    "refusing to read it")
+        if max_size is not None and st.st_size > max_size:
+            raise CheckpointCorrupt(f"{path} has {st.st_size} bytes, more than the {max_size} "
+                                    "it may have")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular(path: Path, max_size: int) -> bytes:
+    """The bytes of a regular file of at most ``max_size`` bytes (see ``open_regular``)."""
+    fd = open_regular(path, max_size)
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(max_size + 1)
+    if len(data) > max_size:
+        raise CheckpointCorrupt(f"{path} grew past {max_size} bytes while being read")
+    return data
+
+
+def read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(read_regular(path, MAX_JSON))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise CheckpointCorrupt(f"{path} is not valid JSON ({type(e).__name__}: {e}); the "
+                                f"{what} was damaged or not written by overdrive") from None
 
 
 # --------------------------------------------------------------------------- paths
@@ -65,7 +144,9 @@ def tmp_sibling(path: Path, token: str) -> Path:
 
 
 def remove_stale_tmp(path: Path) -> list[Path]:
-    """Remove hidden siblings left by saves of ``path`` that crashed before their rename.
+    """Remove hidden siblings left by saves that crashed or failed before their rename:
+    the temporary directories of ``path`` and of its series (``step-100`` when saving
+    ``step-200``) whose save holds no lock any more, and ``path``'s set-aside copies.
 
     A crash between the two renames of ``publish`` leaves the replaced checkpoint aside as
     ``.<name>.old-<uuid>`` with no ``path``: it is moved back, not deleted.
@@ -76,11 +157,65 @@ def remove_stale_tmp(path: Path) -> list[Path]:
     aside = set_aside(path)
     if aside is not None:
         os.rename(aside, path)
+    stale_tmp = _tmp_names(path)
     for p in path.parent.iterdir():
-        if p.name.startswith((aside_prefix(path), tmp_prefix(path))):
+        if p.name.startswith(aside_prefix(path)):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
+        elif stale_tmp.fullmatch(p.name) and remove_unlocked(p):
+            removed.append(p)
     return removed
+
+
+def _tmp_names(path: Path) -> re.Pattern:
+    """The temporary directories of ``path``'s saves and of its series' saves."""
+    pattern = series(path.name)
+    names = pattern.pattern if pattern is not None else re.escape(path.name)
+    return re.compile(r"\." + f"(?:{names})" + r"\.tmp-[0-9a-f]+")
+
+
+class SaveLock:
+    """The exclusive ``flock`` a save holds on its temporary directory (rank 0's process)."""
+
+    def __init__(self, fd: int):
+        self.fd: int | None = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+
+def make_tmp(tmp: Path) -> SaveLock:
+    """Create ``tmp`` with its lock already held: it is built under another name and
+    renamed, so no other process ever sees it unlocked."""
+    building = tmp.with_name(tmp.name + ".new")
+    building.mkdir(parents=True)
+    fd = os.open(building / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.rename(building, tmp)
+    return SaveLock(fd)
+
+
+def remove_unlocked(tmp: Path) -> bool:
+    """Remove the temporary directory ``tmp`` unless a save still holds its lock."""
+    try:
+        fd = os.open(tmp / LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        fd = None  # from a crash while it was being removed, or an older overdrive
+    except OSError:
+        return False
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # held: a save in progress (async, or another process)
+                return False
+        shutil.rmtree(tmp, ignore_errors=True)
+        return True
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def aside_prefix(path: Path) -> str:
@@ -92,7 +227,8 @@ def set_aside(path: Path) -> Path | None:
     replacing ``path`` (only when ``path`` itself is missing), else None."""
     if path.exists() or not path.parent.is_dir():
         return None
-    found = sorted(p for p in path.parent.glob(f"{aside_prefix(path)}*") if (p / MARKER).is_file())
+    found = sorted(p for p in path.parent.glob(f"{aside_prefix(path)}*")
+                   if (p / MARKER).is_file() and not p.is_symlink())
     return found[-1] if found else None
 
 
@@ -132,11 +268,12 @@ def save_plain(obj: Any, path: Path) -> dict[str, int]:
     return write_file(path, buf.getbuffer())
 
 
-def load_plain(path: Path) -> Any:
+def load_plain(root: Path, name: str, manifest: dict[str, dict[str, int]]) -> Any:
+    """A listed ``.pt`` file of the checkpoint, read within its manifest size."""
+    path = root / name
+    data = read_regular(inside(root, name), manifest[name]["size"])
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except FileNotFoundError:
-        raise CheckpointCorrupt(f"checkpoint file {path} is missing") from None
+        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except Exception as e:  # an unpickling error: truncated, corrupted or not ours
         raise CheckpointCorrupt(
             f"{path} could not be read with weights_only=True ({type(e).__name__}: {e}); "
@@ -149,7 +286,7 @@ def load_plain(path: Path) -> Any:
 def crc32_file(path: Path) -> int:
     """crc32 of a file through mmap (no copy into Python buffers; ~7 GB/s a core)."""
     crc = 0
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(Path(path)), "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             return 0
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
@@ -248,7 +385,8 @@ def check_sizes(root: Path, entries: dict[str, dict[str, int]]) -> None:
 def data_files(root: Path) -> list[str]:
     """Every file under ``root`` (relative POSIX paths) except the manifest and marker."""
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                  if p.is_file() and p.name not in (MANIFEST, MARKER))
+                  if p.is_file() and p.relative_to(root).as_posix() not in (MANIFEST, MARKER,
+                                                                             LOCK))
 
 
 def verify_files(root: Path, manifest: dict[str, dict[str, int]], names: list[str],
@@ -259,30 +397,49 @@ def verify_files(root: Path, manifest: dict[str, dict[str, int]], names: list[st
     buffers, and DCP writes several files per rank, so the check reads them in parallel."""
     problems, to_crc = [], []
     for n in names:
-        want, p = manifest[n], root / n
-        if not p.is_file():
-            problems.append(f"{n}: missing")
-        elif p.stat().st_size != want["size"]:
-            problems.append(f"{n}: {p.stat().st_size} bytes, the manifest says {want['size']} "
+        want = manifest[n]
+        try:
+            real = inside(root, n)
+            os.close(open_regular(real))
+            size = real.stat().st_size
+        except CheckpointCorrupt as e:
+            problems.append(f"{n}: " + ("missing" if str(e).endswith(" is missing") else str(e)))
+            continue
+        if size != want["size"]:
+            problems.append(f"{n}: {size} bytes, the manifest says {want['size']} "
                             "(truncated or overwritten)")
         elif crc:
             to_crc.append(n)
     if to_crc:
+        def check(n: str) -> str | None:
+            try:
+                return None if crc32_file(root / n) == manifest[n]["crc32"] else \
+                    f"{n}: crc32 differs from the manifest (corrupted)"
+            except (CheckpointCorrupt, OSError) as e:
+                return f"{n}: {e}"
+
         with ThreadPoolExecutor(max(1, min(len(to_crc), threads))) as pool:
-            crcs = pool.map(lambda n: crc32_file(root / n), to_crc)
-            problems += [f"{n}: crc32 differs from the manifest (corrupted)"
-                         for n, got in zip(to_crc, crcs) if got != manifest[n]["crc32"]]
+            problems += [p for p in pool.map(check, to_crc) if p is not None]
     return problems
 
 
 def read_manifest(root: Path) -> dict[str, dict[str, int]]:
-    try:
-        files = json.loads((root / MANIFEST).read_text())["files"]
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointCorrupt(f"{root / MANIFEST} is missing or unreadable ({e})") from None
-    for name in files:
-        if Path(name).is_absolute() or ".." in Path(name).parts or name in ("", "."):
-            raise CheckpointCorrupt(f"{root / MANIFEST} names a file outside the checkpoint: {name!r}")
+    """``{name: {"size": int, "crc32": int}}``, every name inside the checkpoint."""
+    where = root / MANIFEST
+    doc = read_json(inside(root, MANIFEST), "manifest")
+    files = doc.get("files") if isinstance(doc, dict) else None
+    if not isinstance(files, dict):
+        raise CheckpointCorrupt(f"{where} holds no 'files' object (got {type(doc).__name__}"
+                                f"{'' if not isinstance(doc, dict) else ' without it'}); the "
+                                "manifest was damaged or not written by overdrive")
+    for name, entry in files.items():
+        if Path(name).is_absolute() or ".." in Path(name).parts or name in ("", ".") \
+                or "\x00" in name:
+            raise CheckpointCorrupt(f"{where} names a file outside the checkpoint: {name!r}")
+        if not (isinstance(entry, dict) and _is_int(entry.get("size")) and entry["size"] >= 0
+                and _is_int(entry.get("crc32")) and 0 <= entry["crc32"] < 2**32):
+            raise CheckpointCorrupt(f"{where}: the entry of {name!r} is {entry!r}; each file "
+                                    "needs {\"size\": bytes >= 0, \"crc32\": 0..2**32-1}")
     return files
 
 
@@ -295,7 +452,7 @@ def write_marker(root: Path, meta: dict[str, Any]) -> None:
 
 def read_marker(path: Path) -> dict[str, Any]:
     path = Path(path)
-    if not (path / MARKER).is_file():
+    if not os.path.lexists(path / MARKER) or not path.is_dir():
         hint = ""
         leftovers = sorted(p.name for p in path.parent.glob(f"{tmp_prefix(path)}*")) \
             if path.parent.is_dir() else []
@@ -306,14 +463,28 @@ def read_marker(path: Path) -> dict[str, Any]:
         raise NotACheckpoint(
             f"{path} is not an overdrive checkpoint: it {what}{hint}. Pass a directory "
             "written by rt.save(); weights exported by rt.export() load with od.load_weights()")
-    try:
-        meta = json.loads((path / MARKER).read_text())
-    except ValueError as e:
-        raise CheckpointCorrupt(f"{path / MARKER} is not valid JSON ({e})") from None
-    if meta.get("format") != FORMAT:
-        raise NotACheckpoint(f"{path} has checkpoint format {meta.get('format')!r}; this "
-                             f"version of overdrive reads format {FORMAT}")
+    meta = read_json(inside(path, MARKER), "marker")
+    check_marker(meta, path / MARKER)
     return meta
+
+
+def check_marker(meta: Any, where: Path) -> None:
+    """The marker's fields ``load`` relies on, with their types."""
+    if not isinstance(meta, dict):
+        raise NotACheckpoint(f"{where} holds a JSON {type(meta).__name__}, not the object "
+                             "rt.save writes; it is not an overdrive checkpoint marker")
+    if meta.get("format") != FORMAT:
+        raise NotACheckpoint(f"{where.parent} has checkpoint format {meta.get('format')!r}; "
+                             f"this version of overdrive reads format {FORMAT}")
+    checks = (("kind", meta.get("kind") in ("dcp", "deepspeed"), "'dcp' or 'deepspeed'"),
+              ("step", _is_int(meta.get("step")) and meta["step"] >= 0, "an integer >= 0"),
+              ("world_size", _is_int(meta.get("world_size")) and meta["world_size"] >= 1,
+               "an integer >= 1"))
+    for field, ok, want in checks:
+        if not ok:
+            raise CheckpointCorrupt(f"{where}: {field}={meta.get(field)!r} is not valid (it "
+                                    f"must be {want}); the marker was altered or not written "
+                                    "by overdrive")
 
 
 def list_checkpoints(parent: Path) -> list[tuple[int, Path]]:
@@ -322,8 +493,10 @@ def list_checkpoints(parent: Path) -> list[tuple[int, Path]]:
     for p in parent.iterdir() if parent.is_dir() else []:
         if p.is_dir() and not p.name.startswith(".") and (p / MARKER).is_file():
             try:
-                found.append((int(json.loads((p / MARKER).read_text())["time_ns"]), p))
-            except (ValueError, KeyError, OSError):
+                meta = read_json(inside(p, MARKER), "marker")
+                if _is_int(meta.get("time_ns")):
+                    found.append((meta["time_ns"], p))
+            except (CheckpointCorrupt, AttributeError):  # not ours to prune
                 continue
     return sorted(found)
 
@@ -459,11 +632,12 @@ class SafeReader(FileSystemReader):
         from torch.distributed.checkpoint.metadata import StorageMeta
 
         path = Path(self._get_metadata_path(rank))
+        name = path.relative_to(self.path).as_posix()
+        if name not in self.manifest:
+            raise CheckpointCorrupt(f"{path} is not listed in {MANIFEST}")
+        data = read_regular(inside(Path(self.path), name), self.manifest[name]["size"])
         try:
-            with open(path, "rb") as f:
-                metadata = _MetadataUnpickler(f).load()
-        except FileNotFoundError:
-            raise CheckpointCorrupt(f"{path} is missing") from None
+            metadata = _MetadataUnpickler(io.BytesIO(data)).load()
         except Exception as e:
             raise CheckpointCorrupt(f"{path} is not valid DCP metadata ({type(e).__name__}: "
                                     f"{e})") from None
@@ -516,3 +690,192 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         raise CheckpointCorrupt(
             f"DCP item {read_item.dest_index.fqn!r} is a pickled object; overdrive checkpoints "
             "hold only tensors in DCP files and refuses to unpickle it")
+
+
+# --------------------------------------------------------------------------- record checks
+
+
+class _Slice(io.RawIOBase):
+    """Bytes ``offset .. offset+length`` of an open file, as a seekable file of their own."""
+
+    def __init__(self, f, offset: int, length: int):
+        super().__init__()
+        self.f, self.offset, self.length, self.pos = f, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        base = (0, self.pos, self.length)[whence]
+        self.pos = max(0, base + pos)
+        return self.pos
+
+    def readinto(self, buf) -> int:
+        n = max(0, min(len(buf), self.length - self.pos))
+        self.f.seek(self.offset + self.pos)
+        got = self.f.readinto(memoryview(buf)[:n])
+        self.pos += got
+        return got
+
+
+_STORAGE_ENTRY = re.compile(r"[^/]+/data/\d+")
+
+
+def record_order(storage_data: dict[Any, Any]) -> list[Any]:
+    """DCP's index entries in one order on every rank (to split the checks over ranks)."""
+    return sorted(storage_data, key=lambda i: (i.fqn, tuple(i.offset or ()), i.index or 0))
+
+
+def check_records(root: Path, metadata: Any, indices: list[Any]) -> None:
+    """Each tensor record of ``indices`` unpickles with ``weights_only`` to a tensor of the
+    chunk's shape and dtype, its storage present in full, without reading its data (loaded
+    on the meta device): everything a later read into the model could trip over, except
+    the data bytes themselves, which the manifest's crc32 covers."""
+    by_file: dict[str, list[Any]] = {}
+    for idx in indices:
+        by_file.setdefault(metadata.storage_data[idx].relative_path, []).append(idx)
+    for rel, idxs in sorted(by_file.items()):
+        with os.fdopen(open_regular(inside(root, rel)), "rb") as f:
+            for idx in sorted(idxs, key=lambda i: metadata.storage_data[i].offset):
+                _check_record(root / rel, f, metadata, idx)
+
+
+class _Unrecognised(Exception):
+    """A record laid out otherwise than torch.save writes a plain tensor."""
+
+
+class _StorageType:
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+
+@dataclasses.dataclass
+class _TensorRef:
+    """What a record's pickle describes, never built: dtype, shape, storage and view."""
+    dtype: torch.dtype
+    key: str
+    numel: int  # elements of the storage
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+def _rebuild_ref(storage, offset, size, stride, requires_grad=False, hooks=None,
+                 metadata=None) -> _TensorRef:
+    if not (isinstance(storage, tuple) and isinstance(offset, int)
+            and isinstance(size, tuple) and isinstance(stride, tuple)
+            and len(size) == len(stride) and not hooks and not metadata):
+        raise _Unrecognised
+    return _TensorRef(*storage, offset, size, stride)
+
+
+class _RecordUnpickler(pickle.Unpickler):
+    """The pickle torch.save writes for a plain tensor, read without building anything:
+    ``_rebuild_tensor_v2`` of a typed storage, and nothing else (any other content goes
+    to torch's own weights_only loader, ``_check_record``'s slow path)."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_ref
+        if (module, name) == ("collections", "OrderedDict"):
+            return dict
+        if module == "torch" and name.endswith("Storage") and "." not in name:
+            dtype = getattr(getattr(torch, name, None), "dtype", None)
+            if isinstance(dtype, torch.dtype):
+                return _StorageType(dtype)
+        raise _Unrecognised
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)
+                and isinstance(pid[4], int) and pid[4] >= 0):
+            raise _Unrecognised
+        return (pid[1].dtype, pid[2], pid[4])
+
+
+def _stored_bytes(z: zipfile.ZipFile, name: str) -> bytes:
+    """An uncompressed entry's bytes, read past its local header. Not ``z.read``: the
+    records' zip crc32s are not written (the file's manifest crc32 covers them)."""
+    info = z.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise _Unrecognised
+    z.fp.seek(info.header_offset)
+    head = z.fp.read(30)
+    if len(head) != 30 or head[:4] != b"PK\x03\x04":
+        raise _Unrecognised
+    name_len, extra_len = int.from_bytes(head[26:28], "little"), int.from_bytes(head[28:30],
+                                                                                "little")
+    z.fp.seek(info.header_offset + 30 + name_len + extra_len)
+    data = z.fp.read(info.compress_size)
+    if len(data) != info.compress_size:
+        raise _Unrecognised
+    return data
+
+
+def _fast_record(z: zipfile.ZipFile) -> tuple[torch.dtype, tuple[int, ...], int] | None:
+    """(dtype, shape, storage bytes) of a plain-tensor record, checked against its zip
+    entries; None when the record is laid out otherwise (the slow path decides)."""
+    pkls = [n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+    if len(pkls) != 1:
+        return None
+    try:
+        ref = _RecordUnpickler(io.BytesIO(_stored_bytes(z, pkls[0]))).load()
+    except Exception:  # noqa: BLE001 - _Unrecognised or a damaged pickle: the slow path
+        return None
+    if not isinstance(ref, _TensorRef):
+        return None
+    item = torch.empty((), dtype=ref.dtype).element_size()
+    extent = 1 + sum((n - 1) * st for n, st in zip(ref.shape, ref.stride)) \
+        if all(n > 0 for n in ref.shape) else 0
+    if ref.offset < 0 or any(n < 0 for n in ref.shape) or any(st < 0 for st in ref.stride) \
+            or ref.offset + extent > ref.numel:
+        raise CheckpointCorrupt(f"its view (offset {ref.offset}, shape {list(ref.shape)}, "
+                                f"stride {list(ref.stride)}) exceeds its storage of "
+                                f"{ref.numel} elements")
+    entry = f"{pkls[0].rsplit('/', 1)[0]}/data/{ref.key}"
+    if entry not in z.NameToInfo:
+        raise CheckpointCorrupt(f"its storage {entry!r} is missing")
+    return ref.dtype, ref.shape, ref.numel * item
+
+
+def _check_record(path: Path, f, metadata: Any, idx: Any) -> None:
+    info = metadata.storage_data[idx]
+    saved = metadata.state_dict_metadata.get(idx.fqn)
+    chunk = next((c for c in getattr(saved, "chunks", ()) if c.offsets == idx.offset), None)
+    where = f"{path}: the record of {idx.fqn!r} (bytes {info.offset}+{info.length})"
+    if chunk is None:
+        raise CheckpointCorrupt(f"{where} is not a tensor chunk the DCP metadata describes")
+    try:
+        z = zipfile.ZipFile(_Slice(f, info.offset, info.length))
+        fast = _fast_record(z)
+        if fast is None:  # torch's own weights_only loader, on the meta device: ~2.5 ms
+            tensor = torch.load(io.BufferedReader(_Slice(f, info.offset, info.length)),
+                                weights_only=True, map_location="meta")
+            if not isinstance(tensor, torch.Tensor):
+                raise CheckpointCorrupt(f"{where} holds a {type(tensor).__name__}, not a "
+                                        "tensor")
+            fast = tensor.dtype, tuple(tensor.shape), tensor.untyped_storage().nbytes()
+        storages = [z for z in z.infolist() if _STORAGE_ENTRY.fullmatch(z.filename)]
+    except CheckpointCorrupt as e:
+        raise CheckpointCorrupt(str(e) if str(e).startswith(where) else f"{where}: {e}") \
+            from None
+    except Exception as e:  # weights_only refusals, truncated or damaged zip records
+        raise CheckpointCorrupt(f"{where} cannot be read with weights_only=True "
+                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                                "; the file is corrupted or holds objects overdrive does not "
+                                "unpickle") from None
+    dtype, shape, storage = fast
+    if tuple(shape) != tuple(chunk.sizes) or dtype != saved.properties.dtype:
+        raise CheckpointCorrupt(f"{where} holds a {dtype} tensor of shape {list(shape)}; the "
+                                f"DCP metadata says {saved.properties.dtype} {list(chunk.sizes)}")
+    if len(storages) != 1 or storages[0].file_size != storage or \
+            storages[0].compress_type != zipfile.ZIP_STORED:
+        raise CheckpointCorrupt(f"{where}: its storage should be one uncompressed entry of "
+                                f"{storage} bytes, found "
+                                f"{[(z.filename, z.file_size) for z in storages]}")

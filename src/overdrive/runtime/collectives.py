@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import OverdriveError
+from .ledger import collective
 
 REDUCE_OPS = ("sum", "mean", "max", "min")
 
@@ -82,7 +83,7 @@ def comm_device(group=None) -> torch.device:
 def _all_gather_ints(values: list[int], group=None) -> list[list[int]]:
     t = torch.tensor(values, dtype=torch.int64, device=comm_device(group))
     parts = [torch.empty_like(t) for _ in range(world(group))]
-    dist.all_gather(parts, t, group=group)
+    collective("all_gather", dist.all_gather, parts, t, group=group, tensor=t)
     return torch.stack(parts).tolist()
 
 
@@ -124,7 +125,8 @@ def check_same(tensors: list[torch.Tensor], what: str, *, free_dim: int | None =
 def _raise_mismatch(tensors: list[torch.Tensor], what: str, free_dim: int | None,
                     group=None) -> None:
     metas: list = [None] * world(group)
-    dist.all_gather_object(metas, [(list(t.shape), str(t.dtype)) for t in tensors], group=group)
+    collective("all_gather_object", dist.all_gather_object, metas,
+               [(list(t.shape), str(t.dtype)) for t in tensors], group=group)
     desc = "; ".join(f"rank {r}: {[(s, d) for s, d in m]}" for r, m in enumerate(metas))
     ignored = f" (other than dim {free_dim})" if free_dim is not None else ""
     raise OverdriveError(
@@ -149,7 +151,7 @@ def _all_gather(t: torch.Tensor, group=None) -> torch.Tensor:
     t = t.contiguous()
     flat = t.unsqueeze(0) if t.ndim == 0 else t
     parts = [torch.empty_like(flat) for _ in range(world(group))]
-    dist.all_gather(parts, flat, group=group)
+    collective("all_gather", dist.all_gather, parts, flat, group=group, tensor=flat)
     return torch.cat(parts, dim=0)
 
 
@@ -193,7 +195,7 @@ def gather_object(obj: Any, group=None) -> list:
     if world(group) == 1:
         return list(obj) if isinstance(obj, (list, tuple)) else [obj]
     out: list = [None] * world(group)
-    dist.all_gather_object(out, obj, group=group)
+    collective("all_gather_object", dist.all_gather_object, out, obj, group=group)
     if all(isinstance(o, (list, tuple)) for o in out):
         return [x for o in out for x in o]
     return out
@@ -214,7 +216,7 @@ def reduce(data: Any, op: str = "sum", group=None) -> Any:
     out = []
     for t in tensors:
         r = t.detach().clone()
-        dist.all_reduce(r, op=dist_op, group=group)
+        collective("all_reduce", dist.all_reduce, r, op=dist_op, group=group, tensor=r)
         if op == "mean":
             r = r / n if r.is_floating_point() or r.is_complex() else r.double() / n
         out.append(r)
@@ -230,16 +232,20 @@ def broadcast(data: Any, src: int = 0, group=None) -> Any:
     out = []
     for t in tensors:
         r = t.detach().clone().contiguous()
-        dist.broadcast(r, src=src, group=group)
+        collective("broadcast", dist.broadcast, r, src=src, group=group, tensor=r)
         out.append(r)
     return rebuild(data, out)
+
+
+def barrier(group=None) -> None:
+    collective("barrier", dist.barrier, group=group)
 
 
 def broadcast_object(obj: Any, src: int = 0, group=None) -> Any:
     if world(group) == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src, group=group)
+    collective("broadcast_object_list", dist.broadcast_object_list, box, src=src, group=group)
     return box[0]
 
 

@@ -211,6 +211,12 @@ class ShardedLoader:
                 "batch_size": self.batch_size, "dp_size": self.size,
                 "position": self.position}
 
+    def check_state_dict(self, state: dict[str, int]) -> None:
+        """Raise for a position ``load_state_dict`` would refuse, changing nothing
+        (``rt.load`` checks every loader's before restoring any)."""
+        self._global_position(state)
+        int(state["epoch"]), int(state.get("seed", self.seed))
+
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue where ``state`` left off, also when it was saved on another number of
         data-parallel ranks: the remaining global batches are dealt out anew."""
@@ -270,6 +276,9 @@ class ShardedLoader:
                 if meter is not None and self.rt.model.training:
                     meter.on_batch(batch, n_real, self.batch_len)
                 yield self._place(batch)
+            ledger = getattr(self.rt, "_ledger", None)
+            if ledger is not None:  # a sync point: every rank ends the epoch together
+                ledger.point(f"rt.shard epoch {self.epoch} end")
             self.epoch, self.consumed = self.epoch + 1, 0
         finally:
             self._iterating = False

@@ -75,6 +75,10 @@ class Optimizer(torch.optim.Optimizer):
     # -- the step path ------------------------------------------------------------
     def step(self, closure=None):
         if self._engine is not None:
+            if self._grad.sync:
+                if self.rt._ledger is not None:
+                    self.rt._ledger.point(self.rt.step + 1)
+                self.rt._guard.allow_step()  # raises on a non-finite loss (no skipping here)
             self._engine.step()  # DeepSpeed counts accumulation boundaries itself
             if not self._grad.sync:
                 return None
@@ -86,6 +90,14 @@ class Optimizer(torch.optim.Optimizer):
             return self._after_step(None)
         if not self._grad.sync:
             return None
+        ledger = self.rt._ledger
+        if ledger is not None:
+            ledger.point(self.rt.step + 1)  # a sync point: the ranks compare here
+        if not self.rt._guard.allow_step():  # skip_nonfinite: no step, gradients dropped
+            self.step_was_skipped, self.unscaled = True, False
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self.step_was_skipped = False
         if self._scaler is not None:
             out = self._scaled_step(closure)
             if self.step_was_skipped:  # inf/NaN grads: no step, no hooks, rt.step unchanged

@@ -21,14 +21,17 @@ log = logging.getLogger("overdrive")
 
 @contextlib.contextmanager
 def main_process_first(rt):
-    """Rank 0 runs the block first (downloads, preprocessing); the others then follow."""
+    """Rank 0 runs the block first (downloads, preprocessing); the others then follow.
+    Their wait is as long as rank 0's block takes: the ledger never calls it a stall."""
     if not rt.is_main:
-        rt.barrier()
+        with rt._collective("rt.main_process_first"):
+            rt.barrier()
     try:
         yield
     finally:
         if rt.is_main:
-            rt.barrier()
+            with rt._collective("rt.main_process_first"):
+                rt.barrier()
 
 
 def progress(rt, iterable: Iterable, **tqdm_kwargs: Any) -> Iterable:

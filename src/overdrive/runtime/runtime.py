@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from typing import Any
 
 import torch
@@ -18,6 +19,8 @@ from torch import nn
 from ..rewrite.plan import Plan
 from ..rewrite.report import Report
 from . import collectives, data, grad, helpers, split, trigger
+from .guards import NonFiniteGuard
+from .ledger import make_ledger
 from .state import Env
 from .step_metrics import StepMeter
 from .tracking import Tracking, TrackingConfig
@@ -47,7 +50,7 @@ class Runtime:
     def __init__(self, model: nn.Module, *, plan: Plan, report: Report, env: Env,
                  optimizer: Any = None, scheduler: Any = None,
                  tracking: TrackingConfig | None = None, flops_model: nn.Module | None = None,
-                 pipeline: Any = None):
+                 pipeline: Any = None, desync_timeout: float | None = 60.0):
         self.model = model
         self._pipeline = pipeline  # runtime/pipeline.PipelineRunner under parallel.pp > 1
         self.optimizer = optimizer
@@ -67,6 +70,11 @@ class Runtime:
         self._trigger = trigger.Trigger()
         self._grad_sync = grad.GradSync(self, self.grad_accum)
         self._dtensor_grads = _has_dtensor(model)
+        self._guard = NonFiniteGuard(self)
+        # the collective ledger and its watchdog (ledger.py); None on a single process
+        self._ledger = make_ledger(desync_timeout)
+        if self._ledger is not None:
+            weakref.finalize(self, self._ledger.stop)
         self._tracking, self._meter = self._make_tracking(tracking, flops_model)
         self._profiler = None  # the active rt.profile, stepped with the optimizer
         if optimizer is not None:
@@ -186,9 +194,27 @@ class Runtime:
 
     # -- backward -------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
-        """``loss.backward()`` scaled by 1/grad_accum (and by the fp16 scaler)."""
+        """``loss.backward()`` scaled by 1/grad_accum (and by the fp16 scaler).
+
+        A NaN/inf loss outside fp16 raises ``NonFiniteError`` (guards.py) before the
+        optimizer steps, or skips the step with ``Plan(skip_nonfinite=True)``.
+        """
+        self._guard.value(loss, "the loss")
         if self._meter is not None:
             self._meter.on_backward(loss)
+        ledger = self._ledger
+        if ledger is None:
+            return self._backward(loss, kwargs)
+        if ledger.error is not None:
+            ledger.raise_error()
+        ledger.inside = "rt.backward"  # a peer stalled meanwhile names it
+        try:
+            self._backward(loss, kwargs)
+        finally:
+            ledger.inside = None
+        return None
+
+    def _backward(self, loss: torch.Tensor, kwargs: dict) -> None:
         if self.env.engine is not None:
             self.env.engine.backward(loss, **kwargs)
             return
@@ -252,6 +278,8 @@ class Runtime:
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0):
         """Clip the gradients; returns the global norm across every shard."""
         norm = grad.clip_grad_norm_(self, max_norm, norm_type)
+        if norm is not None and self.env.engine is None:
+            self._guard.value(norm, "the gradient norm")
         if self._meter is not None:
             self._meter.on_clip(norm)
         return norm
@@ -262,27 +290,39 @@ class Runtime:
     # -- collectives (collectives.py) -------------------------------------------------
     def gather(self, x: Any) -> Any:
         """Every rank's tensors concatenated along dim 0 (nested structures kept)."""
-        return collectives.gather(x)
+        with self._collective("rt.gather"):
+            return collectives.gather(x)
 
     def gather_for_metrics(self, x: Any) -> Any:
         """``gather`` over the data-parallel ranks without even_batches padding: the
         gathered values of a whole epoch are exactly the dataset."""
         loader = self._active_loader
         rows = (loader.batch_len, loader.n_real) if loader is not None else None
-        return collectives.gather_for_metrics(x, rows, group=self._dp_group())
+        with self._collective("rt.gather_for_metrics"):
+            return collectives.gather_for_metrics(x, rows, group=self._dp_group())
 
     def gather_object(self, obj: Any) -> list:
-        return collectives.gather_object(obj)
+        with self._collective("rt.gather_object"):
+            return collectives.gather_object(obj)
 
     def reduce(self, x: Any, op: str = "sum") -> Any:
-        return collectives.reduce(x, op)
+        with self._collective("rt.reduce"):
+            return collectives.reduce(x, op)
 
     def broadcast(self, x: Any, src: int = 0) -> Any:
-        return collectives.broadcast(x, src)
+        with self._collective("rt.broadcast"):
+            return collectives.broadcast(x, src)
 
     def pad_across_processes(self, x: Any, dim: int = 0, pad_index: int = 0,
                              pad_first: bool = False) -> Any:
-        return collectives.pad_across_processes(x, dim, pad_index, pad_first)
+        with self._collective("rt.pad_across_processes"):
+            return collectives.pad_across_processes(x, dim, pad_index, pad_first)
+
+    def _collective(self, name: str, *, entry_check: bool = False):
+        """The ledger's span for a collective helper (every rank must call it)."""
+        if self._ledger is None:
+            return contextlib.nullcontext()
+        return self._ledger.helper(name, entry_check=entry_check)
 
     def split_between_processes(self, inputs: Any, apply_padding: bool = False):
         """``with rt.split_between_processes(items) as mine:`` this data rank's share of a
@@ -298,7 +338,8 @@ class Runtime:
     def check_trigger(self) -> bool:
         """True on every rank when any rank called ``set_trigger()`` since the last check
         (every rank calls this at the same point: it is one all-reduce)."""
-        return self._trigger.check()
+        with self._collective("rt.check_trigger"):
+            return self._trigger.check()
 
     def _dp_group(self):
         """The data-parallel process group (None: the default group is the dp group)."""
@@ -338,13 +379,15 @@ class Runtime:
         """Save the whole training state to ``path`` atomically (every rank calls this)."""
         from . import checkpoint
 
-        checkpoint.save(self, path, keep_last=keep_last, async_=async_)
+        with self._collective("rt.save", entry_check=True):
+            checkpoint.save(self, path, keep_last=keep_last, async_=async_)
 
     def load(self, path, *, verify: bool = True) -> dict[str, Any]:
         """Restore what ``save`` wrote (on any number of ranks); returns its metadata."""
         from . import checkpoint
 
-        return checkpoint.load(self, path, verify=verify)
+        with self._collective("rt.load", entry_check=True):
+            return checkpoint.load(self, path, verify=verify)
 
     def register_for_checkpointing(self, *objects: Any) -> None:
         """Save these objects' ``state_dict()`` with ``rt.save`` and hand it back to their
@@ -366,15 +409,17 @@ class Runtime:
         from . import export
 
         entries = None
-        if self._pipeline is not None:  # every stage's weights, gathered on rank 0
-            entries = self._pipeline.gathered_weights(self.model, self.is_main)
-        return export.export(self.model, directory, max_shard_size=max_shard_size, dtype=dtype,
-                             is_main=self.is_main, entries=entries)
+        with self._collective("rt.export", entry_check=True):
+            if self._pipeline is not None:  # every stage's weights, gathered on rank 0
+                entries = self._pipeline.gathered_weights(self.model, self.is_main)
+            return export.export(self.model, directory, max_shard_size=max_shard_size,
+                                 dtype=dtype, is_main=self.is_main, entries=entries)
 
     # -- process helpers --------------------------------------------------------------
     def barrier(self) -> None:
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.barrier()
+            with self._collective("rt.barrier"):
+                collectives.barrier()
 
     def print(self, *args: Any, **kwargs: Any) -> None:
         """``print`` on rank 0 only."""

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import PlanError
+from ..launcher import die_with_parent
 from ..rewrite.plan import Plan, resolve_for_world
 
 log = logging.getLogger("overdrive")
@@ -75,11 +76,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def timeout_from_env() -> datetime.timedelta:
-    return datetime.timedelta(seconds=float(os.environ.get("OVERDRIVE_PG_TIMEOUT", "600")))
+DEFAULT_PG_TIMEOUT = 600.0  # s: generous, for first-step compiles; desync_timeout is the early one
 
 
-def ensure_process_group(device: torch.device) -> None:
+def timeout_from_env(timeout: float | None = None) -> datetime.timedelta:
+    """The process-group timeout: ``od.accelerate(timeout=)``, else OVERDRIVE_PG_TIMEOUT,
+    else 600 s."""
+    if timeout is None:
+        timeout = float(os.environ.get("OVERDRIVE_PG_TIMEOUT", DEFAULT_PG_TIMEOUT))
+    return datetime.timedelta(seconds=float(timeout))
+
+
+def ensure_process_group(device: torch.device, timeout: float | None = None) -> None:
     """Initialise the default process group once: torchrun's env, or a 1-rank group."""
     if dist.is_initialized():
         return
@@ -90,7 +98,7 @@ def ensure_process_group(device: torch.device) -> None:
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(_free_port())
     kwargs: dict[str, Any] = {"backend": process_group_backend(device),
-                              "timeout": timeout_from_env()}
+                              "timeout": timeout_from_env(timeout)}
     if device.type == "cuda":
         kwargs["device_id"] = device
     dist.init_process_group(**kwargs)
@@ -119,6 +127,7 @@ class Env:
     # set_requires_gradient_sync); set by the data-parallel pass, called by rt.accumulate
     set_gradient_sync: Callable[[bool], None] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    pg_timeout: float | None = None  # od.accelerate(timeout=): the process group's, in s
 
     @property
     def distributed(self) -> bool:
@@ -135,7 +144,7 @@ class Env:
     def ensure_process_group(self) -> None:
         if self.dry_run:
             raise RuntimeError("a dry-run environment has no process group")
-        ensure_process_group(self.device)
+        ensure_process_group(self.device, self.pg_timeout)
 
     @property
     def mesh(self):
@@ -202,7 +211,8 @@ def build_mesh(plan: Plan, device: torch.device):
     return mesh, flat
 
 
-def make_env(plan: Plan, *, world_size: int | None = None, dry_run: bool = False) -> tuple[Plan, Env]:
+def make_env(plan: Plan, *, world_size: int | None = None, dry_run: bool = False,
+             timeout: float | None = None) -> tuple[Plan, Env]:
     """Resolve the plan's sizes against the world and build the ``Env``.
 
     For a real run the world is torchrun's (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``);
@@ -222,8 +232,10 @@ def make_env(plan: Plan, *, world_size: int | None = None, dry_run: bool = False
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(local_rank)
-    env = Env(plan, rank=rank, local_rank=local_rank, world_size=ws, device=device)
+    env = Env(plan, rank=rank, local_rank=local_rank, world_size=ws, device=device,
+              pg_timeout=timeout)
     set_current_device(device)  # before the process group: nccl/xccl bind to it
+    die_with_parent()  # under `overdrive launch` only: a worker never outlives torchrun
     if ws > 1:
         env.ensure_process_group()
     return plan, env

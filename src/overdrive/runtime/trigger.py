@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .collectives import comm_device, world
+from .ledger import collective
 
 
 class Trigger:
@@ -29,7 +30,7 @@ class Trigger:
         raised = self.raised
         if world() > 1:
             flag = torch.tensor([int(raised)], device=comm_device())
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            collective("all_reduce", dist.all_reduce, flag, op=dist.ReduceOp.MAX, tensor=flag)
             raised = bool(flag.item())
         self.raised = False
         return raised

@@ -1,0 +1,496 @@
+"""The collective ledger: what each rank issued, compared across ranks to catch desyncs.
+
+The main thread only keeps books. Every collective overdrive issues (the ``rt.gather`` /
+``reduce`` / ``broadcast`` family, checkpointing, export) is noted with a short tag — the
+helper, the op, the dtype and shape — folded into a running CRC-32, and kept in a short
+ring of recent entries. *Points* enter the ring too: an optimizer step, entering a
+collective helper (``rt.save``, ``rt.load``, ``rt.export``, ``rt.gather*``…), the end
+of an ``rt.shard`` epoch; each remembers the hash it was reached with. That is a few
+integer operations per step and no I/O.
+
+A watchdog thread compares the ranks through the TCP store torchrun already runs — its
+own client connection, never a collective that could hang itself. Every ``INTERVAL`` s
+it publishes this rank's position (last point, collective count, the helper or phase it
+is inside, the hash at the point) and reads its neighbours' (ranks r-1 and r+1):
+
+* a neighbour at a point this rank has passed must have reached it with the same hash —
+  else the ranks issued different collectives before it (*mismatch*);
+* when this rank and a neighbour have both stood still at *different* positions for
+  ``desync_timeout`` s, one waits for the other, which is elsewhere (*stall*).
+
+Either finding is posted under one store key (the first wins); every rank then posts its
+recent entries and builds the same ``DesyncError`` from them, naming the first divergent
+entry of each rank. The main thread raises it at its next overdrive call, or inside an
+overdrive collective it is waiting in (those wait in slices). A rank blocked where
+Python cannot be interrupted (DDP's C++ all-reduce in backward, user code) logs the error
+and exits after ``GRACE`` s, so the launch ends. Detection latency: a stall ≈
+``desync_timeout`` + 2×``INTERVAL``; a mismatch ≈ 2×``INTERVAL`` after both ranks pass
+the point where they differ.
+
+The same thread watches the launcher: when ``overdrive launch`` (``OVERDRIVE_LAUNCHER_PID``)
+is gone, the worker exits (its parent was SIGKILLed; nobody would stop it otherwise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import datetime
+import itertools
+import json
+import logging
+import os
+import sys
+import threading
+import time
+import zlib
+from collections import deque
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from ..errors import DesyncError
+
+log = logging.getLogger("overdrive")
+
+INTERVAL = 0.25  # s between the watchdog's store round trips
+GRACE = 3.0  # s a blocked main thread has to raise before the process exits
+RING = 256  # recent entries kept (and posted when a desync is found)
+# helpers whose ranks wait for another by design, for as long as it takes (rank 0
+# downloading a dataset first): never a stall
+PATIENT = frozenset({"rt.main_process_first"})
+_ALL_DUMPS = 64  # worlds up to this size read every rank's entries on a desync
+
+# The ledger of the runtime helper running now (a context, not a process-wide setting):
+# collectives issued inside ``with ledger.helper(...)`` are noted on it.
+_CURRENT: contextvars.ContextVar["Ledger | None"] = contextvars.ContextVar(
+    "overdrive_ledger", default=None)
+_INSTANCES = itertools.count()  # ledgers made in this process: the same order on every rank
+
+
+# --------------------------------------------------------------------------- entries
+# An entry is a tuple: ("c", helper, op, dtype, shape, n) for collective #n, or
+# ("p", point, n, op) for a point reached after n collectives, the last an ``op``. A point
+# is an optimizer step (an int) or a label ("rt.save", "rt.shard epoch 0 end").
+# Formatted only when shown.
+
+
+def describe(entry: tuple) -> str:
+    if entry[0] == "c":
+        _, helper, op, dtype, shape, n = entry
+        what = f"{op} {dtype}{list(shape)}" if dtype else op
+        return f"issued {what} #{n} in {helper}"
+    _, point, n, op = entry
+    return f"{_label(point)} ({_last(n, op)})"
+
+
+def _last(n: int, op: str = "collective") -> str:
+    return f"after {op} #{n}" if n else "no collective yet"
+
+
+def _label(point: Any) -> str:
+    if isinstance(point, int):
+        return f"at optimizer step {point}"
+    return f"entered {point}" if str(point).startswith("rt.") and " " not in str(point) \
+        else f"at {point}"
+
+
+class Ledger:
+    """One runtime's books (``rt._ledger``) and its watchdog thread."""
+
+    def __init__(self, rank: int, world: int, store, desync_timeout: float | None, prefix: str):
+        self.rank, self.world, self.store = rank, world, store
+        self.timeout = desync_timeout
+        self.prefix = prefix
+        self.n = 0  # collectives noted
+        self.last_op = "collective"  # the op of the last one
+        self.hash = 0
+        self.points = 0  # points passed
+        self.inside: str | None = None  # helper / phase in progress
+        self.at: tuple = (0, 0, 0, "start")  # (point, hash, n, label) of the last point
+        self.entries: deque = deque(maxlen=RING)
+        self.total = 0  # entries ever made: the index of the next one
+        self.history: deque = deque(maxlen=4096)  # (point, hash)
+        self.error: DesyncError | None = None
+        self._raised = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._launcher = _launcher_pid()
+
+    # -- the main thread's books -----------------------------------------------------
+    def note(self, op: str, tensor: torch.Tensor | None = None, helper: str | None = None) -> None:
+        """One collective: counted, hashed, kept in the ring."""
+        if self.error is not None:
+            self.raise_error()
+        self.n += 1
+        self.last_op = op
+        helper = helper or self.inside or "overdrive"
+        dtype = str(tensor.dtype).removeprefix("torch.") if tensor is not None else ""
+        shape = tuple(tensor.shape) if tensor is not None else ()
+        self.hash = zlib.crc32(f"{helper}:{op}:{dtype}:{shape}".encode(), self.hash)
+        self._add(("c", helper, op, dtype, shape, self.n))
+
+    def point(self, point: Any) -> None:
+        """A sync point: an optimizer step (an int) or a helper/epoch label."""
+        if self.error is not None:
+            self.raise_error()
+        self.points += 1
+        self.hash = zlib.crc32(b"s" if isinstance(point, int) else str(point).encode(),
+                               self.hash)
+        self.history.append((self.points, self.hash))
+        self.at = (self.points, self.hash, self.n, point)
+        self._add(("p", point, self.n, self.last_op))
+
+    def _add(self, entry: tuple) -> None:
+        self.entries.append((self.total, entry))
+        self.total += 1
+
+    def check(self) -> None:
+        if self.error is not None:
+            self.raise_error()
+
+    def raise_error(self):
+        self._raised = True
+        raise self.error
+
+    @contextlib.contextmanager
+    def helper(self, name: str, *, entry_check: bool = False):
+        """A collective helper: a point, and the ledger its collectives are noted on.
+
+        ``entry_check``: wait in the store until every rank has entered it too before any
+        collective is issued (for rt.save/load/export, whose collectives must not pair
+        with another call's); a rank alone there gets the DesyncError within
+        desync_timeout.
+        """
+        if self.inside is not None:  # nested (rt.save gathers): the outer helper owns it
+            token = _CURRENT.set(self)
+            try:
+                yield
+            finally:
+                _CURRENT.reset(token)
+            return
+        self.point(name)
+        self.inside = name
+        token = _CURRENT.set(self)
+        try:
+            if entry_check:
+                self._wait_for_all(name)
+            yield
+        finally:
+            _CURRENT.reset(token)
+            self.inside = None
+
+    def _wait_for_all(self, name: str) -> None:
+        key = f"{self.prefix}/enter/{self.points}"
+        if self.store.add(key, 1) == self.world:
+            self.store.set(key + "/all", "1")
+        while True:
+            self.check()
+            try:
+                self.store.wait([key + "/all"], datetime.timedelta(seconds=INTERVAL))
+                return
+            except Exception:  # noqa: BLE001 — the store's timeout; the watchdog decides
+                if self._thread is None or not self._thread.is_alive():
+                    raise DesyncError(f"{name}: the ranks did not all enter it and the "
+                                      "ledger's watchdog is not running") from None
+
+    def wait(self, work) -> None:
+        """Wait for an async collective in slices, raising a desync found meanwhile."""
+        if work is None:
+            return
+        slice_ = datetime.timedelta(seconds=INTERVAL)
+        while True:
+            try:
+                work.wait(timeout=slice_)
+                return
+            except RuntimeError as err:
+                if "timed out" not in str(err).lower():
+                    self.check()
+                    raise
+                self.check()
+
+    # -- the watchdog ----------------------------------------------------------------
+    def start(self) -> None:
+        self._publish(self._position())
+        self._thread = threading.Thread(target=self._watch, name="overdrive-ledger",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the watchdog and close its store client (at exit too: a client dropped
+        by a thread the interpreter froze aborts the process)."""
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=2 * INTERVAL + 1.0)
+        self.store = None
+
+    def _position(self) -> tuple:
+        point, h, _, label = self.at
+        return (point, self.n, self.inside or "", h, _label(label), self.last_op)
+
+    def _publish(self, pos: tuple) -> None:
+        self.store.set(f"{self.prefix}/pos/{self.rank}", json.dumps(pos))
+
+    def _peers(self) -> list[int]:
+        return sorted({(self.rank - 1) % self.world, (self.rank + 1) % self.world} - {self.rank})
+
+    def _watch(self) -> None:
+        seen: dict[int, tuple] = {}  # rank -> (position, monotonic time it was first seen)
+        mine, mine_since = None, time.monotonic()
+        try:
+            while not self._stop.wait(INTERVAL):
+                self._check_launcher()
+                if self.error is not None:
+                    self._await_raise()
+                    return
+                if self.store.check([f"{self.prefix}/desync"]):
+                    self._conclude()
+                    continue
+                pos = self._position()
+                now = time.monotonic()
+                if pos != mine:
+                    mine, mine_since = pos, now
+                    self._publish(pos)
+                for peer in self._peers():
+                    theirs = self._read_pos(peer)
+                    if theirs is None:
+                        continue
+                    if seen.get(peer, (None,))[0] != theirs:
+                        seen[peer] = (theirs, now)
+                    finding = self._compare(mine, mine_since, peer, *seen[peer], now)
+                    if finding is not None:
+                        self._post(finding)
+                        self._conclude()
+                        break
+        except Exception as err:  # noqa: BLE001 — a watchdog must never kill the run
+            if not self._stop.is_set():
+                log.debug("overdrive: ledger watchdog stopped: %s", err)
+
+    def _read_pos(self, peer: int) -> tuple | None:
+        key = f"{self.prefix}/pos/{peer}"
+        if not self.store.check([key]):
+            return None
+        return tuple(json.loads(self.store.get(key)))
+
+    def _compare(self, mine: tuple, mine_since: float, peer: int, theirs: tuple,
+                 theirs_since: float, now: float) -> dict | None:
+        their_point, their_hash = theirs[0], theirs[3]
+        if their_point <= mine[0]:
+            ours = self._hash_at(their_point)
+            if ours is not None and ours != their_hash:
+                return {"reason": "mismatch", "ranks": [self.rank, peer], "point": their_point}
+        if self.timeout is None or mine[:3] == theirs[:3] or PATIENT & {mine[2], theirs[2]}:
+            return None
+        still = min(now - mine_since, now - theirs_since)
+        if still >= self.timeout:
+            return {"reason": "stall", "ranks": [self.rank, peer], "seconds": round(still, 1)}
+        return None
+
+    def _hash_at(self, point: int) -> int | None:
+        if point == 0:
+            return 0
+        for p, h in reversed(self.history):
+            if p == point:
+                return h
+            if p < point:
+                break
+        return None
+
+    def _post(self, finding: dict) -> None:
+        """Post the finding unless another rank posted one first (the first one wins)."""
+        self.store.compare_set(f"{self.prefix}/desync", "", json.dumps(finding))
+
+    def _conclude(self) -> None:
+        """Every rank posts its entries, reads the others' and builds the same error."""
+        finding = json.loads(self.store.get(f"{self.prefix}/desync"))
+        dump = {"rank": self.rank, "pos": list(self._position()),
+                "entries": [(i, describe(e), _helper_point(e)) for i, e in self.entries]}
+        self.store.set(f"{self.prefix}/dump/{self.rank}", json.dumps(dump))
+        self.store.add(f"{self.prefix}/acks", 1)
+        deadline = time.monotonic() + GRACE
+        while self.store.add(f"{self.prefix}/acks", 0) < self.world \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ranks = range(self.world) if self.world <= _ALL_DUMPS else sorted(set(finding["ranks"]))
+        dumps = {}
+        for r in ranks:
+            key = f"{self.prefix}/dump/{r}"
+            if self.store.check([key]):
+                dumps[r] = json.loads(self.store.get(key))
+        self.error = DesyncError(desync_message(finding, dumps, self.timeout))
+        log.error("overdrive: rank %d: DesyncError: %s", self.rank, self.error)
+
+    def _await_raise(self) -> None:
+        """Give the main thread GRACE s to raise; a main thread stuck where Python cannot
+        interrupt it (a C++ collective, a sleep) ends the process instead."""
+        deadline = time.monotonic() + GRACE
+        while time.monotonic() < deadline:
+            if self._raised or self._stop.is_set():
+                return
+            time.sleep(0.05)
+        print(f"overdrive: rank {self.rank}: the main thread is blocked; exiting on "
+              f"DesyncError: {self.error}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+
+    def _check_launcher(self) -> None:
+        if self._launcher is not None and not _alive(self._launcher):
+            print(f"overdrive: rank {self.rank}: the launcher (pid {self._launcher}) is gone; "
+                  "exiting", file=sys.stderr, flush=True)
+            os._exit(1)
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def desync_message(finding: dict, dumps: dict[int, dict], timeout: float | None) -> str:
+    """What every rank raises: what was found, and where each rank is."""
+    where = {r: _where(d) for r, d in dumps.items()}
+    a, b = sorted(finding["ranks"])
+    if finding["reason"] == "mismatch":
+        head = f"ranks {a} and {b} issued different collectives"
+        alone = None
+        if a in dumps and b in dumps:
+            text, alone = _first_divergence(a, dumps[a], b, dumps[b])
+            head += f"; first divergent entry: {text}"
+    else:
+        head = (f"ranks {a} and {b} have stood still at different places for "
+                f"{finding['seconds']} s (desync_timeout={timeout})")
+        alone = _alone(dumps)
+    if alone:
+        head = f"{alone}; {head}"
+    shown = "; ".join(where[r] for r in sorted(where)[:8])
+    more = f" (and {len(where) - 8} more)" if len(where) > 8 else ""
+    missing = sorted(set(finding["ranks"]) - set(dumps))
+    gone = f"; rank(s) {missing} did not answer" if missing else ""
+    return f"{head}. Now: {shown}{more}{gone}"
+
+
+def _where(dump: dict) -> str:
+    point, n, inside, _, label, op = dump["pos"]
+    if inside:  # in a helper (its point is the last one) or in rt.backward after a step
+        where = f"is in {inside}" if label == f"entered {inside}" else \
+            f"is in {inside} ({label.removeprefix('at ')})"
+    elif label.startswith("entered "):
+        where = f"has left {label.removeprefix('entered ')}"
+    else:
+        where = label.replace("at ", "is at ", 1)
+    return f"rank {dump['rank']} {where} ({_last(n, op)})"
+
+
+def _helper_point(entry: tuple) -> str | None:
+    """The helper an entry enters (a point such as "rt.save"), else None."""
+    if entry[0] == "p" and isinstance(entry[1], str) and entry[1].startswith("rt.") \
+            and " " not in entry[1]:
+        return entry[1]
+    return None
+
+
+def _alone(dumps: dict[int, dict]) -> str | None:
+    """"rt.save called on ranks [0] only" when some ranks wait inside a collective
+    helper the others never entered."""
+    inside = {r: d["pos"][2] for r, d in dumps.items()}
+    helpers = {h for h in inside.values() if h.startswith("rt.") and h != "rt.backward"}
+    for helper in sorted(helpers):
+        ranks = [r for r, h in inside.items() if h == helper]
+        if len(ranks) < len(dumps):
+            return f"{helper} called on ranks {ranks} only; every rank must call it"
+    return None
+
+
+def _first_divergence(a: int, da: dict, b: int, db: dict) -> tuple[str, str | None]:
+    """The first entry where two ranks differ, and "H called on ranks [r] only" when one
+    of them entered a collective helper H there."""
+    ea = {e[0]: (e[1], e[2]) for e in da["entries"]}
+    eb = {e[0]: (e[1], e[2]) for e in db["entries"]}
+    for i in sorted(set(ea) | set(eb)):
+        (ta, ha), (tb, hb) = ea.get(i, ("nothing", None)), eb.get(i, ("nothing", None))
+        if ta != tb:
+            alone = None
+            if ha and ha != hb:
+                alone = f"{ha} called on ranks [{a}] only; every rank must call it"
+            elif hb and hb != ha:
+                alone = f"{hb} called on ranks [{b}] only; every rank must call it"
+            return f"rank {a} {ta}, rank {b} {tb} (entry #{i})", alone
+    return "not in the recent entries", None
+
+
+# --------------------------------------------------------------------------- wiring
+
+
+def _launcher_pid() -> int | None:
+    pid = os.environ.get("OVERDRIVE_LAUNCHER_PID")
+    return int(pid) if pid and pid.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _store_client():
+    """A client of torchrun's TCP store of its own (the default group's store as a
+    fallback): the watchdog's round trips never queue behind the main thread's."""
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if host and port:
+        try:
+            return dist.TCPStore(host, int(port), is_master=False,
+                                 timeout=datetime.timedelta(seconds=60),
+                                 wait_for_workers=False)
+        except Exception:  # noqa: BLE001
+            pass
+    return dist.distributed_c10d._get_default_store()
+
+
+def make_ledger(desync_timeout: float | None) -> Ledger | None:
+    """The ledger of a new runtime under a process group of 2+ ranks (else None).
+    OVERDRIVE_LEDGER=0 turns it off (benchmarks/step_overhead.py measures it that way)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    if os.environ.get("OVERDRIVE_LEDGER", "1") == "0":
+        return None
+    run = os.environ.get("TORCHELASTIC_RUN_ID", "run")
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    prefix = f"overdrive/ledger/{run}/{restart}/{next(_INSTANCES)}"
+    ledger = Ledger(dist.get_rank(), dist.get_world_size(), _store_client(), desync_timeout,
+                    prefix)
+    ledger.start()
+    return ledger
+
+
+# --------------------------------------------------------------------------- collectives
+
+
+def current() -> Ledger | None:
+    return _CURRENT.get()
+
+
+def collective(_name: str, _fn: Callable, *args: Any, tensor: torch.Tensor | None = None,
+               **kwargs: Any) -> Any:
+    """``_fn(*args, **kwargs)`` — a torch collective named ``_name`` — noted on the
+    current ledger and, when it can be, waited for in slices (a desync found meanwhile is
+    raised)."""
+    ledger = _CURRENT.get()
+    if ledger is None:
+        return _fn(*args, **kwargs)
+    ledger.note(_name, tensor)
+    if tensor is None or tensor.device.type != "cpu":
+        # objects and barriers: torch's own call. Accelerator collectives too: a timed
+        # wait on NCCL blocks the host and may abort the communicator on expiry
+        return _fn(*args, **kwargs)
+    ledger.wait(_fn(*args, async_op=True, **kwargs))  # gloo: in slices
+    return None
+
+
+def note(op: str, tensor: torch.Tensor | None = None) -> None:
+    """Note a collective issued by code that calls torch itself."""
+    ledger = _CURRENT.get()
+    if ledger is not None:
+        ledger.note(op, tensor)
