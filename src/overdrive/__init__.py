@@ -24,7 +24,7 @@ _EXPORTS: dict[str, str] = {
     "ModuleGraph": ".rewrite.graph",
     "Pass": ".rewrite.manager", "register_pass": ".rewrite.manager",
     **dict.fromkeys(("DDP", "FP8", "FSDP", "PRESETS", "Casting", "Checkpointing", "Compile",
-                     "DeepSpeed", "Parallel", "Pipeline", "Plan"), ".rewrite.plan"),
+                     "DeepSpeed", "Offload", "Parallel", "Pipeline", "Plan"), ".rewrite.plan"),
     **dict.fromkeys(("MemoryEstimate", "PassRecord", "Report"), ".rewrite.report"),
     "load_weights": ".runtime.export",
     "find_executable_batch_size": ".runtime.helpers",
@@ -36,7 +36,7 @@ _EXPORTS: dict[str, str] = {
 __all__ = [
     "accelerate", "inspect",
     "Plan", "Compile", "FP8", "Checkpointing", "Casting", "Parallel", "FSDP", "DDP",
-    "DeepSpeed", "Pipeline", "PRESETS",
+    "DeepSpeed", "Offload", "Pipeline", "PRESETS",
     "Runtime", "Report", "PassRecord", "MemoryEstimate", "ModuleGraph",
     "Pass", "register_pass", "find_executable_batch_size",
     "OverdriveError", "PlanError", "BackendUnavailable", "PassFailed",
@@ -66,7 +66,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .rewrite.graph import ModuleGraph
     from .rewrite.manager import Pass, register_pass
     from .rewrite.plan import (DDP, FP8, FSDP, PRESETS, Casting, Checkpointing, Compile,
-                               DeepSpeed, Parallel, Pipeline, Plan)
+                               DeepSpeed, Offload, Parallel, Pipeline, Plan)
     from .rewrite.report import MemoryEstimate, PassRecord, Report
     from .runtime.export import load_weights
     from .runtime.helpers import find_executable_batch_size

@@ -125,9 +125,10 @@ def estimate_memory(graph: ModuleGraph, plan: Plan, records: list[PassRecord],
     if plan.deepspeed is not None and plan.mixed_precision != "no":
         notes.append("DeepSpeed also keeps an fp32 master copy of the parameters "
                      "(sharded with the optimizer state)")
-    if plan.casting is not None:
+    if plan.casting is not None or plan.offload is not None:
         mem["gradients"] = mem["optimizer"] = 0
-        notes.append("casting is an inference plan: no gradients, no optimizer state")
+        part = "casting" if plan.casting is not None else "offload"
+        notes.append(f"{part} is an inference plan: no gradients, no optimizer state")
     else:
         notes.append("optimizer: AdamW-like, two fp32 states per trainable parameter")
 
