@@ -30,7 +30,7 @@ _EXPORTS: dict[str, str] = {
     "find_executable_batch_size": ".runtime.helpers",
     "Runtime": ".runtime.runtime",
     "Tracker": ".runtime.tracking",
-    "launch": ".launch", "LaunchError": ".launch",
+    "launch": ".spawn", "LaunchError": ".spawn",
 }
 
 __all__ = [
@@ -72,4 +72,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .runtime.helpers import find_executable_batch_size
     from .runtime.runtime import Runtime
     from .runtime.tracking import Tracker
-    from .launch import LaunchError, launch
+    from .spawn import LaunchError, launch
