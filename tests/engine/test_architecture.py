@@ -148,3 +148,10 @@ def test_the_runtime_docstring_lists_its_whole_public_surface():
         assert f"\n    {group}\n" in Runtime.__doc__
     missing = sorted(m for m in public if f"``{m}" not in Runtime.__doc__)
     assert not missing, f"public Runtime members not in its docstring: {missing}"
+    # and the other way: every name the groups list is a real member
+    members = public | {a.attr for a in ast.walk(init) if isinstance(a, ast.Attribute)
+                        and isinstance(a.value, ast.Name) and a.value.id == "self"}
+    listed = set(re.findall(r"``(\w+)", Runtime.__doc__.split("\n    loop\n", 1)[1]))
+    not_members = sorted(n for n in listed - {"hook", "_"}  # a signature's argument; "_"
+                         if n not in members and not hasattr(Runtime, n))
+    assert not not_members, f"the Runtime docstring lists non-members: {not_members}"
