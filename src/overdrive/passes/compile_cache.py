@@ -10,9 +10,9 @@ source and compile command, so a machine whose compiler flags differ never picks
 
 One bundle is a zip file ``<fingerprint>.zip`` in the cache dir: ``torch.bin`` (the
 artifacts), ``kernels/<path under inductor's cache dir>`` and ``meta.json``. The
-fingerprint hashes the plan, the model's structure (module names and classes, the source
-of those classes, parameter and buffer shapes and dtypes), torch's version and the device
-kind. Loading or writing a bundle never fails a run: a broken one is a warning and a miss.
+fingerprint hashes the plan, the model's structure (module names and classes, the files
+that define those classes, parameter and buffer shapes and dtypes), torch's version, the
+device kind and the rank's pp / cp / tp place. Loading or writing a bundle never fails a run: a broken one is a warning and a miss.
 Loading a bundle executes its code (as torch's own caches do): keep the cache dir private.
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import io
 import json
 import os
@@ -59,21 +58,30 @@ def _stable(obj: Any) -> str:
     return _ADDRESS.sub("", repr(obj))
 
 
-def _class_source(cls: type) -> str:
-    try:
-        return inspect.getsource(cls)
-    except (OSError, TypeError):
+def _class_file_hash(cls: type, seen: dict[str, str]) -> str:
+    """A hash of the file that defines ``cls`` (an edit there changes the key: a miss and a
+    fresh bundle, never a stale one); its qualified name where there is no file."""
+    module = sys.modules.get(cls.__module__)
+    path = getattr(module, "__file__", None)
+    if not path:
         return f"{cls.__module__}.{cls.__qualname__}"
+    if path not in seen:
+        try:
+            seen[path] = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+        except OSError:
+            seen[path] = path
+    return seen[path]
 
 
 def _model_structure(model: nn.Module) -> list[Any]:
     rows: list[Any] = []
     classes: dict[str, str] = {}
+    files: dict[str, str] = {}
     for name, module in model.named_modules():
         cls = type(module)
         qual = f"{cls.__module__}.{cls.__qualname__}"
         if qual not in classes:
-            classes[qual] = _class_source(cls)
+            classes[qual] = _class_file_hash(cls, files)
         rows.append(("module", name, qual))
     for kind, items in (("param", model.named_parameters()), ("buffer", model.named_buffers())):
         for name, t in items:
