@@ -79,6 +79,9 @@ class Casting:
     storage: str = "float8_e4m3fn"
     compute: str = "bfloat16"
     skip: tuple[str, ...] = ("norm", "embed", "lm_head")
+    # "auto": torch._scaled_mm on the float8 weight where the device has fp8 matmul units
+    # (GPUs of compute capability >= 8.9), else the upcast copy; "copy" / "scaled_mm" force
+    kernel: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -299,6 +302,7 @@ CHOICES: dict[tuple[str, str], tuple] = {
     ("checkpointing", "mode"): ("full", "every", "selective", "budget"),
     ("casting", "storage"): ("float8_e4m3fn", "float8_e5m2", "bfloat16", "float16"),
     ("casting", "compute"): ("bfloat16", "float16", "float32"),
+    ("casting", "kernel"): ("auto", "copy", "scaled_mm"),
     ("fsdp", "param_dtype"): (None, "float32", "bfloat16", "float16"),
     ("fsdp", "reduce_dtype"): (None, "float32", "bfloat16", "float16"),
     ("deepspeed", "zero_stage"): (0, 1, 2, 3),
