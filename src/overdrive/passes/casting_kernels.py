@@ -255,9 +255,10 @@ def choose_kernel(requested: str, storage: torch.dtype, compute: torch.dtype,
         return fused(f"{kind.name} has fp8 tensor cores: torch._scaled_mm reads 1 byte a "
                      "weight")
     return KernelChoice("copy", False, kind.name,
-                        f"torch._scaled_mm runs on {kind.name} but without fp8 matmul units "
-                        "(measured ~25x a bf16 matmul at 16 tokens on an AVX-512 BF16 EPYC, "
-                        "benchmarks/casting.py); casting.kernel='scaled_mm' forces it")
+                        f"torch._scaled_mm runs on {kind.name}, but without fp8 matmul units "
+                        "it is slower than the upcast copy (benchmarks/casting.py: ~4x the "
+                        "copy's forward at 16 tokens on an AVX-512 BF16 EPYC); "
+                        "casting.kernel='scaled_mm' forces it")
 
 
 def fused_misfit(module: nn.Module) -> str | None:
