@@ -47,7 +47,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from _common import ROOT, emit
+from _common import ROOT, emit, target
 
 SECTIONS = ("fp8", "compile", "casting", "fsdp_offload", "offload")
 NO_CUDA_EXIT = 2
@@ -503,6 +503,33 @@ def environment() -> dict:
     return info
 
 
+def targets(sections: dict) -> list[dict]:
+    """The target rows benchmarks/report.py publishes, from the sections that ran."""
+    rows = []
+    for name, v in sections.get("fp8", {}).get("variants", {}).items():
+        if name != "bf16" and "speedup_vs_bf16" in v:
+            rows.append(target(f"{name} step speedup vs bf16", v["speedup_vs_bf16"], 1.2, ">="))
+    comp = sections.get("compile", {})
+    if "cold_regional_vs_full" in comp:
+        rows.append(target("cold start regional / full", comp["cold_regional_vs_full"], 0.6))
+        rows.append(target("steady step regional / full", comp["steady_regional_vs_full"],
+                           1.05))
+    cast = sections.get("casting", {})
+    kind = cast.get("kernels", {}).get("cast-auto", {})
+    for tokens, row in cast.get("by_tokens", {}).items():
+        auto = row["cast-auto"]
+        rows.append(target(f"casting forward / bf16 ({tokens} tokens; kernel "
+                           f"{kind.get('kernel')}, {kind.get('machine')})", auto["vs_bf16"],
+                           1.5 if int(tokens) < 256 else 1.1))
+        rows.append(target(f"casting logits rel. error vs bf16 ({tokens} tokens) (reference)",
+                           auto["logits_rel_err"], None))
+    ours = sections.get("offload", {}).get("variants", {}).get("overdrive", {})
+    if "throughput_vs_accelerate" in ours:
+        rows.append(target("od.Offload forward tokens/s / Accelerate dispatch's",
+                           ours["throughput_vs_accelerate"], 1.5, ">="))
+    return rows
+
+
 def run_sections(names, cfg: Settings, budget_s: float) -> dict:
     start, out = time.perf_counter(), {}
     for name in names:
@@ -540,6 +567,7 @@ def main(argv=None) -> int:
     result = {"environment": environment(), "smoke": args.smoke,
               "sections": run_sections(args.only, cfg, args.budget_s)}
     result["total_s"] = round(time.perf_counter() - start, 1)
+    result["targets"] = targets(result["sections"])
     out = Path(tempfile.gettempdir()) / "gpu_check_smoke.json" if args.smoke else None
     emit("gpu_check", result, out=out)
     return 0
