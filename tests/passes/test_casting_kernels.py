@@ -16,7 +16,7 @@ from overdrive.errors import BackendUnavailable
 from overdrive.passes import casting as casting_pass
 from overdrive.passes.casting import CastLinear, FusedCastLinear
 from overdrive.passes.casting_kernels import (DeviceKind, UpcastScratch, choose_kernel,
-                                              device_kind, upcast)
+                                              denormals_kept, device_kind, upcast)
 from overdrive.plan import Plan
 
 from tests.helpers import assert_untouched, snapshot
@@ -150,18 +150,36 @@ def test_fused_layer_with_a_graph_through_its_input_uses_the_copy_path():
 
 # ---------------------------------------------------------------- the CPU copy buffers
 
+def _every_value(storage, n=700):
+    every = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(storage)
+    # finite values: casting never stores a weight outside the format's finite range
+    return every[torch.isfinite(every.float())].repeat(3)[:n].reshape(n // 20, 20)
+
+
 @pytest.mark.parametrize("storage", [E4M3, E5M2])
 @pytest.mark.parametrize("compute", [BF16, torch.float16, torch.float32])
-def test_scratch_upcast_is_exactly_upcast_across_chunk_boundaries(storage, compute):
+def test_scratch_upcast_is_exact_for_every_value_across_chunk_boundaries(storage, compute):
     scratch = UpcastScratch()
     scratch.CHUNK = 100  # several chunks and a ragged last one
-    every = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(storage)
-    weight = every[~torch.isnan(every.float())].repeat(3)[:700].reshape(35, 20)
+    weight = _every_value(storage)
     got, scale = scratch.upcast(weight, compute)
+    assert got.dtype == compute and got.shape == weight.shape
+    assert torch.equal(got.float() * scale, weight.float())  # subnormals included
     want, want_scale = upcast(weight, compute)
-    assert scale == want_scale and got.dtype == compute and got.shape == weight.shape
-    assert torch.equal(got, want)
-    assert torch.equal(got.float() * scale, weight.float())
+    assert torch.equal(got.float() * scale, want.float() * want_scale)
+
+
+@pytest.mark.parametrize("storage", [E4M3, E5M2])
+def test_scratch_upcast_stays_exact_when_denormals_are_flushed(storage):
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        assert not denormals_kept()
+        got, scale = UpcastScratch().upcast(_every_value(storage), BF16)
+    finally:
+        torch.set_flush_denormal(False)
+    assert denormals_kept()
+    assert torch.equal(got.float() * scale, _every_value(storage).float())
 
 
 def test_scratch_buffer_is_reused_and_not_used_under_autograd():

@@ -58,21 +58,36 @@ def upcast(weight: torch.Tensor, compute: torch.dtype) -> tuple[torch.Tensor, fl
     return weight.to(compute), 1.0
 
 
+# float8 bits -> bfloat16 bits: (shift, mask, exponent offset). The sign-extended int8
+# shifted left puts the sign in bit 15 and exponent/mantissa right below bfloat16's
+# exponent field's top; the mask clears the copies of the sign. The result reads 2^-offset
+# of the value (bfloat16's bias 127 against the format's), its subnormals as bfloat16
+# subnormals: one exact multiply by 2^offset (fp32 math) makes the copy. Finite values
+# only (e5m2's inf would read as a number): casting never stores a non-finite weight.
+TO_BF16_BITS = {torch.float8_e4m3fn: (4, -30736, 120),  # mask 0x87F0
+                torch.float8_e5m2: (5, -28704, 112)}   # mask 0x8FE0
+def denormals_kept() -> bool:
+    """False under ``torch.set_flush_denormal(True)`` (the bf16 bit route needs them)."""
+    return bool((torch.full((), 2.0 ** -140) * 2.0).item() != 0.0)
+
+
 class UpcastScratch:
     """Reusable buffers for the CPU copy path, shared by the cast layers of one model
-    (they run one after another): a ``compute``-dtype buffer as large as the largest
-    weight, and two chunk buffers (int16, fp32) that stay in the core's cache.
+    (they run one after another): an int16 buffer as large as the largest weight, in which
+    the bfloat16 copy is built in place, and (other compute dtypes) two chunk buffers.
 
-    Chunked, the bit moves of ``upcast`` and the fp16 -> fp32 -> bf16 conversions (both
-    vectorised; torch's direct fp16 -> bf16 is not) touch each chunk while it is cached.
-    Used only where nothing can keep the buffer: CPU, no autograd graph through the
-    input, not under torch.compile. Buffers are per thread; never pickled or copied.
+    A fresh multi-megabyte tensor per forward costs page faults, and torch's float8 /
+    float16 -> bfloat16 conversions are not vectorised on CPU; here a bfloat16 copy is
+    four vectorised passes over one buffer (int8 -> int16, shift, mask, one exact
+    multiply). Used only where nothing can keep the buffer: CPU, no autograd graph through
+    the input, not under torch.compile. Buffers are per thread; never pickled or copied.
     """
 
     CHUNK = 1 << 17  # elements: 256 KiB of int16 + 512 KiB of fp32
 
     def __init__(self) -> None:
-        self._by_thread: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
+        # {thread: [int16 buffer, int16 chunk, fp32 chunk]}, {(thread, dtype): [output]}
+        self._by_thread: dict = {}
 
     def __getstate__(self) -> dict:
         return {}
@@ -90,21 +105,31 @@ class UpcastScratch:
                 and not (torch.is_grad_enabled() and x.requires_grad)
                 and not torch.compiler.is_compiling())
 
-    def _buffers(self, numel: int, compute: torch.dtype) -> list[torch.Tensor]:
-        key = (threading.get_ident(), compute)
+    def _buffers(self, numel: int) -> list[torch.Tensor]:
+        key = threading.get_ident()
         bufs = self._by_thread.get(key)
         if bufs is None or bufs[0].numel() < numel:
-            bufs = [torch.empty(numel, dtype=compute), torch.empty(self.CHUNK, dtype=torch.int16),
+            bufs = [torch.empty(numel, dtype=torch.int16),
+                    torch.empty(self.CHUNK, dtype=torch.int16),
                     torch.empty(self.CHUNK, dtype=torch.float32)]
             self._by_thread[key] = bufs
         return bufs
 
     def upcast(self, weight: torch.Tensor, compute: torch.dtype) -> tuple[torch.Tensor, float]:
         """As ``upcast``, into the shared buffer (valid until the next cast layer runs)."""
-        out, bits, wide = self._buffers(weight.numel(), compute)
+        out, bits, wide = self._buffers(weight.numel())
         src = weight.view(torch.int8).reshape(-1)
         dst = out[:src.numel()]
+        if compute == torch.bfloat16 and denormals_kept():
+            shift, mask, offset = TO_BF16_BITS[weight.dtype]
+            dst.copy_(src)
+            dst.bitwise_left_shift_(shift).bitwise_and_(mask)
+            return dst.view(torch.bfloat16).mul_(2.0 ** offset).view(weight.shape), 1.0
         e4m3 = weight.dtype == torch.float8_e4m3fn
+        if compute not in (torch.float16, torch.float32, torch.bfloat16):
+            raise ValueError(f"no upcast to {compute}")
+        target = dst.view(torch.float16) if compute == torch.float16 else \
+            self._wide_out(src.numel(), compute)
         for start in range(0, src.numel(), self.CHUNK):
             stop = min(src.numel(), start + self.CHUNK)
             b = bits[:stop - start]
@@ -114,14 +139,23 @@ class UpcastScratch:
             else:
                 b.bitwise_left_shift_(8)
             if compute == torch.float16:
-                dst[start:stop].view(torch.int16).copy_(b)
+                target[start:stop].view(torch.int16).copy_(b)
             elif compute == torch.float32:
-                dst[start:stop].copy_(b.view(torch.float16))
+                target[start:stop].copy_(b.view(torch.float16))
             else:
                 w = wide[:stop - start]
                 w.copy_(b.view(torch.float16))
-                dst[start:stop].copy_(w)
-        return dst.view(weight.shape), 256.0 if e4m3 else 1.0
+                target[start:stop].copy_(w)
+        return target.view(weight.shape), 256.0 if e4m3 else 1.0
+
+    def _wide_out(self, numel: int, compute: torch.dtype) -> torch.Tensor:
+        """The output buffer of the chunked route for a compute dtype other than fp16."""
+        key = (threading.get_ident(), compute)
+        buf = self._by_thread.get(key)
+        if buf is None or buf[0].numel() < numel:
+            buf = [torch.empty(numel, dtype=compute)]
+            self._by_thread[key] = buf
+        return buf[0][:numel]
 
 
 # --------------------------------------------------------------------------- scaled_mm
