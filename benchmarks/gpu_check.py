@@ -400,7 +400,7 @@ def hf_llama_config(shape: Shape):
     return LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.dim,
                        intermediate_size=shape.ffn, num_hidden_layers=shape.layers,
                        num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-                       tie_word_embeddings=False, torch_dtype="bfloat16")
+                       tie_word_embeddings=False)
 
 
 def offload_variants(export: str, budget: int, cfg: Settings) -> dict:
