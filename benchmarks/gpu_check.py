@@ -411,9 +411,9 @@ def offload_variants(export: str, budget: int, cfg: Settings) -> dict:
     import overdrive as od
 
     gpu = 0 if cfg.device == "cuda" else "cpu"
-    # integers: Accelerate does not parse "GiB" sizes; the disk holds the rest on CPU runs
-    max_memory = {gpu: budget, "cpu": 200 * 2**30} if gpu == 0 else {"cpu": budget}
-    ours_memory = max_memory if gpu == 0 else {**max_memory, "disk": 2**40}
+    # integers: Accelerate does not parse "GiB" sizes. --smoke (CPU): all in CPU memory,
+    # the plumbing only
+    max_memory = {gpu: budget, "cpu": 200 * 2**30} if gpu == 0 else {"cpu": 16 * 2**30}
     hf = AutoConfig.from_pretrained(export)
 
     def ours():
@@ -421,7 +421,7 @@ def offload_variants(export: str, budget: int, cfg: Settings) -> dict:
             raise RuntimeError("this overdrive has no od.Offload")
         with torch.device("meta"):
             model = LlamaForCausalLM(hf).eval()
-        plan = od.Plan(offload=od.Offload(max_memory=ours_memory, dtype="bfloat16",
+        plan = od.Plan(offload=od.Offload(max_memory=max_memory, dtype="bfloat16",
                                           offload_folder=tempfile.mkdtemp()))
         return od.accelerate(model, plan, weights=export).model
 
