@@ -314,6 +314,14 @@ def decide(graph: ModuleGraph, cfg: Casting, device: torch.device) -> CastingDec
             "casting is an inference plan: no gradients, no optimizer state",)))
 
 
+def run_device(ctx: PassContext) -> torch.device:
+    """The device the cast layers will run on; od.inspect's dry run does not know it, and
+    resolves it as this machine would (as the fp8 pass does): the GPU if there is one."""
+    if ctx.env.dry_run or ctx.env.device.type == "meta":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return ctx.env.device
+
+
 @register_pass("casting", config=Casting, before=("fp8",))
 class LayerwiseCasting(Pass):
     """Inference: Linear/Conv weights stored in ``storage``, computed in ``compute``."""
@@ -321,7 +329,7 @@ class LayerwiseCasting(Pass):
     replaces_parameters = True
 
     def check(self, ctx: PassContext) -> CastingDecision:
-        decision = decide(ctx.graph, ctx.cfg, ctx.env.device)
+        decision = decide(ctx.graph, ctx.cfg, run_device(ctx))
         if not decision.modules:
             why = "; ".join(f"{n}: {r}" for n, r in list(decision.skipped.items())[:6])
             raise PlanError(
