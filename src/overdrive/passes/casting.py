@@ -35,11 +35,12 @@ from torch import nn
 from ..dtypes import to_torch
 from ..errors import PlanError
 from ..plan import Casting
-from .casting_kernels import (FLOAT8, KernelChoice, UpcastScratch, choose_kernel, device_kind,
-                              fused_misfit, scaled_mm, upcast)
 from ..rewrite.contract import Decision, MemoryEffect, Pass, PassContext
 from ..rewrite.graph import ModuleGraph, parameter_owners, tensor_bytes
 from ..rewrite.manager import register_pass
+from .casting_kernels import (FLOAT8, KernelChoice, UpcastScratch, choose_kernel, device_kind,
+                              fused_misfit, scaled_mm, upcast)
+
 
 class _UpcastForward:
     """Mixin: forward from a temporary ``compute``-dtype copy of the stored weight.
