@@ -23,7 +23,7 @@ from ..plan import Plan
 from ..rewrite.contract import Handoff
 from ..rewrite.env import Env
 from ..rewrite.report import Report
-from . import collectives, data, grad, helpers, split, trigger
+from . import collectives, data, grad, helpers, loss_norm, split, trigger
 from .guards import NonFiniteGuard
 from .keys import clean_key
 from .ledger import make_ledger
@@ -75,7 +75,12 @@ class Runtime:
         self._env = env
         self._handoff = handoff if handoff is not None else Handoff()
         self._engine = self._handoff.engine
+        # with Plan(global_batch_size=...) derived by the first rt.shard (_derive_grad_accum)
         self.grad_accum = plan.grad_accum
+        self._grad_accum_derived = plan.global_batch_size is None
+        # a resume onto another number of data ranks, logged once grad_accum is known
+        self._elastic_note: tuple[int, int, int] | None = None
+        self._loss_kind = loss_norm.LossKind.of(model)  # what loss_normalization counts
         self._autocast_dtype = self._choose_autocast_dtype()
         self._scaler = self._make_scaler()
         self.step = 0  # optimizer steps really taken (skipped micro-steps do not count)
@@ -207,14 +212,21 @@ class Runtime:
 
     # -- backward -------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
-        """``loss.backward()`` scaled by 1/grad_accum (and by the fp16 scaler).
+        """``loss.backward()`` scaled by 1/grad_accum (and by the fp16 scaler): the step's
+        gradient is the mean of its micro-batch losses (``Plan.loss_normalization`` is for
+        ``rt.forward_backward``).
 
         A NaN/inf loss outside fp16 raises ``NonFiniteError`` (guards.py) before the
         optimizer steps, or skips the step with ``Plan(skip_nonfinite=True)``.
         """
-        self._guard.value(loss, "the loss")
+        self._run_backward(loss, loss, kwargs)
+
+    def _run_backward(self, loss: torch.Tensor, shown: torch.Tensor, kwargs: dict) -> None:
+        """Backward of ``loss``; ``shown`` is the value checked and logged (the same, but
+        under loss_normalization="tokens" where the backward also undoes 1/grad_accum)."""
+        self._guard.value(shown, "the loss")
         if self._meter is not None:
-            self._meter.on_backward(loss)
+            self._meter.on_backward(shown)
         ledger = self._ledger
         if ledger is None:
             return self._backward(loss, kwargs)
@@ -359,6 +371,55 @@ class Runtime:
         if self.dp_size == self.world_size:
             return None
         return self._env.submesh("dp").get_group()
+
+    def _loss_group(self):
+        """The ranks whose losses make up one step's: dp × cp (None: the default group)."""
+        if self.plan.parallel.cp == 1:
+            return self._dp_group()
+        if self.dp_size * self.plan.parallel.cp == self.world_size:
+            return None
+        return self._env.submesh("dp_cp").get_group()
+
+    def _derive_grad_accum(self, loader) -> None:
+        """``Plan(global_batch_size=G)``: grad_accum = G / (samples per micro-step of every
+        data rank), from the first loader rt.shard makes (the training loader). Raises
+        ``PlanError`` (changing nothing) when it does not divide."""
+        from ..errors import PlanError
+
+        if self._grad_accum_derived:
+            return
+        gbs = self.plan.global_batch_size
+        per_micro = loader.batch_size if loader.split else loader.batch_size * self.dp_size
+        if gbs % per_micro:
+            how = (f"the loader's batch size {loader.batch_size} (split_batches)" if loader.split
+                   else f"the loader's batch size {loader.batch_size} × {self.dp_size} data "
+                        "rank(s)")
+            fits = [d for d in range(1, gbs + 1) if gbs % (d if loader.split else
+                                                             d * self.dp_size) == 0]
+            raise PlanError(
+                f"global_batch_size={gbs} is not divisible by {how} = {per_micro} samples per "
+                f"micro-step, so grad_accum cannot be derived; give the DataLoader a "
+                f"batch_size in {fits[:8]} or change global_batch_size")
+        self.grad_accum = gbs // per_micro
+        self._grad_sync.n = self.grad_accum
+        if self._pipeline is not None:
+            self._pipeline.grad_accum = self.grad_accum
+        self._grad_accum_derived = True
+        if self.is_main:
+            log.info("overdrive: global_batch_size=%d over %d data rank(s) of batch %d: "
+                     "grad_accum=%d", gbs, self.dp_size, loader.batch_size, self.grad_accum)
+        self._log_elastic()
+
+    def _log_elastic(self) -> None:
+        """The line saying a checkpoint was resumed on another number of data ranks (once
+        grad_accum is known)."""
+        if self._elastic_note is None or not self._grad_accum_derived:
+            return
+        old_dp, old_ga, step = self._elastic_note
+        self._elastic_note = None
+        if self.is_main:
+            log.info("overdrive: resumed elastically at step %d from %d to %d data rank(s), "
+                     "grad_accum %d → %d", step, old_dp, self.dp_size, old_ga, self.grad_accum)
 
     # -- state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

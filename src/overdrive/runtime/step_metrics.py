@@ -3,7 +3,7 @@
 The runtime feeds the meter from the places that already see the numbers: ``rt.backward``
 (the loss, kept on the device as a running sum: no sync), ``rt.clip_grad_norm_`` (the
 norm), ``rt.shard``'s loader (samples and tokens, from shapes) and the optimizer step.
-On a logged step the data-parallel ranks add up ``[loss sum, micro-steps, samples,
+On a logged step the data-parallel (× context-parallel) ranks add up ``[loss sum, micro-steps, samples,
 tokens]`` in one all-reduce of four numbers, and rank 0 reads them (and the grad norm)
 with one device→host copy. Between logged steps the meter costs a tensor add per
 micro-step and a few integer additions.
@@ -51,6 +51,9 @@ class StepMeter:
         self._opt = None  # the torch optimizer whose lr is logged (found at the first row)
         self._line_at = -LINE_INTERVAL_S  # when the last log line was printed
         self._group = self._group_known = None
+        # the ranks whose losses make up a step: dp × cp (cp peers see the same samples)
+        self._cp = rt.plan.parallel.cp if rt.plan is not None else 1
+        self._ranks = rt.dp_size * self._cp
         self._reset()
         self._t_last: float | None = None
 
@@ -98,7 +101,7 @@ class StepMeter:
     def _emit(self) -> None:
         now = time.perf_counter()
         elapsed = now - (self._t_last if self._t_last is not None else now)
-        if not self.rt.is_main and self.rt.dp_size == 1:  # nothing to add up, nothing to log
+        if not self.rt.is_main and self._ranks == 1:  # nothing to add up, nothing to log
             self._reset()
             self._t_last = now
             return
@@ -137,7 +140,7 @@ class StepMeter:
         and the grad norm: one all-reduce (several ranks) and one device→host copy."""
         losses, norm = self._losses, self._norm
         micro, samples, tokens = len(losses), self._samples, self._tokens
-        if self.rt.dp_size == 1 and not isinstance(norm, torch.Tensor):
+        if self._ranks == 1 and not isinstance(norm, torch.Tensor):
             if micro == 1:
                 return losses[0].item(), 1, samples, tokens, _float(norm)
             if micro == 0:
@@ -148,7 +151,7 @@ class StepMeter:
                 torch.stack([t.reshape(()).float() for t in losses]).sum().reshape(1)
             if hasattr(loss, "full_tensor"):  # a DTensor loss (loss parallel)
                 loss = loss.full_tensor()
-        if self.rt.dp_size > 1:
+        if self._ranks > 1:
             device = loss.device if loss is not None else self.rt.device
             counts = torch.tensor([micro, samples, tokens], dtype=torch.float64, device=device)
             packed = counts if loss is None else torch.cat([loss.double(), counts])
@@ -160,17 +163,18 @@ class StepMeter:
         values = _read(packed, norm)
         if isinstance(norm, torch.Tensor):
             norm = values.pop()
-        if self.rt.dp_size > 1:
+        if self._ranks > 1:
             if loss is None:
                 values.insert(0, 0.0)
             loss_sum, micro, samples, tokens = values
+            samples, tokens = samples / self._cp, tokens / self._cp  # counted by every cp peer
         else:
             loss_sum = values[0] if values else 0.0
         return loss_sum, int(micro), int(samples), int(tokens), _float(norm)
 
     def _dp_group(self):
         if not self._group_known:
-            self._group, self._group_known = self.rt._dp_group(), True
+            self._group, self._group_known = self.rt._loss_group(), True
         return self._group
 
     def _lr(self) -> float | None:
