@@ -693,6 +693,24 @@ def _check_contradictions(plan: Plan) -> None:
 SIZE_NAMES = ("pp", "dp_replicate", "dp_shard", "tp", "cp")
 
 
+def derive_grad_accum(global_batch_size: int, batch_size: int, dp_size: int,
+                      split_batches: bool = False) -> int:
+    """``Plan(global_batch_size=G)``'s grad_accum: G / (the samples one micro-step takes
+    over every data rank: the loader's ``batch_size`` × ``dp_size``, or ``batch_size``
+    with ``split_batches``). The one owner of the rule (``rt.shard``, ``od.inspect``)."""
+    per_micro = batch_size if split_batches else batch_size * dp_size
+    if global_batch_size % per_micro == 0:
+        return global_batch_size // per_micro
+    ranks = 1 if split_batches else dp_size
+    fits = [b for b in range(1, global_batch_size + 1) if global_batch_size % (b * ranks) == 0]
+    how = (f"batch size {batch_size} (split_batches)" if split_batches else
+           f"batch size {batch_size} × {dp_size} data rank(s)")
+    raise PlanError(
+        f"global_batch_size={global_batch_size} is not divisible by the loader's {how} = "
+        f"{per_micro} samples per micro-step, so grad_accum cannot be derived; give the "
+        f"DataLoader a batch_size in {fits[:8]} or change global_batch_size")
+
+
 def resolve_sizes(parallel: Parallel, world_size: int) -> Parallel:
     """Fill the one -1 size and check the product equals the world size."""
     sizes = {n: getattr(parallel, n) for n in SIZE_NAMES}

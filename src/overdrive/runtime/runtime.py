@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import weakref
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -384,27 +385,18 @@ class Runtime:
         """``Plan(global_batch_size=G)``: grad_accum = G / (samples per micro-step of every
         data rank), from the first loader rt.shard makes (the training loader). Raises
         ``PlanError`` (changing nothing) when it does not divide."""
-        from ..errors import PlanError
+        from ..plan import derive_grad_accum
 
         if self._grad_accum_derived:
             return
         gbs = self.plan.global_batch_size
-        per_micro = loader.batch_size if loader.split else loader.batch_size * self.dp_size
-        if gbs % per_micro:
-            how = (f"the loader's batch size {loader.batch_size} (split_batches)" if loader.split
-                   else f"the loader's batch size {loader.batch_size} × {self.dp_size} data "
-                        "rank(s)")
-            fits = [d for d in range(1, gbs + 1) if gbs % (d if loader.split else
-                                                             d * self.dp_size) == 0]
-            raise PlanError(
-                f"global_batch_size={gbs} is not divisible by {how} = {per_micro} samples per "
-                f"micro-step, so grad_accum cannot be derived; give the DataLoader a "
-                f"batch_size in {fits[:8]} or change global_batch_size")
-        self.grad_accum = gbs // per_micro
+        grad_accum = derive_grad_accum(gbs, loader.batch_size, self.dp_size, loader.split)
+        self.grad_accum = grad_accum
         self._grad_sync.n = self.grad_accum
-        if self._pipeline is not None:
-            self._pipeline.grad_accum = self.grad_accum
         self._grad_accum_derived = True
+        if getattr(self.report, "steps", None) is not None:
+            self.report.steps = replace(self.report.steps, grad_accum=grad_accum,
+                                        batch_size=loader.batch_size)
         if self.is_main:
             log.info("overdrive: global_batch_size=%d over %d data rank(s) of batch %d: "
                      "grad_accum=%d", gbs, self.dp_size, loader.batch_size, self.grad_accum)
