@@ -68,7 +68,7 @@ class StepCounter:
     def __init__(self, rt, explicit: bool):
         self.rt, self.explicit = rt, explicit
         self.kind: LossKind = rt._loss_kind
-        self.group = rt._dp_group() if rt.dp_size > 1 else None
+        self._group, self._group_known = None, False  # looked up at the first count
 
     def windows(self, batches: Iterator[tuple[Any, int]]) -> Iterator[tuple[Any, int, Any]]:
         """``(batch, n_real, StepShare | None)`` for every batch, in order."""
@@ -98,7 +98,9 @@ class StepCounter:
         local = sum(int(c) for c in counts)
         total = torch.tensor(float(local), dtype=torch.float64, device=self.rt.device)
         if self.rt.dp_size > 1:
-            dist.all_reduce(total, group=self.group)
+            if not self._group_known:
+                self._group, self._group_known = self.rt._dp_group(), True
+            dist.all_reduce(total, group=self._group)
         return StepShare(total.clamp(min=1.0), len(window))
 
 
