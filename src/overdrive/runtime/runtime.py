@@ -259,6 +259,11 @@ class Runtime:
         ``output.loss`` or ``loss_fn(output, batch)``. Under pp the batch is split into
         the schedule's micro-batches (``loss_fn`` then sees each micro-batch) and the
         mean loss over them is returned, the same on every pipeline rank.
+
+        For a batch of an ``rt.shard`` loader carrying ``labels``, under
+        ``Plan(loss_normalization="tokens")`` (or "auto", the default), the step's loss is
+        its global token mean: the returned value is this micro-batch's share, whose mean
+        over the step's micro-batches and the dp × cp ranks is that mean (loss_norm.py).
         """
         from . import steps
 
