@@ -48,17 +48,23 @@ def shifts_labels(model: nn.Module) -> bool:
 
 def takes_num_items(model: nn.Module) -> bool:
     """The model's forward divides its summed token losses by a ``num_items_in_batch``
-    it is given: named in its signature, or a transformers model that passes its
-    ``**kwargs`` to its loss (``accepts_loss_kwargs``, as the Trainer reads it)."""
+    it is given: named in its signature (overdrive's Llama), or a transformers causal LM
+    whose forward hands its ``**kwargs`` to ``self.loss_function`` (``ForCausalLMLoss``;
+    ``accepts_loss_kwargs`` is read as the Trainer reads it). Anything else — a model
+    computing its own mean (T5, classification heads), source that cannot be read — is
+    rescaled from its mean loss instead, which is exact too."""
     params = _forward_params(model)
     if "num_items_in_batch" in params:
         return True
-    if not hasattr(model, "loss_function"):
+    if not is_transformers_causal_lm(model) or getattr(model, "accepts_loss_kwargs", True) is False:
         return False
-    accepts = getattr(model, "accepts_loss_kwargs", None)
-    if accepts is not None:
-        return bool(accepts)
-    return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return False
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return False
+    return "self.loss_function(" in source
 
 
 def targets(batch: Any, shifts: bool) -> torch.Tensor | None:
