@@ -157,7 +157,8 @@ def test_a_refused_shard_leaves_the_model_untouched():
 # --------------------------------------------------------------------------- gloo
 
 ONE = ["llama-p1", "hf-p1", "mean-p1"]
-TWO = ["llama-ga2", "llama-ga4", "llama-batch", "hf-ga2", "mean-ga2", "llama-cp2", "hf-cp2"]
+TWO = ["llama-ga2", "llama-ga4", "llama-batch", "hf-ga2", "hf-ga4", "mean-ga2", "llama-cp2",
+       "hf-cp2"]
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +187,7 @@ def test_one_process_is_the_whole_batch_token_mean(grads, kind):
 @pytest.mark.dist
 @pytest.mark.parametrize("name,grad_accum", [
     ("llama-ga2", 2), ("llama-ga4", 4), ("llama-cp2", 2),
-    ("hf-ga2", 2), ("hf-cp2", 2), ("mean-ga2", 2)])
+    ("hf-ga2", 2), ("hf-ga4", 4), ("hf-cp2", 2), ("mean-ga2", 2)])
 def test_every_layout_gives_the_same_step(grads, name, grad_accum):
     got, one = grads[name], grads[name.split("-")[0] + "-p1"]
     assert got["grad_accum"] == grad_accum  # derived from global_batch_size
@@ -243,3 +244,18 @@ def test_resume_on_four_ranks_with_a_smaller_loader_batch(elastic):
     assert resumed["grad_accum"] == 1
     assert_continues(full, resumed)
     assert "from 2 to 4 data rank(s), grad_accum 1 → 1" in proc.stdout + proc.stderr
+
+
+def test_which_models_get_num_items_in_batch():
+    """Only a forward that hands num_items_in_batch to its token loss gets it; a model
+    computing its own mean (T5, a classification head, a plain module) is rescaled."""
+    from overdrive.causal_lm import shifts_labels, takes_num_items
+    from overdrive.models.llama import tiny
+    from tests.models import zoo
+
+    assert takes_num_items(tiny(n_layers=1)) and shifts_labels(tiny(n_layers=1))
+    for name, gets in (("llama", True), ("gpt2", True), ("t5", False), ("bert", False)):
+        model = getattr(zoo, name)()
+        assert takes_num_items(model) is gets, name
+        assert shifts_labels(model) is gets, name
+    assert not takes_num_items(MeanLoss()) and not shifts_labels(MeanLoss())

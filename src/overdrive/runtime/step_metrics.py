@@ -3,14 +3,15 @@
 The runtime feeds the meter from the places that already see the numbers: ``rt.backward``
 (the loss, kept on the device as a running sum: no sync), ``rt.clip_grad_norm_`` (the
 norm), ``rt.shard``'s loader (samples and tokens, from shapes) and the optimizer step.
-On a logged step the data-parallel (× context-parallel) ranks add up ``[loss sum, micro-steps, samples,
-tokens]`` in one all-reduce of four numbers, and rank 0 reads them (and the grad norm)
+On a logged step the data-parallel (× context-parallel) ranks add up ``[loss sum,
+micro-steps, samples, tokens]`` in one all-reduce of four numbers, and rank 0 reads them (and the grad norm)
 with one device→host copy. Between logged steps the meter costs a tensor add per
 micro-step and a few integer additions.
 
 Row keys: ``loss`` (mean over the micro-steps of the interval and the data-parallel
-ranks), ``grad_norm``, ``lr``, ``step_seconds``, ``samples_per_s``, ``tokens_per_s``
-(both global), ``tflops`` and ``mfu`` (per device, where a peak is known: FLOPs from the
+× context-parallel ranks: under ``loss_normalization="tokens"`` the exact global token
+mean, ``runtime/loss_norm.py``), ``grad_norm``, ``lr``, ``step_seconds``,
+``samples_per_s``, ``tokens_per_s`` (both global), ``tflops`` and ``mfu`` (per device, where a peak is known: FLOPs from the
 meta-device trace of the first batch), ``memory_allocated_gb`` and ``memory_peak_gb``
 (the accelerator's; on CPU the process's peak resident memory).
 

@@ -5,8 +5,8 @@ Without pipeline parallelism it is the forward the loop would write (``model(**b
 batch)``) and ``rt.backward`` (scaled by ``1/grad_accum``, inside ``rt.accumulate`` as
 usual). For a batch of ``rt.shard``'s loader under ``Plan(loss_normalization="tokens")``
 (or "auto" with labels) the loss is normalised by the global step's target count
-instead (``loss_norm.py``). Under pp the pipeline runner splits the batch into micro-batches and runs the
-schedule.
+instead (``loss_norm.py``). Under pp the pipeline runner splits the batch into
+micro-batches and runs the schedule.
 """
 
 from __future__ import annotations
