@@ -81,6 +81,8 @@ def test_shard_derives_grad_accum_and_refuses_a_batch_that_does_not_divide():
     model = torch.nn.Linear(4, 4)
     rt = od.accelerate(model, od.Plan(global_batch_size=12), trackers=())
     assert rt.grad_accum == 1  # not known before the loader
+    with pytest.raises(od.OverdriveError, match=r"global_batch_size=12\).*rt.shard"):
+        rt.accumulate()
     with pytest.raises(od.PlanError, match=r"global_batch_size=12 is not divisible by the "
                                            r"loader's batch size 5"):
         rt.shard(DataLoader(rows(10), batch_size=5))

@@ -299,6 +299,14 @@ class Runtime:
     # -- gradients (grad.py) ----------------------------------------------------------
     def accumulate(self) -> grad.GradSync:
         """``with rt.accumulate():`` around each micro-step of ``Plan(grad_accum=N)``."""
+        if not self._grad_accum_derived:
+            from ..errors import OverdriveError
+
+            raise OverdriveError(
+                f"rt.accumulate(): Plan(global_batch_size={self.plan.global_batch_size}) "
+                "derives grad_accum from the training loader's batch size, and no loader was "
+                "sharded yet; call rt.shard(train_loader) first (or set Plan(grad_accum=N) "
+                "instead of global_batch_size)")
         return self._grad_sync
 
     @property
