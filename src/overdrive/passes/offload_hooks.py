@@ -91,9 +91,7 @@ class Offloader:
     def release(self, i: int) -> None:
         for p, stand_in in zip(self.units[i].params, self._stand_ins[i]):
             p.data = stand_in
-        if self._files[i]:
-            ahead = {f for j in self.pending for f in self._files[j]}
-            self.store.evict([f for f in self._files[i] if f not in ahead])
+        self.store.evict(self._files[i])  # pages only: a unit sharing a file refaults it
 
     def install(self, model: nn.Module) -> list:
         handles = []
