@@ -432,6 +432,8 @@ def _rows(batch: Any) -> int:
 
 def _to_device(batch: Any, device: torch.device, non_blocking: bool) -> Any:
     if isinstance(batch, torch.Tensor):
+        if batch.is_cpu and device.type == "cpu":  # what .to() returns, without its µs
+            return batch
         return batch.to(device, non_blocking=non_blocking)
     if isinstance(batch, dict):
         return {k: _to_device(v, device, non_blocking) for k, v in batch.items()}
