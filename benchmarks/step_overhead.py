@@ -12,8 +12,8 @@ round, in one process, so load from other processes on the machine hits all of t
 alike. Each step is timed in process CPU time (``time.process_time``: the time the
 process is descheduled while other processes run is not counted; wall-clock numbers are
 kept beside them). Reported per variant: the median step (µs), the µs it adds per
-optimizer step measured *paired* (median over rounds of its step minus the raw loop's
-step of the same round) and the ratio 1 + added / raw median. ``raw_again`` (the raw
+optimizer step measured *paired* (median over rounds of its step minus the mean of the
+two raw loops' steps of the same round) and the ratio 1 + added / raw median. ``raw_again`` (the raw
 loop a second time, its own model and loader) is the run's noise floor (A/A). The rounds
 are cut into ``--blocks`` consecutive blocks and the µs added is also given per block:
 their spread says how noisy the run was.
@@ -330,11 +330,14 @@ def summarize(w: Workload, accum: int, times: dict[str, list[float]], errors: di
     load that hits a whole round; ``ratio_vs_raw`` = 1 + added / the raw median. The
     rounds cut into ``blocks`` give the spread (added µs per block). ``raw_again``'s
     numbers are against ``raw`` alone: the A/A noise floor."""
-    base = times.get("raw")
-    if not base:
+    first, again = times.get("raw"), times.get("raw_again")
+    if not first or not again:
         return {"workload": w.name, "grad_accum": accum, "variants": {
             n: {"error": e} for n, e in errors.items()}}
-    raw = statistics.median(base)
+    # each round's baseline: the mean of its two raw steps (the first-built model tends
+    # to be a little slower: neither raw run alone is the reference)
+    base = [(a + b) / 2 for a, b in zip(first, again)]
+    raw = statistics.median(first + again)
     n = len(base)
     cuts = [(b * n // blocks, (b + 1) * n // blocks) for b in range(blocks)]
     rows = {}
@@ -345,7 +348,8 @@ def summarize(w: Workload, accum: int, times: dict[str, list[float]], errors: di
         if name not in times or name == "raw":
             continue
         ts = times[name]
-        diffs = [a - b for a, b in zip(ts, base)]
+        # raw_again against raw alone: the A/A noise floor
+        diffs = [a - b for a, b in zip(ts, first if name == "raw_again" else base)]
         added = statistics.median(diffs)
         q = statistics.quantiles(ts, n=4)
         rows[name] = {
@@ -356,8 +360,8 @@ def summarize(w: Workload, accum: int, times: dict[str, list[float]], errors: di
             "added_us_per_block": [round(statistics.median(diffs[lo:hi]) * 1e6, 1)
                                    for lo, hi in cuts],
         }
-    q = statistics.quantiles(base, n=4)
-    rows = {"raw": {"median_us": round(raw * 1e6, 1),
+    q = statistics.quantiles(first, n=4)
+    rows = {"raw": {"median_us": round(statistics.median(first) * 1e6, 1),
                     "iqr_us": [round(q[0] * 1e6, 1), round(q[2] * 1e6, 1)]}, **rows}
     return {"workload": w.name, "grad_accum": accum, "steps_per_variant": n,
             "raw_median_us": round(raw * 1e6, 1), "variants": rows}
@@ -474,8 +478,9 @@ def main() -> None:
         "clock": "process CPU time per optimizer step (time.process_time: the time other "
                  "processes on the machine take is not counted); wall-clock numbers under "
                  "each case's 'wall'",
-        "baseline": f"the {'raw DDP loop' if distributed else 'raw loop'} of the same round "
-                    "(paired); raw_again vs raw is the run's noise floor; "
+        "baseline": f"the mean of the two {'raw DDP loops' if distributed else 'raw loops'}' "
+                    "steps of the same round (paired); raw_again vs raw alone is the run's "
+                    "noise floor; "
                     "added_us_per_block: the same in each of `blocks` consecutive blocks",
         "targets": targets_of(cases, world, distributed, watchdog),
     }
