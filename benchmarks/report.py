@@ -39,23 +39,32 @@ def machine_line(m: dict) -> str:
     return f"{where}, torch {m.get('torch', '?')}, Python {m.get('python', '?')}"
 
 
+def machine_kind(m: dict) -> str:
+    """The row's machine in short: the GPU, else the CPU model and its flags that matter."""
+    if m.get("gpu"):
+        return m["gpu"]
+    flags = f" ({', '.join(m['cpu_flags'])})" if m.get("cpu_flags") else ""
+    return f"{m.get('cpu', '?')}{flags}"
+
+
 def verdict(met) -> str:
     return {True: "met", False: "**not met**", None: "—"}[met]
 
 
 def table(results: dict[str, dict]) -> str:
-    lines = ["| script | measured | value | target | |", "|---|---|---|---|---|"]
+    lines = ["| script | measured | value | target | | machine |", "|---|---|---|---|---|---|"]
     for name, res in results.items():
         script = SCRIPT_OF.get(name, f"{name}.py")
+        where = machine_kind(res.get("machine", {}))
         rows = res.get("targets")
         if not isinstance(rows, list):  # written by an older version of the script
-            lines.append(f"| {script} | (result predates the targets list: rerun it) | | | |")
+            lines.append(f"| {script} | (result predates the targets list: rerun it) | | | | |")
             continue
         for row in rows:
             value = "n/a" if row["value"] is None else f"{row['value']:g}"
             target = row["target"] if not row["target"].endswith("None") else "—"
             lines.append(f"| {script} | {row['name']} | {value} | {target} | "
-                         f"{verdict(row['met'])} |")
+                         f"{verdict(row['met'])} | {where} |")
     machines = sorted({machine_line(r["machine"]) for r in results.values() if "machine" in r})
     lines.append("")
     lines.append("Machine: " + "; ".join(machines) + ".")

@@ -106,10 +106,10 @@ class KeyMap:
 
 
 class CollectiveTap:
-    """Where a pass reports the collectives its engine issues by itself (DDP's bucket
-    all-reduces, called from inside backward): ``tap(op, tensor)`` passes each one to
-    the listener the runtime attaches (its collective ledger's ``note``), or does
-    nothing while none is. ``name`` tags the entries ("ddp bucket 0")."""
+    """Where a pass reports the collectives its engine issues by itself (from a comm hook
+    inside backward, say): ``tap(op, tensor)`` passes each one to the listener the
+    runtime attaches (its collective ledger's ``note``), or does nothing while none is.
+    ``name`` tags the entries (``where`` names a finer place, e.g. a bucket)."""
 
     __slots__ = ("name", "listener")
 
