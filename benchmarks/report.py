@@ -6,7 +6,7 @@ The table lists every row of every result's ``targets`` (what was measured, the 
 the target, met or not) with the machine each result ran on, so the README can never
 drift from the JSON. Plots (matplotlib, skipped with a note when it is missing):
 results/compile_time.png (cold start and steady step per variant and block count) and
-results/step_overhead.png (median step time per variant).
+results/step_overhead.png (each variant's step / the raw loop's, per workload and grad_accum).
 """
 
 from __future__ import annotations
@@ -103,19 +103,34 @@ def plot_compile_time(res: dict, plt) -> str | None:
 
 
 def plot_step_overhead(results: dict, plt) -> str | None:
-    runs = [(n, results[n]) for n in ("step_overhead", "step_overhead_dist") if n in results]
+    """Per case (workload × grad_accum), each variant's step / the raw loop's (paired)."""
+    runs = [(n, results[n]) for n in ("step_overhead", "step_overhead_dist")
+            if n in results and "cases" in results[n]]
     if not runs:
         return None
-    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.6), squeeze=False)
+    variants = ["overdrive", "overdrive_no_ledger", "overdrive_logged", "accelerate",
+                "raw_again"]
+    colors = {"overdrive": "C2", "overdrive_no_ledger": "C8", "overdrive_logged": "C1",
+              "accelerate": "C3", "raw_again": "C7"}
+    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 3.8), squeeze=False)
     for ax, (name, res) in zip(axes[0], runs):
-        rows = [r for r in res["rows"] if "median_us" in r]
-        labels = [f"{r['variant']} ×{r['grad_accum']}" for r in rows]
-        ax.bar(range(len(rows)), [r["median_us"] for r in rows],
-               color=[{"overdrive": "C2", "accelerate": "C3"}.get(r["variant"], "C0")
-                      for r in rows])
-        ax.set_xticks(range(len(rows)), labels, fontsize=7, rotation=35, ha="right")
-        ax.set_title(f"median step (µs), {res['processes']} process(es); ×N = grad_accum",
-                     fontsize=10)
+        cases = res["cases"]
+        shown = [v for v in variants if any(v in c["variants"] for c in cases)]
+        width = 0.8 / len(shown)
+        for i, v in enumerate(shown):
+            ys = [c["variants"].get(v, {}).get("ratio_vs_raw") or 0 for c in cases]
+            xs = [j + (i - (len(shown) - 1) / 2) * width for j in range(len(cases))]
+            ax.bar(xs, ys, width, label=v, color=colors[v])
+        ax.axhline(1.0, color="k", lw=0.6)
+        ax.axhline(1.01, color="C2", lw=0.6, ls="--")
+        ax.set_ylim(0.9, max(1.1, max((c["variants"].get(v, {}).get("ratio_vs_raw") or 0)
+                                      for c in cases for v in shown) + 0.02))
+        ax.set_xticks(range(len(cases)), [f"{c['workload']} ×{c['grad_accum']}\n"
+                                          f"{c['raw_median_us'] / 1000:.1f} ms" for c in cases],
+                      fontsize=8)
+        ax.set_title(f"step / raw loop's (CPU time, paired), {res['processes']} process(es); "
+                     "×N = grad_accum", fontsize=9)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     path = RESULTS / "step_overhead.png"
     fig.savefig(path, dpi=110)

@@ -1,44 +1,137 @@
-"""Per-step overhead of the runtime: raw PyTorch loop vs overdrive vs HF Accelerate.
+"""Per-step overhead of the runtime, measured on the whole loop as users run it.
 
-A tiny model, so the loop's own cost shows. The variants run interleaved, one optimizer
-step each in turn, and the median step time is compared with the raw loop in the same
-run. Targets: overdrive ≤ 1.01× raw; overdrive logging its step metrics every step
-(trackers=("jsonl",), log_every=1, the defaults) ≤ 1.02× the same runtime without trackers.
+Every variant iterates a real ``torch.utils.data.DataLoader`` (shuffled, collated on the
+fly): the raw loop iterates it directly, overdrive iterates ``rt.shard(loader)``,
+Accelerate iterates ``accelerator.prepare(loader)``. One optimizer step = ``grad_accum``
+micro-steps (fetch a batch, forward, loss, backward), the optimizer step and zero_grad.
+Two step sizes: a tiny MLP (~1 ms a step: overhead-bound, where a µs shows) and a small
+Llama (``overdrive.models.llama``, sized to ~10 ms a step on one core).
 
-    python benchmarks/step_overhead.py --steps 300
-    torchrun --standalone --nproc-per-node=2 benchmarks/step_overhead.py --dist --steps 200
+The variants run interleaved: one optimizer step each, in a rotating order, round after
+round, in one process, so load from other processes on the machine hits all of them
+alike. Each step is timed in process CPU time (``time.process_time``: the time the
+process is descheduled while other processes run is not counted; wall-clock numbers are
+kept beside them). Reported per variant: the median step (µs), the µs it adds per
+optimizer step measured *paired* (median over rounds of its step minus the mean of the
+two raw loops' steps of the same round) and the ratio 1 + added / raw median. ``raw_again`` (the raw
+loop a second time, its own model and loader) is the run's noise floor (A/A). The rounds
+are cut into ``--blocks`` consecutive blocks and the µs added is also given per block:
+their spread says how noisy the run was.
+
+Targets (1 process, grad_accum 1 and 4, both sizes): overdrive ≤ 1.01× raw and ≤ 25 µs
+added per optimizer step; its default step metrics (``trackers=("jsonl",)``,
+``log_every=1``: a row per step in ``metrics.jsonl``, the log line to a file) ≤ 1.02×
+the same runtime without trackers. Accelerate's rows are a reference: its ratio depends
+on the step size (a fixed per-step cost is a larger share of a small step).
+
+    python benchmarks/step_overhead.py --rounds 600
+    torchrun --standalone --nproc-per-node=2 benchmarks/step_overhead.py --dist --rounds 300
+
+Under torchrun every variant is data parallel over gloo: raw DDP (``DistributedSampler``,
+``no_sync()`` on the micro-steps before the last, DDP's default 25 MB buckets), overdrive's
+ddp pass, Accelerate's prepare (cpu=True). There ``overdrive_no_ledger`` is the same
+runtime with its collective ledger detached for its steps: overdrive / it is the ledger's
+bookkeeping cost (target ≤ 1.01); the ledger's watchdog thread is measured apart as its
+CPU time per second of wall time (it runs for every variant alike).
 
 Prints one JSON object and writes benchmarks/results/step_overhead[_dist].json.
-Under torchrun every variant is data parallel over gloo: raw DDP, overdrive's ddp pass,
-Accelerate's prepare (cpu=True). There, overdrive_no_ledger (the same runtime with its
-collective ledger detached, as OVERDRIVE_LEDGER=0 builds it) gives the ledger's own cost:
-overdrive / overdrive_no_ledger (target ≤ 1.01).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
 import tempfile
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 import overdrive as od
 from _common import emit, target
 
-MICRO_BATCH, DIM = 8, 128
+ADDED_US_LIMIT = 25.0  # µs added per optimizer step (1 process)
 
 
-def tiny_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(DIM, DIM), torch.nn.GELU(),
-                               torch.nn.Linear(DIM, DIM), torch.nn.GELU(),
-                               torch.nn.Linear(DIM, 1))
+# --------------------------------------------------------------------------- workloads
+
+
+@dataclass
+class Workload:
+    name: str
+    describe: str
+    build: Callable[[], torch.nn.Module]
+    dataset: Dataset
+    micro_batch: int
+    loss: Callable[[torch.nn.Module, Any], torch.Tensor]
+
+
+MLP_DIM = 128
+
+
+def mlp_workload(batches: int) -> Workload:
+    def build():
+        torch.manual_seed(0)
+        d = MLP_DIM
+        return torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.GELU(),
+                                   torch.nn.Linear(d, d), torch.nn.GELU(),
+                                   torch.nn.Linear(d, 1))
+
+    gen = torch.Generator().manual_seed(1)
+    n = 8 * batches
+    data = TensorDataset(torch.randn(n, MLP_DIM, generator=gen), torch.randn(n, 1, generator=gen))
+
+    def loss(model, batch):
+        x, y = batch
+        return F.mse_loss(model(x), y)
+
+    return Workload("mlp", f"MLP {MLP_DIM}-{MLP_DIM}-{MLP_DIM}-1, micro-batch 8, (x, y) "
+                    "tuples", build, data, 8, loss)
+
+
+LLAMA = dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, max_seq_len=64)
+LLAMA_BATCH = 2
+
+
+class TokenDataset(Dataset):
+    """Fixed random token rows as ``{"input_ids": ...}`` dicts (collated by the loader)."""
+
+    def __init__(self, n: int, seq: int, vocab: int):
+        self.ids = torch.randint(vocab, (n, seq), generator=torch.Generator().manual_seed(2))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i]}
+
+
+def llama_workload(batches: int) -> Workload:
+    from overdrive.models.llama import Llama, LlamaConfig
+
+    def build():
+        model = Llama(LlamaConfig(**LLAMA))
+        model.init_weights(seed=0)
+        return model
+
+    def loss(model, batch):
+        return model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+
+    seq = LLAMA["max_seq_len"]
+    return Workload("llama", f"Llama dim {LLAMA['dim']}, {LLAMA['n_layers']} layers, "
+                    f"vocab {LLAMA['vocab_size']}, micro-batch {LLAMA_BATCH}×{seq} tokens, "
+                    "dict batches", build, TokenDataset(LLAMA_BATCH * batches, seq,
+                                                        LLAMA["vocab_size"]),
+                    LLAMA_BATCH, loss)
+
+
+WORKLOADS = {"mlp": mlp_workload, "llama": llama_workload}
 
 
 def sgd(params):
@@ -46,21 +139,53 @@ def sgd(params):
 
 
 # --------------------------------------------------------------------------- variants
-# Each builder returns step(xs, ys): one optimizer step over len(xs) micro-batches.
+# Each builder returns step(): one optimizer step over grad_accum micro-batches, drawn
+# from the variant's own loader (a new epoch starts when it runs out, as in a loop over
+# epochs). Epochs hold a multiple of grad_accum batches.
 
 
-def raw_variant(accum: int, distributed: bool) -> Callable:
-    model = tiny_model()
+class Batches:
+    """An endless stream of an iterable's batches, epoch after epoch (``set_epoch`` on
+    the sampler or loader that has one, as a loop over epochs would call it)."""
+
+    def __init__(self, loader, set_epoch: Callable[[int], None] | None = None):
+        self.loader, self.set_epoch, self.epoch = loader, set_epoch, 0
+        self.it = iter(loader)
+
+    def next(self):
+        try:
+            return next(self.it)
+        except StopIteration:
+            self.epoch += 1
+            if self.set_epoch is not None:
+                self.set_epoch(self.epoch)
+            self.it = iter(self.loader)
+            return next(self.it)
+
+
+def user_loader(w: Workload, distributed: bool) -> DataLoader:
+    """The DataLoader a user writes (overdrive and Accelerate shard it themselves)."""
+    return DataLoader(w.dataset, batch_size=w.micro_batch, shuffle=True, drop_last=True)
+
+
+def raw_variant(w: Workload, accum: int, distributed: bool) -> Callable:
+    model = w.build()
     if distributed:
         model = torch.nn.parallel.DistributedDataParallel(model)
+        sampler = DistributedSampler(w.dataset, shuffle=True, drop_last=True)
+        loader = DataLoader(w.dataset, batch_size=w.micro_batch, sampler=sampler,
+                            drop_last=True)
+        batches = Batches(loader, sampler.set_epoch)
+    else:
+        batches = Batches(user_loader(w, False))
     opt = sgd(model.parameters())
 
-    def step(xs, ys):
-        for i, (x, y) in enumerate(zip(xs, ys)):
-            last = i == len(xs) - 1
-            ctx = model.no_sync() if distributed and not last else _null
-            with ctx:
-                loss = F.mse_loss(model(x), y)
+    def step():
+        for i in range(accum):
+            batch = batches.next()
+            sync = i == accum - 1
+            with (model.no_sync() if distributed and not sync else _null):
+                loss = w.loss(model, batch)
                 (loss / accum if accum > 1 else loss).backward()
         opt.step()
         opt.zero_grad()
@@ -78,67 +203,75 @@ class _Null:
 _null = _Null()
 
 
-_RUNTIMES: dict[int, od.Runtime] = {}  # the overdrive variant's runtime, by grad_accum
+_RUNTIMES: dict[tuple[str, int], Any] = {}  # the overdrive variant's (runtime, batches)
 
 
-def overdrive_variant(accum: int, distributed: bool, **tracking) -> Callable:
+def overdrive_variant(w: Workload, accum: int, distributed: bool, **tracking) -> Callable:
     plan = od.Plan(grad_accum=accum, ddp=od.DDP() if distributed else None)
-    rt = od.accelerate(tiny_model(), plan, optimizer=sgd, **(tracking or {"trackers": ()}))
+    rt = od.accelerate(w.build(), plan, optimizer=sgd, **(tracking or {"trackers": ()}))
+    batches = Batches(rt.shard(user_loader(w, distributed)))
     if not tracking:
-        _RUNTIMES[accum] = rt
-    return overdrive_step(rt)
+        _RUNTIMES[(w.name, accum)] = rt, batches
+    return overdrive_step(rt, w, batches, accum)
 
 
-def overdrive_step(rt) -> Callable:
-    def step(xs, ys):
-        for x, y in zip(xs, ys):
+def overdrive_step(rt, w: Workload, batches: Batches, accum: int) -> Callable:
+    def step():
+        for _ in range(accum):
+            batch = batches.next()
             with rt.accumulate():
-                loss = F.mse_loss(rt.model(x), y)
+                loss = w.loss(rt.model, batch)
                 rt.backward(loss)
                 rt.optimizer.step()
                 rt.optimizer.zero_grad()
     return step
 
 
-def overdrive_no_ledger_variant(accum: int, distributed: bool) -> Callable:
-    """The overdrive variant's own runtime with its collective ledger detached for the
-    step (as OVERDRIVE_LEDGER=0 would build it): the same model and memory, so
-    overdrive / this is the ledger's cost alone, free of the build-order effect
-    (single process: no ledger either way)."""
-    rt = _RUNTIMES[accum]
-    step = overdrive_step(rt)
+def overdrive_no_ledger_variant(w: Workload, accum: int, distributed: bool) -> Callable:
+    """The overdrive variant's own runtime and loader with its collective ledger
+    detached for the step (as OVERDRIVE_LEDGER=0 would build it): the same model and
+    memory, so overdrive / this is the ledger's bookkeeping alone, free of build-order
+    effects. (A single process has no ledger: there the two are the same.)"""
+    rt, batches = _RUNTIMES[(w.name, accum)]
+    step = overdrive_step(rt, w, batches, accum)
 
-    def without_ledger(xs, ys):
+    def without_ledger():
         ledger, rt._ledger = rt._ledger, None
         try:
-            step(xs, ys)
+            step()
         finally:
             rt._ledger = ledger
     return without_ledger
 
 
-def logged_variant(accum: int, distributed: bool) -> Callable:
+_RUN_DIRS: list[str] = []  # tracking run dirs: temporary, never inside the repository
+
+
+def logged_variant(w: Workload, accum: int, distributed: bool) -> Callable:
     """overdrive with its default tracking: step metrics every step into metrics.jsonl
     and the log line (to a file here, as a terminal would slow the whole machine)."""
     run_dir = tempfile.mkdtemp(prefix="od-step-overhead-")
-    return overdrive_variant(accum, distributed, trackers=("jsonl",), run_dir=run_dir,
+    _RUN_DIRS.append(run_dir)
+    return overdrive_variant(w, accum, distributed, trackers=("jsonl",), run_dir=run_dir,
                              log_every=1)
 
 
-def accelerate_variant(accum: int, distributed: bool) -> Callable:
+def accelerate_variant(w: Workload, accum: int, distributed: bool) -> Callable:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     acc = Accelerator(gradient_accumulation_steps=accum, cpu=True)
-    model = tiny_model()
-    model, opt = acc.prepare(model, sgd(model.parameters()))
+    model = w.build()
+    model, opt, loader = acc.prepare(model, sgd(model.parameters()), user_loader(w, distributed))
+    batches = Batches(loader, loader.set_epoch)
 
-    def step(xs, ys):
-        for x, y in zip(xs, ys):
+    def step():
+        for _ in range(accum):
+            batch = batches.next()
             with acc.accumulate(model):
-                loss = F.mse_loss(model(x), y)
+                loss = w.loss(model, batch)
                 acc.backward(loss)
                 opt.step()
                 opt.zero_grad()
@@ -150,8 +283,7 @@ BUILDERS = {"raw": raw_variant, "raw_again": raw_variant, "overdrive": overdrive
             "overdrive_no_ledger": overdrive_no_ledger_variant,
             "overdrive_logged": logged_variant, "accelerate": accelerate_variant}
 
-
-# The order the variants take turns in (rotated every step): each overdrive variant
+# The order the variants take turns in (rotated every round): each overdrive variant
 # follows a raw one, never the other overdrive variant, whose model it shares (it would
 # find that model's tensors warm in the cache).
 RUN_ORDER = ["raw", "overdrive", "raw_again", "overdrive_no_ledger", "accelerate",
@@ -161,56 +293,143 @@ RUN_ORDER = ["raw", "overdrive", "raw_again", "overdrive_no_ledger", "accelerate
 # --------------------------------------------------------------------------- timing
 
 
-def measure(accum: int, steps: int, warmup: int, distributed: bool) -> list[dict]:
+def measure(w: Workload, accum: int, rounds: int, warmup: int, blocks: int,
+            distributed: bool) -> dict:
     variants, errors = {}, {}
-    for name, build in BUILDERS.items():
+    for name in RUN_ORDER:
+        if name == "overdrive_no_ledger" and not distributed:
+            continue  # no ledger on a single process: nothing to detach
         try:
-            variants[name] = build(accum, distributed)
+            variants[name] = BUILDERS[name](w, accum, distributed)
         except Exception as err:  # noqa: BLE001 — reported in the row
             errors[name] = f"{type(err).__name__}: {err}"
-    torch.manual_seed(1)
-    xs = [torch.randn(MICRO_BATCH, DIM) for _ in range(accum)]
-    ys = [torch.randn(MICRO_BATCH, 1) for _ in range(accum)]
-    times: dict[str, list[float]] = {n: [] for n in variants}
-    names = [n for n in RUN_ORDER if n in variants]
-    for i in range(warmup + steps):
+    wall: dict[str, list[float]] = {n: [] for n in variants}
+    cpu: dict[str, list[float]] = {n: [] for n in variants}
+    names = list(variants)
+    clock, cpu_clock = time.perf_counter, time.process_time
+    for i in range(warmup + rounds):
         order = names[i % len(names):] + names[: i % len(names)]  # rotate who goes first
         for name in order:
             if distributed:
                 dist.barrier()
-            t0 = time.perf_counter()
-            variants[name](xs, ys)
-            dt = time.perf_counter() - t0
+            t0, c0 = clock(), cpu_clock()
+            variants[name]()
+            dt, dc = clock() - t0, cpu_clock() - c0
             if i >= warmup:
-                times[name].append(dt)
-    # baseline: both raw runs pooled (the first-built model is often a few % slower)
-    raw_times = times.get("raw", []) + times.get("raw_again", [])
-    raw = statistics.median(raw_times) if raw_times else None
-    rows = []
-    for name in BUILDERS:
+                wall[name].append(dt)
+                cpu[name].append(dc)
+    out = summarize(w, accum, cpu, errors, blocks)
+    out["wall"] = summarize(w, accum, wall, errors, blocks)["variants"]
+    return out
+
+
+def summarize(w: Workload, accum: int, times: dict[str, list[float]], errors: dict,
+              blocks: int) -> dict:
+    """Per variant: median step, and the µs it adds per step measured *paired*: the median
+    over rounds of (its step − the raw loop's step of the same round), which cancels the
+    load that hits a whole round; ``ratio_vs_raw`` = 1 + added / the raw median. The
+    rounds cut into ``blocks`` give the spread (added µs per block). ``raw_again``'s
+    numbers are against ``raw`` alone: the A/A noise floor."""
+    first, again = times.get("raw"), times.get("raw_again")
+    if not first or not again:
+        return {"workload": w.name, "grad_accum": accum, "variants": {
+            n: {"error": e} for n, e in errors.items()}}
+    # each round's baseline: the mean of its two raw steps (the first-built model tends
+    # to be a little slower: neither raw run alone is the reference)
+    base = [(a + b) / 2 for a, b in zip(first, again)]
+    raw = statistics.median(first + again)
+    n = len(base)
+    cuts = [(b * n // blocks, (b + 1) * n // blocks) for b in range(blocks)]
+    rows = {}
+    for name in RUN_ORDER:
         if name in errors:
-            rows.append({"variant": name, "grad_accum": accum, "error": errors[name]})
+            rows[name] = {"error": errors[name]}
             continue
-        med = statistics.median(times[name])
-        rows.append({"variant": name, "grad_accum": accum, "median_us": round(med * 1e6, 1),
-                     "ratio_vs_raw": round(med / raw, 4) if raw else None})
-    return rows
+        if name not in times or name == "raw":
+            continue
+        ts = times[name]
+        # raw_again against raw alone: the A/A noise floor
+        diffs = [a - b for a, b in zip(ts, first if name == "raw_again" else base)]
+        added = statistics.median(diffs)
+        q = statistics.quantiles(ts, n=4)
+        rows[name] = {
+            "median_us": round(statistics.median(ts) * 1e6, 1),
+            "iqr_us": [round(q[0] * 1e6, 1), round(q[2] * 1e6, 1)],
+            "added_us": round(added * 1e6, 1),
+            "ratio_vs_raw": round(1 + added / raw, 4),
+            "added_us_per_block": [round(statistics.median(diffs[lo:hi]) * 1e6, 1)
+                                   for lo, hi in cuts],
+        }
+    q = statistics.quantiles(first, n=4)
+    rows = {"raw": {"median_us": round(statistics.median(first) * 1e6, 1),
+                    "iqr_us": [round(q[0] * 1e6, 1), round(q[2] * 1e6, 1)]}, **rows}
+    return {"workload": w.name, "grad_accum": accum, "steps_per_variant": n,
+            "raw_median_us": round(raw * 1e6, 1), "variants": rows}
 
 
-def ledger_cost(rows: list[dict]) -> dict[int, float | None]:
-    """overdrive's median step / the same without the collective ledger, per grad_accum."""
-    med = {(r["variant"], r["grad_accum"]): r.get("median_us") for r in rows}
-    out = {}
-    for accum in sorted({r["grad_accum"] for r in rows}):
-        on, off = med.get(("overdrive", accum)), med.get(("overdrive_no_ledger", accum))
-        out[accum] = round(on / off, 4) if on and off else None
+def watchdog_share(seconds: float) -> float | None:
+    """CPU seconds the ledger's watchdog thread used per wall second (None: no thread)."""
+    import threading
+
+    thread = next((t for t in threading.enumerate() if t.name == "overdrive-ledger"), None)
+    if thread is None or not hasattr(time, "pthread_getcpuclockid"):
+        return None
+    clock = time.pthread_getcpuclockid(thread.ident)
+    c0, t0 = time.clock_gettime(clock), time.perf_counter()
+    time.sleep(seconds)
+    return round((time.clock_gettime(clock) - c0) / (time.perf_counter() - t0), 5)
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def step_of(variants: dict, name: str, raw: float) -> float | None:
+    """A variant's step as measured paired: the raw median plus its µs added."""
+    added = variants.get(name, {}).get("added_us")
+    return None if added is None else raw + added
+
+
+def targets_of(cases: list[dict], world: int, distributed: bool,
+               watchdog: float | None) -> list[dict]:
+    baseline = "raw DDP loop" if distributed else "raw loop"
+    out = []
+    for c in cases:
+        v, accum, size, raw = c["variants"], c["grad_accum"], c["workload"], c["raw_median_us"]
+        where = f"{size} (~{c['raw_median_us'] / 1000:.1f} ms step), grad_accum {accum}, " \
+                f"{world} process(es)"
+        od_row = v.get("overdrive", {})
+        out.append(target(f"overdrive / {baseline}, {where}", od_row.get("ratio_vs_raw"),
+                          1.01))
+        if not distributed:
+            out.append(target(f"overdrive: µs added per optimizer step vs the {baseline}, "
+                              f"{where}", od_row.get("added_us"), ADDED_US_LIMIT))
+        else:
+            out.append(target(f"overdrive: µs added per optimizer step vs the {baseline}, "
+                              f"{where} (reference)", od_row.get("added_us"), None))
+            off, on = step_of(v, "overdrive_no_ledger", raw), step_of(v, "overdrive", raw)
+            out.append(target(f"collective ledger: overdrive / overdrive without it, {where}",
+                              round(on / off, 4) if on and off else None, 1.01))
+        logged, plain = step_of(v, "overdrive_logged", raw), step_of(v, "overdrive", raw)
+        out.append(target(f"step metrics logged every step (jsonl + log line) / not "
+                          f"logged, {where}", round(logged / plain, 4)
+                          if logged and plain else None, 1.02))
+        acc = v.get("accelerate", {})
+        out.append(target(f"Accelerate / {baseline}, {where} (reference: the ratio depends "
+                          f"on the step size; µs added {acc.get('added_us')})",
+                          acc.get("ratio_vs_raw"), None))
+        again = v.get("raw_again", {})
+        out.append(target(f"noise floor (A/A): raw loop again / raw loop, {where} "
+                          f"(reference; µs {again.get('added_us')}, per block "
+                          f"{again.get('added_us_per_block')})", again.get("ratio_vs_raw"),
+                          None))
+    if distributed and watchdog is not None:
+        out.append(target(f"collective ledger's watchdog thread: CPU s per wall s (share of "
+                          f"one core), {world} processes", watchdog, 0.01))
     return out
 
 
 def _log_to_file() -> None:
     """overdrive's log lines (the per-step metrics line) go to a file, as in a batch job."""
-    import logging
-
     logger = logging.getLogger("overdrive")
     handler = logging.FileHandler(os.path.join(tempfile.mkdtemp(prefix="od-log-"), "log.txt"))
     logger.addHandler(handler)
@@ -220,8 +439,13 @@ def _log_to_file() -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=600, help="timed steps per variant (mlp)")
+    p.add_argument("--llama-rounds", type=int, default=None,
+                   help="timed steps per variant for the llama (default: rounds / 3)")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--blocks", type=int, default=5, help="blocks for the per-block ratios")
+    p.add_argument("--sizes", nargs="*", default=list(WORKLOADS), choices=list(WORKLOADS))
+    p.add_argument("--accum", nargs="*", type=int, default=[1, 4])
     p.add_argument("--dist", action="store_true", help="run under torchrun (gloo, raw DDP baseline)")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -231,39 +455,34 @@ def main() -> None:
         raise SystemExit("--dist: launch with torchrun --nproc-per-node=2 (or overdrive launch)")
     if distributed and not dist.is_initialized():
         dist.init_process_group("gloo")
-    rows = []
-    for accum in (1, 4):
-        rows += measure(accum, args.steps, args.warmup, distributed)
-    ratios = {f"overdrive_accum{r['grad_accum']}": r.get("ratio_vs_raw")
-              for r in rows if r["variant"] == "overdrive"}
-    ledger = ledger_cost(rows)
     world = dist.get_world_size() if distributed else 1
-    baseline = "raw DDP loop" if distributed else "raw loop"
-    targets = [target(f"overdrive / {baseline}, grad_accum {r['grad_accum']}, "
-                      f"{world} process(es)", r.get("ratio_vs_raw"), 1.01)
-               for r in rows if r["variant"] == "overdrive"]
-    if distributed:  # a single process has no ledger: nothing to measure
-        targets += [target(f"collective ledger: overdrive / overdrive without it, grad_accum "
-                           f"{accum}, {world} processes", ratio, 1.01)
-                    for accum, ratio in ledger.items()]
-    by = {(r["variant"], r["grad_accum"]): r.get("median_us") for r in rows}
-    for accum in (1, 4):
-        logged, plain = by.get(("overdrive_logged", accum)), by.get(("overdrive", accum))
-        targets.append(target(
-            f"overdrive with step metrics logged every step / without, grad_accum {accum}, "
-            f"{world} process(es)", round(logged / plain, 4) if logged and plain else None,
-            1.02))
-    targets += [target(f"Accelerate / {baseline}, grad_accum {r['grad_accum']}, "
-                       f"{world} process(es) (reference, no target)", r.get("ratio_vs_raw"),
-                       None) for r in rows if r["variant"] == "accelerate"]
+    cases = []
+    for size in args.sizes:
+        rounds = args.rounds if size == "mlp" else (args.llama_rounds or max(args.rounds // 3, 30))
+        for accum in args.accum:
+            # epochs of 64 optimizer steps per rank
+            w = WORKLOADS[size](64 * accum * world)
+            t0 = time.perf_counter()
+            cases.append(measure(w, accum, rounds, args.warmup, args.blocks, distributed))
+            cases[-1]["seconds"] = round(time.perf_counter() - t0, 1)
+            if not distributed or dist.get_rank() == 0:
+                print(f"# {size} grad_accum {accum}: {cases[-1]['variants'].get('overdrive')}",
+                      flush=True)
+    watchdog = watchdog_share(5.0) if distributed else None
     result = {
         "processes": world,
-        "model": f"MLP {DIM}-{DIM}-{DIM}-1, micro-batch {MICRO_BATCH}, SGD, 1 thread",
-        "steps": args.steps, "rows": rows, "overdrive_ratio": ratios,
-        "ledger_ratio": {f"accum{a}": r for a, r in ledger.items()} if distributed else None,
-        "baseline": f"median of the {baseline}'s steps, raw and raw_again pooled; raw_again "
-                    "vs raw shows the run's noise",
-        "targets": targets,
+        "workloads": {n: WORKLOADS[n](1).describe for n in args.sizes},
+        "optimizer": "SGD lr 1e-3, 1 thread per process, shuffled DataLoader (drop_last)",
+        "rounds": args.rounds, "blocks": args.blocks, "cases": cases,
+        "ledger_watchdog_cpu_share": watchdog,
+        "clock": "process CPU time per optimizer step (time.process_time: the time other "
+                 "processes on the machine take is not counted); wall-clock numbers under "
+                 "each case's 'wall'",
+        "baseline": f"the mean of the two {'raw DDP loops' if distributed else 'raw loops'}' "
+                    "steps of the same round (paired); raw_again vs raw alone is the run's "
+                    "noise floor; "
+                    "added_us_per_block: the same in each of `blocks` consecutive blocks",
+        "targets": targets_of(cases, world, distributed, watchdog),
     }
     if not distributed or dist.get_rank() == 0:
         emit("step_overhead_dist" if distributed else "step_overhead", result)

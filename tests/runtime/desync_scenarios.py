@@ -39,11 +39,11 @@ def plain_runtime() -> Runtime:
                    desync_timeout=DESYNC_TIMEOUT)
 
 
-def ddp_runtime() -> Runtime:
+def ddp_runtime(**tracking) -> Runtime:
     torch.manual_seed(0)
     return od.accelerate(torch.nn.Linear(4, 1), od.Plan(ddp=od.DDP()),
                          optimizer=lambda p: torch.optim.SGD(p, lr=0.01),
-                         desync_timeout=DESYNC_TIMEOUT)
+                         desync_timeout=DESYNC_TIMEOUT, **tracking)
 
 
 def train_step(rt, x, y, *, sleep: float = 0.0):
@@ -71,6 +71,24 @@ def skip_reduce(out: Path) -> int:
             mark_fault(out)
             continue
         rt.reduce(loss.detach(), "mean")
+        time.sleep(0.005)
+    return 2000
+
+
+def skip_bucket(out: Path) -> int:
+    """DDP: rank 1 runs step 5's forward but skips its backward (and so the bucket's
+    all-reduce), then steps; the later buckets pair up one step apart. (No step metrics:
+    their all-reduce would meet a bucket's of another size, which gloo aborts on.)"""
+    rt = ddp_runtime(trackers=())
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    for step in range(1, 2000):
+        if rt.rank == 1 and step == 5:
+            mark_fault(out)
+            F.mse_loss(rt.model(x), y)  # a loss it decides not to train on
+            rt.optimizer.step()
+            rt.optimizer.zero_grad()
+            continue
+        train_step(rt, x, y)
         time.sleep(0.005)
     return 2000
 
@@ -145,7 +163,7 @@ def clean(out: Path, steps: int = 1000) -> int:
     return step
 
 
-SCENARIOS = {"skip_reduce": skip_reduce, "save_alone": save_alone,
+SCENARIOS = {"skip_reduce": skip_reduce, "skip_bucket": skip_bucket, "save_alone": save_alone,
              "sleep_forward": sleep_forward, "gather_alone": gather_alone, "clean": clean,
              "clean_short": lambda out: clean(out, steps=200)}
 

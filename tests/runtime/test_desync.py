@@ -1,4 +1,5 @@
-"""The collective ledger on 2 gloo ranks: a rank that skips a collective, calls rt.save
+"""The collective ledger on 2 gloo ranks: a rank that skips a collective (an rt.reduce, or
+a DDP bucket all-reduce by skipping a backward), calls rt.save
 or rt.gather_for_metrics alone, or stalls makes every rank report a DesyncError naming
 both sides within desync_timeout + 5 s; a long clean run (after rank 0 spent longer than
 desync_timeout alone in rt.main_process_first) raises nothing. Scenarios:
@@ -47,6 +48,7 @@ def check_fault(proc, results, ended, tmp_path, *, raised: list[int], names: lis
         message = reported(proc, rank)
         for part in names:
             assert part in message, f"rank {rank}: {part!r} not in {message!r}"
+    assert raised or any(r.get("error") == "DesyncError" for r in results.values()), results
     for rank in raised:  # these ranks raised it in their main thread, in time
         res = results[rank]
         assert res["error"] == "DesyncError", res
@@ -62,6 +64,21 @@ def test_a_rank_that_skips_one_all_reduce_is_named_on_every_rank(tmp_path):
         "ranks 0 and 1 issued different collectives",
         "rank 1 at optimizer step 6", "rank 0 entered rt.reduce",
         "rt.reduce called on ranks [0] only"])
+
+
+@pytest.mark.dist
+def test_a_rank_that_skips_a_ddp_bucket_all_reduce_is_named_on_every_rank(tmp_path):
+    """DDP's buckets are reduced by torch inside backward; the ddp pass's comm hook
+    reports each to the ledger, so one rank's missing bucket is a mismatch at the step."""
+    proc, results, ended = run("skip_bucket", tmp_path)
+    # the first rank to raise leaves the other blocked in a bucket's all-reduce (C++):
+    # its ledger reports, then ends it
+    check_fault(proc, results, ended, tmp_path, raised=[], names=[
+        "ranks 0 and 1 issued different collectives",
+        "rank 0 issued all_reduce float32[5] #5 in ddp bucket 0",
+        "rank 1 at optimizer step 5 (after all_reduce #4)"])
+    raisers = [r for r in results.values() if r.get("error") == "DesyncError"]
+    assert min(r["since_fault"] for r in raisers) < DESYNC_TIMEOUT + 5, raisers
 
 
 @pytest.mark.dist

@@ -8,6 +8,11 @@
   feedback and warm start on (torch's defaults). Its error-feedback memory lives in the
   hook state, per rank; it is not part of ``rt.save``.
 
+Every bucket goes through one registered hook that first reports it to a
+``CollectiveTap`` the pass hands on (the runtime's collective ledger notes it, so a rank
+whose backward skips a bucket all-reduce is caught at the next optimizer step), then
+reduces it with the plan's hook — torch's plain ``allreduce_hook`` when there is none.
+
 ``check_comm_hook`` refuses what the process group cannot do (bf16 anywhere but NCCL >=
 2.10 and XCCL) before anything is touched.
 """
@@ -21,6 +26,7 @@ import torch.distributed as dist
 
 from ..errors import PlanError
 from ..plan import Plan
+from ..rewrite.contract import CollectiveTap
 
 
 def check_comm_hook(plan: Plan, env) -> None:
@@ -43,20 +49,42 @@ def check_comm_hook(plan: Plan, env) -> None:
         f"xpu); this run has {have}; use comm_hook='fp16' or 'powersgd'")
 
 
-def register_comm_hook(model, plan: Plan) -> dict[str, Any]:
-    """Register the plan's hook on a ``replicate``-d model; returns the record's details."""
+def register_comm_hook(model, plan: Plan, tap: CollectiveTap) -> dict[str, Any]:
+    """Register the plan's hook (torch's plain all-reduce when it names none) on a
+    ``replicate``-d model, each bucket reported to ``tap`` first; returns the record's
+    details. DDP takes one hook: the report and the reduction are the same one."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
     cfg = plan.ddp
-    if cfg.comm_hook == "fp16":
-        model.register_comm_hook(None, default_hooks.fp16_compress_hook)
-        return {"comm_hook": "fp16"}
-    if cfg.comm_hook == "bf16":
-        model.register_comm_hook(None, default_hooks.bf16_compress_hook)
-        return {"comm_hook": "bf16"}
-    state = powerSGD_hook.PowerSGDState(
-        process_group=None, matrix_approximation_rank=cfg.powersgd_rank,
-        start_powerSGD_iter=cfg.powersgd_start_iter)
-    model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
-    return {"comm_hook": "powersgd", "powersgd_rank": cfg.powersgd_rank,
-            "powersgd_start_iter": cfg.powersgd_start_iter}
+    details: dict[str, Any] = {"comm_hook": cfg.comm_hook}
+    if cfg.comm_hook is None:
+        state, hook = None, default_hooks.allreduce_hook  # what DDP's built-in does
+    elif cfg.comm_hook == "fp16":
+        state, hook = None, default_hooks.fp16_compress_hook
+    elif cfg.comm_hook == "bf16":
+        state, hook = None, default_hooks.bf16_compress_hook
+    else:
+        state = powerSGD_hook.PowerSGDState(
+            process_group=None, matrix_approximation_rank=cfg.powersgd_rank,
+            start_powerSGD_iter=cfg.powersgd_start_iter)
+        hook = powerSGD_hook.powerSGD_hook
+        details.update(powersgd_rank=cfg.powersgd_rank,
+                       powersgd_start_iter=cfg.powersgd_start_iter)
+    model.register_comm_hook(_Reported(tap, state, hook), _reported_hook)
+    return details
+
+
+class _Reported:
+    """A comm hook's state with the tap its buckets are reported to."""
+
+    __slots__ = ("tap", "state", "hook")
+
+    def __init__(self, tap: CollectiveTap, state: Any, hook):
+        self.tap, self.state, self.hook = tap, state, hook
+
+
+def _reported_hook(reported: _Reported, bucket):  # DDP refuses a string annotation
+    """Report the bucket (op, dtype, shape, its index) to the tap, then reduce it with the
+    plan's hook. Runs when the bucket is ready in backward, on every rank that syncs."""
+    reported.tap("all_reduce", bucket.buffer(), f"ddp bucket {bucket.index()}")
+    return reported.hook(reported.state, bucket)

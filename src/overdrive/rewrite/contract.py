@@ -9,7 +9,7 @@ config): it runs exactly when the plan holds an instance of that type. Three ste
 
 ``apply`` returns an ``Applied``: its ``PassRecord`` and the typed contributions the
 runtime consumes (forward contexts, post-step hooks, the gradient-sync switch, an engine
-that owns backward/step, a batch transform, state-dict key maps). The memory estimate
+that owns backward/step, a batch transform, state-dict key maps, collective taps). The memory estimate
 reads each decision's ``MemoryEffect``. Nothing a pass hands on goes through a field set on
 a shared object, and nothing here knows any particular pass.
 """
@@ -105,6 +105,24 @@ class KeyMap:
     from_model: Callable[[str], str]
 
 
+class CollectiveTap:
+    """Where a pass reports the collectives its engine issues by itself (from a comm hook
+    inside backward, say): ``tap(op, tensor)`` passes each one to the listener the
+    runtime attaches (its collective ledger's ``note``), or does nothing while none is.
+    ``name`` tags the entries (``where`` names a finer place, e.g. a bucket)."""
+
+    __slots__ = ("name", "listener")
+
+    def __init__(self, name: str):
+        self.name = name
+        self.listener: Callable[..., None] | None = None
+
+    def __call__(self, op: str, tensor: Any = None, where: str | None = None) -> None:
+        listener = self.listener
+        if listener is not None:
+            listener(op, tensor, where or self.name)
+
+
 @dataclass
 class Applied:
     """What ``apply`` returns: its record and what it hands on to the runtime."""
@@ -118,6 +136,7 @@ class Applied:
     optimizer: Any = None  # the optimizer an engine built (or wrapped)
     batch_transform: Callable[[Any], Any] | None = None  # rt.shard_sequence
     key_map: KeyMap | None = None
+    collective_taps: list[CollectiveTap] = field(default_factory=list)
 
 
 @dataclass
@@ -131,6 +150,7 @@ class Handoff:
     optimizer: Any = None
     batch_transforms: list[Callable[[Any], Any]] = field(default_factory=list)
     key_maps: list[KeyMap] = field(default_factory=list)
+    collective_taps: list[CollectiveTap] = field(default_factory=list)
 
     def add(self, name: str, applied: Applied) -> None:
         for slot in ("gradient_sync", "engine", "optimizer"):
@@ -146,6 +166,7 @@ class Handoff:
             self.batch_transforms.append(applied.batch_transform)
         if applied.key_map is not None:
             self.key_maps.append(applied.key_map)
+        self.collective_taps += applied.collective_taps
 
     def transform_batch(self, batch: Any) -> Any:
         for fn in self.batch_transforms:

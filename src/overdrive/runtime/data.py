@@ -270,7 +270,9 @@ class ShardedLoader:
             batches = ((batch, n_real, None) for batch, n_real in batches)
         # the active loader is the one whose batch was yielded last (its last batch syncs,
         # gather_for_metrics trims its padding); a loop nested in ours hands it back
-        outer = self.rt._active_loader
+        rt, per_batch, place = self.rt, self._per_batch, self._placer()
+        outer = rt._active_loader
+        meter = getattr(rt, "_meter", None)  # fixed for the runtime's life
         self._iterating = True
         try:
             nxt = next(batches, _END)
@@ -279,12 +281,11 @@ class ShardedLoader:
                 nxt = next(batches, _END)
                 self.end_of_epoch = nxt is _END
                 self.batch_len, self.n_real = _rows(batch), n_real
-                self.consumed += self._per_batch
-                self.rt._active_loader = self
-                meter = getattr(self.rt, "_meter", None)
-                if meter is not None and self.rt.model.training:
+                self.consumed += per_batch
+                rt._active_loader = self
+                if meter is not None and rt.model.training:
                     meter.on_batch(batch, n_real, self.batch_len)
-                yield self._place(batch)
+                yield batch if place is None else place(batch)
             ledger = getattr(self.rt, "_ledger", None)
             if ledger is not None:  # a sync point: every rank ends the epoch together
                 ledger.point(f"rt.shard epoch {self.epoch} end")
@@ -328,6 +329,15 @@ class ShardedLoader:
                 yield collate(entry[0]), entry[1]
             if last:
                 return
+
+    def _placer(self):
+        """What each batch goes through before it is yielded (None: nothing to do)."""
+        if self.shard_sequence is None and self.device is not None \
+                and self.device.type == "cpu":
+            return _on_cpu  # a CPU run: only tensors not on the CPU are moved
+        if self.device is None and self.shard_sequence is None:
+            return None
+        return self._place
 
     def _place(self, batch: Any) -> Any:
         if self.device is not None:
@@ -439,8 +449,29 @@ def _rows(batch: Any) -> int:
     return 0
 
 
+_CPU = torch.device("cpu")
+
+
+def _all_cpu(batch: Any) -> bool:
+    if isinstance(batch, torch.Tensor):
+        return batch.is_cpu
+    if isinstance(batch, (list, tuple)):
+        return all(_all_cpu(v) for v in batch)
+    if isinstance(batch, dict):
+        return all(_all_cpu(v) for v in batch.values())
+    return True
+
+
+def _on_cpu(batch: Any) -> Any:
+    """``_to_device(batch, cpu)`` — the batch itself when every tensor in it is on the CPU
+    already (the common case, checked without rebuilding its containers)."""
+    return batch if _all_cpu(batch) else _to_device(batch, _CPU, False)
+
+
 def _to_device(batch: Any, device: torch.device, non_blocking: bool) -> Any:
     if isinstance(batch, torch.Tensor):
+        if batch.is_cpu and device.type == "cpu":  # what .to() returns, without its µs
+            return batch
         return batch.to(device, non_blocking=non_blocking)
     if isinstance(batch, dict):
         return {k: _to_device(v, device, non_blocking) for k, v in batch.items()}

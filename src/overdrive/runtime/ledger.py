@@ -1,7 +1,8 @@
 """The collective ledger: what each rank issued, compared across ranks to catch desyncs.
 
 The main thread only keeps books. Every collective overdrive issues (the ``rt.gather`` /
-``reduce`` / ``broadcast`` family, checkpointing, export) is noted with a short tag — the
+``reduce`` / ``broadcast`` family, checkpointing, export) and each of DDP's bucket
+all-reduces (reported by the ddp pass's comm hook through a ``CollectiveTap``) is noted with a short tag — the
 helper, the op, the dtype and shape — folded into a running CRC-32, and kept in a short
 ring of recent entries. *Points* enter the ring too: an optimizer step, entering a
 collective helper (``rt.save``, ``rt.load``, ``rt.export``, ``rt.gather*``…), the end
@@ -123,6 +124,13 @@ class Ledger:
         """One collective: counted, hashed, kept in the ring."""
         if self.error is not None:
             self.raise_error()
+        self.note_quietly(op, tensor, helper)
+
+    def note_quietly(self, op: str, tensor: torch.Tensor | None = None,
+                     helper: str | None = None) -> None:
+        """``note`` that never raises: for collectives an engine issues from inside
+        backward (DDP's comm hook), where an exception would surface as torch's
+        RuntimeError; a desync found meanwhile is raised at the next overdrive call."""
         self.n += 1
         self.last_op = op
         helper = helper or self.inside or "overdrive"

@@ -98,6 +98,8 @@ class Runtime:
         self._ledger = make_ledger(desync_timeout)
         if self._ledger is not None:
             weakref.finalize(self, self._ledger.stop)
+            for tap in self._handoff.collective_taps:  # DDP's buckets, noted as they go
+                tap.listener = self._ledger.note_quietly
         self._tracking, self._meter = self._make_tracking(tracking, flops_model)
         self._profiler = None  # the active rt.profile, stepped with the optimizer
         if optimizer is not None:

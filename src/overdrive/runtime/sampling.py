@@ -153,6 +153,13 @@ class ShardBatchSampler(Sampler[list]):
 
     def __iter__(self) -> Iterator[list]:
         self.meta.clear()
+        if self.size == 1 and not self.split and not self.even:
+            # one rank, nothing to pad: every global batch is this rank's, as it comes
+            # (what shard_indices yields there, without its per-batch bookkeeping)
+            for indices in itertools.islice(self.batch_sampler, self.skip, None):
+                self.meta.append((len(indices), len(indices)))
+                yield indices
+            return
         batches = shard_indices(self.batch_sampler, self.rank, self.size, split=self.split,
                                 even=self.even, batch_size=self.batch_size,
                                 drop_last=self.drop_last, skip=self.skip)

@@ -164,6 +164,9 @@ class StepMeter:
             device = loss.device if loss is not None else self.rt.device
             counts = torch.tensor([micro, samples, tokens], dtype=torch.float64, device=device)
             packed = counts if loss is None else torch.cat([loss.double(), counts])
+            ledger = self.rt._ledger
+            if ledger is not None:  # every rank logs the same steps: a collective like any
+                ledger.note("all_reduce", packed, "step metrics")
             dist.all_reduce(packed, group=self._dp_group())
             if not self._main:
                 return 0.0, 0, 0, 0, None
