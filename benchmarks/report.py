@@ -3,8 +3,8 @@
     python benchmarks/report.py
 
 The table lists every row of every result's ``targets`` (what was measured, the value,
-the target, met or not) with the machine each result ran on, so the README can never
-drift from the JSON. Plots (matplotlib, skipped with a note when it is missing):
+the target, met or not, and the machine it ran on: M1, M2… with a legend), so the README
+can never drift from the JSON. Plots (matplotlib, skipped with a note when it is missing):
 results/compile_time.png (cold start and steady step per variant and block count) and
 results/step_overhead.png (median step time per variant).
 """
@@ -44,21 +44,32 @@ def verdict(met) -> str:
 
 
 def table(results: dict[str, dict]) -> str:
-    lines = ["| script | measured | value | target | |", "|---|---|---|---|---|"]
+    """The targets of every result, each row naming the machine it ran on (M1, M2…: the
+    legend under the table; results from different machines are not comparable)."""
+    machines: list[str] = []
+    for res in results.values():
+        line = machine_line(res["machine"]) if "machine" in res else "unknown machine"
+        if line not in machines:
+            machines.append(line)
+    lines = ["| script | measured | value | target | | machine |",
+             "|---|---|---|---|---|---|"]
     for name, res in results.items():
         script = SCRIPT_OF.get(name, f"{name}.py")
+        where = "M%d" % (machines.index(machine_line(res["machine"]) if "machine" in res
+                                         else "unknown machine") + 1)
         rows = res.get("targets")
         if not isinstance(rows, list):  # written by an older version of the script
-            lines.append(f"| {script} | (result predates the targets list: rerun it) | | | |")
+            lines.append(f"| {script} | (result predates the targets list: rerun it) | | | "
+                         f"| {where} |")
             continue
         for row in rows:
             value = "n/a" if row["value"] is None else f"{row['value']:g}"
             target = row["target"] if not row["target"].endswith("None") else "—"
             lines.append(f"| {script} | {row['name']} | {value} | {target} | "
-                         f"{verdict(row['met'])} |")
-    machines = sorted({machine_line(r["machine"]) for r in results.values() if "machine" in r})
+                         f"{verdict(row['met'])} | {where} |")
     lines.append("")
-    lines.append("Machine: " + "; ".join(machines) + ".")
+    lines.append("Machines: " + "; ".join(f"M{i + 1}: {m}" for i, m in enumerate(machines))
+                 + ".")
     return "\n".join(lines)
 
 
