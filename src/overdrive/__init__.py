@@ -26,19 +26,19 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("Applied", "Decision", "KeyMap", "MemoryEffect", "Pass", "PassContext"),
                     ".rewrite.contract"),
     **dict.fromkeys(("DDP", "FP8", "FSDP", "PRESETS", "Casting", "Checkpointing", "Compile",
-                     "DeepSpeed", "Parallel", "Pipeline", "Plan"), ".plan"),
+                     "DeepSpeed", "Offload", "Parallel", "Pipeline", "Plan"), ".plan"),
     **dict.fromkeys(("MemoryEstimate", "PassRecord", "Report"), ".rewrite.report"),
     "load_weights": ".runtime.export",
     "find_executable_batch_size": ".runtime.helpers",
     "Runtime": ".runtime.runtime",
     "Tracker": ".runtime.tracking",
-    "launch": ".launch", "LaunchError": ".launch",
+    "launch": ".spawn", "LaunchError": ".spawn",
 }
 
 __all__ = [
     "accelerate", "inspect",
     "Plan", "Compile", "FP8", "Checkpointing", "Casting", "Parallel", "FSDP", "DDP",
-    "DeepSpeed", "Pipeline", "PRESETS",
+    "DeepSpeed", "Offload", "Pipeline", "PRESETS",
     "Runtime", "Report", "PassRecord", "MemoryEstimate", "ModuleGraph",
     "Pass", "register_pass", "PassContext", "Decision", "Applied", "MemoryEffect", "KeyMap",
     "find_executable_batch_size",
@@ -70,10 +70,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .rewrite.contract import Applied, Decision, KeyMap, MemoryEffect, Pass, PassContext
     from .rewrite.manager import register_pass
     from .plan import (DDP, FP8, FSDP, PRESETS, Casting, Checkpointing, Compile,
-                               DeepSpeed, Parallel, Pipeline, Plan)
+                       DeepSpeed, Offload, Parallel, Pipeline, Plan)
     from .rewrite.report import MemoryEstimate, PassRecord, Report
     from .runtime.export import load_weights
     from .runtime.helpers import find_executable_batch_size
     from .runtime.runtime import Runtime
     from .runtime.tracking import Tracker
-    from .launch import LaunchError, launch
+    from .spawn import LaunchError, launch
