@@ -139,6 +139,11 @@ def single_process(rounds: int, base: Path) -> dict:
     import warnings
 
     warnings.filterwarnings("ignore")
+    # One compute thread: on shared cores, copy_'s OpenMP threads spin-wait for each other,
+    # which made the load_file + copy_ baseline 8-18x slower than alone (0.83 s vs 0.05 s)
+    # while rt.load's preadv (no OpenMP) was not: a ratio about the machine, not the code.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     model = build_model()
     mb = sum(v.numel() * v.element_size() for v in model.state_dict().values()) / 1e6
     rt = _runtime(model)
@@ -171,6 +176,7 @@ def single_process(rounds: int, base: Path) -> dict:
             r["save+load_vs_safetensors+copy"] = round(
                 (r["save_s"] + r["load_s"]) / (fair["save_s"] + fair["load_s"]), 3)
     reads = _read_counts(rt, base)
+    torch.set_num_threads(threads)
     return {"model_MB": round(mb, 1), "params_M": round(mb / 4, 1), "rows": rows,
             "rt_load_reads": reads}
 
