@@ -3,8 +3,8 @@
     python benchmarks/report.py
 
 The table lists every row of every result's ``targets`` (what was measured, the value,
-the target, met or not, and the machine it ran on: M1, M2… with a legend), so the README
-can never drift from the JSON. Plots (matplotlib, skipped with a note when it is missing):
+the target, met or not) with the machine each result ran on, so the README can never
+drift from the JSON. Plots (matplotlib, skipped with a note when it is missing):
 results/compile_time.png (cold start and steady step per variant and block count) and
 results/step_overhead.png (median step time per variant).
 """
@@ -19,8 +19,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 README = HERE / "README.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-ORDER = ["compile_time", "step_overhead", "step_overhead_dist", "checkpoint_io", "memory",
-         "casting", "fp8", "inspect_speed"]
+ORDER = ["compile_time", "compile_warm_start", "step_overhead", "step_overhead_dist",
+         "checkpoint_io", "memory", "casting", "fp8", "inspect_speed", "gpu_check"]
 
 
 def load_results() -> dict[str, dict]:
@@ -30,7 +30,8 @@ def load_results() -> dict[str, dict]:
 
 
 # results that are not named after their script
-SCRIPT_OF = {"step_overhead_dist": "step_overhead.py (2 ranks)"}
+SCRIPT_OF = {"step_overhead_dist": "step_overhead.py (2 ranks)",
+             "compile_warm_start": "compile_time.py --warm-start"}
 
 
 def machine_line(m: dict) -> str:
@@ -39,37 +40,40 @@ def machine_line(m: dict) -> str:
     return f"{where}, torch {m.get('torch', '?')}, Python {m.get('python', '?')}"
 
 
+def machine_kind(m: dict | None) -> str:
+    """The short name of the machine a row ran on: the GPU, or the CPU and the flags
+    that change its numbers (bf16 matmul units)."""
+    if not m:
+        return "?"
+    if m.get("gpu"):
+        return m["gpu"]
+    flags = [f for f in m.get("cpu_flags", []) if f in ("avx512_bf16", "amx_bf16")]
+    return f"{m.get('cpu', '?')} ({', '.join(flags) or 'no bf16 units'})"
+
+
 def verdict(met) -> str:
     return {True: "met", False: "**not met**", None: "—"}[met]
 
 
 def table(results: dict[str, dict]) -> str:
-    """The targets of every result, each row naming the machine it ran on (M1, M2…: the
-    legend under the table; results from different machines are not comparable)."""
-    machines: list[str] = []
-    for res in results.values():
-        line = machine_line(res["machine"]) if "machine" in res else "unknown machine"
-        if line not in machines:
-            machines.append(line)
-    lines = ["| script | measured | value | target | | machine |",
+    lines = ["| script | machine | measured | value | target | |",
              "|---|---|---|---|---|---|"]
     for name, res in results.items():
         script = SCRIPT_OF.get(name, f"{name}.py")
-        where = "M%d" % (machines.index(machine_line(res["machine"]) if "machine" in res
-                                         else "unknown machine") + 1)
+        kind = machine_kind(res.get("machine"))
         rows = res.get("targets")
         if not isinstance(rows, list):  # written by an older version of the script
-            lines.append(f"| {script} | (result predates the targets list: rerun it) | | | "
-                         f"| {where} |")
+            lines.append(f"| {script} | {kind} | (result predates the targets list: rerun it)"
+                         " | | | |")
             continue
         for row in rows:
             value = "n/a" if row["value"] is None else f"{row['value']:g}"
             target = row["target"] if not row["target"].endswith("None") else "—"
-            lines.append(f"| {script} | {row['name']} | {value} | {target} | "
-                         f"{verdict(row['met'])} | {where} |")
+            lines.append(f"| {script} | {kind} | {row['name']} | {value} | {target} | "
+                         f"{verdict(row['met'])} |")
+    machines = sorted({machine_line(r["machine"]) for r in results.values() if "machine" in r})
     lines.append("")
-    lines.append("Machines: " + "; ".join(f"M{i + 1}: {m}" for i, m in enumerate(machines))
-                 + ".")
+    lines.append("Machine: " + "; ".join(machines) + ".")
     return "\n".join(lines)
 
 
