@@ -5,14 +5,17 @@
 Variants, run alternately (rotating order each round) and reported as medians; every
 save writes a fresh path, as training writes step-N after step-N-1:
   rt.save / rt.load          overdrive (DCP + manifest/crc32 + atomic rename)
-  safetensors                safetensors.torch.save_file / load_file   (the baseline)
-  torch.save                 torch.save / torch.load(weights_only=True)
-  dcp                        torch.distributed.checkpoint.save / load, single process
+  safetensors+copy           save_file / load_file + copy_ into the model (the baseline)
+  safetensors                save_file / load_file, tensors summed, not copied (reference)
+  torch.save                 torch.save / torch.load(weights_only=True) + copy_ into the model
+  dcp                        torch.distributed.checkpoint.save / load into the model
   accelerate                 Accelerator.save_state / load_state (row says why if missing)
 Every save is timed until the data is on disk (os.sync() after the save returns; overdrive
 and DCP also fsync their files). Loads read a file just written, so they mostly come from
-the page cache: load MB/s measures deserialisation more than the disk.
-Then rt.save on 2 ranks (torchrun, a fully_shard-ed model: each rank writes half) vs 1.
+the page cache: load MB/s measures deserialisation more than the disk. ``rt_load_reads``
+says how rt.load read its records (straight into the parameters, or not).
+Then the training loop's stall under an async rt.save (``async_stall``), and rt.save on 2
+ranks (torchrun, a fully_shard-ed model: each rank writes half) vs 1.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def build_model():
     return Llama(cfg)
 
 
-def _runtime(model):
+def _runtime(model, optimizer=None):
     from overdrive.rewrite.report import Report
     from overdrive.plan import Plan
     from overdrive.runtime.runtime import Runtime
@@ -53,42 +56,48 @@ def _runtime(model):
         ensure_process_group(torch.device("cpu"))
     env = env_for(Plan(), rank=int(os.environ.get("RANK", "0")), local_rank=0, world_size=world,
               device=torch.device("cpu"))
-    return Runtime(model, plan=Plan(), report=Report([]), env=env)
+    return Runtime(model, plan=Plan(), report=Report([]), env=env, optimizer=optimizer)
 
 
 def variants(model, rt):
     """name -> (save(dest), load(dest)); every save writes a fresh path, as a training
-    run writes step-N after step-N-1 (removing old ones is not part of the timing)."""
+    run writes step-N after step-N-1 (removing old ones is not part of the timing).
+
+    Every load ends with the checkpoint in the model's own parameters, except plain
+    ``load_file``'s (a reference): its tensors are mmap-backed and are summed instead, so
+    that their bytes are read at all."""
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file, save_file
 
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    params = model.state_dict()  # the model's own tensors (the copies' destinations)
 
-    def touch(tensors):  # every variant's load ends with its bytes read into memory
+    def touch(tensors):
         return sum(float(t.float().sum()) for t in tensors)
 
-    def dcp_load(dest):
-        target = {k: torch.empty_like(v) for k, v in sd.items()}
-        dcp.load(target, checkpoint_id=str(dest), no_dist=True)
-        touch(target.values())
+    def into_model(tensors):
+        with torch.no_grad():
+            for k, v in tensors.items():
+                params[k].copy_(v)
 
     out = {
-        "rt.save/rt.load": (lambda d: rt.save(d),
-                            lambda d: (rt.load(d), touch(model.state_dict().values()))),
+        "rt.save/rt.load": (lambda d: rt.save(d), lambda d: rt.load(d)),
+        "safetensors+copy": (lambda d: save_file(sd, str(d)),
+                             lambda d: into_model(load_file(str(d)))),
         "safetensors": (lambda d: save_file(sd, str(d)),
                         lambda d: touch(load_file(str(d)).values())),
         "torch.save": (lambda d: torch.save(sd, d),
-                       lambda d: touch(torch.load(d, weights_only=True).values())),
-        "dcp": (lambda d: dcp.save(sd, checkpoint_id=str(d), no_dist=True), dcp_load),
+                       lambda d: into_model(torch.load(d, weights_only=True))),
+        "dcp": (lambda d: dcp.save(sd, checkpoint_id=str(d), no_dist=True),
+                lambda d: dcp.load(params, checkpoint_id=str(d), no_dist=True)),
     }
     try:
         from accelerate import Accelerator
 
         acc = Accelerator(cpu=True)
-        amodel = acc.prepare(model)
+        acc.prepare(model)
         out["accelerate"] = (lambda d: acc.save_state(str(d)),
-                             lambda d: (acc.load_state(str(d)),
-                                        touch(amodel.state_dict().values())))
+                             lambda d: acc.load_state(str(d)))
     except Exception as e:  # noqa: BLE001
         out["accelerate"] = f"not run: {type(e).__name__}: {e}"
     return out
@@ -130,6 +139,11 @@ def single_process(rounds: int, base: Path) -> dict:
     import warnings
 
     warnings.filterwarnings("ignore")
+    # One compute thread: on shared cores, copy_'s OpenMP threads spin-wait for each other,
+    # which made the load_file + copy_ baseline 8-18x slower than alone (0.83 s vs 0.05 s)
+    # while rt.load's preadv (no OpenMP) was not: a ratio about the machine, not the code.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     model = build_model()
     mb = sum(v.numel() * v.element_size() for v in model.state_dict().values()) / 1e6
     rt = _runtime(model)
@@ -155,11 +169,107 @@ def single_process(rounds: int, base: Path) -> dict:
         s, ld = statistics.median(times[k]["save"]), statistics.median(times[k]["load"])
         rows[k] = {"save_s": round(s, 4), "load_s": round(ld, 4), "save_MBps": round(mb / s, 1),
                    "load_MBps": round(mb / ld, 1), "save_s_all": [round(t, 3) for t in times[k]["save"]]}
-    base_total = rows["safetensors"]["save_s"] + rows["safetensors"]["load_s"]
+    fair = rows["safetensors+copy"]
     for k, r in rows.items():
         if "save_s" in r:
-            r["save+load_vs_safetensors"] = round((r["save_s"] + r["load_s"]) / base_total, 3)
-    return {"model_MB": round(mb, 1), "params_M": round(mb / 4, 1), "rows": rows}
+            r["load_vs_safetensors+copy"] = round(r["load_s"] / fair["load_s"], 3)
+            r["save+load_vs_safetensors+copy"] = round(
+                (r["save_s"] + r["load_s"]) / (fair["save_s"] + fair["load_s"]), 3)
+    reads = _read_counts(rt, base)
+    torch.set_num_threads(threads)
+    return {"model_MB": round(mb, 1), "params_M": round(mb / 4, 1), "rows": rows,
+            "rt_load_reads": reads}
+
+
+def _read_counts(rt, base: Path) -> dict:
+    """How rt.load read the records (checkpoint_read.ReadCounts): straight into the
+    parameters' storage, through a view's copy_, or unpickled."""
+    import dataclasses
+
+    from overdrive.runtime import checkpoint_files as cf
+
+    seen = []
+    read_data = cf.SafeReader.read_data
+
+    def spy(self, plan, planner):
+        seen.append(self)
+        return read_data(self, plan, planner)
+
+    cf.SafeReader.read_data = spy
+    try:
+        rt.save(base / "counts")
+        rt.load(base / "counts")
+    finally:
+        cf.SafeReader.read_data = read_data
+        remove(base / "counts")
+    return dataclasses.asdict(seen[-1].counts)
+
+
+def async_stall(rounds: int, base: Path, steps: int = 6) -> dict:
+    """How long an async ``rt.save`` holds up a training loop, against a synced save.
+
+    The loop trains the same model with AdamW through ``rt.optimizer`` (the checkpoint
+    holds the weights and both moments: 3x the bytes of the rows above), one compute
+    thread (of the machine's cores: the writer threads get the others, as next to a GPU
+    job's loop). Each round times ``steps`` clean steps, then a synced ``rt.save`` (to disk,
+    os.sync), then the loop with an async save: the ``rt.save(async_=True)`` call, every
+    step taken while the background write runs, and the ``rt.wait_for_save()`` that
+    publishes it. The stall is that window's time minus as many clean steps (the round's
+    median, from steps before and after it): the staging copy, the publication, and
+    whatever the writer threads take from the loop."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = build_model()
+    rt = _runtime(model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True))
+    x = torch.randint(0, 32000, (1, 16), generator=torch.Generator().manual_seed(0))
+
+    def step() -> float:
+        t = time.perf_counter()
+        model(x, labels=x).loss.backward()
+        rt.optimizer.step()
+        rt.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+    for _ in range(3):
+        step()
+    rt.save(base / "warm", async_=True)
+    rt.wait_for_save()
+    remove(base / "warm")
+    out = {"clean_step_s": [], "synced_save_s": [], "stall_s": [], "overlapped_steps": [],
+           "save_call_s": [], "publish_s": []}
+    for r in range(rounds):
+        before = [step() for _ in range(steps)]
+        out["synced_save_s"].append(timed(lambda: rt.save(base / f"sync-{r}"), sync=True))
+        remove(base / f"sync-{r}")
+        t = time.perf_counter()
+        rt.save(base / f"async-{r}", async_=True)
+        call = time.perf_counter() - t
+        pending = rt._pending_save
+        done = getattr(pending.future, "upload_completion", pending.future)
+        overlapped = []
+        while not done.done() and len(overlapped) < 200:
+            overlapped.append(step())
+        t = time.perf_counter()
+        rt.wait_for_save()
+        os.sync()
+        publish = time.perf_counter() - t
+        clean = statistics.median(before + [step() for _ in range(steps)])  # around it
+        out["clean_step_s"].append(clean)
+        out["stall_s"].append(call + sum(overlapped) - clean * len(overlapped) + publish)
+        out["overlapped_steps"].append(len(overlapped))
+        out["save_call_s"].append(call)
+        out["publish_s"].append(publish)
+        remove(base / f"async-{r}")
+    torch.set_num_threads(threads)
+    med = {k: round(statistics.median(v), 4) for k, v in out.items()}
+    return {**{f"median_{k}": v for k, v in med.items()},
+            "stall_vs_synced_save": round(med["stall_s"] / med["synced_save_s"], 3),
+            "blocking_vs_synced_save": round((med["save_call_s"] + med["publish_s"])
+                                             / med["synced_save_s"], 3),
+            "rounds": {k: [round(x, 4) for x in v] for k, v in out.items()}}
 
 
 def worker(base: str, rounds: int, threads: int | None) -> None:
@@ -249,16 +359,33 @@ def main() -> None:
         (base / "single").mkdir()
         disk = disk_write_MBps(base)
         single = single_process(rounds, base / "single")
+        (base / "stall").mkdir()
+        stall = async_stall(max(3, rounds // 2), base / "stall")
         multi = multi_rank(rounds, base)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     rows = single["rows"]
-    targets = [target("rt.save+rt.load / safetensors save+load (1 process)",
-                      rows["rt.save/rt.load"]["save+load_vs_safetensors"], 1.5)]
-    targets += [target(f"{k} save+load / safetensors' (reference, no target)",
-                       r["save+load_vs_safetensors"], None)
-                for k, r in rows.items() if k not in ("rt.save/rt.load", "safetensors")
-                and "save+load_vs_safetensors" in r]
+    ours = rows["rt.save/rt.load"]
+    targets = [
+        target("rt.load / (safetensors load_file + copy_ into the model) (1 process)",
+               ours["load_vs_safetensors+copy"], 1.5),
+        target("rt.save+rt.load / safetensors save_file + load_file + copy_ (1 process)",
+               ours["save+load_vs_safetensors+copy"], 1.2),
+        target("async rt.save: training-loop stall / synced rt.save time",
+               stall["stall_vs_synced_save"], 0.1),
+        target("async rt.save: the loop blocked in the call and the publication / synced "
+               "rt.save time (reference: the stall without the writer threads' share of the "
+               "cores)", stall["blocking_vs_synced_save"], None),
+        target("rt.save+rt.load / plain safetensors save+load, its load not copied into the "
+               "model (reference, no target)",
+               (ours["save_s"] + ours["load_s"]) / (rows["safetensors"]["save_s"]
+                                                    + rows["safetensors"]["load_s"]), None),
+    ]
+    targets += [target(f"{k} save+load / safetensors+copy's (reference, no target)",
+                       r["save+load_vs_safetensors+copy"], None)
+                for k, r in rows.items()
+                if k not in ("rt.save/rt.load", "safetensors", "safetensors+copy")
+                and "save+load_vs_safetensors+copy" in r]
     one_rank = multi.get("1_rank", {}).get("save_s")
     targets.append(target("1-rank rt.save MB/s / raw fsynced disk writes (reference: ~1 "
                           "means the disk is the limit)",
@@ -270,11 +397,12 @@ def main() -> None:
                           multi.get("speedup_2_vs_1_at_1_thread"), None))
     emit("checkpoint_io", {
         "rounds": rounds, "disk_write_MBps_fsynced": disk, "single_process": single,
-        "multi_rank_rt_save": multi,
+        "async_save_stall": stall, "multi_rank_rt_save": multi,
         "targets": targets,
-        "notes": "weights only (no optimizer) so every variant writes the same bytes; "
-                 "saves timed to disk (os.sync), loads mostly from the page cache; "
-                 "the machine's CPUs and disk are shared, expect noise",
+        "notes": "weights only (no optimizer tensors) so every variant writes the same "
+                 "bytes; saves timed to disk (os.sync), loads mostly from the page cache and "
+                 "into the model's parameters (plain safetensors: summed instead); the "
+                 "machine's CPUs and disk are shared, expect noise",
     })
 
 

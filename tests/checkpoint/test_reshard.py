@@ -28,3 +28,7 @@ def test_fsdp_checkpoint_reshards_2_to_1_and_2_to_4(tmp_path):
         assert res["max_diff"] == 0.0, res  # model and AdamW state, bit for bit
         assert res["step"] == 2
         assert res["export_diff"] == 0.0 and res["export_logits_equal"], res
+        # FSDP2 shards are dim-0 pieces: every rank reads each of its pieces (whole saved
+        # shards or parts of them) straight into its local shard's storage
+        direct, copied, unpickled = res["reads"]
+        assert direct >= res["n"] and copied == 0 and unpickled == 0, res

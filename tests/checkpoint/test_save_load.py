@@ -310,18 +310,20 @@ def test_load_reads_the_rank_files_on_parallel_threads(tmp_path, monkeypatch):
     rt.save(tmp_path / "ck")
     files = [n for n in os.listdir(tmp_path / "ck") if n.endswith(".distcp")]
     assert len(files) == 4
-    reads, read_data = [], cf.FileSystemReader.read_data
+    from overdrive.runtime import checkpoint_read
 
-    def recording(self, plan, planner):
-        names = {self.storage_data[i.storage_index].relative_path for i in plan.items}
+    reads, read_file = [], checkpoint_read.read_file
+
+    def recording(root, rel, items, storage_data, planner, layouts=None):
+        names = {storage_data[i.storage_index].relative_path for i in items}
         reads.append((threading.get_ident(), names))
-        return read_data(self, plan, planner)
+        return read_file(root, rel, items, storage_data, planner, layouts)
 
-    monkeypatch.setattr(cf.FileSystemReader, "read_data", recording)
+    monkeypatch.setattr(checkpoint_read, "read_file", recording)
     rt2, _ = _runtime(seed=7, n_layers=4)
     rt2.load(tmp_path / "ck")
     assert sorted(n for _, names in reads for n in names) == sorted(files)
-    assert all(len(names) == 1 for _, names in reads)  # each file by DCP's own loop
+    assert all(len(names) == 1 for _, names in reads)  # each file read once, whole
     assert threading.get_ident() not in {thread for thread, _ in reads}  # on the pool
     for k, v in rt.model.state_dict().items():
         assert torch.equal(v, rt2.model.state_dict()[k]), k

@@ -130,6 +130,7 @@ def test_dcp_records_take_the_fast_check_and_the_slow_one_agrees(saved, monkeypa
     """Records torch.save writes for a plain tensor are read by ``_RecordUnpickler`` (no
     torch.load per record); anything else goes through torch's weights_only loader on the
     meta device, which must accept and refuse the same records."""
+    import mmap
     import zipfile
 
     from overdrive.runtime import checkpoint_files as cf
@@ -137,8 +138,9 @@ def test_dcp_records_take_the_fast_check_and_the_slow_one_agrees(saved, monkeypa
     md = cf.SafeReader(str(saved), cf.read_manifest(saved)).read_metadata()
     for idx in cf.record_order(md.storage_data):
         info = md.storage_data[idx]
-        with open(saved / info.relative_path, "rb") as f:
-            z = zipfile.ZipFile(cf._Slice(f, info.offset, info.length))
+        with open(saved / info.relative_path, "rb") as f, \
+                mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            z = zipfile.ZipFile(cf.MapSlice(data, info.offset, info.length))
             assert cf._fast_record(z) is not None, idx.fqn
     monkeypatch.setattr(cf, "_fast_record", lambda z: None)  # every record: the slow path
     assert _runtime(seed=7).load(saved)["step"] == 2

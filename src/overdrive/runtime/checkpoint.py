@@ -38,8 +38,8 @@ only fail on an I/O error. Save and load run as steps agreed on every rank the s
 and every failure, DCP's ``CheckpointException`` (a BaseException) included, is raised as
 a ``CheckpointError``; a failed save removes its temporary directory (``_discard``).
 
-``async_=True``: tensors are staged to CPU memory, written by a background thread, and the
-checkpoint is published (manifest, marker, rename) by the next ``save``/``load``,
+``async_=True``: tensors are staged to CPU memory (a copy kept for the next async save,
+``_stager``), written by a background thread, and the checkpoint is published (manifest, marker, rename) by the next ``save``/``load``,
 ``rt.wait_for_save()``, or at the latest when the interpreter exits (an ``atexit`` hook):
 until then ``path`` does not exist yet.
 """
@@ -368,10 +368,24 @@ def _write_tensors(rt, p: PendingSave, tensors: Any, async_: bool) -> None:
     with _quiet(group):
         if async_:
             p.future = dcp.async_save(tensors, storage_writer=p.writer, process_group=group,
-                                      no_dist=group is None)
+                                      no_dist=group is None, async_stager=_stager(rt))
         else:
             dcp.save(tensors, storage_writer=p.writer, process_group=group,
                      no_dist=group is None)
+
+
+def _stager(rt):
+    """The CPU copy an async save is written from, kept for the next one: only the first
+    async save allocates (and page-faults) it, later ones copy into it. The copy is taken
+    before ``rt.save`` returns (nothing the loop changes afterwards reaches the files);
+    pinned on a CUDA machine."""
+    if getattr(rt, "_ckpt_stager", None) is None:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        rt._ckpt_stager = DefaultStager(StagingOptions(
+            use_pinned_memory=torch.cuda.is_available(), use_shared_memory=False,
+            use_async_staging=False, use_non_blocking_copy=False))
+    return rt._ckpt_stager
 
 
 def _discard(p: PendingSave) -> None:
@@ -675,7 +689,8 @@ def _prepare(rt, path: Path, meta: dict[str, Any], manifest: dict[str, dict[str,
         todo.plain = pipeline_ckpt.own_param_groups(todo.plain, current)
     _check_param_groups(current, todo.plain, path)
     # every record is checked by one rank (the ranks split them), before any is read
-    cf.check_records(path, metadata, cf.record_order(metadata.storage_data)[rank::world])
+    todo.reader.layouts = cf.check_records(path, metadata,
+                                           cf.record_order(metadata.storage_data)[rank::world])
     return todo
 
 

@@ -46,6 +46,7 @@ import pickle
 import re
 import shutil
 import stat
+import sys
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -587,9 +588,10 @@ class SafeReader(FileSystemReader):
     """FileSystemReader whose ``.metadata`` is unpickled with an allow-list and whose index
     may only name files of the manifest, inside the checkpoint, within their sizes.
 
-    DCP's own reader reads one file after another; a rank's files (one per writer thread)
-    are read here on ``threads`` threads, each file by DCP's own loop: reading, unpickling
-    the records and copying into the model overlap (the copies release the GIL)."""
+    DCP's own reader unpickles every record into a new tensor and copies that into the
+    destination; here each record's bytes go straight into it (``checkpoint_read.py``),
+    a rank's files (one per writer thread) on ``threads`` threads. ``counts`` says how
+    the last ``read_data`` read its records."""
 
     def __init__(self, path: str | os.PathLike, manifest: dict[str, dict[str, int]],
                  threads: int = 1):
@@ -597,19 +599,18 @@ class SafeReader(FileSystemReader):
         self.manifest = manifest
         self.threads = threads
         self._read: dict[Any, Any] = {}  # rank → metadata: checked once, handed out again
+        self.counts = None  # checkpoint_read.ReadCounts of the last read_data
+        self.layouts: dict[Any, RecordLayout] = {}  # records check_records parsed already
 
     def read_data(self, plan, planner):
-        per_file: dict[str, list] = {}
-        for item in plan.items:
-            per_file.setdefault(self.storage_data[item.storage_index].relative_path,
-                                []).append(item)
-        if self.threads <= 1 or len(per_file) <= 1:
-            return super().read_data(plan, planner)
-        parts = [dataclasses.replace(plan, items=items) for items in per_file.values()]
-        with ThreadPoolExecutor(min(self.threads, len(parts))) as pool:
-            for done in pool.map(lambda part: super(SafeReader, self).read_data(part, planner),
-                                 parts):
-                done.wait()
+        from torch.futures import Future
+
+        from .checkpoint_read import read_data
+
+        self.counts = read_data(Path(self.path), plan, self.storage_data, planner,
+                                self.threads, self.layouts)
+        done: Future = Future()
+        done.set_result(None)
         return done
 
     def read_metadata(self, *args: Any, **kwargs: Any):
@@ -684,12 +685,14 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 # --------------------------------------------------------------------------- record checks
 
 
-class _Slice(io.RawIOBase):
-    """Bytes ``offset .. offset+length`` of an open file, as a seekable file of their own."""
+class MapSlice(io.RawIOBase):
+    """Bytes ``offset .. offset+length`` of a memory-mapped file, as a seekable file of
+    their own: the small reads of parsing a record (zip directory, pickle) cost no system
+    call, and nothing reads the data it does not ask for."""
 
-    def __init__(self, f, offset: int, length: int):
+    def __init__(self, data: mmap.mmap, offset: int, length: int):
         super().__init__()
-        self.f, self.offset, self.length, self.pos = f, offset, length, 0
+        self.data, self.offset, self.length, self.pos = data, offset, length, 0
 
     def readable(self) -> bool:
         return True
@@ -705,12 +708,16 @@ class _Slice(io.RawIOBase):
         self.pos = max(0, base + pos)
         return self.pos
 
+    def read(self, n: int = -1) -> bytes:
+        end = self.length if n is None or n < 0 else min(self.length, self.pos + n)
+        start = min(self.pos, end)
+        self.pos = end
+        return self.data[self.offset + start:self.offset + end]
+
     def readinto(self, buf) -> int:
-        n = max(0, min(len(buf), self.length - self.pos))
-        self.f.seek(self.offset + self.pos)
-        got = self.f.readinto(memoryview(buf)[:n])
-        self.pos += got
-        return got
+        data = self.read(len(buf))
+        memoryview(buf)[:len(data)] = data
+        return len(data)
 
 
 _STORAGE_ENTRY = re.compile(r"[^/]+/data/\d+")
@@ -721,18 +728,31 @@ def record_order(storage_data: dict[Any, Any]) -> list[Any]:
     return sorted(storage_data, key=lambda i: (i.fqn, tuple(i.offset or ()), i.index or 0))
 
 
-def check_records(root: Path, metadata: Any, indices: list[Any]) -> None:
+def check_records(root: Path, metadata: Any, indices: list[Any]) -> dict[Any, RecordLayout]:
     """Each tensor record of ``indices`` unpickles with ``weights_only`` to a tensor of the
     chunk's shape and dtype, its storage present in full, without reading its data (loaded
     on the meta device): everything a later read into the model could trip over, except
-    the data bytes themselves, which the manifest's crc32 covers."""
+    the data bytes themselves, which the manifest's crc32 covers.
+
+    Returns the layouts found (``{index: RecordLayout}``; records torch's own loader
+    checked are not in it): the read that follows does not parse them again."""
+    layouts: dict[Any, RecordLayout] = {}
     by_file: dict[str, list[Any]] = {}
     for idx in indices:
         by_file.setdefault(metadata.storage_data[idx].relative_path, []).append(idx)
     for rel, idxs in sorted(by_file.items()):
-        with os.fdopen(open_regular(inside(root, rel)), "rb") as f:
-            for idx in sorted(idxs, key=lambda i: metadata.storage_data[i].offset):
-                _check_record(root / rel, f, metadata, idx)
+        fd = open_regular(inside(root, rel))
+        try:
+            size = os.fstat(fd).st_size
+            with (mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else
+                  contextlib.nullcontext(b"")) as data:
+                for idx in sorted(idxs, key=lambda i: metadata.storage_data[i].offset):
+                    layout = _check_record(root / rel, data, metadata, idx)
+                    if layout is not None:
+                        layouts[idx] = layout
+        finally:
+            os.close(fd)
+    return layouts
 
 
 class _Unrecognised(Exception):
@@ -764,6 +784,22 @@ def _rebuild_ref(storage, offset, size, stride, requires_grad=False, hooks=None,
     return _TensorRef(*storage, offset, size, stride)
 
 
+@dataclasses.dataclass(frozen=True)
+class RecordLayout:
+    """Where a plain-tensor record keeps its bytes, and how its tensor views them."""
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int  # the view's first element in the storage
+    numel: int  # elements of the storage
+    itemsize: int
+    data_start: int  # byte offset of the storage's bytes in the record
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+
 class _RecordUnpickler(pickle.Unpickler):
     """The pickle torch.save writes for a plain tensor, read without building anything:
     ``_rebuild_tensor_v2`` of a typed storage, and nothing else (any other content goes
@@ -788,9 +824,8 @@ class _RecordUnpickler(pickle.Unpickler):
         return (pid[1].dtype, pid[2], pid[4])
 
 
-def _stored_bytes(z: zipfile.ZipFile, name: str) -> bytes:
-    """An uncompressed entry's bytes, read past its local header. Not ``z.read``: the
-    records' zip crc32s are not written (the file's manifest crc32 covers them)."""
+def _entry_start(z: zipfile.ZipFile, name: str) -> int:
+    """Where an uncompressed entry's bytes start in the zip, past its local header."""
     info = z.getinfo(name)
     if info.compress_type != zipfile.ZIP_STORED:
         raise _Unrecognised
@@ -800,26 +835,37 @@ def _stored_bytes(z: zipfile.ZipFile, name: str) -> bytes:
         raise _Unrecognised
     name_len, extra_len = int.from_bytes(head[26:28], "little"), int.from_bytes(head[28:30],
                                                                                 "little")
-    z.fp.seek(info.header_offset + 30 + name_len + extra_len)
-    data = z.fp.read(info.compress_size)
-    if len(data) != info.compress_size:
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def _stored_bytes(z: zipfile.ZipFile, name: str) -> bytes:
+    """An uncompressed entry's bytes, read past its local header. Not ``z.read``: the
+    records' zip crc32s are not written (the file's manifest crc32 covers them)."""
+    size = z.getinfo(name).compress_size
+    z.fp.seek(_entry_start(z, name))
+    data = z.fp.read(size)
+    if len(data) != size:
         raise _Unrecognised
     return data
 
 
-def _fast_record(z: zipfile.ZipFile) -> tuple[torch.dtype, tuple[int, ...], int] | None:
-    """(dtype, shape, storage bytes) of a plain-tensor record, checked against its zip
-    entries; None when the record is laid out otherwise (the slow path decides)."""
+def _fast_record(z: zipfile.ZipFile) -> RecordLayout | None:
+    """The layout of a plain-tensor record, checked against its zip entries; None when
+    the record is laid out otherwise (the slow path decides)."""
     pkls = [n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pkls) != 1:
         return None
+    archive = pkls[0].rsplit("/", 1)[0]
     try:
         ref = _RecordUnpickler(io.BytesIO(_stored_bytes(z, pkls[0]))).load()
+        order = f"{archive}/byteorder"
+        if order in z.NameToInfo and _stored_bytes(z, order).decode() != sys.byteorder:
+            return None  # torch.load swaps the bytes
     except Exception:  # noqa: BLE001 - _Unrecognised or a damaged pickle: the slow path
         return None
     if not isinstance(ref, _TensorRef):
         return None
-    item = torch.empty((), dtype=ref.dtype).element_size()
+    item = ref.dtype.itemsize
     extent = 1 + sum((n - 1) * st for n, st in zip(ref.shape, ref.stride)) \
         if all(n > 0 for n in ref.shape) else 0
     if ref.offset < 0 or any(n < 0 for n in ref.shape) or any(st < 0 for st in ref.stride) \
@@ -827,13 +873,18 @@ def _fast_record(z: zipfile.ZipFile) -> tuple[torch.dtype, tuple[int, ...], int]
         raise CheckpointCorrupt(f"its view (offset {ref.offset}, shape {list(ref.shape)}, "
                                 f"stride {list(ref.stride)}) exceeds its storage of "
                                 f"{ref.numel} elements")
-    entry = f"{pkls[0].rsplit('/', 1)[0]}/data/{ref.key}"
+    entry = f"{archive}/data/{ref.key}"
     if entry not in z.NameToInfo:
         raise CheckpointCorrupt(f"its storage {entry!r} is missing")
-    return ref.dtype, ref.shape, ref.numel * item
+    try:
+        start = _entry_start(z, entry)
+    except _Unrecognised:
+        return None
+    return RecordLayout(ref.dtype, tuple(ref.shape), tuple(ref.stride), ref.offset, ref.numel,
+                        item, start)
 
 
-def _check_record(path: Path, f, metadata: Any, idx: Any) -> None:
+def _check_record(path: Path, data, metadata: Any, idx: Any) -> RecordLayout | None:
     info = metadata.storage_data[idx]
     saved = metadata.state_dict_metadata.get(idx.fqn)
     chunk = next((c for c in getattr(saved, "chunks", ()) if c.offsets == idx.offset), None)
@@ -841,10 +892,14 @@ def _check_record(path: Path, f, metadata: Any, idx: Any) -> None:
     if chunk is None:
         raise CheckpointCorrupt(f"{where} is not a tensor chunk the DCP metadata describes")
     try:
-        z = zipfile.ZipFile(_Slice(f, info.offset, info.length))
-        fast = _fast_record(z)
-        if fast is None:  # torch's own weights_only loader, on the meta device: ~2.5 ms
-            tensor = torch.load(io.BufferedReader(_Slice(f, info.offset, info.length)),
+        if info.offset + info.length > len(data):
+            raise CheckpointCorrupt(f"it ends past the file's {len(data)} bytes")
+        z = zipfile.ZipFile(MapSlice(data, info.offset, info.length))
+        layout = _fast_record(z)
+        if layout is not None:
+            fast = layout.dtype, layout.shape, layout.nbytes
+        else:  # torch's own weights_only loader, on the meta device: ~2.5 ms
+            tensor = torch.load(io.BufferedReader(MapSlice(data, info.offset, info.length)),
                                 weights_only=True, map_location="meta")
             if not isinstance(tensor, torch.Tensor):
                 raise CheckpointCorrupt(f"{where} holds a {type(tensor).__name__}, not a "
@@ -868,3 +923,4 @@ def _check_record(path: Path, f, metadata: Any, idx: Any) -> None:
         raise CheckpointCorrupt(f"{where}: its storage should be one uncompressed entry of "
                                 f"{storage} bytes, found "
                                 f"{[(z.filename, z.file_size) for z in storages]}")
+    return layout

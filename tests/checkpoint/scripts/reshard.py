@@ -5,7 +5,8 @@ rt.save with one more step taken while it writes,
 and rank 0 writes the full model + optimizer state (reference.pt) for comparison.
 ``load``: M ranks (M == 1: a plain model) load the checkpoint, gather the full state and
 compare with the reference; od.load_weights also fills a meta-device sharded model from
-the export. Rank 0 writes <out>/load-<M>.json.
+the export. Rank 0 writes <out>/load-<M>.json, with how the ranks read the records
+(direct, copied, unpickled: checkpoint_read.ReadCounts, summed over the ranks).
 """
 import json
 import os
@@ -67,7 +68,23 @@ if phase == "save":
     if rank == 0:
         torch.save(ref, f"{out}/reference.pt")
 else:
+    from overdrive.runtime import checkpoint_files as cf
+
+    reads, read_data = [], cf.SafeReader.read_data
+
+    def spy(self, plan, planner):
+        done = read_data(self, plan, planner)
+        reads.append(self.counts)
+        return done
+
+    cf.SafeReader.read_data = spy
     rt.load(f"{out}/ck")
+    cf.SafeReader.read_data = read_data
+    counts = [(c.direct, c.copied, c.unpickled) for c in reads]
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, counts)
+        counts = [c for part in gathered for c in part]
     got = full_state(rt)  # collectives: every rank
     meta_model = build("meta")
     od.load_weights(meta_model, f"{out}/export")
@@ -83,7 +100,8 @@ else:
             json.dump({"keys": sorted(got) == sorted(ref), "max_diff": max(diff.values()),
                        "differ": sorted(k for k, d in diff.items() if d)[:6],
                        "n": len(ref), "step": rt.step, "export_diff": max(exported.values()),
-                       "export_logits_equal": same_logits}, f)
+                       "export_logits_equal": same_logits,
+                       "reads": [sum(c[i] for c in counts) for i in range(3)]}, f)
 if dist.is_initialized():
     dist.barrier()
     dist.destroy_process_group()
