@@ -16,12 +16,13 @@ first stage's input-backward 0), and next to the same model with the cost of one
 cross-rank hop measured on this mesh: every round also times a ping-pong of one
 micro-batch's activation between the two ranks (half the round trip: one hop) and one
 micro-batch's forward through the whole model (over the number of stages: the mean
-stage's forward ``f``); the medians over the rounds give ``hop = hop_s / f_s``, one value
-for every schedule. Target: the predicted bubble with the measured hop within 10
+stage's forward ``f``) and its backward; the medians over the rounds give ``hop = hop_s /
+f_s`` and ``b = backward_s / forward_s`` (the model's default 2), one value each for
+every schedule. Target: the predicted bubble with the measured hop within 10
 percentage points of measured idle, per schedule (mean over ranks). Also reported per
 rank: the share of the step spent waiting on sends/receives and the loss broadcast
 (the rest of the idle share is the schedule's own Python work between actions), and the
-measured backward / forward time ratio (the model assumes 2).
+backward / forward time ratio inside the schedule's own stage calls.
 """
 
 from __future__ import annotations
@@ -152,7 +153,8 @@ class Variant:
 
 
 class Probe:
-    """One hop and one forward, timed each round: the cost model's measured inputs."""
+    """One hop, one forward and its backward, timed each round: the cost model's
+    measured inputs."""
 
     def __init__(self, args, mb_rows: int):
         import torch
@@ -166,6 +168,7 @@ class Probe:
         self.act = torch.randn(mb_rows, args.seq, args.dim)
         self.hop_s: list[float] = []
         self.forward_s: list[float] = []
+        self.backward_s: list[float] = []
 
     def step(self, record: bool) -> None:
         import torch.distributed as dist
@@ -183,15 +186,21 @@ class Probe:
         hop = (time.perf_counter() - t0) / (2 * reps)
         dist.barrier()
         t0 = time.perf_counter()
-        self.model(input_ids=self.ids)
+        out = self.model(input_ids=self.ids, labels=self.ids)
         fwd = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out.loss.backward()
+        bwd = time.perf_counter() - t0
+        self.model.zero_grad(set_to_none=True)
         if record:
             self.hop_s.append(hop)
             self.forward_s.append(fwd)
+            self.backward_s.append(bwd)
 
     def result(self) -> dict:
         return {"hop_s": statistics.median(self.hop_s),
-                "forward_s": statistics.median(self.forward_s)}
+                "forward_s": statistics.median(self.forward_s),
+                "backward_s": statistics.median(self.backward_s)}
 
 
 def worker(args) -> None:
@@ -251,6 +260,7 @@ def main() -> None:
     base = max(r["pp1_ddp"]["step_s"] for r in ranks)
     hop_s = statistics.mean(r["probe"]["hop_s"] for r in ranks)
     forward_s = statistics.mean(r["probe"]["forward_s"] for r in ranks)
+    backward = statistics.mean(r["probe"]["backward_s"] for r in ranks) / forward_s
     rows, targets = {}, []
     for schedule, spr in SCHEDULES:
         step = max(r[schedule]["step_s"] for r in ranks)
@@ -258,7 +268,7 @@ def main() -> None:
         compute_only = ranks[0][schedule]["predicted_bubble"]
         flops = tuple(ranks[0][schedule]["stage_flops"]) or None
         hop = hop_s / (forward_s / (2 * spr))  # in units of the mean stage's forward
-        predicted = bubble_fraction(schedule, 2, args.microbatches, spr, flops, hop)
+        predicted = bubble_fraction(schedule, 2, args.microbatches, spr, flops, hop, backward)
         measured = sum(idle) / len(idle)
         rows[schedule] = {"stages_per_rank": spr, "step_s": round(step, 4),
                           "step_vs_pp1": round(step / base, 3),
@@ -283,6 +293,7 @@ def main() -> None:
                       "pp1_ddp_step_s": round(base, 4),
                       "measured_hop_s": round(hop_s, 6),
                       "measured_model_forward_s": round(forward_s, 4),
+                      "measured_backward_over_forward": round(backward, 3),
                       "load_average": [round(x, 2) for x in os.getloadavg()],
                       "load_average_at_start": load_at_start,
                       "schedules": rows,

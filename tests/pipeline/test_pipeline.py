@@ -188,6 +188,11 @@ def test_bubble_counts_each_cross_rank_hop():
     for h in (0.0, 0.25, 0.5):
         assert bubble_fraction("gpipe", 2, 4, 1, None, h) == pytest.approx(
             1 - 12 / (15 + 2 * h), abs=1e-3)
+    # a measured backward/forward ratio b: equal stages keep GPipe's bubble; zero-bubble's
+    # first stage (weight step b·f, no input step) grows it
+    assert bubble_fraction("gpipe", 2, 4, 1, None, 0.0, 3.0) == pytest.approx(0.2, abs=1e-3)
+    assert bubble_fraction("zero-bubble", 2, 4, 2, None, 0.0, 3.0) > bubble_fraction(
+        "zero-bubble", 2, 4, 2)
     # zbv's V: stages 1 and 2 share rank 1 and hand over for free
     assert stage_ranks(action_lists("zbv", 2, 4, 2)) == {0: 0, 1: 1, 2: 1, 3: 0}
     for name, spr in (("1f1b", 1), ("interleaved-1f1b", 2), ("zero-bubble", 2), ("zbv", 2)):
