@@ -151,6 +151,10 @@ def scenario(name: str) -> dict:
     if name == "accum":
         losses = accumulated(rt, batches())
     out = {"losses": losses, "state": full_state(rt)}
+    if name == "compile":  # the blocks really ran compiled: dynamo captured graphs
+        from torch._dynamo.utils import counters
+
+        out["graphs"] = counters["stats"]["unique_graphs"]
     if name == "1f1b":
         out["eval"] = float(rt.evaluate(batches(1, seed=7)[0]))
         out["grads_after_eval"] = any(p.grad is not None for p in rt.model.parameters())
