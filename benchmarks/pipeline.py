@@ -17,8 +17,10 @@ cross-rank hop measured on this mesh: every round also times a ping-pong of one
 micro-batch's activation between the two ranks (half the round trip: one hop) and one
 micro-batch's forward through the whole model (over the number of stages: the mean
 stage's forward ``f``) and its backward; the medians over the rounds give ``hop = hop_s /
-f_s`` and ``b = backward_s / forward_s`` (the model's default 2), one value each for
-every schedule. Target: the predicted bubble with the measured hop within 10
+f_s``, ``b = backward_s / forward_s`` (the model's default 2) and each rank's time for
+that same forward and backward over the ranks' mean (``rank_time``: how much slower the
+shared machine runs each rank), one value each for every schedule. Target: the predicted
+bubble with these measured inputs within 10
 percentage points of measured idle, per schedule (mean over ranks). Also reported per
 rank: the share of the step spent waiting on sends/receives and the loss broadcast
 (the rest of the idle share is the schedule's own Python work between actions), and the
@@ -261,6 +263,8 @@ def main() -> None:
     hop_s = statistics.mean(r["probe"]["hop_s"] for r in ranks)
     forward_s = statistics.mean(r["probe"]["forward_s"] for r in ranks)
     backward = statistics.mean(r["probe"]["backward_s"] for r in ranks) / forward_s
+    work = [r["probe"]["forward_s"] + r["probe"]["backward_s"] for r in ranks]
+    rank_time = tuple(w / statistics.mean(work) for w in work)  # same work, each rank
     rows, targets = {}, []
     for schedule, spr in SCHEDULES:
         step = max(r[schedule]["step_s"] for r in ranks)
@@ -268,7 +272,8 @@ def main() -> None:
         compute_only = ranks[0][schedule]["predicted_bubble"]
         flops = tuple(ranks[0][schedule]["stage_flops"]) or None
         hop = hop_s / (forward_s / (2 * spr))  # in units of the mean stage's forward
-        predicted = bubble_fraction(schedule, 2, args.microbatches, spr, flops, hop, backward)
+        predicted = bubble_fraction(schedule, 2, args.microbatches, spr, flops, hop, backward,
+                                    rank_time)
         measured = sum(idle) / len(idle)
         rows[schedule] = {"stages_per_rank": spr, "step_s": round(step, 4),
                           "step_vs_pp1": round(step / base, 3),
@@ -294,6 +299,8 @@ def main() -> None:
                       "measured_hop_s": round(hop_s, 6),
                       "measured_model_forward_s": round(forward_s, 4),
                       "measured_backward_over_forward": round(backward, 3),
+                      "measured_rank_time": [round(t, 3) for t in rank_time],
+                      "probe_per_rank": [r["probe"] for r in ranks],
                       "load_average": [round(x, 2) for x in os.getloadavg()],
                       "load_average_at_start": load_at_start,
                       "schedules": rows,

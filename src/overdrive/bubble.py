@@ -16,7 +16,8 @@ timed forward and backward) may replace the 2. A dependency between stages on di
 units: one send/receive of one micro-batch's activation. ``od.inspect`` has no mesh to
 measure it on and uses ``hop=0``; ``benchmarks/pipeline.py`` measures it on the real
 mesh (a ping-pong of the activation's size) and passes it in. Stages on the same rank
-hand over for free. 1F1B is replayed from its textbook order (torch's visualisation
+hand over for free. Ranks compute at the same speed unless ``rank_time`` (each rank's
+time for the same work over the mean, measured) says otherwise. 1F1B is replayed from its textbook order (torch's visualisation
 list for it numbers micro-batches off by one).
 """
 
@@ -97,12 +98,15 @@ def stage_ranks(actions: list[list[tuple[str, int, int]]]) -> dict[int, int]:
 
 def simulate(actions: list[list[tuple[str, int, int]]], num_stages: int,
              stage_flops: tuple[float, ...] | None = None, hop: float = 0.0,
-             backward: float = 2.0) -> list[float]:
+             backward: float = 2.0, rank_time: tuple[float, ...] | None = None
+             ) -> list[float]:
     """Idle fraction of each rank when its actions run in order, each as soon as its
     inputs exist (``stage_flops``: each stage's forward cost, 1 each when None; ``hop``:
-    the delay of an input coming from another rank; ``backward``: ``b``)."""
+    the delay of an input coming from another rank; ``backward``: ``b``; ``rank_time``:
+    each rank's time for one unit of work, 1 each when None)."""
     flops = tuple(stage_flops) if stage_flops is not None else (1.0,) * num_stages
     owner = stage_ranks(actions)
+    speed = tuple(rank_time) if rank_time is not None else (1.0,) * len(actions)
     done: dict[tuple[str, int, int], float] = {}
     clock = [0.0] * len(actions)
     busy = [0.0] * len(actions)
@@ -139,7 +143,7 @@ def simulate(actions: list[list[tuple[str, int, int]]], num_stages: int,
                 if t is None:
                     break
                 start = max(clock[r], t)
-                cost = action_cost(kind, stage, flops, backward)
+                cost = action_cost(kind, stage, flops, backward) * speed[r]
                 clock[r] = start + cost
                 busy[r] += cost
                 done[(kind, stage, mb)] = clock[r]
@@ -155,13 +159,15 @@ def simulate(actions: list[list[tuple[str, int, int]]], num_stages: int,
 @functools.lru_cache(maxsize=64)
 def bubble_fraction(schedule: str, pp: int, microbatches: int, stages_per_rank: int,
                     stage_flops: tuple[float, ...] | None = None,
-                    hop: float = 0.0, backward: float = 2.0) -> float | None:
+                    hop: float = 0.0, backward: float = 2.0,
+                    rank_time: tuple[float, ...] | None = None) -> float | None:
     """Mean idle fraction over the ranks (None when torch cannot build the schedule).
 
     ``stage_flops``: each stage's forward FLOPs (any scale); equal stages when None.
     ``hop``: one cross-rank send of a micro-batch's activation (or its gradient), in
     units of the mean stage's forward time; 0 (free) by default. ``backward``: the full
-    backward's time over the forward's, 2 by default."""
+    backward's time over the forward's, 2 by default. ``rank_time``: each pipeline
+    rank's measured time for the same work over the mean; equal when None."""
     num_stages = pp * stages_per_rank
     if stage_flops is not None and len(stage_flops) != num_stages:
         raise ValueError(f"stage_flops has {len(stage_flops)} entries for {num_stages} stages")
@@ -173,5 +179,7 @@ def bubble_fraction(schedule: str, pp: int, microbatches: int, stages_per_rank: 
                 else action_lists(schedule, pp, microbatches, stages_per_rank))
     except Exception:  # noqa: BLE001 - a schedule torch refuses for these sizes
         return None
-    idle = simulate(acts, num_stages, stage_flops, hop, backward)
+    if rank_time is not None and len(rank_time) != pp:
+        raise ValueError(f"rank_time has {len(rank_time)} entries for {pp} ranks")
+    idle = simulate(acts, num_stages, stage_flops, hop, backward, rank_time)
     return round(sum(idle) / len(idle), 4)

@@ -193,6 +193,9 @@ def test_bubble_counts_each_cross_rank_hop():
     assert bubble_fraction("gpipe", 2, 4, 1, None, 0.0, 3.0) == pytest.approx(0.2, abs=1e-3)
     assert bubble_fraction("zero-bubble", 2, 4, 2, None, 0.0, 3.0) > bubble_fraction(
         "zero-bubble", 2, 4, 2)
+    # a rank measured slower stretches its actions: the other rank waits for it
+    assert bubble_fraction("gpipe", 2, 4, 1, None, 0.0, 2.0, (1.0, 1.0)) == pytest.approx(0.2)
+    assert bubble_fraction("zbv", 2, 4, 2, None, 0.0, 2.0, (0.9, 1.1)) > 0.1
     # zbv's V: stages 1 and 2 share rank 1 and hand over for free
     assert stage_ranks(action_lists("zbv", 2, 4, 2)) == {0: 0, 1: 1, 2: 1, 3: 0}
     for name, spr in (("1f1b", 1), ("interleaved-1f1b", 2), ("zero-bubble", 2), ("zbv", 2)):
