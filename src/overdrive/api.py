@@ -217,8 +217,9 @@ def _apply_pipeline(model: nn.Module, graph: ModuleGraph, manager: PassManager, 
             handoff.post_step_hooks += [h for h in part_handoff.post_step_hooks
                                         if h not in handoff.post_step_hooks]
     refresh_holder(holder, parts)
-    handoff.gradient_sync = None  # each PipelineStage syncs its own part's gradients
-    return holder, records, handoff, PipelineRunner(parts, layout, plan, env, order)
+    runner = PipelineRunner(parts, layout, plan, env, order)
+    handoff.gradient_sync = runner.set_gradient_sync  # the stages reduce their own grads
+    return holder, records, handoff, runner
 
 
 def _flops_model(model: nn.Module, tracking, env) -> nn.Module | None:

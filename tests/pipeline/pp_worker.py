@@ -36,7 +36,48 @@ PLANS = {
                pipeline=od.Pipeline(schedule="1f1b")),
     "accum": dict(parallel=od.Parallel(pp=2), grad_accum=2,
                   pipeline=od.Pipeline(schedule="gpipe", microbatches=2)),
+    "accum_fsdp": dict(parallel=od.Parallel(pp=2, dp_shard=2), fsdp=od.FSDP(), grad_accum=2,
+                       pipeline=od.Pipeline(schedule="1f1b", microbatches=2)),
+    "compile": dict(parallel=od.Parallel(pp=2), compile=od.Compile(backend="aot_eager"),
+                    pipeline=od.Pipeline(schedule="1f1b")),
 }
+
+
+class CountReduceScatters:
+    """Counts FSDP's reduce-scatter calls (``dist.reduce_scatter_single``) while active."""
+
+    def __enter__(self):
+        self.calls, self._orig = 0, dist.reduce_scatter_single
+
+        def counted(*a, **k):
+            self.calls += 1
+            return self._orig(*a, **k)
+
+        dist.reduce_scatter_single = counted
+        return self
+
+    def __exit__(self, *exc):
+        dist.reduce_scatter_single = self._orig
+
+
+def accumulated_fsdp() -> dict:
+    """pp2 x fsdp2 with grad_accum=2: the grads of the two halves sum before one
+    reduce-scatter per optimizer step, as many as a grad_accum=1 step of the whole batch."""
+    torch.manual_seed(0)
+    rt = od.accelerate(llama(4), od.Plan(**PLANS["accum_fsdp"]),
+                       optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    with CountReduceScatters() as accum:
+        losses = accumulated(rt, batches())
+    out = {"losses": losses, "state": full_state(rt)}
+    torch.manual_seed(0)
+    plain = PLANS["accum_fsdp"] | {"grad_accum": 1}
+    rt1 = od.accelerate(llama(4), od.Plan(**plain),
+                        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    with CountReduceScatters() as once:
+        train_steps(rt1, batches(2), clip=1.0)
+    out["reduce_scatters_per_step"] = {"accum": accum.calls / len(losses),
+                                       "plain": once.calls / 2}
+    return out
 
 
 def accumulated(rt, data) -> list[float]:
@@ -110,6 +151,10 @@ def scenario(name: str) -> dict:
     if name == "accum":
         losses = accumulated(rt, batches())
     out = {"losses": losses, "state": full_state(rt)}
+    if name == "compile":  # the blocks really ran compiled: dynamo captured graphs
+        from torch._dynamo.utils import counters
+
+        out["graphs"] = counters["stats"]["unique_graphs"]
     if name == "1f1b":
         out["eval"] = float(rt.evaluate(batches(1, seed=7)[0]))
         out["grads_after_eval"] = any(p.grad is not None for p in rt.model.parameters())
@@ -157,7 +202,8 @@ def main() -> None:
             phase, ckpt = name.split(":", 1)
             results[phase] = checkpoint(phase, ckpt)
             continue
-        special = {"refusals": refusals, "meta": meta_model, "shard": sharded_batches}
+        special = {"refusals": refusals, "meta": meta_model, "shard": sharded_batches,
+                   "accum_fsdp": accumulated_fsdp}
         results[name] = special[name]() if name in special else scenario(name)
     if dist.get_rank() == 0:
         with open(out, "w") as fh:

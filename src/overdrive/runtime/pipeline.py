@@ -8,6 +8,10 @@ part's output is the activation after its last block; the last stage's is the lo
 only scales it. torch's ``PipelineStage`` runs each part; the stage subclass below tells
 ``StageIO`` which micro-batch a forward is for.
 
+Inside ``rt.accumulate`` the micro-steps before the syncing one skip the stages' gradient
+reduction at the schedule's end (torch's ``perform_reduce_grad``: FSDP's reduce-scatter),
+as FSDP's own ``set_requires_gradient_sync(False)`` does without pp.
+
 Losses are the mean over micro-batches (the single-process loss when every micro-batch
 holds the same number of tokens), broadcast from the rank of the last stage so every
 pipeline rank returns the same float. Gradients are the mean too: the schedule does not
@@ -259,9 +263,18 @@ def _stage_class():
     class Stage(PipelineStage):
         """torch's stage, telling its ``StageIO`` which micro-batch each forward is."""
 
-        def __init__(self, io: StageIO, *args: Any, **kwargs: Any):
+        def __init__(self, io: StageIO, syncing: Callable[[], bool], *args: Any,
+                     **kwargs: Any):
             super().__init__(*args, **kwargs)
             self._io = io
+            self._syncing = syncing
+
+        def perform_reduce_grad(self, grad_scale_factor: int):
+            """torch reduces (FSDP: reduce-scatters) the stage's gradients after the
+            schedule's last backward; inside ``rt.accumulate`` only the micro-step that
+            syncs does: before it, FSDP keeps accumulating the unsharded gradients."""
+            if self._syncing():
+                super().perform_reduce_grad(grad_scale_factor)
 
         def forward_one_chunk(self, fwd_chunk_id: int, *args: Any, **kwargs: Any):
             self._io.current = fwd_chunk_id
@@ -289,13 +302,22 @@ class PipelineRunner:
         self.group = env.submesh("pp").get_group()
         self.last_rank = layout.rank_of(layout.num_stages - 1)  # rank in the pp group
         self._scale = 1.0
+        self.sync = True  # rt.accumulate: False on the micro-steps before the sync one
         Stage = _stage_class()
-        self.stages = [Stage(p.io, p.module, p.stage, layout.num_stages, env.device,
+        self.stages = [Stage(p.io, self._syncing, p.module, p.stage, layout.num_stages, env.device,
                              group=self.group) for p in parts]
         cls = getattr(schedules, SCHEDULE_CLASSES[pipe.schedule])
         target = self.stages[0] if pipe.schedule in SINGLE_STAGE_SCHEDULES else self.stages
         self.schedule = cls(target, n_microbatches=self.microbatches,
                             loss_fn=self._scaled_loss, scale_grads=False)
+
+    def _syncing(self) -> bool:
+        return self.sync
+
+    def set_gradient_sync(self, sync: bool) -> None:
+        """``rt.accumulate``'s switch: whether this micro-step's schedule reduces the
+        gradients over the data ranks at its end."""
+        self.sync = sync
 
     def _scaled_loss(self, output: torch.Tensor, target: Any) -> torch.Tensor:
         return output.sum() * self._scale
