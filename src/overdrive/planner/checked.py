@@ -96,12 +96,14 @@ def _unit_of(module: str, units: list[list[str]]) -> int:
     return len(units) - 1
 
 
-def check_plan(shadow: nn.Module, plan: Plan, world_size: int, blocks=None) -> Checked:
+def check_plan(shadow: nn.Module, plan: Plan, world_size: int,
+               graph: ModuleGraph | None = None) -> Checked:
     """Every pass's ``check`` for ``plan`` on the meta ``shadow`` (a PlanError /
-    BackendUnavailable propagates: the layout is impossible)."""
+    BackendUnavailable propagates: the layout is impossible). ``graph``: the shadow's
+    ModuleGraph, shared between checks (checks only read it)."""
     plan, env = make_env(plan, world_size=world_size, dry_run=True)
     env.model_on_meta = True
-    graph = ModuleGraph(shadow, blocks if blocks is not None else plan.blocks)
+    graph = graph if graph is not None else ModuleGraph(shadow, plan.blocks)
     graph.blocks()
     decisions = PassManager(plan).check_all(graph, env)
     checked = Checked(plan=plan, decisions=decisions, graph=graph)

@@ -80,9 +80,12 @@ def _fsdp(comm: Comm, checked: Checked, layout: Layout) -> None:
                      calls=micro * (1 + again), overlap=True)
             comm.add("reduce_scatter", dim, reduce, overlap=True)
     if rep > 1:
-        for params in checked.units():
-            shard = sum(padded_numel(p, shards) // shards * _reduce_size(checked, p)
-                        for p in params if p.trainable)
+        key = ("hsdp", shards)
+        if key not in checked.cache:
+            checked.cache[key] = [
+                sum(padded_numel(p, shards) // shards * _reduce_size(checked, p)
+                    for p in params if p.trainable) for params in checked.units()]
+        for shard in checked.cache[key]:
             comm.add("all_reduce", "dp_replicate", shard, overlap=True)
 
 
@@ -117,10 +120,27 @@ def _tp(comm: Comm, checked: Checked, trace, layout: Layout, size: int) -> None:
     tp = checked.tp
     if tp is None or layout.tp == 1:
         return
+    key = ("tp", checked.recomputed, size, id(trace))
+    if key not in checked.cache:
+        checked.cache[key] = _tp_per_sequence(checked, trace, size)
+    for (kind, phase), (nbytes, calls) in checked.cache[key].items():
+        comm.add(kind, "tp", nbytes * layout.micro_batch // layout.cp * layout.grad_accum,
+                 calls=calls * layout.grad_accum)
+
+
+def _tp_per_sequence(checked: Checked, trace, size: int) -> dict:
+    """{(kind, phase): (bytes, calls)} of one sequence's forward, replay and backward."""
+    tp = checked.tp
     sp = tp.sequence_parallel
-    per_micro = layout.micro_batch / layout.cp
     recomputed = checked.recomputed
     last = _last_forward_collective(tp.styles, recomputed, trace)
+    out: dict[tuple[str, str], list[int]] = {}
+
+    def add(kind: str, phase: str, nbytes: int, times: int = 1) -> None:
+        entry = out.setdefault((kind, phase), [0, 0])
+        entry[0] += nbytes * times
+        entry[1] += times
+
     for name, style in tp.styles.items():
         if name not in trace.modules or not trace[name].output_shapes:
             continue
@@ -128,25 +148,24 @@ def _tp(comm: Comm, checked: Checked, trace, layout: Layout, size: int) -> None:
         weight = getattr(checked.graph.module(name), "weight", None)
         in_features = weight.shape[1] if weight is not None and weight.ndim == 2 and \
             style not in ("embedding_rowwise",) else out_features
-        tokens = int(tokens * per_micro)
-        inp, out = tokens * in_features * size, tokens * out_features * size
+        inp, outb = tokens * in_features * size, tokens * out_features * size
         replayed = name not in last and any(name.startswith(b + ".") for b in recomputed)
-        forwards = layout.grad_accum * (2 if replayed else 1)
-        backwards = layout.grad_accum
+        forwards = 2 if replayed else 1
         if style in ("colwise", "colwise_rep"):
             if sp and style == "colwise":
-                comm.add("all_gather", "tp", inp * forwards, calls=forwards)
-                comm.add("reduce_scatter", "tp", inp * backwards, calls=backwards)
+                add("all_gather", "fwd", inp, forwards)
+                add("reduce_scatter", "bwd", inp)
             else:
-                comm.add("all_reduce", "tp", inp * backwards, calls=backwards)
+                add("all_reduce", "bwd", inp)
             if style == "colwise_rep":
-                comm.add("all_gather", "tp", out * forwards, calls=forwards)
+                add("all_gather", "fwd", outb, forwards)
         elif style in ("rowwise", "rowwise_rep", "embedding_rowwise"):
             if sp and style != "rowwise_rep":
-                comm.add("reduce_scatter", "tp", out * forwards, calls=forwards)
-                comm.add("all_gather", "tp", out * backwards, calls=backwards)
+                add("reduce_scatter", "fwd", outb, forwards)
+                add("all_gather", "bwd", outb)
             else:
-                comm.add("all_reduce", "tp", out * forwards, calls=forwards)
+                add("all_reduce", "fwd", outb, forwards)
+    return {k: tuple(v) for k, v in out.items()}
 
 
 def _last_forward_collective(styles: dict, recomputed, trace) -> set[str]:

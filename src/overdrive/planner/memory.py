@@ -127,7 +127,11 @@ def _head(trace) -> str | None:
 def estimate_step_memory(checked: Checked, trace, layout: Layout, foreach: bool) -> Memory:
     """The step's peak on one rank: ``trace`` is a meta trace of one sequence (the
     micro-batch scales it), in the compute dtype."""
-    est = estimate_memory(checked.graph, checked.effects, layout.world_size, trace=trace)
+    key = ("estimate", checked.recomputed, id(trace))
+    if key not in checked.cache:
+        checked.cache[key] = estimate_memory(checked.graph, checked.effects,
+                                             layout.world_size, trace=trace)
+    est = checked.cache[key]
     params, grads, opt = est.parameters, est.gradients, est.optimizer
     acts = (est.activations or 0) * layout.micro_batch
     if layout.pp > 1:  # 1F1B: the first stage holds up to pp micro-batches in flight
@@ -158,7 +162,8 @@ def _optimizer_scratch(checked: Checked, layout: Layout, foreach: bool) -> int:
     """AdamW's temporaries: multi-tensor (foreach) makes one fp32 list the size of the
     shards; the single-tensor loop two tensors the size of the largest parameter."""
     n = fsdp_shards(layout) if checked.fsdp is not None else 1
-    sizes = [padded_numel(p, n) // n * 4 for p in checked.params if p.trainable]
-    if not sizes:
-        return 0
-    return sum(sizes) if foreach else 2 * max(sizes)
+    key = ("scratch", n, foreach)
+    if key not in checked.cache:
+        sizes = [padded_numel(p, n) // n * 4 for p in checked.params if p.trainable]
+        checked.cache[key] = 0 if not sizes else sum(sizes) if foreach else 2 * max(sizes)
+    return checked.cache[key]

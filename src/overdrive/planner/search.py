@@ -23,7 +23,8 @@ from torch import nn
 
 from ..errors import BackendUnavailable, PlanError
 from ..rewrite.report import human_bytes
-from ..rewrite.trace import meta_copy, trace_model
+from ..rewrite.graph import ModuleGraph
+from ..rewrite.trace import meta_copy
 from .candidate import Candidate, Candidates
 from .checked import Checked, check_plan
 from .comm import step_comm
@@ -31,6 +32,7 @@ from .cost import step_time
 from .hardware import Hardware, parse_bytes, resolve_hardware
 from .layout import AC_MODES, Layout
 from .memory import estimate_step_memory
+from .stack_trace import stack_trace
 
 OBJECTIVES = ("throughput", "memory")
 ALLOW_KEYS = ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ac", "micro_batch", "fp8",
@@ -44,20 +46,19 @@ class Model:
                  example=None):
         on_meta = all(p.device.type == "meta" for p in model.parameters())
         self.shadow = model if on_meta else meta_copy(model)
-        traced = meta_copy(self.shadow)
-        if compute_dtype is not None:
-            traced = traced.to(compute_dtype)
         ids = example if example is not None else torch.zeros(1, seq_len, dtype=torch.long,
                                                                device="meta")
         args = ids if isinstance(ids, (tuple, dict)) else (ids, ids)
-        self.trace = trace_model(traced, args)
+        self.graph = ModuleGraph(self.shadow)
+        self.trace = stack_trace(self.shadow, args, self.graph.blocks(), compute_dtype)
         self.checks: dict[Any, Checked | Exception] = {}
 
     def check(self, layout: Layout, world_size: int) -> Checked:
         key = layout
         if key not in self.checks:
             try:
-                self.checks[key] = check_plan(self.shadow, layout.to_plan(), world_size)
+                self.checks[key] = check_plan(self.shadow, layout.to_plan(), world_size,
+                                              graph=self.graph)
             except (PlanError, BackendUnavailable) as err:
                 self.checks[key] = err
         got = self.checks[key]
@@ -201,9 +202,17 @@ def plan(model: nn.Module, *, world_size: int, memory_per_rank: int | str | None
     global_batch, seq_len, example = _batch(batch)
     mixed = "no" if "bf16" not in hw.flops else "bf16"
     meta = Model(model, seq_len, torch.bfloat16 if mixed == "bf16" else None, example)
-    return search(meta, world_size=world_size, budget=budget, global_batch=global_batch,
-                  seq_len=seq_len, hw=hw, objective=objective, allow=allow, top=top,
-                  mixed_precision=mixed)
+    kwargs = dict(world_size=world_size, budget=budget, global_batch=global_batch,
+                  seq_len=seq_len, hw=hw, objective=objective, top=top, mixed_precision=mixed)
+    # first without pipeline and context parallelism (unless allow names them): they pay
+    # a bubble / K-V traffic and are worth it only when nothing else fits
+    first = {"pp": (1,), "cp": (1,), **allow}
+    if first != allow:
+        try:
+            return search(meta, allow=first, **kwargs)
+        except PlanError:
+            pass
+    return search(meta, allow=allow, **kwargs)
 
 
 def search(meta: Model, *, world_size: int, budget: int, global_batch: int, seq_len: int,
@@ -228,9 +237,12 @@ def search(meta: Model, *, world_size: int, budget: int, global_batch: int, seq_
             except (PlanError, BackendUnavailable) as err:
                 refusals.append(f"{base.name()}: {err}")
                 continue
+            rough: dict[str, Checked] = {}
             for lay in variants(sizes, engine, local, hw, allow, mixed_precision):
+                if lay.ac not in rough:
+                    rough[lay.ac] = _rough(checked, lay)
                 scored.append(evaluate(meta, lay, hw, budget, global_batch, seq_len,
-                                       checked=_rough(checked, lay)))
+                                       checked=rough[lay.ac]))
     if not scored:
         raise PlanError(_nothing_checked(world_size, refusals))
     key = (lambda c: c.step_seconds) if objective == "throughput" else (
