@@ -33,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     "Runtime": ".runtime.runtime",
     "Tracker": ".runtime.tracking",
     "launch": ".launch", "LaunchError": ".launch",
+    "plan": ".planner", "Candidate": ".planner", "Hardware": ".planner",
 }
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "OverdriveError", "PlanError", "BackendUnavailable", "PassFailed",
     "load_weights", "CheckpointError", "NotACheckpoint", "CheckpointMismatch", "CheckpointCorrupt",
     "Tracker", "launch", "LaunchError", "DesyncError", "NonFiniteError",
+    "plan", "Candidate", "Hardware",
 ]
 
 
@@ -77,3 +79,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .runtime.runtime import Runtime
     from .runtime.tracking import Tracker
     from .launch import LaunchError, launch
+    from .planner import Candidate, Hardware, plan

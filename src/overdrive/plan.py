@@ -20,6 +20,8 @@ import functools
 import json
 import os
 import re
+import sys
+import types
 import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Mapping
@@ -879,3 +881,17 @@ def resolve_plan(plan: Plan | Mapping[str, Any] | str | os.PathLike | None) -> P
         f"plan={plan!r} is not valid; use an od.Plan, a dict, a YAML/JSON path or a preset "
         "string such as 'fsdp+compile'"
     )
+
+
+class _PlanModule(types.ModuleType):
+    """``od.plan(model, ...)`` is the planner (overdrive.planner.plan), while
+    ``overdrive.plan`` is also this module's import name: once the module is imported the
+    package attribute is the module, so calling it calls the planner."""
+
+    def __call__(self, model, **kwargs):
+        from .planner import plan
+
+        return plan(model, **kwargs)
+
+
+sys.modules[__name__].__class__ = _PlanModule

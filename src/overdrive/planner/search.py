@@ -216,8 +216,8 @@ def plan(model: nn.Module, *, world_size: int, memory_per_rank: int | str | None
 
 
 def search(meta: Model, *, world_size: int, budget: int, global_batch: int, seq_len: int,
-           hw: Hardware, objective: str, allow: dict, top: int, mixed_precision: str
-           ) -> Candidates:
+           hw: Hardware, objective: str, allow: dict, top: int, mixed_precision: str,
+           prune: bool = True) -> Candidates:
     params = list(meta.shadow.parameters())
     full = sum(p.numel() * p.element_size() for p in params)
     elsize = params[0].element_size() if params else 4
@@ -227,7 +227,7 @@ def search(meta: Model, *, world_size: int, budget: int, global_batch: int, seq_
         pp, rep, shard, cp, tp = sizes
         local = global_batch // (rep * shard)
         for engine in _allowed(allow, "engine", _engines(*sizes)):
-            if _lower_bound(full, elsize, sizes, engine) > budget:
+            if prune and _lower_bound(full, elsize, sizes, engine) > budget:
                 continue
             base = Layout(pp=pp, dp_replicate=rep, dp_shard=shard, cp=cp, tp=tp,
                           engine=engine, micro_batch=1, grad_accum=max(pp, 1),
@@ -243,6 +243,10 @@ def search(meta: Model, *, world_size: int, budget: int, global_batch: int, seq_
                     rough[lay.ac] = _rough(checked, lay)
                 scored.append(evaluate(meta, lay, hw, budget, global_batch, seq_len,
                                        checked=rough[lay.ac]))
+    if not scored and prune:  # all beyond the bound: cost them to name the closest
+        return search(meta, world_size=world_size, budget=budget, global_batch=global_batch,
+                      seq_len=seq_len, hw=hw, objective=objective, allow=allow, top=top,
+                      mixed_precision=mixed_precision, prune=False)
     if not scored:
         raise PlanError(_nothing_checked(world_size, refusals))
     key = (lambda c: c.step_seconds) if objective == "throughput" else (
