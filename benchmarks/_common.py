@@ -17,17 +17,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "src"))
 
-# Dense peak TFLOP/s by GPU name fragment and dtype (vendor datasheets, SXM parts).
-PEAK_TFLOPS = {
-    "H200": {"bf16": 989.0, "fp8": 1979.0},
-    "H100": {"bf16": 989.0, "fp8": 1979.0},
-    "B200": {"bf16": 2250.0, "fp8": 4500.0},
-    "A100": {"bf16": 312.0},
-    "L40S": {"bf16": 362.0, "fp8": 733.0},
-    "L4": {"bf16": 121.0, "fp8": 242.0},
-}
-
-
 # CPU features that change the numbers a lot: bf16 matmuls are emulated (~20x slower)
 # without AVX-512 BF16 / AMX, which makes fp8 and casting ratios machine-specific.
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
@@ -72,16 +61,11 @@ def synchronize(dev) -> None:
 
 
 def peak_flops(dev, dtype: str = "bf16") -> float | None:
-    """The device's dense peak FLOP/s for ``dtype``, or None (CPUs, unknown GPUs)."""
-    import torch
+    """The device's dense peak FLOP/s for ``dtype``, or None (CPUs, unknown GPUs): the
+    library's own table (overdrive.runtime.peaks), so MFU here and in rt.log agree."""
+    from overdrive.runtime.peaks import peak_flops as library_peak
 
-    if dev.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(dev)
-    for fragment, peaks in PEAK_TFLOPS.items():
-        if fragment in name and dtype in peaks:
-            return peaks[dtype] * 1e12
-    return None
+    return library_peak(dev, dtype)
 
 
 def step_flops(model, example_inputs) -> int:

@@ -10,8 +10,9 @@ Measured per rank: the median time of
 ``rt.forward_backward`` and the share of it the rank spent outside its stages' forward
 and backward calls (``forward_one_chunk`` / ``backward_one_chunk`` /
 ``backward_weight_one_chunk``: waiting for the other stage, or in communication) — the
-measured idle fraction, next to the bubble ``od.inspect`` predicts from torch's action
-lists (unit costs: forward 1, backward 2). Target: predicted within 10 percentage points
+measured idle fraction, next to the bubble ``od.inspect`` predicts from the schedules'
+action lists and per-stage FLOPs (forward f, backward 2f split as input f + weight f; the
+first stage's input-backward 0). Target: predicted within 10 percentage points
 of measured, per schedule (mean over ranks).
 """
 
@@ -85,7 +86,7 @@ class Variant:
         import torch.distributed as dist
 
         ids = torch.randint(0, 512, (self.rows, self.seq), generator=self.gen)
-        batch = {"input_ids": ids, "labels": ids.roll(-1, 1)}
+        batch = {"input_ids": ids, "labels": ids}  # the model shifts them
         dist.barrier()
         if self.busy is not None:
             self.busy["s"] = 0.0

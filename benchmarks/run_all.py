@@ -17,11 +17,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ["inspect_speed", "step_overhead", "step_overhead_dist", "checkpoint_io", "memory",
-           "casting", "fp8", "compile_time", "pipeline"]
+           "casting", "fp8", "compile_time", "pipeline", "offload"]
 QUICK_ARGS = {"compile_time": ["--quick"], "checkpoint_io": ["--quick"],
               "step_overhead": ["--steps", "100"], "step_overhead_dist": ["--steps", "100"],
               "casting": ["--quick"], "fp8": ["--quick"], "memory": ["--quick"],
-              "inspect_speed": ["--rounds", "1"], "pipeline": ["--quick"]}
+              "inspect_speed": ["--rounds", "1"], "pipeline": ["--quick"],
+              "offload": ["--quick"]}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
 
 

@@ -66,3 +66,9 @@ def test_distill_and_infer_under_ddp_with_a_powersgd_hook(tmp_path):
               str(EXAMPLES / "distill_and_infer.py"), "--plan", "ddp", "--comm-hook",
               "powersgd", "--out", str(tmp_path / "d"), cwd=tmp_path)
     assert "student: ddp; teacher: ddp" in out and "EMA restored by rt.load: True" in out
+
+
+def test_big_model_inference(tmp_path):
+    out = run(str(EXAMPLES / "big_model_inference.py"), "--out", str(tmp_path / "b"), cwd=tmp_path)
+    assert "[offload] device map" in out and "same as in memory: True" in out
+    assert (tmp_path / "b" / "offload" / "index.json").is_file()

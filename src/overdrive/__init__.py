@@ -11,6 +11,8 @@ The public names are imported on first use (PEP 562), so ``import overdrive`` â€
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -26,20 +28,20 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("Applied", "Decision", "KeyMap", "MemoryEffect", "Pass", "PassContext"),
                     ".rewrite.contract"),
     **dict.fromkeys(("DDP", "FP8", "FSDP", "PRESETS", "Casting", "Checkpointing", "Compile",
-                     "DeepSpeed", "Parallel", "Pipeline", "Plan"), ".plan"),
+                     "DeepSpeed", "Offload", "Parallel", "Pipeline", "Plan"), ".plan"),
     **dict.fromkeys(("MemoryEstimate", "PassRecord", "Report"), ".rewrite.report"),
     "load_weights": ".runtime.export",
     "find_executable_batch_size": ".runtime.helpers",
     "Runtime": ".runtime.runtime",
     "Tracker": ".runtime.tracking",
-    "launch": ".launch", "LaunchError": ".launch",
+    "launch": ".spawn", "LaunchError": ".spawn",
     "plan": ".planner", "Candidate": ".planner", "Hardware": ".planner",
 }
 
 __all__ = [
     "accelerate", "inspect",
     "Plan", "Compile", "FP8", "Checkpointing", "Casting", "Parallel", "FSDP", "DDP",
-    "DeepSpeed", "Pipeline", "PRESETS",
+    "DeepSpeed", "Offload", "Pipeline", "PRESETS",
     "Runtime", "Report", "PassRecord", "MemoryEstimate", "ModuleGraph",
     "Pass", "register_pass", "PassContext", "Decision", "Applied", "MemoryEffect", "KeyMap",
     "find_executable_batch_size",
@@ -48,6 +50,21 @@ __all__ = [
     "Tracker", "launch", "LaunchError", "DesyncError", "NonFiniteError",
     "plan", "Candidate", "Hardware",
 ]
+
+
+class _Package(types.ModuleType):
+    """``od.plan`` is the planner (a function), while ``overdrive.plan`` is also the
+    module of ``od.Plan``. Importing a submodule sets it as an attribute of its package,
+    which would replace the lazy public name with the module; this keeps the public name
+    (the module stays importable by its full name, from ``sys.modules``)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:
@@ -72,11 +89,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .rewrite.contract import Applied, Decision, KeyMap, MemoryEffect, Pass, PassContext
     from .rewrite.manager import register_pass
     from .plan import (DDP, FP8, FSDP, PRESETS, Casting, Checkpointing, Compile,
-                               DeepSpeed, Parallel, Pipeline, Plan)
+                       DeepSpeed, Offload, Parallel, Pipeline, Plan)
     from .rewrite.report import MemoryEstimate, PassRecord, Report
     from .runtime.export import load_weights
     from .runtime.helpers import find_executable_batch_size
     from .runtime.runtime import Runtime
     from .runtime.tracking import Tracker
-    from .launch import LaunchError, launch
+    from .spawn import LaunchError, launch
     from .planner import Candidate, Hardware, plan

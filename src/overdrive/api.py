@@ -8,6 +8,7 @@ build the optimizer.
 from __future__ import annotations
 
 import logging
+import os
 import types
 import weakref
 from typing import Any, Callable
@@ -37,12 +38,15 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
                optimizer: OptimizerArg = None, scheduler: Any = None,
                trackers: Any = ("jsonl",), run_dir: Any = None, run_config: dict | None = None,
                log_every: int = 1, timeout: float | None = None,
-               desync_timeout: float | None = 60.0, batch: Any = None) -> Runtime:
+               desync_timeout: float | None = 60.0,
+               weights: str | os.PathLike | None = None, batch: Any = None) -> Runtime:
     """Transform ``model`` in place according to ``plan`` and return a ``Runtime``.
 
     ``optimizer`` may be an optimizer or a factory ``params -> optimizer``; a factory is
     called after sharding, which FSDP/TP need. ``scheduler`` may be a scheduler or a
-    factory ``optimizer -> scheduler``.
+    factory ``optimizer -> scheduler``. ``weights``: a safetensors file or export
+    directory streamed into the (typically meta-device) model one tensor at a time, each
+    straight to its final place; its keys are checked before anything is touched.
 
     ``trackers`` (built-in names "jsonl", "tensorboard", "wandb", "mlflow", "trackio", or
     ``od.Tracker`` instances; ``()`` for none) receive ``rt.log`` rows and, every
@@ -72,8 +76,15 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
 
         plan, choice = auto_plan(model, batch)
     plan = resolve_plan(plan)
-    _check_meta_device(model, plan)
+    source = _weights_source(model, weights)
+    if source is None:
+        _check_meta_device(model, plan)
+    elif plan.fsdp is not None or plan.deepspeed is not None:
+        raise PlanError(f"weights= streams a checkpoint into the model on one process; with "
+                        f"{plan.data_parallel} load it after sharding instead "
+                        "(od.load_weights(rt.model, path))")
     plan, env = make_env(plan, timeout=timeout)
+    env.weights = source
     graph = ModuleGraph(model, plan.blocks)
     graph.blocks()  # resolves a user override now: a bad glob is refused before mutation
     manager = PassManager(plan)
@@ -86,6 +97,8 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
     flops_model = _flops_model(model, tracking, env)
 
     # ---- nothing above this line mutates the model ----
+    if source is not None and plan.offload is None:
+        _stream_weights(model, source, env)
     _place_model(model, plan, env)
     pipeline = None
     user_model = model
@@ -225,6 +238,10 @@ def _check_optimizer_arg(optimizer: OptimizerArg, manager: PassManager, plan: Pl
             f"optimizer={optimizer!r} is not valid; pass a torch.optim.Optimizer or a "
             "factory such as lambda params: torch.optim.AdamW(params, lr=3e-4)"
         )
+    if plan.offload is not None:
+        raise PlanError(
+            "offload is an inference pass: accelerate() got an optimizer with an offload "
+            "plan; drop the optimizer (offloaded weights are not trained)")
     if plan.casting is not None:
         raise PlanError(
             "casting is an inference pass: accelerate() got an optimizer with a casting plan; "
@@ -328,8 +345,40 @@ def _check_meta_device(model: nn.Module, plan: Plan) -> None:
             "weights first with od.load_weights(model, path)")
 
 
+def _weights_source(model: nn.Module, weights):
+    """``weights=``'s entries, matched against the model's keys (refused before any
+    mutation: CheckpointMismatch lists missing / unexpected / differently shaped keys)."""
+    if weights is None:
+        return None
+    from .passes.offload import meta_buffer_problems
+    from .runtime.weights import check_keys, open_weights
+    from .safetensors_io import WeightsSource
+
+    bad = meta_buffer_problems(model)
+    if bad:
+        raise PlanError(f"weights=: buffer(s) {', '.join(bad[:4])} are on the meta device and "
+                        "in no checkpoint (non-persistent); build the model with its buffers "
+                        "on a real device (only parameters on meta)")
+    entries = open_weights(weights)
+    chosen = check_keys(model, entries, f"in {os.fspath(weights)}")
+    return WeightsSource(os.fspath(weights), entries, chosen)
+
+
+def _stream_weights(model: nn.Module, source, env) -> None:
+    """No offload: every tensor straight to the runtime's device, one at a time."""
+    from .passes.offload import place
+    from .passes.offload_placement import DeviceMap, tensor_devices
+
+    device = str(env.device)
+    entries = {"": device}
+    dmap = DeviceMap(entries, tensor_devices(model, entries), execution_device=device)
+    place(model, dmap, None, None, source)
+
+
 def _place_model(model: nn.Module, plan: Plan, env) -> None:
     """Move a real (non-meta) model to the runtime's device; meta models stay for fsdp."""
+    if plan.offload is not None:
+        return  # the offload pass places every tensor itself
     devices = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
     if any(d.type == "meta" for d in devices):
         return  # materialised by the fsdp pass after sharding

@@ -1,12 +1,18 @@
-"""The pipeline bubble a schedule predicts, from torch's own action lists.
+"""The pipeline bubble a schedule predicts, from torch's own action lists and a cost model.
 
 ``torch.distributed.pipelining`` builds every schedule's per-rank action list
 (forward, full backward, or backward-input / backward-weight per stage and
 micro-batch). Replaying those lists with their dependencies — a forward needs the
-previous stage's forward, a backward the next stage's backward — and unit costs
-(forward 1, full backward 2, input or weight backward 1 each) gives the time each rank
-waits: the bubble fraction is idle time over the makespan, averaged over ranks.
-For GPipe and 1F1B it is ``(pp - 1) / (microbatches + pp - 1)``, used as such.
+previous stage's forward, a backward the next stage's backward — gives the time each
+rank waits: the bubble fraction is idle time over the makespan, averaged over ranks.
+
+Costs come from each stage's forward FLOPs ``f``: forward ``f``; full backward ``2f``
+(gradients to inputs and to weights are each one matmul per forward matmul); split, the
+input-backward and the weight-backward ``f`` each — except on the first stage, whose
+inputs are token ids: torch skips its input-backward (cost 0) and runs the whole
+backward as the weight step (``2f``). Sends and receives between ranks are free (same
+host, small activations). 1F1B is replayed from its textbook order (torch's
+visualisation list for it numbers micro-batches off by one).
 """
 
 from __future__ import annotations
@@ -16,7 +22,35 @@ import logging
 
 from .plan import SCHEDULE_CLASSES
 
-COSTS = {"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0}
+KINDS = ("F", "B", "I", "W")
+
+
+def action_cost(kind: str, stage: int, stage_flops: tuple[float, ...]) -> float:
+    """Time of one action, in units of the stage's forward: see the module docstring."""
+    f = stage_flops[stage]
+    if kind in ("F", "I"):
+        return 0.0 if (kind == "I" and stage == 0) else f
+    if kind == "W":
+        return 2 * f if stage == 0 else f
+    return 2 * f  # "B"
+
+
+def one_f_one_b(pp: int, microbatches: int) -> list[list[tuple[str, int, int]]]:
+    """Per rank, 1F1B's order: ``pp - 1 - rank`` warm-up forwards, then one forward and
+    one backward in turn, then the remaining backwards."""
+    out = []
+    for r in range(pp):
+        warm = min(pp - 1 - r, microbatches)
+        acts = [("F", r, m) for m in range(warm)]
+        f, b = warm, 0
+        while b < microbatches:
+            if f < microbatches:
+                acts.append(("F", r, f))
+                f += 1
+            acts.append(("B", r, b))
+            b += 1
+        out.append(acts)
+    return out
 
 def action_lists(schedule: str, pp: int, microbatches: int, stages_per_rank: int
                  ) -> list[list[tuple[str, int, int]]]:
@@ -41,15 +75,17 @@ def action_lists(schedule: str, pp: int, microbatches: int, stages_per_rank: int
                 continue
             kind = str(a.computation_type.value if hasattr(a.computation_type, "value")
                        else a.computation_type)
-            if kind in COSTS:
+            if kind in KINDS:
                 acts.append((kind, a.stage_index, a.microbatch_index))
         out.append(acts)
     return out
 
 
-def simulate(actions: list[list[tuple[str, int, int]]], num_stages: int) -> list[float]:
+def simulate(actions: list[list[tuple[str, int, int]]], num_stages: int,
+             stage_flops: tuple[float, ...] | None = None) -> list[float]:
     """Idle fraction of each rank when its actions run in order, each as soon as its
-    inputs exist."""
+    inputs exist (``stage_flops``: each stage's forward cost, 1 each when None)."""
+    flops = tuple(stage_flops) if stage_flops is not None else (1.0,) * num_stages
     done: dict[tuple[str, int, int], float] = {}
     clock = [0.0] * len(actions)
     busy = [0.0] * len(actions)
@@ -86,8 +122,9 @@ def simulate(actions: list[list[tuple[str, int, int]]], num_stages: int) -> list
                 if t is None:
                     break
                 start = max(clock[r], t)
-                clock[r] = start + COSTS[kind]
-                busy[r] += COSTS[kind]
+                cost = action_cost(kind, stage, flops)
+                clock[r] = start + cost
+                busy[r] += cost
                 done[(kind, stage, mb)] = clock[r]
                 pos[r] += 1
                 remaining -= 1
@@ -99,18 +136,21 @@ def simulate(actions: list[list[tuple[str, int, int]]], num_stages: int) -> list
 
 
 @functools.lru_cache(maxsize=64)
-def bubble_fraction(schedule: str, pp: int, microbatches: int, stages_per_rank: int
-                    ) -> float | None:
+def bubble_fraction(schedule: str, pp: int, microbatches: int, stages_per_rank: int,
+                    stage_flops: tuple[float, ...] | None = None) -> float | None:
     """Mean idle fraction over the ranks (None when torch cannot build the schedule).
 
-    GPipe and 1F1B use the closed form (torch's 1F1B action list for visualisation
-    numbers its micro-batches off by one); the multi-stage schedules replay torch's
-    action lists."""
-    if schedule in ("gpipe", "1f1b"):
-        return round((pp - 1) / (microbatches + pp - 1), 4)
+    ``stage_flops``: each stage's forward FLOPs (any scale); equal stages when None."""
+    num_stages = pp * stages_per_rank
+    if stage_flops is not None and len(stage_flops) != num_stages:
+        raise ValueError(f"stage_flops has {len(stage_flops)} entries for {num_stages} stages")
+    if stage_flops is not None:
+        mean = sum(stage_flops) / num_stages
+        stage_flops = tuple(f / mean for f in stage_flops) if mean > 0 else None
     try:
-        acts = action_lists(schedule, pp, microbatches, stages_per_rank)
+        acts = (one_f_one_b(pp, microbatches) if schedule == "1f1b"
+                else action_lists(schedule, pp, microbatches, stages_per_rank))
     except Exception:  # noqa: BLE001 - a schedule torch refuses for these sizes
         return None
-    idle = simulate(acts, pp * stages_per_rank)
+    idle = simulate(acts, num_stages, stage_flops)
     return round(sum(idle) / len(idle), 4)

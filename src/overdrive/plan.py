@@ -20,8 +20,6 @@ import functools
 import json
 import os
 import re
-import sys
-import types
 import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Mapping
@@ -135,6 +133,27 @@ class DeepSpeed:
 
 
 @dataclass(frozen=True)
+class Offload:
+    """Big-model inference: place the model across GPU, CPU and disk, bring offloaded
+    weights to the execution device block by block (``prefetch`` blocks ahead, on a
+    background thread).
+
+    ``device_map``: ``"auto"`` / ``"balanced"`` / ``"balanced_low_0"`` / ``"sequential"``
+    (Accelerate's meanings) or ``{module FQN: "cuda:0" | "cpu" | "disk"}``. ``max_memory``:
+    ``{device: bytes or "10GiB"}``; None: what each device has free, minus headroom.
+    ``no_split``: class names never split across devices (None: the detected blocks').
+    ``dtype``: floating weights converted to it as they are placed.
+    """
+
+    device_map: str | Mapping[str, str] = "auto"
+    max_memory: Mapping[Any, int | str] | None = None
+    offload_folder: str | os.PathLike | None = None
+    no_split: tuple[str, ...] | None = None
+    dtype: str | None = None
+    prefetch: int = 1
+
+
+@dataclass(frozen=True)
 class Pipeline:
     """Pipeline parallelism over ``parallel.pp`` ranks with a torch.distributed.pipelining
     schedule. ``microbatches`` defaults to the number of stages (pp × stages_per_rank) and
@@ -193,6 +212,7 @@ PARTS: dict[str, type] = {
     "fsdp": FSDP,
     "ddp": DDP,
     "deepspeed": DeepSpeed,
+    "offload": Offload,
     "pipeline": Pipeline,
 }
 
@@ -209,6 +229,7 @@ class Plan:
     fsdp: FSDP | None = None
     ddp: DDP | None = None
     deepspeed: DeepSpeed | None = None
+    offload: Offload | None = None
     pipeline: Pipeline | None = None  # used when parallel.pp > 1 (defaults if None)
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
     grad_accum: int = 1
@@ -306,6 +327,7 @@ CHOICES: dict[tuple[str, str], tuple] = {
     ("deepspeed", "zero_stage"): (0, 1, 2, 3),
     ("ddp", "comm_hook"): (None, "fp16", "bf16", "powersgd"),
     ("plan", "mixed_precision"): ("no", "bf16", "fp16"),
+    ("offload", "dtype"): (None, "float32", "bfloat16", "float16"),
     ("pipeline", "schedule"): ("gpipe", "1f1b", "interleaved-1f1b", "looped-bfs",
                                "zero-bubble", "zbv"),
 }
@@ -514,11 +536,34 @@ def _check_part_values(plan: Plan) -> None:
                                  or clip <= 0):
             raise PlanError(f"deepspeed.gradient_clipping={clip!r} is not valid; use a "
                             "positive max norm such as 1.0, or None")
+    if plan.offload is not None:
+        _check_offload(plan.offload)
     if plan.ddp is not None:
         _check_int("ddp.bucket_cap_mb", plan.ddp.bucket_cap_mb, 1)
         _check_comm_hook(plan)
     if plan.pipeline is not None:
         _check_pipeline_values(plan.pipeline)
+
+
+def _check_offload(cfg: Offload) -> None:
+    dm = cfg.device_map
+    modes = ("auto", "balanced", "balanced_low_0", "sequential")
+    if isinstance(dm, str) and dm not in modes:
+        raise _choices_error("offload.device_map", dm, modes + ("{module: device}",))
+    if not isinstance(dm, (str, Mapping)):
+        raise PlanError(f"offload.device_map={dm!r} is not valid; use one of {modes} or a "
+                        "dict {module FQN: 'cuda:0' | 'cpu' | 'disk'}")
+    if cfg.max_memory is not None and not isinstance(cfg.max_memory, Mapping):
+        raise PlanError(f"offload.max_memory={cfg.max_memory!r} is not valid; use a dict "
+                        "{device: bytes or '10GiB'}, e.g. {'cpu': '8GiB', 'disk': '100GiB'}")
+    if cfg.no_split is not None and (isinstance(cfg.no_split, str) or not all(
+            isinstance(c, str) for c in cfg.no_split)):
+        raise PlanError(f"offload.no_split={cfg.no_split!r} must be a tuple of class names, "
+                        "e.g. ('LlamaDecoderLayer',)")
+    _check_int("offload.prefetch", cfg.prefetch, 0)
+    folder = cfg.offload_folder
+    if folder is not None and not isinstance(folder, (str, os.PathLike)):
+        raise PlanError(f"offload.offload_folder={folder!r} is not valid; use a directory path")
 
 
 def _check_comm_hook(plan: Plan) -> None:
@@ -641,6 +686,14 @@ def _check_contradictions(plan: Plan) -> None:
             "casting is an inference pass and cannot be combined with "
             f"{plan.data_parallel}; drop one of them"
         )
+    if plan.offload is not None:
+        others = [n for n in ("fsdp", "ddp", "deepspeed") if getattr(plan, n) is not None]
+        others += [f"parallel.{n}={getattr(par, n)}" for n in ("tp", "cp", "pp")
+                   if getattr(par, n) not in (1,)]
+        if others:
+            raise PlanError(
+                f"offload is an inference pass (one process places the model across its "
+                f"devices) and cannot be combined with {', '.join(others)}; drop one of them")
     if par.sequence_parallel and par.tp == 1:
         raise PlanError(
             "parallel.sequence_parallel=True needs parallel.tp > 1 (it shards the norms' "
@@ -691,7 +744,8 @@ def resolve_for_world(plan: Plan, world_size: int) -> Plan:
     """
     plan = replace(plan, parallel=resolve_sizes(plan.parallel, world_size))
     dp = plan.parallel.dp_replicate * plan.parallel.dp_shard
-    if dp > 1 and plan.data_parallel is None and plan.casting is None:
+    if dp > 1 and plan.data_parallel is None and plan.casting is None \
+            and plan.offload is None:
         fsdp = plan.parallel.tp > 1 or plan.parallel.pp > 1  # pipeline stages: fsdp too
         plan = replace(plan, fsdp=FSDP()) if fsdp else replace(plan, ddp=DDP())
     if plan.parallel.pp > 1 and plan.pipeline is None:
@@ -821,6 +875,7 @@ _SIMPLE_TOKENS: dict[str, dict[str, Any]] = {
     "sp": {"parallel": {"sequence_parallel": True}},
     "inference-fp8": {"casting": Casting()},
     "casting": {"casting": Casting()},
+    "offload": {"offload": Offload()},
 }
 _SIZED_TOKENS = {"tp": ("tp", 2), "cp": ("cp", 2), "pp": ("pp", 2)}  # "tp" = tp2, "tp4" = 4
 
@@ -882,16 +937,3 @@ def resolve_plan(plan: Plan | Mapping[str, Any] | str | os.PathLike | None) -> P
         "string such as 'fsdp+compile'"
     )
 
-
-class _PlanModule(types.ModuleType):
-    """``od.plan(model, ...)`` is the planner (overdrive.planner.plan), while
-    ``overdrive.plan`` is also this module's import name: once the module is imported the
-    package attribute is the module, so calling it calls the planner."""
-
-    def __call__(self, model, **kwargs):
-        from .planner import plan
-
-        return plan(model, **kwargs)
-
-
-sys.modules[__name__].__class__ = _PlanModule

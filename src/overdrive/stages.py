@@ -20,11 +20,13 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from .errors import PlanError
 from .plan import Plan
 from .rewrite.graph import ModuleGraph, parameter_owners
+from .rewrite.trace import trace_model
 
 ZERO_BUBBLE = ("zero-bubble", "zbv")  # split backward (input / weight): no torch.compile
 
@@ -42,6 +44,7 @@ class StageLayout:
     style: str  # "loop" (stage s on rank s % pp) or "v" (zbv)
     param_bytes: tuple[int, ...] = field(default=())  # per stage
     cost: tuple[float, ...] = field(default=())  # per stage, the balanced quantity
+    flops: tuple[float, ...] = field(default=())  # per stage, forward FLOPs (traced or estimated)
 
     @property
     def num_stages(self) -> int:
@@ -120,7 +123,8 @@ def stage_layout(graph: ModuleGraph, plan: Plan) -> StageLayout:
             f"({container}); lower pp or stages_per_rank")
     head, tail = _outer_param_modules(graph, container)
     _check_ends(graph, head, tail, pp)
-    weights = _block_costs(graph, blocks, head, tail)
+    fl = _block_flops(graph, blocks, head, tail)
+    weights = _block_costs(graph, blocks, head, tail, fl)
     if pipe.split is not None:
         starts = _given_split(pipe.split, stages, len(blocks))
     else:
@@ -128,7 +132,7 @@ def stage_layout(graph: ModuleGraph, plan: Plan) -> StageLayout:
     style = "v" if pipe.schedule == "zbv" else "loop"
     layout = StageLayout(container, tuple(blocks), tuple(head), tuple(tail), tuple(starts),
                          pp, style)
-    return _with_sizes(layout, graph, weights)
+    return _with_sizes(layout, graph, weights, fl)
 
 
 def _check_ends(graph: ModuleGraph, head: list[str], tail: list[str], pp: int) -> None:
@@ -149,22 +153,40 @@ def _check_ends(graph: ModuleGraph, head: list[str], tail: list[str], pp: int) -
                     "untie them (tie_word_embeddings=False) or use pp=1")
 
 
-def _block_costs(graph: ModuleGraph, blocks: list[str], head: list[str], tail: list[str]
-                 ) -> list[float]:
-    """Each block's share of parameters and of FLOPs, averaged, with the head on the
-    first block and the tail on the last. FLOPs per token are twice the matmul
-    parameters (an embedding lookup costs none), so the FLOP share counts every
-    parameter except embeddings'."""
-    def flops(name: str) -> int:
-        return sum(graph.g.nodes[n]["params"] for n in graph.subtree(name)
-                   if not isinstance(graph.module(n), nn.Embedding))
+TRACE_TOKENS = (1, 64)  # token ids the FLOPs trace runs with (meta device: no compute)
 
-    params = [graph.subtree_params(b) for b in blocks]
+
+def _block_flops(graph: ModuleGraph, blocks: list[str], head: list[str], tail: list[str]
+                 ) -> list[float]:
+    """Each block's forward FLOPs, the head's added to the first block and the tail's to
+    the last: from a meta-device trace with ``TRACE_TOKENS`` token ids, or — when the
+    model cannot be traced that way — twice the non-embedding parameters (a matmul
+    costs two FLOPs per weight per token, an embedding lookup none)."""
+    try:
+        trace = trace_model(graph.model, torch.zeros(TRACE_TOKENS, dtype=torch.long),
+                            backward=False)
+        def flops(name: str) -> float:
+            rec = trace.modules.get(name)
+            return float(rec.flops) if rec is not None else 0.0
+        if sum(flops(b) for b in blocks) <= 0:
+            raise ValueError("no traced FLOPs in the blocks")
+    except Exception:  # noqa: BLE001 - any model the token-id trace does not fit
+        def flops(name: str) -> float:
+            return 2.0 * sum(graph.g.nodes[n]["params"] for n in graph.subtree(name)
+                             if not isinstance(graph.module(n), nn.Embedding))
     fl = [flops(b) for b in blocks]
-    params[0] += sum(graph.subtree_params(n) for n in head)
     fl[0] += sum(flops(n) for n in head)
-    params[-1] += sum(graph.subtree_params(n) for n in tail)
     fl[-1] += sum(flops(n) for n in tail)
+    return fl
+
+
+def _block_costs(graph: ModuleGraph, blocks: list[str], head: list[str], tail: list[str],
+                 fl: list[float]) -> list[float]:
+    """Each block's share of parameters and of forward FLOPs, averaged, with the head on
+    the first block and the tail on the last."""
+    params = [graph.subtree_params(b) for b in blocks]
+    params[0] += sum(graph.subtree_params(n) for n in head)
+    params[-1] += sum(graph.subtree_params(n) for n in tail)
     tp, tf = max(sum(params), 1), max(sum(fl), 1)
     return [(p / tp + f / tf) / 2 for p, f in zip(params, fl)]
 
@@ -205,8 +227,9 @@ def _given_split(split: tuple[int, ...], stages: int, n_blocks: int) -> list[int
     return starts
 
 
-def _with_sizes(layout: StageLayout, graph: ModuleGraph, weights: list[float]) -> StageLayout:
-    sizes, costs = [], []
+def _with_sizes(layout: StageLayout, graph: ModuleGraph, weights: list[float],
+                fl: list[float]) -> StageLayout:
+    sizes, costs, stage_flops = [], [], []
     for s in range(layout.num_stages):
         names = list(layout.stage_blocks(s))
         if s == 0:
@@ -216,8 +239,9 @@ def _with_sizes(layout: StageLayout, graph: ModuleGraph, weights: list[float]) -
         sizes.append(sum(graph.subtree_bytes(n) for n in names))
         idx = [layout.blocks.index(b) for b in layout.stage_blocks(s)]
         costs.append(round(sum(weights[i] for i in idx), 4))
+        stage_flops.append(float(sum(fl[i] for i in idx)))
     return StageLayout(**{**layout.__dict__, "param_bytes": tuple(sizes),
-                          "cost": tuple(costs)})
+                          "cost": tuple(costs), "flops": tuple(stage_flops)})
 
 
 # --------------------------------------------------------------------------- checks

@@ -37,10 +37,10 @@ def _imports(source: str, module: str) -> set[str]:
     return out
 
 
-def test_the_builtin_passes_are_the_eleven_we_know():
+def test_the_builtin_passes_are_the_twelve_we_know():
     assert set(BUILTIN) == {"casting", "fp8", "tensor_parallel", "context_parallel",
                             "checkpointing", "compile", "mixed_precision", "fsdp", "ddp",
-                            "deepspeed", "pipeline"}
+                            "deepspeed", "pipeline", "offload"}
 
 
 def test_rewrite_imports_neither_passes_nor_runtime():
@@ -74,6 +74,30 @@ def test_no_pass_imports_another_pass_or_the_runtime():
         assert not bad, f"{name} imports {sorted(bad)}"
 
 
+def test_what_the_passes_share_imports_no_pass_and_no_runtime():
+    """The neutral modules beside the packages (stages.py, bubble.py, safetensors_io.py,
+    sizes.py, plan.py…) that passes import: through them no pass reaches runtime/ or
+    another pass either."""
+    top = {p.stem for p in SRC.glob("*.py")} - {"__init__", "__main__"}
+    shared = set()
+    for name, source in _sources("passes").items():
+        shared |= {m.split(".")[1] for m in _imports(source, "overdrive.passes." + name[:-3])
+                   if m.startswith("overdrive.") and m.split(".")[1] in top}
+    assert {"stages", "safetensors_io", "sizes", "plan"} <= shared
+    todo, seen = list(shared), set()
+    while todo:
+        mod = todo.pop()
+        if mod in seen:
+            continue
+        seen.add(mod)
+        imported = _imports((SRC / f"{mod}.py").read_text(), f"overdrive.{mod}")
+        bad = {m for m in imported
+               if m.startswith(("overdrive.passes", "overdrive.runtime", "overdrive.api"))}
+        assert not bad, f"{mod}.py (imported by a pass) imports {sorted(bad)}"
+        todo += [m.split(".")[1] for m in imported
+                 if m.startswith("overdrive.") and m.split(".")[1] in top]
+
+
 def test_no_string_keyed_handoffs_test_hooks_or_environment_writes():
     everything = {str(p.relative_to(SRC)): p.read_text() for p in SRC.rglob("*.py")}
     for name, source in everything.items():
@@ -85,9 +109,9 @@ def test_no_string_keyed_handoffs_test_hooks_or_environment_writes():
         # a C++ collective, or when the launcher is gone: docs/reliability.md)
         if name.startswith("runtime/") and name != "runtime/ledger.py":
             assert "os._exit" not in source, name
-        # state.py: a one-rank group's rendezvous; launch.py: od.launch's spawned worker
+        # state.py: a one-rank group's rendezvous; spawn.py: od.launch's spawned worker
         # sets its own RANK/WORLD_SIZE before anything runs in it (a launcher, as torchrun)
-        if name not in ("runtime/state.py", "launch.py"):
+        if name not in ("runtime/state.py", "spawn.py"):
             writes = re.findall(r"os\.environ(\[[^\]]+\]\s*=|\.setdefault|\.update|\.pop)", source)
             assert not writes, f"{name} writes os.environ"
 
@@ -124,3 +148,10 @@ def test_the_runtime_docstring_lists_its_whole_public_surface():
         assert f"\n    {group}\n" in Runtime.__doc__
     missing = sorted(m for m in public if f"``{m}" not in Runtime.__doc__)
     assert not missing, f"public Runtime members not in its docstring: {missing}"
+    # and the other way: every name the groups list is a real member
+    members = public | {a.attr for a in ast.walk(init) if isinstance(a, ast.Attribute)
+                        and isinstance(a.value, ast.Name) and a.value.id == "self"}
+    listed = set(re.findall(r"``(\w+)", Runtime.__doc__.split("\n    loop\n", 1)[1]))
+    not_members = sorted(n for n in listed - {"hook", "_"}  # a signature's argument; "_"
+                         if n not in members and not hasattr(Runtime, n))
+    assert not not_members, f"the Runtime docstring lists non-members: {not_members}"

@@ -85,3 +85,19 @@ def test_lazy_names_resolve_and_builtins_register_first():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["True", "mine", "PlanError", "True"]
+
+
+def test_public_names_stay_themselves_after_every_submodule_is_imported():
+    """A submodule named like a public name (``overdrive/launch.py`` for ``od.launch``)
+    would replace the lazy name with the module once anything imports it."""
+    code = ("import importlib, pkgutil, types\n"
+            "import overdrive as od\n"
+            "for m in pkgutil.walk_packages(od.__path__, 'overdrive.'):\n"
+            "    if m.name != 'overdrive.__main__':\n"
+            "        importlib.import_module(m.name)\n"
+            "bad = [n for n in od.__all__ if isinstance(getattr(od, n), types.ModuleType)]\n"
+            "print('modules:', bad)\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "modules: []" in proc.stdout

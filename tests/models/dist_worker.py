@@ -43,7 +43,7 @@ def main(out: str, models: str, plans: str) -> None:
     for model in models.split(","):
         for plan in plans.split(","):
             torch._dynamo.reset()
-            res = zoo.run_cell(model, plan, zoo.DIST_PLANS[plan](), world_size=zoo.DIST_WORLD,
+            res = zoo.run_cell(model, plan, {**zoo.DIST_PLANS, **zoo.SP_PLANS}[plan](), world_size=zoo.DIST_WORLD,
                                reduce=_sum, buffers_agree=_buffers_agree)
             results.append(res.to_dict())
             if dist.is_initialized():

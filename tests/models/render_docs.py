@@ -42,6 +42,8 @@ PLAN_NOTES = {
     "ddp": "DDP, 2 ranks (buffers broadcast)",
     "fsdp+tp": "tp=2 (`tp_plan='auto'`), 2 ranks",
     "fsdp+compile": "FSDP2 + aot_eager compile, 2 ranks",
+    "tp+sp": "tp=2 with `sequence_parallel=True` on the model's own transformers tp plan "
+             "(embedding output whole, the first block splits the sequence), 2 ranks",
 }
 
 
@@ -72,10 +74,16 @@ def render() -> str:
     ]
     for model in zoo.MODELS:
         lines.append(f"| {model} | " + " | ".join(_cell(model, p) for p in plans) + " |")
+    sp_plans = list(zoo.SP_PLANS)
+    lines += ["", "Sequence parallel on transformers' own tp plans:", "",
+              "| model | " + " | ".join(f"`{p}`" for p in sp_plans) + " |",
+              "|---|" + "---|" * len(sp_plans)]
+    for model in zoo.SP_MODELS:
+        lines.append(f"| {model} | " + " | ".join(_cell(model, p) for p in sp_plans) + " |")
     lines += ["", "## Models", ""]
     lines += [f"- **{m}**: {DESCRIPTIONS[m]}" for m in zoo.MODELS]
     lines += ["", "## Plans", ""]
-    lines += [f"- `{p}`: {PLAN_NOTES[p]}" for p in plans]
+    lines += [f"- `{p}`: {PLAN_NOTES[p]}" for p in plans + sp_plans]
     refusals = sorted(zoo.EXPECTED_REFUSALS.items())
     lines += ["", "## ¹ Refused, and why", ""]
     if not refusals:

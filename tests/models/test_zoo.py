@@ -67,6 +67,17 @@ def test_two_rank_cells(tmp_path, model):
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.dist
+@pytest.mark.slow
+def test_two_rank_sequence_parallel_on_model_plans(tmp_path):
+    """Llama/Qwen2 train under tp+sp on transformers' own plans like a plain loop;
+    Mixtral is refused at check time (experts)."""
+    results = _run_dist(tmp_path, list(zoo.SP_MODELS), list(zoo.SP_PLANS))
+    assert len(results) == len(zoo.SP_MODELS) * len(zoo.SP_PLANS)
+    for res in results:
+        zoo.check_cell(res)
+
+
 def test_models_doc_is_current():
     """docs/models.md is rendered from the zoo's expectations, which the cells test."""
     doc = ROOT / "docs" / "models.md"
@@ -161,3 +172,35 @@ def test_auto_tp_plan_pairs_projections_by_structure():
     t5 = _tp_styles(zoo.t5())
     assert not any("Attention" in k for k in t5)  # the relative bias is per head
     assert t5["decoder.block.1.layer.2.DenseReluDense.wo"] == "rowwise"
+
+
+def test_auto_tp_plan_shards_conv1d_and_grouped_experts():
+    """GPT-2's Conv1D layers get the local-shard styles (c_attn strided over q/k/v);
+    Mixtral's grouped experts are sharded on their hidden dim, their parameter entries in
+    the model's plan need no note."""
+    import overdrive as od
+
+    gpt2 = _tp_styles(zoo.gpt2())
+    assert gpt2["transformer.h.0.attn.c_attn"] == "conv1d_colwise"
+    assert gpt2["transformer.h.0.attn.c_proj"] == "conv1d_rowwise"
+    assert gpt2["transformer.h.1.mlp.c_fc"] == "conv1d_colwise"
+    assert "lm_head" not in gpt2  # tied to wte
+    report = od.inspect(zoo.mixtral(), zoo.DIST_PLANS["fsdp+tp"](), world_size=2)
+    rec = report["tensor_parallel"]
+    assert rec.details["styles"]["model.layers.0.mlp.experts"] == "experts"
+    assert "model.layers.0.mlp.gate" not in rec.details["styles"]  # the router: replicated
+    assert not any("experts" in n and "skipped" in n for n in rec.notes)
+
+
+def test_sequence_parallel_on_a_model_plan_keeps_the_embedding_output_whole():
+    """transformers models derive positions and the causal mask from the embedding
+    output's length: under tp+sp it stays whole and the first block splits the sequence."""
+    import overdrive as od
+
+    report = od.inspect(zoo.llama(), zoo.SP_PLANS["tp+sp"](), world_size=2)
+    styles = report["tensor_parallel"].details["styles"]
+    assert styles["model.embed_tokens"] == "embedding_rowwise_rep"
+    assert styles["model.layers.0"] == "sequence_split" and "model.layers.1" not in styles
+    assert styles["model.norm"] == styles["model.layers.1.input_layernorm"] == \
+        "sequence_parallel_local"
+    assert styles["lm_head"] == "colwise_rep"

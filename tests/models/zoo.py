@@ -203,6 +203,11 @@ DIST_PLANS: dict[str, Callable[[], Any]] = {
     "fsdp+tp": lambda: od.Plan(fsdp=od.FSDP(), parallel=od.Parallel(tp=2, dp_shard=1)),
     "fsdp+compile": lambda: od.Plan(fsdp=od.FSDP(), compile=od.Compile(backend="aot_eager")),
 }
+# sequence parallel on the transformers models' own tp plans (its own 2-rank test)
+SP_PLANS: dict[str, Callable[[], Any]] = {
+    "tp+sp": lambda: od.Plan(parallel=od.Parallel(tp=2, dp_shard=1, sequence_parallel=True)),
+}
+SP_MODELS = ("llama", "qwen2", "mixtral")
 DIST_WORLD = 2
 
 # Loss tolerance against the plain loop: relative for the low-precision plans.
@@ -215,26 +220,30 @@ EXPECTED_REFUSALS: dict[tuple[str, str], str] = {
     ("cnn", "fp8"): r"fp8: no nn\.Linear \(or transformers Conv1D\) is eligible .*head: in_features=16, out_features=10: "
                     r"fp8 matmuls need multiples of 16",
     ("cnn", "fsdp+tp"): r"parallel\.tp=2 but the tp plan shards no module of BatchNormCNN",
-    ("gpt2", "fsdp+tp"): r"shards no module of GPT2LMHeadModel .*transformer\.h\.0\.attn\.c_attn"
-                         r", …\) are transformers' Conv1D",
+    ("mixtral", "tp+sp"): r"sequence_parallel=True with grouped experts "
+                          r"\(model\.layers\.0\.mlp\.experts\)",
 }
 # Why, in words, for docs/models.md.
 REFUSAL_REASONS: dict[tuple[str, str], str] = {
     ("cnn", "fp8"): "fp8 converts Linear layers whose dims are multiples of 16; the CNN's "
                     "only Linear is its 16→10 head (convolutions have no fp8 path)",
+    ("mixtral", "tp+sp"): "the expert style sums each expert's output over tp from whole "
+                          "token activations; a sequence-sharded stream would need the router "
+                          "and experts to gather it first (not done)",
     ("cnn", "fsdp+tp"): "no attention/MLP structure to derive a tensor-parallel plan from; "
                         "give `tp_plan` as a dict",
-    ("gpt2", "fsdp+tp"): "GPT-2's projections are transformers' `Conv1D` with q/k/v fused in "
-                         "`c_attn`; DTensor's Linear styles cannot shard them (not done: a "
-                         "strided shard of the fused weight)",
 }
 
 
 # What a trained cell did differently from the plain model, for docs/models.md (each is
 # a note in that pass's record).
 TRAINED_NOTES: dict[tuple[str, str], str] = {
-    ("mixtral", "fsdp+tp"): "attention sharded; the experts (`moe_tp_experts`) stay whole on "
-                            "every tp rank — expert sharding is not done yet",
+    ("mixtral", "fsdp+tp"): "attention sharded; each expert's hidden dim is sharded "
+                            "(`gate_up_proj` strided so each rank holds its gate and up "
+                            "slices), the router replicated, the experts' output summed",
+    ("gpt2", "fsdp+tp"): "the `Conv1D` projections are sharded; the fused `c_attn` is split "
+                         "strided so each rank holds its heads' q, k and v; the tied "
+                         "`wte`/`lm_head` stay whole",
     ("t5", "fsdp+tp"): "the feed-forward layers are sharded; attention stays whole (the first "
                        "block's relative position bias is computed per head)",
     ("encoder_lm", "fsdp+tp"): "linear1/linear2, the embedding and the head are sharded; "

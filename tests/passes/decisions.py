@@ -68,13 +68,49 @@ def done(pass_name: str, rt) -> dict:
                             and m.__dict__["forward"].__name__ == "forward"
                             and hasattr(m.__dict__["forward"], "__wrapped__")],
                 "batch_transforms": len(rt._handoff.batch_transforms)}
+    if pass_name == "offload":
+        return {"tensors": _where_each_tensor_is(rt),
+                "buffers": sorted({str(b.device) for b in model.buffers()})}
     raise KeyError(pass_name)
 
 
-def expected(pass_name: str, rec) -> dict:
+def _where_each_tensor_is(rt) -> dict[str, str]:
+    """Each parameter's home, read from the model and the offload folder: ``disk`` (its
+    key is in the folder's index), ``host`` (a one-element stand-in, not on disk) or the
+    device its real data is on."""
+    import json
+    from pathlib import Path
+
+    folder = rt.plan.offload.offload_folder
+    index = Path(folder) / "index.json" if folder is not None else None
+    on_disk = set(json.loads(index.read_text())["weight_map"]) if index and index.is_file() \
+        else set()
+    out = {}
+    for name, p in rt.model.named_parameters():
+        stand_in = p.numel() > 1 and all(s == 0 for s in p.stride())
+        out[name] = "disk" if name in on_disk else "host" if stand_in else str(p.device)
+    return out
+
+
+def _offload_expected(rec, model) -> dict:
+    from overdrive.passes.offload_placement import entry_device
+
+    entries, execution = rec.details["device_map"], rec.details["execution_device"]
+
+    def home(name):
+        device = entry_device(entries, name)
+        return "host" if device == "cpu" and execution != "cpu" else device
+
+    return {"tensors": {n: home(n) for n, _ in model.named_parameters()},
+            "buffers": [execution]}
+
+
+def expected(pass_name: str, rec, model=None) -> dict:
     """What the dry-run record (the decision, rendered) says will be done, in the terms
-    of ``done``."""
+    of ``done`` (``model``: the transformed model, for the names of its tensors)."""
     d = rec.details
+    if pass_name == "offload":
+        return _offload_expected(rec, model)
     if pass_name == "checkpointing":
         kind = "selective" if d["mode"] == "selective" else "full"
         return {"modules": rec.modules, "selective": [kind] if rec.modules else []}
@@ -110,4 +146,5 @@ def compare(pass_name: str, inspected: od.Report, rt) -> None:
     actual = done(pass_name, rt)
     if pass_name == "fsdp":
         actual["modules"] = sorted(actual["modules"], key=_order(got))
-    assert actual == expected(pass_name, want), (pass_name, actual, expected(pass_name, want))
+    wanted = expected(pass_name, want, rt.model)
+    assert actual == wanted, (pass_name, actual, wanted)

@@ -1,7 +1,8 @@
 """For every built-in pass: od.inspect's decision is what od.accelerate then did — the same
 modules, styles and skips — read back from the transformed model itself. The passes that
-need several ranks (tensor/context parallel, fsdp/ddp/deepspeed over 2 data ranks) run
-the same comparison under torchrun (decisions_worker.py)."""
+need several ranks (tensor/context parallel, fsdp/ddp/deepspeed over 2 data ranks, the
+pipeline) run the same comparison under torchrun (decisions_worker.py); offload's is
+compared tensor by tensor."""
 
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 import overdrive as od
 from overdrive.models.llama import tiny
 from tests.helpers import run_torchrun
-from tests.passes.decisions import compare
+from tests.passes.decisions import compare, done
 
 CASES = {
     "casting": od.Plan(casting=od.Casting(skip=("lm_head",))),
@@ -44,12 +45,31 @@ def test_inspect_decides_what_accelerate_does(case):
         assert 0 < len(rt.report[name].modules) < 4
 
 
+def test_inspect_decides_what_offload_does(tmp_path):
+    """A CPU budget of a third of the weights: the device map od.inspect shows (module →
+    cpu / disk) is where od.accelerate put every tensor, read back from the model and the
+    offload folder."""
+    from tests.offload.offload_common import build, llama_config, model_bytes
+
+    cfg = llama_config(layers=4)
+    torch.manual_seed(0)
+    total = model_bytes(build(cfg))
+    plan = od.Plan(offload=od.Offload(max_memory={"cpu": total // 3, "disk": "10GiB"},
+                                      offload_folder=str(tmp_path / "offload")))
+    inspected = od.inspect(build(cfg), plan)
+    rt = od.accelerate(build(cfg), plan)
+    assert inspected.names() == rt.report.names() == ["offload"]
+    compare("offload", inspected, rt)
+    homes = set(done("offload", rt)["tensors"].values())
+    assert homes == {"cpu", "disk"}, homes  # a real split, not everything in one place
+
+
 def test_every_builtin_pass_is_compared_here_or_on_two_ranks():
     from overdrive.rewrite.manager import _REGISTRY, registered_passes
 
     registered_passes()  # registers the built-ins (`import overdrive` is lazy)
     builtin = {n for n, e in _REGISTRY.items() if e.cls.__module__.startswith("overdrive.passes.")}
-    here = {c.split("-")[0] for c in CASES}
+    here = {c.split("-")[0] for c in CASES} | {"offload"}
     assert builtin == here | set(TWO_RANKS)
 
 

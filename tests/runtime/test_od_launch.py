@@ -68,7 +68,7 @@ NOTEBOOK = """
 import sys
 {block}
 import overdrive as od
-from overdrive.launch import _payload
+from overdrive.spawn import _payload
 
 def cell_fn(x):  # defined in an interactive __main__ (no file), like a notebook cell
     import os

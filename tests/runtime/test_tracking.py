@@ -247,3 +247,18 @@ def test_tflops_and_mfu_from_the_meta_trace_where_a_peak_is_known(tmp_path):
     for r in rows:
         assert r["tflops"] * 1e12 * r["step_seconds"] == pytest.approx(per_token * 24, rel=1e-6)
         assert r["mfu"] == pytest.approx(r["tflops"], rel=1e-6)  # peak 1 TFLOP/s
+
+
+@pytest.mark.parametrize("step,metrics", [
+    (3, {"loss": 0.1, "samples": 5, "lr": 1e-12, "neg": -0.0, "big": 1e300}),
+    (1, {}), (2, {'a"b\u00e9': 1.5}), (2, {"x": float("nan")}), (2, {"x": float("-inf")}),
+    (2, {"x": True}), (2, {"step": 5}),
+])
+def test_jsonl_rows_are_what_json_dumps_writes(tmp_path, step, metrics):
+    from overdrive.runtime.tracking import JsonlTracker
+
+    tracker = JsonlTracker()
+    tracker.open(tmp_path)
+    tracker.log(dict(metrics), step)
+    tracker.finish()
+    assert (tmp_path / "metrics.jsonl").read_text() == json.dumps({"step": step, **metrics}) + "\n"

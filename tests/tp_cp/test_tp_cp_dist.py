@@ -165,7 +165,6 @@ def test_cp_transformers_llama_through_rt_shard(two_ranks):
     ("tp_heads", ["parallel.tp=2", "1 key/value heads", "valid tp values: [1]"]),
     ("cp_window", ["parallel.cp=2", "sliding-window", "layers.1.attn.sliding_window=8"]),
     ("cp_bidirectional", ["parallel.cp=2", "not causal", "is_causal=False"]),
-    ("sp_own_plan", ["sequence_parallel=True", "own tp plan"]),
     ("offload_tp", ["fsdp.offload=True", "parallel.tp=2"]),
     ("offload_fp8", ["fsdp.offload=True", "fp8"]),
     ("fsdp_twice", ["already applied fsdp", "a second time"]),

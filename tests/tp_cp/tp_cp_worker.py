@@ -291,7 +291,6 @@ def refusal_cases() -> dict:
         "tp_heads": (lambda: llama(n_kv_heads=1), tp_plan()),
         "cp_window": (windowed, cp),
         "cp_bidirectional": (bert, cp),
-        "sp_own_plan": (hf_llama, tp_plan(sequence_parallel=True)),
         "offload_tp": (llama, od.Plan(parallel=od.Parallel(tp=2, dp_shard=1), fsdp=offload)),
         "offload_fp8": (llama, od.Plan(fsdp=offload, fp8=od.FP8())),
         "fsdp_twice": (lambda: od.accelerate(llama(), od.Plan(fsdp=od.FSDP())).model,

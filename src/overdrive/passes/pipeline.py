@@ -37,8 +37,9 @@ def describe_plan(layout: StageLayout, cfg: Pipeline) -> dict:
     return {"schedule": cfg.schedule, "microbatches": mb,
             "stages_per_rank": cfg.stages_per_rank, "num_stages": layout.num_stages,
             "stages": layout.describe(), "cost": list(layout.cost),
+            "stage_flops": list(layout.flops),
             "bubble_fraction": bubble_fraction(cfg.schedule, layout.pp, mb,
-                                               cfg.stages_per_rank)}
+                                               cfg.stages_per_rank, layout.flops or None)}
 
 
 def held_by_rank(layout: StageLayout) -> tuple[tuple[str, ...], ...]:

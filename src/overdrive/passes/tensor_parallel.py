@@ -14,7 +14,9 @@ out as torchtitan does:
 
 With ``Parallel(sequence_parallel=True)`` the residual stream stays sharded on the
 sequence dim between sublayers; the modules that own colwise layers (attention, mlp) get a
-``PrepareModuleInput`` that all-gathers their first input. When the fp8 pass left torchao
+``PrepareModuleInput`` that all-gathers their first input. On a transformers model's own
+plan the embedding output stays whole instead (the model derives positions and masks from
+its length) and the first block of each stack splits the sequence. When the fp8 pass left torchao
 ``Float8Linear`` modules with tensorwise scaling, torchao's float8 TP styles are used so
 the all-gathers run in float8.
 
@@ -39,6 +41,8 @@ from ..plan import TP_STYLES, Plan, TensorParallelConfig
 from ..rewrite.contract import Applied, Decision, MemoryEffect, Pass, PassContext
 from ..rewrite.graph import ModuleGraph, parameter_owners
 from ..rewrite.manager import register_pass
+from .tp_local import (CONV1D_COLWISE, CONV1D_ROWWISE, EXPERTS, LOCAL_STYLES, fused_factor,
+                       is_conv1d, is_grouped_experts, make_local_style, shard_size_error)
 
 # transformers' style names -> ours (None: the module stays as it is)
 HF_STYLES: dict[str, str | None] = {
@@ -56,7 +60,10 @@ COLWISE_NAMES = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "wq", "wk
                  "w3", "q", "k", "v", "query", "key", "value", "fc1", "linear1", "wi", "wi_0",
                  "wi_1"}
 ROWWISE_NAMES = {"o_proj", "down_proj", "out_proj", "wo", "w2", "o", "fc2", "linear2"}
-SHARDING_STYLES = {"colwise", "rowwise", "colwise_rep", "rowwise_rep", "embedding_rowwise"}
+CONV1D_COLWISE_NAMES = {"c_attn", "c_fc"}  # transformers' Conv1D (GPT-2)
+CONV1D_ROWWISE_NAMES = {"c_proj"}
+SHARDING_STYLES = {"colwise", "rowwise", "colwise_rep", "rowwise_rep", "embedding_rowwise",
+                   *LOCAL_STYLES}
 HEAD_ATTRS = ("num_attention_heads", "n_heads", "num_heads", "n_head")
 KV_HEAD_ATTRS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "kv_heads")
 
@@ -89,13 +96,8 @@ def resolve_tp_plan(graph: ModuleGraph, plan: Plan) -> tuple[dict[str, str], lis
         return _explicit_plan(graph, plan.tp_plan), []
     own = model_tp_plan(graph.model)
     if own is not None:
-        if sp:
-            raise PlanError(
-                "parallel.sequence_parallel=True is not supported with the model's own tp plan "
-                f"({type(graph.model).__name__}: it derives positions and masks from the "
-                "embedding output's length); use sequence_parallel=False"
-            )
-        return _model_plan(graph, own)
+        styles, notes = _model_plan(graph, own)
+        return (_sequence_parallel_on_model_plan(graph, styles), notes) if sp else (styles, notes)
     return _default_plan(graph, sp)
 
 
@@ -132,10 +134,17 @@ def _refuse_tied(graph: ModuleGraph, styles: dict[str, str]) -> None:
 
 def _model_plan(graph: ModuleGraph, own: dict[str, str]) -> tuple[dict[str, str], list[str]]:
     styles, notes = {}, []
+    experts = [g for g, s in own.items() if _is_moe_style(s, g)]
     for glob, hf_style in own.items():
         hits = graph.match(glob)
+        if not hits and any(glob.startswith(e + ".") for e in experts):
+            continue  # a parameter of grouped experts: the experts style shards it
         if not hits:
             notes.append(f"model tp plan entry {glob!r} matches no module: skipped")
+            continue
+        if hf_style not in HF_STYLES and _is_moe_style(hf_style, glob) and \
+                all(is_grouped_experts(graph.module(h)) for h in hits):
+            styles.update((h, EXPERTS) for h in hits)
             continue
         if hf_style not in HF_STYLES and _is_moe_style(hf_style, glob):
             notes.append(f"{glob} ({hf_style}): the experts stay whole on every tp rank "
@@ -153,9 +162,33 @@ def _model_plan(graph: ModuleGraph, own: dict[str, str]) -> tuple[dict[str, str]
     return _untie(graph, styles, notes)
 
 
+def _sequence_parallel_on_model_plan(graph: ModuleGraph, styles: dict[str, str]) -> dict[str, str]:
+    """Sequence parallel on top of a transformers plan. Such a model derives positions,
+    rotary tables and the causal mask from the embedding output's length at the model
+    level, so the embedding output stays whole and the first block of each stack splits
+    its input on the sequence (``sequence_split``); the norms run sequence-parallel, and
+    the attention/MLP modules all-gather their input (any call form: transformers passes
+    ``hidden_states=`` by keyword)."""
+    experts = [n for n, s in styles.items() if s == EXPERTS]
+    if experts:
+        raise PlanError(
+            f"parallel.sequence_parallel=True with grouped experts ({experts[0]}): the router "
+            "and the experts' tp style (output summed over tp) read whole token activations, "
+            "not a sequence-sharded stream; use sequence_parallel=False with this model")
+    out = {n: ("embedding_rowwise_rep" if s == "embedding_rowwise" else s)
+           for n, s in styles.items()}
+    for group in graph.block_groups():
+        out[group[0]] = "sequence_split"
+    out.update((n, "sequence_parallel_local") for n in graph.names()
+               if n and _is_norm(graph.module(n)))
+    return out
+
+
 def _is_moe_style(style: str, glob: str) -> bool:
     """transformers' expert-parallel / grouped-experts styles (``moe_tp_experts``,
-    ``ep_router``, ``grouped_gemm``…) or any style given to an ``experts`` module."""
+    ``ep_router``, ``grouped_gemm``…) or any style given to an ``experts`` module. Grouped
+    experts (3-D ``gate_up_proj`` / ``down_proj``) are sharded on their hidden dim; other
+    expert layouts stay whole with a note."""
     return style.startswith(("moe", "ep_", "grouped")) or \
         glob.rsplit(".", 1)[-1] == "experts"
 
@@ -187,10 +220,14 @@ def _default_plan(graph: ModuleGraph, sp: bool) -> tuple[dict[str, str], list[st
 
 
 def _linear_role(graph: ModuleGraph, name: str) -> str | None:
-    """'colwise' / 'rowwise' for a Linear named like an attention or MLP projection."""
+    """'colwise' / 'rowwise' for a Linear (or transformers Conv1D) named like an attention
+    or MLP projection."""
+    parent, _, leaf = name.rpartition(".")
+    if is_conv1d(graph.module(name)):
+        return "colwise" if leaf in CONV1D_COLWISE_NAMES else \
+            "rowwise" if leaf in CONV1D_ROWWISE_NAMES else None
     if not isinstance(graph.module(name), nn.Linear):
         return None
-    parent, _, leaf = name.rpartition(".")
     if leaf in COLWISE_NAMES:
         return "colwise"
     if leaf in ROWWISE_NAMES:
@@ -237,10 +274,16 @@ def _block_units(graph: ModuleGraph, block: str, notes: list[str]) -> list[dict[
             notes.append(f"{', '.join(unit)} not sharded: {foreign} inside that "
                          "attention/MLP has weights the plan cannot shard")
             continue
-        units.append(unit)
+        units.append({n: _conv1d_style(graph, n, s) for n, s in unit.items()})
     if pending:
         notes.append(f"{', '.join(pending)} not sharded: no row-parallel layer consumes them")
     return units
+
+
+def _conv1d_style(graph: ModuleGraph, name: str, style: str) -> str:
+    if not is_conv1d(graph.module(name)):
+        return style
+    return CONV1D_COLWISE if style == "colwise" else CONV1D_ROWWISE
 
 
 def _foreign_weights(graph: ModuleGraph, names: list[str], unit: list[str]) -> str | None:
@@ -385,6 +428,14 @@ def _check_heads(graph: ModuleGraph, tp: int) -> None:
 def _check_modules(graph: ModuleGraph, styles: dict[str, str]) -> None:
     for name, style in styles.items():
         module = graph.module(name)
+        if style in LOCAL_STYLES:
+            fits = is_grouped_experts(module) if style == EXPERTS else is_conv1d(module)
+            if not fits:
+                raise PlanError(
+                    f"tp_plan: {name!r} is a {type(module).__name__}; style {style!r} needs "
+                    + ("grouped experts (3-D gate_up_proj/down_proj)" if style == EXPERTS
+                       else "a transformers Conv1D"))
+            continue
         want = nn.Embedding if style == "embedding_rowwise" else nn.Linear
         if style in SHARDING_STYLES and not isinstance(module, want):
             raise PlanError(
@@ -392,6 +443,28 @@ def _check_modules(graph: ModuleGraph, styles: dict[str, str]) -> None:
                 f"nn.{want.__name__} (colwise/rowwise styles shard Linear weights, "
                 "embedding_rowwise an Embedding's rows)"
             )
+
+
+def _check_local_sizes(graph: ModuleGraph, styles: dict[str, str], tp: int) -> None:
+    for name, style in styles.items():
+        if style in LOCAL_STYLES:
+            bad = shard_size_error(name, graph.module(name), style, tp)
+            if bad:
+                raise PlanError(f"parallel.tp={tp} does not divide {bad}; choose a tp that "
+                                "divides it")
+
+
+def _fused_split_owners(graph: ModuleGraph, styles: dict[str, str]) -> list[str]:
+    """GPT-2's attention splits c_attn's output with ``split_size`` (its width): on each
+    rank the fused output holds that rank's heads, so the split becomes ``split_size // tp``
+    (the decision's ``divide``)."""
+    owners = []
+    for name, style in styles.items():
+        if style == CONV1D_COLWISE and fused_factor(name, graph.module(name)) > 1:
+            owner = name.rpartition(".")[0]
+            if isinstance(getattr(graph.module(owner), "split_size", None), int):
+                owners.append(owner)
+    return owners
 
 
 def _check_divide_attrs(graph: ModuleGraph, styles: dict[str, str], plan: Plan) -> None:
@@ -418,6 +491,13 @@ def _check_divide_attrs(graph: ModuleGraph, styles: dict[str, str], plan: Plan) 
 
 def _check_sequence_parallel(graph: ModuleGraph, styles: dict[str, str]) -> None:
     have = set(styles.values())
+    if "sequence_split" in have:  # on the model's own plan
+        if "colwise_rep" not in have:
+            raise PlanError(
+                "parallel.sequence_parallel=True needs the lm_head gathered (colwise_rep) in "
+                f"the tp plan to leave the sequence-sharded stream; found {sorted(have)}; use "
+                "sequence_parallel=False")
+        return
     if not {"embedding_rowwise", "colwise_rep"} <= have or "sequence_parallel" not in have:
         raise PlanError(
             "parallel.sequence_parallel=True needs the token embedding (embedding_rowwise), "
@@ -512,6 +592,10 @@ def make_style(style: str, module: nn.Module, sp: bool, float8_collectives: bool
         return RowwiseParallel(input_layouts=Replicate(), output_layouts=stream)
     if style == "sequence_parallel":
         return SequenceParallel()
+    if style == "sequence_parallel_local":
+        return SequenceParallel(use_local_output=True)
+    if style == "embedding_rowwise_rep":
+        return RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
     raise PlanError(f"unknown tp style {style!r}; choose one of: {', '.join(TP_STYLES)}")
 
 
@@ -531,6 +615,35 @@ def gather_sequence_style(owner: nn.Module, children: list[nn.Module],
         cls = PrepareFloat8ModuleInput
     return cls(input_layouts=(Shard(1), *rest), desired_input_layouts=(Replicate(), *rest),
                use_local_output=True)
+
+
+class SequenceHook:
+    """A module's hidden-states input (first positional, or ``hidden_states=``) split on the
+    sequence (``split``: a block entered with the whole stream) or all-gathered from it
+    (an attention/MLP module under sequence parallel)."""
+
+    def __init__(self, split: bool):
+        self.split = split
+
+    def apply(self, module: nn.Module, mesh) -> None:
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        src, dst = ((Replicate(), Shard(1)) if self.split else (Shard(1), Replicate()))
+
+        def relayout(x):
+            if isinstance(x, DTensor):
+                x = x.to_local()
+            return DTensor.from_local(x, mesh, [src], run_check=False).redistribute(
+                mesh, [dst]).to_local()
+
+        def hook(mod, args, kwargs):
+            if args:
+                return (relayout(args[0]), *args[1:]), kwargs
+            if "hidden_states" in kwargs:
+                return args, {**kwargs, "hidden_states": relayout(kwargs["hidden_states"])}
+            raise RuntimeError(f"{type(mod).__name__}: no hidden states input to relayout")
+
+        module.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 # --------------------------------------------------------------------------- the pass
@@ -569,6 +682,9 @@ def decide(graph: ModuleGraph, plan: Plan, env: Any) -> TensorParallelDecision:
     divide = {o: [a for a in plan.tp_divide_attrs
                   if isinstance(getattr(graph.module(o), a, None), int)]
               for o in _owners_of_sharded(styles)}
+    for owner in _fused_split_owners(graph, styles):
+        if "split_size" not in divide.setdefault(owner, []):
+            divide[owner].append("split_size")
     return TensorParallelDecision(
         modules=list(styles), notes=notes, tp=tp, sequence_parallel=sp, styles=dict(styles),
         sharded=sharded, gather_owners=_sp_owners(graph, styles) if sp else [],
@@ -597,6 +713,7 @@ class TensorParallel(Pass):
             )
         _check_modules(graph, decision.styles)
         _check_heads(graph, tp)
+        _check_local_sizes(graph, decision.styles, tp)
         _check_divide_attrs(graph, decision.styles, plan)
         if plan.parallel.sequence_parallel:
             _check_sequence_parallel(graph, decision.styles)
@@ -616,13 +733,22 @@ class TensorParallel(Pass):
         fp8 = sorted(n for n in styles if _is_float8_tensorwise(graph.module(n)))
         for name, style in styles.items():
             module = graph.module(name)
-            parallelize_module(module, mesh, make_style(style, module, sp, f8c))
+            if style == "sequence_split":
+                SequenceHook(split=True).apply(module, mesh)
+                continue
+            parallelize_module(module, mesh, make_local_style(name, module, style)
+                               if style in LOCAL_STYLES else make_style(style, module, sp, f8c))
         for owner in decision.gather_owners:
+            if "sequence_split" in styles.values():  # the model's own plan: any call form
+                SequenceHook(split=False).apply(graph.module(owner), mesh)
+                continue
             kids = [graph.module(n) for n, s in styles.items()
                     if s == "colwise" and n.rpartition(".")[0] == owner]
             parallelize_module(graph.module(owner), mesh,
                                gather_sequence_style(graph.module(owner), kids, f8c))
         for owner, attrs in decision.divide.items():
+            if owner not in graph:
+                continue  # under pp: a module of another stage
             for attr in attrs:
                 setattr(graph.module(owner), attr, getattr(graph.module(owner), attr)
                         // decision.tp)

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+
+if TYPE_CHECKING:
+    from ..safetensors_io import WeightsSource
 
 # the mesh's dims, outermost first
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
@@ -35,7 +38,9 @@ class Env:
 
     ``parallel`` holds the resolved mesh sizes (pp, dp_replicate, dp_shard, cp, tp).
     ``optimizer_factory`` is the user's optimizer as ``model -> optimizer`` (an engine pass
-    builds it inside its engine); ``example_inputs`` are od.inspect's, for meta traces.
+    builds it inside its engine); ``example_inputs`` are od.inspect's, for meta traces;
+    ``weights`` is ``od.accelerate(weights=)``'s checkpoint, keys already checked (a
+    ``safetensors_io.WeightsSource``: a pass that places the tensors streams from it).
     """
 
     parallel: Any
@@ -47,6 +52,7 @@ class Env:
     backend: str = "gloo"  # the collective backend of ``device`` (nccl, xccl, hccl, gloo)
     optimizer_factory: Callable[..., Any] | None = None
     example_inputs: Any = None
+    weights: "WeightsSource | None" = None
     # od.inspect: whether the user's model is on the meta device (its shadow always is);
     # None in a real run, where the model itself says
     model_on_meta: bool | None = None

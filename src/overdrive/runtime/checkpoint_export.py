@@ -33,7 +33,8 @@ import torch
 
 from ..errors import CheckpointCorrupt, OverdriveError
 from . import checkpoint_files as cf
-from .export import _name_shards, parse_size
+from ..sizes import parse_size
+from .export import _name_shards
 
 log = logging.getLogger("overdrive")
 

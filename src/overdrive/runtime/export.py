@@ -32,7 +32,6 @@ import json
 import logging
 import mmap
 import os
-import re
 import struct
 from dataclasses import dataclass
 from math import prod
@@ -48,6 +47,7 @@ from ..errors import CheckpointCorrupt, CheckpointMismatch, NotACheckpoint
 from . import checkpoint_files as cf
 from .ledger import collective
 from .keys import clean_key
+from ..sizes import parse_size
 
 log = logging.getLogger("overdrive")
 
@@ -55,20 +55,6 @@ SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 CRC_KEY = "overdrive.crc32"  # safetensors metadata: JSON {tensor key: crc32 of its bytes}
 _MAX_HEADER = 100 << 20  # safetensors' own limit on a header
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(size: int | str) -> int:
-    """``"5GB"`` → 5·10⁹ bytes, ``"500MiB"`` → 500·2²⁰ (transformers' convention)."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?I?B?)\s*", str(size).upper())
-    if not m or m.group(2) not in _UNITS:
-        raise ValueError(f"max_shard_size={size!r} is not valid; use bytes or e.g. '5GB', '500MiB'")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
-
-
 def _unique_entries(model: nn.Module, key_of=clean_key) -> list[tuple[str, torch.Tensor]]:
     """(the model's own key, tensor) for every state-dict entry, tied tensors once."""
     seen: set[int] = set()

@@ -36,6 +36,7 @@ _GB = 1024 ** 3
 # the log line comes at most this often (every row still reaches the trackers): a line per
 # step of a fast loop would cost more than the step and scroll past unread
 LINE_INTERVAL_S = 0.5
+RSS_INTERVAL_S = 1.0  # the CPU peak-RSS reading is refreshed at most this often
 
 
 class StepMeter:
@@ -48,6 +49,9 @@ class StepMeter:
         self._shadow = shadow  # meta copy of the model, traced once for FLOPs (peak known)
         self._flops_per_token: float | None = None
         self._cuda = rt.device.type == "cuda"
+        # fixed for the runtime's life: read once, not through properties on every row
+        self._main, self._dp = rt.is_main, rt.dp_size
+        self._rss = _PeakRss()
         self._opt = None  # the torch optimizer whose lr is logged (found at the first row)
         self._line_at = -LINE_INTERVAL_S  # when the last log line was printed
         self._group = self._group_known = None
@@ -98,7 +102,7 @@ class StepMeter:
     def _emit(self) -> None:
         now = time.perf_counter()
         elapsed = now - (self._t_last if self._t_last is not None else now)
-        if not self.rt.is_main and self.rt.dp_size == 1:  # nothing to add up, nothing to log
+        if not self._main and self._dp == 1:  # nothing to add up, nothing to log
             self._reset()
             self._t_last = now
             return
@@ -106,7 +110,7 @@ class StepMeter:
         steps = self._steps
         self._reset()
         self._t_last = now
-        if not self.rt.is_main:
+        if not self._main:
             return
         row: dict[str, float] = {}
         if micro:
@@ -126,7 +130,10 @@ class StepMeter:
                 per_device = self._flops_per_token * (tokens or samples) / self.rt.world_size
                 row["tflops"] = per_device / elapsed / 1e12
                 row["mfu"] = per_device / elapsed / self._peak
-        row.update(memory(self._cuda))
+        if self._cuda:
+            row.update(memory(True))
+        else:
+            row.update(self._rss.read(now))
         self.tracking.log_row(row, self.rt.step)
         if now - self._line_at >= LINE_INTERVAL_S and log.isEnabledFor(logging.INFO):
             self._line_at = now
@@ -137,7 +144,8 @@ class StepMeter:
         and the grad norm: one all-reduce (several ranks) and one device→host copy."""
         losses, norm = self._losses, self._norm
         micro, samples, tokens = len(losses), self._samples, self._tokens
-        if self.rt.dp_size == 1 and not isinstance(norm, torch.Tensor):
+        dp = self._dp
+        if dp == 1 and not isinstance(norm, torch.Tensor):
             if micro == 1:
                 return losses[0].item(), 1, samples, tokens, _float(norm)
             if micro == 0:
@@ -148,19 +156,19 @@ class StepMeter:
                 torch.stack([t.reshape(()).float() for t in losses]).sum().reshape(1)
             if hasattr(loss, "full_tensor"):  # a DTensor loss (loss parallel)
                 loss = loss.full_tensor()
-        if self.rt.dp_size > 1:
+        if dp > 1:
             device = loss.device if loss is not None else self.rt.device
             counts = torch.tensor([micro, samples, tokens], dtype=torch.float64, device=device)
             packed = counts if loss is None else torch.cat([loss.double(), counts])
             dist.all_reduce(packed, group=self._dp_group())
-            if not self.rt.is_main:
+            if not self._main:
                 return 0.0, 0, 0, 0, None
         else:
             packed = loss if loss is not None else torch.zeros(0)
         values = _read(packed, norm)
         if isinstance(norm, torch.Tensor):
             norm = values.pop()
-        if self.rt.dp_size > 1:
+        if dp > 1:
             if loss is None:
                 values.insert(0, 0.0)
             loss_sum, micro, samples, tokens = values
@@ -244,6 +252,21 @@ def memory(cuda: bool) -> dict[str, float]:
         return {}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"memory_peak_gb": peak / (_GB if sys.platform == "darwin" else _GB / 1024)}
+
+
+class _PeakRss:
+    """The process's peak resident memory, read at most every ``RSS_INTERVAL_S``: a
+    ``getrusage`` call costs about a microsecond, a fifth of a logged row's own cost, and
+    a peak changes slowly (a row may show the peak of up to that long ago)."""
+
+    def __init__(self):
+        self._at = -RSS_INTERVAL_S
+        self._value: dict[str, float] = {}
+
+    def read(self, now: float) -> dict[str, float]:
+        if now - self._at >= RSS_INTERVAL_S:
+            self._at, self._value = now, memory(False)
+        return self._value
 
 
 def format_line(step: int, row: dict[str, float]) -> str:

@@ -82,7 +82,10 @@ class JsonlTracker(Tracker):
                 json.dumps(config, indent=2, default=str) + "\n", encoding="utf-8")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+        line = _json_row(step, metrics)
+        if line is None:  # not plain finite numbers, or a "step" key: json's own rules
+            line = json.dumps({"step": step, **metrics}) + "\n"
+        self._file.write(line)
         now = time.monotonic()
         if now - self._flushed >= 1.0:
             self._file.flush()
@@ -92,6 +95,36 @@ class JsonlTracker(Tracker):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+_JSON_KEYS: dict[str, str] = {}  # metric name → its JSON string (names repeat every row)
+
+
+def _json_row(step: int, metrics: dict[str, Any]) -> str | None:
+    """The line ``json.dumps({"step": step, **metrics})`` writes, for a row of finite
+    floats and ints, built without the encoder's per-call setup (a third of a logged
+    step's serialisation); None for anything else."""
+    if "step" in metrics or type(step) is not int:
+        return None
+    parts = [f'{{"step": {step}']
+    for key, value in metrics.items():
+        name = _JSON_KEYS.get(key)
+        if name is None:
+            if not isinstance(key, str):
+                return None
+            name = json.dumps(key)
+            if len(_JSON_KEYS) < 1024:  # bounded: names made up per step are not kept
+                _JSON_KEYS[key] = name
+        kind = type(value)
+        if kind is float:
+            if value - value != 0:  # nan or ±inf: json writes NaN / Infinity
+                return None
+            parts.append(f"{name}: {float.__repr__(value)}")
+        elif kind is int:
+            parts.append(f"{name}: {value}")
+        else:
+            return None
+    return ", ".join(parts) + "}\n"
 
 
 class TensorBoardTracker(Tracker):
@@ -347,8 +380,9 @@ class Tracking:
                                  "before finishing, or accelerate a new runtime for a new run")
         if not self._opened:
             self._open()
-        for tracker in self._trackers:
-            tracker.log(dict(row), step)
+        last = len(self._trackers) - 1
+        for i, tracker in enumerate(self._trackers):  # the last one gets the row itself:
+            tracker.log(row if i == last else dict(row), step)  # it is a fresh dict
 
 
 def _finish_at_exit(ref) -> None:
