@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 NPROC ?= 2
 
-.PHONY: venv demo test test-all test-fast bench clean
+.PHONY: venv demo test test-all test-fast bench gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -42,6 +42,10 @@ test-fast: venv
 
 bench: venv
 	$(BIN)/python benchmarks/run_all.py
+
+# one GPU, <= 8 min (benchmarks/README.md: the CUDA torch install line)
+gpu-check: venv
+	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

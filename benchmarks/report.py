@@ -20,7 +20,7 @@ RESULTS = HERE / "results"
 README = HERE / "README.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 ORDER = ["compile_time", "step_overhead", "step_overhead_dist", "checkpoint_io", "memory",
-         "casting", "fp8", "inspect_speed"]
+         "casting", "fp8", "inspect_speed", "gpu_check"]
 
 
 def load_results() -> dict[str, dict]:
@@ -39,22 +39,36 @@ def machine_line(m: dict) -> str:
     return f"{where}, torch {m.get('torch', '?')}, Python {m.get('python', '?')}"
 
 
+def machine_kind(m: dict | None) -> str:
+    """The short name of the machine a row ran on: the GPU, or the CPU and the flags
+    that change its numbers (bf16 matmul units)."""
+    if not m:
+        return "?"
+    if m.get("gpu"):
+        return m["gpu"]
+    flags = [f for f in m.get("cpu_flags", []) if f in ("avx512_bf16", "amx_bf16")]
+    return f"{m.get('cpu', '?')} ({', '.join(flags) or 'no bf16 units'})"
+
+
 def verdict(met) -> str:
     return {True: "met", False: "**not met**", None: "—"}[met]
 
 
 def table(results: dict[str, dict]) -> str:
-    lines = ["| script | measured | value | target | |", "|---|---|---|---|---|"]
+    lines = ["| script | machine | measured | value | target | |",
+             "|---|---|---|---|---|---|"]
     for name, res in results.items():
         script = SCRIPT_OF.get(name, f"{name}.py")
+        kind = machine_kind(res.get("machine"))
         rows = res.get("targets")
         if not isinstance(rows, list):  # written by an older version of the script
-            lines.append(f"| {script} | (result predates the targets list: rerun it) | | | |")
+            lines.append(f"| {script} | {kind} | (result predates the targets list: rerun it)"
+                         " | | | |")
             continue
         for row in rows:
             value = "n/a" if row["value"] is None else f"{row['value']:g}"
             target = row["target"] if not row["target"].endswith("None") else "—"
-            lines.append(f"| {script} | {row['name']} | {value} | {target} | "
+            lines.append(f"| {script} | {kind} | {row['name']} | {value} | {target} | "
                          f"{verdict(row['met'])} |")
     machines = sorted({machine_line(r["machine"]) for r in results.values() if "machine" in r})
     lines.append("")

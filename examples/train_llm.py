@@ -4,6 +4,9 @@
     overdrive launch --nproc 2 examples/train_llm.py --plan fsdp --grad-accum 4
     overdrive launch --nproc 2 examples/train_llm.py --steps 8 --save-every 4 --out out/run
     overdrive launch --nproc 2 examples/train_llm.py --steps 12 --out out/run --resume
+    # elastic: 2 ranks × grad_accum 1, resumed on 1 rank × grad_accum 2, same global batches
+    overdrive launch --nproc 2 examples/train_llm.py --global-batch-size 16 --steps 8 --save-every 4 --out out/el
+    overdrive launch --nproc 1 examples/train_llm.py --global-batch-size 16 --steps 12 --out out/el --resume
     overdrive launch --nproc 2 examples/train_llm.py --plan pp    # two pipeline stages
     overdrive plot out/run/metrics --out out/run/plot.png     # loss, lr, tokens/s, memory
 
@@ -53,6 +56,9 @@ def parse_args() -> argparse.Namespace:
                    "launched on several processes, nothing on one)")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    p.add_argument("--global-batch-size", type=int, default=None,
+                   help="samples per step over every rank (grad_accum derived; a --resume "
+                   "on another number of ranks then sees the same global batches)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch per rank")
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -86,6 +92,8 @@ def make_plan(args: argparse.Namespace) -> od.Plan:
     if plan.deepspeed is not None:  # DeepSpeed clips inside engine.step, at its config's norm
         plan = plan.replace(deepspeed=dataclasses.replace(
             plan.deepspeed, gradient_clipping=args.max_grad_norm))
+    if args.global_batch_size is not None:
+        return plan.replace(global_batch_size=args.global_batch_size, seed=args.seed)
     return plan.replace(grad_accum=args.grad_accum, seed=args.seed)
 
 
@@ -111,17 +119,21 @@ def main() -> None:
     if args.profile:
         rt.profile(args.profile, wait=2, warmup=1, active=2)  # stops by itself after step 5
     rt.model.train()
+    micro_losses = []
     while rt.step < args.steps:
         for batch in rt.progress(loader, desc=f"epoch {loader.epoch}", disable=None):
             with rt.accumulate():
-                # forward + backward under any plan (under pp: the pipeline schedule)
-                loss = rt.forward_backward(batch)
+                # forward + backward under any plan (under pp: the pipeline schedule); the
+                # loss is normalised by the global step's token count (docs/steps.md)
+                micro_losses.append(rt.forward_backward(batch))
                 norm = rt.clip_grad_norm_(args.max_grad_norm)
                 rt.optimizer.step()
                 rt.optimizer.zero_grad()
             if not rt.sync_gradients:
                 continue
-            mean_loss = rt.reduce(loss, "mean").item()
+            # the mean over the step's micro-batches and the ranks: the step's global mean
+            mean_loss = rt.reduce(torch.stack(micro_losses).mean(), "mean").item()
+            micro_losses = []
             # (DeepSpeed computes the norm inside its step: rt.clip_grad_norm_ returns its
             # last one, None before the first step)
             shown = "-" if norm is None else f"{float(norm):.3f}"

@@ -21,8 +21,8 @@ from .errors import PlanError
 from .rewrite.estimate import estimate_memory
 from .rewrite.graph import ModuleGraph
 from .rewrite.manager import PassManager
-from .plan import Plan, resolve_plan
-from .rewrite.report import Report
+from .plan import Plan, derive_grad_accum, resolve_plan
+from .rewrite.report import Report, StepLayout
 from .rewrite.trace import meta_copy, trace_model
 from .runtime.grad import raw_optimizer
 from .runtime.runtime import Runtime
@@ -117,7 +117,8 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
         # torch schedulers need a torch optimizer: under DeepSpeed, the one ZeRO steps
         sched = scheduler(raw_optimizer(opt))
     report = Report(records, model=model_name, plan=plan.to_dict(),
-                    blocks=graph.blocks(), choice=choice)
+                    blocks=graph.blocks(), steps=step_layout(plan, env),
+                    choice=choice)
     rt = Runtime(model, plan=plan, report=report, env=env, optimizer=opt, scheduler=sched,
                  handoff=handoff, tracking=tracking, flops_model=flops_model,
                  pipeline=pipeline, desync_timeout=desync_timeout)
@@ -150,6 +151,7 @@ def inspect(model: nn.Module, plan: Plan | dict | str | None = None, *,
     graph.blocks()
     env.example_inputs = example_inputs  # a pass may trace with them (budgeted recompute)
     env.model_on_meta = on_meta  # the shadow is on meta; the user's model may not be
+    steps = step_layout(plan, env, example_inputs)  # a batch that does not divide: refused
     decisions = manager.check_all(graph, env)
     records = manager.preview_all(graph, env, decisions)
     trace = trace_model(shadow, example_inputs) if example_inputs is not None else None
@@ -157,10 +159,26 @@ def inspect(model: nn.Module, plan: Plan | dict | str | None = None, *,
     memory = estimate_memory(graph, effects, env.world_size, trace=trace)
     _stage_memory(graph, effects, records)
     return Report(records, model=type(model).__name__, plan=plan.to_dict(),
-                  blocks=graph.blocks(), memory=memory, dry_run=True, trace=trace)
+                  blocks=graph.blocks(), memory=memory, dry_run=True, trace=trace,
+                  steps=steps)
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def step_layout(plan: Plan, env, example_inputs: Any = None) -> StepLayout:
+    """The step's layout for the report. With ``global_batch_size``, grad_accum is
+    derived from ``example_inputs``' rows (od.inspect) or left to rt.shard."""
+    from .runtime.pipeline import batch_rows
+
+    batch = batch_rows(example_inputs) if example_inputs is not None else None
+    accum: int | None = plan.grad_accum
+    if plan.global_batch_size is not None:
+        accum = None if batch is None else \
+            derive_grad_accum(plan.global_batch_size, batch, env.dp_size)
+    return StepLayout(dp_size=env.dp_size, cp=plan.parallel.cp, grad_accum=accum,
+                      global_batch_size=plan.global_batch_size, batch_size=batch,
+                      loss_normalization=plan.loss_normalization)
 
 
 def _stage_memory(graph: ModuleGraph, effects: list, records: list) -> None:

@@ -79,6 +79,9 @@ class Casting:
     storage: str = "float8_e4m3fn"
     compute: str = "bfloat16"
     skip: tuple[str, ...] = ("norm", "embed", "lm_head")
+    # "auto": torch._scaled_mm on the float8 weight where the device has fp8 matmul units
+    # (GPUs of compute capability >= 8.9), else the upcast copy; "copy" / "scaled_mm" force
+    kernel: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -233,6 +236,14 @@ class Plan:
     pipeline: Pipeline | None = None  # used when parallel.pp > 1 (defaults if None)
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
     grad_accum: int = 1
+    # samples per optimizer step over every data rank: grad_accum is then derived at
+    # rt.shard (global batch / (loader batch size × data ranks)), so a resume on another
+    # number of ranks keeps the step's samples (docs/checkpointing.md, elastic resume)
+    global_batch_size: int | None = None
+    # what one optimizer step's loss is the mean over, under rt.forward_backward:
+    # "tokens" (every non-ignored label token of the global step), "batch" (the mean of
+    # micro-batch means, rt.backward's), "auto" (tokens for batches with labels)
+    loss_normalization: str = "auto"
     blocks: tuple[str, ...] | None = None  # qualified names or globs of the repeated blocks
     tp_plan: str | Mapping[str, str] | None = "auto"  # used when parallel.tp > 1
     # integer attributes (e.g. "n_heads") of modules whose children tensor_parallel shards,
@@ -322,11 +333,13 @@ CHOICES: dict[tuple[str, str], tuple] = {
     ("checkpointing", "mode"): ("full", "every", "selective", "budget"),
     ("casting", "storage"): ("float8_e4m3fn", "float8_e5m2", "bfloat16", "float16"),
     ("casting", "compute"): ("bfloat16", "float16", "float32"),
+    ("casting", "kernel"): ("auto", "copy", "scaled_mm"),
     ("fsdp", "param_dtype"): (None, "float32", "bfloat16", "float16"),
     ("fsdp", "reduce_dtype"): (None, "float32", "bfloat16", "float16"),
     ("deepspeed", "zero_stage"): (0, 1, 2, 3),
     ("ddp", "comm_hook"): (None, "fp16", "bf16", "powersgd"),
     ("plan", "mixed_precision"): ("no", "bf16", "fp16"),
+    ("plan", "loss_normalization"): ("auto", "tokens", "batch"),
     ("offload", "dtype"): (None, "float32", "bfloat16", "float16"),
     ("pipeline", "schedule"): ("gpipe", "1f1b", "interleaved-1f1b", "looped-bfs",
                                "zero-bubble", "zbv"),
@@ -388,6 +401,7 @@ def validate_plan(plan: Plan) -> Plan:
     if not isinstance(plan.grad_accum, int) or isinstance(plan.grad_accum, bool) \
             or plan.grad_accum < 1:
         raise PlanError(f"grad_accum={plan.grad_accum!r} is not valid; use an integer >= 1")
+    _check_batch_fields(plan)
     if plan.blocks is not None:
         if isinstance(plan.blocks, str) or not all(isinstance(b, str) and b for b in plan.blocks):
             raise PlanError(
@@ -414,6 +428,40 @@ def validate_plan(plan: Plan) -> Plan:
     _check_extra(plan.extra)
     _check_contradictions(plan)
     return plan
+
+
+def _check_batch_fields(plan: Plan) -> None:
+    """global_batch_size and loss_normalization (the world-size check is in
+    ``resolve_for_world``)."""
+    if plan.loss_normalization not in CHOICES[("plan", "loss_normalization")]:
+        raise _choices_error("loss_normalization", plan.loss_normalization,
+                             CHOICES[("plan", "loss_normalization")])
+    gbs = plan.global_batch_size
+    if gbs is None:
+        pass
+    elif not isinstance(gbs, int) or isinstance(gbs, bool) or gbs < 1:
+        raise PlanError(f"global_batch_size={gbs!r} is not valid; use an integer >= 1 (samples "
+                        "per optimizer step over every data rank) or None")
+    elif plan.grad_accum != 1:
+        raise PlanError(
+            f"global_batch_size={gbs} with grad_accum={plan.grad_accum}: grad_accum is derived "
+            "from global_batch_size (global batch / (loader batch size × data ranks)); give "
+            "one of them")
+    elif plan.deepspeed is not None:
+        raise PlanError(
+            f"global_batch_size={gbs} with deepspeed: the DeepSpeed engine fixes its "
+            "accumulation steps when it is built, before rt.shard sees the loader; set "
+            "grad_accum (and the loader's batch size) instead")
+    elif plan.parallel.pp != 1:
+        raise PlanError(
+            f"global_batch_size={gbs} with parallel.pp={plan.parallel.pp} is not supported "
+            "yet (the pipeline schedule fixes its accumulation when it is built); set "
+            "grad_accum instead")
+    if plan.loss_normalization == "tokens" and plan.parallel.pp != 1:
+        raise PlanError(
+            f"loss_normalization='tokens' with parallel.pp={plan.parallel.pp} is not "
+            "supported yet (the pipeline schedule computes each micro-batch's loss itself); "
+            "use 'batch' or 'auto' (which means 'batch' under pp)")
 
 
 # what a field's type accepts, for the types checked generically; fields typed otherwise
@@ -704,6 +752,24 @@ def _check_contradictions(plan: Plan) -> None:
 SIZE_NAMES = ("pp", "dp_replicate", "dp_shard", "tp", "cp")
 
 
+def derive_grad_accum(global_batch_size: int, batch_size: int, dp_size: int,
+                      split_batches: bool = False) -> int:
+    """``Plan(global_batch_size=G)``'s grad_accum: G / (the samples one micro-step takes
+    over every data rank: the loader's ``batch_size`` × ``dp_size``, or ``batch_size``
+    with ``split_batches``). The one owner of the rule (``rt.shard``, ``od.inspect``)."""
+    per_micro = batch_size if split_batches else batch_size * dp_size
+    if global_batch_size % per_micro == 0:
+        return global_batch_size // per_micro
+    ranks = 1 if split_batches else dp_size
+    fits = [b for b in range(1, global_batch_size + 1) if global_batch_size % (b * ranks) == 0]
+    how = (f"batch size {batch_size} (split_batches)" if split_batches else
+           f"batch size {batch_size} × {dp_size} data rank(s)")
+    raise PlanError(
+        f"global_batch_size={global_batch_size} is not divisible by the loader's {how} = "
+        f"{per_micro} samples per micro-step, so grad_accum cannot be derived; give the "
+        f"DataLoader a batch_size in {fits[:8]} or change global_batch_size")
+
+
 def resolve_sizes(parallel: Parallel, world_size: int) -> Parallel:
     """Fill the one -1 size and check the product equals the world size."""
     sizes = {n: getattr(parallel, n) for n in SIZE_NAMES}
@@ -744,6 +810,12 @@ def resolve_for_world(plan: Plan, world_size: int) -> Plan:
     """
     plan = replace(plan, parallel=resolve_sizes(plan.parallel, world_size))
     dp = plan.parallel.dp_replicate * plan.parallel.dp_shard
+    gbs = plan.global_batch_size
+    if gbs is not None and gbs % dp:
+        raise PlanError(
+            f"global_batch_size={gbs} is not divisible by the {dp} data-parallel ranks of "
+            f"this world ({world_size} processes); use a multiple of {dp} (e.g. "
+            f"{(gbs // dp + 1) * dp}) or launch a number of data ranks that divides {gbs}")
     if dp > 1 and plan.data_parallel is None and plan.casting is None \
             and plan.offload is None:
         fsdp = plan.parallel.tp > 1 or plan.parallel.pp > 1  # pipeline stages: fsdp too

@@ -3,9 +3,14 @@
 The weights of every Linear and Conv1d/2d/3d (except those whose qualified name contains
 a ``skip`` fragment: norms, embeddings, the output head by default) are stored in the
 ``storage`` dtype (float8_e4m3fn: a quarter of fp32, half of bf16). Each forward computes
-from a *temporary* upcast copy, roughly::
+with one of two kernels (``casting_kernels.py``; the decision records which ran, and on
+what machine): a *temporary* upcast copy, roughly::
 
     F.linear(x.to(compute), upcast(self.weight), bias)
+
+or, on GPUs with fp8 tensor cores, ``torch._scaled_mm`` on the float8 weight itself
+(the input quantized to float8 per row). ``Casting.kernel`` = "auto" | "copy" |
+"scaled_mm" picks; "auto" takes the fused kernel only where it is the faster one.
 
 The stored weight is never cast back and forth (Accelerate's layerwise-casting hooks call
 ``module.to`` twice per forward, which about doubles the forward time on CPU), and the
@@ -33,30 +38,8 @@ from ..plan import Casting
 from ..rewrite.contract import Decision, MemoryEffect, Pass, PassContext
 from ..rewrite.graph import ModuleGraph, parameter_owners, tensor_bytes
 from ..rewrite.manager import register_pass
-
-FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
-FP16_MASK_E4M3 = -16512  # 0xBF80: sign, fp16 exponent bits 13..10 and 3 mantissa bits
-
-
-def upcast(weight: torch.Tensor, compute: torch.dtype) -> tuple[torch.Tensor, float]:
-    """A temporary ``compute``-dtype copy of a stored weight, as ``(copy, scale)`` with
-    ``weight == copy * scale`` exactly.
-
-    torch's float8 -> bf16 conversion runs element by element on CPU (~4 ns/element
-    here); moving the bits into float16 takes three vectorised int16 ops and one fast
-    fp16 conversion (~3x faster). float8_e5m2 *is* float16's top byte. float8_e4m3fn's
-    exponent/mantissa bits placed in float16's low exponent bits read exactly 2^-8 of the
-    value, subnormals included (both formats' subnormal grids line up), so the caller
-    multiplies by ``scale`` = 256 somewhere exact (a power of two).
-    """
-    if weight.dtype == torch.float8_e5m2:
-        bits = weight.view(torch.int8).to(torch.int16).bitwise_left_shift_(8)
-        return bits.view(torch.float16).to(compute), 1.0
-    if weight.dtype == torch.float8_e4m3fn:
-        bits = weight.view(torch.int8).to(torch.int16)
-        bits.bitwise_left_shift_(7).bitwise_and_(FP16_MASK_E4M3)
-        return bits.view(torch.float16).to(compute), 256.0
-    return weight.to(compute), 1.0
+from .casting_kernels import (FLOAT8, KernelChoice, UpcastScratch, choose_kernel, device_kind,
+                              fused_misfit, scaled_mm, upcast)
 
 
 class _UpcastForward:
@@ -67,10 +50,15 @@ class _UpcastForward:
     """
 
     compute_dtype: torch.dtype
+    upcast_scratch: UpcastScratch | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.compute_dtype
-        weight, scale = upcast(self.weight, c)
+        scratch = self.upcast_scratch
+        if scratch is not None and scratch.applies(self.weight, x):
+            weight, scale = scratch.upcast(self.weight, c)
+        else:
+            weight, scale = upcast(self.weight, c)
         inp = x.to(c)
         if scale != 1.0:  # exact either way: a power of two
             # on whichever is smaller (the weight copy for long inputs); fp16 always on
@@ -86,6 +74,24 @@ class _UpcastForward:
 class CastLinear(_UpcastForward, nn.Linear):
     def _compute(self, x, weight, bias):
         return F.linear(x, weight, bias)
+
+
+class FusedCastLinear(CastLinear):
+    """A cast Linear that multiplies its float8 weight directly (``torch._scaled_mm``),
+    quantizing its input per forward; the copy path wherever an autograd graph runs
+    through the input (``_scaled_mm`` has no backward)."""
+
+    fused_rowwise: bool = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return super().forward(x)
+        c = self.compute_dtype
+        flat = x.reshape(-1, x.shape[-1]).to(c)
+        out = scaled_mm(flat, self.weight, c, self.fused_rowwise)
+        if self.bias is not None:
+            out = out + self.bias.to(c)
+        return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)
 
 
 class _CastConv(_UpcastForward):
@@ -244,13 +250,20 @@ def select(graph: ModuleGraph, skip: tuple[str, ...],
 
 
 @torch.no_grad()
-def cast_module(module: nn.Module, storage: torch.dtype, compute: torch.dtype) -> None:
-    """Store ``module.weight`` in ``storage`` and switch its class to the upcasting one."""
+def cast_module(module: nn.Module, storage: torch.dtype, compute: torch.dtype,
+                fused: KernelChoice | None = None, scratch: UpcastScratch | None = None) -> None:
+    """Store ``module.weight`` in ``storage`` and switch its class to the upcasting one
+    (``FusedCastLinear`` with a ``scaled_mm`` choice); ``scratch``: the CPU copy path's
+    shared buffers."""
     w = module.weight
     frozen = storage in FLOAT8 or not w.requires_grad  # float8 cannot hold gradients
     module.weight = nn.Parameter(w.detach().to(storage), requires_grad=not frozen)
-    module.__class__ = CAST_CLASSES[_base(module)]
+    module.__class__ = FusedCastLinear if fused is not None else CAST_CLASSES[_base(module)]
     module.compute_dtype = compute
+    if fused is not None:
+        module.fused_rowwise = fused.rowwise
+    if scratch is not None:
+        module.upcast_scratch = scratch
 
 
 @dataclass(kw_only=True)
@@ -261,23 +274,53 @@ class CastingDecision(Decision):
     storage: str
     compute: str
     skipped: dict[str, str]
+    kernel: KernelChoice
+    fused: list[str]  # the layers on the scaled_mm path (the others take the copy path)
 
 
-def decide(graph: ModuleGraph, cfg: Casting) -> CastingDecision:
-    storage = to_torch(cfg.storage)
+def kernel_notes(choice: KernelChoice, fused: list[str], misfits: dict[str, str],
+                 compute: str) -> list[str]:
+    notes = [f"kernel {choice.kernel} on {choice.machine}: {choice.reason}"]
+    if choice.kernel == "scaled_mm":
+        notes.append(f"{len(fused)} layer(s) multiply the float8 weight directly "
+                     "(torch._scaled_mm)")
+        notes += [f"{name} takes the copy path: {why}" for name, why in misfits.items()]
+    else:
+        notes.append(f"each forward computes in {compute} from a temporary upcast copy")
+    return notes
+
+
+def decide(graph: ModuleGraph, cfg: Casting, device: torch.device) -> CastingDecision:
+    storage, compute = to_torch(cfg.storage), to_torch(cfg.compute)
     cast, skipped = select(graph, tuple(cfg.skip), storage)
+    choice = choose_kernel(cfg.kernel, storage, compute, device_kind(device, compute))
+    misfits = {n: why for n in cast if (why := fused_misfit(graph.module(n))) is not None} \
+        if choice.kernel == "scaled_mm" else {}
+    fused = [n for n in cast if choice.kernel == "scaled_mm" and n not in misfits]
     before = sum(tensor_bytes(graph.module(n).weight) for n in cast)
     after = sum(graph.module(n).weight.numel() for n in cast) * storage.itemsize
     notes = [f"{len(cast)} layer weight(s) stored as {cfg.storage}, computed in "
-             f"{cfg.compute} from a temporary copy"]
+             f"{cfg.compute}"]
+    notes += kernel_notes(choice, fused, misfits, cfg.compute)
     notes += [f"{name} skipped: {reason}" for name, reason in skipped.items()]
     return CastingDecision(
         modules=list(cast), notes=notes, storage=cfg.storage, compute=cfg.compute,
-        skipped=dict(skipped),
+        skipped=dict(skipped), kernel=choice, fused=fused,
         details=dict(storage=cfg.storage, compute=cfg.compute, skipped=dict(skipped),
+                     kernel=choice.kernel, machine=choice.machine,
+                     kernel_reason=choice.reason, fused_layers=len(fused),
+                     copy_layers=len(cast) - len(fused),
                      cast_weight_bytes_before=before, cast_weight_bytes_after=after),
         memory=MemoryEffect(parameter_bytes=after - before, inference=True, notes=(
             "casting is an inference plan: no gradients, no optimizer state",)))
+
+
+def run_device(ctx: PassContext) -> torch.device:
+    """The device the cast layers will run on; od.inspect's dry run does not know it, and
+    resolves it as this machine would (as the fp8 pass does): the GPU if there is one."""
+    if ctx.env.dry_run or ctx.env.device.type == "meta":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return ctx.env.device
 
 
 @register_pass("casting", config=Casting, before=("fp8",))
@@ -287,7 +330,7 @@ class LayerwiseCasting(Pass):
     replaces_parameters = True
 
     def check(self, ctx: PassContext) -> CastingDecision:
-        decision = decide(ctx.graph, ctx.cfg)
+        decision = decide(ctx.graph, ctx.cfg, run_device(ctx))
         if not decision.modules:
             why = "; ".join(f"{n}: {r}" for n, r in list(decision.skipped.items())[:6])
             raise PlanError(
@@ -298,5 +341,8 @@ class LayerwiseCasting(Pass):
 
     def apply(self, model: nn.Module, decision: CastingDecision, ctx: PassContext) -> None:
         storage, compute = to_torch(decision.storage), to_torch(decision.compute)
+        fused = set(decision.fused)
+        scratch = UpcastScratch()  # one per model: its cast layers run one after another
         for name in decision.modules:
-            cast_module(model.get_submodule(name), storage, compute)
+            cast_module(model.get_submodule(name), storage, compute,
+                        fused=decision.kernel if name in fused else None, scratch=scratch)

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..causal_lm import is_transformers_causal_lm, takes_shift_labels  # noqa: F401 (re-exported)
 from ..errors import PlanError
 from ..plan import ContextParallelConfig
 from ..rewrite.contract import Applied, Decision, MemoryEffect, Pass, PassContext
@@ -145,24 +146,6 @@ def _causal_lm_inputs(batch: Mapping, ref: torch.Tensor, cp: int, seq_dim: int,
         out["attention_mask"] = torch.ones(ref.shape[:seq_dim + 1], dtype=torch.long,
                                            device=ref.device)
     return out
-
-
-def takes_shift_labels(model: nn.Module) -> bool:
-    """A model whose forward names ``shift_labels`` and ``num_items_in_batch`` (overdrive's
-    Llama): its loss shifts ``labels`` itself and accepts targets shifted beforehand."""
-    import inspect
-
-    try:
-        params = inspect.signature(type(model).forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return "shift_labels" in params and "num_items_in_batch" in params
-
-
-def is_transformers_causal_lm(model: nn.Module) -> bool:
-    """A transformers model whose loss is ``ForCausalLMLoss`` (it shifts ``labels``)."""
-    loss = getattr(model, "loss_function", None) if hasattr(model, "loss_type") else None
-    return getattr(loss, "__name__", None) == "ForCausalLMLoss"
 
 
 # --------------------------------------------------------------------------- attention

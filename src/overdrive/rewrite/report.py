@@ -47,6 +47,34 @@ class MemoryEstimate:
         return self.parameters + self.gradients + self.optimizer + (self.activations or 0)
 
 
+@dataclass(frozen=True)
+class StepLayout:
+    """One optimizer step: its samples over the data ranks and what its loss is the mean
+    over. ``grad_accum`` is None while it waits for the loader's batch size
+    (``Plan.global_batch_size``: rt.shard derives it; od.inspect with ``example_inputs``)."""
+
+    dp_size: int
+    cp: int
+    grad_accum: int | None
+    global_batch_size: int | None
+    batch_size: int | None  # the loader's, per data rank (None: not known yet)
+    loss_normalization: str
+
+    def line(self) -> str:
+        if self.grad_accum is None:
+            accum = (f"grad_accum = {self.global_batch_size} / (loader batch size × "
+                     f"{self.dp_size} data rank(s)), derived at rt.shard")
+        else:
+            accum = f"grad_accum {self.grad_accum}"
+        layout = f"{self.dp_size} data rank(s)"
+        if self.batch_size is not None:
+            layout += f" × batch {self.batch_size}"
+        if self.global_batch_size is not None:
+            layout = f"global_batch_size {self.global_batch_size} = {layout}"
+        return (f"step: {layout}, {accum}; cp {self.cp}; loss normalisation "
+                f"{self.loss_normalization!r}")
+
+
 def human_bytes(n: float | None) -> str:
     if n is None:
         return "-"
@@ -63,7 +91,8 @@ class Report:
     def __init__(self, passes: list[PassRecord] | None = None, *, model: str = "",
                  plan: dict[str, Any] | None = None, blocks: list[str] | None = None,
                  memory: MemoryEstimate | None = None, dry_run: bool = False,
-                 trace: Any = None, choice: dict[str, Any] | None = None):
+                 trace: Any = None, steps: StepLayout | None = None,
+                 choice: dict[str, Any] | None = None):
         self.passes: list[PassRecord] = list(passes or [])
         self.model = model
         self.plan = plan or {}
@@ -72,6 +101,7 @@ class Report:
         self.dry_run = dry_run
         self.trace = trace
         self.choice = choice  # plan="auto": the planner's choice and why
+        self.steps = steps
 
     def names(self) -> list[str]:
         return [r.name for r in self.passes]
@@ -113,6 +143,8 @@ class Report:
             out["trace"] = self.trace.summary()
         if self.choice is not None:
             out["choice"] = dict(self.choice)
+        if self.steps is not None:
+            out["steps"] = asdict(self.steps)
         return out
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -127,6 +159,9 @@ class Report:
             lines.append(f"blocks: {', '.join(parts)}")
         else:
             lines.append("blocks: none found")
+        st = self.steps
+        if st is not None and (st.global_batch_size is not None or st.grad_accum != 1):
+            lines.append(st.line())
         rows = [("#", "pass", "modules", "params before", "params after", "seconds")]
         for i, r in enumerate(self.passes, 1):
             rows.append((str(i), r.name, str(len(r.modules)), human_bytes(r.bytes_before),

@@ -301,6 +301,9 @@ def save(rt, path: str | Path, *, keep_last: int | None = None, async_: bool = F
             "world_size": world, "time_ns": time.time_ns(),
             "plan": rt.plan.to_dict() if rt.plan is not None else None,
             "model": type(rt.model).__name__,
+            # the data layout, for an elastic resume's log line (load on other data ranks)
+            "data": {"dp_size": rt.dp_size, "grad_accum": rt.grad_accum,
+                     "global_batch_size": rt.plan.global_batch_size},
             "export": model_meta.describe(rt)}  # for `overdrive export` (model_meta.py)
     pending = PendingSave(None, tmp, path, keep_last, meta, group, rank, world, {}, lock=lock)
     try:
@@ -520,7 +523,27 @@ def load(rt, path: str | Path, *, verify: bool = True) -> dict[str, Any]:
     if rank == 0:
         log.info("overdrive: loaded checkpoint %s (step %s, saved on %s rank(s), loaded on %s)",
                  path, meta["step"], meta["world_size"], world)
+    _note_elastic(rt, meta)
     return meta
+
+
+def _note_elastic(rt, meta: dict[str, Any]) -> None:
+    """A checkpoint saved on another number of data ranks: the loaders continue with the
+    same global batches (their positions are global); say so, with the grad_accum each
+    layout runs (logged by rt.shard when grad_accum is derived there, after this)."""
+    data = meta.get("data")
+    if not isinstance(data, dict):
+        return  # saved before the layout was recorded
+    saved_dp, saved_ga = data.get("dp_size"), data.get("grad_accum")
+    if not (isinstance(saved_dp, int) and isinstance(saved_ga, int)) or saved_dp == rt.dp_size:
+        return
+    saved_gbs = data.get("global_batch_size")
+    if rt.is_main and saved_gbs != rt.plan.global_batch_size:
+        log.warning("overdrive: the checkpoint was saved with global_batch_size=%s and this "
+                    "plan has %s: the steps after the resume hold other samples than the "
+                    "saved run's would", saved_gbs, rt.plan.global_batch_size)
+    rt._elastic_note = (saved_dp, saved_ga, int(meta["step"]))
+    rt._log_elastic()
 
 
 def _open(path: Path, rank: int) -> tuple[Path, dict[str, Any], dict[str, dict[str, int]]]:

@@ -26,6 +26,7 @@ from torch.utils.data import (BatchSampler, DataLoader, DistributedSampler, Iter
 from torch.utils.data._utils.collate import default_collate
 
 from ..errors import OverdriveError
+from . import loss_norm
 from .sampling import (FlaggedCollate, IterableShard, SeededRandomSampler, ShardBatchSampler,
                        shard_indices, sharded_len)
 from .state import mesh_coordinates
@@ -103,6 +104,10 @@ class ShardedLoader:
         self._transport = Dispatch(rt) if self.loader is None else None
         # the batch being consumed: its row count, real rows, and whether it is the last
         self.batch_len, self.n_real, self.end_of_epoch = 0, 0, False
+        # the step the batch being consumed belongs to (loss_norm.StepShare), under
+        # loss_normalization "tokens" / "auto"; None otherwise
+        self.share = None
+        self._counter = loss_norm.step_counter(rt, self)
         self._iterating = False
 
     # -- construction ------------------------------------------------------------
@@ -208,8 +213,8 @@ class ShardedLoader:
         user's ``batch_size`` consumed by all ``dp_size`` ranks together. ``position`` is
         this rank's batch count, for reading only."""
         return {"epoch": self.epoch, "seed": self.seed, "global_batches": self.consumed,
-                "batch_size": self.batch_size, "dp_size": self.size,
-                "position": self.position}
+                "batch_size": self.batch_size, "samples": self.consumed * self.batch_size,
+                "dp_size": self.size, "position": self.position}
 
     def check_state_dict(self, state: dict[str, int]) -> None:
         """Raise for a position ``load_state_dict`` would refuse, changing nothing
@@ -259,6 +264,10 @@ class ShardedLoader:
         skip, self._skip = self._skip, 0
         self.consumed = skip
         batches = self._batches(skip)
+        if self._counter is not None and self.rt.model.training:  # read a step ahead
+            batches = self._counter.windows(batches)
+        else:
+            batches = ((batch, n_real, None) for batch, n_real in batches)
         # the active loader is the one whose batch was yielded last (its last batch syncs,
         # gather_for_metrics trims its padding); a loop nested in ours hands it back
         outer = self.rt._active_loader
@@ -266,7 +275,7 @@ class ShardedLoader:
         try:
             nxt = next(batches, _END)
             while nxt is not _END:
-                batch, n_real = nxt
+                batch, n_real, self.share = nxt
                 nxt = next(batches, _END)
                 self.end_of_epoch = nxt is _END
                 self.batch_len, self.n_real = _rows(batch), n_real
@@ -453,6 +462,7 @@ def shard(rt, dataloader: DataLoader, *, split_batches: bool = False, even_batch
     loader = ShardedLoader(dataloader, rt, split_batches=split_batches,
                            even_batches=even_batches, dispatch=dispatch,
                            device_placement=device_placement)
+    rt._derive_grad_accum(loader)  # Plan(global_batch_size): refused before any change
     for i, known in enumerate(rt._loaders):
         if getattr(known, "base", None) is dataloader:
             rt._loaders[i] = loader

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import weakref
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from ..plan import Plan
 from ..rewrite.contract import Handoff
 from ..rewrite.env import Env
 from ..rewrite.report import Report
-from . import collectives, data, grad, helpers, split, trigger
+from . import collectives, data, grad, helpers, loss_norm, split, trigger
 from .guards import NonFiniteGuard
 from .keys import clean_key
 from .ledger import make_ledger
@@ -75,7 +76,12 @@ class Runtime:
         self._env = env
         self._handoff = handoff if handoff is not None else Handoff()
         self._engine = self._handoff.engine
+        # with Plan(global_batch_size=...) derived by the first rt.shard (_derive_grad_accum)
         self.grad_accum = plan.grad_accum
+        self._grad_accum_derived = plan.global_batch_size is None
+        # a resume onto another number of data ranks, logged once grad_accum is known
+        self._elastic_note: tuple[int, int, int] | None = None
+        self._loss_kind = loss_norm.LossKind.of(model)  # what loss_normalization counts
         self._autocast_dtype = self._choose_autocast_dtype()
         self._scaler = self._make_scaler()
         self.step = 0  # optimizer steps really taken (skipped micro-steps do not count)
@@ -207,14 +213,21 @@ class Runtime:
 
     # -- backward -------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
-        """``loss.backward()`` scaled by 1/grad_accum (and by the fp16 scaler).
+        """``loss.backward()`` scaled by 1/grad_accum (and by the fp16 scaler): the step's
+        gradient is the mean of its micro-batch losses (``Plan.loss_normalization`` is for
+        ``rt.forward_backward``).
 
         A NaN/inf loss outside fp16 raises ``NonFiniteError`` (guards.py) before the
         optimizer steps, or skips the step with ``Plan(skip_nonfinite=True)``.
         """
-        self._guard.value(loss, "the loss")
+        self._run_backward(loss, loss, kwargs)
+
+    def _run_backward(self, loss: torch.Tensor, shown: torch.Tensor, kwargs: dict) -> None:
+        """Backward of ``loss``; ``shown`` is the value checked and logged (the same, but
+        under loss_normalization="tokens" where the backward also undoes 1/grad_accum)."""
+        self._guard.value(shown, "the loss")
         if self._meter is not None:
-            self._meter.on_backward(loss)
+            self._meter.on_backward(shown)
         ledger = self._ledger
         if ledger is None:
             return self._backward(loss, kwargs)
@@ -246,6 +259,11 @@ class Runtime:
         ``output.loss`` or ``loss_fn(output, batch)``. Under pp the batch is split into
         the schedule's micro-batches (``loss_fn`` then sees each micro-batch) and the
         mean loss over them is returned, the same on every pipeline rank.
+
+        For a batch of an ``rt.shard`` loader carrying ``labels``, under
+        ``Plan(loss_normalization="tokens")`` (or "auto", the default), the step's loss is
+        its global token mean: the returned value is this micro-batch's share, whose mean
+        over the step's micro-batches and the dp × cp ranks is that mean (loss_norm.py).
         """
         from . import steps
 
@@ -281,6 +299,14 @@ class Runtime:
     # -- gradients (grad.py) ----------------------------------------------------------
     def accumulate(self) -> grad.GradSync:
         """``with rt.accumulate():`` around each micro-step of ``Plan(grad_accum=N)``."""
+        if not self._grad_accum_derived:
+            from ..errors import OverdriveError
+
+            raise OverdriveError(
+                f"rt.accumulate(): Plan(global_batch_size={self.plan.global_batch_size}) "
+                "derives grad_accum from the training loader's batch size, and no loader was "
+                "sharded yet; call rt.shard(train_loader) first (or set Plan(grad_accum=N) "
+                "instead of global_batch_size)")
         return self._grad_sync
 
     @property
@@ -359,6 +385,46 @@ class Runtime:
         if self.dp_size == self.world_size:
             return None
         return self._env.submesh("dp").get_group()
+
+    def _loss_group(self):
+        """The ranks whose losses make up one step's: dp × cp (None: the default group)."""
+        if self.plan.parallel.cp == 1:
+            return self._dp_group()
+        if self.dp_size * self.plan.parallel.cp == self.world_size:
+            return None
+        return self._env.submesh("dp_cp").get_group()
+
+    def _derive_grad_accum(self, loader) -> None:
+        """``Plan(global_batch_size=G)``: grad_accum = G / (samples per micro-step of every
+        data rank), from the first loader rt.shard makes (the training loader). Raises
+        ``PlanError`` (changing nothing) when it does not divide."""
+        from ..plan import derive_grad_accum
+
+        if self._grad_accum_derived:
+            return
+        gbs = self.plan.global_batch_size
+        grad_accum = derive_grad_accum(gbs, loader.batch_size, self.dp_size, loader.split)
+        self.grad_accum = grad_accum
+        self._grad_sync.n = self.grad_accum
+        self._grad_accum_derived = True
+        if getattr(self.report, "steps", None) is not None:
+            self.report.steps = replace(self.report.steps, grad_accum=grad_accum,
+                                        batch_size=loader.batch_size)
+        if self.is_main:
+            log.info("overdrive: global_batch_size=%d over %d data rank(s) of batch %d: "
+                     "grad_accum=%d", gbs, self.dp_size, loader.batch_size, self.grad_accum)
+        self._log_elastic()
+
+    def _log_elastic(self) -> None:
+        """The line saying a checkpoint was resumed on another number of data ranks (once
+        grad_accum is known)."""
+        if self._elastic_note is None or not self._grad_accum_derived:
+            return
+        old_dp, old_ga, step = self._elastic_note
+        self._elastic_note = None
+        if self.is_main:
+            log.info("overdrive: resumed elastically at step %d from %d to %d data rank(s), "
+                     "grad_accum %d → %d", step, old_dp, self.dp_size, old_ga, self.grad_accum)
 
     # -- state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -3,14 +3,15 @@
 The runtime feeds the meter from the places that already see the numbers: ``rt.backward``
 (the loss, kept on the device as a running sum: no sync), ``rt.clip_grad_norm_`` (the
 norm), ``rt.shard``'s loader (samples and tokens, from shapes) and the optimizer step.
-On a logged step the data-parallel ranks add up ``[loss sum, micro-steps, samples,
-tokens]`` in one all-reduce of four numbers, and rank 0 reads them (and the grad norm)
+On a logged step the data-parallel (× context-parallel) ranks add up ``[loss sum,
+micro-steps, samples, tokens]`` in one all-reduce of four numbers, and rank 0 reads them (and the grad norm)
 with one device→host copy. Between logged steps the meter costs a tensor add per
 micro-step and a few integer additions.
 
 Row keys: ``loss`` (mean over the micro-steps of the interval and the data-parallel
-ranks), ``grad_norm``, ``lr``, ``step_seconds``, ``samples_per_s``, ``tokens_per_s``
-(both global), ``tflops`` and ``mfu`` (per device, where a peak is known: FLOPs from the
+× context-parallel ranks: under ``loss_normalization="tokens"`` the exact global token
+mean, ``runtime/loss_norm.py``), ``grad_norm``, ``lr``, ``step_seconds``,
+``samples_per_s``, ``tokens_per_s`` (both global), ``tflops`` and ``mfu`` (per device, where a peak is known: FLOPs from the
 meta-device trace of the first batch), ``memory_allocated_gb`` and ``memory_peak_gb``
 (the accelerator's; on CPU the process's peak resident memory).
 
@@ -49,8 +50,11 @@ class StepMeter:
         self._shadow = shadow  # meta copy of the model, traced once for FLOPs (peak known)
         self._flops_per_token: float | None = None
         self._cuda = rt.device.type == "cuda"
-        # fixed for the runtime's life: read once, not through properties on every row
-        self._main, self._dp = rt.is_main, rt.dp_size
+        # fixed for the runtime's life: read once, not through properties on every row;
+        # _dp counts the ranks whose losses make up a step: dp × cp (cp peers see the
+        # same samples, so their sample and token counts are divided by cp)
+        self._cp = rt.plan.parallel.cp if getattr(rt, "plan", None) is not None else 1
+        self._main, self._dp = rt.is_main, rt.dp_size * self._cp
         self._rss = _PeakRss()
         self._opt = None  # the torch optimizer whose lr is logged (found at the first row)
         self._line_at = -LINE_INTERVAL_S  # when the last log line was printed
@@ -140,8 +144,8 @@ class StepMeter:
             log.info("%s", format_line(self.rt.step, row))
 
     def _reduced(self) -> tuple[float, int, int, int, float | None]:
-        """(loss sum, micro-steps, samples, tokens) summed over the data-parallel ranks
-        and the grad norm: one all-reduce (several ranks) and one device→host copy."""
+        """(loss sum, micro-steps, samples, tokens) summed over the data-parallel (× cp)
+        ranks and the grad norm: one all-reduce (several ranks) and one device→host copy."""
         losses, norm = self._losses, self._norm
         micro, samples, tokens = len(losses), self._samples, self._tokens
         dp = self._dp
@@ -172,13 +176,14 @@ class StepMeter:
             if loss is None:
                 values.insert(0, 0.0)
             loss_sum, micro, samples, tokens = values
+            samples, tokens = samples / self._cp, tokens / self._cp  # counted by every cp peer
         else:
             loss_sum = values[0] if values else 0.0
         return loss_sum, int(micro), int(samples), int(tokens), _float(norm)
 
     def _dp_group(self):
         if not self._group_known:
-            self._group, self._group_known = self.rt._dp_group(), True
+            self._group, self._group_known = self.rt._loss_group(), True
         return self._group
 
     def _lr(self) -> float | None:

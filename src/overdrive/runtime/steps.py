@@ -3,8 +3,10 @@
 Without pipeline parallelism it is the forward the loop would write (``model(**batch)``,
 ``model(batch)`` or ``model(*batch)``), the loss (``output.loss`` or ``loss_fn(output,
 batch)``) and ``rt.backward`` (scaled by ``1/grad_accum``, inside ``rt.accumulate`` as
-usual). Under pp the pipeline runner splits the batch into micro-batches and runs the
-schedule.
+usual). For a batch of ``rt.shard``'s loader under ``Plan(loss_normalization="tokens")``
+(or "auto" with labels) the loss is normalised by the global step's target count
+instead (``loss_norm.py``). Under pp the pipeline runner splits the batch into
+micro-batches and runs the schedule.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .loss_norm import current_share, normalised_loss
 from .pipeline import LossFn, call_args, loss_of
 
 
@@ -23,9 +26,17 @@ def forward_backward(rt, batch: Any, loss_fn: LossFn = None) -> torch.Tensor:
             rt._meter.on_backward(loss)
         return loss
     args, kwargs = call_args(batch)
-    loss = loss_of(rt.model(*args, **kwargs), batch, loss_fn)
-    rt.backward(loss)
-    return loss.detach()
+    share = current_share(rt) if rt.model.training else None
+    if share is None:  # loss_normalization "batch": the mean of micro-batch means
+        loss = loss_of(rt.model(*args, **kwargs), batch, loss_fn)
+        rt.backward(loss)
+        return loss.detach()
+    # "tokens": this micro-batch's share of the step's global token mean (loss_norm.py)
+    shown = normalised_loss(rt, share, lambda extra: rt.model(*args, **{**kwargs, **extra}),
+                            batch, loss_fn)
+    undo = rt.grad_accum / share.micro  # rt.backward divides by grad_accum: k may be fewer
+    rt._run_backward(shown * undo if undo != 1.0 else shown, shown, {})
+    return shown.detach()
 
 
 def evaluate(rt, batch: Any, loss_fn: LossFn = None) -> torch.Tensor:
