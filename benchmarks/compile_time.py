@@ -20,6 +20,16 @@ CPU time (the step's own cost, not the neighbours'); on a GPU the synchronised w
 
     python benchmarks/compile_time.py                 # 4 and 12 blocks, all variants
     python benchmarks/compile_time.py --quick --blocks 2
+
+warm start (``--warm-start``, results/compile_warm_start.json): overdrive regional with
+its compile cache (``Compile(cache_dir=...)``). Each repeat takes a fresh cache dir: a
+cold process (empty inductor cache, empty compile cache: it compiles and writes the
+bundle after its first optimizer step), then a warm process with a *new, empty*
+``TORCHINDUCTOR_CACHE_DIR`` (a fresh machine) and only the bundle. Both times run from
+``od.accelerate`` to the end of the first ``rt.optimizer.step()`` (the cold one includes
+writing the bundle); then more steps count recompiles after step 1 (static shapes: 0).
+
+    python benchmarks/compile_time.py --warm-start --blocks 12 --repeats 3
 """
 
 from __future__ import annotations
@@ -63,8 +73,8 @@ def _setup(variant: str, model, lib):
     """Apply ``variant``'s compile to ``model``; returns the module to call."""
     if variant == "eager":
         return model
-    if variant in ("full", "regional"):
-        lib.accelerate(model, lib.Plan(compile=lib.Compile(mode=variant)))
+    if variant in ("full", "regional"):  # the cold rows: no warm-start cache
+        lib.accelerate(model, lib.Plan(compile=lib.Compile(mode=variant, cache=False)))
         return model
     if variant == "per_block":
         for layer in model.layers:
@@ -118,6 +128,70 @@ def cold_child(variant: str, n_layers: int) -> dict:
             "cold_s": round(time.perf_counter() - t0, 3),
             "graphs": int(counters["stats"]["unique_graphs"]),
             "frames": int(counters["frames"]["ok"]), "threads": torch.get_num_threads()}
+
+
+def warm_child(n_layers: int, cache_dir: str, steps: int) -> dict:
+    """od.accelerate with the compile cache, to the end of the first optimizer step."""
+    import torch
+
+    import overdrive as od
+
+    trainer = Trainer(n_layers, device())
+    plan = od.Plan(compile=od.Compile(mode="regional", cache_dir=cache_dir))
+    t0 = time.perf_counter()
+    rt = od.accelerate(trainer.model, plan,
+                       optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4))
+    for i in range(steps):
+        rt.backward(rt.model(trainer.x, labels=trainer.x).loss)
+        rt.optimizer.step()
+        rt.optimizer.zero_grad(set_to_none=True)
+        synchronize(trainer.dev)
+        if i == 0:
+            first_s = time.perf_counter() - t0
+    d = rt.report["compile"].details
+    return {"first_step_s": round(first_s, 3), "cache": d.get("cache"),
+            "cache_load_s": d.get("cache_load_seconds"), "written": d.get("cache_written"),
+            "cache_bytes": d.get("cache_bytes"), "compile_s": d.get("compile_seconds"),
+            "graphs": d.get("graphs"), "ran_eager": d.get("ran_eager"),
+            "recompiles_after_first_step": d.get("recompiles_after_first_step"),
+            "steps": steps, "threads": torch.get_num_threads()}
+
+
+def warm_starts(n: int, repeats: int, steps: int) -> dict:
+    pairs = []
+    for rep in range(repeats):
+        with tempfile.TemporaryDirectory(prefix="od-compile-cache-") as cache:
+            args = ["--warm-child", cache, "--n-layers", str(n), "--steps", str(steps)]
+            cold = run_child(args, "cold")
+            warm = run_child(args, "warm")  # a new, empty inductor cache: only the bundle
+        pairs.append({"cold": cold, "warm": warm})
+        print(f"# {n} blocks warm start #{rep + 1}: {pairs[-1]}", file=sys.stderr, flush=True)
+    ok = [p for p in pairs if "error" not in p["cold"] and "error" not in p["warm"]]
+    if not ok:
+        return {"blocks": n, "pairs": pairs, "ratio": None, "recompiles": None}
+    cold_s = statistics.median(p["cold"]["first_step_s"] for p in ok)
+    warm_s = statistics.median(p["warm"]["first_step_s"] for p in ok)
+    recompiles = max(p[k]["recompiles_after_first_step"] or 0 for p in ok for k in p)
+    return {"blocks": n, "cold_s": round(cold_s, 3), "warm_s": round(warm_s, 3),
+            "ratio": round(warm_s / cold_s, 3), "recompiles": recompiles,
+            "all_hit": all(p["warm"]["cache"] == "hit" for p in ok), "pairs": pairs}
+
+
+def warm_main(args) -> None:
+    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
+    steps = 3 if args.quick else 5
+    by = {str(n): warm_starts(n, repeats, steps) for n in args.blocks}
+    n = str(max(args.blocks))
+    results = {"model": {**MODEL, "batch": BATCH, "seq": SEQ}, "repeats": repeats,
+               "steps": steps, "loadavg_1min_at_start": os.getloadavg()[0], "by_blocks": by,
+               "targets": [
+                   target(f"warm start / cold start, fresh process and empty inductor cache "
+                          f"({n} blocks)", by[n]["ratio"], 0.3),
+                   target(f"recompiles after step 1, static shapes ({n} blocks)",
+                          by[n]["recompiles"], 0),
+               ]}
+    out = args.out if args.out != RESULTS else RESULTS.with_name("compile_warm_start.json")
+    emit("compile_warm_start", results, out=out)
 
 
 def steady_child(variants: list[str], n_layers: int, warmup: int, rounds: int) -> dict:
@@ -244,7 +318,17 @@ def main() -> None:
     ap.add_argument("--cold", choices=VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--steady", nargs="+", choices=VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--n-layers", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--warm-start", action="store_true",
+                    help="the compile cache's warm start against a same-run cold start")
+    ap.add_argument("--warm-child", help=argparse.SUPPRESS)
+    ap.add_argument("--steps", type=int, default=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.warm_child:
+        print(json.dumps(warm_child(args.n_layers, args.warm_child, args.steps)))
+        return
+    if args.warm_start:
+        warm_main(args)
+        return
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     rounds = args.rounds if args.rounds is not None else (5 if args.quick else 30)
     if args.cold:

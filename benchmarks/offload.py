@@ -3,8 +3,10 @@
 One transformers Llama (built from a config, saved with save_pretrained), loaded on the
 meta device with a CPU budget of a quarter of its weights, the rest on disk:
   overdrive   od.accelerate(meta_model, od.Offload(max_memory=..., offload_folder=...),
-              weights=dir): one block per hook, the next block read on a background
-              thread while the current one computes
+              weights=dir): one block per hook; a loaded weight views the mapped
+              offload file (no copy), the next block's pages are faulted in on a
+              background thread while the current one computes, and a finished
+              block's pages are dropped from the process
   accelerate  load_checkpoint_and_dispatch(meta_model, dir, device_map=
               infer_auto_device_map(same budget), offload_folder=...): Accelerate's disk
               offload, each weight read on demand inside its module's hook

@@ -19,8 +19,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 README = HERE / "README.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-ORDER = ["compile_time", "step_overhead", "step_overhead_dist", "checkpoint_io", "memory",
-         "casting", "fp8", "inspect_speed", "gpu_check"]
+ORDER = ["compile_time", "compile_warm_start", "step_overhead", "step_overhead_dist",
+         "checkpoint_io", "memory", "casting", "fp8", "inspect_speed", "gpu_check"]
 
 
 def load_results() -> dict[str, dict]:
@@ -30,7 +30,8 @@ def load_results() -> dict[str, dict]:
 
 
 # results that are not named after their script
-SCRIPT_OF = {"step_overhead_dist": "step_overhead.py (2 ranks)"}
+SCRIPT_OF = {"step_overhead_dist": "step_overhead.py (2 ranks)",
+             "compile_warm_start": "compile_time.py --warm-start"}
 
 
 def machine_line(m: dict) -> str:

@@ -33,3 +33,10 @@ def _default_runs_outside_the_checkout(monkeypatch, tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
     monkeypatch.setattr(tracking, "default_run_dir", lambda: base / original())
     monkeypatch.setattr(tracking, "ORIGINAL_DEFAULT_RUN_DIR", original, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _compile_cache_under_tmp(monkeypatch, tmp_path_factory):
+    """Compile(cache=True)'s default dir is under the user's cache dir: tests keep theirs
+    under pytest's temporary folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))

@@ -39,6 +39,11 @@ class Compile:
     fullgraph: bool = False
     dynamic: bool | None = None
     options: Mapping[str, Any] | None = None
+    # warm starts: torch's compile cache artifacts, keyed by a fingerprint of the plan, the
+    # model's structure, torch and the device kind, loaded before compiling and written
+    # after the first optimizer step (passes/compile_cache.py)
+    cache: bool = True
+    cache_dir: str | None = None  # None: $XDG_CACHE_HOME/overdrive/compile (~/.cache/...)
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,27 @@ def test_disk_offload_forward_and_generate_equal(exported, tmp_path, prefetch):
     assert (tmp_path / "index.json").is_file()
 
 
+def test_a_write_to_a_loaded_weight_never_reaches_the_offload_folder(exported, tmp_path):
+    """On the CPU a loaded weight views the mapped offload file (copy-on-write): a write
+    into it lasts one forward, and neither the file nor the next forward sees it."""
+    ref, path = exported
+    model = build(ref.config, meta=True)
+    od.accelerate(model, _offload_plan(model_bytes(ref), tmp_path), weights=path)
+    files = {f: f.read_bytes() for f in tmp_path.glob("*.safetensors")}
+    layer = model.model.layers[3]
+
+    def write(module, args):
+        module.self_attn.q_proj.weight.data.add_(1.0)
+
+    handle = layer.register_forward_pre_hook(write)
+    ids = torch.randint(0, ref.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        assert not torch.equal(model(ids).logits, ref(ids).logits)
+        handle.remove()
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    assert {f: f.read_bytes() for f in files} == files
+
+
 def test_offload_of_an_in_memory_model_with_tied_weights(tmp_path):
     torch.manual_seed(0)
     ref = build(llama_config(tied=True))

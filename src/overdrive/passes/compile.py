@@ -8,11 +8,20 @@ regional  ``block.compile(...)`` on every block: the block stays the same object
 full      ``model.compile(...)`` on the root: no ``_orig_mod.`` wrapper, keys unchanged.
 
 No blocks found → regional falls back to full, with a note in the record.
+
+Warm starts (``Compile(cache=True)``, the default): ``check`` fingerprints the plan, the
+model's structure, torch and the device kind (compile_cache.py); ``apply`` loads that
+bundle of torch's compile cache artifacts from ``Compile.cache_dir`` before compiling, and
+the pass's post-step hook (compile_watch.py) writes it after the first optimizer step,
+when that step compiled something torch's caches did not hold. The same hook confirms
+that every region ran compiled code, and counts and explains recompiles after step 1.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -20,9 +29,14 @@ from torch import nn
 
 from ..errors import BackendUnavailable, PlanError
 from ..plan import Compile
-from ..rewrite.contract import Decision, Pass, PassContext
+from ..rewrite.contract import Applied, Decision, Pass, PassContext
+from ..rewrite.env import mesh_coordinates
 from ..rewrite.graph import ModuleGraph
 from ..rewrite.manager import register_pass
+from . import compile_cache
+from .compile_watch import CacheTarget, CompileWatch, mark_compiled
+
+log = logging.getLogger("overdrive")
 
 # backends torch.compile knows by name even when list_backends() hides them
 KNOWN_BACKENDS = ("inductor", "eager", "aot_eager", "aot_eager_decomp_partition", "cudagraphs")
@@ -158,6 +172,20 @@ def _check_options(cfg: Compile) -> None:
                                 "(see torch._inductor.config)")
 
 
+def _check_cache(cfg: Compile) -> None:
+    if not isinstance(cfg.cache, bool):
+        raise PlanError(f"compile.cache={cfg.cache!r} is not valid; use True (warm starts "
+                        "from the compile cache) or False")
+    if cfg.cache_dir is not None and not isinstance(cfg.cache_dir, (str, Path)):
+        raise PlanError(f"compile.cache_dir={cfg.cache_dir!r} is not valid; use a directory "
+                        "path (str) or None for the default "
+                        f"({compile_cache.default_cache_dir()})")
+    if cfg.cache_dir is not None and Path(cfg.cache_dir).exists() \
+            and not Path(cfg.cache_dir).is_dir():
+        raise PlanError(f"compile.cache_dir={str(cfg.cache_dir)!r} is a file, not a "
+                        "directory; point it at a directory (it is created when missing)")
+
+
 def check_compile(cfg: Compile, env: Any) -> None:
     if not isinstance(cfg.fullgraph, bool):
         raise PlanError(f"compile.fullgraph={cfg.fullgraph!r} is not valid; use True or False")
@@ -165,6 +193,7 @@ def check_compile(cfg: Compile, env: Any) -> None:
         raise PlanError(f"compile.dynamic={cfg.dynamic!r} is not valid; use None, True or False")
     _check_backend(cfg, env)
     _check_options(cfg)
+    _check_cache(cfg)
 
 
 # --------------------------------------------------------------------------- the pass
@@ -173,20 +202,36 @@ def check_compile(cfg: Compile, env: Any) -> None:
 @dataclass(kw_only=True)
 class CompileDecision(Decision):
     """``modules``: the regions compiled (``""``: the root); ``mode``: what is done
-    ("full" when regional found no blocks); ``kwargs``: what ``module.compile`` gets."""
+    ("full" when regional found no blocks); ``kwargs``: what ``module.compile`` gets;
+    ``cache_file``: the warm-start bundle this plan and model map to (None: no cache)."""
 
     mode: str
     kwargs: dict[str, Any]
+    cache_file: str | None = None
+    cache_key: str | None = None
 
 
-def decide(graph: ModuleGraph, cfg: Compile) -> CompileDecision:
-    """The regions and arguments, from the graph and the config alone."""
+def decide(graph: ModuleGraph, cfg: Compile, plan: Any = None, env: Any = None) -> CompileDecision:
+    """The regions and arguments, from the graph and the config (and, for the cache key,
+    the plan and the world) alone."""
     names, notes = targets(graph, cfg)
     fell_back = cfg.mode == "regional" and names == [""]
     mode = "full" if fell_back else cfg.mode
-    return CompileDecision(
-        modules=names, notes=notes, mode=mode, kwargs=compile_kwargs(cfg),
-        details={"mode": mode, "requested_mode": cfg.mode, "backend": str(cfg.backend)})
+    details: dict[str, Any] = {"mode": mode, "requested_mode": cfg.mode,
+                               "backend": str(cfg.backend)}
+    cache_file = key = None
+    if cfg.cache and plan is not None and env is not None:
+        coords = mesh_coordinates(env.rank, env.parallel)
+        place = {dim: coords[dim] for dim in ("pp", "cp", "tp")}
+        key = compile_cache.fingerprint(plan, graph.model, env.device, env.world_size, place)
+        folder = Path(cfg.cache_dir) if cfg.cache_dir is not None \
+            else compile_cache.default_cache_dir()
+        cache_file = str(folder / f"{key}.zip")
+        details["cache_file"] = cache_file
+        notes = [*notes, f"compile cache: {cache_file} (loaded before compiling when "
+                 "present, written after the first optimizer step)"]
+    return CompileDecision(modules=names, notes=notes, mode=mode, kwargs=compile_kwargs(cfg),
+                           cache_file=cache_file, cache_key=key, details=details)
 
 
 @register_pass("compile", config=Compile, after=("checkpointing",),
@@ -196,12 +241,38 @@ class CompilePass(Pass):
 
     def check(self, ctx: PassContext) -> CompileDecision:
         check_compile(ctx.cfg, ctx.env)
-        return decide(ctx.graph, ctx.cfg)
+        return decide(ctx.graph, ctx.cfg, ctx.plan, ctx.env)
 
-    def apply(self, model: nn.Module, decision: CompileDecision, ctx: PassContext) -> None:
-        for name in decision.modules:  # "" is the root
-            compile_in_place(model if name == "" else ctx.graph.module(name),
-                             **decision.kwargs)
+    def apply(self, model: nn.Module, decision: CompileDecision, ctx: PassContext) -> Applied:
+        record = self.preview(decision, ctx)
+        cache = _load_cache(decision, record, is_main=ctx.env.rank == 0)
+        regions = {name: model if name == "" else ctx.graph.module(name)
+                   for name in decision.modules}  # "" is the root
+        # one writer per bundle: the first data-parallel rank of each pp/cp/tp place
+        watch = CompileWatch(record, regions, str(decision.kwargs["backend"]), cache,
+                             is_main=ctx.env.rank == 0, writes=ctx.env.dp_rank == 0)
+        for module in regions.values():
+            module.register_forward_pre_hook(mark_compiled)
+            compile_in_place(module, **decision.kwargs)
+        return Applied(record, post_step_hooks=[watch])
+
+
+def _load_cache(decision: CompileDecision, record: Any, *, is_main: bool) -> CacheTarget | None:
+    """The bundle loaded into torch's caches (a hit), or a miss; None without a cache."""
+    if decision.cache_file is None or decision.cache_key is None:
+        return None
+    path = Path(decision.cache_file)
+    loaded = compile_cache.load_bundle(path)
+    record.details["cache"] = "hit" if loaded.hit else "miss"
+    record.details["cache_load_seconds"] = round(loaded.seconds, 3)
+    if loaded.hit:
+        record.note(f"compile cache hit: {path.name} ({loaded.kernels} kernel libraries, "
+                    f"artifacts {loaded.artifacts}) loaded in {loaded.seconds:.2f} s")
+    if loaded.problem:
+        record.note(f"compile cache not used: {loaded.problem}")
+        if is_main:
+            log.warning("compile: cache not used: %s", loaded.problem)
+    return CacheTarget(path, decision.cache_key, loaded)
 
 
 __all__ = ["CompilePass", "CompileDecision", "decide", "compile_kwargs", "targets", "check_compile", "available_backends",

@@ -5,7 +5,9 @@ it); between forwards its ``data`` is a one-element placeholder expanded to its 
 The pre-hook of unit *i* swaps the real tensor in and schedules units *i+1 … i+prefetch*
 (wrapping around: the next forward, a ``generate`` step, starts at unit 0) on a
 background thread, so reading the next blocks overlaps the current block's compute;
-the post-hook swaps the placeholders back, freeing the loaded copy.
+the post-hook swaps the placeholders back, freeing the loaded copy. On the CPU a loaded
+tensor is a view of the mapped offload file: the prefetch thread faults the next unit's
+pages in, the post-hook drops the finished unit's pages from this process.
 """
 
 from __future__ import annotations
@@ -45,11 +47,18 @@ class Offloader:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="overdrive-offload") \
             if self.prefetch else None
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        if self._stream is None:
+            store.map_disk()
+        self._files = [store.files(u.keys) for u in units]  # mapped files (CPU runs only)
+        self._stand_ins = [[placeholder(p, device, p.dtype) for p in u.params] for u in units]
         self.loads = 0  # tensors brought in (for the report and tests)
 
-    def _load(self, i: int) -> tuple[list[torch.Tensor], object]:
+    def _load(self, i: int, ahead: bool = False) -> tuple[list[torch.Tensor], object]:
         if self._stream is None:
-            return [self.store.load(k, self.device) for k in self.units[i].keys], None
+            tensors = [self.store.load(k, self.device) for k in self.units[i].keys]
+            if ahead:
+                self.store.warm(self._files[i])
+            return tensors, None
         with torch.cuda.stream(self._stream):
             tensors = [self.store.load(k, self.device) for k in self.units[i].keys]
             event = torch.cuda.Event()
@@ -64,7 +73,7 @@ class Offloader:
                 del self.pending[j]
         for j in sorted(window, key=lambda j: (j - i) % n):
             if j not in self.pending:
-                self.pending[j] = self._pool.submit(self._load, j)
+                self.pending[j] = self._pool.submit(self._load, j, True)
 
     def bring_in(self, i: int) -> None:
         future = self.pending.pop(i, None)
@@ -80,8 +89,9 @@ class Offloader:
         self.loads += len(tensors)
 
     def release(self, i: int) -> None:
-        for p in self.units[i].params:
-            p.data = placeholder(p, self.device, p.dtype)
+        for p, stand_in in zip(self.units[i].params, self._stand_ins[i]):
+            p.data = stand_in
+        self.store.evict(self._files[i])  # pages only: a unit sharing a file refaults it
 
     def install(self, model: nn.Module) -> list:
         handles = []

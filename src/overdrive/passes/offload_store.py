@@ -4,11 +4,19 @@ The disk folder holds one safetensors file per offloaded unit (a block, or whate
 device map offloads as one entry) plus ``index.json`` (``weight_map``, the dtype, and the
 fingerprint of the checkpoint it was written from). A folder whose index matches what is
 about to be written is reused as it is.
+
+When the weights run on the CPU, the disk files are mapped (copy-on-write, so nothing a
+forward might write ever reaches the file) and a loaded tensor is a view of the mapping:
+no copy, the page cache shared with every other reader. A unit's pages count toward this
+process's resident memory only while it runs: ``warm`` faults them in ahead (on the
+prefetch thread, the GIL released), ``evict`` drops them from this process again
+(``MADV_DONTNEED``; the page cache keeps them for the next forward).
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 from dataclasses import dataclass, field
@@ -30,19 +38,55 @@ class OffloadStore:
 
     host: dict[str, torch.Tensor] = field(default_factory=dict)
     disk: dict[str, TensorEntry] = field(default_factory=dict)
+    _maps: dict[Path, tuple[mmap.mmap, torch.Tensor]] = field(default_factory=dict)
+    _views: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def map_disk(self) -> None:
+        """Map every disk file once and make each key's tensor a view of its mapping."""
+        for entry in self.disk.values():
+            if entry.file not in self._maps:
+                self._maps[entry.file] = _map(entry.file)
+            base = self._maps[entry.file][1]
+            self._views[entry.key] = base[entry.start:entry.end].view(entry.dtype) \
+                .reshape(entry.shape)
 
     def load(self, key: str, device: torch.device) -> torch.Tensor:
-        """The tensor on ``device`` (a new copy; the stored one is never handed out to be
-        written to)."""
+        """The tensor on ``device``: the host copy, a view of the mapped file (CPU), or a
+        copy read into a pinned buffer (GPU). A stored tensor's writes never reach the
+        store: mappings are copy-on-write and ``evict`` drops what a forward wrote."""
         gpu = device.type == "cuda"
         if key in self.host:
             t = self.host[key]
             return t.to(device, non_blocking=True) if gpu else t
+        if not gpu and key in self._views:
+            return self._views[key]
         t = read(self.disk[key], pin=gpu)
         return t.to(device, non_blocking=True) if gpu else t
 
+    def files(self, keys: list[str]) -> list[Path]:
+        """The mapped files holding ``keys``."""
+        return sorted({self.disk[k].file for k in keys if k in self._views})
+
+    def warm(self, files: list[Path]) -> None:
+        """Fault the files' pages into this process (one read per page)."""
+        for f in files:
+            region, base = self._maps[f]
+            region.madvise(mmap.MADV_WILLNEED)
+            base[::mmap.PAGESIZE].sum()  # a torch op: runs with the GIL released
+
+    def evict(self, files: list[Path]) -> None:
+        """Drop the files' pages from this process (the page cache keeps them)."""
+        for f in files:
+            self._maps[f][0].madvise(mmap.MADV_DONTNEED)
+
     def __contains__(self, key: str) -> bool:
         return key in self.host or key in self.disk
+
+
+def _map(path: Path) -> tuple[mmap.mmap, torch.Tensor]:
+    with open(path, "rb") as fh:
+        region = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+    return region, torch.frombuffer(region, dtype=torch.uint8)
 
 
 def unit_file(index: int, unit: str) -> str:
@@ -73,7 +117,9 @@ class DiskFolder:
 
         name = unit_file(index, unit)
         target = self.path / name
-        save_file({k: t.contiguous() for k, t in tensors.items()}, str(target))
+        tmp = self.path / (name + ".tmp")
+        save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp))
+        os.replace(tmp, target)  # a model still mapping the old file keeps reading it
         for key in tensors:
             self.weight_map[key] = name
         return read_header(target)
