@@ -11,6 +11,8 @@ The public names are imported on first use (PEP 562), so ``import overdrive`` â€
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -33,6 +35,7 @@ _EXPORTS: dict[str, str] = {
     "Runtime": ".runtime.runtime",
     "Tracker": ".runtime.tracking",
     "launch": ".spawn", "LaunchError": ".spawn",
+    "plan": ".planner", "Candidate": ".planner", "Hardware": ".planner",
 }
 
 __all__ = [
@@ -45,7 +48,23 @@ __all__ = [
     "OverdriveError", "PlanError", "BackendUnavailable", "PassFailed",
     "load_weights", "CheckpointError", "NotACheckpoint", "CheckpointMismatch", "CheckpointCorrupt",
     "Tracker", "launch", "LaunchError", "DesyncError", "NonFiniteError",
+    "plan", "Candidate", "Hardware",
 ]
+
+
+class _Package(types.ModuleType):
+    """``od.plan`` is the planner (a function), while ``overdrive.plan`` is also the
+    module of ``od.Plan``. Importing a submodule sets it as an attribute of its package,
+    which would replace the lazy public name with the module; this keeps the public name
+    (the module stays importable by its full name, from ``sys.modules``)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:
@@ -77,3 +96,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .runtime.runtime import Runtime
     from .runtime.tracking import Tracker
     from .spawn import LaunchError, launch
+    from .planner import Candidate, Hardware, plan

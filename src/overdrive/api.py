@@ -39,7 +39,7 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
                trackers: Any = ("jsonl",), run_dir: Any = None, run_config: dict | None = None,
                log_every: int = 1, timeout: float | None = None,
                desync_timeout: float | None = 60.0,
-               weights: str | os.PathLike | None = None) -> Runtime:
+               weights: str | os.PathLike | None = None, batch: Any = None) -> Runtime:
     """Transform ``model`` in place according to ``plan`` and return a ``Runtime``.
 
     ``optimizer`` may be an optimizer or a factory ``params -> optimizer``; a factory is
@@ -59,6 +59,10 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
     ``desync_timeout``: seconds ranks may stand still at different places before every
     rank raises ``DesyncError`` (docs/reliability.md); None turns that check off (the
     ledger still compares the collectives the ranks issued).
+
+    ``plan="auto"`` asks the planner (``od.plan``) for the best layout of this world and
+    device memory for ``batch=(global_batch_size, seq_len)``; ``rt.report.choice`` says
+    which it chose and why (its micro-batch per rank and gradient accumulation).
     """
     if not isinstance(model, nn.Module):
         raise PlanError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -66,6 +70,11 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
     _check_seconds("desync_timeout", desync_timeout)
     tracking = resolve_tracking(trackers, run_dir, run_config, log_every)
     model_name = type(model).__name__  # fully_shard / replicate rename the class
+    choice = None
+    if isinstance(plan, str) and plan == "auto":
+        from .planner.auto import auto_plan
+
+        plan, choice = auto_plan(model, batch)
     plan = resolve_plan(plan)
     source = _weights_source(model, weights)
     if source is None:
@@ -108,11 +117,14 @@ def accelerate(model: nn.Module, plan: Plan | dict | str | None = None, *,
         # torch schedulers need a torch optimizer: under DeepSpeed, the one ZeRO steps
         sched = scheduler(raw_optimizer(opt))
     report = Report(records, model=model_name, plan=plan.to_dict(),
-                    blocks=graph.blocks(), steps=step_layout(plan, env))
+                    blocks=graph.blocks(), steps=step_layout(plan, env),
+                    choice=choice)
     rt = Runtime(model, plan=plan, report=report, env=env, optimizer=opt, scheduler=sched,
                  handoff=handoff, tracking=tracking, flops_model=flops_model,
                  pipeline=pipeline, desync_timeout=desync_timeout)
     if rt.is_main:
+        if choice is not None:
+            log.info("overdrive: plan='auto' chose %s (%s)", choice["chosen"], choice["why"])
         log.info("overdrive: applied %s", " → ".join(report.names()) or "no passes")
     return rt
 

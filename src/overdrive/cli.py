@@ -1,4 +1,4 @@
-"""The ``overdrive`` command: inspect, export, launch, plot, env.
+"""The ``overdrive`` command: inspect, plan, export, launch, plot, env.
 
 Benchmarks are not a subcommand: they live in the repository (`benchmarks/run_all.py`,
 `make bench`), beside the baselines they compare against, not in the installed package.
@@ -55,6 +55,41 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             model = factory()
     report = od.inspect(model, args.plan, world_size=args.world_size)
     print(report.to_json() if args.json else report)
+    return 0
+
+
+def batch_arg(value: str) -> tuple[int, int]:
+    """``512x4096`` → (global batch size, sequence length)."""
+    parts = value.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(
+            f"--batch {value!r}: give GLOBAL_BATCHxSEQ_LEN, e.g. 512x4096")
+    return int(parts[0]), int(parts[1])
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import torch
+
+    import overdrive as od
+
+    factory = load_factory(args.model)
+    with torch.device("meta"):
+        model = factory()
+    allow = json.loads(args.allow) if args.allow else None
+    candidates = od.plan(model, world_size=args.world_size, memory_per_rank=args.memory,
+                         batch=args.batch, hardware=args.hardware, allow=allow, top=args.top,
+                         objective=args.objective)
+    if args.json:
+        print(json.dumps([{"layout": c.layout.name(), "plan": c.plan.to_dict(),
+                           "micro_batch": c.layout.micro_batch,
+                           "grad_accum": c.layout.grad_accum,
+                           "memory": c.memory.as_dict(), "comm": c.comm,
+                           "step_seconds": c.step_seconds,
+                           "tokens_per_second_per_gpu": c.tokens_per_second_per_gpu,
+                           "mfu": c.mfu, "why": c.why} for c in candidates], indent=2,
+                         default=str))
+    else:
+        print(candidates)
     return 0
 
 
@@ -182,6 +217,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, default=None, help="ranks to plan for")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("plan", help="rank the layouts that fit N ranks of M bytes: predicted "
+                                    "memory, communication, step time (model on meta)")
+    p.add_argument("model", help="MODULE:FACTORY returning an nn.Module (built on meta)")
+    p.add_argument("--world-size", type=int, required=True, help="ranks to plan for")
+    p.add_argument("--memory", default=None, help="memory per rank, e.g. 80GiB "
+                                                  "(default: the hardware's)")
+    p.add_argument("--batch", type=batch_arg, required=True,
+                   help="GLOBAL_BATCHxSEQ_LEN, e.g. 512x4096")
+    p.add_argument("--hardware", default="h100",
+                   help="h100, h200, a100-80g, b200, mi300x or cpu")
+    p.add_argument("--objective", default="throughput", choices=["throughput", "memory"])
+    p.add_argument("--allow", default=None,
+                   help='JSON restricting the search, e.g. \'{"tp": [1, 2, 4, 8], "fp8": false}\'')
+    p.add_argument("--top", type=int, default=5, help="candidates to print")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("export", help="turn an rt.save checkpoint into a transformers "
                                       "safetensors directory, offline")

@@ -1013,3 +1013,4 @@ def resolve_plan(plan: Plan | Mapping[str, Any] | str | os.PathLike | None) -> P
         f"plan={plan!r} is not valid; use an od.Plan, a dict, a YAML/JSON path or a preset "
         "string such as 'fsdp+compile'"
     )
+

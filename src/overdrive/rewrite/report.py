@@ -91,7 +91,8 @@ class Report:
     def __init__(self, passes: list[PassRecord] | None = None, *, model: str = "",
                  plan: dict[str, Any] | None = None, blocks: list[str] | None = None,
                  memory: MemoryEstimate | None = None, dry_run: bool = False,
-                 trace: Any = None, steps: StepLayout | None = None):
+                 trace: Any = None, steps: StepLayout | None = None,
+                 choice: dict[str, Any] | None = None):
         self.passes: list[PassRecord] = list(passes or [])
         self.model = model
         self.plan = plan or {}
@@ -99,6 +100,7 @@ class Report:
         self.memory = memory
         self.dry_run = dry_run
         self.trace = trace
+        self.choice = choice  # plan="auto": the planner's choice and why
         self.steps = steps
 
     def names(self) -> list[str]:
@@ -139,6 +141,8 @@ class Report:
             out["memory_per_rank"] = mem
         if self.trace is not None and hasattr(self.trace, "summary"):
             out["trace"] = self.trace.summary()
+        if self.choice is not None:
+            out["choice"] = dict(self.choice)
         if self.steps is not None:
             out["steps"] = asdict(self.steps)
         return out
@@ -167,6 +171,10 @@ class Report:
             lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
             if j == 0:
                 lines.append("  ".join("-" * w for w in widths))
+        if self.choice is not None:
+            c = self.choice
+            lines.append(f"plan='auto': chose {c['chosen']} (micro-batch {c['micro_batch']} × "
+                         f"{c['grad_accum']}) — {c['why']}")
         if not self.passes:
             lines.append("(no passes enabled)")
         for r in self.passes:
