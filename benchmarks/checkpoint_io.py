@@ -46,7 +46,7 @@ def build_model():
 
 def _runtime(model, optimizer=None):
     from overdrive.rewrite.report import Report
-    from overdrive.plan import Plan
+    from overdrive.plan_spec import Plan
     from overdrive.runtime.runtime import Runtime
     from overdrive.runtime.state import env_for
 

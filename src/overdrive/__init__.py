@@ -11,8 +11,6 @@ The public names are imported on first use (PEP 562), so ``import overdrive`` â€
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -28,7 +26,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("Applied", "Decision", "KeyMap", "MemoryEffect", "Pass", "PassContext"),
                     ".rewrite.contract"),
     **dict.fromkeys(("DDP", "FP8", "FSDP", "PRESETS", "Casting", "Checkpointing", "Compile",
-                     "DeepSpeed", "Offload", "Parallel", "Pipeline", "Plan"), ".plan"),
+                     "DeepSpeed", "Offload", "Parallel", "Pipeline", "Plan"), ".plan_spec"),
     **dict.fromkeys(("MemoryEstimate", "PassRecord", "Report"), ".rewrite.report"),
     "load_weights": ".runtime.export",
     "find_executable_batch_size": ".runtime.helpers",
@@ -52,21 +50,6 @@ __all__ = [
 ]
 
 
-class _Package(types.ModuleType):
-    """``od.plan`` is the planner (a function), while ``overdrive.plan`` is also the
-    module of ``od.Plan``. Importing a submodule sets it as an attribute of its package,
-    which would replace the lazy public name with the module; this keeps the public name
-    (the module stays importable by its full name, from ``sys.modules``)."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _EXPORTS and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
-
-
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
@@ -88,7 +71,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .rewrite.graph import ModuleGraph
     from .rewrite.contract import Applied, Decision, KeyMap, MemoryEffect, Pass, PassContext
     from .rewrite.manager import register_pass
-    from .plan import (DDP, FP8, FSDP, PRESETS, Casting, Checkpointing, Compile,
+    from .plan_spec import (DDP, FP8, FSDP, PRESETS, Casting, Checkpointing, Compile,
                        DeepSpeed, Offload, Parallel, Pipeline, Plan)
     from .rewrite.report import MemoryEstimate, PassRecord, Report
     from .runtime.export import load_weights

@@ -21,7 +21,7 @@ from .errors import PlanError
 from .rewrite.estimate import estimate_memory
 from .rewrite.graph import ModuleGraph
 from .rewrite.manager import PassManager
-from .plan import Plan, derive_grad_accum, resolve_plan
+from .plan_spec import Plan, derive_grad_accum, resolve_plan
 from .rewrite.report import Report, StepLayout
 from .rewrite.trace import meta_copy, trace_model
 from .runtime.grad import raw_optimizer

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 
-from .plan import SCHEDULE_CLASSES
+from .plan_spec import SCHEDULE_CLASSES
 
 KINDS = ("F", "B", "I", "W")
 

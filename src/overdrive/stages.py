@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .errors import PlanError
-from .plan import Plan
+from .plan_spec import Plan
 from .rewrite.graph import ModuleGraph, parameter_owners
 from .rewrite.trace import trace_model
 

@@ -15,7 +15,7 @@ import torch
 
 import overdrive as od
 from overdrive.models.llama import tiny
-from overdrive.plan import resolve_for_world
+from overdrive.plan_spec import resolve_for_world
 from overdrive.rewrite.report import Report
 from overdrive.runtime.runtime import Runtime
 from overdrive.runtime.state import ensure_process_group, env_for

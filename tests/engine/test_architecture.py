@@ -46,8 +46,8 @@ def test_the_builtin_passes_are_the_twelve_we_know():
 def test_rewrite_imports_neither_passes_nor_runtime():
     for name, source in _sources("rewrite").items():
         bad = {m for m in _imports(source, "overdrive." + name[:-3].replace("/", "."))
-               if m.startswith(("overdrive.passes", "overdrive.runtime", "overdrive.plan",
-                                "overdrive.api"))}
+               if m.startswith(("overdrive.passes", "overdrive.runtime", "overdrive.plan_spec",
+                                "overdrive.planner", "overdrive.api"))}
         assert not bad, f"{name} imports {sorted(bad)}"
 
 
@@ -76,14 +76,14 @@ def test_no_pass_imports_another_pass_or_the_runtime():
 
 def test_what_the_passes_share_imports_no_pass_and_no_runtime():
     """The neutral modules beside the packages (stages.py, bubble.py, safetensors_io.py,
-    sizes.py, plan.py…) that passes import: through them no pass reaches runtime/ or
+    sizes.py, plan_spec.py…) that passes import: through them no pass reaches runtime/ or
     another pass either."""
     top = {p.stem for p in SRC.glob("*.py")} - {"__init__", "__main__"}
     shared = set()
     for name, source in _sources("passes").items():
         shared |= {m.split(".")[1] for m in _imports(source, "overdrive.passes." + name[:-3])
                    if m.startswith("overdrive.") and m.split(".")[1] in top}
-    assert {"stages", "safetensors_io", "sizes", "plan"} <= shared
+    assert {"stages", "safetensors_io", "sizes", "plan_spec"} <= shared
     todo, seen = list(shared), set()
     while todo:
         mod = todo.pop()

@@ -6,7 +6,7 @@ import pytest
 
 import overdrive as od
 from tests.helpers import require
-from overdrive.plan import resolve_for_world, resolve_plan, resolve_sizes
+from overdrive.plan_spec import resolve_for_world, resolve_plan, resolve_sizes
 
 
 @pytest.mark.parametrize("name,check", [
@@ -228,7 +228,7 @@ def test_plan_is_frozen_and_replace_validates():
 
 
 def test_configs_select_the_passes():
-    from overdrive.plan import ContextParallelConfig, TensorParallelConfig
+    from overdrive.plan_spec import ContextParallelConfig, TensorParallelConfig
     from overdrive.rewrite.manager import order_passes
 
     plan = od.Plan.preset("fsdp+compile+ac+fp8+tp+cp")

@@ -14,7 +14,7 @@ from overdrive.errors import PlanError
 from overdrive.models.llama import tiny
 from overdrive.passes.casting import CastConv2d, CastLinear, upcast
 from overdrive.rewrite.manager import parameter_bytes
-from overdrive.plan import Plan
+from overdrive.plan_spec import Plan
 
 from tests.helpers import assert_untouched, require, snapshot
 

@@ -17,7 +17,7 @@ from overdrive.passes import casting as casting_pass
 from overdrive.passes.casting import CastLinear, FusedCastLinear
 from overdrive.passes.casting_kernels import (DeviceKind, UpcastScratch, choose_kernel,
                                               denormals_kept, device_kind, upcast)
-from overdrive.plan import Plan
+from overdrive.plan_spec import Plan
 
 from tests.helpers import assert_untouched, snapshot
 

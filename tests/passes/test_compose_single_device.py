@@ -8,7 +8,7 @@ import torch
 
 import overdrive as od
 from overdrive.models.llama import tiny
-from overdrive.plan import Plan
+from overdrive.plan_spec import Plan
 
 
 @pytest.mark.parametrize("mixed_precision", ["no", "bf16"])

@@ -12,7 +12,7 @@ from tests.helpers import assert_untouched, snapshot
 
 import overdrive as od
 from overdrive.models.llama import Llama, LlamaConfig, tiny
-from overdrive.plan import Parallel, resolve_sizes
+from overdrive.plan_spec import Parallel, resolve_sizes
 
 
 

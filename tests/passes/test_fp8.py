@@ -17,7 +17,7 @@ from overdrive.errors import BackendUnavailable, PlanError
 from overdrive.models.llama import tiny
 from overdrive.passes import fp8 as fp8_pass
 from overdrive.rewrite.graph import ModuleGraph
-from overdrive.plan import Plan
+from overdrive.plan_spec import Plan
 from overdrive.runtime.state import env_for
 
 from tests.helpers import apply_pass, assert_untouched, check_pass, require, snapshot

@@ -12,7 +12,7 @@ import torch
 import overdrive as od
 from overdrive.models.llama import tiny
 from overdrive.passes.mixed_precision import MixedPrecision, outputs_to_fp32
-from overdrive.plan import Plan
+from overdrive.plan_spec import Plan
 from tests.helpers import assert_untouched, require, snapshot
 
 
@@ -106,7 +106,7 @@ def test_no_mixed_precision_leaves_forward_alone():
     (Plan(mixed_precision="bf16", ddp=od.DDP()), True),
 ])
 def test_runs_exactly_when_autocast_casts(plan, on):
-    from overdrive.plan import who_casts
+    from overdrive.plan_spec import who_casts
     from overdrive.rewrite.manager import order_passes
 
     assert (MixedPrecision.config in {type(c) for c in plan.configs()}) is on

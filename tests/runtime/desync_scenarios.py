@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import overdrive as od
-from overdrive.plan import Plan
+from overdrive.plan_spec import Plan
 from overdrive.rewrite.report import Report
 from overdrive.runtime.runtime import Runtime
 from overdrive.runtime.state import make_env

@@ -10,7 +10,7 @@ import traceback
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from overdrive.plan import Parallel
+from overdrive.plan_spec import Parallel
 from runtime_scenarios import runtime
 
 MESHES = {"dp2_tp2": dict(dp_shard=2, tp=2), "dp2_cp2": dict(dp_shard=2, cp=2),

@@ -10,7 +10,7 @@ import traceback
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
-from overdrive.plan import Plan
+from overdrive.plan_spec import Plan
 from overdrive.rewrite.contract import Handoff
 from overdrive.rewrite.report import Report
 from overdrive.runtime.runtime import Runtime

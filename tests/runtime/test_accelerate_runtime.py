@@ -296,7 +296,7 @@ class OverflowingEngine:
 
 
 def test_scheduler_does_not_step_on_a_step_deepspeed_skipped():
-    from overdrive.plan import resolve_for_world
+    from overdrive.plan_spec import resolve_for_world
     from overdrive.rewrite.contract import Handoff
     from overdrive.rewrite.report import Report
     from overdrive.runtime.runtime import Runtime

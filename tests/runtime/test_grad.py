@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import overdrive as od
-from overdrive.plan import Plan, resolve_for_world
+from overdrive.plan_spec import Plan, resolve_for_world
 from overdrive.rewrite.report import Report
 from overdrive.runtime.runtime import Runtime
 from overdrive.runtime.state import env_for

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import overdrive as od
 from overdrive.errors import OverdriveError
-from overdrive.plan import Plan, resolve_for_world
+from overdrive.plan_spec import Plan, resolve_for_world
 from overdrive.rewrite.report import Report
 from overdrive.runtime.helpers import RankFilter
 from overdrive.runtime.runtime import Runtime

@@ -42,7 +42,7 @@ def test_multi_node_without_endpoint_is_refused():
 FAILING = """
 import time
 import torch
-from overdrive.plan import Plan
+from overdrive.plan_spec import Plan
 from overdrive.rewrite.report import Report
 from overdrive.runtime.runtime import Runtime
 from overdrive.runtime.state import make_env

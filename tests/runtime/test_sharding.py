@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Sampler, SequentialSampler, TensorDataset
 
 from overdrive.errors import OverdriveError
-from overdrive.plan import Parallel, Plan, resolve_for_world
+from overdrive.plan_spec import Parallel, Plan, resolve_for_world
 from overdrive.rewrite.report import Report
 from overdrive.runtime.sampling import shard_indices, sharded_len
 from overdrive.runtime.runtime import Runtime

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..dtypes import to_torch
 from ..errors import PlanError
-from ..plan import Casting
+from ..plan_spec import Casting
 from ..rewrite.contract import Decision, MemoryEffect, Pass, PassContext
 from ..rewrite.graph import ModuleGraph, parameter_owners, tensor_bytes
 from ..rewrite.manager import register_pass

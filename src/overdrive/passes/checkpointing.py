@@ -38,7 +38,7 @@ from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
                                     create_selective_checkpoint_contexts)
 
 from ..errors import PlanError
-from ..plan import Checkpointing
+from ..plan_spec import Checkpointing
 from ..rewrite.contract import Decision, MemoryEffect, Pass, PassContext
 from ..rewrite.estimate import activation_estimate, block_activations
 from ..rewrite.graph import ModuleGraph

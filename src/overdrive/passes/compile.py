@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import BackendUnavailable, PlanError
-from ..plan import Compile
+from ..plan_spec import Compile
 from ..rewrite.contract import Applied, Decision, Pass, PassContext
 from ..rewrite.env import mesh_coordinates
 from ..rewrite.graph import ModuleGraph

@@ -53,7 +53,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..causal_lm import is_transformers_causal_lm, takes_shift_labels  # noqa: F401 (re-exported)
 from ..errors import PlanError
-from ..plan import ContextParallelConfig
+from ..plan_spec import ContextParallelConfig
 from ..rewrite.contract import Applied, Decision, MemoryEffect, Pass, PassContext
 from ..rewrite.graph import ModuleGraph
 from ..rewrite.manager import register_pass

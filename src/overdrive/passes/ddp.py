@@ -26,7 +26,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import PlanError
-from ..plan import DDP
+from ..plan_spec import DDP
 from ..rewrite.contract import Applied, CollectiveTap, Decision, Pass, PassContext
 from ..rewrite.manager import register_pass
 from .buffers import keep_buffers_in_sync, plain_buffers

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import PlanError
-from ..plan import Plan
+from ..plan_spec import Plan
 from ..rewrite.contract import CollectiveTap
 
 

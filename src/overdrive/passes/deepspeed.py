@@ -27,7 +27,7 @@ from typing import Any, Mapping
 from torch import nn
 
 from ..errors import BackendUnavailable, PlanError
-from ..plan import DeepSpeed, Plan
+from ..plan_spec import DeepSpeed, Plan
 from ..rewrite.contract import Applied, Decision, MemoryEffect, Pass, PassContext
 from ..rewrite.manager import register_pass
 

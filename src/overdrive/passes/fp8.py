@@ -36,7 +36,7 @@ from torch import nn
 
 from ..errors import BackendUnavailable, PlanError
 from ..quiet import quiet_import
-from ..plan import FP8, Plan
+from ..plan_spec import FP8, Plan
 from ..rewrite.contract import Applied, Decision, Pass, PassContext
 from ..rewrite.graph import ModuleGraph
 from ..rewrite.manager import register_pass

@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..dtypes import to_torch, torch_name
 from ..errors import PlanError
-from ..plan import FSDP, Plan
+from ..plan_spec import FSDP, Plan
 from ..rewrite.contract import Applied, Decision, MemoryEffect, Pass, PassContext
 from ..rewrite.graph import ModuleGraph, parameter_owners
 from ..rewrite.manager import register_pass

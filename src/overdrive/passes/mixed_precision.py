@@ -23,7 +23,7 @@ from torch import nn
 
 from ..dtypes import to_torch
 from ..errors import BackendUnavailable
-from ..plan import AutocastConfig
+from ..plan_spec import AutocastConfig
 from ..rewrite.contract import Applied, Decision, Pass, PassContext
 from ..rewrite.manager import register_pass
 

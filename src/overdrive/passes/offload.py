@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import BackendUnavailable, PlanError
-from ..plan import Offload
+from ..plan_spec import Offload
 from ..rewrite.contract import Applied, Decision, MemoryEffect, Pass, PassContext
 from ..rewrite.manager import register_pass
 from ..safetensors_io import WeightsSource, fingerprint

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..bubble import bubble_fraction
-from ..plan import Pipeline
+from ..plan_spec import Pipeline
 from ..rewrite.contract import Applied, Decision, MemoryEffect, Pass, PassContext
 from ..rewrite.manager import register_pass
 from ..stages import (ZERO_BUBBLE, StageInput, StageLayout, balanced_starts,  # noqa: F401

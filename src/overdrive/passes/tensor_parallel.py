@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import PlanError
-from ..plan import TP_STYLES, Plan, TensorParallelConfig
+from ..plan_spec import TP_STYLES, Plan, TensorParallelConfig
 from ..rewrite.contract import Applied, Decision, MemoryEffect, Pass, PassContext
 from ..rewrite.graph import ModuleGraph, parameter_owners
 from ..rewrite.manager import register_pass

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import PlanError
-from ..plan import Plan
+from ..plan_spec import Plan
 from .hardware import HARDWARE
 
 # a fragment of torch.cuda.get_device_name → the hardware table's entry

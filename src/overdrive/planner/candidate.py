@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..plan import Plan
+from ..plan_spec import Plan
 from ..rewrite.report import human_bytes
 from .layout import Layout
 from .memory import Memory

@@ -13,7 +13,7 @@ from ..passes.checkpointing import CheckpointingDecision
 from ..passes.ddp import DDPDecision
 from ..passes.fsdp import FSDPDecision
 from ..passes.tensor_parallel import TensorParallelDecision
-from ..plan import Plan
+from ..plan_spec import Plan
 from ..rewrite.graph import ModuleGraph
 from ..rewrite.manager import PassManager
 from ..runtime.state import make_env

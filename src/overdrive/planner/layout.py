@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..plan import DDP, FP8, FSDP, Checkpointing, Parallel, Pipeline, Plan
+from ..plan_spec import DDP, FP8, FSDP, Checkpointing, Parallel, Pipeline, Plan
 
 AC_MODES = ("none", "selective", "every", "full")
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..errors import OverdriveError, PlanError
 from ..stages import StageLayout, carve_stage
-from ..plan import SCHEDULE_CLASSES, SINGLE_STAGE_SCHEDULES, Plan
+from ..plan_spec import SCHEDULE_CLASSES, SINGLE_STAGE_SCHEDULES, Plan
 
 LossFn = Callable[[Any, Any], torch.Tensor] | None
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..dtypes import to_torch
-from ..plan import Plan
+from ..plan_spec import Plan
 from ..rewrite.contract import Handoff
 from ..rewrite.env import Env
 from ..rewrite.report import Report
@@ -400,7 +400,7 @@ class Runtime:
         """``Plan(global_batch_size=G)``: grad_accum = G / (samples per micro-step of every
         data rank), from the first loader rt.shard makes (the training loader). Raises
         ``PlanError`` (changing nothing) when it does not divide."""
-        from ..plan import derive_grad_accum
+        from ..plan_spec import derive_grad_accum
 
         if self._grad_accum_derived:
             return

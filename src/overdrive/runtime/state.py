@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from ..errors import PlanError
 from ..launcher import die_with_parent
-from ..plan import Plan, resolve_for_world
+from ..plan_spec import Plan, resolve_for_world
 from ..rewrite.env import MESH_DIMS, Env, mesh_coordinates  # noqa: F401  (re-exported)
 
 log = logging.getLogger("overdrive")
