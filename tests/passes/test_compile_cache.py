@@ -72,7 +72,7 @@ def test_first_step_confirms_every_block_ran_compiled_code(tmp_path):
     assert details["recompiles_after_first_step"] == 0
     # eager leaves no torch artifacts: nothing is written, and the record says why
     assert details["cache_written"] is False and not (tmp_path / "cache").exists()
-    assert any("left no torch compile artifacts" in n for n in rt.report["compile"].notes)
+    assert any("leaves no torch compile artifacts" in n for n in rt.report["compile"].notes)
 
 
 def test_shape_change_after_warmup_warns_naming_the_guard(tmp_path, caplog):

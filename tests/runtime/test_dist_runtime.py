@@ -107,7 +107,8 @@ def test_resume_mid_epoch_continues_with_the_same_batches(ranks):
         assert res["consumed"] == res["want"][:3]
         assert res["rest"] == res["want"][3:]
         assert res["state"] == {"epoch": 1, "position": 3, "seed": 7, "global_batches": 6,
-                                "batch_size": 2, "dp_size": 2}
+                                "batch_size": 2, "dp_size": 2,
+                                "samples": 12}  # global samples: 3 batches × 2 × 2 ranks
         assert res["after"]["epoch"] == 2 and res["after"]["position"] == 0
         # consumed batches were skipped at the index level: never read
         assert res["read"] == sorted(i for b in res["rest"] for i in b)

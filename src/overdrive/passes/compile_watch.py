@@ -183,6 +183,12 @@ class CompileWatch:
         if (target.loaded.hit and not missed) or not self.writes:
             details["cache_written"] = False
             return
+        if self.backend != "inductor":  # torch's artifacts are process-wide: another
+            # model's inductor compiles would be stored under this plan's key
+            details["cache_written"] = False
+            self.record.note(f"cache: the {self.backend!r} backend leaves no torch compile "
+                             "artifacts to store (inductor does)")
+            return
         size, problem = compile_cache.save_bundle(target.path, target.key,
                                                   self.started_us / 1e6 - 1.0)
         details["cache_written"] = size > 0
@@ -192,8 +198,7 @@ class CompileWatch:
             if self.is_main:
                 log.warning("compile: %s", problem)
         elif size == 0:
-            self.record.note(f"cache: the {self.backend!r} backend left no torch compile "
-                             "artifacts to store (inductor does)")
+            self.record.note("cache: torch recorded no compile artifacts to store")
         elif self.is_main:
             log.info("compile: cache written to %s (%d bytes)", target.path, size)
 
