@@ -72,7 +72,7 @@ def test_tensor_and_tuple_batches_refused_with_a_clear_message():
 
 
 def test_causal_lm_detection():
-    from overdrive.passes.context_parallel import is_transformers_causal_lm, takes_shift_labels
+    from overdrive.causal_lm import is_transformers_causal_lm, takes_shift_labels
 
     assert is_transformers_causal_lm(hf_llama())
     assert not is_transformers_causal_lm(llama())

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..causal_lm import is_transformers_causal_lm, takes_shift_labels  # noqa: F401 (re-exported)
+from ..causal_lm import is_transformers_causal_lm, takes_shift_labels
 from ..errors import PlanError
 from ..plan_spec import ContextParallelConfig
 from ..rewrite.contract import Applied, Decision, MemoryEffect, Pass, PassContext
