@@ -1,12 +1,25 @@
 """Built-in step metrics: every ``log_every`` optimizer steps, one row and one log line.
 
 The runtime feeds the meter from the places that already see the numbers: ``rt.backward``
-(the loss, kept on the device as a running sum: no sync), ``rt.clip_grad_norm_`` (the
-norm), ``rt.shard``'s loader (samples and tokens, from shapes) and the optimizer step.
-On a logged step the data-parallel (× context-parallel) ranks add up ``[loss sum,
-micro-steps, samples, tokens]`` in one all-reduce of four numbers, and rank 0 reads them (and the grad norm)
-with one device→host copy. Between logged steps the meter costs a tensor add per
-micro-step and a few integer additions.
+(the loss, kept on the device: no sync), ``rt.clip_grad_norm_`` (the norm), ``rt.shard``'s
+loader (samples and tokens, from shapes) and the optimizer step. A logged step only
+*records* its numbers (a tuple: the step, the detached micro-step losses, counts, lr, the
+clock); nothing is read from the device, reduced or written then.
+
+Every ``FLUSH_INTERVAL_S`` seconds (at the first row, and at ``rt.finish()`` / exit) the
+recorded rows are read with one device→host copy and completed:
+
+* one data rank: at once;
+* several (data × context-parallel ranks): each rank of rank 0's group sums its part of
+  every row (loss sum, micro-steps, samples, tokens) and posts the batch under one key of
+  the TCP store torchrun runs; rank 0 adds the parts it finds (``check``, never a wait) and
+  a row is complete when every rank's part is in. No collective is issued for the
+  metrics, so nothing can desync or block a step; a row reaches the trackers up to one
+  interval (or one step, when steps are slower) after its step. ``rt.finish()`` (or the
+  exit) posts the last parts; rank 0 waits up to ``FINISH_WAIT_S`` for them.
+
+Rows reach the trackers in step order; ``rt.log`` rows logged meanwhile wait behind the
+step rows recorded before them.
 
 Row keys: ``loss`` (mean over the micro-steps of the interval and the data-parallel
 × context-parallel ranks: under ``loss_normalization="tokens"`` the exact global token
@@ -21,9 +34,15 @@ The same numbers go to rank 0's "overdrive" logger as one compact line, at most 
 
 from __future__ import annotations
 
+import atexit
+import itertools
+import json
 import logging
+import os
 import sys
 import time
+import weakref
+from collections import deque
 from typing import Any
 
 import torch
@@ -38,10 +57,17 @@ _GB = 1024 ** 3
 # step of a fast loop would cost more than the step and scroll past unread
 LINE_INTERVAL_S = 0.5
 RSS_INTERVAL_S = 1.0  # the CPU peak-RSS reading is refreshed at most this often
+# recorded rows are read, completed and written at most this long after their step: one
+# device read and one store round trip per interval instead of per step
+FLUSH_INTERVAL_S = 0.5
+FINISH_WAIT_S = 10.0  # rank 0's wait at finish for the other ranks' last parts
+_MAX_LOSSES = 4096  # recorded micro-step losses that force a flush (device memory bound)
+_INSTANCES = itertools.count()  # meters made under a process group: the same on every rank
 
 
 class StepMeter:
-    """Accumulates one logging interval; ``rt._meter`` (None when step metrics are off)."""
+    """Records every logged step, completes the rows in batches; ``rt._meter`` (None when
+    step metrics are off)."""
 
     def __init__(self, rt, every: int, tracking, *, peak: float | None = None,
                  shadow: torch.nn.Module | None = None):
@@ -58,9 +84,23 @@ class StepMeter:
         self._rss = _PeakRss()
         self._opt = None  # the torch optimizer whose lr is logged (found at the first row)
         self._line_at = -LINE_INTERVAL_S  # when the last log line was printed
-        self._group = self._group_known = None
+        self._flushed_at: float | None = None  # None: the first row flushes at once
+        self._recorded: list[tuple] = []  # rows recorded since the last flush
+        self._n_losses = 0  # micro-step losses held by _recorded
+        self._dtensor_loss = False
+        self._closed = False
+        self._exit_hook = False
+        self._peers: _Peers | None = None
+        if self._dp > 1 and dist.is_available() and dist.is_initialized():
+            self._peers = _Peers(self, next(_INSTANCES))
+        # rank 0: recorded rows not yet given to the trackers, in order, and rt.log rows
+        # waiting behind them
+        self._queue: deque = deque()
         self._reset()
         self._t_last: float | None = None
+        tracking.before_finish = self.finish
+        if self._main:
+            tracking.hold = self.hold
 
     @classmethod
     def for_runtime(cls, rt, config, tracking, flops_model=None) -> "StepMeter":
@@ -71,7 +111,7 @@ class StepMeter:
                    shadow=flops_model if peak is not None else None)
 
     def _reset(self) -> None:
-        self._losses: list[torch.Tensor] = []  # detached, summed on the logged step
+        self._losses: list[torch.Tensor] = []  # detached, read at the flush
         self._samples = self._tokens = self._steps = 0
         self._norm = None
 
@@ -90,6 +130,8 @@ class StepMeter:
         if self._t_last is None:
             self._t_last = time.perf_counter()
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            if type(loss) is not torch.Tensor and hasattr(loss, "full_tensor"):
+                self._dtensor_loss = True  # loss parallel: made whole on the logged step
             self._losses.append(loss.detach())
 
     def on_clip(self, norm: Any) -> None:
@@ -98,30 +140,88 @@ class StepMeter:
 
     def on_step(self) -> None:
         self._steps += 1
-        if self.rt.step % self.every:
+        if self.rt.step % self.every or self._closed:
             return
-        self._emit()
+        self._record()
 
-    # -- a logged step ------------------------------------------------------------
-    def _emit(self) -> None:
+    # -- a logged step: record only -------------------------------------------------
+    def _record(self) -> None:
         now = time.perf_counter()
         elapsed = now - (self._t_last if self._t_last is not None else now)
-        if not self._main and self._dp == 1:  # nothing to add up, nothing to log
-            self._reset()
-            self._t_last = now
-            return
-        loss_sum, micro, samples, tokens, norm = self._reduced()
-        steps = self._steps
-        self._reset()
         self._t_last = now
-        if not self._main:
+        if not self._main and self._peers is None:  # nothing to add up, nothing to log
+            self._reset()
             return
+        losses = self._losses
+        if self._dtensor_loss and losses:  # a collective of the loss's mesh: every rank
+            losses = [_whole_sum(losses)]   # does it at the same step
+        micro = len(self._losses)
+        if self._main:
+            memory_now = memory(True) if self._cuda else self._rss.read(now)
+            rec = (self.rt.step, losses, micro, self._samples, self._tokens, self._norm,
+                   self._lr(), elapsed, self._steps, memory_now)
+        else:
+            rec = (self.rt.step, losses, micro, self._samples, self._tokens)
+        self._recorded.append(rec)
+        self._n_losses += len(losses)
+        self._reset()
+        if not self._exit_hook:  # the last rows are flushed at exit too
+            self._exit_hook = True
+            atexit.register(_finish_at_exit, weakref.ref(self))
+        if self._flushed_at is None or now - self._flushed_at >= FLUSH_INTERVAL_S \
+                or self._n_losses >= _MAX_LOSSES:
+            self._flush(now)
+
+    # -- a flush: read, complete, write ---------------------------------------------
+    def _flush(self, now: float, final: bool = False) -> None:
+        self._flushed_at = now
+        recorded, self._recorded, self._n_losses = self._recorded, [], 0
+        sums = _loss_sums(recorded)
+        if not self._main:
+            self._peers.post([(r[0], [s, r[2], r[3], r[4]]) for r, s in zip(recorded, sums)],
+                             final)
+            return
+        norms = _norms([r[5] for r in recorded])
+        queue, peers = self._queue, self._peers
+        for rec, loss_sum, norm in zip(recorded, sums, norms):
+            entry = _Entry(rec, [loss_sum, rec[2], rec[3], rec[4]], norm)
+            queue.append(entry)
+            if peers is not None:
+                peers.expect(entry)
+        if peers is not None:
+            peers.collect()
+        self._deliver(now)
+
+    def _deliver(self, now: float) -> None:
+        """Give the complete rows at the head of the queue to the trackers, in order."""
+        queue, last = self._queue, None
+        while queue:
+            entry = queue[0]
+            if isinstance(entry, _UserRow):
+                queue.popleft()
+                self.tracking.log_row(entry.row, entry.step)
+                continue
+            if entry.missing:
+                break
+            queue.popleft()
+            last = entry
+            self.tracking.log_row(self._row(entry), entry.rec[0])
+        if last is not None and now - self._line_at >= LINE_INTERVAL_S \
+                and log.isEnabledFor(logging.INFO):
+            self._line_at = now
+            log.info("%s", format_line(last.rec[0], last.row))
+
+    def _row(self, entry: "_Entry") -> dict[str, float]:
+        _, _, _, _, _, _, lr, elapsed, steps, memory_now = entry.rec
+        loss_sum, micro, samples, tokens = entry.total
+        if self._cp > 1:  # counted by every cp peer
+            samples, tokens = samples / self._cp, tokens / self._cp
+        samples, tokens = int(samples), int(tokens)
         row: dict[str, float] = {}
         if micro:
             row["loss"] = loss_sum / micro
-        if norm is not None:
-            row["grad_norm"] = norm
-        lr = self._lr()
+        if entry.norm is not None:
+            row["grad_norm"] = entry.norm
         if lr is not None:
             row["lr"] = lr
         if elapsed > 0:
@@ -134,60 +234,46 @@ class StepMeter:
                 per_device = self._flops_per_token * (tokens or samples) / self.rt.world_size
                 row["tflops"] = per_device / elapsed / 1e12
                 row["mfu"] = per_device / elapsed / self._peak
-        if self._cuda:
-            row.update(memory(True))
-        else:
-            row.update(self._rss.read(now))
-        self.tracking.log_row(row, self.rt.step)
-        if now - self._line_at >= LINE_INTERVAL_S and log.isEnabledFor(logging.INFO):
-            self._line_at = now
-            log.info("%s", format_line(self.rt.step, row))
+        row.update(memory_now)
+        entry.row = row
+        return row
 
-    def _reduced(self) -> tuple[float, int, int, int, float | None]:
-        """(loss sum, micro-steps, samples, tokens) summed over the data-parallel (× cp)
-        ranks and the grad norm: one all-reduce (several ranks) and one device→host copy."""
-        losses, norm = self._losses, self._norm
-        micro, samples, tokens = len(losses), self._samples, self._tokens
-        dp = self._dp
-        if dp == 1 and not isinstance(norm, torch.Tensor):
-            if micro == 1:
-                return losses[0].item(), 1, samples, tokens, _float(norm)
-            if micro == 0:
-                return 0.0, 0, samples, tokens, _float(norm)
-        loss = None
-        if losses:
-            loss = losses[0].reshape(1).float() if micro == 1 else \
-                torch.stack([t.reshape(()).float() for t in losses]).sum().reshape(1)
-            if hasattr(loss, "full_tensor"):  # a DTensor loss (loss parallel)
-                loss = loss.full_tensor()
-        if dp > 1:
-            device = loss.device if loss is not None else self.rt.device
-            counts = torch.tensor([micro, samples, tokens], dtype=torch.float64, device=device)
-            packed = counts if loss is None else torch.cat([loss.double(), counts])
-            ledger = self.rt._ledger
-            if ledger is not None:  # every rank logs the same steps: a collective like any
-                ledger.note("all_reduce", packed, "step metrics")
-            dist.all_reduce(packed, group=self._dp_group())
-            if not self._main:
-                return 0.0, 0, 0, 0, None
-        else:
-            packed = loss if loss is not None else torch.zeros(0)
-        values = _read(packed, norm)
-        if isinstance(norm, torch.Tensor):
-            norm = values.pop()
-        if dp > 1:
-            if loss is None:
-                values.insert(0, 0.0)
-            loss_sum, micro, samples, tokens = values
-            samples, tokens = samples / self._cp, tokens / self._cp  # counted by every cp peer
-        else:
-            loss_sum = values[0] if values else 0.0
-        return loss_sum, int(micro), int(samples), int(tokens), _float(norm)
+    # -- rt.log and rt.finish -----------------------------------------------------------
+    def hold(self, row: dict[str, float], step: int) -> bool:
+        """Queue an ``rt.log`` row behind the step rows recorded before it (True), or
+        False when none is waiting (the row goes straight to the trackers)."""
+        if self._recorded:  # local work only (rank 0 posts nothing): the order is kept
+            self._flush(time.perf_counter())
+        if not self._queue:
+            return False
+        self._queue.append(_UserRow(row, step))
+        return True
 
-    def _dp_group(self):
-        if not self._group_known:
-            self._group, self._group_known = self.rt._loss_group(), True
-        return self._group
+    def finish(self) -> None:
+        """The last rows: flushed (the other ranks' last parts posted; rank 0 waits for
+        them up to FINISH_WAIT_S) and given to the trackers. No more rows after it."""
+        if self._closed:
+            return
+        self._closed = True
+        now = time.perf_counter()
+        try:
+            if self._recorded or (self._peers is not None and not self._main):
+                self._flush(now, final=True)
+            if self._main and self._peers is not None and self._queue:
+                self._peers.wait_for_all(FINISH_WAIT_S)
+                self._deliver(now)
+        except Exception as err:  # noqa: BLE001 — the run is over; say what was lost
+            log.warning("overdrive: the last step-metric rows could not be completed "
+                        "(%s: %s)", type(err).__name__, err)
+        if self._main and self._queue:
+            steps = [e.rec[0] for e in self._queue if isinstance(e, _Entry)]
+            log.warning("overdrive: step-metric rows of steps %s..%s not written: another "
+                        "rank's part did not arrive within %.0f s (call rt.finish() on every "
+                        "rank before the process group goes away)", steps[0], steps[-1],
+                        FINISH_WAIT_S)
+            for entry in [e for e in self._queue if isinstance(e, _UserRow)]:
+                self.tracking.log_row(entry.row, entry.step)
+            self._queue.clear()
 
     def _lr(self) -> float | None:
         if self._opt is None:
@@ -196,6 +282,9 @@ class StepMeter:
         if not groups or "lr" not in groups[0]:
             return None
         return float(groups[0]["lr"])
+
+    def _loss_group(self):
+        return self.rt._loss_group()
 
     def _trace_flops(self, batch: Any, units: int) -> None:
         """FLOPs per token (or sample) of forward+backward, from a meta trace of the first
@@ -213,21 +302,171 @@ class StepMeter:
             self._flops_per_token = (trace.forward_flops + trace.backward_flops) / units
 
 
+def _finish_at_exit(ref) -> None:
+    meter = ref()
+    if meter is not None:
+        meter.tracking.finish()  # which finishes the meter first
+
+
+class _Entry:
+    """A recorded row on rank 0: its record, its sums so far (``total``: loss sum,
+    micro-steps, samples, tokens), how many ranks' parts are still missing, the row."""
+
+    __slots__ = ("rec", "total", "norm", "missing", "row")
+
+    def __init__(self, rec: tuple, total: list, norm: float | None):
+        self.rec, self.total, self.norm, self.missing, self.row = rec, total, norm, 0, None
+
+
+class _UserRow:
+    __slots__ = ("row", "step")
+
+    def __init__(self, row: dict, step: int):
+        self.row, self.step = row, step
+
+
+class _Peers:
+    """The other ranks of rank 0's dp × cp group, through the TCP store: each posts its
+    parts of the rows under ``PREFIX/<rank>/<n>`` (n = 0, 1, …); rank 0 adds them up."""
+
+    def __init__(self, meter: StepMeter, instance: int):
+        self.meter = meter
+        run = os.environ.get("TORCHELASTIC_RUN_ID", "run")
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        self.prefix = f"overdrive/step_metrics/{run}/{restart}/{instance}"
+        self.rank = dist.get_rank()
+        self._store = None
+        self._ranks: list[int] | None = None  # the group's other ranks (rank 0: its peers)
+        self._member = None  # whether this rank is in rank 0's group
+        self._next: dict[int, int] = {}  # rank 0: the next post number of each peer
+        self._done: set[int] = set()  # rank 0: peers whose last post came
+        self._posted = 0
+        self._waiting: dict[int, _Entry] = {}  # rank 0: step -> its entry, parts missing
+        self._early: dict[int, list] = {}  # rank 0: parts of steps not yet recorded here
+
+    def _setup(self) -> None:
+        if self._ranks is not None:
+            return
+        group = self.meter._loss_group()
+        ranks = dist.get_process_group_ranks(group) if group is not None else \
+            list(range(dist.get_world_size()))
+        self._member = 0 in ranks
+        self._ranks = [r for r in ranks if r != self.rank]
+        self._next = {r: 0 for r in self._ranks}
+        self._store = dist.distributed_c10d._get_default_store()
+
+    def _key(self, rank: int, n: int) -> str:
+        return f"{self.prefix}/{rank}/{n}"
+
+    # -- the other ranks ------------------------------------------------------------------
+    def post(self, parts: list[tuple[int, list]], final: bool) -> None:
+        self._setup()
+        if not self._member:  # another data group's rank: rank 0 does not log its rows
+            return
+        if not parts and not final:
+            return
+        value = json.dumps({"rows": parts, "last": final})
+        self._store.set(self._key(self.rank, self._posted), value)
+        self._posted += 1
+
+    # -- rank 0 ---------------------------------------------------------------------------
+    def expect(self, entry: _Entry) -> None:
+        self._setup()
+        entry.missing = len(self._ranks)
+        step = entry.rec[0]
+        for part in self._early.pop(step, ()):
+            self._add(entry, part)
+        if entry.missing:
+            self._waiting[step] = entry
+
+    def _add(self, entry: _Entry, part: list) -> None:
+        total = entry.total
+        for i in range(4):
+            total[i] += part[i]
+        entry.missing -= 1
+        if not entry.missing:
+            del_step = entry.rec[0]
+            self._waiting.pop(del_step, None)
+
+    def collect(self) -> bool:
+        """Read the posts that are in (never waits); True when one came."""
+        self._setup()
+        store, got = self._store, False
+        for peer in self._ranks:
+            if peer in self._done:
+                continue
+            while True:
+                key = self._key(peer, self._next[peer])
+                if not store.check([key]):
+                    break
+                post = json.loads(store.get(key))
+                store.delete_key(key)
+                self._next[peer] += 1
+                got = True
+                for step, part in post["rows"]:
+                    entry = self._waiting.get(step)
+                    if entry is not None:
+                        self._add(entry, part)
+                    else:
+                        self._early.setdefault(step, []).append(part)
+                if post["last"]:
+                    self._done.add(peer)
+                    break
+        return got
+
+    def wait_for_all(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        pause = 0.002
+        while self._waiting and len(self._done) < len(self._ranks):
+            if not self.collect():
+                if time.monotonic() >= deadline:
+                    return
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
+        self.collect()
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _whole_sum(losses: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of DTensor (loss-parallel) losses as one plain tensor."""
+    loss = torch.stack([t.reshape(()) for t in losses]).sum()
+    return loss.full_tensor() if hasattr(loss, "full_tensor") else loss
+
+
+def _loss_sums(recorded: list[tuple]) -> list[float]:
+    """Each recorded row's sum of micro-step losses: every loss read in one copy."""
+    flat = [t for rec in recorded for t in rec[1]]
+    if not flat:
+        return [0.0] * len(recorded)
+    try:
+        values = torch.stack([t if t.ndim == 0 else t.reshape(()) for t in flat]).tolist()
+    except (RuntimeError, TypeError):  # mixed devices or kinds: one at a time
+        values = [float(t) for t in flat]
+    sums, i = [], 0
+    for rec in recorded:
+        n = len(rec[1])
+        sums.append(sum(values[i:i + n]) if n != 1 else values[i])
+        i += n
+    return sums
+
+
+def _norms(norms: list[Any]) -> list[float | None]:
+    """The grad norms as floats: the tensors among them read in one copy."""
+    tensors = [n for n in norms if isinstance(n, torch.Tensor)]
+    if not tensors:
+        return [None if n is None else float(n) for n in norms]
+    plain = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in tensors]
+    try:
+        values = iter(torch.stack([n.detach().reshape(()).double() for n in plain]).tolist())
+    except (RuntimeError, TypeError):
+        values = iter([float(n) for n in plain])
+    return [next(values) if isinstance(n, torch.Tensor) else (None if n is None else float(n))
+            for n in norms]
+
+
 # --------------------------------------------------------------------------- helpers
-
-
-def _float(x: Any) -> float | None:
-    return None if x is None else float(x)
-
-
-def _read(values: torch.Tensor, norm: Any) -> list[float]:
-    """``values`` (1-d) and, when it is a tensor, the grad norm last: one host copy."""
-    if isinstance(norm, torch.Tensor):
-        if hasattr(norm, "full_tensor"):  # a DTensor norm (FSDP/TP)
-            norm = norm.full_tensor()
-        norm = norm.detach().reshape(1).to(device=values.device, dtype=values.dtype)
-        values = torch.cat([values, norm]) if values.numel() else norm
-    return values.tolist()
 
 
 def token_count(batch: Any) -> int:

@@ -25,7 +25,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -341,6 +341,10 @@ class Tracking:
         self._plan = plan
         self._trackers: list[Tracker] = []
         self._opened = self._finished = False
+        # set by the step meter: its last rows come before the trackers close, and rt.log
+        # rows wait behind the step rows recorded before them
+        self.before_finish: Callable[[], None] | None = None
+        self.hold: Callable[[dict, int], bool] | None = None
 
     # -- lifecycle ----------------------------------------------------------------
     def _open(self) -> None:
@@ -356,10 +360,14 @@ class Tracking:
         atexit.register(_finish_at_exit, weakref.ref(self))
 
     def finish(self) -> None:
-        if not self._opened or self._finished:
-            self._finished = True
+        if self._finished:
             return
+        before, self.before_finish = self.before_finish, None
+        if before is not None:
+            before()
         self._finished = True
+        if not self._opened:
+            return
         for tracker in self._trackers:
             try:
                 tracker.finish()
@@ -371,7 +379,10 @@ class Tracking:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.active:
             return
-        self.log_row(to_floats(metrics), step)
+        row = to_floats(metrics)
+        if self.hold is not None and not self._finished and self.hold(row, step):
+            return
+        self.log_row(row, step)
 
     def log_row(self, row: dict[str, float], step: int) -> None:
         """A row of Python numbers (the step metrics): straight to the trackers."""
