@@ -39,11 +39,7 @@ def test_two_ranks_log_one_row_per_step_with_the_mean_loss(tmp_path):
         assert r["samples_per_s"] * r["step_seconds"] == pytest.approx(16, rel=1e-6)
     assert extra == {"step": 4, "eval_loss": 0.5, "epoch": 0}
 
-    per_rank = [json.loads((tmp_path / f"losses_rank{r}.json").read_text()) for r in (0, 1)]
-    for i, row in enumerate(step_rows):
-        micro = per_rank[0][i] + per_rank[1][i]
-        assert len(micro) == 4
-        assert row["loss"] == pytest.approx(sum(micro) / len(micro), rel=1e-6)
+    _check_mean_losses(tmp_path, step_rows)
 
     # rank 0 alone wrote: one metrics file, rank 1's custom tracker never opened
     assert sorted(p.name for p in tmp_path.rglob("metrics.jsonl")) == ["metrics.jsonl"]
@@ -67,6 +63,26 @@ def test_two_ranks_log_one_row_per_step_with_the_mean_loss(tmp_path):
         assert [e.step for e in events] == [1, 2, 3, 4]
         assert [e.value for e in events] == pytest.approx([r["loss"] for r in step_rows],
                                                           rel=1e-6)
+
+
+def _check_mean_losses(tmp_path: Path, step_rows: list[dict]) -> None:
+    per_rank = [json.loads((tmp_path / f"losses_rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(step_rows) == len(per_rank[0])
+    for i, row in enumerate(step_rows):
+        micro = per_rank[0][i] + per_rank[1][i]
+        assert len(micro) == 4
+        assert row["loss"] == pytest.approx(sum(micro) / len(micro), rel=1e-6)
+
+
+@pytest.mark.dist
+def test_two_ranks_without_finish_complete_the_last_rows_at_exit(tmp_path):
+    """No rt.finish(): the other rank posts its parts of the last rows at exit and rank 0
+    completes them there — every row is written, with the mean loss of both ranks."""
+    run_torchrun(WORKER, 2, str(tmp_path), "jsonl", "exit", tmp_path=tmp_path)
+    rows = _rows(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 4]
+    assert rows[-1] == {"step": 4, "eval_loss": 0.5, "epoch": 0}
+    _check_mean_losses(tmp_path, rows[:-1])
 
 
 def _have(module: str) -> bool:
@@ -130,6 +146,37 @@ def test_log_every_and_step_override(tmp_path):
     rows = _rows(tmp_path / "run")
     assert [r["step"] for r in rows] == [2, 4, 100]
     assert rows[0]["step_seconds"] > 0
+
+
+class _Rows(od.Tracker):
+    def __init__(self):
+        self.rows = []
+
+    def log(self, metrics, step):
+        self.rows.append((step, sorted(metrics)))
+
+
+def test_rows_are_recorded_then_written_in_order_at_finish(tmp_path, monkeypatch):
+    """A logged step only records its numbers; the rows reach the trackers at the next
+    flush (here never before finish), in step order, rt.log rows behind the steps before
+    them, the last ones written by rt.finish()."""
+    from overdrive.runtime import step_metrics
+
+    monkeypatch.setattr(step_metrics, "FLUSH_INTERVAL_S", 1e9)
+    rows = _Rows()
+    rt = _accelerate(trackers=("jsonl", rows), run_dir=tmp_path / "run")
+    _train(rt, steps=3)
+    assert [s for s, _ in rows.rows] == [1]  # the first row is written at once
+    assert len(rt._meter._recorded) == 2  # steps 2 and 3: recorded, not yet read
+    rt.log({"eval": 1.0})
+    _train(rt, steps=2)
+    assert [s for s, _ in rows.rows] == [1, 2, 3, 3]
+    rt.finish()
+    assert [s for s, _ in rows.rows] == [1, 2, 3, 3, 4, 5]
+    assert rows.rows[3] == (3, ["eval"])
+    assert [r["step"] for r in _rows(tmp_path / "run")] == [1, 2, 3, 3, 4, 5]
+    _train(rt, steps=1)  # after finish: no more rows, no error
+    assert len(rows.rows) == 6
 
 
 def _real_default_run_dir(monkeypatch, tmp_path) -> None:

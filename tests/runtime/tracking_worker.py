@@ -15,6 +15,8 @@ import overdrive as od
 
 out = sys.argv[1]
 trackers = sys.argv[2].split(",")
+# "exit": no rt.finish(), no profile: the last rows are completed at interpreter exit
+at_exit = len(sys.argv) > 3 and sys.argv[3] == "exit"
 STEPS, ACCUM, BATCH, SEQ = 4, 2, 4, 8
 
 
@@ -68,7 +70,8 @@ rt = od.accelerate(Model(), od.Plan(ddp=od.DDP(), grad_accum=ACCUM),
 plan_before = rt.plan.to_dict()
 loader = rt.shard(DataLoader(Tokens(), batch_size=BATCH))
 seen, current = [], []
-rt.profile(os.path.join(out, "prof"), wait=0, warmup=1, active=1, ranks=None)  # steps 1-2
+if not at_exit:
+    rt.profile(os.path.join(out, "prof"), wait=0, warmup=1, active=1, ranks=None)  # steps 1-2
 for batch in loader:
     with rt.accumulate():
         loss = rt.model(**batch)
@@ -87,4 +90,5 @@ assert json.dumps(run_config) == before, "run_config was mutated"
 assert rt.plan.to_dict() == plan_before, "the plan was mutated"
 with open(os.path.join(out, f"losses_rank{rank}.json"), "w") as f:
     json.dump(seen, f)
-rt.finish()
+if not at_exit:
+    rt.finish()

@@ -469,21 +469,24 @@ def _norms(norms: list[Any]) -> list[float | None]:
 # --------------------------------------------------------------------------- helpers
 
 
+_TOKEN_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8,
+                           torch.uint16, torch.uint32, torch.uint64})
+
+
 def token_count(batch: Any) -> int:
     """Tokens in a batch: ``input_ids``'s elements, else those of the first integer
     tensor with two or more dimensions; 0 when there is none."""
-    if isinstance(batch, dict):
+    if type(batch) is dict or isinstance(batch, dict):
         ids = batch.get("input_ids")
         if isinstance(ids, torch.Tensor):
             return ids.numel()
-        values = list(batch.values())
+        values = batch.values()
     elif isinstance(batch, (list, tuple)):
-        values = list(batch)
+        values = batch
     else:
-        values = [batch]
-    for v in values:
-        if isinstance(v, torch.Tensor) and v.ndim >= 2 and not v.is_floating_point() \
-                and not v.is_complex() and v.dtype != torch.bool:
+        values = (batch,)
+    for v in values:  # one dtype lookup per tensor: this runs for every batch
+        if isinstance(v, torch.Tensor) and v.dtype in _TOKEN_DTYPES and v.ndim >= 2:
             return v.numel()
     return 0
 
