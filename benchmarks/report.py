@@ -108,10 +108,10 @@ def plot_step_overhead(results: dict, plt) -> str | None:
             if n in results and "cases" in results[n]]
     if not runs:
         return None
-    variants = ["overdrive", "overdrive_no_ledger", "overdrive_logged", "accelerate",
-                "raw_again"]
-    colors = {"overdrive": "C2", "overdrive_no_ledger": "C8", "overdrive_logged": "C1",
-              "accelerate": "C3", "raw_again": "C7"}
+    variants = ["overdrive", "overdrive_no_ledger", "overdrive_unlogged", "overdrive_logged",
+                "accelerate", "raw_again"]
+    colors = {"overdrive": "C2", "overdrive_no_ledger": "C8", "overdrive_unlogged": "C9",
+              "overdrive_logged": "C1", "accelerate": "C3", "raw_again": "C7"}
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 3.8), squeeze=False)
     for ax, (name, res) in zip(axes[0], runs):
         cases = res["cases"]

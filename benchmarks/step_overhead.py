@@ -21,7 +21,10 @@ their spread says how noisy the run was.
 Targets (1 process, grad_accum 1 and 4, both sizes): overdrive ≤ 1.01× raw and ≤ 25 µs
 added per optimizer step; its default step metrics (``trackers=("jsonl",)``,
 ``log_every=1``: a row per step in ``metrics.jsonl``, the log line to a file) ≤ 1.02×
-the same runtime without trackers. Accelerate's rows are a reference: its ratio depends
+the same runtime with its step meter detached (``overdrive_unlogged``: the logged
+variant's own model and runtime, so nothing but the logging differs; the two trade slots
+every other round), both from the median and from the mean of the paired differences
+(the mean includes the rows' flush every 0.5 s, which the median leaves out). Accelerate's rows are a reference: its ratio depends
 on the step size (a fixed per-step cost is a larger share of a small step).
 
     python benchmarks/step_overhead.py --rounds 600
