@@ -309,3 +309,51 @@ def test_jsonl_rows_are_what_json_dumps_writes(tmp_path, step, metrics):
     tracker.log(dict(metrics), step)
     tracker.finish()
     assert (tmp_path / "metrics.jsonl").read_text() == json.dumps({"step": step, **metrics}) + "\n"
+
+
+TRACKIO_CHILD = """
+import json, sys, torch
+import overdrive as od
+from trackio.sqlite_storage import SQLiteStorage
+
+torch.manual_seed(0)
+rt = od.accelerate(torch.nn.Linear(3, 1), optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+                   trackers=("trackio",), run_dir=sys.argv[1] + "/run", run_config={"x": 1})
+for _ in range(3):
+    rt.backward(rt.model(torch.randn(4, 3)).pow(2).mean())
+    rt.optimizer.step()
+    rt.optimizer.zero_grad()
+rt.log({"eval_loss": 0.5})
+rt.finish()
+logs = SQLiteStorage.get_logs("overdrive", "run")
+print("LOGS", json.dumps([{k: v for k, v in r.items() if k in ("step", "loss", "lr", "eval_loss")}
+                          for r in logs]))
+"""
+
+
+def test_trackio_local_run_has_the_rows(tmp_path):
+    """trackio pins pillow<13, older than the shared venv's, so it is not a test extra:
+    install it beside the venv (``pip install --target DIR --no-deps trackio brotli
+    gradio-client orjson python-multipart``, then PYTHONPATH=DIR) to run this test."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("trackio") is None:
+        pytest.skip("trackio not importable (its pillow<13 pin conflicts with the venv; "
+                    "see this test's docstring for installing it beside the venv)")
+    from tests.helpers import child_env
+
+    script = tmp_path / "child.py"
+    script.write_text(TRACKIO_CHILD)
+    env = child_env(TRACKIO_DIR=str(tmp_path / "trackio"), TRACKIO_PROJECT="overdrive",
+                    HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("LOGS "))
+    logs = json.loads(line[5:])
+    assert [r["step"] for r in logs if "loss" in r] == [1, 2, 3]
+    assert all(r["lr"] == 0.1 for r in logs if "loss" in r)
+    assert any(r.get("eval_loss") == 0.5 and r["step"] == 3 for r in logs)
+    assert (tmp_path / "trackio" / "overdrive.db").exists()
