@@ -10,21 +10,27 @@ Measured per rank: the median time of
 ``rt.forward_backward`` and the share of it the rank spent outside its stages' forward
 and backward calls (``forward_one_chunk`` / ``backward_one_chunk`` /
 ``backward_weight_one_chunk``: waiting for the other stage, or in communication) — the
-measured idle fraction, next to the bubble ``od.inspect`` predicts from the schedules'
-action lists and per-stage FLOPs (forward f, backward 2f split as input f + weight f; the
-first stage's input-backward 0), and next to the same model with the cost of one
-cross-rank hop measured on this mesh: every round also times a ping-pong of one
-micro-batch's activation between the two ranks (half the round trip: one hop) and one
-micro-batch's forward through the whole model (over the number of stages: the mean
-stage's forward ``f``) and its backward; the medians over the rounds give ``hop = hop_s /
-f_s``, ``b = backward_s / forward_s`` (the model's default 2) and each rank's time for
-that same forward and backward over the ranks' mean (``rank_time``: how much slower the
-shared machine runs each rank), one value each for every schedule. Target: the predicted
-bubble with these measured inputs within 10
-percentage points of measured idle, per schedule (mean over ranks). Also reported per
-rank: the share of the step spent waiting on sends/receives and the loss broadcast
-(the rest of the idle share is the schedule's own Python work between actions), and the
-backward / forward time ratio inside the schedule's own stage calls.
+measured idle fraction, next to the idle ``overdrive.bubble`` predicts for each rank from
+the schedules' action lists, per-stage FLOPs and costs measured on this mesh. Every
+round also times (the probe): a ping-pong of one micro-batch's activation between the
+two ranks (half the round trip: one hop); one micro-batch's forward through the whole
+model (over the number of stages: the mean stage's forward ``f``) and its backward
+(``b = backward / forward``); the 8 blocks alone (a middle stage: an activation in and
+out) forward, full backward, and on a second forward torch's own split backward
+(``stage_backward_input`` then ``stage_backward_weight``, what the zero-bubble schedules
+run): the input and weight steps over that forward; and four forwards of a quarter of
+the blocks in a row, whose spread about their round's mean (standard deviation of the
+log) is the noise of one action's time (``jitter``). Each round's time of the same work
+per rank over the ranks' mean is that round's rank speeds. The prediction
+(``expected_idle``) replays each schedule ``--samples`` times with every action's time
+drawn around its cost with that jitter and the rank speeds of one measured round, and
+takes each rank's median, as the measurement takes the median over steps. Target: that
+prediction within 10 percentage points of measured idle, per schedule (mean over
+ranks). Also reported: the fixed-cost replay (no noise, median rank speeds), the one
+``od.inspect`` shows (no hop, ``b = 2``), per rank the share of the step spent waiting on
+sends/receives and the loss broadcast (the rest of the idle share is the schedule's own
+Python work between actions), and the backward / forward time ratio inside the
+schedule's own stage calls.
 """
 
 from __future__ import annotations
