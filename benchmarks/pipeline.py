@@ -14,8 +14,10 @@ measured idle fraction, next to the idle ``overdrive.bubble`` predicts for each 
 the schedules' action lists, per-stage FLOPs and costs measured on this mesh. Every
 round also times (the probe): a ping-pong of one micro-batch's activation between the
 two ranks (half the round trip: one hop); one micro-batch's forward through the whole
-model (over the number of stages: the mean stage's forward ``f``) and its backward
-(``b = backward / forward``); the 8 blocks alone (a middle stage: an activation in and
+model (over the number of stages: the mean stage's forward ``f``), timed by piece
+(embedding, blocks, final norm + head + loss: each stage's forward time is its blocks'
+plus the embedding on the first stage and the rest on the last, in place of the traced
+FLOPs, which miss the loss), and its backward (``b = backward / forward``); the 8 blocks alone (a middle stage: an activation in and
 out) forward, full backward, and on a second forward torch's own split backward
 (``stage_backward_input`` then ``stage_backward_weight``, what the zero-bubble schedules
 run): the input and weight steps over that forward; and four forwards of a quarter of
@@ -127,6 +129,7 @@ class Variant:
         details = self.rt.report["pipeline"].details if schedule is not None else {}
         self.predicted = details.get("bubble_fraction")
         self.flops = details.get("stage_flops")
+        self.stage_blocks = [st["blocks"] for st in details.get("stages", [])]
 
     def step(self, record: bool) -> None:
         import torch
@@ -158,6 +161,7 @@ class Variant:
             out["backward_over_forward"] = statistics.median(self.backward_over_forward)
             out["predicted_bubble"] = self.predicted
             out["stage_flops"] = self.flops
+            out["stage_blocks"] = self.stage_blocks
         return out
 
 
@@ -178,7 +182,8 @@ class Probe:
         self.seq = args.seq
         self.times: dict[str, list] = {k: [] for k in (
             "hop_s", "forward_s", "backward_s", "blocks_forward_s", "blocks_backward_s",
-            "backward_input_s", "backward_weight_s", "chunk_forward_s")}
+            "backward_input_s", "backward_weight_s", "embed_s", "block_s", "tail_s",
+            "chunk_forward_s")}
 
     def _hop(self) -> float:
         import torch.distributed as dist
@@ -193,6 +198,23 @@ class Probe:
                 dist.recv(self.act, peer)
                 dist.send(self.act, peer)
         return (time.perf_counter() - t0) / (2 * reps)
+
+    def _model_forward(self) -> tuple[float, float, float]:
+        """The model's forward with its loss (``Llama.forward``'s own steps), timed by
+        piece: the embedding (the first stage's extra), the blocks, and the final norm,
+        head and loss (the last stage's extra, which FLOPs undercount: the loss and the
+        norm are no matmuls)."""
+        from overdrive.models.llama import causal_lm_loss
+
+        t0 = time.perf_counter()
+        h = self.model.embed_tokens(self.ids)
+        t1 = time.perf_counter()
+        h = self._blocks(h)
+        t2 = time.perf_counter()
+        self.loss = causal_lm_loss(self.model.lm_head(self.model.norm(h)), self.ids, None,
+                                   None)
+        t3 = time.perf_counter()
+        return t1 - t0, t2 - t1, t3 - t2
 
     def _blocks(self, x, blocks=None):
         rope = self.model.rope[:self.seq]
@@ -249,19 +271,20 @@ class Probe:
         dist.barrier()
         hop = self._hop()
         dist.barrier()
+        embed, blocks, tail = self._model_forward()
+        fwd = embed + blocks + tail
         t0 = time.perf_counter()
-        out = self.model(input_ids=self.ids, labels=self.ids)
-        fwd = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        out.loss.backward()
+        self.loss.backward()
         bwd = time.perf_counter() - t0
         self.model.zero_grad(set_to_none=True)
+        self.loss = None
         dist.barrier()
         blocks_fwd, blocks_bwd, b_in, b_w = self._split_backward()
         chunks = self._chunk_forwards()
         if record:
             for key, value in zip(self.times, (hop, fwd, bwd, blocks_fwd, blocks_bwd, b_in,
-                                               b_w, chunks)):
+                                               b_w, embed, blocks / len(self.model.layers),
+                                               tail, chunks)):
                 self.times[key].append(value)
 
     def result(self) -> dict:
@@ -269,6 +292,17 @@ class Probe:
                if k != "chunk_forward_s"}
         out["rounds"] = {k: v for k, v in self.times.items()}
         return out
+
+
+def stage_times(stage_blocks: list[list[int]], probes: list[dict]) -> tuple[float, ...]:
+    """Each stage's forward time from the probe's pieces: its blocks, plus the embedding
+    on the first stage and the norm, head and loss on the last (the ranks' mean)."""
+    embed = statistics.mean(p["embed_s"] for p in probes)
+    block = statistics.mean(p["block_s"] for p in probes)
+    tail = statistics.mean(p["tail_s"] for p in probes)
+    last = len(stage_blocks) - 1
+    return tuple(len(b) * block + (embed if s == 0 else 0.0) + (tail if s == last else 0.0)
+                 for s, b in enumerate(stage_blocks))
 
 
 def jitter_of(chunk_rounds: list[list[float]]) -> float:
@@ -361,12 +395,14 @@ def main() -> None:
         idle = [r[schedule]["idle"] for r in ranks]
         compute_only = ranks[0][schedule]["predicted_bubble"]
         flops = tuple(ranks[0][schedule]["stage_flops"]) or None
+        measured_stages = stage_times(ranks[0][schedule]["stage_blocks"], probes)
         hop = hop_s / (forward_s / (2 * spr))  # in units of the mean stage's forward
         costs = dict(hop=hop, backward=backward, backward_input=backward_input,
                      backward_weight=backward_weight)
-        fixed = bubble_fraction(schedule, 2, args.microbatches, spr, flops, hop, backward,
+        fixed = bubble_fraction(schedule, 2, args.microbatches, spr, measured_stages, hop,
+                                backward,
                                 rank_time, backward_input, backward_weight)
-        per_rank = expected_idle(schedule, 2, args.microbatches, spr, flops, **costs,
+        per_rank = expected_idle(schedule, 2, args.microbatches, spr, measured_stages, **costs,
                                  rank_times=rank_times, jitter=jitter, samples=args.samples)
         predicted = sum(per_rank) / len(per_rank) if per_rank is not None else None
         measured = sum(idle) / len(idle)
@@ -381,7 +417,8 @@ def main() -> None:
                               round(r[schedule]["backward_over_forward"], 3) for r in ranks],
                           "predicted_bubble_no_comm": compute_only,
                           "predicted_bubble_fixed_costs": fixed,
-                          "hop_vs_stage_forward": round(hop, 4)}
+                          "hop_vs_stage_forward": round(hop, 4),
+                          "measured_stage_forward_s": [round(t, 4) for t in measured_stages]}
         targets.append(target(f"predicted bubble minus measured idle (absolute), {schedule} "
                               f"({args.microbatches} micro-batches)",
                               abs(predicted - measured) if predicted is not None else None,
