@@ -22,7 +22,7 @@ list for it numbers micro-batches off by one).
 
 The split backward is not the full one cut in two: torch's input step walks the graph
 once for the input gradient and keeps what the weight step needs, and the weight step
-walks it again, so on a measured mesh ``I + W`` exceeds ``B`` and ``I`` exceeds ``W``.
+walks it again, so on a measured mesh ``I + W`` exceeds ``B`` (1.1–1.3x on CPU).
 ``backward_input`` / ``backward_weight`` (the split steps' times over the forward's,
 measured the way ``b`` is) replace the ``b/2`` halves.
 
