@@ -68,14 +68,16 @@ class Model:
 
 
 def evaluate(model: Model, layout: Layout, hw: Hardware, memory_per_rank: int,
-             global_batch: int, seq_len: int, checked: Checked | None = None) -> Candidate:
-    """The predicted memory, bytes and time of ``layout`` (checked unless given)."""
+             global_batch: int, seq_len: int, checked: Checked | None = None,
+             pp_rank: int | None = None) -> Candidate:
+    """The predicted memory, bytes and time of ``layout`` (checked unless given). Under
+    pp the memory and bytes are pipeline rank ``pp_rank``'s (None: the busiest rank's)."""
     checked = checked or model.check(layout, layout.world_size)
     trace = model.trace
     compute_size = 2 if layout.mixed_precision != "no" else 4
     dtype = "bf16" if layout.mixed_precision != "no" else "fp32"
-    mem = estimate_step_memory(checked, trace, layout, hw.foreach_optimizer)
-    comm = step_comm(checked, trace, layout, compute_size)
+    mem = estimate_step_memory(checked, trace, layout, hw.foreach_optimizer, pp_rank)
+    comm = step_comm(checked, trace, layout, compute_size, pp_rank)
     params_on_rank = mem.optimizer // 8  # two fp32 states per trainable parameter
     t = step_time(checked, trace, layout, comm, hw, dtype, params_on_rank)
     step = t.step
