@@ -94,8 +94,7 @@ def step_time(checked: Checked, trace, layout: Layout, comm: Comm, hw: Hardware,
         compute += low / (hw.peak("fp8") * hw.efficiency)
     bubble = 0.0
     if layout.pp > 1:
-        schedule = checked.plan.pipeline.schedule if checked.plan.pipeline else "1f1b"
-        bubble = bubble_fraction(schedule, layout.pp, layout.grad_accum, 1) or 0.0
+        bubble = bubble_fraction(layout.schedule, layout.pp, layout.grad_accum, 1) or 0.0
         compute /= 1 - bubble
     overlapped = exposed = 0.0
     worst, worst_name = 0.0, ""

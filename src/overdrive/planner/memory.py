@@ -168,7 +168,7 @@ def _pipeline_step_memory(checked: Checked, trace, layout: Layout, foreach: bool
     pipeline stage keeps every unit unsharded after its first backward
     (``set_reshard_after_backward(False)``) and the gradients unsharded until the
     schedule's end (``set_requires_gradient_sync(False)``, one reduce-scatter)."""
-    key = ("pp_rank", rank)
+    key = ("pp_rank", rank, checked.recomputed, id(trace))
     if key not in checked.cache:
         held = pipeline.rank_modules(checked, rank)
         within = memory_within(checked.graph, checked.effects, held)

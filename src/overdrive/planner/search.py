@@ -36,7 +36,8 @@ from .stack_trace import stack_trace
 
 OBJECTIVES = ("throughput", "memory")
 ALLOW_KEYS = ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ac", "micro_batch", "fp8",
-              "reshard_after_forward", "engine")
+              "reshard_after_forward", "engine", "schedule")
+SCHEDULES = ("1f1b", "gpipe")  # the pipeline schedules searched (planner/pipeline.py)
 
 
 class Model:
@@ -159,10 +160,14 @@ def variants(sizes, engine, local_batch: int, hw: Hardware, allow: dict,
             for fp8 in _allowed(allow, "fp8", (False, True) if hw.has_fp8 else (False,)):
                 for raf in _allowed(allow, "reshard_after_forward",
                                     (True, False) if engine == "fsdp" else (True,)):
-                    out.append(Layout(pp=pp, dp_replicate=rep, dp_shard=shard, cp=cp, tp=tp,
-                                      engine=engine, ac=ac, micro_batch=mbs, grad_accum=accum,
-                                      fp8=fp8, reshard_after_forward=raf,
-                                      mixed_precision=mixed_precision))
+                    for schedule in (_allowed(allow, "schedule", SCHEDULES) if pp > 1
+                                     else ("1f1b",)):
+                        out.append(Layout(pp=pp, dp_replicate=rep, dp_shard=shard, cp=cp,
+                                          tp=tp, engine=engine, ac=ac, micro_batch=mbs,
+                                          grad_accum=accum, fp8=fp8,
+                                          reshard_after_forward=raf,
+                                          mixed_precision=mixed_precision,
+                                          schedule=schedule))
     return out
 
 
