@@ -17,6 +17,7 @@ TWO = {
     "ddp": {"dp_replicate": 2, "engine": "ddp"},
     "fsdp": {"dp_shard": 2, "engine": "fsdp"},
     "fsdp+ac": {"dp_shard": 2, "engine": "fsdp", "ac": "full"},
+    "fsdp+ac selective": {"dp_shard": 2, "engine": "fsdp", "ac": "selective"},
     "fsdp+tp": {"tp": 2, "engine": "fsdp"},
 }
 FOUR = {
@@ -31,6 +32,8 @@ PP_TWO = {
 SLOW_PP_TWO = {
     "pp2 gpipe 4 micro-batches": {"pp": 2, "grad_accum": 4, "schedule": "gpipe"},
     "pp2 1f1b 2 micro-batches": {"pp": 2, "grad_accum": 2, "schedule": "1f1b"},
+    "pp2 1f1b + ac selective": {"pp": 2, "grad_accum": 2, "ac": "selective"},
+    "pp2 gpipe + ac full": {"pp": 2, "grad_accum": 2, "schedule": "gpipe", "ac": "full"},
 }
 SLOW_PP_FOUR = {
     "fsdp2+pp2 1f1b": {"pp": 2, "dp_shard": 2, "engine": "fsdp", "grad_accum": 2},

@@ -178,3 +178,21 @@ def test_gpipe_holds_every_micro_batch_1f1b_at_most_the_stages():
     one = acts("1f1b", 1)  # the last stage: one micro-batch in flight
     assert acts("1f1b", 0) < acts("gpipe", 0)
     assert acts("gpipe", 1) == 8 * one
+
+
+def test_selective_recompute_keeps_what_its_policy_saves_and_inspect_agrees():
+    from overdrive.planner.hardware import HARDWARE
+    from overdrive.planner.layout import Layout
+    from overdrive.planner.search import Model, evaluate
+
+    meta = Model(small(), 64, None)
+    acts = {}
+    for ac in ("none", "selective", "full"):
+        lay = Layout(dp_shard=2, engine="fsdp", ac=ac, mixed_precision="no")
+        acts[ac] = evaluate(meta, lay, HARDWARE["cpu"], 1 << 30, 2, 64).memory.activations
+    assert acts["full"] < acts["selective"] < acts["none"]
+    ids = torch.zeros(1, 64, dtype=torch.long)
+    report = od.inspect(small(), Layout(dp_shard=2, engine="fsdp", ac="selective",
+                                        mixed_precision="no").to_plan(),
+                        world_size=2, example_inputs=(ids, ids))
+    assert report.memory.activations == acts["selective"]

@@ -132,19 +132,23 @@ def _head(trace) -> str | None:
 
 
 def estimate_step_memory(checked: Checked, trace, layout: Layout, foreach: bool,
-                         pp_rank: int | None = None) -> Memory:
+                         pp_rank: int | None = None,
+                         selective_kept: dict[str, int] | None = None) -> Memory:
     """The step's peak on one rank: ``trace`` is a meta trace of one sequence (the
     micro-batch scales it), in the compute dtype. Under pp, on pipeline rank ``pp_rank``
-    (None: the rank with the highest peak)."""
+    (None: the rank with the highest peak). ``selective_kept``: per block, what it keeps
+    under selective recompute (planner/selective.py)."""
     if layout.pp > 1:
         if pp_rank is None:
-            return max((_pipeline_step_memory(checked, trace, layout, foreach, r)
+            return max((_pipeline_step_memory(checked, trace, layout, foreach, r,
+                                              selective_kept)
                         for r in range(layout.pp)), key=lambda m: m.total)
-        return _pipeline_step_memory(checked, trace, layout, foreach, pp_rank)
-    key = ("estimate", checked.recomputed, id(trace))
+        return _pipeline_step_memory(checked, trace, layout, foreach, pp_rank, selective_kept)
+    key = ("estimate", checked.recomputed, id(trace), selective_kept is not None)
     if key not in checked.cache:
         checked.cache[key] = estimate_memory(checked.graph, checked.effects,
-                                             layout.world_size, trace=trace)
+                                             layout.world_size, trace=trace,
+                                             selective_kept=selective_kept)
     est = checked.cache[key]
     params, grads, opt = est.parameters, est.gradients, est.optimizer
     acts = (est.activations or 0) * layout.micro_batch
@@ -161,20 +165,20 @@ def estimate_step_memory(checked: Checked, trace, layout: Layout, foreach: bool,
 
 
 def _pipeline_step_memory(checked: Checked, trace, layout: Layout, foreach: bool,
-                          rank: int) -> Memory:
+                          rank: int, selective_kept: dict[str, int] | None = None) -> Memory:
     """Pipeline rank ``rank``'s peak (planner/pipeline.py): its stages' parameters,
     gradients and optimizer state; the activations its schedule keeps in flight, with the
     gradients when it runs a forward after its first backward. Under FSDP, torch's
     pipeline stage keeps every unit unsharded after its first backward
     (``set_reshard_after_backward(False)``) and the gradients unsharded until the
     schedule's end (``set_requires_gradient_sync(False)``, one reduce-scatter)."""
-    key = ("pp_rank", rank, checked.recomputed, id(trace))
+    key = ("pp_rank", rank, checked.recomputed, id(trace), selective_kept is not None)
     if key not in checked.cache:
         held = pipeline.rank_modules(checked, rank)
         within = memory_within(checked.graph, checked.effects, held)
         split = math.prod(e.activation_split for e in checked.effects)
-        checked.cache[key] = (held, within, pipeline.stage_activations(checked, trace, rank,
-                                                                       split))
+        checked.cache[key] = (held, within, pipeline.stage_activations(
+            checked, trace, rank, split, selective_kept))
     held, within, per_sequence = checked.cache[key]
     params, grads, opt = (int(within[k]) for k in ("parameters", "gradients", "optimizer"))
     mine = [p for p in checked.params if _held_by(p.module, held)]

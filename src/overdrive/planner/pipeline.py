@@ -50,13 +50,17 @@ def holds_last_stage(checked: Checked, rank: int) -> bool:
     return stages.rank_of(stages.num_stages - 1) == rank
 
 
-def stage_activations(checked: Checked, trace, rank: int, split: int) -> int:
-    """Saved-for-backward bytes of one sequence on pipeline rank ``rank``'s stages."""
+def stage_activations(checked: Checked, trace, rank: int, split: int,
+                      selective_kept: dict[str, int] | None = None) -> int:
+    """Saved-for-backward bytes of one sequence on pipeline rank ``rank``'s stages
+    (``selective_kept``: what each block keeps under selective recompute)."""
     stages = decision(checked).layout
     mine = stages.stages_of(rank)
     blocks = [b for s in mine for b in stages.stage_blocks(s) if b in trace.modules]
     every = [b for b in stages.blocks if b in trace.modules]
     acts, kept = block_activations(checked.graph, trace, blocks)
+    if selective_kept is not None:
+        kept = {b: min(selective_kept.get(b, kept[b]), acts[b]) for b in blocks}
     head = sum(trace[h].activation_bytes for h in stages.head if h in trace.modules)
     outside = trace.activation_bytes - sum(trace[b].activation_bytes for b in every)
     other = (head if 0 in mine else 0) + (
