@@ -25,6 +25,7 @@ class Layout:
     reshard_after_forward: bool = True
     mixed_precision: str = "bf16"  # "no" | "bf16"
     schedule: str = "1f1b"  # the pipeline schedule under pp > 1 ("1f1b" | "gpipe")
+    sequence_parallel: bool = False  # with tp > 1: norms and activations split on the sequence
 
     @property
     def world_size(self) -> int:
@@ -44,6 +45,8 @@ class Layout:
         for dim in ("tp", "cp", "pp"):
             if getattr(self, dim) > 1:
                 parts.append(f"{dim} {getattr(self, dim)}")
+            if dim == "tp" and self.tp > 1 and self.sequence_parallel:
+                parts.append("sp")
         if self.pp > 1:
             parts.append(self.schedule)
         if self.ac != "none":
@@ -56,7 +59,8 @@ class Layout:
 
     def to_plan(self) -> Plan:
         parallel = Parallel(pp=self.pp, dp_replicate=self.dp_replicate,
-                            dp_shard=self.dp_shard, cp=self.cp, tp=self.tp)
+                            dp_shard=self.dp_shard, cp=self.cp, tp=self.tp,
+                            sequence_parallel=self.sequence_parallel and self.tp > 1)
         kwargs = {}
         if self.engine == "fsdp":
             kwargs["fsdp"] = FSDP(reshard_after_forward=self.reshard_after_forward)
@@ -87,4 +91,5 @@ def layout_of(plan: Plan, *, micro_batch: int) -> Layout:
                   fp8=plan.fp8 is not None,
                   reshard_after_forward=plan.fsdp.reshard_after_forward if plan.fsdp else True,
                   mixed_precision=plan.mixed_precision,
-                  schedule=plan.pipeline.schedule if plan.pipeline else "1f1b")
+                  schedule=plan.pipeline.schedule if plan.pipeline else "1f1b",
+                  sequence_parallel=par.sequence_parallel)

@@ -130,9 +130,9 @@ def _element_size(module: nn.Module) -> int:
 def block_activations(graph: ModuleGraph, trace, blocks: list[str]
                       ) -> tuple[dict[str, int], dict[str, int]]:
     """Per block: (bytes it saves for backward, bytes it keeps when recomputed — its
-    output, the next block's input, in the block's parameter dtype)."""
+    output, the next block's input, in the dtype the trace ran in)."""
     acts = {b: trace[b].activation_bytes for b in blocks}
-    kept = {b: sum(math.prod(s) for s in trace[b].output_shapes)
+    kept = {b: trace[b].output_bytes or sum(math.prod(s) for s in trace[b].output_shapes)
             * _element_size(graph.module(b)) for b in blocks}
     return acts, kept
 
