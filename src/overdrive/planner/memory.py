@@ -8,6 +8,9 @@ optimizer's scratch — and takes the peak of the two phases of a step:
 
     forward/backward:  P + O + A + (G while accumulating) + unsharded units + buffers + T
     optimizer step:    P + O + G + buffers + optimizer scratch
+
+Under pp every pipeline rank is costed on its own (its stages, the micro-batches its
+schedule keeps in flight: planner/pipeline.py); a candidate carries the highest.
 """
 
 from __future__ import annotations
