@@ -39,20 +39,22 @@ class _SavedBySelective(TorchDispatchMode):
         self.saved: dict[str, int] = collections.defaultdict(int)
         self.recomputed_flops: dict[str, int] = collections.defaultdict(int)
         self._seen: set[int] = set()
+        self._alive: list = []
 
     def enter(self, block: str, inputs) -> None:
         self.block, self.policy = block, selective_policy(collections.Counter())
-        self._seen = set()
+        self._seen, self._alive = set(), []
         self._count(inputs)  # the checkpoint keeps the block's inputs
 
     def _count(self, tree) -> None:
         for t in tree_leaves(tree):
             if isinstance(t, torch.Tensor) and t.is_floating_point() and \
                     not isinstance(t, nn.Parameter):
-                key = t.untyped_storage()._cdata
-                if key not in self._seen:
-                    self._seen.add(key)
-                    self.saved[self.block] += t.untyped_storage().nbytes()
+                storage = t.untyped_storage()
+                if storage._cdata not in self._seen:
+                    self._seen.add(storage._cdata)
+                    self._alive.append(storage)  # a freed storage's address is reused
+                    self.saved[self.block] += storage.nbytes()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
