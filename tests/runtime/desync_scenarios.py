@@ -75,11 +75,16 @@ def skip_reduce(out: Path) -> int:
     return 2000
 
 
-def skip_bucket(out: Path) -> int:
+def skip_bucket_tracked(out: Path) -> int:
+    """skip_bucket with the default step metrics on."""
+    return skip_bucket(out, trackers=("jsonl",), run_dir=str(out / "run"))
+
+
+def skip_bucket(out: Path, **tracking) -> int:
     """DDP: rank 1 runs step 5's forward but skips its backward (and so the bucket's
     all-reduce), then steps; the later buckets pair up one step apart. (No step metrics:
     their all-reduce would meet a bucket's of another size, which gloo aborts on.)"""
-    rt = ddp_runtime(trackers=())
+    rt = ddp_runtime(**(tracking or {"trackers": ()}))
     x, y = torch.randn(8, 4), torch.randn(8, 1)
     for step in range(1, 2000):
         if rt.rank == 1 and step == 5:
@@ -163,7 +168,8 @@ def clean(out: Path, steps: int = 1000) -> int:
     return step
 
 
-SCENARIOS = {"skip_reduce": skip_reduce, "skip_bucket": skip_bucket, "save_alone": save_alone,
+SCENARIOS = {"skip_reduce": skip_reduce, "skip_bucket": skip_bucket,
+             "skip_bucket_tracked": skip_bucket_tracked, "save_alone": save_alone,
              "sleep_forward": sleep_forward, "gather_alone": gather_alone, "clean": clean,
              "clean_short": lambda out: clean(out, steps=200)}
 
