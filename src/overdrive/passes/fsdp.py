@@ -267,15 +267,16 @@ def _engine_collectives(model: nn.Module, decision: FSDPDecision) -> EngineColle
     own = str(params[0].dtype).removeprefix("torch.") if params else ""
     param = torch_name(decision.param_dtype) or own
     reduce = torch_name(decision.reduce_dtype) or param
-    units = len(decision.units)
-    gather = SyncCollective("all_gather", param, numel, f"fsdp forward ({units} units)")
+    count = len(decision.units)
+    units = f"{count} unit{'s' if count != 1 else ''}"
+    gather = SyncCollective("all_gather", param, numel, f"fsdp forward ({units})")
     tap = CollectiveTap(gather)
     model.register_forward_pre_hook(tap)
     regather = SyncCollective("all_gather", param, numel,
-                              f"fsdp backward, no gradient sync ({units} units)")
+                              f"fsdp backward, no gradient sync ({units})")
     return EngineCollectives(
         synced_backward=SyncCollective("all_gather+reduce_scatter", reduce, numel,
-                                       f"fsdp backward ({units} units)"),
+                                       f"fsdp backward ({units})"),
         unsynced_backward=regather if decision.reshard_after_forward else None,
         forward_tap=tap)
 

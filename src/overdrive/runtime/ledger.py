@@ -73,8 +73,9 @@ _INSTANCES = itertools.count()  # ledgers made in this process: the same order o
 
 # --------------------------------------------------------------------------- entries
 # An entry is a tuple: ("c", helper, op, dtype, shape, n) for collective #n, or
-# ("p", point, n, op) for a point reached after n collectives, the last an ``op``. A point
-# is an optimizer step (an int) or a label ("rt.save", "rt.shard epoch 0 end").
+# ("p", point, n, op, micro) for a point reached after n collectives, the last an ``op``,
+# and ``micro`` rt.accumulate micro-steps since the last step. A point is an optimizer
+# step (an int) or a label ("rt.save", "rt.shard epoch 0 end").
 # Formatted only when shown.
 
 
@@ -83,8 +84,9 @@ def describe(entry: tuple) -> str:
         _, helper, op, dtype, shape, n = entry
         what = f"{op} {dtype}{list(shape)}" if dtype else op
         return f"issued {what} #{n} in {helper}"
-    _, point, n, op = entry
-    return f"{_label(point)} ({_last(n, op)})"
+    _, point, n, op, micro = entry
+    steps = f"{micro} micro-steps, " if micro else ""
+    return f"{_label(point)} ({steps}{_last(n, op)})"
 
 
 def _last(n: int, op: str = "collective") -> str:
@@ -174,8 +176,10 @@ class Ledger:
         if self.error is not None:
             self.raise_error()
         self.points += 1
+        micro = 0
         if isinstance(point, int):
-            self.hash = zlib.crc32(b"s%d" % self.micro, self.hash)
+            micro = self.micro
+            self.hash = zlib.crc32(b"s%d" % micro, self.hash)
             skipped = self.syncs == 0 and self.synced_once
             self.synced_once = self.synced_once or self.syncs > 0
             self.micro = self.syncs = 0
@@ -184,7 +188,7 @@ class Ledger:
             skipped = False
         self.history.append((self.points, self.hash, self.n))
         self.at = (self.points, self.hash, self.n, point)
-        self._add(("p", point, self.n, self.last_op))
+        self._add(("p", point, self.n, self.last_op, micro))
         if skipped:
             self._confirm()
 
