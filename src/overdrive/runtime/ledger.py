@@ -62,6 +62,7 @@ RING = 256  # recent entries kept (and posted when a desync is found)
 # helpers whose ranks wait for another by design, for as long as it takes (rank 0
 # downloading a dataset first): never a stall
 PATIENT = frozenset({"rt.main_process_first"})
+NOTHING = "had issued nothing more"  # a rank's side of an entry it has not reached
 _ALL_DUMPS = 64  # worlds up to this size read every rank's entries on a desync
 
 # The ledger of the runtime helper running now (a context, not a process-wide setting):
@@ -111,6 +112,7 @@ class Ledger:
         self.last_op = "collective"  # the op of the last one
         self.hash = 0
         self.points = 0  # points passed
+        self.live = (0, 0, 0)  # (points, collectives, hash) after the last entry
         self.inside: str | None = None  # helper / phase in progress
         self.at: tuple = (0, 0, 0, "start")  # (point, hash, n, label) of the last point
         self.entries: deque = deque(maxlen=RING)
@@ -223,6 +225,7 @@ class Ledger:
     def _add(self, entry: tuple) -> None:
         self.entries.append((self.total, entry))
         self.total += 1
+        self.live = (self.points, self.n, self.hash)  # one snapshot the watchdog reads
 
     def check(self) -> None:
         if self.error is not None:
@@ -359,9 +362,16 @@ class Ledger:
         self.store = None
 
     def _position(self) -> tuple:
-        n = self.n  # read before the point: every one counted was issued before the next
-        point, h, _, label = self.at
-        return (point, n, self.inside or "", h, _label(label), self.last_op)
+        """(point, collectives, inside, hash at the point, label, last op, hash now): the
+        last one None when the main thread moved on between the reads."""
+        for _ in range(3):
+            points, n, now = self.live
+            point, h, _, label = self.at
+            if point == points:
+                break
+        else:
+            now = None
+        return (point, n, self.inside or "", h, _label(label), self.last_op, now)
 
     def _publish(self, pos: tuple) -> None:
         self.store.set(f"{self.prefix}/pos/{self.rank}", json.dumps(pos))
@@ -414,6 +424,10 @@ class Ledger:
         this rank had issued by its next point (one of them came before that point on
         its side, after it on this one)."""
         their_point, their_n, their_hash = theirs[0], theirs[1], theirs[3]
+        points, n, now = self.live
+        if (their_point, their_n) == (points, n) and None not in (theirs[6], now) \
+                and theirs[6] != now:  # the same count of points and collectives, not the same ones
+            return {"reason": "mismatch", "ranks": [self.rank, peer], "point": their_point}
         if their_point > self.at[0]:
             return None
         ours = self._at_point(their_point)
@@ -509,6 +523,10 @@ def desync_message(finding: dict, dumps: dict[int, dict], timeout: float | None)
         head = (f"ranks {a} and {b} have stood still at different places for "
                 f"{finding['seconds']} s (desync_timeout={timeout})")
         alone = _alone(dumps)
+        if a in dumps and b in dumps:  # stuck in different collectives: which ones
+            text, _ = _first_divergence(a, dumps[a], b, dumps[b])
+            if NOTHING not in text and text != "not in the recent entries":
+                head += f"; first divergent entry: {text}"
     if alone:
         head = f"{alone}; {head}"
     shown = "; ".join(where[r] for r in sorted(where)[:8])
@@ -519,7 +537,7 @@ def desync_message(finding: dict, dumps: dict[int, dict], timeout: float | None)
 
 
 def _where(dump: dict) -> str:
-    point, n, inside, _, label, op = dump["pos"]
+    point, n, inside, _, label, op = dump["pos"][:6]
     if inside:  # in a helper (its point is the last one) or in rt.backward after a step
         where = f"is in {inside}" if label == f"entered {inside}" else \
             f"is in {inside} ({label.removeprefix('at ')})"
@@ -556,7 +574,7 @@ def _first_divergence(a: int, da: dict, b: int, db: dict) -> tuple[str, str | No
     ea = {e[0]: (e[1], e[2]) for e in da["entries"]}
     eb = {e[0]: (e[1], e[2]) for e in db["entries"]}
     for i in sorted(set(ea) | set(eb)):
-        (ta, ha), (tb, hb) = ea.get(i, ("nothing", None)), eb.get(i, ("nothing", None))
+        (ta, ha), (tb, hb) = ea.get(i, (NOTHING, None)), eb.get(i, (NOTHING, None))
         if ta != tb:
             alone = None
             if ha and ha != hb:
