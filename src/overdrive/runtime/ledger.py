@@ -1,21 +1,26 @@
 """The collective ledger: what each rank issued, compared across ranks to catch desyncs.
 
 The main thread only keeps books. Every collective overdrive issues (the ``rt.gather`` /
-``reduce`` / ``broadcast`` family, checkpointing, export) and each of DDP's bucket
-all-reduces (reported by the ddp pass's comm hook through a ``CollectiveTap``) is noted with a short tag — the
-helper, the op, the dtype and shape — folded into a running CRC-32, and kept in a short
-ring of recent entries. *Points* enter the ring too: an optimizer step, entering a
-collective helper (``rt.save``, ``rt.load``, ``rt.export``, ``rt.gather*``…), the end
-of an ``rt.shard`` epoch; each remembers the hash it was reached with. That is a few
-integer operations per step and no I/O.
+``reduce`` / ``broadcast`` family, checkpointing, export, the step metrics) is noted with
+a short tag — the helper, the op, the dtype and shape — folded into a running CRC-32, and
+kept in a short ring of recent entries. What DDP and FSDP2 issue by themselves is noted
+as one entry per pass over the model (``EngineCollectives``, handed on by the pass): the
+gradient sync of each backward (``rt.backward``; DDP keeps its C++ all-reduce, nothing
+runs per bucket), FSDP2's all-gathers of each root forward (a pre-hook). *Points* enter
+the ring too: an optimizer step (with the ``rt.accumulate`` micro-steps it took),
+entering a collective helper (``rt.save``, ``rt.load``, ``rt.export``, ``rt.gather*``…),
+the end of an ``rt.shard`` epoch; each remembers the hash it was reached with. That is a
+few integer operations per step and no I/O.
 
 A watchdog thread compares the ranks through the TCP store torchrun already runs — its
 own client connection, never a collective that could hang itself. Every ``INTERVAL`` s
 it publishes this rank's position (last point, collective count, the helper or phase it
 is inside, the hash at the point) and reads its neighbours' (ranks r-1 and r+1):
 
-* a neighbour at a point this rank has passed must have reached it with the same hash —
-  else the ranks issued different collectives before it (*mismatch*);
+* a neighbour at a point this rank has passed must have reached it with the same hash,
+  and have issued no more collectives since than this rank had by its next point; at the
+  same count of points and collectives the two hashes now must agree — else the ranks
+  issued different collectives (*mismatch*);
 * when this rank and a neighbour have both stood still at *different* positions for
   ``desync_timeout`` s, one waits for the other, which is elsewhere (*stall*).
 
@@ -27,6 +32,15 @@ Python cannot be interrupted (DDP's C++ all-reduce in backward, user code) logs 
 and exits after ``GRACE`` s, so the launch ends. Detection latency: a stall ≈
 ``desync_timeout`` + 2×``INTERVAL``; a mismatch ≈ 2×``INTERVAL`` after both ranks pass
 the point where they differ.
+
+An optimizer step with no synced backward since the last one (a rank skipped its
+backward) waits in the store until its neighbours are seen there: its next collective
+(the step metrics' all-reduce) would otherwise meet another rank's gradient all-reduce of
+another size, on which gloo aborts the process (SIGABRT, in its transport thread) before
+any Python runs. When a collective raises a backend error anyway (gloo's timeout, a
+connection reset), ``diagnose`` asks the other ranks' watchdogs for their entries
+through the store (at most ``PROBE_WAIT`` s) and raises ``DesyncError`` from that error
+when the ledgers disagree; when they agree the error is re-raised untouched.
 
 The same thread watches the launcher: when ``overdrive launch`` (``OVERDRIVE_LAUNCHER_PID``)
 is gone, the worker exits (its parent was SIGKILLed; nobody would stop it otherwise).
