@@ -109,7 +109,7 @@ class KeyMap:
 class SyncCollective:
     """One collective entry summarising what an engine issues in one pass over the model
     (all its buckets or units): ``op``, ``dtype``, ``numel`` (elements over all of them),
-    ``where`` (the ledger's tag, e.g. "ddp gradient sync (4 gradients)")."""
+    ``where`` (the ledger's tag, e.g. "gradient sync (4 gradients)")."""
 
     op: str
     dtype: str
@@ -137,12 +137,12 @@ class CollectiveTap:
 
 @dataclass(frozen=True)
 class EngineCollectives:
-    """What a data-parallel engine (DDP, FSDP2) issues from torch's own C++ and hooks,
+    """What a data-parallel engine issues from torch's own C++ and hooks,
     summarised for the collective ledger — one entry per pass, computed once, never per
     bucket: ``synced_backward`` for each backward that syncs gradients (not inside
     ``rt.accumulate``'s no-sync micro-steps), ``unsynced_backward`` for one that does not
-    (FSDP's re-all-gathers; None: it issues nothing), and ``forward_tap``, a tap the pass
-    calls from a hook on the root's forward (FSDP's all-gathers; None: no forward entry)
+    (re-all-gathers of sharded parameters; None: it issues nothing), and ``forward_tap``, a
+    tap the pass calls from a hook on the root's forward (all-gathers; None: no entry)
     — forwards happen in user code, where the runtime has no call of its own.
     The runtime notes them from ``rt.backward``, so a rank that skips a synced backward
     is caught at the next optimizer step."""
