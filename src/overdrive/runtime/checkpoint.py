@@ -363,7 +363,8 @@ def _write_tensors(rt, p: PendingSave, tensors: Any, async_: bool) -> None:
     if engine is not None:
         ds.save(engine, p.tmp)
         return
-    p.writer = cf.ChecksumWriter(str(p.tmp), sync_files=True, thread_count=io_threads())
+    p.writer = cf.ChecksumWriter(str(p.tmp), sync_files=True, thread_count=io_threads(),
+                                 background=async_)
     group = _dcp_group(rt)
     with _quiet(group):
         if async_:
@@ -494,7 +495,7 @@ def _publish(p: PendingSave, group, rank: int, world: int) -> None:
 def _put_in_place(p: PendingSave, entries: dict[str, dict[str, int]]) -> None:
     """Rank 0: manifest, marker, rename to ``path``, prune the series."""
     cf.check_sizes(p.tmp, entries)
-    cf.write_file(p.tmp / cf.MANIFEST, _json({"files": entries}))
+    cf.write_file(p.tmp / cf.MANIFEST, _json({"version": cf.MANIFEST_VERSION, "files": entries}))
     cf.write_marker(p.tmp, p.meta)
     cf.publish(p.tmp, p.path)
     (p.path / cf.LOCK).unlink(missing_ok=True)
