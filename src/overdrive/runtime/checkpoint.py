@@ -39,7 +39,8 @@ and every failure, DCP's ``CheckpointException`` (a BaseException) included, is 
 a ``CheckpointError``; a failed save removes its temporary directory (``_discard``).
 
 ``async_=True``: tensors are staged to CPU memory (a copy kept for the next async save,
-``_stager``), written by a background thread, and the checkpoint is published (manifest, marker, rename) by the next ``save``/``load``,
+``_stager``), written by background threads at the lowest CPU priority
+(``cf.ChecksumWriter(background=True)``), and the checkpoint is published (manifest, marker, rename) by the next ``save``/``load``,
 ``rt.wait_for_save()``, or at the latest when the interpreter exits (an ``atexit`` hook):
 until then ``path`` does not exist yet.
 """
