@@ -302,7 +302,7 @@ def test_io_threads_follow_the_cores_per_local_rank(monkeypatch):
     assert io_threads() == 1  # 8 ranks on 2 cores: never below one
 
 
-def test_load_reads_the_rank_files_on_parallel_threads(tmp_path, monkeypatch):
+def test_load_reads_the_rank_files_in_pieces_on_parallel_threads(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     rt, loader = _runtime(n_layers=4)

@@ -14,6 +14,10 @@ parser the pre-load check uses), and its bytes go to the destination once:
 - ``unpickled``: ``torch.load(weights_only=True)`` of the record, as DCP does — a record
   the parser does not recognise (another pickle layout, big-endian bytes).
 
+Every record is planned (parsed, its destination resolved) before a byte moves; then the
+bytes move in pieces of at most ``CHUNK`` (8 MiB) spread over the I/O threads, whatever
+files they are in.
+
 Every record was checked before the load began (``checkpoint_files.check_records``); an
 unexpected layout here can only come from a file changed since, and is refused.
 """
@@ -129,11 +133,10 @@ def _plan_item(f: MappedFile, path: Path, info, item, planner, counts: ReadCount
     if layout is None:
         layout = _layout(f, info)
     target = planner.resolve_tensor(item).detach()
-    if layout is None:
-        source = narrow_tensor_by_index(_unpickle(f, info, where), item.storage_offsets,
-                                        item.lengths)
+    if layout is None:  # unpickled when its turn comes: one such record in memory at a time
         counts.unpickled += 1
-        return target, [lambda: _copy(target, source, where)]
+        return target, [lambda: _copy(target, narrow_tensor_by_index(
+            _unpickle(f, info, where), item.storage_offsets, item.lengths), where)]
     start = info.offset + layout.data_start
     piece = _piece(layout, item)
     if _direct(target, layout, piece):
