@@ -531,8 +531,7 @@ def load(rt, path: str | Path, *, verify: bool = True) -> dict[str, Any]:
     group = _group(rt)
     rank, world = _world()
     path, meta, manifest = _agreed(lambda: _open(Path(path).absolute(), rank), group)
-    _verify(path, manifest, group, verify)
-    todo = _agreed(lambda: _prepare(rt, path, meta, manifest, rank, world), group)
+    todo = _verified_prepare(rt, path, meta, manifest, group, verify)
     _agreed(lambda: _restore(rt, todo, meta, rank, group), group,
             what="the load while restoring, after every check passed (this runtime may be "
                  "partly restored; load a checkpoint again before training)")
@@ -751,13 +750,34 @@ def _check_rng(state: dict[str, Any], device: torch.device, where: Path) -> None
                                 "written by overdrive") from None
 
 
-def _verify(path: Path, manifest: dict[str, dict[str, int]], group, crc: bool) -> None:
+def _verified_prepare(rt, path: Path, meta: dict[str, Any],
+                      manifest: dict[str, dict[str, int]], group, crc: bool) -> _Load:
+    """The files' check (sizes, and the crc32s on the I/O threads in the background; each
+    rank checks its share of the files) and ``_prepare`` (keys, records, small states:
+    mostly Python, on this thread) run at the same time. Damage found by any rank is raised
+    first on every rank, whatever ``_prepare`` made of the damaged bytes; only then are
+    ``_prepare``'s own refusals agreed on. Nothing is restored before both are done."""
     rank, world = _world()
-    names = sorted(manifest)
-    problems = cf.verify_files(path, manifest, names[rank::world], crc, io_threads())
+    checking = cf.start_verify(path, manifest, sorted(manifest)[rank::world], crc,
+                               io_threads())
+    todo, refusal = None, None
+    try:
+        try:
+            todo = _prepare(rt, path, meta, manifest, rank, world)
+        except _FAILURES as e:  # raised below, once the files are known to be whole
+            refusal = e
+    finally:
+        problems = checking.result()
     problems = [p for part in _all_gather(problems, group) for p in part]
     if problems:
         raise CheckpointCorrupt(f"checkpoint {path} is damaged: " + "; ".join(problems))
+
+    def prepared() -> _Load:
+        if refusal is not None:
+            raise refusal
+        return todo
+
+    return _agreed(prepared, group)
 
 
 def _load_dcp(rt, todo: _Load, group) -> None:

@@ -134,56 +134,72 @@ def _ranges(entry: dict[str, Any]) -> list[tuple[int, int, int]]:
     return [(i * chunk, min(chunk, size - i * chunk), c) for i, c in enumerate(entry["chunks"])]
 
 
-def verify(root: Path, manifest: dict[str, dict[str, Any]], names: list[str], threads: int,
-           open_file) -> list[str]:
+class Verification:
     """``names`` (files of ``root`` whose sizes were checked) against their crc32s, every
-    chunk of every file on ``threads`` threads; ``open_file(path)`` opens one as a regular
-    file (a descriptor). Returns the problems, one per damaged file."""
-    maps: dict[str, Any] = {}
-    problems: dict[str, str] = {}
-    jobs = []
-    try:
+    chunk of every file on ``threads`` threads, started at once; ``result()`` waits for it
+    and returns the problems, one per damaged file. ``open_file(path)`` opens one as a
+    regular file (a descriptor). The caller may read the files meanwhile, but trusts
+    nothing it read until ``result()`` came back empty."""
+
+    def __init__(self, root: Path, manifest: dict[str, dict[str, Any]], names: list[str],
+                 threads: int, open_file):
+        self.names, self.maps, self.problems = list(names), {}, {}
+        jobs = []
         for n in names:
             entry = manifest[n]
             if entry["size"] == 0:
                 if entry["crc32"] != 0:
-                    problems[n] = f"{n}: crc32 differs from the manifest (corrupted)"
+                    self.problems[n] = f"{n}: crc32 differs from the manifest (corrupted)"
                 continue
             try:
-                fd = open_file(root / n)
-                try:
-                    size = os.fstat(fd).st_size
-                    if size != entry["size"]:
-                        problems[n] = (f"{n}: {size} bytes, the manifest says "
-                                       f"{entry['size']} (changed while being checked)")
-                        continue
-                    maps[n] = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
-                finally:
-                    os.close(fd)
+                self.maps[n] = _map(open_file(root / n), entry["size"])
             except (OSError, ValueError) as e:
-                problems[n] = f"{n}: {e}"
+                self.problems[n] = f"{n}: {e}"
                 continue
             jobs += [(n, *r) for r in _ranges(entry)]
         jobs.sort(key=lambda j: -j[2])  # the long ones first: the threads end together
+        self.pool = ThreadPoolExecutor(max(1, min(threads, len(jobs))),
+                                       thread_name_prefix="overdrive-crc32")
+        self.futures = [self.pool.submit(self._check, *job) for job in jobs]
 
-        def check(job) -> str | None:
-            n, offset, length, want = job
-            view = memoryview(maps[n])[offset:offset + length]
-            try:
-                got = _crc_long(view)
-            finally:
-                view.release()
-            return None if got == want else n
+    def _check(self, name: str, offset: int, length: int, want: int) -> str | None:
+        view = memoryview(self.maps[name])[offset:offset + length]
+        try:
+            return None if _crc_long(view) == want else name
+        finally:
+            view.release()
 
-        with ThreadPoolExecutor(max(1, min(threads, len(jobs)))) as pool:
-            for bad in pool.map(check, jobs):
+    def result(self) -> list[str]:
+        try:
+            for f in self.futures:
+                bad = f.result()
                 if bad is not None:
-                    problems.setdefault(bad, f"{bad}: crc32 differs from the manifest "
-                                             "(corrupted)")
+                    self.problems.setdefault(bad, f"{bad}: crc32 differs from the manifest "
+                                                  "(corrupted)")
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            for m in self.maps.values():
+                m.close()
+            self.maps = {}
+        return [self.problems[n] for n in self.names if n in self.problems]
+
+
+def _map(fd: int, size: int) -> mmap.mmap:
+    """A read-only map of the ``size`` bytes of ``fd`` (closed here)."""
+    try:
+        have = os.fstat(fd).st_size
+        if have != size:
+            raise ValueError(f"{have} bytes, the manifest says {size} (changed while being "
+                             "checked)")
+        return mmap.mmap(fd, size, access=mmap.ACCESS_READ)
     finally:
-        for m in maps.values():
-            m.close()
-    return [problems[n] for n in names if n in problems]
+        os.close(fd)
+
+
+def verify(root: Path, manifest: dict[str, dict[str, Any]], names: list[str], threads: int,
+           open_file) -> list[str]:
+    """``Verification(...).result()``: the problems of ``names``' crc32s."""
+    return Verification(root, manifest, names, threads, open_file).result()
 
 
 def _crc_long(view: memoryview, block: int = 64 << 20) -> int:

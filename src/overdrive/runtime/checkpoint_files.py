@@ -437,11 +437,27 @@ def data_files(root: Path) -> list[str]:
 
 def verify_files(root: Path, manifest: dict[str, dict[str, int]], names: list[str],
                  crc: bool, threads: int = 1) -> list[str]:
-    """Problems found in ``names`` (a subset of the manifest): missing, size, crc32.
+    """Problems found in ``names`` (a subset of the manifest): missing, size, crc32."""
+    return start_verify(root, manifest, names, crc, threads).result()
 
-    The crc32s are computed on ``threads`` threads, chunk by chunk where the manifest has
-    chunk crc32s (``checkpoint_crc``), else a file per thread: zlib-ng releases the GIL on
-    large buffers."""
+
+class PendingVerify:
+    """A check of files started by ``start_verify``: ``result()`` waits for its problems."""
+
+    def __init__(self, problems: list[str], crc: "crcs.Verification | None"):
+        self._problems, self._crc = problems, crc
+
+    def result(self) -> list[str]:
+        crc, self._crc = self._crc, None
+        return self._problems + (crc.result() if crc is not None else [])
+
+
+def start_verify(root: Path, manifest: dict[str, dict[str, int]], names: list[str],
+                 crc: bool, threads: int = 1) -> PendingVerify:
+    """Check ``names`` (a subset of the manifest): missing files and sizes at once, then
+    the crc32s on ``threads`` threads in the background, chunk by chunk where the
+    manifest has chunk crc32s (``checkpoint_crc``), else a file per thread: zlib-ng
+    releases the GIL on large buffers."""
     problems, to_crc = [], []
     for n in names:
         want = manifest[n]
@@ -457,15 +473,17 @@ def verify_files(root: Path, manifest: dict[str, dict[str, int]], names: list[st
                             "(truncated or overwritten)")
         elif crc:
             to_crc.append(n)
-    if to_crc:
-        def open_file(path: Path) -> int:
-            try:
-                return open_regular(path, manifest[path.relative_to(root).as_posix()]["size"])
-            except CheckpointCorrupt as e:
-                raise OSError(str(e)) from None
+    if not to_crc:
+        return PendingVerify(problems, None)
 
-        problems += crcs.verify(root, manifest, to_crc, threads, open_file)
-    return problems
+    def open_file(path: Path) -> int:
+        try:
+            return open_regular(path, manifest[path.relative_to(root).as_posix()]["size"])
+        except CheckpointCorrupt as e:
+            raise OSError(str(e)) from None
+
+    return PendingVerify(problems, crcs.Verification(root, manifest, to_crc, threads,
+                                                     open_file))
 
 
 def read_manifest(root: Path) -> dict[str, dict[str, int]]:
