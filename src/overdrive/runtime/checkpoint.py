@@ -30,7 +30,7 @@ DeepSpeed's rules. ``checkpoint_deepspeed.py`` fsyncs them and makes DeepSpeed r
 with ``weights_only=True`` (and says what stays trusted).
 
 Load checks, then restores (``load``): every rank reads and checks its share of the files
-and records and all of its own small state, the ranks agree (``_agreed``: one rank's
+(crc32s on the I/O threads, ``_verified_prepare``) and records and all of its own small state, the ranks agree (``_agreed``: one rank's
 refusal is raised on every rank), and only then does any rank restore. Tensors are not
 staged in a second copy: each DCP record is checked on the meta device first (its pickle
 and zip layout, no data read), so the read into the model's own storage that follows can
