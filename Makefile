@@ -30,9 +30,10 @@ demo: venv
 	OMP_NUM_THREADS=1 $(BIN)/overdrive launch --nproc $(NPROC) examples/train_llm.py --plan $(DEMO_PLAN) --steps 12 --save-every 4 --out out/demo --resume
 	$(BIN)/overdrive plot out/demo/metrics --out out/demo/plot.png
 
-# make test is what CI runs (kept under 20 min here); test-all adds the long matrices.
+# make test is what CI runs (kept under 20 min here; it lists the 25 slowest tests so the
+# budget stays visible); test-all adds the long matrices.
 test: venv
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" --durations=25
 
 test-all: venv
 	$(BIN)/python -m pytest -q

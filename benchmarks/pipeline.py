@@ -10,26 +10,35 @@ Measured per rank: the median time of
 ``rt.forward_backward`` and the share of it the rank spent outside its stages' forward
 and backward calls (``forward_one_chunk`` / ``backward_one_chunk`` /
 ``backward_weight_one_chunk``: waiting for the other stage, or in communication) — the
-measured idle fraction, next to the bubble ``od.inspect`` predicts from the schedules'
-action lists and per-stage FLOPs (forward f, backward 2f split as input f + weight f; the
-first stage's input-backward 0), and next to the same model with the cost of one
-cross-rank hop measured on this mesh: every round also times a ping-pong of one
-micro-batch's activation between the two ranks (half the round trip: one hop) and one
-micro-batch's forward through the whole model (over the number of stages: the mean
-stage's forward ``f``) and its backward; the medians over the rounds give ``hop = hop_s /
-f_s``, ``b = backward_s / forward_s`` (the model's default 2) and each rank's time for
-that same forward and backward over the ranks' mean (``rank_time``: how much slower the
-shared machine runs each rank), one value each for every schedule. Target: the predicted
-bubble with these measured inputs within 10
-percentage points of measured idle, per schedule (mean over ranks). Also reported per
-rank: the share of the step spent waiting on sends/receives and the loss broadcast
-(the rest of the idle share is the schedule's own Python work between actions), and the
-backward / forward time ratio inside the schedule's own stage calls.
+measured idle fraction, next to the idle ``overdrive.bubble`` predicts for each rank from
+the schedules' action lists, per-stage FLOPs and costs measured on this mesh. Every
+round also times (the probe): a ping-pong of one micro-batch's activation between the
+two ranks (half the round trip: one hop); one micro-batch's forward through the whole
+model (over the number of stages: the mean stage's forward ``f``), timed by piece
+(embedding, blocks, final norm + head + loss: each stage's forward time is its blocks'
+plus the embedding on the first stage and the rest on the last, in place of the traced
+FLOPs, which miss the loss), and its backward (``b = backward / forward``); the 8 blocks alone (a middle stage: an activation in and
+out) forward, full backward, and on a second forward torch's own split backward
+(``stage_backward_input`` then ``stage_backward_weight``, what the zero-bubble schedules
+run): the input and weight steps over that forward; and four forwards of a quarter of
+the blocks in a row, whose spread about their round's mean (standard deviation of the
+log) is the noise of one action's time (``jitter``). Each round's time of the same work
+per rank over the ranks' mean is that round's rank speeds. The prediction
+(``expected_idle``) replays each schedule ``--samples`` times with every action's time
+drawn around its cost with that jitter and the rank speeds of one measured round, and
+takes each rank's median, as the measurement takes the median over steps. Target: that
+prediction within 10 percentage points of measured idle, per schedule (mean over
+ranks). Also reported: the fixed-cost replay (no noise, median rank speeds), the one
+``od.inspect`` shows (no hop, ``b = 2``), per rank the share of the step spent waiting on
+sends/receives and the loss broadcast (the rest of the idle share is the schedule's own
+Python work between actions), and the backward / forward time ratio inside the
+schedule's own stage calls.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import subprocess
@@ -120,6 +129,7 @@ class Variant:
         details = self.rt.report["pipeline"].details if schedule is not None else {}
         self.predicted = details.get("bubble_fraction")
         self.flops = details.get("stage_flops")
+        self.stage_blocks = [st["blocks"] for st in details.get("stages", [])]
 
     def step(self, record: bool) -> None:
         import torch
@@ -151,12 +161,13 @@ class Variant:
             out["backward_over_forward"] = statistics.median(self.backward_over_forward)
             out["predicted_bubble"] = self.predicted
             out["stage_flops"] = self.flops
+            out["stage_blocks"] = self.stage_blocks
         return out
 
 
 class Probe:
-    """One hop, one forward and its backward, timed each round: the cost model's
-    measured inputs."""
+    """Timed each round: one hop, one forward and its backward, the split backward's
+    two steps, and a run of stage-sized forwards — the cost model's measured inputs."""
 
     def __init__(self, args, mb_rows: int):
         import torch
@@ -168,15 +179,16 @@ class Probe:
                           max_seq_len=args.seq)
         self.ids = torch.randint(0, 512, (mb_rows, args.seq))
         self.act = torch.randn(mb_rows, args.seq, args.dim)
-        self.hop_s: list[float] = []
-        self.forward_s: list[float] = []
-        self.backward_s: list[float] = []
+        self.seq = args.seq
+        self.times: dict[str, list] = {k: [] for k in (
+            "hop_s", "forward_s", "backward_s", "blocks_forward_s", "blocks_backward_s",
+            "backward_input_s", "backward_weight_s", "embed_s", "block_s", "tail_s",
+            "chunk_forward_s")}
 
-    def step(self, record: bool) -> None:
+    def _hop(self) -> float:
         import torch.distributed as dist
 
         peer = 1 - dist.get_rank()
-        dist.barrier()
         reps, t0 = 4, time.perf_counter()
         for _ in range(reps):  # rank 0 sends then receives, rank 1 the reverse
             if dist.get_rank() == 0:
@@ -185,24 +197,125 @@ class Probe:
             else:
                 dist.recv(self.act, peer)
                 dist.send(self.act, peer)
-        hop = (time.perf_counter() - t0) / (2 * reps)
-        dist.barrier()
+        return (time.perf_counter() - t0) / (2 * reps)
+
+    def _model_forward(self) -> tuple[float, float, float]:
+        """The model's forward with its loss (``Llama.forward``'s own steps), timed by
+        piece: the embedding (the first stage's extra), the blocks, and the final norm,
+        head and loss (the last stage's extra, which FLOPs undercount: the loss and the
+        norm are no matmuls)."""
+        from overdrive.models.llama import causal_lm_loss
+
         t0 = time.perf_counter()
-        out = self.model(input_ids=self.ids, labels=self.ids)
+        h = self.model.embed_tokens(self.ids)
+        t1 = time.perf_counter()
+        h = self._blocks(h)
+        t2 = time.perf_counter()
+        self.loss = causal_lm_loss(self.model.lm_head(self.model.norm(h)), self.ids, None,
+                                   None)
+        t3 = time.perf_counter()
+        return t1 - t0, t2 - t1, t3 - t2
+
+    def _blocks(self, x, blocks=None):
+        rope = self.model.rope[:self.seq]
+        for layer in (self.model.layers if blocks is None else blocks):
+            x = layer(x, rope)
+        return x
+
+    def _split_backward(self) -> tuple[float, float, float, float]:
+        """The blocks (a middle stage: an activation in, one out) forward, full backward,
+        and, on a second forward, torch's own input step then weight step (what
+        ``backward_one_chunk(full_backward=False)`` / ``backward_weight_one_chunk``
+        run)."""
+        import torch
+        from torch.distributed.pipelining._backward import (stage_backward_input,
+                                                            stage_backward_weight)
+
+        x = self.act.clone().requires_grad_(True)
+        t0 = time.perf_counter()
+        out = self._blocks(x)
         fwd = time.perf_counter() - t0
+        grad = torch.ones_like(out)
         t0 = time.perf_counter()
-        out.loss.backward()
+        out.backward(grad)
+        full = time.perf_counter() - t0
+        self.model.zero_grad(set_to_none=True)
+        x = self.act.clone().requires_grad_(True)
+        out = self._blocks(x)
+        t0 = time.perf_counter()
+        _, groups = stage_backward_input([out], [grad], [x], self.model.layers.parameters())
+        t1 = time.perf_counter()
+        stage_backward_weight(self.model.layers.parameters(), groups)
+        t2 = time.perf_counter()
+        self.model.zero_grad(set_to_none=True)
+        return fwd, full, t1 - t0, t2 - t1
+
+    def _chunk_forwards(self) -> list[float]:
+        """Forwards of a quarter of the blocks (one stage of the 4-stage schedules),
+        one after another: equal work, so their spread is the machine's noise."""
+        import torch
+
+        per = len(self.model.layers) // 4
+        out = []
+        with torch.no_grad():
+            x = self.act
+            for c in range(4):
+                t0 = time.perf_counter()
+                x = self._blocks(x, self.model.layers[c * per:(c + 1) * per])
+                out.append(time.perf_counter() - t0)
+        return out
+
+    def step(self, record: bool) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+        hop = self._hop()
+        dist.barrier()
+        embed, blocks, tail = self._model_forward()
+        fwd = embed + blocks + tail
+        t0 = time.perf_counter()
+        self.loss.backward()
         bwd = time.perf_counter() - t0
         self.model.zero_grad(set_to_none=True)
+        self.loss = None
+        dist.barrier()
+        blocks_fwd, blocks_bwd, b_in, b_w = self._split_backward()
+        chunks = self._chunk_forwards()
         if record:
-            self.hop_s.append(hop)
-            self.forward_s.append(fwd)
-            self.backward_s.append(bwd)
+            for key, value in zip(self.times, (hop, fwd, bwd, blocks_fwd, blocks_bwd, b_in,
+                                               b_w, embed, blocks / len(self.model.layers),
+                                               tail, chunks)):
+                self.times[key].append(value)
 
     def result(self) -> dict:
-        return {"hop_s": statistics.median(self.hop_s),
-                "forward_s": statistics.median(self.forward_s),
-                "backward_s": statistics.median(self.backward_s)}
+        out = {k: statistics.median(v) for k, v in self.times.items()
+               if k != "chunk_forward_s"}
+        out["rounds"] = {k: v for k, v in self.times.items()}
+        return out
+
+
+def stage_times(stage_blocks: list[list[int]], probes: list[dict]) -> tuple[float, ...]:
+    """Each stage's forward time from the probe's pieces: its blocks, plus the embedding
+    on the first stage and the norm, head and loss on the last (the ranks' mean)."""
+    embed = statistics.mean(p["embed_s"] for p in probes)
+    block = statistics.mean(p["block_s"] for p in probes)
+    tail = statistics.mean(p["tail_s"] for p in probes)
+    last = len(stage_blocks) - 1
+    return tuple(len(b) * block + (embed if s == 0 else 0.0) + (tail if s == last else 0.0)
+                 for s, b in enumerate(stage_blocks))
+
+
+def jitter_of(chunk_rounds: list[list[float]]) -> float:
+    """The spread (standard deviation of the log) of equal pieces of work run one after
+    another, about each round's own mean: the noise of one action's time. The round's
+    level is left out — each round's rank speeds carry it."""
+    sq, n = 0.0, 0
+    for chunks in chunk_rounds:
+        logs = [math.log(c) for c in chunks]
+        mean = sum(logs) / len(logs)
+        sq += sum((x - mean) ** 2 for x in logs)
+        n += len(logs) - 1
+    return math.sqrt(sq / n) if n else 0.0
 
 
 def worker(args) -> None:
@@ -237,6 +350,8 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--out", default=None)
+    p.add_argument("--samples", type=int, default=128,
+                   help="noisy replays behind each predicted idle")
     args = p.parse_args()
     if args.worker:
         worker(args)
@@ -257,40 +372,61 @@ def main() -> None:
         import json
 
         ranks = json.loads(out.read_text())
-    from overdrive.bubble import bubble_fraction
+    from overdrive.bubble import bubble_fraction, expected_idle
 
     base = max(r["pp1_ddp"]["step_s"] for r in ranks)
-    hop_s = statistics.mean(r["probe"]["hop_s"] for r in ranks)
-    forward_s = statistics.mean(r["probe"]["forward_s"] for r in ranks)
-    backward = statistics.mean(r["probe"]["backward_s"] for r in ranks) / forward_s
-    work = [r["probe"]["forward_s"] + r["probe"]["backward_s"] for r in ranks]
+    probes = [r["probe"] for r in ranks]
+    hop_s = statistics.mean(p["hop_s"] for p in probes)
+    forward_s = statistics.mean(p["forward_s"] for p in probes)
+    backward = statistics.mean(p["backward_s"] for p in probes) / forward_s
+    blocks_f = statistics.mean(p["blocks_forward_s"] for p in probes)
+    backward_input = statistics.mean(p["backward_input_s"] for p in probes) / blocks_f
+    backward_weight = statistics.mean(p["backward_weight_s"] for p in probes) / blocks_f
+    blocks_backward = statistics.mean(p["blocks_backward_s"] for p in probes) / blocks_f
+    work = [p["forward_s"] + p["backward_s"] for p in probes]
     rank_time = tuple(w / statistics.mean(work) for w in work)  # same work, each rank
+    rounds = [[f + b for f, b in zip(p["rounds"]["forward_s"], p["rounds"]["backward_s"])]
+              for p in probes]
+    rank_times = [tuple(w / statistics.mean(ws) for w in ws) for ws in zip(*rounds)]
+    jitter = statistics.mean(jitter_of(p["rounds"]["chunk_forward_s"]) for p in probes)
     rows, targets = {}, []
     for schedule, spr in SCHEDULES:
         step = max(r[schedule]["step_s"] for r in ranks)
         idle = [r[schedule]["idle"] for r in ranks]
         compute_only = ranks[0][schedule]["predicted_bubble"]
         flops = tuple(ranks[0][schedule]["stage_flops"]) or None
+        measured_stages = stage_times(ranks[0][schedule]["stage_blocks"], probes)
         hop = hop_s / (forward_s / (2 * spr))  # in units of the mean stage's forward
-        predicted = bubble_fraction(schedule, 2, args.microbatches, spr, flops, hop, backward,
-                                    rank_time)
+        costs = dict(hop=hop, backward=backward, backward_input=backward_input,
+                     backward_weight=backward_weight)
+        fixed = bubble_fraction(schedule, 2, args.microbatches, spr, measured_stages, hop,
+                                backward,
+                                rank_time, backward_input, backward_weight)
+        per_rank = expected_idle(schedule, 2, args.microbatches, spr, measured_stages, **costs,
+                                 rank_times=rank_times, jitter=jitter, samples=args.samples)
+        predicted = sum(per_rank) / len(per_rank) if per_rank is not None else None
         measured = sum(idle) / len(idle)
         rows[schedule] = {"stages_per_rank": spr, "step_s": round(step, 4),
                           "step_vs_pp1": round(step / base, 3),
                           "idle_per_rank": [round(i, 4) for i in idle],
                           "idle_mean": round(measured, 4),
+                          "predicted_idle_per_rank": per_rank,
+                          "predicted_bubble": round(predicted, 4) if per_rank else None,
                           "waiting_per_rank": [round(r[schedule]["waiting"], 4) for r in ranks],
                           "backward_over_forward_per_rank": [
                               round(r[schedule]["backward_over_forward"], 3) for r in ranks],
                           "predicted_bubble_no_comm": compute_only,
+                          "predicted_bubble_fixed_costs": fixed,
                           "hop_vs_stage_forward": round(hop, 4),
-                          "predicted_bubble": predicted}
+                          "measured_stage_forward_s": [round(t, 4) for t in measured_stages]}
         targets.append(target(f"predicted bubble minus measured idle (absolute), {schedule} "
                               f"({args.microbatches} micro-batches)",
                               abs(predicted - measured) if predicted is not None else None,
                               0.10))
         targets.append(target(f"{schedule} step time / pp=1 ddp step time, 2 ranks "
                               "(reference, no target)", step / base, None))
+    for p in probes:
+        p.pop("rounds")
     emit("pipeline", {"config": {"ranks": 2, "blocks": 8, "dim": args.dim, "seq": args.seq,
                                  "microbatches": args.microbatches,
                                  "global_batch": args.microbatches * 2,
@@ -299,7 +435,13 @@ def main() -> None:
                       "measured_hop_s": round(hop_s, 6),
                       "measured_model_forward_s": round(forward_s, 4),
                       "measured_backward_over_forward": round(backward, 3),
+                      "measured_backward_input_over_forward": round(backward_input, 3),
+                      "measured_backward_weight_over_forward": round(backward_weight, 3),
+                      "measured_blocks_backward_over_forward": round(blocks_backward, 3),
                       "measured_rank_time": [round(t, 3) for t in rank_time],
+                      "measured_rank_times_per_round": [[round(t, 3) for t in rt]
+                                                        for rt in rank_times],
+                      "measured_jitter": round(jitter, 3),
                       "probe_per_rank": [r["probe"] for r in ranks],
                       "load_average": [round(x, 2) for x in os.getloadavg()],
                       "load_average_at_start": load_at_start,

@@ -202,6 +202,29 @@ def test_bubble_counts_each_cross_rank_hop():
         assert bubble_fraction(name, 2, 4, spr, None, 0.3) > bubble_fraction(name, 2, 4, spr)
 
 
+def test_bubble_split_backward_costs_and_noise():
+    from overdrive.bubble import expected_idle
+
+    zb = bubble_fraction("zero-bubble", 2, 4, 2)
+    # the split steps default to the full backward's halves
+    assert bubble_fraction("zero-bubble", 2, 4, 2, None, 0.0, 2.0, None, 1.0, 1.0) == zb
+    # measured: the input step dearer than the weight step, both over b/2 — the
+    # schedule's packing assumed equal steps, so ranks wait
+    assert bubble_fraction("zero-bubble", 2, 4, 2, None, 0.0, 2.0, None, 1.3, 1.1) > zb
+    # no noise, one speed: the fixed-cost replay, per rank
+    fixed = expected_idle("zbv", 2, 4, 2)
+    assert sum(fixed) / 2 == pytest.approx(bubble_fraction("zbv", 2, 4, 2), abs=1e-3)
+    # noisy actions leave a tightly packed schedule waiting more; seeded, so repeatable
+    noisy = expected_idle("zbv", 2, 4, 2, jitter=0.4, samples=32)
+    assert sum(noisy) > sum(fixed) + 0.04
+    assert noisy == expected_idle("zbv", 2, 4, 2, jitter=0.4, samples=32)
+    # a round where rank 1 ran slower leaves rank 0 waiting
+    slow1 = expected_idle("gpipe", 2, 4, 1, rank_times=[(0.8, 1.2)])
+    assert slow1[0] > slow1[1]
+    with pytest.raises(ValueError, match="rank_times"):
+        expected_idle("gpipe", 2, 4, 1, rank_times=[(1.0, 1.0, 1.0)])
+
+
 def test_forward_backward_without_pp_matches_manual_loop():
     torch.manual_seed(0)
     rt = od.accelerate(llama(2), None, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
