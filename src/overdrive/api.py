@@ -156,7 +156,13 @@ def inspect(model: nn.Module, plan: Plan | dict | str | None = None, *,
     records = manager.preview_all(graph, env, decisions)
     trace = trace_model(shadow, example_inputs) if example_inputs is not None else None
     effects = [d.memory for d in decisions if d.memory is not None]
-    memory = estimate_memory(graph, effects, env.world_size, trace=trace)
+    kept = None
+    if trace is not None and any(e.selective for e in effects):
+        from .planner.selective import selective_kept  # what the policy keeps, on meta
+
+        kept = selective_kept(shadow, example_inputs, graph.blocks())[0]
+    memory = estimate_memory(graph, effects, env.world_size, trace=trace,
+                             selective_kept=kept)
     _stage_memory(graph, effects, records)
     return Report(records, model=type(model).__name__, plan=plan.to_dict(),
                   blocks=graph.blocks(), memory=memory, dry_run=True, trace=trace,

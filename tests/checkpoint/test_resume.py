@@ -40,11 +40,13 @@ def test_exact_resume_single_process_fp16_scaler(tmp_path):
 
 
 @pytest.mark.dist
+@pytest.mark.slow  # fsdp and deepspeed keep 2-rank resume in make test
 def test_exact_resume_two_ranks_replicated(tmp_path):
     _check_resume(tmp_path, "manual", 2)
 
 
 @pytest.mark.dist
+@pytest.mark.slow  # fsdp and deepspeed keep 2-rank resume in make test
 def test_exact_resume_ddp(tmp_path):
     _check_resume(tmp_path, "ddp", 2)
 

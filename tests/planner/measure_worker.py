@@ -8,6 +8,7 @@ argv: OUT_JSON LAYOUT_JSON [LAYOUT_JSON ...]; every rank writes OUT_JSON.<rank>.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
@@ -30,7 +31,32 @@ def build() -> Llama:
     return Llama(LlamaConfig(**CONFIG))
 
 
+class ScheduleMemTracker(MemTracker):
+    """torch's MemTracker with its per-module statistics off, its peak accounting (every
+    storage an op creates, the model's and optimizer's tensors, resizes) unchanged: a
+    pipeline schedule calls a stage's root module once per micro-batch before their
+    backwards, which the per-module bookkeeping refuses ("multiple iterative calls")."""
+
+    def _pre_fw_hook(self, module, inputs):
+        pass
+
+    def _post_fw_hook(self, module, inputs, outputs):
+        pass
+
+    def _pre_bw_hook(self, module, args):
+        pass
+
+    def _post_bw_hook(self, module, args):
+        pass
+
+
 def one_step(rt, layout: Layout, batches, between=None) -> None:
+    if layout.pp > 1:  # one pipeline step: the schedule runs every micro-batch
+        ids = torch.cat(batches)
+        rt.forward_backward({"input_ids": ids, "labels": ids})
+        rt.optimizer.step()
+        rt.optimizer.zero_grad()
+        return
     for i, ids in enumerate(batches):
         if i and between is not None:
             between()  # MemTracker: one forward per module at a time
@@ -43,8 +69,11 @@ def one_step(rt, layout: Layout, batches, between=None) -> None:
 
 def measure(layout: Layout) -> dict:
     model = build()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    pp_rank = rank // (world // layout.pp)  # the mesh is row-major, pp outermost
     predicted = evaluate(Model(model, SEQ, None), layout, HARDWARE["cpu"], 1 << 40,
-                         layout.micro_batch * layout.grad_accum * layout.dp, SEQ)
+                         layout.micro_batch * layout.grad_accum * layout.dp, SEQ,
+                         pp_rank=pp_rank if layout.pp > 1 else None)
     rt = od.accelerate(model, layout.to_plan(),
                        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3, foreach=False),
                        trackers=())
@@ -55,7 +84,7 @@ def measure(layout: Layout) -> dict:
     counter = CollectiveBytes()
     with counter:
         one_step(rt, layout, batches)
-    tracker = MemTracker()
+    tracker = ScheduleMemTracker() if layout.pp > 1 else MemTracker()
     tracker.track_external(rt.model, rt.optimizer.optimizer)
     with tracker:
         one_step(rt, layout, batches, between=tracker.reset_mod_stats)

@@ -17,11 +17,28 @@ TWO = {
     "ddp": {"dp_replicate": 2, "engine": "ddp"},
     "fsdp": {"dp_shard": 2, "engine": "fsdp"},
     "fsdp+ac": {"dp_shard": 2, "engine": "fsdp", "ac": "full"},
+    "fsdp+ac selective": {"dp_shard": 2, "engine": "fsdp", "ac": "selective"},
     "fsdp+tp": {"tp": 2, "engine": "fsdp"},
 }
 FOUR = {
     "hsdp": {"dp_replicate": 2, "dp_shard": 2, "engine": "fsdp"},
     "fsdp+tp+ac": {"dp_shard": 2, "tp": 2, "engine": "fsdp", "ac": "full"},
+}
+# pipeline: every rank's own prediction (its stage, the micro-batches its schedule keeps)
+PP_TWO = {
+    "pp2 gpipe": {"pp": 2, "grad_accum": 2, "schedule": "gpipe"},
+    "pp2 1f1b": {"pp": 2, "grad_accum": 4, "schedule": "1f1b"},
+}
+SLOW_PP_TWO = {
+    "pp2 gpipe 4 micro-batches": {"pp": 2, "grad_accum": 4, "schedule": "gpipe"},
+    "pp2 1f1b 2 micro-batches": {"pp": 2, "grad_accum": 2, "schedule": "1f1b"},
+    "pp2 1f1b + ac selective": {"pp": 2, "grad_accum": 2, "ac": "selective"},
+    "pp2 gpipe + ac full": {"pp": 2, "grad_accum": 2, "schedule": "gpipe", "ac": "full"},
+}
+SLOW_PP_FOUR = {
+    "fsdp2+pp2 1f1b": {"pp": 2, "dp_shard": 2, "engine": "fsdp", "grad_accum": 2},
+    "fsdp2+pp2 gpipe": {"pp": 2, "dp_shard": 2, "engine": "fsdp", "grad_accum": 4,
+                        "schedule": "gpipe"},
 }
 SLOW_TWO = {
     "fsdp accum": {"dp_shard": 2, "engine": "fsdp", "grad_accum": 2},
@@ -71,6 +88,20 @@ def test_two_ranks_ddp_fsdp_tp_ac(tmp_path):
 
 def test_four_ranks_hsdp_and_3d(tmp_path):
     _assert_matches(_run(FOUR, 4, tmp_path), list(FOUR))
+
+
+def test_two_ranks_pipeline_gpipe_and_1f1b(tmp_path):
+    _assert_matches(_run(PP_TWO, 2, tmp_path), list(PP_TWO))
+
+
+@pytest.mark.slow
+def test_two_ranks_pipeline_matrix(tmp_path):
+    _assert_matches(_run(SLOW_PP_TWO, 2, tmp_path), list(SLOW_PP_TWO))
+
+
+@pytest.mark.slow
+def test_four_ranks_pipeline_with_fsdp(tmp_path):
+    _assert_matches(_run(SLOW_PP_FOUR, 4, tmp_path), list(SLOW_PP_FOUR))
 
 
 @pytest.mark.slow

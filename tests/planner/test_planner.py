@@ -140,3 +140,59 @@ def test_cli_prints_the_table(capsys):
                  "--top", "2"]) == 0
     out = capsys.readouterr().out
     assert "tok/s/GPU" in out and "fsdp" in out
+
+
+def test_pipeline_candidates_pass_the_checks_with_a_bubble():
+    candidates = od.plan(small(), world_size=4, memory_per_rank="1GiB", batch=(8, 64),
+                         hardware="cpu", allow={"pp": (2,), "ac": ("none", "full")}, top=12)
+    assert candidates and all(c.layout.pp == 2 for c in candidates)
+    assert {c.layout.schedule for c in candidates} == {"1f1b", "gpipe"}
+    for c in candidates[:3]:
+        assert 0 < c.bubble < 1 and c.plan.pipeline.schedule == c.layout.schedule
+        assert c.plan.pipeline.microbatches == c.layout.grad_accum >= 2
+        assert "send_recv" in c.comm and c.comm["send_recv"]["pp"] > 0
+        report = od.inspect(small(), c.plan, world_size=4)  # raises on a refused layout
+        # od.inspect counts the pipeline rank with the most parameters; so does the planner
+        from overdrive.planner.search import Model, evaluate
+        from overdrive.planner.hardware import HARDWARE
+
+        meta = Model(small(), 64, None)
+        ranks = [evaluate(meta, c.layout, HARDWARE["cpu"], 1 << 30, 8, 64, pp_rank=r)
+                 for r in range(2)]
+        assert max(r.memory.parameters for r in ranks) == report.memory.parameters
+        assert c.memory.total == max(r.memory.total for r in ranks)
+
+
+def test_gpipe_holds_every_micro_batch_1f1b_at_most_the_stages():
+    from overdrive.planner.hardware import HARDWARE
+    from overdrive.planner.layout import Layout
+    from overdrive.planner.search import Model, evaluate
+
+    meta = Model(small(), 64, None)
+
+    def acts(schedule, rank):
+        lay = Layout(pp=2, grad_accum=8, schedule=schedule, mixed_precision="no")
+        return evaluate(meta, lay, HARDWARE["cpu"], 1 << 30, 8, 64,
+                        pp_rank=rank).memory.activations
+
+    one = acts("1f1b", 1)  # the last stage: one micro-batch in flight
+    assert acts("1f1b", 0) < acts("gpipe", 0)
+    assert acts("gpipe", 1) == 8 * one
+
+
+def test_selective_recompute_keeps_what_its_policy_saves_and_inspect_agrees():
+    from overdrive.planner.hardware import HARDWARE
+    from overdrive.planner.layout import Layout
+    from overdrive.planner.search import Model, evaluate
+
+    meta = Model(small(), 64, None)
+    acts = {}
+    for ac in ("none", "selective", "full"):
+        lay = Layout(dp_shard=2, engine="fsdp", ac=ac, mixed_precision="no")
+        acts[ac] = evaluate(meta, lay, HARDWARE["cpu"], 1 << 30, 2, 64).memory.activations
+    assert acts["full"] < acts["selective"] < acts["none"]
+    ids = torch.zeros(1, 64, dtype=torch.long)
+    report = od.inspect(small(), Layout(dp_shard=2, engine="fsdp", ac="selective",
+                                        mixed_precision="no").to_plan(),
+                        world_size=2, example_inputs=(ids, ids))
+    assert report.memory.activations == acts["selective"]

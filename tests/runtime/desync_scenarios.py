@@ -75,13 +75,21 @@ def skip_reduce(out: Path) -> int:
     return 2000
 
 
-def skip_bucket(out: Path) -> int:
-    """DDP: rank 1 runs step 5's forward but skips its backward (and so the bucket's
-    all-reduce), then steps; the later buckets pair up one step apart. (No step metrics:
-    their all-reduce would meet a bucket's of another size, which gloo aborts on.)"""
-    rt = ddp_runtime(trackers=())
-    x, y = torch.randn(8, 4), torch.randn(8, 1)
+def write_ledger(rt, out: Path) -> None:
+    """This rank's recent ledger entries, as the DesyncError would show them."""
+    from overdrive.runtime.ledger import describe
+
+    entries = [describe(e) for _, e in rt._ledger.entries]
+    (out / f"ledger{rt.rank}.json").write_text(json.dumps(entries))
+
+
+def skip_backward(rt, out: Path, x, y) -> int:
+    """Rank 1 runs step 5's forward but skips its backward (and so the engine's gradient
+    sync), then steps; the default step metrics are on (their all-reduce would meet the
+    other rank's gradient sync, of another size: gloo aborts that process)."""
     for step in range(1, 2000):
+        if step == 5:
+            write_ledger(rt, out)
         if rt.rank == 1 and step == 5:
             mark_fault(out)
             F.mse_loss(rt.model(x), y)  # a loss it decides not to train on
@@ -91,6 +99,71 @@ def skip_bucket(out: Path) -> int:
         train_step(rt, x, y)
         time.sleep(0.005)
     return 2000
+
+
+def skip_bucket(out: Path) -> int:
+    """DDP: rank 1 skips step 5's backward."""
+    rt = ddp_runtime(run_dir=str(out / "run"))
+    return skip_backward(rt, out, torch.randn(8, 4), torch.randn(8, 1))
+
+
+def fsdp_runtime(out: Path, **plan) -> Runtime:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    return od.accelerate(model, od.Plan(fsdp=od.FSDP(), **plan),
+                         optimizer=lambda p: torch.optim.SGD(p, lr=0.01),
+                         desync_timeout=DESYNC_TIMEOUT, run_dir=str(out / "run"))
+
+
+def fsdp_skip_backward(out: Path) -> int:
+    """FSDP2: rank 1 skips step 5's backward (its all-gathers and reduce-scatters)."""
+    rt = fsdp_runtime(out)
+    return skip_backward(rt, out, torch.randn(8, 4), torch.randn(8, 1))
+
+
+def skip_micro(rt, out: Path) -> int:
+    """grad_accum=2: rank 1 enters step 3's synced micro-step and skips it (no forward,
+    backward or step): its gradient sync comes one micro-step later than rank 0's."""
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    for micro in range(1, 4000):
+        with rt.accumulate():
+            if rt.rank == 1 and micro == 6:
+                mark_fault(out)
+                continue
+            loss = F.mse_loss(rt.model(x), y)
+            rt.backward(loss)
+            rt.optimizer.step()
+            rt.optimizer.zero_grad()
+        time.sleep(0.003)
+    return 4000
+
+
+def ddp_skip_micro(out: Path) -> int:
+    torch.manual_seed(0)
+    rt = od.accelerate(torch.nn.Linear(4, 1), od.Plan(ddp=od.DDP(), grad_accum=2),
+                       optimizer=lambda p: torch.optim.SGD(p, lr=0.01),
+                       desync_timeout=DESYNC_TIMEOUT, run_dir=str(out / "run"))
+    return skip_micro(rt, out)
+
+
+def fsdp_skip_micro(out: Path) -> int:
+    return skip_micro(fsdp_runtime(out, grad_accum=2), out)
+
+
+def backend_error(out: Path) -> int:
+    """DDP: rank 1 skips step 5's backward and step and then works (sleeps) 8 s outside
+    overdrive; rank 0's gradient all-reduce hits the process group's timeout
+    (OVERDRIVE_PG_TIMEOUT=2, below desync_timeout): gloo raises inside rt.backward."""
+    rt = ddp_runtime(run_dir=str(out / "run"))
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    for step in range(1, 200):
+        if rt.rank == 1 and step == 5:
+            mark_fault(out)
+            F.mse_loss(rt.model(x), y)
+            time.sleep(8.0)
+            continue
+        train_step(rt, x, y)
+    return 200
 
 
 def save_alone(out: Path) -> int:
@@ -163,8 +236,11 @@ def clean(out: Path, steps: int = 1000) -> int:
     return step
 
 
-SCENARIOS = {"skip_reduce": skip_reduce, "skip_bucket": skip_bucket, "save_alone": save_alone,
-             "sleep_forward": sleep_forward, "gather_alone": gather_alone, "clean": clean,
+SCENARIOS = {"skip_reduce": skip_reduce, "skip_bucket": skip_bucket,
+             "fsdp_skip_backward": fsdp_skip_backward, "ddp_skip_micro": ddp_skip_micro,
+             "fsdp_skip_micro": fsdp_skip_micro, "backend_error": backend_error,
+             "save_alone": save_alone, "sleep_forward": sleep_forward,
+             "gather_alone": gather_alone, "clean": clean,
              "clean_short": lambda out: clean(out, steps=200)}
 
 
@@ -181,7 +257,9 @@ def main() -> None:
     except od.DesyncError as err:
         fault = out / "fault"
         since = time.time() - float(fault.read_text()) if fault.exists() else None
-        result = {"error": type(err).__name__, "message": str(err), "since_fault": since}
+        cause = err.__cause__
+        result = {"error": type(err).__name__, "message": str(err), "since_fault": since,
+                  "cause": None if cause is None else f"{type(cause).__name__}: {cause}"}
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     if result["error"] is not None:
         sys.exit(1)

@@ -27,10 +27,10 @@ from torch import nn
 
 from ..errors import PlanError
 from ..plan_spec import DDP
-from ..rewrite.contract import Applied, CollectiveTap, Decision, Pass, PassContext
+from ..rewrite.contract import Applied, Decision, EngineCollectives, Pass, PassContext
 from ..rewrite.manager import register_pass
 from .buffers import keep_buffers_in_sync, plain_buffers
-from .ddp_comm import check_comm_hook, register_comm_hook
+from .ddp_comm import check_comm_hook, register_comm_hook, sync_summary
 
 
 def on_meta(model: nn.Module) -> bool:
@@ -105,9 +105,8 @@ class DDPPass(Pass):
         if ctx.cfg.broadcast_buffers and keep_buffers_in_sync(model, plain_buffers(model)):
             rec.note("buffers broadcast from rank 0 with each training forward "
                      "(broadcast_buffers=True, torch DDP's default)")
-        tap = CollectiveTap("ddp")
-        details = register_comm_hook(model, ctx.plan, tap)
+        details = register_comm_hook(model, ctx.plan)
         if decision.comm_hook is not None:
             rec.details.update(details)
         return Applied(rec, gradient_sync=model.set_requires_gradient_sync,
-                       collective_taps=[tap])
+                       engine_collectives=EngineCollectives(sync_summary(model, ctx.plan)))

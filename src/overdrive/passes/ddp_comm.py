@@ -8,10 +8,9 @@
   feedback and warm start on (torch's defaults). Its error-feedback memory lives in the
   hook state, per rank; it is not part of ``rt.save``.
 
-Every bucket goes through one registered hook that first reports it to a
-``CollectiveTap`` the pass hands on (the runtime's collective ledger notes it, so a rank
-whose backward skips a bucket all-reduce is caught at the next optimizer step), then
-reduces it with the plan's hook — torch's plain ``allreduce_hook`` when there is none.
+With no ``comm_hook`` DDP keeps its C++ built-in all-reduce: no Python runs per bucket.
+The collective ledger sees the gradient sync as one entry per synced backward, noted by
+the runtime (``sync_summary`` describes it, once).
 
 ``check_comm_hook`` refuses what the process group cannot do (bf16 anywhere but NCCL >=
 2.10 and XCCL) before anything is touched.
@@ -26,7 +25,7 @@ import torch.distributed as dist
 
 from ..errors import PlanError
 from ..plan_spec import Plan
-from ..rewrite.contract import CollectiveTap
+from ..rewrite.contract import SyncCollective
 
 
 def check_comm_hook(plan: Plan, env) -> None:
@@ -49,17 +48,16 @@ def check_comm_hook(plan: Plan, env) -> None:
         f"xpu); this run has {have}; use comm_hook='fp16' or 'powersgd'")
 
 
-def register_comm_hook(model, plan: Plan, tap: CollectiveTap) -> dict[str, Any]:
-    """Register the plan's hook (torch's plain all-reduce when it names none) on a
-    ``replicate``-d model, each bucket reported to ``tap`` first; returns the record's
-    details. DDP takes one hook: the report and the reduction are the same one."""
+def register_comm_hook(model, plan: Plan) -> dict[str, Any]:
+    """Register the plan's hook on a ``replicate``-d model; returns the record's details.
+    Without one nothing is registered: DDP's C++ all-reduce is the fastest there is."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
     cfg = plan.ddp
     details: dict[str, Any] = {"comm_hook": cfg.comm_hook}
     if cfg.comm_hook is None:
-        state, hook = None, default_hooks.allreduce_hook  # what DDP's built-in does
-    elif cfg.comm_hook == "fp16":
+        return details
+    if cfg.comm_hook == "fp16":
         state, hook = None, default_hooks.fp16_compress_hook
     elif cfg.comm_hook == "bf16":
         state, hook = None, default_hooks.bf16_compress_hook
@@ -70,21 +68,16 @@ def register_comm_hook(model, plan: Plan, tap: CollectiveTap) -> dict[str, Any]:
         hook = powerSGD_hook.powerSGD_hook
         details.update(powersgd_rank=cfg.powersgd_rank,
                        powersgd_start_iter=cfg.powersgd_start_iter)
-    model.register_comm_hook(_Reported(tap, state, hook), _reported_hook)
+    model.register_comm_hook(state, hook)
     return details
 
 
-class _Reported:
-    """A comm hook's state with the tap its buckets are reported to."""
-
-    __slots__ = ("tap", "state", "hook")
-
-    def __init__(self, tap: CollectiveTap, state: Any, hook):
-        self.tap, self.state, self.hook = tap, state, hook
-
-
-def _reported_hook(reported: _Reported, bucket):  # DDP refuses a string annotation
-    """Report the bucket (op, dtype, shape, its index) to the tap, then reduce it with the
-    plan's hook. Runs when the bucket is ready in backward, on every rank that syncs."""
-    reported.tap("all_reduce", bucket.buffer(), f"ddp bucket {bucket.index()}")
-    return reported.hook(reported.state, bucket)
+def sync_summary(model, plan: Plan) -> SyncCollective:
+    """The gradient sync of one backward as one ledger entry: every trainable
+    parameter's gradient, all-reduced (in the comm hook's dtype), over its buckets."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(
+        plan.ddp.comm_hook, str(params[0].dtype).removeprefix("torch.") if params else "")
+    op = "powersgd all_reduce" if plan.ddp.comm_hook == "powersgd" else "all_reduce"
+    return SyncCollective(op=op, dtype=dtype, numel=sum(p.numel() for p in params),
+                          where=f"ddp gradient sync ({len(params)} gradients)")

@@ -23,7 +23,8 @@ from torch.overrides import TorchFunctionMode
 from ..dtypes import to_torch, torch_name
 from ..errors import PlanError
 from ..plan_spec import FSDP, Plan
-from ..rewrite.contract import Applied, Decision, MemoryEffect, Pass, PassContext
+from ..rewrite.contract import (Applied, CollectiveTap, Decision, EngineCollectives,
+                                MemoryEffect, Pass, PassContext, SyncCollective)
 from ..rewrite.graph import ModuleGraph, parameter_owners
 from ..rewrite.manager import register_pass
 from .buffers import keep_buffers_in_sync, running_stat_buffers
@@ -252,7 +253,32 @@ class FSDPPass(Pass):
             rec.note("running stats (BatchNorm) broadcast from rank 0 before each training "
                      "forward: every rank holds and saves the same ones")
         rec.details["mesh"] = dict(zip(mesh.mesh_dim_names, mesh.shape))
-        return Applied(rec, gradient_sync=model.set_requires_gradient_sync)
+        return Applied(rec, gradient_sync=model.set_requires_gradient_sync,
+                       engine_collectives=_engine_collectives(model, decision))
+
+
+def _engine_collectives(model: nn.Module, decision: FSDPDecision) -> EngineCollectives:
+    """FSDP2's all-gathers and reduce-scatters as the ledger sees them: one entry per
+    forward of the root (a pre-hook on it, a Python call beside FSDP's own per-unit
+    hooks) and one per backward (noted by rt.backward) — every unit's collectives
+    summarised, computed once here."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    numel = sum(p.numel() for p in params)  # global sizes: the same on every rank
+    own = str(params[0].dtype).removeprefix("torch.") if params else ""
+    param = torch_name(decision.param_dtype) or own
+    reduce = torch_name(decision.reduce_dtype) or param
+    count = len(decision.units)
+    units = f"{count} unit{'s' if count != 1 else ''}"
+    gather = SyncCollective("all_gather", param, numel, f"fsdp forward ({units})")
+    tap = CollectiveTap(gather)
+    model.register_forward_pre_hook(tap)
+    regather = SyncCollective("all_gather", param, numel,
+                              f"fsdp backward, no gradient sync ({units})")
+    return EngineCollectives(
+        synced_backward=SyncCollective("all_gather+reduce_scatter", reduce, numel,
+                                       f"fsdp backward ({units})"),
+        unsynced_backward=regather if decision.reshard_after_forward else None,
+        forward_tap=tap)
 
 
 def _mp_policy(decision: FSDPDecision):

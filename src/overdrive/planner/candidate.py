@@ -15,8 +15,9 @@ from .memory import Memory
 class Candidate:
     """A checked layout and its predicted cost for one optimizer step, per rank.
 
-    ``plan`` is ready for ``od.accelerate``; ``memory`` the per-rank peak by part;
-    ``comm`` bytes per step {collective kind: {mesh dim: bytes}}; ``bubble`` the pipeline's
+    ``plan`` is ready for ``od.accelerate``; ``memory`` the per-rank peak by part (under
+    pp, the pipeline rank with the highest peak); ``comm`` bytes per step {collective
+    kind: {mesh dim: bytes}} (under pp, the rank that moves the most); ``bubble`` the pipeline's
     idle fraction; ``tokens_per_second`` for the whole job (``tokens_per_second_per_gpu``
     per rank); ``mfu`` model FLOPs over the dense bf16 peak; ``why`` the binding
     constraint or the dominant cost."""

@@ -18,7 +18,9 @@ a reduce-scatter its unreduced input, an all-reduce / broadcast / send its tenso
   recomputed block repeats its forward collectives but the last (torch's non-reentrant
   checkpoint stops recomputing at the last saved tensor, before the output reduction).
 * CP: each attention all-gathers K and V in forward and reduce-scatters their gradients.
-* PP: each micro-batch sends its activation forward and its gradient backward.
+* PP (per pipeline rank): each micro-batch's stage output is sent to the next rank and its
+  input's gradient to the previous one; the step's loss (4 bytes) is broadcast over pp.
+  FSDP under pp gathers each unit M + 1 times (planner/pipeline.py).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 
 from .checked import Checked
 from .layout import Layout
+from . import pipeline
 from .memory import fsdp_shards, padded_numel, unit_bytes
 
 
@@ -55,36 +58,52 @@ class Comm:
         return {k: dict(v) for k, v in self.bytes.items()}
 
 
-def step_comm(checked: Checked, trace, layout: Layout, compute_size: int) -> Comm:
+def step_comm(checked: Checked, trace, layout: Layout, compute_size: int,
+              pp_rank: int | None = None) -> Comm:
+    """One rank's bytes; under pp, pipeline rank ``pp_rank``'s (None: the rank that
+    moves the most)."""
+    if layout.pp > 1 and pp_rank is None:
+        return max((step_comm(checked, trace, layout, compute_size, r)
+                    for r in range(layout.pp)), key=lambda c: sum(c.by_kind().values()))
+    held = pipeline.rank_modules(checked, pp_rank) if layout.pp > 1 else None
     comm = Comm()
-    _fsdp(comm, checked, layout)
+    _fsdp(comm, checked, layout, held)
     _ddp(comm, checked, layout)
     _tp(comm, checked, trace, layout, compute_size)
     _cp(comm, checked, trace, layout, compute_size)
-    _pp(comm, checked, trace, layout, compute_size)
+    _pp(comm, checked, trace, layout, compute_size, pp_rank)
     return comm
 
 
-def _fsdp(comm: Comm, checked: Checked, layout: Layout) -> None:
+def _fsdp(comm: Comm, checked: Checked, layout: Layout, held=None) -> None:
+    """``held``: a pipeline rank's modules. Under pp torch's stage keeps each unit
+    unsharded after its first backward, so a unit is gathered before the first action
+    (forward) and again after every forward that resharded it: ``M + 1`` times per step
+    with ``reshard_after_forward`` (the stage's root unit too), once without."""
     if checked.fsdp is None:
         return
     shards, rep = fsdp_shards(layout), layout.dp_replicate
     dim = "dp_shard" if layout.cp == 1 else "dp_shard_cp"
     micro = layout.grad_accum
-    units = unit_bytes(checked, layout)
+    units = unit_bytes(checked, layout, held)
     if shards > 1:
         for i, (gather, reduce) in enumerate(units):
-            root = i == len(units) - 1
-            again = 1 if layout.reshard_after_forward and not root else 0
-            comm.add("all_gather", dim, gather * micro * (1 + again),
-                     calls=micro * (1 + again), overlap=True)
+            if held is not None:
+                times = micro + 1 if layout.reshard_after_forward else 1
+            else:
+                root = i == len(units) - 1
+                times = micro * (2 if layout.reshard_after_forward and not root else 1)
+            comm.add("all_gather", dim, gather * times, calls=times, overlap=True)
             comm.add("reduce_scatter", dim, reduce, overlap=True)
     if rep > 1:
-        key = ("hsdp", shards)
+        key = ("hsdp", shards, held)
         if key not in checked.cache:
+            groups = [[p for p in params if held is None or any(
+                p.module == m or p.module.startswith(m + ".") for m in held)]
+                for params in checked.units()]
             checked.cache[key] = [
                 sum(padded_numel(p, shards) // shards * _reduce_size(checked, p)
-                    for p in params if p.trainable) for params in checked.units()]
+                    for p in params if p.trainable) for params in groups if params]
         for shard in checked.cache[key]:
             comm.add("all_reduce", "dp_replicate", shard, overlap=True)
 
@@ -199,12 +218,13 @@ def _cp(comm: Comm, checked: Checked, trace, layout: Layout, size: int) -> None:
         comm.add("reduce_scatter", "cp", kv * layout.grad_accum, calls=2 * layout.grad_accum)
 
 
-def _pp(comm: Comm, checked: Checked, trace, layout: Layout, size: int) -> None:
+def _pp(comm: Comm, checked: Checked, trace, layout: Layout, size: int, rank) -> None:
+    """Pipeline rank ``rank`` sends its stage's output activation forward and its input's
+    gradient backward, one per micro-batch each; the step's mean loss (fp32) is broadcast
+    from the last stage's rank over the pp group."""
     if layout.pp == 1:
         return
-    blocks = [b for b in checked.graph.blocks() if b in trace.modules]
-    if not blocks:
-        return
-    tokens, features = _tokens(trace, blocks[0])
-    act = tokens * features * layout.micro_batch * size // (layout.tp * layout.cp)
-    comm.add("send_recv", "pp", 2 * act * layout.grad_accum, calls=2 * layout.grad_accum)
+    sent = pipeline.sends(checked, trace, layout, rank, size)
+    hops = sent // max(1, pipeline.activation_bytes(checked, trace, layout, size))
+    comm.add("send_recv", "pp", sent, calls=hops)
+    comm.add("broadcast", "pp", 4)

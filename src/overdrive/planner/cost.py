@@ -69,12 +69,17 @@ def transfer_seconds(kind: str, dim: str, nbytes: int, calls: int, layout: Layou
     return nbytes / bw + hw.alpha * calls
 
 
-def compute_flops(checked: Checked, trace, layout: Layout) -> tuple[float, float]:
-    """(high-precision FLOPs, fp8 FLOPs) this rank runs in one step."""
+def compute_flops(checked: Checked, trace, layout: Layout,
+                  selective_flops: dict[str, int] | None = None) -> tuple[float, float]:
+    """(high-precision FLOPs, fp8 FLOPs) this rank runs in one step. A recomputed block
+    runs its forward again; under selective recompute only the matmuls its policy does
+    not save (``selective_flops``, planner/selective.py)."""
     seqs = layout.micro_batch * layout.grad_accum
     split = layout.tp * layout.cp * layout.pp
     total = (trace.forward_flops + trace.backward_flops) * seqs / split
-    recompute = sum(trace[b].flops for b in checked.recomputed if b in trace.modules)
+    again = selective_flops if layout.ac == "selective" and selective_flops is not None \
+        else {b: trace[b].flops for b in checked.recomputed if b in trace.modules}
+    recompute = sum(again.get(b, 0) for b in checked.recomputed)
     total += recompute * seqs / split
     fp8 = 0.0
     from ..passes.fp8 import FP8Decision
@@ -87,15 +92,15 @@ def compute_flops(checked: Checked, trace, layout: Layout) -> tuple[float, float
 
 
 def step_time(checked: Checked, trace, layout: Layout, comm: Comm, hw: Hardware,
-              compute_dtype: str, params_on_rank: int) -> Time:
-    high, low = compute_flops(checked, trace, layout)
+              compute_dtype: str, params_on_rank: int,
+              selective_flops: dict[str, int] | None = None) -> Time:
+    high, low = compute_flops(checked, trace, layout, selective_flops)
     compute = high / (hw.peak(compute_dtype) * hw.efficiency)
     if low:
         compute += low / (hw.peak("fp8") * hw.efficiency)
     bubble = 0.0
     if layout.pp > 1:
-        schedule = checked.plan.pipeline.schedule if checked.plan.pipeline else "1f1b"
-        bubble = bubble_fraction(schedule, layout.pp, layout.grad_accum, 1) or 0.0
+        bubble = bubble_fraction(layout.schedule, layout.pp, layout.grad_accum, 1) or 0.0
         compute /= 1 - bubble
     overlapped = exposed = 0.0
     worst, worst_name = 0.0, ""

@@ -24,6 +24,8 @@ class Layout:
     fp8: bool = False
     reshard_after_forward: bool = True
     mixed_precision: str = "bf16"  # "no" | "bf16"
+    schedule: str = "1f1b"  # the pipeline schedule under pp > 1 ("1f1b" | "gpipe")
+    sequence_parallel: bool = False  # with tp > 1: norms and activations split on the sequence
 
     @property
     def world_size(self) -> int:
@@ -43,6 +45,10 @@ class Layout:
         for dim in ("tp", "cp", "pp"):
             if getattr(self, dim) > 1:
                 parts.append(f"{dim} {getattr(self, dim)}")
+            if dim == "tp" and self.tp > 1 and self.sequence_parallel:
+                parts.append("sp")
+        if self.pp > 1:
+            parts.append(self.schedule)
         if self.ac != "none":
             parts.append("ac " + ("every-2" if self.ac == "every" else self.ac))
         if self.fp8:
@@ -53,7 +59,8 @@ class Layout:
 
     def to_plan(self) -> Plan:
         parallel = Parallel(pp=self.pp, dp_replicate=self.dp_replicate,
-                            dp_shard=self.dp_shard, cp=self.cp, tp=self.tp)
+                            dp_shard=self.dp_shard, cp=self.cp, tp=self.tp,
+                            sequence_parallel=self.sequence_parallel and self.tp > 1)
         kwargs = {}
         if self.engine == "fsdp":
             kwargs["fsdp"] = FSDP(reshard_after_forward=self.reshard_after_forward)
@@ -64,7 +71,7 @@ class Layout:
         if self.fp8:
             kwargs["fp8"] = FP8()
         if self.pp > 1:
-            kwargs["pipeline"] = Pipeline(microbatches=self.grad_accum)
+            kwargs["pipeline"] = Pipeline(schedule=self.schedule, microbatches=self.grad_accum)
             grad_accum = 1
         else:
             grad_accum = self.grad_accum
@@ -83,4 +90,6 @@ def layout_of(plan: Plan, *, micro_batch: int) -> Layout:
                   tp=par.tp, engine=engine, ac=ac, micro_batch=micro_batch, grad_accum=accum,
                   fp8=plan.fp8 is not None,
                   reshard_after_forward=plan.fsdp.reshard_after_forward if plan.fsdp else True,
-                  mixed_precision=plan.mixed_precision)
+                  mixed_precision=plan.mixed_precision,
+                  schedule=plan.pipeline.schedule if plan.pipeline else "1f1b",
+                  sequence_parallel=par.sequence_parallel)

@@ -8,6 +8,9 @@ optimizer's scratch — and takes the peak of the two phases of a step:
 
     forward/backward:  P + O + A + (G while accumulating) + unsharded units + buffers + T
     optimizer step:    P + O + G + buffers + optimizer scratch
+
+Under pp every pipeline rank is costed on its own (its stages, the micro-batches its
+schedule keeps in flight: planner/pipeline.py); a candidate carries the highest.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import math
 from dataclasses import dataclass
 
 from ..dtypes import to_torch
-from ..rewrite.estimate import estimate_memory
+from ..rewrite.estimate import estimate_memory, memory_within
+from . import pipeline
 from .checked import Checked, Param
 from .layout import Layout
 
@@ -60,20 +64,26 @@ def fsdp_shards(layout: Layout) -> int:
     return layout.dp_shard * layout.cp
 
 
-def unit_bytes(checked: Checked, layout: Layout) -> list[tuple[int, int]]:
+def unit_bytes(checked: Checked, layout: Layout, held=None) -> list[tuple[int, int]]:
     """Per FSDP unit: (unsharded bytes in the all-gather dtype, unsharded gradient bytes
-    in the reduce dtype)."""
+    in the reduce dtype). ``held``: only the units of these modules (a pipeline rank's;
+    the modules outside the blocks form the stage's root unit)."""
     fsdp, n = checked.fsdp, fsdp_shards(layout)
-    if ("unit_bytes", n) in checked.cache:
-        return checked.cache[("unit_bytes", n)]
+    key = ("unit_bytes", n, held)
+    if key in checked.cache:
+        return checked.cache[key]
     out = []
     for params in checked.units():
+        if held is not None:
+            params = [p for p in params if _held_by(p.module, held)]
+            if not params:
+                continue
         gather = sum(padded_numel(p, n) * _dtype_size(fsdp.param_dtype, p.element_size)
                      for p in params)
         reduce = sum(padded_numel(p, n) * _dtype_size(fsdp.reduce_dtype, p.element_size)
                      for p in params if p.trainable)
         out.append((gather, reduce))
-    checked.cache[("unit_bytes", n)] = out
+    checked.cache[key] = out
     return out
 
 
@@ -124,18 +134,27 @@ def _head(trace) -> str | None:
     return _HEADS[key]
 
 
-def estimate_step_memory(checked: Checked, trace, layout: Layout, foreach: bool) -> Memory:
+def estimate_step_memory(checked: Checked, trace, layout: Layout, foreach: bool,
+                         pp_rank: int | None = None,
+                         selective_kept: dict[str, int] | None = None) -> Memory:
     """The step's peak on one rank: ``trace`` is a meta trace of one sequence (the
-    micro-batch scales it), in the compute dtype."""
-    key = ("estimate", checked.recomputed, id(trace))
+    micro-batch scales it), in the compute dtype. Under pp, on pipeline rank ``pp_rank``
+    (None: the rank with the highest peak). ``selective_kept``: per block, what it keeps
+    under selective recompute (planner/selective.py)."""
+    if layout.pp > 1:
+        if pp_rank is None:
+            return max((_pipeline_step_memory(checked, trace, layout, foreach, r,
+                                              selective_kept)
+                        for r in range(layout.pp)), key=lambda m: m.total)
+        return _pipeline_step_memory(checked, trace, layout, foreach, pp_rank, selective_kept)
+    key = ("estimate", checked.recomputed, id(trace), selective_kept is not None)
     if key not in checked.cache:
         checked.cache[key] = estimate_memory(checked.graph, checked.effects,
-                                             layout.world_size, trace=trace)
+                                             layout.world_size, trace=trace,
+                                             selective_kept=selective_kept)
     est = checked.cache[key]
     params, grads, opt = est.parameters, est.gradients, est.optimizer
     acts = (est.activations or 0) * layout.micro_batch
-    if layout.pp > 1:  # 1F1B: the first stage holds up to pp micro-batches in flight
-        acts = acts * min(layout.pp, layout.grad_accum) // layout.pp
     fsdp_fb = _fsdp_buffers(checked, layout)
     buckets = grads if checked.ddp is not None else 0
     logits = _logits_temporaries(checked, trace, layout)
@@ -148,6 +167,44 @@ def estimate_step_memory(checked: Checked, trace, layout: Layout, foreach: bool)
     return Memory(params, grads, opt, 0, 0, buckets + scratch, "optimizer")
 
 
+def _pipeline_step_memory(checked: Checked, trace, layout: Layout, foreach: bool,
+                          rank: int, selective_kept: dict[str, int] | None = None) -> Memory:
+    """Pipeline rank ``rank``'s peak (planner/pipeline.py): its stages' parameters,
+    gradients and optimizer state; the activations its schedule keeps in flight, with the
+    gradients when it runs a forward after its first backward. Under FSDP, torch's
+    pipeline stage keeps every unit unsharded after its first backward
+    (``set_reshard_after_backward(False)``) and the gradients unsharded until the
+    schedule's end (``set_requires_gradient_sync(False)``, one reduce-scatter)."""
+    key = ("pp_rank", rank, checked.recomputed, id(trace), selective_kept is not None)
+    if key not in checked.cache:
+        held = pipeline.rank_modules(checked, rank)
+        within = memory_within(checked.graph, checked.effects, held)
+        split = math.prod(e.activation_split for e in checked.effects)
+        checked.cache[key] = (held, within, pipeline.stage_activations(
+            checked, trace, rank, split, selective_kept))
+    held, within, per_sequence = checked.cache[key]
+    params, grads, opt = (int(within[k]) for k in ("parameters", "gradients", "optimizer"))
+    mine = [p for p in checked.params if _held_by(p.module, held)]
+    live_grads, fsdp_fb = grads, 0
+    if checked.fsdp is not None:
+        units = unit_bytes(checked, layout, held)
+        fsdp_fb = sum(g for g, _ in units)
+        live_grads = sum(r for _, r in units)
+    acts, with_grads = pipeline.peak_activations(per_sequence * layout.micro_batch,
+                                                 live_grads, layout, rank)
+    logits = _logits_temporaries(checked, trace, layout) \
+        if pipeline.holds_last_stage(checked, rank) else 0
+    backward = acts + with_grads + fsdp_fb + logits
+    scratch = _optimizer_scratch(checked, layout, foreach, mine)
+    if backward >= grads + scratch:
+        return Memory(params, with_grads, opt, acts, fsdp_fb, logits, "backward")
+    return Memory(params, grads, opt, 0, 0, scratch, "optimizer")
+
+
+def _held_by(module: str, held) -> bool:
+    return any(module == m or module.startswith(m + ".") for m in held)
+
+
 def _accumulated_grads(checked: Checked, layout: Layout, grads: int) -> int:
     """Gradients alive during a later micro-step's backward: FSDP2 keeps the unsharded
     ones across its non-sync micro-steps (reduce-scattered only at the last)."""
@@ -158,12 +215,15 @@ def _accumulated_grads(checked: Checked, layout: Layout, grads: int) -> int:
     return grads
 
 
-def _optimizer_scratch(checked: Checked, layout: Layout, foreach: bool) -> int:
+def _optimizer_scratch(checked: Checked, layout: Layout, foreach: bool,
+                       params: list[Param] | None = None) -> int:
     """AdamW's temporaries: multi-tensor (foreach) makes one fp32 list the size of the
-    shards; the single-tensor loop two tensors the size of the largest parameter."""
+    shards; the single-tensor loop two tensors the size of the largest parameter.
+    ``params``: this rank's (a pipeline stage's), default all."""
     n = fsdp_shards(layout) if checked.fsdp is not None else 1
-    key = ("scratch", n, foreach)
+    key = ("scratch", n, foreach, None if params is None else tuple(p.name for p in params))
     if key not in checked.cache:
-        sizes = [padded_numel(p, n) // n * 4 for p in checked.params if p.trainable]
+        chosen = checked.params if params is None else params
+        sizes = [padded_numel(p, n) // n * 4 for p in chosen if p.trainable]
         checked.cache[key] = 0 if not sizes else sum(sizes) if foreach else 2 * max(sizes)
     return checked.cache[key]

@@ -32,11 +32,13 @@ from .cost import step_time
 from .hardware import Hardware, parse_bytes, resolve_hardware
 from .layout import AC_MODES, Layout
 from .memory import estimate_step_memory
+from .selective import selective_kept
 from .stack_trace import stack_trace
 
 OBJECTIVES = ("throughput", "memory")
 ALLOW_KEYS = ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ac", "micro_batch", "fp8",
-              "reshard_after_forward", "engine")
+              "reshard_after_forward", "engine", "schedule")
+SCHEDULES = ("1f1b", "gpipe")  # the pipeline schedules searched (planner/pipeline.py)
 
 
 class Model:
@@ -52,6 +54,14 @@ class Model:
         self.graph = ModuleGraph(self.shadow)
         self.trace = stack_trace(self.shadow, args, self.graph.blocks(), compute_dtype)
         self.checks: dict[Any, Checked | Exception] = {}
+        self._args, self._dtype, self._selective = args, compute_dtype, None
+
+    def selective(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Per block: bytes kept and matmul FLOPs recomputed under selective recompute."""
+        if self._selective is None:
+            self._selective = selective_kept(self.shadow, self._args, self.graph.blocks(),
+                                             self._dtype)
+        return self._selective
 
     def check(self, layout: Layout, world_size: int) -> Checked:
         key = layout
@@ -68,16 +78,19 @@ class Model:
 
 
 def evaluate(model: Model, layout: Layout, hw: Hardware, memory_per_rank: int,
-             global_batch: int, seq_len: int, checked: Checked | None = None) -> Candidate:
-    """The predicted memory, bytes and time of ``layout`` (checked unless given)."""
+             global_batch: int, seq_len: int, checked: Checked | None = None,
+             pp_rank: int | None = None) -> Candidate:
+    """The predicted memory, bytes and time of ``layout`` (checked unless given). Under
+    pp the memory and bytes are pipeline rank ``pp_rank``'s (None: the busiest rank's)."""
     checked = checked or model.check(layout, layout.world_size)
     trace = model.trace
     compute_size = 2 if layout.mixed_precision != "no" else 4
     dtype = "bf16" if layout.mixed_precision != "no" else "fp32"
-    mem = estimate_step_memory(checked, trace, layout, hw.foreach_optimizer)
-    comm = step_comm(checked, trace, layout, compute_size)
+    kept, recompute = model.selective() if layout.ac == "selective" else (None, None)
+    mem = estimate_step_memory(checked, trace, layout, hw.foreach_optimizer, pp_rank, kept)
+    comm = step_comm(checked, trace, layout, compute_size, pp_rank)
     params_on_rank = mem.optimizer // 8  # two fp32 states per trainable parameter
-    t = step_time(checked, trace, layout, comm, hw, dtype, params_on_rank)
+    t = step_time(checked, trace, layout, comm, hw, dtype, params_on_rank, recompute)
     step = t.step
     tokens = global_batch * seq_len
     model_flops = (trace.forward_flops + trace.backward_flops) * global_batch
@@ -157,10 +170,14 @@ def variants(sizes, engine, local_batch: int, hw: Hardware, allow: dict,
             for fp8 in _allowed(allow, "fp8", (False, True) if hw.has_fp8 else (False,)):
                 for raf in _allowed(allow, "reshard_after_forward",
                                     (True, False) if engine == "fsdp" else (True,)):
-                    out.append(Layout(pp=pp, dp_replicate=rep, dp_shard=shard, cp=cp, tp=tp,
-                                      engine=engine, ac=ac, micro_batch=mbs, grad_accum=accum,
-                                      fp8=fp8, reshard_after_forward=raf,
-                                      mixed_precision=mixed_precision))
+                    for schedule in (_allowed(allow, "schedule", SCHEDULES) if pp > 1
+                                     else ("1f1b",)):
+                        out.append(Layout(pp=pp, dp_replicate=rep, dp_shard=shard, cp=cp,
+                                          tp=tp, engine=engine, ac=ac, micro_batch=mbs,
+                                          grad_accum=accum, fp8=fp8,
+                                          reshard_after_forward=raf,
+                                          mixed_precision=mixed_precision,
+                                          schedule=schedule))
     return out
 
 
@@ -280,7 +297,7 @@ def _rough(base: Checked, layout: Layout) -> Checked:
     if layout.ac == "none":
         return base
     blocks = base.graph.blocks()
-    chosen = blocks if layout.ac == "full" else blocks[1::2] if layout.ac == "every" else []
+    chosen = blocks[1::2] if layout.ac == "every" else blocks  # full / selective: every block
     d = CheckpointingDecision(modules=list(chosen), mode=layout.ac,
                               selective=layout.ac == "selective",
                               memory=MemoryEffect(checkpointed=tuple(chosen),

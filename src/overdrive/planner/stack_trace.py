@@ -40,14 +40,21 @@ def _cut(model: nn.Module, parent: str, keep: int) -> nn.Module:
     return root
 
 
-def stack_trace(model: nn.Module, args, blocks: list[str], dtype=None) -> Trace:
+def uniform_stack(model: nn.Module, blocks: list[str], least: int = 4) -> str | None:
+    """The ``nn.ModuleList`` holding ``blocks`` when they are one stack of at least
+    ``least`` same-shaped blocks (the first may differ), else None."""
     groups = group_by_parent(blocks)
     parent = groups[0][0].rpartition(".")[0] if len(groups) == 1 else None
     container = model.get_submodule(parent) if parent else None
-    usable = (isinstance(container, nn.ModuleList) and len(blocks) >= 4
+    usable = (isinstance(container, nn.ModuleList) and len(blocks) >= least
               and [f"{parent}.{i}" for i in range(len(container))] == blocks
               and all(_signature(b) == _signature(container[1]) for b in container[1:]))
-    if not usable:
+    return parent if usable else None
+
+
+def stack_trace(model: nn.Module, args, blocks: list[str], dtype=None) -> Trace:
+    parent = uniform_stack(model, blocks)
+    if parent is None:
         whole = meta_copy(model)
         return trace_model(whole.to(dtype) if dtype is not None else whole, args)
     t1, t2 = (trace_model(_cast(_cut(model, parent, k), dtype), args) for k in (1, 2))

@@ -105,22 +105,51 @@ class KeyMap:
     from_model: Callable[[str], str]
 
 
+@dataclass(frozen=True)
+class SyncCollective:
+    """One collective entry summarising what an engine issues in one pass over the model
+    (all its buckets or units): ``op``, ``dtype``, ``numel`` (elements over all of them),
+    ``where`` (the ledger's tag, e.g. "gradient sync (4 gradients)")."""
+
+    op: str
+    dtype: str
+    numel: int
+    where: str
+
+
 class CollectiveTap:
-    """Where a pass reports the collectives its engine issues by itself (from a comm hook
-    inside backward, say): ``tap(op, tensor)`` passes each one to the listener the
-    runtime attaches (its collective ledger's ``note``), or does nothing while none is.
-    ``name`` tags the entries (``where`` names a finer place, e.g. a bucket)."""
+    """Where a pass reports, from a hook of its own (the root's forward, say), that its
+    engine issued the collectives ``entry`` summarises: ``tap()`` passes ``entry`` to the
+    listener the runtime attaches (its collective ledger), or does nothing while none
+    is."""
 
-    __slots__ = ("name", "listener")
+    __slots__ = ("entry", "listener")
 
-    def __init__(self, name: str):
-        self.name = name
-        self.listener: Callable[..., None] | None = None
+    def __init__(self, entry: SyncCollective):
+        self.entry = entry
+        self.listener: Callable[[SyncCollective], None] | None = None
 
-    def __call__(self, op: str, tensor: Any = None, where: str | None = None) -> None:
+    def __call__(self, *_: Any) -> None:
         listener = self.listener
         if listener is not None:
-            listener(op, tensor, where or self.name)
+            listener(self.entry)
+
+
+@dataclass(frozen=True)
+class EngineCollectives:
+    """What a data-parallel engine issues from torch's own C++ and hooks,
+    summarised for the collective ledger — one entry per pass, computed once, never per
+    bucket: ``synced_backward`` for each backward that syncs gradients (not inside
+    ``rt.accumulate``'s no-sync micro-steps), ``unsynced_backward`` for one that does not
+    (re-all-gathers of sharded parameters; None: it issues nothing), and ``forward_tap``, a
+    tap the pass calls from a hook on the root's forward (all-gathers; None: no entry)
+    — forwards happen in user code, where the runtime has no call of its own.
+    The runtime notes them from ``rt.backward``, so a rank that skips a synced backward
+    is caught at the next optimizer step."""
+
+    synced_backward: SyncCollective
+    unsynced_backward: SyncCollective | None = None
+    forward_tap: CollectiveTap | None = None
 
 
 @dataclass
@@ -136,7 +165,7 @@ class Applied:
     optimizer: Any = None  # the optimizer an engine built (or wrapped)
     batch_transform: Callable[[Any], Any] | None = None  # rt.shard_sequence
     key_map: KeyMap | None = None
-    collective_taps: list[CollectiveTap] = field(default_factory=list)
+    engine_collectives: EngineCollectives | None = None
 
 
 @dataclass
@@ -150,10 +179,10 @@ class Handoff:
     optimizer: Any = None
     batch_transforms: list[Callable[[Any], Any]] = field(default_factory=list)
     key_maps: list[KeyMap] = field(default_factory=list)
-    collective_taps: list[CollectiveTap] = field(default_factory=list)
+    engine_collectives: EngineCollectives | None = None
 
     def add(self, name: str, applied: Applied) -> None:
-        for slot in ("gradient_sync", "engine", "optimizer"):
+        for slot in ("gradient_sync", "engine", "optimizer", "engine_collectives"):
             given = getattr(applied, slot)
             if given is not None and getattr(self, slot) is not None:
                 raise PlanError(f"pass '{name}' hands on a second {slot.replace('_', ' ')}; "
@@ -166,7 +195,6 @@ class Handoff:
             self.batch_transforms.append(applied.batch_transform)
         if applied.key_map is not None:
             self.key_maps.append(applied.key_map)
-        self.collective_taps += applied.collective_taps
 
     def transform_batch(self, batch: Any) -> Any:
         for fn in self.batch_transforms:

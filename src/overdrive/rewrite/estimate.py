@@ -89,8 +89,11 @@ def parameter_bytes_per_rank(graph: ModuleGraph, effects: Sequence) -> int:
 
 
 def estimate_memory(graph: ModuleGraph, effects: Sequence, world_size: int,
-                    trace=None) -> MemoryEstimate:
-    """Per-rank memory under ``effects`` (the ``MemoryEffect`` of each pass's decision)."""
+                    trace=None, selective_kept: dict[str, int] | None = None
+                    ) -> MemoryEstimate:
+    """Per-rank memory under ``effects`` (the ``MemoryEffect`` of each pass's decision).
+    ``selective_kept``: per block, the bytes it keeps under op-level (selective)
+    recompute, measured by the caller; without it selective recompute counts as none."""
     notes: list[str] = [n for e in effects for n in e.notes]
     mem = _per_rank(graph, effects)
     if any(e.inference for e in effects):
@@ -100,9 +103,12 @@ def estimate_memory(graph: ModuleGraph, effects: Sequence, world_size: int,
     activations = None
     if trace is not None:
         split = math.prod(e.activation_split for e in effects)
-        activations = _activation_bytes(graph, trace, effects) / split
+        activations = _activation_bytes(graph, trace, effects, selective_kept) / split
         notes.append("activations: one micro-batch of the example inputs, from the meta trace")
-        if any(e.selective for e in effects):
+        if any(e.selective for e in effects) and selective_kept is not None:
+            notes.append("activations: op-level (selective) recompute keeps each block's "
+                         "inputs and the outputs its policy saves (a meta run of the policy)")
+        elif any(e.selective for e in effects):
             notes.append("activations: op-level (selective) recompute counted as none "
                          "(upper bound)")
     return MemoryEstimate(world_size=world_size, parameters=int(mem["parameters"]),
@@ -124,9 +130,9 @@ def _element_size(module: nn.Module) -> int:
 def block_activations(graph: ModuleGraph, trace, blocks: list[str]
                       ) -> tuple[dict[str, int], dict[str, int]]:
     """Per block: (bytes it saves for backward, bytes it keeps when recomputed — its
-    output, the next block's input, in the block's parameter dtype)."""
+    output, the next block's input, in the dtype the trace ran in)."""
     acts = {b: trace[b].activation_bytes for b in blocks}
-    kept = {b: sum(math.prod(s) for s in trace[b].output_shapes)
+    kept = {b: trace[b].output_bytes or sum(math.prod(s) for s in trace[b].output_shapes)
             * _element_size(graph.module(b)) for b in blocks}
     return acts, kept
 
@@ -149,12 +155,20 @@ def activation_estimate(total: int, blocks: list[str], acts: dict[str, int],
     return peak
 
 
-def _activation_bytes(graph: ModuleGraph, trace, effects: Sequence) -> int:
-    """Saved-for-backward bytes of one micro-batch when the effects' blocks recompute."""
+def _activation_bytes(graph: ModuleGraph, trace, effects: Sequence,
+                      selective_kept: dict[str, int] | None = None) -> int:
+    """Saved-for-backward bytes of one micro-batch when the effects' blocks recompute
+    (op-level ones keep ``selective_kept`` bytes, when given)."""
     total = trace.activation_bytes
     chosen = {b for e in effects if not e.selective for b in e.checkpointed}
-    if not chosen:
+    selective = {b for e in effects if e.selective for b in e.checkpointed} \
+        if selective_kept is not None else set()
+    if not chosen and not selective:
         return total
     blocks = [b for b in graph.blocks() if b in trace.modules]
     acts, kept = block_activations(graph, trace, blocks)
-    return activation_estimate(total, blocks, acts, kept, [b for b in blocks if b in chosen])
+    for b in selective - chosen:
+        if b in kept and b in selective_kept:
+            kept[b] = min(selective_kept[b], acts[b])
+    return activation_estimate(total, blocks, acts, kept,
+                               [b for b in blocks if b in chosen | selective])

@@ -69,6 +69,7 @@ class ModuleTrace:
     output_shapes: list[tuple[int, ...]] = field(default_factory=list)
     flops: int = 0  # forward FLOPs, this module and below
     activation_bytes: int = 0  # bytes saved for backward, this module and below
+    output_bytes: int = 0  # bytes of its first output, in the dtype it ran in
 
 
 @dataclass
@@ -168,6 +169,8 @@ def trace_model(model: nn.Module, example_inputs: Any, *, backward: bool = True)
     def post_hook(module, _args, out):
         name = stack.pop()
         records[name].output_shapes = _shapes(out)
+        first = next((t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)), None)
+        records[name].output_bytes = 0 if first is None else first.numel() * first.element_size()
 
     param_ids = {id(p) for p in meta_model.parameters()}
 

@@ -33,6 +33,9 @@ class GradSync:
         if self.n == 1:
             return self
         self.micro += 1
+        ledger = self.rt._ledger
+        if ledger is not None:  # the micro-steps of a step are part of its ledger hash
+            ledger.micro += 1
         loader = self.rt._active_loader
         sync = self.micro >= self.n or (loader is not None and loader.end_of_epoch)
         if sync:

@@ -1,21 +1,26 @@
 """The collective ledger: what each rank issued, compared across ranks to catch desyncs.
 
 The main thread only keeps books. Every collective overdrive issues (the ``rt.gather`` /
-``reduce`` / ``broadcast`` family, checkpointing, export) and each of DDP's bucket
-all-reduces (reported by the ddp pass's comm hook through a ``CollectiveTap``) is noted with a short tag — the
-helper, the op, the dtype and shape — folded into a running CRC-32, and kept in a short
-ring of recent entries. *Points* enter the ring too: an optimizer step, entering a
-collective helper (``rt.save``, ``rt.load``, ``rt.export``, ``rt.gather*``…), the end
-of an ``rt.shard`` epoch; each remembers the hash it was reached with. That is a few
-integer operations per step and no I/O.
+``reduce`` / ``broadcast`` family, checkpointing, export, the step metrics) is noted with
+a short tag — the helper, the op, the dtype and shape — folded into a running CRC-32, and
+kept in a short ring of recent entries. What DDP and FSDP2 issue by themselves is noted
+as one entry per pass over the model (``EngineCollectives``, handed on by the pass): the
+gradient sync of each backward (``rt.backward``; DDP keeps its C++ all-reduce, nothing
+runs per bucket), FSDP2's all-gathers of each root forward (a pre-hook). *Points* enter
+the ring too: an optimizer step (with the ``rt.accumulate`` micro-steps it took),
+entering a collective helper (``rt.save``, ``rt.load``, ``rt.export``, ``rt.gather*``…),
+the end of an ``rt.shard`` epoch; each remembers the hash it was reached with. That is a
+few integer operations per step and no I/O.
 
 A watchdog thread compares the ranks through the TCP store torchrun already runs — its
 own client connection, never a collective that could hang itself. Every ``INTERVAL`` s
 it publishes this rank's position (last point, collective count, the helper or phase it
 is inside, the hash at the point) and reads its neighbours' (ranks r-1 and r+1):
 
-* a neighbour at a point this rank has passed must have reached it with the same hash —
-  else the ranks issued different collectives before it (*mismatch*);
+* a neighbour at a point this rank has passed must have reached it with the same hash,
+  and have issued no more collectives since than this rank had by its next point; at the
+  same count of points and collectives the two hashes now must agree — else the ranks
+  issued different collectives (*mismatch*);
 * when this rank and a neighbour have both stood still at *different* positions for
   ``desync_timeout`` s, one waits for the other, which is elsewhere (*stall*).
 
@@ -27,6 +32,15 @@ Python cannot be interrupted (DDP's C++ all-reduce in backward, user code) logs 
 and exits after ``GRACE`` s, so the launch ends. Detection latency: a stall ≈
 ``desync_timeout`` + 2×``INTERVAL``; a mismatch ≈ 2×``INTERVAL`` after both ranks pass
 the point where they differ.
+
+An optimizer step with no synced backward since the last one (a rank skipped its
+backward) waits in the store until its neighbours are seen there: its next collective
+(the step metrics' all-reduce) would otherwise meet another rank's gradient all-reduce of
+another size, on which gloo aborts the process (SIGABRT, in its transport thread) before
+any Python runs. When a collective raises a backend error anyway (gloo's timeout, a
+connection reset), ``diagnose`` asks the other ranks' watchdogs for their entries
+through the store (at most ``PROBE_WAIT`` s) and raises ``DesyncError`` from that error
+when the ledgers disagree; when they agree the error is re-raised untouched.
 
 The same thread watches the launcher: when ``overdrive launch`` (``OVERDRIVE_LAUNCHER_PID``)
 is gone, the worker exits (its parent was SIGKILLed; nobody would stop it otherwise).
@@ -56,11 +70,13 @@ from ..errors import DesyncError
 log = logging.getLogger("overdrive")
 
 INTERVAL = 0.25  # s between the watchdog's store round trips
+PROBE_WAIT = 1.5  # s a rank whose collective failed waits for the others' entries
 GRACE = 3.0  # s a blocked main thread has to raise before the process exits
 RING = 256  # recent entries kept (and posted when a desync is found)
 # helpers whose ranks wait for another by design, for as long as it takes (rank 0
 # downloading a dataset first): never a stall
 PATIENT = frozenset({"rt.main_process_first"})
+NOTHING = "had issued nothing more"  # a rank's side of an entry it has not reached
 _ALL_DUMPS = 64  # worlds up to this size read every rank's entries on a desync
 
 # The ledger of the runtime helper running now (a context, not a process-wide setting):
@@ -72,8 +88,9 @@ _INSTANCES = itertools.count()  # ledgers made in this process: the same order o
 
 # --------------------------------------------------------------------------- entries
 # An entry is a tuple: ("c", helper, op, dtype, shape, n) for collective #n, or
-# ("p", point, n, op) for a point reached after n collectives, the last an ``op``. A point
-# is an optimizer step (an int) or a label ("rt.save", "rt.shard epoch 0 end").
+# ("p", point, n, op, micro) for a point reached after n collectives, the last an ``op``,
+# and ``micro`` rt.accumulate micro-steps since the last step. A point is an optimizer
+# step (an int) or a label ("rt.save", "rt.shard epoch 0 end").
 # Formatted only when shown.
 
 
@@ -82,8 +99,9 @@ def describe(entry: tuple) -> str:
         _, helper, op, dtype, shape, n = entry
         what = f"{op} {dtype}{list(shape)}" if dtype else op
         return f"issued {what} #{n} in {helper}"
-    _, point, n, op = entry
-    return f"{_label(point)} ({_last(n, op)})"
+    _, point, n, op, micro = entry
+    steps = f"{micro} micro-steps, " if micro else ""
+    return f"{_label(point)} ({steps}{_last(n, op)})"
 
 
 def _last(n: int, op: str = "collective") -> str:
@@ -108,11 +126,18 @@ class Ledger:
         self.last_op = "collective"  # the op of the last one
         self.hash = 0
         self.points = 0  # points passed
+        self.live = (0, 0, 0)  # (points, collectives, hash) after the last entry
         self.inside: str | None = None  # helper / phase in progress
         self.at: tuple = (0, 0, 0, "start")  # (point, hash, n, label) of the last point
         self.entries: deque = deque(maxlen=RING)
         self.total = 0  # entries ever made: the index of the next one
-        self.history: deque = deque(maxlen=4096)  # (point, hash)
+        self.history: deque = deque(maxlen=4096)  # (point, hash, collectives by then)
+        # an engine's gradient sync (DDP, FSDP2): synced backwards noted since the last
+        # optimizer step, and whether one ever was (then a step without one is checked)
+        self.syncs, self.synced_once = 0, False
+        self.micro = 0  # rt.accumulate micro-steps since the last optimizer step
+        self._keys: dict[int, bytes] = {}  # id(SyncCollective) -> its hash key
+        self._answered = 0  # probes (diagnose) this rank's watchdog has answered
         self.error: DesyncError | None = None
         self._raised = False
         self._stop = threading.Event()
@@ -139,20 +164,82 @@ class Ledger:
         self.hash = zlib.crc32(f"{helper}:{op}:{dtype}:{shape}".encode(), self.hash)
         self._add(("c", helper, op, dtype, shape, self.n))
 
+    def note_engine(self, entry, *, synced: bool = False) -> None:
+        """What an engine issues by itself in one pass (DDP's buckets of a backward,
+        FSDP's units of a forward): one entry, its hash key built once. ``synced``: a
+        backward's gradient sync. Never raises (it may run inside a module hook)."""
+        self.n += 1
+        self.last_op = entry.op
+        key = self._keys.get(id(entry))
+        if key is None:
+            key = self._keys[id(entry)] = \
+                f"{entry.where}:{entry.op}:{entry.dtype}:{(entry.numel,)}".encode()
+        self.hash = zlib.crc32(key, self.hash)
+        self._add(("c", entry.where, entry.op, entry.dtype, (entry.numel,), self.n))
+        if synced:
+            self.syncs += 1
+
     def point(self, point: Any) -> None:
-        """A sync point: an optimizer step (an int) or a helper/epoch label."""
+        """A sync point: an optimizer step (an int) or a helper/epoch label.
+
+        At an optimizer step the number of ``rt.accumulate`` micro-steps it took is part
+        of the hash (a rank that skipped one disagrees). A step with no synced backward
+        since the last one, on a runtime whose engine synced gradients before, waits
+        until the neighbours are seen there too (``_confirm``): a rank that skipped its
+        backward must not issue its next collective against another rank's gradient
+        sync — gloo aborts the process on a size mismatch, before anything can report.
+        """
         if self.error is not None:
             self.raise_error()
         self.points += 1
-        self.hash = zlib.crc32(b"s" if isinstance(point, int) else str(point).encode(),
-                               self.hash)
-        self.history.append((self.points, self.hash))
+        micro = 0
+        if isinstance(point, int):
+            micro = self.micro
+            self.hash = zlib.crc32(b"s%d" % micro, self.hash)
+            skipped = self.syncs == 0 and self.synced_once
+            self.synced_once = self.synced_once or self.syncs > 0
+            self.micro = self.syncs = 0
+        else:
+            self.hash = zlib.crc32(str(point).encode(), self.hash)
+            skipped = False
+        self.history.append((self.points, self.hash, self.n))
         self.at = (self.points, self.hash, self.n, point)
-        self._add(("p", point, self.n, self.last_op))
+        self._add(("p", point, self.n, self.last_op, micro))
+        if skipped:
+            self._confirm()
+
+    def _confirm(self) -> None:
+        """Wait until every neighbour is seen at this point or past it (their hashes are
+        compared on the way), or a desync is found and raised. Bounded by the watchdog's
+        stall check (desync_timeout)."""
+        mine = self.at[0]
+        while True:
+            self.check()
+            behind = False
+            for peer in self._peers():
+                theirs = self._read_pos(peer)
+                finding = None if theirs is None else self._diverged(peer, theirs)
+                if finding is not None:
+                    self._post(finding)
+                    self._await_error()
+                behind = behind or theirs is None or theirs[0] < mine
+            if not behind or self._thread is None or not self._thread.is_alive():
+                return
+            time.sleep(INTERVAL / 5)
+
+    def _await_error(self, cause: BaseException | None = None) -> None:
+        """A finding is posted: wait for the watchdog to build the error, and raise it."""
+        deadline = time.monotonic() + GRACE + 4 * INTERVAL
+        while self.error is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if self.error is not None:
+            self._raised = True
+            raise self.error from cause
 
     def _add(self, entry: tuple) -> None:
         self.entries.append((self.total, entry))
         self.total += 1
+        self.live = (self.points, self.n, self.hash)  # one snapshot the watchdog reads
 
     def check(self) -> None:
         if self.error is not None:
@@ -213,10 +300,64 @@ class Ledger:
                 work.wait(timeout=slice_)
                 return
             except RuntimeError as err:
-                if "timed out" not in str(err).lower():
+                if not _slice_expired(err):
                     self.check()
                     raise
                 self.check()
+
+    # -- a collective that failed ----------------------------------------------------
+    def diagnose(self, err: BaseException) -> None:
+        """A collective raised ``err``: when it is the backend's (gloo, NCCL) and the
+        ranks' ledgers disagree — a rank is elsewhere, it issued other collectives — raise
+        the ``DesyncError`` naming both sides, from ``err``. Returns when they agree (the
+        caller re-raises ``err`` untouched) or nothing could be learnt in time.
+
+        This rank posts its entries and asks the others' watchdogs for theirs through the
+        store (a probe, answered within ``INTERVAL``), waiting at most ``PROBE_WAIT`` s;
+        a rank that is gone (killed, aborted) does not answer and is not compared.
+        """
+        if self.error is not None:
+            self._raised = True
+            raise self.error from err
+        if not _backend_error(err) or self.store is None:
+            return
+        try:
+            dumps = self._probe()
+        except Exception:  # noqa: BLE001 — the store is gone too: nothing to learn
+            return
+        finding = _failed_finding(self.rank, dumps, err)
+        if finding is None:
+            return
+        self._post(finding)
+        self._await_error(err)
+
+    def _probe(self) -> dict[int, dict]:
+        k = self.store.add(f"{self.prefix}/probes", 1) - 1
+        base = f"{self.prefix}/probe/{k}"
+        self.store.set(f"{base}/dump/{self.rank}", json.dumps(self._dump()))
+        self.store.set(base, str(self.rank))
+        peers = self._peers()
+        keys = {r: f"{base}/dump/{r}" for r in peers}
+        deadline = time.monotonic() + PROBE_WAIT
+        while time.monotonic() < deadline and not self.store.check(list(keys.values())):
+            time.sleep(0.02)
+        dumps = {self.rank: self._dump()}
+        for r, key in keys.items():
+            if self.store.check([key]):
+                dumps[r] = json.loads(self.store.get(key))
+        return dumps
+
+    def _answer_probes(self) -> None:
+        """The watchdog's side of ``diagnose``: post this rank's entries for each probe."""
+        while self.store.check([f"{self.prefix}/probe/{self._answered}"]):
+            key = f"{self.prefix}/probe/{self._answered}/dump/{self.rank}"
+            if not self.store.check([key]):
+                self.store.set(key, json.dumps(self._dump()))
+            self._answered += 1
+
+    def _dump(self) -> dict:
+        return {"rank": self.rank, "pos": list(self._position()),
+                "entries": [(i, describe(e), _helper_point(e)) for i, e in self.entries]}
 
     # -- the watchdog ----------------------------------------------------------------
     def start(self) -> None:
@@ -235,8 +376,16 @@ class Ledger:
         self.store = None
 
     def _position(self) -> tuple:
-        point, h, _, label = self.at
-        return (point, self.n, self.inside or "", h, _label(label), self.last_op)
+        """(point, collectives, inside, hash at the point, label, last op, hash now): the
+        last one None when the main thread moved on between the reads."""
+        for _ in range(3):
+            points, n, now = self.live
+            point, h, _, label = self.at
+            if point == points:
+                break
+        else:
+            now = None
+        return (point, n, self.inside or "", h, _label(label), self.last_op, now)
 
     def _publish(self, pos: tuple) -> None:
         self.store.set(f"{self.prefix}/pos/{self.rank}", json.dumps(pos))
@@ -256,6 +405,7 @@ class Ledger:
                 if self.store.check([f"{self.prefix}/desync"]):
                     self._conclude()
                     continue
+                self._answer_probes()
                 pos = self._position()
                 now = time.monotonic()
                 if pos != mine:
@@ -282,13 +432,31 @@ class Ledger:
             return None
         return tuple(json.loads(self.store.get(key)))
 
+    def _diverged(self, peer: int, theirs: tuple) -> dict | None:
+        """A mismatch with a neighbour's position, when this rank has passed its point:
+        it reached it with another hash, or it has issued more collectives since than
+        this rank had issued by its next point (one of them came before that point on
+        its side, after it on this one)."""
+        their_point, their_n, their_hash = theirs[0], theirs[1], theirs[3]
+        points, n, now = self.live
+        if (their_point, their_n) == (points, n) and None not in (theirs[6], now) \
+                and theirs[6] != now:  # the same count of points and collectives, not the same ones
+            return {"reason": "mismatch", "ranks": [self.rank, peer], "point": their_point}
+        if their_point > self.at[0]:
+            return None
+        ours = self._at_point(their_point)
+        if ours is not None and ours[0] != their_hash:
+            return {"reason": "mismatch", "ranks": [self.rank, peer], "point": their_point}
+        following = self._at_point(their_point + 1)
+        if following is not None and their_n > following[1]:
+            return {"reason": "mismatch", "ranks": [self.rank, peer], "point": their_point + 1}
+        return None
+
     def _compare(self, mine: tuple, mine_since: float, peer: int, theirs: tuple,
                  theirs_since: float, now: float) -> dict | None:
-        their_point, their_hash = theirs[0], theirs[3]
-        if their_point <= mine[0]:
-            ours = self._hash_at(their_point)
-            if ours is not None and ours != their_hash:
-                return {"reason": "mismatch", "ranks": [self.rank, peer], "point": their_point}
+        finding = self._diverged(peer, theirs)
+        if finding is not None:
+            return finding
         if self.timeout is None or mine[:3] == theirs[:3] or PATIENT & {mine[2], theirs[2]}:
             return None
         still = min(now - mine_since, now - theirs_since)
@@ -296,12 +464,13 @@ class Ledger:
             return {"reason": "stall", "ranks": [self.rank, peer], "seconds": round(still, 1)}
         return None
 
-    def _hash_at(self, point: int) -> int | None:
+    def _at_point(self, point: int) -> tuple[int, int] | None:
+        """(hash, collectives issued) when this rank reached ``point`` (None: not kept)."""
         if point == 0:
-            return 0
-        for p, h in reversed(self.history):
+            return 0, 0
+        for p, h, n in reversed(self.history):
             if p == point:
-                return h
+                return h, n
             if p < point:
                 break
         return None
@@ -313,9 +482,7 @@ class Ledger:
     def _conclude(self) -> None:
         """Every rank posts its entries, reads the others' and builds the same error."""
         finding = json.loads(self.store.get(f"{self.prefix}/desync"))
-        dump = {"rank": self.rank, "pos": list(self._position()),
-                "entries": [(i, describe(e), _helper_point(e)) for i, e in self.entries]}
-        self.store.set(f"{self.prefix}/dump/{self.rank}", json.dumps(dump))
+        self.store.set(f"{self.prefix}/dump/{self.rank}", json.dumps(self._dump()))
         self.store.add(f"{self.prefix}/acks", 1)
         deadline = time.monotonic() + GRACE
         while self.store.add(f"{self.prefix}/acks", 0) < self.world \
@@ -357,8 +524,11 @@ def desync_message(finding: dict, dumps: dict[int, dict], timeout: float | None)
     """What every rank raises: what was found, and where each rank is."""
     where = {r: _where(d) for r, d in dumps.items()}
     a, b = sorted(finding["ranks"])
-    if finding["reason"] == "mismatch":
-        head = f"ranks {a} and {b} issued different collectives"
+    if finding["reason"] in ("mismatch", "failed"):
+        head = f"ranks {a} and {b} issued different collectives" \
+            if finding["reason"] == "mismatch" else \
+            f"a collective failed on rank {finding['failed']} ({finding['error']}) because " \
+            f"ranks {a} and {b} were not in the same one"
         alone = None
         if a in dumps and b in dumps:
             text, alone = _first_divergence(a, dumps[a], b, dumps[b])
@@ -367,6 +537,10 @@ def desync_message(finding: dict, dumps: dict[int, dict], timeout: float | None)
         head = (f"ranks {a} and {b} have stood still at different places for "
                 f"{finding['seconds']} s (desync_timeout={timeout})")
         alone = _alone(dumps)
+        if a in dumps and b in dumps:  # stuck in different collectives: which ones
+            text, _ = _first_divergence(a, dumps[a], b, dumps[b])
+            if NOTHING not in text and text != "not in the recent entries":
+                head += f"; first divergent entry: {text}"
     if alone:
         head = f"{alone}; {head}"
     shown = "; ".join(where[r] for r in sorted(where)[:8])
@@ -377,7 +551,7 @@ def desync_message(finding: dict, dumps: dict[int, dict], timeout: float | None)
 
 
 def _where(dump: dict) -> str:
-    point, n, inside, _, label, op = dump["pos"]
+    point, n, inside, _, label, op = dump["pos"][:6]
     if inside:  # in a helper (its point is the last one) or in rt.backward after a step
         where = f"is in {inside}" if label == f"entered {inside}" else \
             f"is in {inside} ({label.removeprefix('at ')})"
@@ -414,7 +588,7 @@ def _first_divergence(a: int, da: dict, b: int, db: dict) -> tuple[str, str | No
     ea = {e[0]: (e[1], e[2]) for e in da["entries"]}
     eb = {e[0]: (e[1], e[2]) for e in db["entries"]}
     for i in sorted(set(ea) | set(eb)):
-        (ta, ha), (tb, hb) = ea.get(i, ("nothing", None)), eb.get(i, ("nothing", None))
+        (ta, ha), (tb, hb) = ea.get(i, (NOTHING, None)), eb.get(i, (NOTHING, None))
         if ta != tb:
             alone = None
             if ha and ha != hb:
@@ -423,6 +597,42 @@ def _first_divergence(a: int, da: dict, b: int, db: dict) -> tuple[str, str | No
                 alone = f"{hb} called on ranks [{b}] only; every rank must call it"
             return f"rank {a} {ta}, rank {b} {tb} (entry #{i})", alone
     return "not in the recent entries", None
+
+
+def _failed_finding(rank: int, dumps: dict[int, dict], err: BaseException) -> dict | None:
+    """After a failed collective: the finding when another rank's ledger disagrees
+    with this one's (an entry differs, or one has gone on: they were not in the same
+    collective), else None — the ranks were in the same one; the error is the backend's."""
+    mine = dumps[rank]
+    for peer in sorted(set(dumps) - {rank}):
+        theirs = dumps[peer]
+        text, _ = _first_divergence(rank, mine, peer, theirs)
+        if text != "not in the recent entries" or mine["pos"][:2] != theirs["pos"][:2]:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            return {"reason": "failed", "ranks": sorted([rank, peer]), "failed": rank,
+                    "error": _short(first)}
+    return None
+
+
+def _short(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _backend_error(err: BaseException) -> bool:
+    """An error of the communication backend (gloo, NCCL, the store), not of user code."""
+    dist_error = getattr(dist, "DistError", None)
+    if dist_error is not None and isinstance(err, dist_error):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        word in text for word in ("gloo", "NCCL", "nccl", "Connection reset", "Connection closed"))
+
+
+def _slice_expired(err: BaseException) -> bool:
+    """``work.wait(timeout=...)``'s own expiry (the wait ends, the collective goes on), not
+    the process group's timeout (gloo: "Timed out waiting ...ms for recv")."""
+    text = str(err)
+    return "timed out" in text.lower() and not _backend_error(err)
 
 
 # --------------------------------------------------------------------------- wiring
@@ -489,11 +699,15 @@ def collective(_name: str, _fn: Callable, *args: Any, tensor: torch.Tensor | Non
     if ledger is None:
         return _fn(*args, **kwargs)
     ledger.note(_name, tensor)
-    if tensor is None or tensor.device.type != "cpu":
-        # objects and barriers: torch's own call. Accelerator collectives too: a timed
-        # wait on NCCL blocks the host and may abort the communicator on expiry
-        return _fn(*args, **kwargs)
-    ledger.wait(_fn(*args, async_op=True, **kwargs))  # gloo: in slices
+    try:
+        if tensor is None or tensor.device.type != "cpu":
+            # objects and barriers: torch's own call. Accelerator collectives too: a timed
+            # wait on NCCL blocks the host and may abort the communicator on expiry
+            return _fn(*args, **kwargs)
+        ledger.wait(_fn(*args, async_op=True, **kwargs))  # gloo: in slices
+    except RuntimeError as err:
+        ledger.diagnose(err)  # raises DesyncError when the ranks' ledgers disagree
+        raise
     return None
 
 

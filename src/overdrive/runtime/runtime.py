@@ -98,8 +98,9 @@ class Runtime:
         self._ledger = make_ledger(desync_timeout)
         if self._ledger is not None:
             weakref.finalize(self, self._ledger.stop)
-            for tap in self._handoff.collective_taps:  # DDP's buckets, noted as they go
-                tap.listener = self._ledger.note_quietly
+            engine = self._handoff.engine_collectives
+            if engine is not None and engine.forward_tap is not None:  # FSDP's forwards
+                engine.forward_tap.listener = self._ledger.note_engine
         self._tracking, self._meter = self._make_tracking(tracking, flops_model)
         self._profiler = None  # the active rt.profile, stepped with the optimizer
         if optimizer is not None:
@@ -235,9 +236,18 @@ class Runtime:
             return self._backward(loss, kwargs)
         if ledger.error is not None:
             ledger.raise_error()
+        engine = self._handoff.engine_collectives
+        if engine is not None:  # what DDP / FSDP2 issue in this backward: one entry
+            if self._grad_sync._synced:
+                ledger.note_engine(engine.synced_backward, synced=True)
+            elif engine.unsynced_backward is not None:
+                ledger.note_engine(engine.unsynced_backward)
         ledger.inside = "rt.backward"  # a peer stalled meanwhile names it
         try:
             self._backward(loss, kwargs)
+        except RuntimeError as err:  # the engine's collective failed: a desync?
+            ledger.diagnose(err)
+            raise
         finally:
             ledger.inside = None
         return None

@@ -167,7 +167,12 @@ class StepMeter:
             ledger = self.rt._ledger
             if ledger is not None:  # every rank logs the same steps: a collective like any
                 ledger.note("all_reduce", packed, "step metrics")
-            dist.all_reduce(packed, group=self._dp_group())
+            try:
+                dist.all_reduce(packed, group=self._dp_group())
+            except RuntimeError as err:
+                if ledger is not None:
+                    ledger.diagnose(err)  # raises DesyncError when the ranks disagree
+                raise
             if not self._main:
                 return 0.0, 0, 0, 0, None
         else:
