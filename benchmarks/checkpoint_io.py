@@ -10,10 +10,13 @@ save writes a fresh path, as training writes step-N after step-N-1:
   torch.save                 torch.save / torch.load(weights_only=True) + copy_ into the model
   dcp                        torch.distributed.checkpoint.save / load into the model
   accelerate                 Accelerator.save_state / load_state (row says why if missing)
-Every save is timed until the data is on disk (os.sync() after the save returns; overdrive
-and DCP also fsync their files). Loads read a file just written, so they mostly come from
-the page cache: load MB/s measures deserialisation more than the disk. ``rt_load_reads``
-says how rt.load read its records (straight into the parameters, or not).
+Every save is timed until its data is on disk: every file it wrote, and its directories,
+are fsynced after the save returns (``fsync_tree``; overdrive and DCP fsync their files
+inside the save already, so for them that pass finds nothing left to write). Not os.sync():
+on a shared machine it also waits for every other process's dirty pages. Loads read a
+file just written, so they mostly come from the page cache: load MB/s measures
+deserialisation and memory bandwidth more than the disk. ``rt_load_reads`` says how
+rt.load read its records (straight into the parameters, or not).
 Then the training loop's stall under an async rt.save (``async_stall``), and rt.save on 2
 ranks (torchrun, a fully_shard-ed model: each rank writes half) vs 1.
 """
@@ -110,11 +113,23 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
-def timed(fn, sync: bool) -> float:
+def fsync_tree(path: Path) -> None:
+    """fsync ``path`` (a file, or every file and directory under it) and its parent."""
+    paths = [path] if not path.is_dir() else [*sorted(path.rglob("*")), path]
+    for p in [*paths, path.parent]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def timed(fn, sync: Path | None) -> float:
+    """Seconds of ``fn()``, and of fsyncing what it wrote under ``sync`` (None: no sync)."""
     t = time.perf_counter()
     fn()
-    if sync:
-        os.sync()
+    if sync is not None:
+        fsync_tree(sync)
     return time.perf_counter() - t
 
 
@@ -158,8 +173,8 @@ def single_process(rounds: int, base: Path) -> dict:
         for k in names[r % len(names):] + names[:r % len(names)]:  # rotating order
             save, load = runnable[k]
             dest = base / f"{names.index(k)}-{r}"
-            times[k]["save"].append(timed(lambda: save(dest), sync=True))
-            times[k]["load"].append(timed(lambda: load(dest), sync=False))
+            times[k]["save"].append(timed(lambda: save(dest), sync=dest))
+            times[k]["load"].append(timed(lambda: load(dest), sync=None))
             remove(dest)
     rows = {}
     for k, v in vs.items():
@@ -212,7 +227,7 @@ def async_stall(rounds: int, base: Path, steps: int = 6) -> dict:
     holds the weights and both moments: 3x the bytes of the rows above), one compute
     thread (of the machine's cores: the writer threads get the others, as next to a GPU
     job's loop). Each round times ``steps`` clean steps, then a synced ``rt.save`` (to disk,
-    os.sync), then the loop with an async save: the ``rt.save(async_=True)`` call, every
+    its files fsynced), then the loop with an async save: the ``rt.save(async_=True)`` call, every
     step taken while the background write runs, and the ``rt.wait_for_save()`` that
     publishes it. The stall is that window's time minus as many clean steps (the round's
     median, from steps before and after it): the staging copy, the publication, and
@@ -239,10 +254,11 @@ def async_stall(rounds: int, base: Path, steps: int = 6) -> dict:
     rt.wait_for_save()
     remove(base / "warm")
     out = {"clean_step_s": [], "synced_save_s": [], "stall_s": [], "overlapped_steps": [],
-           "save_call_s": [], "publish_s": []}
+           "overlapped_step_s": [], "save_call_s": [], "publish_s": []}
     for r in range(rounds):
         before = [step() for _ in range(steps)]
-        out["synced_save_s"].append(timed(lambda: rt.save(base / f"sync-{r}"), sync=True))
+        out["synced_save_s"].append(timed(lambda: rt.save(base / f"sync-{r}"),
+                                          sync=base / f"sync-{r}"))
         remove(base / f"sync-{r}")
         t = time.perf_counter()
         rt.save(base / f"async-{r}", async_=True)
@@ -253,13 +269,13 @@ def async_stall(rounds: int, base: Path, steps: int = 6) -> dict:
         while not done.done() and len(overlapped) < 200:
             overlapped.append(step())
         t = time.perf_counter()
-        rt.wait_for_save()
-        os.sync()
+        rt.wait_for_save()  # fsyncs the manifest, the marker and the rename
         publish = time.perf_counter() - t
         clean = statistics.median(before + [step() for _ in range(steps)])  # around it
         out["clean_step_s"].append(clean)
         out["stall_s"].append(call + sum(overlapped) - clean * len(overlapped) + publish)
         out["overlapped_steps"].append(len(overlapped))
+        out["overlapped_step_s"].append(statistics.median(overlapped) if overlapped else clean)
         out["save_call_s"].append(call)
         out["publish_s"].append(publish)
         remove(base / f"async-{r}")
@@ -269,6 +285,7 @@ def async_stall(rounds: int, base: Path, steps: int = 6) -> dict:
             "stall_vs_synced_save": round(med["stall_s"] / med["synced_save_s"], 3),
             "blocking_vs_synced_save": round((med["save_call_s"] + med["publish_s"])
                                              / med["synced_save_s"], 3),
+            "overlapped_step_vs_clean": round(med["overlapped_step_s"] / med["clean_step_s"], 3),
             "rounds": {k: [round(x, 4) for x in v] for k, v in out.items()}}
 
 
@@ -299,9 +316,7 @@ def worker(base: str, rounds: int, threads: int | None) -> None:
     for i in range(rounds):
         rt.barrier()
         t = time.perf_counter()
-        rt.save(Path(base) / f"r{i}")
-        if rt.is_main:
-            os.sync()
+        rt.save(Path(base) / f"r{i}")  # fsyncs every file it wrote before returning
         rt.barrier()
         times.append(time.perf_counter() - t)
         if rt.is_main:  # removing it is not part of the save (as in single_process)
@@ -369,13 +384,19 @@ def main() -> None:
     targets = [
         target("rt.load / (safetensors load_file + copy_ into the model) (1 process)",
                ours["load_vs_safetensors+copy"], 1.5),
-        target("rt.save+rt.load / safetensors save_file + load_file + copy_ (1 process)",
+        target("rt.save+rt.load / safetensors save_file + load_file + copy_ (1 process; both "
+               "saves fsynced: rt.save inside the call, save_file's file right after it)",
                ours["save+load_vs_safetensors+copy"], 1.2),
+        target("rt.save / safetensors save_file + fsync (reference: the save half)",
+               ours["save_s"] / rows["safetensors+copy"]["save_s"], None),
         target("async rt.save: training-loop stall / synced rt.save time",
                stall["stall_vs_synced_save"], 0.1),
         target("async rt.save: the loop blocked in the call and the publication / synced "
                "rt.save time (reference: the stall without the writer threads' share of the "
                "cores)", stall["blocking_vs_synced_save"], None),
+        target("async rt.save: median training step while the background write runs / clean "
+               "step (reference: the writers' share of the loop's cores)",
+               stall["overlapped_step_vs_clean"], None),
         target("rt.save+rt.load / plain safetensors save+load, its load not copied into the "
                "model (reference, no target)",
                (ours["save_s"] + ours["load_s"]) / (rows["safetensors"]["save_s"]
@@ -400,7 +421,9 @@ def main() -> None:
         "async_save_stall": stall, "multi_rank_rt_save": multi,
         "targets": targets,
         "notes": "weights only (no optimizer tensors) so every variant writes the same "
-                 "bytes; saves timed to disk (os.sync), loads mostly from the page cache and "
+                 "bytes; saves timed to disk (every written file and directory fsynced: rt.save and "
+                 "dcp inside the call, the others right after it), loads mostly from the page "
+                 "cache and "
                  "into the model's parameters (plain safetensors: summed instead); the "
                  "machine's CPUs and disk are shared, expect noise",
     })

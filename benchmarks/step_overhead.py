@@ -187,16 +187,22 @@ def raw_variant(w: Workload, accum: int, distributed: bool) -> Callable:
         batches = Batches(user_loader(w, False))
     opt = sgd(model.parameters())
 
-    def step():
+    def step():  # DDP: no_sync() on the micro-steps before the last
         for i in range(accum):
             batch = batches.next()
-            sync = i == accum - 1
-            with (model.no_sync() if distributed and not sync else _null):
+            with (model.no_sync() if i < accum - 1 else _null):
                 loss = w.loss(model, batch)
                 (loss / accum if accum > 1 else loss).backward()
         opt.step()
         opt.zero_grad()
-    return step
+
+    def step_one_process():  # what a single-process loop writes: no context per micro-step
+        for _ in range(accum):
+            loss = w.loss(model, batches.next())
+            (loss / accum if accum > 1 else loss).backward()
+        opt.step()
+        opt.zero_grad()
+    return step if distributed else step_one_process
 
 
 class _Null:

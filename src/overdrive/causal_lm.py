@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 IGNORE_INDEX = -100
+_NOT_MAPPINGS = (tuple, list, torch.Tensor)
 
 
 def _forward_params(model: nn.Module) -> dict[str, inspect.Parameter]:
@@ -70,7 +71,8 @@ def takes_num_items(model: nn.Module) -> bool:
 def targets(batch: Any, shifts: bool) -> torch.Tensor | None:
     """The batch's targets as the loss sees them (the rule above), or None when the batch
     is not a mapping carrying a ``labels`` / ``shift_labels`` tensor."""
-    if not isinstance(batch, Mapping):
+    cls = type(batch)  # a tuple or tensor batch is answered without the Mapping ABC check
+    if cls in _NOT_MAPPINGS or (cls is not dict and not isinstance(batch, Mapping)):
         return None
     shifted = batch.get("shift_labels")
     if isinstance(shifted, torch.Tensor):

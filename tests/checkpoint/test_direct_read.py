@@ -141,7 +141,7 @@ def test_a_corrupted_byte_is_refused_before_any_record_is_read(tmp_path, monkeyp
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     touched = []
-    monkeypatch.setattr(checkpoint_read, "read_file", lambda *a, **k: touched.append(a))
+    monkeypatch.setattr(checkpoint_read, "read_data", lambda *a, **k: touched.append(a))
     rt2 = _runtime(seed=7)
     before = runtime_state(rt2)
     with pytest.raises(od.CheckpointCorrupt, match=r"__0_0.distcp: crc32 differs"):

@@ -302,7 +302,7 @@ def test_io_threads_follow_the_cores_per_local_rank(monkeypatch):
     assert io_threads() == 1  # 8 ranks on 2 cores: never below one
 
 
-def test_load_reads_the_rank_files_on_parallel_threads(tmp_path, monkeypatch):
+def test_load_reads_the_rank_files_in_pieces_on_parallel_threads(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     rt, loader = _runtime(n_layers=4)
@@ -312,19 +312,18 @@ def test_load_reads_the_rank_files_on_parallel_threads(tmp_path, monkeypatch):
     assert len(files) == 4
     from overdrive.runtime import checkpoint_read
 
-    reads, read_file = [], checkpoint_read.read_file
+    reads, pread_into = [], checkpoint_read.MappedFile.pread_into
 
-    def recording(root, rel, items, storage_data, planner, layouts=None):
-        names = {storage_data[i.storage_index].relative_path for i in items}
-        reads.append((threading.get_ident(), names))
-        return read_file(root, rel, items, storage_data, planner, layouts)
+    def recording(self, target, start, nbytes, at=0):
+        reads.append((threading.get_ident(), self.fd, nbytes))
+        return pread_into(self, target, start, nbytes, at)
 
-    monkeypatch.setattr(checkpoint_read, "read_file", recording)
+    monkeypatch.setattr(checkpoint_read.MappedFile, "pread_into", recording)
     rt2, _ = _runtime(seed=7, n_layers=4)
     rt2.load(tmp_path / "ck")
-    assert sorted(n for _, names in reads for n in names) == sorted(files)
-    assert all(len(names) == 1 for _, names in reads)  # each file read once, whole
-    assert threading.get_ident() not in {thread for thread, _ in reads}  # on the pool
+    assert len({fd for _, fd, _ in reads}) == len(files)  # every file read
+    assert max(n for _, _, n in reads) <= checkpoint_read.CHUNK  # in pieces
+    assert threading.get_ident() not in {thread for thread, _, _ in reads}  # on the pool
     for k, v in rt.model.state_dict().items():
         assert torch.equal(v, rt2.model.state_dict()[k]), k
     sd, sd2 = rt.optimizer.state_dict()["state"], rt2.optimizer.state_dict()["state"]
@@ -335,7 +334,56 @@ def test_manifest_checksums_are_plain_crc32(tmp_path):
     """zlib-ng computes them faster; the values are zlib's, so any crc32 tool checks them."""
     import zlib
 
-    data = os.urandom((3 << 20) + 17)
+    from overdrive.runtime import checkpoint_crc
+
+    chunk = checkpoint_crc.CHUNK
+    data = os.urandom(2 * chunk + 17)
     (tmp_path / "f").write_bytes(data)
     assert cf.crc32_file(tmp_path / "f") == zlib.crc32(data)
-    assert cf.write_file(tmp_path / "g", data) == {"size": len(data), "crc32": zlib.crc32(data)}
+    assert cf.write_file(tmp_path / "g", data) == {
+        "size": len(data), "crc32": zlib.crc32(data), "chunk": chunk,
+        "chunks": [zlib.crc32(data[i:i + chunk]) for i in range(0, len(data), chunk)]}
+    assert cf.describe_files(tmp_path, ["f"])["f"] == cf.write_file(tmp_path / "g", data)
+
+
+def test_a_manifest_without_chunk_crc32s_still_loads(tmp_path):
+    """Checkpoints written before the manifest's version 2 hold only whole-file crc32s:
+    they are checked a file at a time, and a damaged one is still refused."""
+    import json
+
+    rt, loader = _runtime()
+    _train(rt, loader, 1)
+    rt.save(tmp_path / "ck")
+    path = tmp_path / "ck" / cf.MANIFEST
+    doc = json.loads(path.read_text())
+    assert doc["version"] == cf.MANIFEST_VERSION
+    old = {"files": {n: {"size": e["size"], "crc32": e["crc32"]} for n, e in doc["files"].items()}}
+    path.write_text(json.dumps(old))
+    rt2, _ = _runtime(seed=7)
+    rt2.load(tmp_path / "ck")
+    for k, v in rt.model.state_dict().items():
+        assert torch.equal(v, rt2.model.state_dict()[k]), k
+    shard = tmp_path / "ck" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(od.CheckpointCorrupt, match=r"__0_0.distcp: crc32 differs"):
+        _runtime(seed=7)[0].load(tmp_path / "ck")
+
+
+def test_a_damaged_chunk_crc32_list_is_refused(tmp_path):
+    import json
+
+    rt, loader = _runtime()
+    rt.save(tmp_path / "ck")
+    path = tmp_path / "ck" / cf.MANIFEST
+    doc = json.loads(path.read_text())
+    doc["files"]["__0_0.distcp"]["chunks"].append(0)
+    path.write_text(json.dumps(doc))
+    with pytest.raises(od.CheckpointCorrupt, match=r"chunk crc32s of '__0_0.distcp'.*needs"):
+        _runtime(seed=7)[0].load(tmp_path / "ck")
+    doc["files"]["__0_0.distcp"]["chunks"][0] ^= 1
+    doc["files"]["__0_0.distcp"]["chunks"].pop()
+    path.write_text(json.dumps(doc))
+    with pytest.raises(od.CheckpointCorrupt, match=r"__0_0.distcp: crc32 differs"):
+        _runtime(seed=7)[0].load(tmp_path / "ck")

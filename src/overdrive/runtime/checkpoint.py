@@ -30,7 +30,7 @@ DeepSpeed's rules. ``checkpoint_deepspeed.py`` fsyncs them and makes DeepSpeed r
 with ``weights_only=True`` (and says what stays trusted).
 
 Load checks, then restores (``load``): every rank reads and checks its share of the files
-and records and all of its own small state, the ranks agree (``_agreed``: one rank's
+(crc32s on the I/O threads, ``_verified_prepare``) and records and all of its own small state, the ranks agree (``_agreed``: one rank's
 refusal is raised on every rank), and only then does any rank restore. Tensors are not
 staged in a second copy: each DCP record is checked on the meta device first (its pickle
 and zip layout, no data read), so the read into the model's own storage that follows can
@@ -39,7 +39,8 @@ and every failure, DCP's ``CheckpointException`` (a BaseException) included, is 
 a ``CheckpointError``; a failed save removes its temporary directory (``_discard``).
 
 ``async_=True``: tensors are staged to CPU memory (a copy kept for the next async save,
-``_stager``), written by a background thread, and the checkpoint is published (manifest, marker, rename) by the next ``save``/``load``,
+``_stager``), written by background threads at the lowest CPU priority
+(``cf.ChecksumWriter(background=True)``), and the checkpoint is published (manifest, marker, rename) by the next ``save``/``load``,
 ``rt.wait_for_save()``, or at the latest when the interpreter exits (an ``atexit`` hook):
 until then ``path`` does not exist yet.
 """
@@ -48,6 +49,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
+import gc
 import logging
 import os
 import random
@@ -98,6 +101,25 @@ def io_threads() -> int:
     """
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, min(4, (os.cpu_count() or 1) // max(1, local_ranks)))
+
+
+def _without_gc(fn):
+    """Run ``fn`` with Python's cyclic garbage collector paused (as torch's own
+    ``get_state_dict`` does): a save or load builds thousands of small objects (DCP plans,
+    metadata, record parsers), which set off full collections of the whole heap — tens of
+    ms each with torch and transformers loaded, most of the fixed cost of a load that was
+    measured. Reference counting still frees everything; the collector resumes after, as
+    it was (a paused collector stays paused)."""
+    @functools.wraps(fn)
+    def paused(*args, **kwargs):
+        was = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if was:
+                gc.enable()
+    return paused
 
 
 # --------------------------------------------------------------------------- process group
@@ -279,6 +301,7 @@ class PendingSave:
 _UNPUBLISHED: set[PendingSave] = set()
 
 
+@_without_gc
 def save(rt, path: str | Path, *, keep_last: int | None = None, async_: bool = False) -> None:
     """Write the whole training state to ``path`` atomically (every rank calls this)."""
     wait_for_save(rt)
@@ -363,7 +386,8 @@ def _write_tensors(rt, p: PendingSave, tensors: Any, async_: bool) -> None:
     if engine is not None:
         ds.save(engine, p.tmp)
         return
-    p.writer = cf.ChecksumWriter(str(p.tmp), sync_files=True, thread_count=io_threads())
+    p.writer = cf.ChecksumWriter(str(p.tmp), sync_files=True, thread_count=io_threads(),
+                                 background=async_)
     group = _dcp_group(rt)
     with _quiet(group):
         if async_:
@@ -494,7 +518,7 @@ def _publish(p: PendingSave, group, rank: int, world: int) -> None:
 def _put_in_place(p: PendingSave, entries: dict[str, dict[str, int]]) -> None:
     """Rank 0: manifest, marker, rename to ``path``, prune the series."""
     cf.check_sizes(p.tmp, entries)
-    cf.write_file(p.tmp / cf.MANIFEST, _json({"files": entries}))
+    cf.write_file(p.tmp / cf.MANIFEST, _json({"version": cf.MANIFEST_VERSION, "files": entries}))
     cf.write_marker(p.tmp, p.meta)
     cf.publish(p.tmp, p.path)
     (p.path / cf.LOCK).unlink(missing_ok=True)
@@ -516,6 +540,7 @@ def _json(obj: Any) -> bytes:
 # --------------------------------------------------------------------------- load
 
 
+@_without_gc
 def load(rt, path: str | Path, *, verify: bool = True) -> dict[str, Any]:
     """Restore everything ``save`` wrote; returns the checkpoint's marker (step, plan…).
 
@@ -529,8 +554,7 @@ def load(rt, path: str | Path, *, verify: bool = True) -> dict[str, Any]:
     group = _group(rt)
     rank, world = _world()
     path, meta, manifest = _agreed(lambda: _open(Path(path).absolute(), rank), group)
-    _verify(path, manifest, group, verify)
-    todo = _agreed(lambda: _prepare(rt, path, meta, manifest, rank, world), group)
+    todo = _verified_prepare(rt, path, meta, manifest, group, verify)
     _agreed(lambda: _restore(rt, todo, meta, rank, group), group,
             what="the load while restoring, after every check passed (this runtime may be "
                  "partly restored; load a checkpoint again before training)")
@@ -749,13 +773,34 @@ def _check_rng(state: dict[str, Any], device: torch.device, where: Path) -> None
                                 "written by overdrive") from None
 
 
-def _verify(path: Path, manifest: dict[str, dict[str, int]], group, crc: bool) -> None:
+def _verified_prepare(rt, path: Path, meta: dict[str, Any],
+                      manifest: dict[str, dict[str, int]], group, crc: bool) -> _Load:
+    """The files' check (sizes, and the crc32s on the I/O threads in the background; each
+    rank checks its share of the files) and ``_prepare`` (keys, records, small states:
+    mostly Python, on this thread) run at the same time. Damage found by any rank is raised
+    first on every rank, whatever ``_prepare`` made of the damaged bytes; only then are
+    ``_prepare``'s own refusals agreed on. Nothing is restored before both are done."""
     rank, world = _world()
-    names = sorted(manifest)
-    problems = cf.verify_files(path, manifest, names[rank::world], crc, io_threads())
+    checking = cf.start_verify(path, manifest, sorted(manifest)[rank::world], crc,
+                               io_threads())
+    todo, refusal = None, None
+    try:
+        try:
+            todo = _prepare(rt, path, meta, manifest, rank, world)
+        except _FAILURES as e:  # raised below, once the files are known to be whole
+            refusal = e
+    finally:
+        problems = checking.result()
     problems = [p for part in _all_gather(problems, group) for p in part]
     if problems:
         raise CheckpointCorrupt(f"checkpoint {path} is damaged: " + "; ".join(problems))
+
+    def prepared() -> _Load:
+        if refusal is not None:
+            raise refusal
+        return todo
+
+    return _agreed(prepared, group)
 
 
 def _load_dcp(rt, todo: _Load, group) -> None:

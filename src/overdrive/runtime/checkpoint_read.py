@@ -14,19 +14,27 @@ parser the pre-load check uses), and its bytes go to the destination once:
 - ``unpickled``: ``torch.load(weights_only=True)`` of the record, as DCP does — a record
   the parser does not recognise (another pickle layout, big-endian bytes).
 
+Every record is planned (parsed, its destination resolved) before a byte moves; then the
+bytes move in pieces of at most ``CHUNK`` (8 MiB) spread over the I/O threads, whatever
+files they are in.
+
 Every record was checked before the load began (``checkpoint_files.check_records``); an
 unexpected layout here can only come from a file changed since, and is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
+import functools
 import io
 import mmap
 import os
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
 import torch
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.planner import LoadItemType
@@ -35,6 +43,7 @@ from ..errors import CheckpointCorrupt
 from . import checkpoint_files as cf
 
 _MAX_PREAD = 1 << 30  # Linux moves at most ~2 GiB a call; stay well below
+CHUNK = 8 << 20  # the piece one thread moves at a time
 
 
 @dataclasses.dataclass
@@ -77,9 +86,10 @@ class MappedFile:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def pread_into(self, target: torch.Tensor, start: int, nbytes: int) -> None:
-        """``nbytes`` bytes at ``start`` into ``target``'s memory (contiguous, CPU)."""
-        base, done = target.data_ptr(), 0
+    def pread_into(self, target: torch.Tensor, start: int, nbytes: int, at: int = 0) -> None:
+        """``nbytes`` bytes at ``start`` into ``target``'s memory (contiguous, CPU) from
+        its byte ``at`` on."""
+        base, done = target.data_ptr() + at, 0
         while done < nbytes:
             n = min(nbytes - done, _MAX_PREAD)
             got = os.preadv(self.fd, [(ctypes.c_char * n).from_address(base + done)],
@@ -98,25 +108,24 @@ class MappedFile:
         return raw.view(dtype)
 
 
-def read_file(root: Path, rel: str, items: list, storage_data: dict, planner,
-              layouts: dict | None = None) -> ReadCounts:
-    """Every ``ReadItem`` of ``items`` (all in file ``rel``) into its destination;
-    ``layouts``: records already parsed by the pre-load check."""
-    counts = ReadCounts()
-    path = cf.inside(root, rel)
-    with MappedFile(path) as f:
-        for item in sorted(items, key=lambda i: storage_data[i.storage_index].offset):
-            info = storage_data[item.storage_index]
-            if item.type == LoadItemType.BYTE_IO:  # SafeLoadPlanner refuses it
-                planner.load_bytes(item, io.BytesIO())
-                continue
-            layout = (layouts or {}).get(item.storage_index)
-            _read_item(f, path, info, item, planner, counts, layout)
-    return counts
+def _plan_file(f: MappedFile, path: Path, items: list, storage_data: dict, planner,
+               layouts: dict, counts: ReadCounts) -> list:
+    """The reads of ``items`` (all in ``f``): ``(item, target, [job, ...])`` each; a job
+    moves one piece of at most ``CHUNK`` bytes and releases the GIL while it does."""
+    out = []
+    for item in sorted(items, key=lambda i: storage_data[i.storage_index].offset):
+        info = storage_data[item.storage_index]
+        if item.type == LoadItemType.BYTE_IO:  # SafeLoadPlanner refuses it
+            planner.load_bytes(item, io.BytesIO())
+            continue
+        target, jobs = _plan_item(f, path, info, item, planner, counts,
+                                  layouts.get(item.storage_index))
+        out.append((item, target, jobs))
+    return out
 
 
-def _read_item(f: MappedFile, path: Path, info, item, planner, counts: ReadCounts,
-               layout: cf.RecordLayout | None) -> None:
+def _plan_item(f: MappedFile, path: Path, info, item, planner, counts: ReadCounts,
+               layout: cf.RecordLayout | None) -> tuple[torch.Tensor, list]:
     where = f"{path}: the record of {item.storage_index.fqn!r}"
     if info.offset + info.length > f.size:
         raise CheckpointCorrupt(f"{where} ends past the file's {f.size} bytes; the file "
@@ -124,26 +133,24 @@ def _read_item(f: MappedFile, path: Path, info, item, planner, counts: ReadCount
     if layout is None:
         layout = _layout(f, info)
     target = planner.resolve_tensor(item).detach()
-    if layout is None:
-        source = narrow_tensor_by_index(_unpickle(f, info, where), item.storage_offsets,
-                                        item.lengths)
-        _copy(target, source, where)
+    if layout is None:  # unpickled when its turn comes: one such record in memory at a time
         counts.unpickled += 1
-    else:
-        start = info.offset + layout.data_start
-        piece = _piece(layout, item)
-        if _direct(target, layout, piece):
-            offset, numel = piece.storage_offset(), piece.numel()
-            size = numel * layout.itemsize
-            f.pread_into(target, start + offset * layout.itemsize, size)
-            counts.direct += 1
-            counts.direct_bytes += size
-        else:
-            flat = f.view(start, layout.nbytes, layout.dtype)
-            source = flat.as_strided(piece.shape, piece.stride(), piece.storage_offset())
-            _copy(target, source, where)
-            counts.copied += 1
-    planner.commit_tensor(item, target)
+        return target, [lambda: _copy(target, narrow_tensor_by_index(
+            _unpickle(f, info, where), item.storage_offsets, item.lengths), where)]
+    start = info.offset + layout.data_start
+    piece = _piece(layout, item)
+    if _direct(target, layout, piece):
+        size = piece.numel() * layout.itemsize
+        first = start + piece.storage_offset() * layout.itemsize
+        counts.direct += 1
+        counts.direct_bytes += size
+        return target, [functools.partial(f.pread_into, target, first + at, min(CHUNK, size - at),
+                                          at)
+                        for at in range(0, size, CHUNK)]
+    flat = f.view(start, layout.nbytes, layout.dtype)
+    source = flat.as_strided(piece.shape, piece.stride(), piece.storage_offset())
+    counts.copied += 1
+    return target, [lambda: _copy(target, source, where)]
 
 
 def _layout(f: MappedFile, info) -> cf.RecordLayout | None:
@@ -196,21 +203,29 @@ def _unpickle(f: MappedFile, info, where: str) -> torch.Tensor:
 
 def read_data(root: Path, plan, storage_data: dict, planner, threads: int,
               layouts: dict | None = None) -> ReadCounts:
-    """A load plan's items, a file per thread (reading, parsing and copying overlap:
-    ``preadv`` and ``copy_`` release the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """A load plan's items: every file mapped, every record planned (parsed, its
+    destination resolved: what can still be refused is refused here, before a byte moves),
+    then the pieces of at most ``CHUNK`` bytes moved on ``threads`` threads (``preadv`` and
+    ``copy_`` release the GIL; pieces, not files, so the threads stay busy however the
+    bytes are spread over the files), then each item committed."""
     per_file: dict[str, list] = {}
     for item in plan.items:
         per_file.setdefault(storage_data[item.storage_index].relative_path, []).append(item)
     counts = ReadCounts()
-    jobs = sorted(per_file.items())
-    if threads <= 1 or len(jobs) <= 1:
-        for rel, items in jobs:
-            counts.add(read_file(root, rel, items, storage_data, planner, layouts))
-        return counts
-    with ThreadPoolExecutor(min(threads, len(jobs))) as pool:
-        for part in pool.map(lambda job: read_file(root, *job, storage_data, planner, layouts),
-                             jobs):
-            counts.add(part)
+    with contextlib.ExitStack() as files:
+        planned = []
+        for rel, items in sorted(per_file.items()):
+            path = cf.inside(root, rel)
+            f = files.enter_context(MappedFile(path))
+            planned += _plan_file(f, path, items, storage_data, planner, layouts or {}, counts)
+        jobs = [job for _, _, item_jobs in planned for job in item_jobs]
+        if threads <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                job()
+        else:
+            with ThreadPoolExecutor(min(threads, len(jobs))) as pool:
+                for _ in pool.map(lambda job: job(), jobs):
+                    pass
+    for item, target, _ in planned:
+        planner.commit_tensor(item, target)
     return counts

@@ -102,8 +102,8 @@ class ShardedLoader:
         self._sampler_gen = None  # the seeded generator given to a random sampler
         self.loader = self._rebuild(loader)
         self._transport = Dispatch(rt) if self.loader is None else None
-        # the batch being consumed: its row count, real rows, and whether it is the last
-        self.batch_len, self.n_real, self.end_of_epoch = 0, 0, False
+        # the batch being consumed (batch_len: its rows), its real rows, whether it is the last
+        self._batch, self.n_real, self.end_of_epoch = None, 0, False
         # the step the batch being consumed belongs to (loss_norm.StepShare), under
         # loss_normalization "tokens" / "auto"; None otherwise
         self.share = None
@@ -259,15 +259,21 @@ class ShardedLoader:
                            batch_size=self.batch_size, drop_last=self.drop_last)
 
     # -- iteration ---------------------------------------------------------------
+    @property
+    def batch_len(self) -> int:
+        """Rows of the batch being consumed (read when asked: gather_for_metrics, the
+        step metrics), 0 before the first batch."""
+        return _rows(self._batch)
+
     def __iter__(self) -> Iterator[Any]:
         self._apply_epoch()
         skip, self._skip = self._skip, 0
         self.consumed = skip
-        batches = self._batches(skip)
-        if self._counter is not None and self.rt.model.training:  # read a step ahead
-            batches = self._counter.windows(batches)
-        else:
-            batches = ((batch, n_real, None) for batch, n_real in batches)
+        items = self._batches(skip)  # (batch, n_real)
+        counter = self._counter if self.rt.model.training else None
+        if counter is not None:  # read a step ahead: (batch, n_real, StepShare | None)
+            items = counter.windows(items)
+        self.share = None
         # the active loader is the one whose batch was yielded last (its last batch syncs,
         # gather_for_metrics trims its padding); a loop nested in ours hands it back
         rt, per_batch, place = self.rt, self._per_batch, self._placer()
@@ -275,16 +281,19 @@ class ShardedLoader:
         meter = getattr(rt, "_meter", None)  # fixed for the runtime's life
         self._iterating = True
         try:
-            nxt = next(batches, _END)
+            nxt = next(items, _END)
             while nxt is not _END:
-                batch, n_real, self.share = nxt
-                nxt = next(batches, _END)
+                if counter is None:
+                    batch, n_real = nxt
+                else:
+                    batch, n_real, self.share = nxt
+                nxt = next(items, _END)
                 self.end_of_epoch = nxt is _END
-                self.batch_len, self.n_real = _rows(batch), n_real
+                self._batch, self.n_real = batch, n_real
                 self.consumed += per_batch
                 rt._active_loader = self
                 if meter is not None and rt.model.training:
-                    meter.on_batch(batch, n_real, self.batch_len)
+                    meter.on_batch(batch, n_real, _rows(batch))
                 yield batch if place is None else place(batch)
             ledger = getattr(self.rt, "_ledger", None)
             if ledger is not None:  # a sync point: every rank ends the epoch together
@@ -302,8 +311,8 @@ class ShardedLoader:
             self.loader.dataset.skip = skip  # streams are read up to the position
             return iter(self.loader)
         self.batch_sampler.skip = skip
-        meta = self.batch_sampler.meta
-        return ((batch, meta.popleft()[1]) for batch in self.loader)
+        real = self.batch_sampler.meta.popleft
+        return ((batch, real()) for batch in self.loader)
 
     def _dispatched(self, skip: int) -> Iterator[tuple[Any, int]]:
         """Global rank 0 reads raw samples with the user's loader settings and sends each
@@ -453,12 +462,19 @@ _CPU = torch.device("cpu")
 
 
 def _all_cpu(batch: Any) -> bool:
+    cls = type(batch)  # the common containers by type first: no isinstance chain per leaf
+    if cls is torch.Tensor:
+        return batch.is_cpu
+    if cls is tuple or cls is list:
+        return all(map(_all_cpu, batch))
+    if cls is dict:
+        return all(map(_all_cpu, batch.values()))
     if isinstance(batch, torch.Tensor):
         return batch.is_cpu
     if isinstance(batch, (list, tuple)):
-        return all(_all_cpu(v) for v in batch)
+        return all(map(_all_cpu, batch))
     if isinstance(batch, dict):
-        return all(_all_cpu(v) for v in batch.values())
+        return all(map(_all_cpu, batch.values()))
     return True
 
 

@@ -27,6 +27,7 @@ meaning: the mean of micro-batch means.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
@@ -72,29 +73,28 @@ class StepCounter:
 
     def windows(self, batches: Iterator[tuple[Any, int]]) -> Iterator[tuple[Any, int, Any]]:
         """``(batch, n_real, StepShare | None)`` for every batch, in order."""
+        rt = self.rt
         while True:
-            window = []
-            for _ in range(max(1, int(self.rt.grad_accum))):
-                item = next(batches, None)
-                if item is None:
-                    break
-                window.append(item)
+            window = list(itertools.islice(batches, max(1, int(rt.grad_accum))))
             if not window:
                 return
-            share = self._share([b for b, _ in window])
+            share = self._share(window)
             for batch, n_real in window:
                 yield batch, n_real, share
 
     def _share(self, window: list) -> StepShare | None:
-        counts = [count_targets(b, self.kind.shifts) for b in window]
-        if any(c is None for c in counts):
-            if self.explicit:
-                raise OverdriveError(
-                    "loss_normalization='tokens': a batch of the loader is not a mapping with "
-                    "a 'labels' (or 'shift_labels') tensor, so its target tokens cannot be "
-                    "counted; give the batches labels (-100 marks ignored targets) or use "
-                    "Plan(loss_normalization='batch')")
-            return None
+        shifts, counts = self.kind.shifts, []
+        for batch, _ in window:
+            count = count_targets(batch, shifts)
+            if count is None:  # a batch without labels: the step keeps the batch mean
+                if self.explicit:
+                    raise OverdriveError(
+                        "loss_normalization='tokens': a batch of the loader is not a mapping "
+                        "with a 'labels' (or 'shift_labels') tensor, so its target tokens "
+                        "cannot be counted; give the batches labels (-100 marks ignored "
+                        "targets) or use Plan(loss_normalization='batch')")
+                return None
+            counts.append(count)
         local = sum(int(c) for c in counts)
         total = torch.tensor(float(local), dtype=torch.float64, device=self.rt.device)
         if self.rt.dp_size > 1:

@@ -139,7 +139,7 @@ class SeededRandomSampler(Sampler[int]):
 
 
 class ShardBatchSampler(Sampler[list]):
-    """Yields this rank's index batches; records ``(len, n_real)`` of each in ``meta`` for
+    """Yields this rank's index batches; records ``n_real`` of each in ``meta`` for
     the loader (the DataLoader iterates its batch sampler in the main process, in order).
     ``skip``: global batches of the epoch already consumed (never read)."""
 
@@ -153,18 +153,19 @@ class ShardBatchSampler(Sampler[list]):
 
     def __iter__(self) -> Iterator[list]:
         self.meta.clear()
+        note = self.meta.append
         if self.size == 1 and not self.split and not self.even:
             # one rank, nothing to pad: every global batch is this rank's, as it comes
             # (what shard_indices yields there, without its per-batch bookkeeping)
             for indices in itertools.islice(self.batch_sampler, self.skip, None):
-                self.meta.append((len(indices), len(indices)))
+                note(len(indices))
                 yield indices
             return
         batches = shard_indices(self.batch_sampler, self.rank, self.size, split=self.split,
                                 even=self.even, batch_size=self.batch_size,
                                 drop_last=self.drop_last, skip=self.skip)
         for indices, n_real in batches:
-            self.meta.append((len(indices), n_real))
+            note(n_real)
             yield indices
 
     def __len__(self) -> int:
