@@ -253,8 +253,11 @@ class FSDPPass(Pass):
             rec.note("running stats (BatchNorm) broadcast from rank 0 before each training "
                      "forward: every rank holds and saves the same ones")
         rec.details["mesh"] = dict(zip(mesh.mesh_dim_names, mesh.shape))
+        # under pp each pipeline rank shards other stages' units: their summaries differ
+        # by design, so the ledger (which compares neighbours) gets none
+        engine = None if ctx.plan.parallel.pp > 1 else _engine_collectives(model, decision)
         return Applied(rec, gradient_sync=model.set_requires_gradient_sync,
-                       engine_collectives=_engine_collectives(model, decision))
+                       engine_collectives=engine)
 
 
 def _engine_collectives(model: nn.Module, decision: FSDPDecision) -> EngineCollectives:
