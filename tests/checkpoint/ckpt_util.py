@@ -59,6 +59,17 @@ class CountingLoader:
         self.position = state["position"]
 
 
+def trained_runtime(seed: int = 0):
+    """A 2-layer model under a manual runtime with AdamW and a CountingLoader, after one
+    training step (so optimizer state exists): (rt, loader)."""
+    model = make_model(2, seed=seed)
+    rt = manual_runtime(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    loader = CountingLoader()
+    rt._loaders.append(loader)
+    train_step(rt, loader)
+    return rt, loader
+
+
 def train_step(rt, loader: CountingLoader, sync=None) -> float:
     x = loader.next()
     with rt.autocast():

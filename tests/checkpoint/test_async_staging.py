@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from ckpt_util import CountingLoader, make_model, manual_runtime, train_step
+from ckpt_util import CountingLoader, make_model, manual_runtime, train_step, trained_runtime
 
 
 def _staged_ptrs(rt) -> set[int]:
@@ -18,11 +18,7 @@ def _staged_ptrs(rt) -> set[int]:
 
 
 def test_async_saves_reuse_one_staging_copy_and_capture_the_call_time_state(tmp_path):
-    model = make_model(2, seed=0)
-    rt = manual_runtime(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
-    loader = CountingLoader()
-    rt._loaders.append(loader)
-    train_step(rt, loader)
+    rt, loader = trained_runtime()
     rt.save(tmp_path / "a", async_=True)
     rt.wait_for_save()
     first = _staged_ptrs(rt)

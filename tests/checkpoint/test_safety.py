@@ -8,15 +8,11 @@ import torch
 import overdrive as od
 from overdrive.runtime import checkpoint_files as cf
 
-from ckpt_util import CountingLoader, make_model, manual_runtime, train_step
+from ckpt_util import trained_runtime
 
 
 def _saved(tmp_path):
-    model = make_model(2, seed=0)
-    rt = manual_runtime(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
-    loader = CountingLoader()
-    rt._loaders.append(loader)
-    train_step(rt, loader)
+    rt, _ = trained_runtime()
     rt.save(tmp_path / "ck")
     return rt, tmp_path / "ck"
 
