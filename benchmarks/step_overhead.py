@@ -247,15 +247,19 @@ def overdrive_no_ledger_variant(w: Workload, accum: int, distributed: bool) -> C
     memory, so overdrive / this is the ledger's bookkeeping alone, free of build-order
     effects. (A single process has no ledger: there the two are the same.)"""
     rt, batches = _RUNTIMES[(w.name, accum)]
-    step = overdrive_step(rt, w, batches, accum)
+    return detached(rt, "_ledger", overdrive_step(rt, w, batches, accum))
 
-    def without_ledger():
-        ledger, rt._ledger = rt._ledger, None
+
+def detached(rt, attr: str, step: Callable) -> Callable:
+    """``step`` run with ``rt.<attr>`` set to None (restored after each step)."""
+    def run():
+        kept = getattr(rt, attr)
+        setattr(rt, attr, None)
         try:
             step()
         finally:
-            rt._ledger = ledger
-    return without_ledger
+            setattr(rt, attr, kept)
+    return run
 
 
 _RUN_DIRS: list[str] = []  # tracking run dirs: temporary, never inside the repository
@@ -283,15 +287,8 @@ def unlogged_variant(w: Workload, accum: int, distributed: bool) -> Callable:
     separately built runtime in another slot of the rotation differs from the first one
     by ±100 µs a step on this machine with no logging at all.)"""
     rt = _LOGGED[(w.name, accum)]
-    step = overdrive_step(rt, w, Batches(rt.shard(user_loader(w, distributed))), accum)
-
-    def without_meter():
-        meter, rt._meter = rt._meter, None
-        try:
-            step()
-        finally:
-            rt._meter = meter
-    return without_meter
+    batches = Batches(rt.shard(user_loader(w, distributed)))
+    return detached(rt, "_meter", overdrive_step(rt, w, batches, accum))
 
 
 def accelerate_variant(w: Workload, accum: int, distributed: bool) -> Callable:
