@@ -362,12 +362,17 @@ def test_data_ranks_of_a_pipeline_get_fsdp():
     assert report.plan["fsdp"] is not None and report.plan["parallel"]["dp_shard"] == 2
 
 
+def _worker_results(tmp_path_factory, name: str, nproc: int, *modes: str) -> dict:
+    """Run pp_worker.py's ``modes`` on ``nproc`` gloo ranks; their results by mode."""
+    tmp = tmp_path_factory.mktemp(name)
+    run_torchrun(WORKER, nproc, str(tmp / "out.json"), *modes, tmp_path=tmp, timeout=600)
+    return read_json(tmp / "out.json")
+
+
 @pytest.fixture(scope="module")
 def schedule_matrix(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pp_sched")
-    run_torchrun(WORKER, 2, str(tmp / "out.json"), "gpipe", "interleaved", "zbv", "looped",
-                 "zero_bubble", "ac", "accum", tmp_path=tmp, timeout=600)
-    return read_json(tmp / "out.json")
+    return _worker_results(tmp_path_factory, "pp_sched", 2, "gpipe", "interleaved", "zbv",
+                           "looped", "zero_bubble", "ac", "accum")
 
 
 @pytest.mark.dist
@@ -381,10 +386,7 @@ def test_schedules_match_single_process(schedule_matrix, name, layers):
 
 @pytest.fixture(scope="module")
 def four_ranks(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pp4")
-    run_torchrun(WORKER, 4, str(tmp / "out.json"), "pp_fsdp", "pp_tp", "interleaved_fsdp",
-                 tmp_path=tmp, timeout=600)
-    return read_json(tmp / "out.json")
+    return _worker_results(tmp_path_factory, "pp4", 4, "pp_fsdp", "pp_tp", "interleaved_fsdp")
 
 
 @pytest.mark.dist
@@ -398,9 +400,7 @@ def test_pp_composes_with_fsdp_and_tp(four_ranks, name, layers):
 
 @pytest.fixture(scope="module")
 def accum_fsdp(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pp4_accum")
-    run_torchrun(WORKER, 4, str(tmp / "out.json"), "accum_fsdp", tmp_path=tmp, timeout=600)
-    return read_json(tmp / "out.json")["accum_fsdp"]
+    return _worker_results(tmp_path_factory, "pp4_accum", 4, "accum_fsdp")["accum_fsdp"]
 
 
 @pytest.mark.dist
@@ -416,9 +416,7 @@ def test_accumulate_under_pp_and_fsdp_reduce_scatters_once_per_step(accum_fsdp):
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pp2_compile")
-    run_torchrun(WORKER, 2, str(tmp / "out.json"), "compile", tmp_path=tmp, timeout=600)
-    return read_json(tmp / "out.json")["compile"]
+    return _worker_results(tmp_path_factory, "pp2_compile", 2, "compile")["compile"]
 
 
 @pytest.mark.dist
