@@ -138,6 +138,18 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def timed_forward(model, ids, device) -> float:
+    """Seconds of one no-grad forward of ``ids``, the device synchronised around it."""
+    import torch
+
+    sync(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        model(ids)
+    sync(device)
+    return time.perf_counter() - start
+
+
 def train_step(rt, ids) -> float:
     """One optimizer step; seconds, synchronised."""
     sync(ids.device)
@@ -329,14 +341,6 @@ def section_casting(cfg: Settings) -> dict:
                                                        "fused_layers", "copy_layers")}
         variants[f"cast-{kernel}"] = model
 
-    def forward(model, ids):
-        sync(dev)
-        start = time.perf_counter()
-        with torch.no_grad():
-            model(ids)
-        sync(dev)
-        return time.perf_counter() - start
-
     by_tokens = {}
     for tokens in cfg.casting_tokens:
         ids = torch.randint(0, shape.vocab, (1, tokens), device=dev)
@@ -345,8 +349,9 @@ def section_casting(cfg: Settings) -> dict:
             err = {n: ((m(ids).logits.float() - ref).norm() / ref.norm()).item()
                    for n, m in variants.items()}
         for m in variants.values():
-            forward(m, ids)
-        med = interleaved({n: (lambda m=m: forward(m, ids)) for n, m in variants.items()},
+            timed_forward(m, ids, dev)
+        med = interleaved({n: (lambda m=m: timed_forward(m, ids, dev))
+                           for n, m in variants.items()},
                           cfg.steps)
         by_tokens[str(tokens)] = {n: {"forward_ms": round(med[n] * 1e3, 3),
                                       "vs_bf16": round(med[n] / med["bf16"], 3),
@@ -460,19 +465,12 @@ def section_offload(cfg: Settings) -> dict:
             except Exception as err:  # noqa: BLE001 - Accelerate is optional
                 rows[name] = {"skipped": f"{type(err).__name__}: {str(err)[:300]}"}
 
-        def forward(model):
-            sync(first)
-            start = time.perf_counter()
-            with torch.no_grad():
-                model(ids)
-            sync(first)
-            return time.perf_counter() - start
-
         if not models:
             return {"shape": asdict(shape), "variants": rows}
         for m in models.values():
-            forward(m)
-        med = interleaved({n: (lambda m=m: forward(m)) for n, m in models.items()},
+            timed_forward(m, ids, first)
+        med = interleaved({n: (lambda m=m: timed_forward(m, ids, first))
+                           for n, m in models.items()},
                           max(3, cfg.steps // 3))
         for name, s in med.items():
             rows[name] = {"forward_s": round(s, 4), "tokens_per_s": round(shape.seq / s, 1)}
