@@ -254,11 +254,13 @@ def test_manifest_is_computed_while_writing(tmp_path, monkeypatch):
     rt, loader = _runtime()
     _train(rt, loader, 1)
     read = []
-    real = cf.crc32_file
-    monkeypatch.setattr(cf, "crc32_file", lambda p: read.append(p.name) or real(p))
+    real_crc, real_describe = cf.crc32_file, cf.describe_file
+    monkeypatch.setattr(cf, "crc32_file", lambda p: read.append(p.name) or real_crc(p))
+    monkeypatch.setattr(cf, "describe_file", lambda p: read.append(p.name) or real_describe(p))
     rt.save(tmp_path / "ck")
     assert read == []  # no file was read back to checksum it
-    monkeypatch.setattr(cf, "crc32_file", real)
+    monkeypatch.setattr(cf, "crc32_file", real_crc)
+    monkeypatch.setattr(cf, "describe_file", real_describe)
     manifest = json.loads((tmp_path / "ck" / cf.MANIFEST).read_text())["files"]
     names = cf.data_files(tmp_path / "ck")
     assert sorted(manifest) == names and ".metadata" in names

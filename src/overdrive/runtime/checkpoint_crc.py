@@ -165,7 +165,7 @@ class Verification:
     def _check(self, name: str, offset: int, length: int, want: int) -> str | None:
         view = memoryview(self.maps[name])[offset:offset + length]
         try:
-            return None if _crc_long(view) == want else name
+            return None if crc32_long(view) == want else name
         finally:
             view.release()
 
@@ -202,7 +202,8 @@ def verify(root: Path, manifest: dict[str, dict[str, Any]], names: list[str], th
     return Verification(root, manifest, names, threads, open_file).result()
 
 
-def _crc_long(view: memoryview, block: int = 64 << 20) -> int:
+def crc32_long(view: memoryview, block: int = 64 << 20) -> int:
+    """crc32 of a long buffer, fed in ``block``-sized slices."""
     crc = 0
     for i in range(0, view.nbytes, block):
         crc = crc32(view[i:i + block], crc)

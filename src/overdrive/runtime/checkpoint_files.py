@@ -58,7 +58,6 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from zlib_ng.zlib_ng import crc32  # zlib's crc32, SIMD-accelerated: ~3x zlib's speed
 
 from ..errors import CheckpointCorrupt, NotACheckpoint
 from . import checkpoint_crc as crcs
@@ -71,7 +70,6 @@ FORMAT = 1
 # manifest without them (version 1, no "version") is checked a whole file at a time
 MANIFEST_VERSION = 2
 MAX_JSON = 64 << 20  # the manifest and the marker: far above any real one
-_CRC_BLOCK = 64 << 20
 
 
 # --------------------------------------------------------------------------- safe opening
@@ -289,33 +287,32 @@ def load_plain(root: Path, name: str, manifest: dict[str, dict[str, int]]) -> An
 # --------------------------------------------------------------------------- manifest
 
 
-def crc32_file(path: Path) -> int:
-    """crc32 of a file through mmap (no copy into Python buffers; ~7 GB/s a core)."""
-    crc = 0
+@contextlib.contextmanager
+def _mapped(path: Path):
+    """A read-only memoryview of a regular file through mmap (no copy into Python
+    buffers); an empty file is ``b""``."""
     with os.fdopen(open_regular(Path(path)), "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
-            return 0
+            yield memoryview(b"")
+            return
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
             view = memoryview(m)
             try:
-                for i in range(0, len(view), _CRC_BLOCK):
-                    crc = crc32(view[i:i + _CRC_BLOCK], crc)
+                yield view
             finally:
                 view.release()
-    return crc
+
+
+def crc32_file(path: Path) -> int:
+    """crc32 of a whole file (~7 GB/s a core)."""
+    with _mapped(path) as view:
+        return crcs.crc32_long(view)
 
 
 def describe_file(path: Path) -> dict[str, Any]:
     """The manifest entry of a file written by someone else (DeepSpeed), read once."""
-    with os.fdopen(open_regular(Path(path)), "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            return crcs.digest(b"")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            view = memoryview(m)
-            try:
-                return crcs.digest(view)
-            finally:
-                view.release()
+    with _mapped(path) as view:
+        return crcs.digest(view)
 
 
 def describe_files(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
