@@ -100,6 +100,7 @@ class Parallel:
     tp: int = 1
     cp: int = 1
     sequence_parallel: bool = False  # with tp: shard norms/activations along the sequence
+    loss_parallel: bool = False  # with tp: logits stay vocab-sharded, cross-entropy on shards
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,7 @@ class TensorParallelConfig:
     sequence_parallel: bool = False
     tp_plan: str | Mapping[str, str] | None = "auto"
     divide_attrs: tuple[str, ...] = ()
+    loss_parallel: bool = False
 
 
 @dataclass(frozen=True)
@@ -306,7 +308,7 @@ class Plan:
         par = self.parallel
         if par.tp > 1:
             out.append(TensorParallelConfig(par.tp, par.sequence_parallel, self.tp_plan,
-                                            tuple(self.tp_divide_attrs)))
+                                            tuple(self.tp_divide_attrs), par.loss_parallel))
         if par.cp > 1:
             out.append(ContextParallelConfig(par.cp))
         if self.autocast() is not None:
@@ -752,6 +754,16 @@ def _check_contradictions(plan: Plan) -> None:
             "parallel.sequence_parallel=True needs parallel.tp > 1 (it shards the norms' "
             "activations across the tensor-parallel ranks)"
         )
+    if par.loss_parallel and par.tp == 1:
+        raise PlanError(
+            "parallel.loss_parallel=True needs parallel.tp > 1 (it keeps the logits split on "
+            "the vocabulary across the tensor-parallel ranks); set parallel.tp > 1 or "
+            "loss_parallel=False")
+    if par.loss_parallel and par.pp > 1:
+        raise PlanError(
+            f"parallel.loss_parallel=True with parallel.pp={par.pp}: the pipeline's last "
+            "stage computes the loss outside the loss_parallel context overdrive owns; use "
+            "loss_parallel=False with pp > 1")
 
 
 SIZE_NAMES = ("pp", "dp_replicate", "dp_shard", "tp", "cp")

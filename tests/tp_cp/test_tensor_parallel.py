@@ -204,3 +204,17 @@ def test_inspect_says_which_float8_styles_apply_will_use(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a CUDA machine: nccl
     notes = od.inspect(llama(ffn_dim=128), plan, world_size=2)["tensor_parallel"].notes
     assert any("torchao's float8 TP styles" in n for n in notes), notes
+
+
+def test_loss_parallel_inspect_and_refusals():
+    rec = od.inspect(llama(), tp(2, loss_parallel=True), world_size=2)["tensor_parallel"]
+    assert rec.details["loss_parallel"] and rec.details["loss_head"] == "lm_head"
+    assert any("loss parallel" in n for n in rec.notes)
+    assert not od.inspect(llama(), tp(2), world_size=2)["tensor_parallel"].details[
+        "loss_parallel"]
+    refused(llama(), od.Plan(parallel=od.Parallel(loss_parallel=True)), 1,
+            "parallel.loss_parallel=True", "parallel.tp > 1")
+    refused(llama(tie_embeddings=True), tp(2, loss_parallel=True), 2,
+            "parallel.loss_parallel=True", "vocabulary-sized head")
+    refused(llama(), od.Plan(parallel=od.Parallel(pp=2, tp=2, dp_shard=1, loss_parallel=True)),
+            4, "parallel.loss_parallel=True", "parallel.pp=2")

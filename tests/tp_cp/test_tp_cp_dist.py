@@ -46,7 +46,7 @@ def two_ranks(tmp_path_factory):
     out = tmp / "out.json"
     proc = run_torchrun(WORKER, 2, str(out), "tp", "sp", "divide", "hf", "cp_attention",
                         "cp", "cp_ignored", "fsdp_fp8", "cp_ac", "cp_hf", "fp8", "fsdp_tp",
-                        "fsdp_tp_hf", "refusals", tmp_path=tmp, env=cpu_only())
+                        "fsdp_tp_hf", "refusals", "loss_parallel", tmp_path=tmp, env=cpu_only())
     return {**read_json(out), "output": proc.stdout + proc.stderr}
 
 
@@ -70,6 +70,51 @@ def test_tp_halves_sharded_parameter_bytes(two_ranks):
     full = sum(p.numel() * 4 for p in llama().parameters())
     assert two_ranks["tp"]["bytes_before"] == full
     assert two_ranks["tp"]["bytes_after"] == full - b["full"] // 2
+
+
+def adamw_reference(model, data, loss_fn) -> tuple[list[float], dict]:
+    """One process, AdamW (as the worker's loss_parallel scenario): losses, parameters."""
+    from tests.tp_cp.tp_cp_worker import ADAMW_LR
+
+    opt = torch.optim.AdamW(model.parameters(), lr=ADAMW_LR)
+    losses = []
+    for batch in data:
+        out = model(**batch)
+        loss = out.loss if loss_fn is None else loss_fn(out, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, {k: v.tolist() for k, v in model.state_dict().items()}
+
+
+def assert_params(got: dict, want: dict, tol: float = 1e-5) -> None:
+    assert sorted(got) == sorted(want)
+    worst = max((torch.tensor(got[k]) - torch.tensor(want[k])).abs().max().item() for k in want)
+    assert worst < tol, worst
+
+
+def test_loss_parallel_matches_single_process(two_ranks):
+    """parallel.loss_parallel=True: transformers' own output.loss (labels with -100) in a
+    manual rt.model/rt.backward loop, and a loss_fn on the vocab-sharded logits through
+    rt.forward_backward (with sequence parallel), both match one process, losses and
+    parameters, after 5 AdamW steps."""
+    from tests.tp_cp.tp_cp_worker import lm_loss
+
+    lp = two_ranks["loss_parallel"]
+    assert lp["details"] == {"loss_parallel": True, "loss_head": "lm_head"}
+    assert lp["logits_sharded"]
+    losses, params = adamw_reference(hf_llama(), batches(vocab=128, ignored=3), None)
+    assert max(abs(a - b) for a, b in zip(lp["hf_losses"], losses)) < 1e-5
+    assert_params(lp["hf_params"], params)
+    torch.manual_seed(0)
+    model = llama()
+    losses, params = adamw_reference(model, batches(ignored=3), lm_loss)
+    assert max(abs(a - b) for a, b in zip(lp["fn_losses"], losses)) < 1e-5
+    assert_params(lp["fn_params"], params)
+    with torch.no_grad():
+        want = lm_loss(model(**batches(1, seed=2)[0]), batches(1, seed=2)[0]).item()
+    assert abs(lp["eval_loss"] - want) < 1e-5
 
 
 def test_sequence_parallel_matches_single_process(two_ranks):

@@ -87,6 +87,50 @@ def scenario_fp8():
             "float8_modules": len(rec.details["float8_modules"])}
 
 
+ADAMW_LR = 1e-3
+
+
+def adamw(params):
+    return torch.optim.AdamW(params, lr=ADAMW_LR)
+
+
+def full_params(model) -> dict:
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).tolist()
+            for k, v in model.state_dict().items()}
+
+
+def lm_loss(output, batch):
+    """A loss_fn on the (vocab-sharded) logits: the shifted next-token cross-entropy."""
+    logits = output.logits[:, :-1].flatten(0, 1)
+    return torch.nn.functional.cross_entropy(logits, batch["labels"][:, 1:].flatten())
+
+
+def scenario_loss_parallel():
+    """transformers' Llama with its own output.loss in a manual rt.model / rt.backward
+    loop, and the reference Llama with rt.forward_backward(batch, loss_fn) and
+    rt.evaluate, both with parallel.loss_parallel=True and AdamW."""
+    from torch.distributed.tensor import DTensor
+
+    rt = od.accelerate(hf_llama(), tp_plan(loss_parallel=True), optimizer=adamw)
+    out = {"hf_losses": [x.item() for x in run(rt, batches(vocab=128, ignored=3))],
+           "hf_params": full_params(rt.model),
+           "details": {k: rt.report["tensor_parallel"].details[k]
+                       for k in ("loss_parallel", "loss_head")}}
+    rt = od.accelerate(llama(), tp_plan(loss_parallel=True, sequence_parallel=True),
+                       optimizer=adamw)
+    losses = []
+    for batch in batches(ignored=3):
+        losses.append(rt.forward_backward(batch, lm_loss).item())
+        rt.optimizer.step()
+        rt.optimizer.zero_grad()
+    logits = rt.model(batches(1)[0]["input_ids"]).logits
+    out.update(fn_losses=losses, fn_params=full_params(rt.model),
+               eval_loss=rt.evaluate(batches(1, seed=2)[0], lm_loss).item(),
+               logits_sharded=isinstance(logits, DTensor) and logits.to_local().shape[-1] * 2
+               == logits.shape[-1])
+    return out
+
+
 def scenario_cp_attention():
     """Context-parallel attention vs unsharded SDPA: outputs and q/k/v gradients."""
     mesh = od.accelerate(llama(), od.Plan(parallel=od.Parallel(cp=2, dp_shard=1))).mesh["cp"]

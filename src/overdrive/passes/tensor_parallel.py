@@ -565,10 +565,12 @@ def _is_float8_tensorwise(module: nn.Module) -> bool:
         cfg.cast_config_input, cfg.cast_config_weight, cfg.cast_config_grad_output))
 
 
-def make_style(style: str, module: nn.Module, sp: bool, float8_collectives: bool = True):
+def make_style(style: str, module: nn.Module, sp: bool, float8_collectives: bool = True,
+               loss_parallel: bool = False):
     """The DTensor ParallelStyle for one module. ``float8_collectives``: the backend can
     move float8 tensors (nccl; gloo cannot), so tensorwise Float8Linear modules get
-    torchao's styles that all-gather in float8."""
+    torchao's styles that all-gather in float8. ``loss_parallel``: this is the vocabulary
+    head and its logits stay a vocab-sharded DTensor (``Shard(-1)``), not gathered."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
                                                    SequenceParallel)
@@ -584,6 +586,8 @@ def make_style(style: str, module: nn.Module, sp: bool, float8_collectives: bool
         return Col()
     if style == "rowwise":
         return Row(output_layouts=stream)
+    if style == "colwise_rep" and loss_parallel:
+        return Col(input_layouts=stream, output_layouts=Shard(-1), use_local_output=False)
     if style == "colwise_rep":
         return Col(input_layouts=stream, output_layouts=Replicate())
     if style == "rowwise_rep":
@@ -664,6 +668,19 @@ class TensorParallelDecision(Decision):
     gather_owners: list[str]
     divide: dict[str, list[str]]
     float8_collectives: bool
+    loss_head: str | None = None  # parallel.loss_parallel: the head left vocab-sharded
+
+
+def vocab_head(graph: ModuleGraph, styles: dict[str, str]) -> str | None:
+    """The gathered (colwise_rep) Linear whose output size is the vocabulary: the
+    model's ``config.vocab_size`` or its token embedding's row count."""
+    vocab = {getattr(getattr(graph.model, "config", None), "vocab_size", None)}
+    vocab |= {graph.module(n).num_embeddings for n in graph.names()
+              if n and isinstance(graph.module(n), nn.Embedding)}
+    heads = [n for n, s in styles.items() if s == "colwise_rep"
+             and isinstance(graph.module(n), nn.Linear)
+             and graph.module(n).out_features in vocab]
+    return heads[0] if len(heads) == 1 else None
 
 
 def decide(graph: ModuleGraph, plan: Plan, env: Any) -> TensorParallelDecision:
@@ -685,11 +702,17 @@ def decide(graph: ModuleGraph, plan: Plan, env: Any) -> TensorParallelDecision:
     for owner in _fused_split_owners(graph, styles):
         if "split_size" not in divide.setdefault(owner, []):
             divide[owner].append("split_size")
+    head = vocab_head(graph, styles) if plan.parallel.loss_parallel else None
+    if head is not None:
+        notes.append(f"loss parallel: {head}'s logits stay vocab-sharded (Shard(-1)); the "
+                     "cross-entropy runs on the shards under torch's loss_parallel()")
     return TensorParallelDecision(
         modules=list(styles), notes=notes, tp=tp, sequence_parallel=sp, styles=dict(styles),
+        loss_head=head,
         sharded=sharded, gather_owners=_sp_owners(graph, styles) if sp else [],
         divide={o: a for o, a in divide.items() if a}, float8_collectives=f8c,
-        details={"styles": dict(styles), "sharded_modules": sharded, "tp": tp},
+        details={"styles": dict(styles), "sharded_modules": sharded, "tp": tp,
+                 "loss_parallel": head is not None, "loss_head": head},
         memory=MemoryEffect(parameters=tp, gradients=tp, optimizer=tp,
                             modules=tuple(sharded), activation_split=tp))
 
@@ -717,6 +740,13 @@ class TensorParallel(Pass):
         _check_divide_attrs(graph, decision.styles, plan)
         if plan.parallel.sequence_parallel:
             _check_sequence_parallel(graph, decision.styles)
+        if plan.parallel.loss_parallel and decision.loss_head is None:
+            heads = sorted(n for n, s in decision.styles.items() if s == "colwise_rep")
+            raise PlanError(
+                "parallel.loss_parallel=True but the tp plan has no single vocabulary-sized "
+                f"head gathered with colwise_rep (found {heads or 'none'}; a head tied to "
+                "the embedding is not sharded); give the lm_head the style 'colwise_rep' "
+                "in tp_plan, untie it, or use loss_parallel=False")
         return decision
 
     def apply(self, model: nn.Module, decision: TensorParallelDecision,
@@ -737,7 +767,8 @@ class TensorParallel(Pass):
                 SequenceHook(split=True).apply(module, mesh)
                 continue
             parallelize_module(module, mesh, make_local_style(name, module, style)
-                               if style in LOCAL_STYLES else make_style(style, module, sp, f8c))
+                               if style in LOCAL_STYLES else make_style(
+                                   style, module, sp, f8c, name == decision.loss_head))
         for owner in decision.gather_owners:
             if "sequence_split" in styles.values():  # the model's own plan: any call form
                 SequenceHook(split=False).apply(graph.module(owner), mesh)

@@ -176,8 +176,8 @@ def _tp_per_sequence(checked: Checked, trace, size: int) -> dict:
                 add("reduce_scatter", "bwd", inp)
             else:
                 add("all_reduce", "bwd", inp)
-            if style == "colwise_rep":
-                add("all_gather", "fwd", outb, forwards)
+            if style == "colwise_rep" and name != getattr(tp, "loss_head", None):
+                add("all_gather", "fwd", outb, forwards)  # loss parallel: stays sharded
         elif style in ("rowwise", "rowwise_rep", "embedding_rowwise"):
             if sp and style != "rowwise_rep":
                 add("reduce_scatter", "fwd", outb, forwards)

@@ -26,6 +26,7 @@ class Layout:
     mixed_precision: str = "bf16"  # "no" | "bf16"
     schedule: str = "1f1b"  # the pipeline schedule under pp > 1 ("1f1b" | "gpipe")
     sequence_parallel: bool = False  # with tp > 1: norms and activations split on the sequence
+    loss_parallel: bool = False  # with tp > 1: logits stay vocab-sharded for the loss
 
     @property
     def world_size(self) -> int:
@@ -47,6 +48,8 @@ class Layout:
                 parts.append(f"{dim} {getattr(self, dim)}")
             if dim == "tp" and self.tp > 1 and self.sequence_parallel:
                 parts.append("sp")
+            if dim == "tp" and self.tp > 1 and self.loss_parallel:
+                parts.append("loss-parallel")
         if self.pp > 1:
             parts.append(self.schedule)
         if self.ac != "none":
@@ -60,7 +63,8 @@ class Layout:
     def to_plan(self) -> Plan:
         parallel = Parallel(pp=self.pp, dp_replicate=self.dp_replicate,
                             dp_shard=self.dp_shard, cp=self.cp, tp=self.tp,
-                            sequence_parallel=self.sequence_parallel and self.tp > 1)
+                            sequence_parallel=self.sequence_parallel and self.tp > 1,
+                            loss_parallel=self.loss_parallel and self.tp > 1)
         kwargs = {}
         if self.engine == "fsdp":
             kwargs["fsdp"] = FSDP(reshard_after_forward=self.reshard_after_forward)
@@ -92,4 +96,4 @@ def layout_of(plan: Plan, *, micro_batch: int) -> Layout:
                   reshard_after_forward=plan.fsdp.reshard_after_forward if plan.fsdp else True,
                   mixed_precision=plan.mixed_precision,
                   schedule=plan.pipeline.schedule if plan.pipeline else "1f1b",
-                  sequence_parallel=par.sequence_parallel)
+                  sequence_parallel=par.sequence_parallel, loss_parallel=par.loss_parallel)

@@ -112,13 +112,22 @@ def _fsdp_buffers(checked: Checked, layout: Layout) -> int:
 
 def _logits_temporaries(checked: Checked, trace, layout: Layout) -> int:
     """The loss's largest transients: the logits' fp32 copy and its gradient (b·s·V·4
-    twice), on this rank's slice of the vocabulary (TP) and sequence (CP)."""
+    twice), on this rank's slice of the sequence (CP) and, where the plan leaves the head's
+    output sharded (loss parallel, or a plain colwise head), of the vocabulary (TP); a
+    gathered head (colwise_rep) gives every TP rank the whole vocabulary."""
     head = _head(trace)
     if head is None:
         return 0
     tokens_vocab = sum(math.prod(s) for s in trace[head].output_shapes)
-    tp = layout.tp if checked.tp is not None and checked.tp.styles.get(head) == "colwise" else 1
+    tp = layout.tp if _vocab_sharded(checked, head) else 1
     return 2 * tokens_vocab * 4 * layout.micro_batch // (tp * layout.cp)
+
+
+def _vocab_sharded(checked: Checked, head: str) -> bool:
+    tp = checked.tp
+    if tp is None:
+        return False
+    return tp.styles.get(head) == "colwise" or getattr(tp, "loss_head", None) == head
 
 
 _HEADS: dict[int, str | None] = {}

@@ -94,6 +94,7 @@ class Runtime:
         self._grad_sync = grad.GradSync(self, self.grad_accum)
         self._dtensor_grads = _has_dtensor(model)
         self._guard = NonFiniteGuard(self)
+        self._loss_parallel = self._make_loss_parallel(model, pipeline)
         # the collective ledger and its watchdog (ledger.py); None on a single process
         self._ledger = make_ledger(desync_timeout)
         if self._ledger is not None:
@@ -214,6 +215,17 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self._autocast_dtype)
 
+    def _make_loss_parallel(self, model: nn.Module, pipeline: Any):
+        """Parallel(loss_parallel=True): torch's loss_parallel() around the forward, the
+        loss and the backward (loss_parallel.py); else a no-op context."""
+        from .loss_parallel import LossParallel, no_loss_parallel
+
+        if not self.plan.parallel.loss_parallel or pipeline is not None:
+            return no_loss_parallel
+        owner = LossParallel()
+        owner.hook(model)
+        return owner
+
     # -- backward -------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
         """``loss.backward()`` scaled by 1/grad_accum (and by the fp16 scaler): the step's
@@ -260,7 +272,8 @@ class Runtime:
             loss = loss / self.grad_accum
         if self._scaler is not None:
             loss = self._scaler.scale(loss)
-        loss.backward(**kwargs)
+        with self._loss_parallel():
+            loss.backward(**kwargs)
 
     # -- one micro-step (steps.py) -----------------------------------------------------
     def forward_backward(self, batch: Any, loss_fn=None) -> torch.Tensor:

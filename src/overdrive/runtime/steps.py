@@ -16,10 +16,16 @@ from typing import Any
 import torch
 
 from .loss_norm import current_share, normalised_loss
+from .loss_parallel import local_loss
 from .pipeline import LossFn, call_args, loss_of
 
 
 def forward_backward(rt, batch: Any, loss_fn: LossFn = None) -> torch.Tensor:
+    with rt._loss_parallel():  # Parallel(loss_parallel=True): the loss_fn and backward too
+        return _forward_backward(rt, batch, loss_fn)
+
+
+def _forward_backward(rt, batch: Any, loss_fn: LossFn = None) -> torch.Tensor:
     if rt._pipeline is not None:
         loss = rt._pipeline.forward_backward(batch, loss_fn)
         if getattr(rt, "_meter", None) is not None:  # step metrics see the loss, as rt.backward's
@@ -28,12 +34,12 @@ def forward_backward(rt, batch: Any, loss_fn: LossFn = None) -> torch.Tensor:
     args, kwargs = call_args(batch)
     share = current_share(rt) if rt.model.training else None
     if share is None:  # loss_normalization "batch": the mean of micro-batch means
-        loss = loss_of(rt.model(*args, **kwargs), batch, loss_fn)
+        loss = local_loss(loss_of(rt.model(*args, **kwargs), batch, loss_fn))
         rt.backward(loss)
         return loss.detach()
     # "tokens": this micro-batch's share of the step's global token mean (loss_norm.py)
-    shown = normalised_loss(rt, share, lambda extra: rt.model(*args, **{**kwargs, **extra}),
-                            batch, loss_fn)
+    call = lambda extra: rt.model(*args, **{**kwargs, **extra})  # noqa: E731
+    shown = local_loss(normalised_loss(rt, share, call, batch, loss_fn))
     undo = rt.grad_accum / share.micro  # rt.backward divides by grad_accum: k may be fewer
     rt._run_backward(shown * undo if undo != 1.0 else shown, shown, {})
     return shown.detach()
@@ -43,5 +49,5 @@ def evaluate(rt, batch: Any, loss_fn: LossFn = None) -> torch.Tensor:
     if rt._pipeline is not None:
         return rt._pipeline.evaluate(batch, loss_fn)
     args, kwargs = call_args(batch)
-    with torch.no_grad():
-        return loss_of(rt.model(*args, **kwargs), batch, loss_fn).detach()
+    with torch.no_grad(), rt._loss_parallel():
+        return local_loss(loss_of(rt.model(*args, **kwargs), batch, loss_fn)).detach()
