@@ -397,7 +397,6 @@ def summarize(w: Workload, accum: int, times: dict[str, list[float]], errors: di
     base = [(a + b) / 2 for a, b in zip(first, again)]
     raw = statistics.median(first + again)
     n = len(base)
-    cuts = [(b * n // blocks, (b + 1) * n // blocks) for b in range(blocks)]
     rows = {}
     for name in RUN_ORDER:
         if name in errors:
@@ -418,8 +417,7 @@ def summarize(w: Workload, accum: int, times: dict[str, list[float]], errors: di
             # steps (the step metrics' 0.5 s flush), which a median leaves out
             "added_us_mean": round(statistics.fmean(diffs) * 1e6, 1),
             "ratio_vs_raw": round(1 + added / raw, 4),
-            "added_us_per_block": [round(statistics.median(diffs[lo:hi]) * 1e6, 1)
-                                   for lo, hi in cuts],
+            "added_us_per_block": per_block_us(diffs, blocks),
         }
     q = statistics.quantiles(first, n=4)
     rows = {"raw": {"median_us": round(statistics.median(first) * 1e6, 1),
@@ -435,13 +433,18 @@ def ledger_paired(on: list[float], off: list[float], blocks: int) -> dict:
     taken against the raw loops adds both rows' noise). Even so the A/A
     (``--ledger-aa``) reads up to 1.02 at the MLP size in 300 rounds: run 1000."""
     diffs = [a - b for a, b in zip(on, off)]
-    n = len(diffs)
-    cuts = [(b * n // blocks, (b + 1) * n // blocks) for b in range(blocks)]
     added = statistics.median(diffs)
     return {"added_us": round(added * 1e6, 1),
             "ratio": round(1 + added / statistics.median(off), 4),
-            "added_us_per_block": [round(statistics.median(diffs[lo:hi]) * 1e6, 1)
-                                   for lo, hi in cuts]}
+            "added_us_per_block": per_block_us(diffs, blocks)}
+
+
+def per_block_us(diffs: list[float], blocks: int) -> list[float]:
+    """The median paired difference (µs) of each of ``blocks`` consecutive runs of rounds:
+    the spread of an added cost over the run."""
+    n = len(diffs)
+    return [round(statistics.median(diffs[b * n // blocks:(b + 1) * n // blocks]) * 1e6, 1)
+            for b in range(blocks)]
 
 
 def ledger_bookkeeping_us(name: str, accum: int, steps: int = 20000) -> float | None:
