@@ -176,7 +176,7 @@ def _tp_per_sequence(checked: Checked, trace, size: int) -> dict:
                 add("reduce_scatter", "bwd", inp)
             else:
                 add("all_reduce", "bwd", inp)
-            if style == "colwise_rep" and name != getattr(tp, "loss_head", None):
+            if style == "colwise_rep" and name != tp.loss_head:
                 add("all_gather", "fwd", outb, forwards)  # loss parallel: stays sharded
         elif style in ("rowwise", "rowwise_rep", "embedding_rowwise"):
             if sp and style != "rowwise_rep":

@@ -127,7 +127,7 @@ def _vocab_sharded(checked: Checked, head: str) -> bool:
     tp = checked.tp
     if tp is None:
         return False
-    return tp.styles.get(head) == "colwise" or getattr(tp, "loss_head", None) == head
+    return tp.styles.get(head) == "colwise" or tp.loss_head == head
 
 
 _HEADS: dict[int, str | None] = {}

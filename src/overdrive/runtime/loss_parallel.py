@@ -82,7 +82,3 @@ def _with_local_loss(output: Any) -> Any:
         except AttributeError:  # a frozen output: the caller's loss_fn sees the DTensor
             pass
     return output
-
-
-def no_loss_parallel():
-    return contextlib.nullcontext()

@@ -218,10 +218,10 @@ class Runtime:
     def _make_loss_parallel(self, model: nn.Module, pipeline: Any):
         """Parallel(loss_parallel=True): torch's loss_parallel() around the forward, the
         loss and the backward (loss_parallel.py); else a no-op context."""
-        from .loss_parallel import LossParallel, no_loss_parallel
+        from .loss_parallel import LossParallel
 
         if not self.plan.parallel.loss_parallel or pipeline is not None:
-            return no_loss_parallel
+            return contextlib.nullcontext
         owner = LossParallel()
         owner.hook(model)
         return owner
