@@ -72,7 +72,8 @@ log = logging.getLogger("overdrive")
 INTERVAL = 0.25  # s between the watchdog's store round trips
 PROBE_WAIT = 1.5  # s a rank whose collective failed waits for the others' entries
 GRACE = 3.0  # s a blocked main thread has to raise before the process exits
-RING = 256  # recent entries kept (and posted when a desync is found)
+RING = 1024  # recent entries kept (and posted when a desync is found)
+HISTORY = 4096  # recent points kept: (point, hash, collectives by then, entry index)
 # helpers whose ranks wait for another by design, for as long as it takes (rank 0
 # downloading a dataset first): never a stall
 PATIENT = frozenset({"rt.main_process_first"})
@@ -131,7 +132,7 @@ class Ledger:
         self.at: tuple = (0, 0, 0, "start")  # (point, hash, n, label) of the last point
         self.entries: deque = deque(maxlen=RING)
         self.total = 0  # entries ever made: the index of the next one
-        self.history: deque = deque(maxlen=4096)  # (point, hash, collectives by then)
+        self.history: deque = deque(maxlen=HISTORY)
         # an engine's gradient sync (DDP, FSDP2): synced backwards noted since the last
         # optimizer step, and whether one ever was (then a step without one is checked)
         self.syncs, self.synced_once = 0, False
@@ -202,7 +203,7 @@ class Ledger:
         else:
             self.hash = zlib.crc32(str(point).encode(), self.hash)
             skipped = False
-        self.history.append((self.points, self.hash, self.n))
+        self.history.append((self.points, self.hash, self.n, self.total))
         self.at = (self.points, self.hash, self.n, point)
         self._add(("p", point, self.n, self.last_op, micro))
         if skipped:
@@ -356,8 +357,12 @@ class Ledger:
             self._answered += 1
 
     def _dump(self) -> dict:
+        """What a desync message is built from: the position, the recent entries and the
+        points' hashes (where the ranks' books first differ: ``_first_divergence``)."""
+        first = self.entries[0][0] if self.entries else self.total
         return {"rank": self.rank, "pos": list(self._position()),
-                "entries": [(i, describe(e), _helper_point(e)) for i, e in self.entries]}
+                "entries": [(i, describe(e), _helper_point(e)) for i, e in self.entries],
+                "points": [(p, h, i) for p, h, _, i in self.history if i >= first]}
 
     # -- the watchdog ----------------------------------------------------------------
     def start(self) -> None:
@@ -468,7 +473,7 @@ class Ledger:
         """(hash, collectives issued) when this rank reached ``point`` (None: not kept)."""
         if point == 0:
             return 0, 0
-        for p, h, n in reversed(self.history):
+        for p, h, n, _ in reversed(self.history):
             if p == point:
                 return h, n
             if p < point:
@@ -584,10 +589,21 @@ def _alone(dumps: dict[int, dict]) -> str | None:
 
 def _first_divergence(a: int, da: dict, b: int, db: dict) -> tuple[str, str | None]:
     """The first entry where two ranks differ, and "H called on ranks [r] only" when one
-    of them entered a collective helper H there."""
+    of them entered a collective helper H there.
+
+    The search starts at the last point whose hash both ranks agree on (their books are
+    the same up to it), so a divergence found late — the ranks ran on meanwhile — is
+    still named where it happened while both rings hold it; without such a point, at
+    the first entry both rings hold (an entry one ring has dropped is not a difference).
+    """
     ea = {e[0]: (e[1], e[2]) for e in da["entries"]}
     eb = {e[0]: (e[1], e[2]) for e in db["entries"]}
-    for i in sorted(set(ea) | set(eb)):
+    start = _agreed_until(da.get("points", ()), db.get("points", ()))
+    if start == -1:
+        return f"older than the last {RING} entries kept", None
+    if start is None:
+        start = max(min(ea, default=0), min(eb, default=0))
+    for i in sorted(i for i in set(ea) | set(eb) if i >= start):
         (ta, ha), (tb, hb) = ea.get(i, (NOTHING, None)), eb.get(i, (NOTHING, None))
         if ta != tb:
             alone = None
@@ -597,6 +613,24 @@ def _first_divergence(a: int, da: dict, b: int, db: dict) -> tuple[str, str | No
                 alone = f"{hb} called on ranks [{b}] only; every rank must call it"
             return f"rank {a} {ta}, rank {b} {tb} (entry #{i})", alone
     return "not in the recent entries", None
+
+
+def _agreed_until(pa, pb) -> int | None:
+    """The entry index of the last point two ranks' points lists ((point, hash, entry
+    index), ascending) agree on before the first one that differs (or the last common
+    one, when none differs: the divergence came after it); -1 when the first common
+    point already differs (the divergence is older than the books); None when they share
+    no point."""
+    hb = {p: (h, i) for p, h, i in pb}
+    last = None
+    for p, h, i in pa:
+        theirs = hb.get(p)
+        if theirs is None:
+            continue
+        if theirs != (h, i):
+            return -1 if last is None else last
+        last = i
+    return last
 
 
 def _failed_finding(rank: int, dumps: dict[int, dict], err: BaseException) -> dict | None:
