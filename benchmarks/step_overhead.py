@@ -24,8 +24,13 @@ added per optimizer step; its default step metrics (``trackers=("jsonl",)``,
 the same runtime with its step meter detached (``overdrive_unlogged``: the logged
 variant's own model and runtime, so nothing but the logging differs; the two trade slots
 every other round), both from the median and from the mean of the paired differences
-(the mean includes the rows' flush every 0.5 s, which the median leaves out). Accelerate's rows are a reference: its ratio depends
-on the step size (a fixed per-step cost is a larger share of a small step).
+(the mean includes the rows' flush every 0.5 s, which the median leaves out);
+``--logging-aa`` keeps the meter attached in both slots (that ratio is the comparison's
+own noise), and the step metrics' bookkeeping is also timed alone (the feeds one step
+makes on the logged runtime's meter, 20,000 times, with the flushes of those rows: µs per
+step, and 1 + that / the raw step; warm caches, so a lower bound). Accelerate's rows are
+a reference: its ratio depends on the step size (a fixed per-step cost is a larger share
+of a small step).
 
     python benchmarks/step_overhead.py --rounds 600
     torchrun --standalone --nproc-per-node=2 benchmarks/step_overhead.py --dist --rounds 300
@@ -244,6 +249,7 @@ def overdrive_step(rt, w: Workload, batches: Batches, accum: int) -> Callable:
 
 
 LEDGER_AA = False  # --ledger-aa: overdrive_no_ledger keeps its ledger (the A/A control)
+LOGGING_AA = False  # --logging-aa: overdrive_unlogged keeps the meter (the A/A control)
 
 
 def overdrive_no_ledger_variant(w: Workload, accum: int, distributed: bool) -> Callable:
@@ -297,7 +303,8 @@ def unlogged_variant(w: Workload, accum: int, distributed: bool) -> Callable:
     by ±100 µs a step on this machine with no logging at all.)"""
     rt = _LOGGED[(w.name, accum)]
     batches = Batches(rt.shard(user_loader(w, distributed)))
-    return detached(rt, "_meter", overdrive_step(rt, w, batches, accum))
+    return detached(rt, "_meter", overdrive_step(rt, w, batches, accum),
+                    to=rt._meter if LOGGING_AA else None)
 
 
 def accelerate_variant(w: Workload, accum: int, distributed: bool) -> Callable:
@@ -477,6 +484,36 @@ def ledger_bookkeeping_us(name: str, accum: int, steps: int = 20000) -> float | 
     return round((clock() - t0) / steps * 1e6, 2)
 
 
+def meter_bookkeeping_us(w: Workload, accum: int, steps: int = 20000) -> float | None:
+    """µs of CPU per optimizer step the step metrics take, timed alone: the feeds one step
+    makes (per micro-step rt.shard's ``on_batch`` with the batch's token count and
+    rt.backward's ``on_backward``; ``on_step``) on the logged runtime's own meter, and
+    the flushes of those rows (the last one forced inside the timing), so the rows'
+    completion and their JSON lines are in. Warm caches: a lower bound of what the loop
+    sees. None under torchrun (rank 0 would wait for the other ranks' parts of rows that
+    are not theirs)."""
+    from overdrive.runtime.step_metrics import token_counter
+
+    rt = _LOGGED.get((w.name, accum))
+    if rt is None or rt._meter is None or rt.world_size > 1:
+        return None
+    meter = rt._meter
+    batch = next(iter(user_loader(w, False)))
+    count = token_counter(batch)
+    tokens = 0 if count is None else count(batch, w.micro_batch)
+    with torch.no_grad():
+        loss = w.loss(rt.model, batch)
+    clock = time.process_time
+    t0 = clock()
+    for _ in range(steps):
+        for _ in range(accum):
+            meter.on_batch(batch, w.micro_batch, tokens)
+            meter.on_backward(loss)
+        meter.on_step()
+    meter._flush(time.perf_counter())
+    return round((clock() - t0) / steps * 1e6, 2)
+
+
 def watchdog_share(seconds: float) -> float | None:
     """CPU seconds the ledger's watchdog thread used per wall second (None: no thread)."""
     import threading
@@ -528,9 +565,16 @@ def targets_of(cases: list[dict], world: int, distributed: bool,
                               round(1 + alone / raw, 5) if alone is not None else None,
                               1.01))
         logged, plain = step_of(v, "overdrive_logged", raw), step_of(v, "overdrive_unlogged", raw)
+        plain_is = "its meter attached too: A/A control" if LOGGING_AA else \
+            "its meter detached"
         out.append(target(f"step metrics logged every step (jsonl + log line) / not "
-                          f"logged (the same runtime, its meter detached), {where}",
+                          f"logged (the same runtime, {plain_is}), {where}",
                           round(logged / plain, 4) if logged and plain else None, 1.02))
+        alone = c.get("meter_bookkeeping_us")
+        if alone is not None:
+            out.append(target(f"step metrics: 1 + their bookkeeping timed alone ({alone} µs "
+                              f"per optimizer step, feeds, records and flushes) / the raw "
+                              f"step, {where}", round(1 + alone / raw, 5), 1.02))
         logged = step_of(v, "overdrive_logged", raw, "added_us_mean")
         plain = step_of(v, "overdrive_unlogged", raw, "added_us_mean")
         out.append(target(f"step metrics, amortized: the same from the mean of the paired "
@@ -572,9 +616,12 @@ def main() -> None:
     p.add_argument("--dist", action="store_true", help="run under torchrun (gloo, raw DDP baseline)")
     p.add_argument("--ledger-aa", action="store_true",
                    help="control: overdrive_no_ledger keeps its ledger (A/A of the ledger row)")
+    p.add_argument("--logging-aa", action="store_true",
+                   help="control: overdrive_unlogged keeps the step meter (A/A of the "
+                        "logging rows)")
     args = p.parse_args()
-    global LEDGER_AA
-    LEDGER_AA = args.ledger_aa
+    global LEDGER_AA, LOGGING_AA
+    LEDGER_AA, LOGGING_AA = args.ledger_aa, args.logging_aa
     torch.set_num_threads(1)
     _log_to_file()
     distributed = args.dist and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -594,6 +641,8 @@ def main() -> None:
             cases[-1]["seconds"] = round(time.perf_counter() - t0, 1)
             if distributed:
                 cases[-1]["ledger_bookkeeping_us"] = ledger_bookkeeping_us(size, accum)
+            else:
+                cases[-1]["meter_bookkeeping_us"] = meter_bookkeeping_us(w, accum)
             if not distributed or dist.get_rank() == 0:
                 print(f"# {size} grad_accum {accum}: {cases[-1]['variants'].get('overdrive')}",
                       flush=True)
@@ -605,6 +654,7 @@ def main() -> None:
         "rounds": args.rounds, "blocks": args.blocks, "cases": cases,
         "ledger_watchdog_cpu_share": watchdog,
         "ledger_aa": LEDGER_AA,  # overdrive_no_ledger kept its ledger (control)
+        "logging_aa": LOGGING_AA,  # overdrive_unlogged kept the step meter (control)
         "clock": "process CPU time per optimizer step (time.process_time: the time other "
                  "processes on the machine take is not counted); wall-clock numbers under "
                  "each case's 'wall'",

@@ -357,3 +357,82 @@ def test_trackio_local_run_has_the_rows(tmp_path):
     assert all(r["lr"] == 0.1 for r in logs if "loss" in r)
     assert any(r.get("eval_loss") == 0.5 and r["step"] == 3 for r in logs)
     assert (tmp_path / "trackio" / "overdrive.db").exists()
+
+
+def test_token_counter_finds_the_tokens_once_and_counts_real_rows():
+    """The loader resolves where a batch's tokens are at an epoch's first batch; each
+    batch then costs one lookup. Padded rows (n_real < rows) are not counted; a batch
+    shaped otherwise is counted from scratch; float-only batches count none."""
+    from overdrive.runtime.step_metrics import token_count, token_counter
+
+    ids = torch.zeros(4, 8, dtype=torch.long)
+    as_dict = {"attention_mask": torch.ones(4, 8, dtype=torch.long), "input_ids": ids}
+    as_tuple = (torch.randn(4, 3), torch.zeros(4, 5, dtype=torch.int32))
+    for batch, tokens in ((as_dict, 32), (as_tuple, 20), (ids, 32)):
+        count = token_counter(batch)
+        assert count(batch, 4) == tokens == token_count(batch)
+        assert count(batch, 1) == tokens // 4  # three padding rows
+    count = token_counter(as_dict)
+    assert count({"labels": torch.zeros(2, 3, dtype=torch.long)}, 2) == 6  # reshaped
+    assert count({"x": torch.randn(2, 3)}, 2) == 0
+    assert token_counter((torch.randn(4, 3), torch.randn(4, 1))) is None
+
+
+def test_rows_count_every_token_of_an_uneven_epoch(tmp_path):
+    """tokens_per_s × step_seconds over the rows is every token rt.shard yielded, the
+    smaller last batch included (10 rows of 6 tokens, batches of 4)."""
+    from torch.utils.data import DataLoader
+
+    data = [{"input_ids": torch.full((6,), i)} for i in range(10)]
+    model = torch.nn.Embedding(10, 1)
+    rt = od.accelerate(model, optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+                       run_dir=tmp_path / "run")
+    for batch in rt.shard(DataLoader(data, batch_size=4)):
+        rt.backward(rt.model(batch["input_ids"]).mean())
+        rt.optimizer.step()
+        rt.optimizer.zero_grad()
+    rt.finish()
+    rows = _rows(tmp_path / "run")
+    assert len(rows) == 3
+    assert sum(r["tokens_per_s"] * r["step_seconds"] for r in rows) == pytest.approx(60)
+    assert sum(r["samples_per_s"] * r["step_seconds"] for r in rows) == pytest.approx(10)
+
+
+class _Batched(od.Tracker):
+    def __init__(self):
+        self.calls = []
+
+    def log(self, metrics, step):
+        raise AssertionError("log_rows overrides log for the step rows")
+
+    def log_rows(self, rows):
+        self.calls.append([step for _, step in rows])
+
+
+def test_a_flush_gives_each_tracker_its_rows_in_one_call(tmp_path, monkeypatch):
+    from overdrive.runtime import step_metrics
+
+    monkeypatch.setattr(step_metrics, "FLUSH_INTERVAL_S", 1e9)
+    batched, plain = _Batched(), _Rows()
+    rt = _accelerate(trackers=("jsonl", batched, plain), run_dir=tmp_path / "run")
+    _train(rt, steps=4)
+    rt.finish()
+    assert batched.calls == [[1], [2, 3, 4]]  # the first row at once, the rest at finish
+    assert [s for s, _ in plain.rows] == [1, 2, 3, 4]  # the default: log for each row
+    assert [r["step"] for r in _rows(tmp_path / "run")] == [1, 2, 3, 4]
+
+
+def test_jsonl_log_rows_writes_each_row_as_json_dumps_would(tmp_path):
+    from overdrive.runtime.tracking import JsonlTracker
+
+    rows = [({"loss": 0.5, "lr": 0.1}, 1), ({"loss": float("nan"), "lr": 0.1}, 2),
+            ({"a%d": 1.0, "n": 10 ** 400, "x": 1e308}, 3), ({"n": 3, "b": False}, 4),
+            ({"loss": 0.25, "lr": 0.1}, 5), ({"loss": 2.5e-7, "lr": 3}, 6), ({}, 7), ({}, 8),
+            ({"x": 1.5}, 9.0), ({"x": -0.0}, 10), ({"x": 1e308}, 11), ({"x": 1e308}, 12),
+            ({"lr": 0.1, "loss": 0.5}, 13), ({"lr": 0.1, "loss": 0.5}, True)]
+    tracker = JsonlTracker()
+    tracker.open(tmp_path)
+    tracker.log_rows(rows)
+    tracker.finish()
+    expected = "".join(json.dumps({"step": step, **m}) + "\n" for m, step in rows)
+    assert (tmp_path / "metrics.jsonl").read_text() == expected

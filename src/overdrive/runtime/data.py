@@ -30,6 +30,7 @@ from . import loss_norm
 from .sampling import (FlaggedCollate, IterableShard, SeededRandomSampler, ShardBatchSampler,
                        shard_indices, sharded_len)
 from .state import mesh_coordinates
+from .step_metrics import token_counter
 
 log = logging.getLogger("overdrive")
 
@@ -278,7 +279,10 @@ class ShardedLoader:
         # gather_for_metrics trims its padding); a loop nested in ours hands it back
         rt, per_batch, place = self.rt, self._per_batch, self._placer()
         outer = rt._active_loader
-        meter = getattr(rt, "_meter", None)  # fixed for the runtime's life
+        # the step meter (fixed for the runtime's life) counts training batches only; the
+        # tokens' place in a batch is found at the epoch's first batch
+        meter = getattr(rt, "_meter", None) if rt.model.training else None
+        count_tokens, resolve = None, meter is not None
         self._iterating = True
         try:
             nxt = next(items, _END)
@@ -292,8 +296,11 @@ class ShardedLoader:
                 self._batch, self.n_real = batch, n_real
                 self.consumed += per_batch
                 rt._active_loader = self
-                if meter is not None and rt.model.training:
-                    meter.on_batch(batch, n_real, _rows(batch))
+                if meter is not None:
+                    if resolve:  # None: these batches hold no token tensor
+                        count_tokens, resolve = token_counter(batch), False
+                    meter.on_batch(batch, n_real,
+                                   0 if count_tokens is None else count_tokens(batch, n_real))
                 yield batch if place is None else place(batch)
             ledger = getattr(self.rt, "_ledger", None)
             if ledger is not None:  # a sync point: every rank ends the epoch together

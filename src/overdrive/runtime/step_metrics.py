@@ -1,10 +1,12 @@
 """Built-in step metrics: every ``log_every`` optimizer steps, one row and one log line.
 
 The runtime feeds the meter from the places that already see the numbers: ``rt.backward``
-(the loss, kept on the device: no sync), ``rt.clip_grad_norm_`` (the norm), ``rt.shard``'s
-loader (samples and tokens, from shapes) and the optimizer step. A logged step only
-*records* its numbers (a tuple: the step, the detached micro-step losses, counts, lr, the
-clock); nothing is read from the device, reduced or written then.
+(the loss, detached and appended to one flat list: no sync), ``rt.clip_grad_norm_`` (the
+norm), ``rt.shard``'s loader (real rows and tokens, added to counters; ``token_counter``
+finds the tokens' place once an epoch) and the optimizer step. A logged step only
+*records* one tuple (the step, where its losses end in the list, the counts, the norm,
+lr, the clock); nothing is read from the device, reduced or written then. These feeds run
+on every micro-step, so each is a few attribute updates in one frame.
 
 Every ``FLUSH_INTERVAL_S`` seconds (at the first row, and at ``rt.finish()`` / exit) the
 recorded rows are read with one device→host copy and completed:
@@ -24,9 +26,12 @@ step rows recorded before them.
 Row keys: ``loss`` (mean over the micro-steps of the interval and the data-parallel
 × context-parallel ranks: under ``loss_normalization="tokens"`` the exact global token
 mean, ``runtime/loss_norm.py``), ``grad_norm``, ``lr``, ``step_seconds``,
-``samples_per_s``, ``tokens_per_s`` (both global), ``tflops`` and ``mfu`` (per device, where a peak is known: FLOPs from the
-meta-device trace of the first batch), ``memory_allocated_gb`` and ``memory_peak_gb``
-(the accelerator's; on CPU the process's peak resident memory).
+``samples_per_s``, ``tokens_per_s`` (both global), ``tflops`` and ``mfu`` (per device,
+where a peak is known: FLOPs from the meta-device trace of the first batch),
+``memory_allocated_gb`` and ``memory_peak_gb`` (the accelerator's at the step; on CPU the
+process's peak resident memory, read at the flush).
+
+A flush gives its rows to the trackers in one ``Tracking.log_rows`` call.
 
 The same numbers go to rank 0's "overdrive" logger as one compact line, at most every
 ``LINE_INTERVAL_S`` seconds (a fast loop logs every row, but prints a line twice a second).
@@ -43,7 +48,7 @@ import sys
 import time
 import weakref
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -56,7 +61,6 @@ _GB = 1024 ** 3
 # the log line comes at most this often (every row still reaches the trackers): a line per
 # step of a fast loop would cost more than the step and scroll past unread
 LINE_INTERVAL_S = 0.5
-RSS_INTERVAL_S = 1.0  # the CPU peak-RSS reading is refreshed at most this often
 # recorded rows are read, completed and written at most this long after their step: one
 # device read and one store round trip per interval instead of per step
 FLUSH_INTERVAL_S = 0.5
@@ -81,12 +85,14 @@ class StepMeter:
         # same samples, so their sample and token counts are divided by cp)
         self._cp = rt.plan.parallel.cp if getattr(rt, "plan", None) is not None else 1
         self._main, self._dp = rt.is_main, rt.dp_size * self._cp
-        self._rss = _PeakRss()
         self._opt = None  # the torch optimizer whose lr is logged (found at the first row)
         self._line_at = -LINE_INTERVAL_S  # when the last log line was printed
         self._flushed_at: float | None = None  # None: the first row flushes at once
+        # the micro-step losses since the last flush, detached, in one flat list (read
+        # with one copy at the flush); _cut: how many of them recorded rows hold
+        self._losses: list[torch.Tensor] = []
+        self._cut = 0
         self._recorded: list[tuple] = []  # rows recorded since the last flush
-        self._n_losses = 0  # micro-step losses held by _recorded
         self._dtensor_loss = False
         self._closed = False
         self._exit_hook = False
@@ -96,7 +102,9 @@ class StepMeter:
         # rank 0: recorded rows not yet given to the trackers, in order, and rt.log rows
         # waiting behind them
         self._queue: deque = deque()
-        self._reset()
+        # since the last recorded row: samples, tokens, optimizer steps, the clipped norm
+        self._samples = self._tokens = self._steps = 0
+        self._norm = None
         self._t_last: float | None = None
         tracking.before_finish = self.finish
         if self._main:
@@ -110,27 +118,24 @@ class StepMeter:
         return cls(rt, config.log_every, tracking, peak=peak,
                    shadow=flops_model if peak is not None else None)
 
-    def _reset(self) -> None:
-        self._losses: list[torch.Tensor] = []  # detached, read at the flush
-        self._samples = self._tokens = self._steps = 0
-        self._norm = None
-
-    # -- feeds --------------------------------------------------------------------
-    def on_batch(self, batch: Any, n_real: int, rows: int) -> None:
+    # -- feeds: a few attribute updates each (they run on every micro-step) ------------
+    def on_batch(self, batch: Any, n_real: int, tokens: int) -> None:
+        """A training batch from ``rt.shard``: its real rows and tokens (``token_counter``)."""
         if self._t_last is None:
             self._t_last = time.perf_counter()
         self._samples += n_real
-        tokens = token_count(batch)
-        if tokens and rows:
-            self._tokens += tokens * n_real // rows
+        self._tokens += tokens
         if self._shadow is not None:
-            self._trace_flops(batch, tokens or rows)
+            self._trace_flops(batch, tokens or n_real)
 
     def on_backward(self, loss: Any) -> None:
         if self._t_last is None:
             self._t_last = time.perf_counter()
-        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            if type(loss) is not torch.Tensor and hasattr(loss, "full_tensor"):
+        if type(loss) is torch.Tensor:
+            if loss.numel() == 1:
+                self._losses.append(loss.detach())
+        elif isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            if hasattr(loss, "full_tensor"):
                 self._dtensor_loss = True  # loss parallel: made whole on the logged step
             self._losses.append(loss.detach())
 
@@ -139,52 +144,59 @@ class StepMeter:
             self._norm = norm
 
     def on_step(self) -> None:
+        """An optimizer step; a logged one is *recorded*: one tuple of the step, where
+        its losses end in the flat list, the counts since the last row, the norm, the
+        lr, the clock (one frame: this runs every step)."""
         self._steps += 1
         if self.rt.step % self.every or self._closed:
             return
-        self._record()
-
-    # -- a logged step: record only -------------------------------------------------
-    def _record(self) -> None:
         now = time.perf_counter()
         elapsed = now - (self._t_last if self._t_last is not None else now)
         self._t_last = now
+        losses, cut = self._losses, self._cut
+        micro = len(losses) - cut
         if not self._main and self._peers is None:  # nothing to add up, nothing to log
-            self._reset()
-            return
-        losses = self._losses
-        if self._dtensor_loss and losses:  # a collective of the loss's mesh: every rank
-            losses = [_whole_sum(losses)]   # does it at the same step
-        micro = len(self._losses)
-        if self._main:
-            memory_now = memory(True) if self._cuda else self._rss.read(now)
-            rec = (self.rt.step, losses, micro, self._samples, self._tokens, self._norm,
-                   self._lr(), elapsed, self._steps, memory_now)
+            del losses[cut:]
         else:
-            rec = (self.rt.step, losses, micro, self._samples, self._tokens)
-        self._recorded.append(rec)
-        self._n_losses += len(losses)
-        self._reset()
+            if self._dtensor_loss and micro:  # a collective of the loss's mesh: every
+                losses[cut:] = [_whole_sum(losses[cut:])]  # rank does it at this step
+            self._cut = cut = len(losses)
+            opt = self._opt if self._opt is not None else self._find_optimizer()
+            groups = getattr(opt, "param_groups", None)
+            lr = groups[0].get("lr") if groups else None
+            if lr is not None and type(lr) is not float:  # a tensor lr (capturable
+                lr = float(lr)  # optimizers) changes in place: read now
+            self._recorded.append((self.rt.step, cut, micro, self._samples, self._tokens,
+                                   self._norm, lr, elapsed, self._steps,
+                                   memory(True) if self._cuda else None))
+        self._samples = self._tokens = self._steps = 0
+        self._norm = None
         if not self._exit_hook:  # the last rows are flushed at exit too
             self._exit_hook = True
             atexit.register(_finish_at_exit, weakref.ref(self))
         if self._flushed_at is None or now - self._flushed_at >= FLUSH_INTERVAL_S \
-                or self._n_losses >= _MAX_LOSSES:
+                or cut >= _MAX_LOSSES:
             self._flush(now)
 
     # -- a flush: read, complete, write ---------------------------------------------
     def _flush(self, now: float, final: bool = False) -> None:
         self._flushed_at = now
-        recorded, self._recorded, self._n_losses = self._recorded, [], 0
-        sums = _loss_sums(recorded)
+        recorded, self._recorded = self._recorded, []
+        losses, cut = self._losses, self._cut
+        self._losses, self._cut = losses[cut:], 0  # a partial interval stays
+        sums = _loss_sums(losses, cut, recorded)
         if not self._main:
             self._peers.post([(r[0], [s, r[2], r[3], r[4]]) for r, s in zip(recorded, sums)],
                              final)
             return
         norms = _norms([r[5] for r in recorded])
+        # on CPU the peak resident memory, read once a flush (a peak up to one interval
+        # after the row's step); an accelerator's is each row's own, read at its step
+        memory_now = None if self._cuda else memory(False)
         queue, peers = self._queue, self._peers
         for rec, loss_sum, norm in zip(recorded, sums, norms):
-            entry = _Entry(rec, [loss_sum, rec[2], rec[3], rec[4]], norm)
+            entry = _Entry(rec, [loss_sum, rec[2], rec[3], rec[4]], norm,
+                           rec[9] if memory_now is None else memory_now)
             queue.append(entry)
             if peers is not None:
                 peers.expect(entry)
@@ -193,26 +205,29 @@ class StepMeter:
         self._deliver(now)
 
     def _deliver(self, now: float) -> None:
-        """Give the complete rows at the head of the queue to the trackers, in order."""
-        queue, last = self._queue, None
+        """Give the complete rows at the head of the queue to the trackers, in order
+        (one batch: one write per tracker)."""
+        queue, rows, last = self._queue, [], None
         while queue:
             entry = queue[0]
             if isinstance(entry, _UserRow):
                 queue.popleft()
-                self.tracking.log_row(entry.row, entry.step)
+                rows.append((entry.row, entry.step))
                 continue
             if entry.missing:
                 break
             queue.popleft()
             last = entry
-            self.tracking.log_row(self._row(entry), entry.rec[0])
+            rows.append((self._row(entry), entry.rec[0]))
+        if rows:
+            self.tracking.log_rows(rows)
         if last is not None and now - self._line_at >= LINE_INTERVAL_S \
                 and log.isEnabledFor(logging.INFO):
             self._line_at = now
             log.info("%s", format_line(last.rec[0], last.row))
 
     def _row(self, entry: "_Entry") -> dict[str, float]:
-        _, _, _, _, _, _, lr, elapsed, steps, memory_now = entry.rec
+        lr, elapsed, steps = entry.rec[6:9]
         loss_sum, micro, samples, tokens = entry.total
         if self._cp > 1:  # counted by every cp peer
             samples, tokens = samples / self._cp, tokens / self._cp
@@ -234,7 +249,7 @@ class StepMeter:
                 per_device = self._flops_per_token * (tokens or samples) / self.rt.world_size
                 row["tflops"] = per_device / elapsed / 1e12
                 row["mfu"] = per_device / elapsed / self._peak
-        row.update(memory_now)
+        row.update(entry.memory)
         entry.row = row
         return row
 
@@ -272,16 +287,13 @@ class StepMeter:
                         "rank before the process group goes away)", steps[0], steps[-1],
                         FINISH_WAIT_S)
             for entry in [e for e in self._queue if isinstance(e, _UserRow)]:
-                self.tracking.log_row(entry.row, entry.step)
+                self.tracking.log_rows([(entry.row, entry.step)])
             self._queue.clear()
 
-    def _lr(self) -> float | None:
-        if self._opt is None:
-            self._opt = raw_optimizer(self.rt.optimizer)
-        groups = getattr(self._opt, "param_groups", None)
-        if not groups or "lr" not in groups[0]:
-            return None
-        return float(groups[0]["lr"])
+    def _find_optimizer(self):
+        """The torch optimizer whose lr is logged (found at the first row)."""
+        self._opt = raw_optimizer(self.rt.optimizer)
+        return self._opt
 
     def _loss_group(self):
         return self.rt._loss_group()
@@ -312,10 +324,11 @@ class _Entry:
     """A recorded row on rank 0: its record, its sums so far (``total``: loss sum,
     micro-steps, samples, tokens), how many ranks' parts are still missing, the row."""
 
-    __slots__ = ("rec", "total", "norm", "missing", "row")
+    __slots__ = ("rec", "total", "norm", "memory", "missing", "row")
 
-    def __init__(self, rec: tuple, total: list, norm: float | None):
-        self.rec, self.total, self.norm, self.missing, self.row = rec, total, norm, 0, None
+    def __init__(self, rec: tuple, total: list, norm: float | None, memory: dict):
+        self.rec, self.total, self.norm, self.memory = rec, total, norm, memory
+        self.missing, self.row = 0, None
 
 
 class _UserRow:
@@ -435,20 +448,26 @@ def _whole_sum(losses: list[torch.Tensor]) -> torch.Tensor:
     return loss.full_tensor() if hasattr(loss, "full_tensor") else loss
 
 
-def _loss_sums(recorded: list[tuple]) -> list[float]:
-    """Each recorded row's sum of micro-step losses: every loss read in one copy."""
-    flat = [t for rec in recorded for t in rec[1]]
-    if not flat:
+def _loss_sums(losses: list[torch.Tensor], cut: int, recorded: list[tuple]) -> list[float]:
+    """Each recorded row's sum of micro-step losses (``losses[:cut]``, each row's ending
+    where its record says): every loss read in one copy."""
+    if not cut:
         return [0.0] * len(recorded)
+    flat = losses[:cut]
     try:
-        values = torch.stack([t if t.ndim == 0 else t.reshape(()) for t in flat]).tolist()
+        try:
+            values = torch.stack(flat).tolist()  # scalars (0-d), as losses are
+        except RuntimeError:  # some of shape (1,): all made 0-d
+            values = torch.stack([t.reshape(()) for t in flat]).tolist()
+        if isinstance(values[0], list):  # all of shape (1,): [[v], ...]
+            values = [v[0] for v in values]
     except (RuntimeError, TypeError):  # mixed devices or kinds: one at a time
         values = [float(t) for t in flat]
-    sums, i = [], 0
+    sums, start = [], 0
     for rec in recorded:
-        n = len(rec[1])
-        sums.append(sum(values[i:i + n]) if n != 1 else values[i])
-        i += n
+        end = rec[1]
+        sums.append(values[start] if end - start == 1 else sum(values[start:end]))
+        start = end
     return sums
 
 
@@ -476,19 +495,56 @@ _TOKEN_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, to
 def token_count(batch: Any) -> int:
     """Tokens in a batch: ``input_ids``'s elements, else those of the first integer
     tensor with two or more dimensions; 0 when there is none."""
-    if type(batch) is dict or isinstance(batch, dict):
+    where = _token_slot(batch)
+    return 0 if where is None else _slot(batch, where).numel()
+
+
+def token_counter(batch: Any) -> Callable[[Any, int], int] | None:
+    """``count(batch, n_real)``: the tokens of a loader's batches shaped like ``batch``
+    (resolved once an epoch: which entry holds them), counting only the ``n_real`` real
+    rows of a padded batch; a batch shaped otherwise is counted from scratch. None when
+    ``batch`` holds no token tensor (the loader's batches count none)."""
+    where = _token_slot(batch)
+    if where is None:
+        return None
+
+    def count(b: Any, n_real: int) -> int:
+        try:
+            t = _slot(b, where)
+            tokens, rows = t.numel(), t.shape[0]
+        except (KeyError, IndexError, TypeError, AttributeError):
+            t = None
+        if t is None or not isinstance(t, torch.Tensor):
+            other = _token_slot(b)
+            if other is None:
+                return 0
+            t = _slot(b, other)
+            tokens, rows = t.numel(), t.shape[0]
+        return tokens if rows == n_real or not rows else tokens * n_real // rows
+    return count
+
+
+def _token_slot(batch: Any) -> Any:
+    """The key or index of the batch's token tensor (see ``token_count``), or None."""
+    if isinstance(batch, dict):
         ids = batch.get("input_ids")
         if isinstance(ids, torch.Tensor):
-            return ids.numel()
-        values = batch.values()
+            return "input_ids"
+        items = batch.items()
     elif isinstance(batch, (list, tuple)):
-        values = batch
+        items = enumerate(batch)
+    elif isinstance(batch, torch.Tensor):
+        return ... if batch.dtype in _TOKEN_DTYPES and batch.ndim >= 2 else None
     else:
-        values = (batch,)
-    for v in values:  # one dtype lookup per tensor: this runs for every batch
+        return None
+    for where, v in items:
         if isinstance(v, torch.Tensor) and v.dtype in _TOKEN_DTYPES and v.ndim >= 2:
-            return v.numel()
-    return 0
+            return where
+    return None
+
+
+def _slot(batch: Any, where: Any) -> Any:
+    return batch if where is ... else batch[where]
 
 
 def memory(cuda: bool) -> dict[str, float]:
@@ -502,21 +558,6 @@ def memory(cuda: bool) -> dict[str, float]:
         return {}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"memory_peak_gb": peak / (_GB if sys.platform == "darwin" else _GB / 1024)}
-
-
-class _PeakRss:
-    """The process's peak resident memory, read at most every ``RSS_INTERVAL_S``: a
-    ``getrusage`` call costs about a microsecond, a fifth of a logged row's own cost, and
-    a peak changes slowly (a row may show the peak of up to that long ago)."""
-
-    def __init__(self):
-        self._at = -RSS_INTERVAL_S
-        self._value: dict[str, float] = {}
-
-    def read(self, now: float) -> dict[str, float]:
-        if now - self._at >= RSS_INTERVAL_S:
-            self._at, self._value = now, memory(False)
-        return self._value
 
 
 def format_line(step: int, row: dict[str, float]) -> str:

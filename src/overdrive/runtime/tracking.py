@@ -38,6 +38,8 @@ class Tracker:
     """Base class of a tracker: override ``log``, and ``log_config`` / ``finish`` if needed.
 
     ``log(metrics, step)`` gets a dict of Python floats (and ints) for one step;
+    ``log_rows(rows)`` gets the rows of one flush, ``[(metrics, step), ...]`` in step
+    order (by default it calls ``log`` for each; override it to write them at once);
     ``log_config(config)`` gets ``{"run_config": ..., "plan": ...}`` once, before the first
     row; ``finish()`` is called once at the end. Only rank 0's trackers are called. The
     dicts are the tracker's own copies: it may keep or change them.
@@ -53,6 +55,10 @@ class Tracker:
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         raise NotImplementedError(f"{type(self).__name__} must implement log(metrics, step)")
+
+    def log_rows(self, rows: list[tuple[dict[str, float], int]]) -> None:
+        for metrics, step in rows:
+            self.log(metrics, step)
 
     def finish(self) -> None:
         """Flush and close."""
@@ -82,10 +88,10 @@ class JsonlTracker(Tracker):
                 json.dumps(config, indent=2, default=str) + "\n", encoding="utf-8")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        line = _json_row(step, metrics)
-        if line is None:  # not plain finite numbers, or a "step" key: json's own rules
-            line = json.dumps({"step": step, **metrics}) + "\n"
-        self._file.write(line)
+        self.log_rows([(metrics, step)])
+
+    def log_rows(self, rows: list[tuple[dict[str, float], int]]) -> None:
+        self._file.write(_json_lines(rows))
         now = time.monotonic()
         if now - self._flushed >= 1.0:
             self._file.flush()
@@ -97,34 +103,80 @@ class JsonlTracker(Tracker):
             self._file = None
 
 
-_JSON_KEYS: dict[str, str] = {}  # metric name → its JSON string (names repeat every row)
+# the line format of each row's key tuple ('{"step": %d, "loss": %r}\n'); the step
+# metrics' rows repeat a few key tuples, so each row is one %-format. Bounded: key sets
+# made up per step are not kept.
+_TEMPLATES: dict[tuple, str | None] = {}
+_PLAIN = frozenset({float, int})
 
 
-def _json_row(step: int, metrics: dict[str, Any]) -> str | None:
-    """The line ``json.dumps({"step": step, **metrics})`` writes, for a row of finite
-    floats and ints, built without the encoder's per-call setup (a third of a logged
-    step's serialisation); None for anything else."""
-    if "step" in metrics or type(step) is not int:
+def _json_lines(rows: list[tuple[dict[str, Any], Any]]) -> str:
+    """The lines of ``rows``: each run of rows with the same keys (the step metrics' rows
+    are one run) is one %-format of its template repeated, when they are all plain (int
+    steps, finite floats and ints); any other row is written on its own."""
+    out, i, n = [], 0, len(rows)
+    while i < n:
+        keys = tuple(rows[i][0])
+        j = i + 1
+        while j < n and tuple(rows[j][0]) == keys:
+            j += 1
+        out.append(_json_run(rows[i:j], keys))
+        i = j
+    return "".join(out)
+
+
+def _json_run(run: list[tuple[dict[str, Any], Any]], keys: tuple) -> str:
+    template = _template_of(keys)
+    if template is not None and len(run) > 1:
+        flat: list[Any] = []
+        for metrics, step in run:
+            flat.append(step)
+            flat.extend(metrics.values())
+        if _PLAIN.issuperset(map(type, flat)) and \
+                all(type(step) is int for _, step in run) and _finite(flat):
+            return (template * len(run)) % tuple(flat)
+    return "".join([_json_line(step, metrics) for metrics, step in run])
+
+
+def _finite(values: list) -> bool:
+    """No nan or ±inf among these ints and floats (an overflow only says False)."""
+    try:
+        total = sum(values)
+    except OverflowError:
+        return False
+    return total - total == 0
+
+
+def _template_of(keys: tuple) -> str | None:
+    template = _TEMPLATES.get(keys, False)
+    if template is False:
+        template = _template(keys)
+        if len(_TEMPLATES) < 256:
+            _TEMPLATES[keys] = template
+    return template
+
+
+def _json_line(step: Any, metrics: dict[str, Any]) -> str:
+    """What ``json.dumps({"step": step, **metrics}) + "\n"`` writes: for a row of finite
+    floats and ints (``repr`` is JSON's own number text there) one %-format of a template
+    made once per key tuple; anything else goes through ``json.dumps``."""
+    template = _template_of(tuple(metrics))
+    if template is not None and type(step) is int:
+        values = tuple(metrics.values())
+        if not values:
+            return template % step
+        if _PLAIN.issuperset(map(type, values)) and _finite(values):
+            return template % (step, *values)
+    return json.dumps({"step": step, **metrics}) + "\n"
+
+
+def _template(keys: tuple) -> str | None:
+    """The %-format line of rows with ``keys``; None when a key is not a string or is
+    "step" (json.dumps's own handling)."""
+    if "step" in keys or not all(isinstance(k, str) for k in keys):
         return None
-    parts = [f'{{"step": {step}']
-    for key, value in metrics.items():
-        name = _JSON_KEYS.get(key)
-        if name is None:
-            if not isinstance(key, str):
-                return None
-            name = json.dumps(key)
-            if len(_JSON_KEYS) < 1024:  # bounded: names made up per step are not kept
-                _JSON_KEYS[key] = name
-        kind = type(value)
-        if kind is float:
-            if value - value != 0:  # nan or ±inf: json writes NaN / Infinity
-                return None
-            parts.append(f"{name}: {float.__repr__(value)}")
-        elif kind is int:
-            parts.append(f"{name}: {value}")
-        else:
-            return None
-    return ", ".join(parts) + "}\n"
+    fields = "".join(f", {json.dumps(k).replace('%', '%%')}: %r" for k in keys)
+    return '{"step": %d' + fields + "}\n"
 
 
 class TensorBoardTracker(Tracker):
@@ -214,11 +266,16 @@ class MlflowTracker(Tracker):
             self._client.log_param(self._run_id, key, str(value)[:500])
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        self.log_rows([(metrics, step)])
+
+    def log_rows(self, rows: list[tuple[dict[str, float], int]]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._client.log_batch(self._run_id, metrics=[
-            Metric(key, float(value), now, step) for key, value in metrics.items()])
+        batch = [Metric(key, float(value), now, step)
+                 for metrics, step in rows for key, value in metrics.items()]
+        for i in range(0, len(batch), 1000):  # MLflow's limit of metrics per log_batch
+            self._client.log_batch(self._run_id, metrics=batch[i:i + 1000])
 
     def finish(self) -> None:
         if self._client is not None:
@@ -385,15 +442,20 @@ class Tracking:
         self.log_row(row, step)
 
     def log_row(self, row: dict[str, float], step: int) -> None:
-        """A row of Python numbers (the step metrics): straight to the trackers."""
+        """A row of Python numbers: straight to the trackers."""
+        self.log_rows([(row, step)])
+
+    def log_rows(self, rows: list[tuple[dict[str, float], int]]) -> None:
+        """Rows of Python numbers (a flush of the step metrics): to each tracker at once."""
         if self._finished:
             raise OverdriveError("rt.log after rt.finish(): the trackers are closed; log "
                                  "before finishing, or accelerate a new runtime for a new run")
         if not self._opened:
             self._open()
         last = len(self._trackers) - 1
-        for i, tracker in enumerate(self._trackers):  # the last one gets the row itself:
-            tracker.log(row if i == last else dict(row), step)  # it is a fresh dict
+        for i, tracker in enumerate(self._trackers):  # the last one gets the rows
+            tracker.log_rows(rows if i == last else  # themselves: they are fresh dicts
+                             [(dict(row), step) for row, step in rows])
 
 
 def _finish_at_exit(ref) -> None:
