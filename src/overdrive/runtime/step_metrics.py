@@ -156,19 +156,20 @@ class StepMeter:
         losses, cut = self._losses, self._cut
         micro = len(losses) - cut
         if not self._main and self._peers is None:  # nothing to add up, nothing to log
-            del losses[cut:]
-        else:
-            if self._dtensor_loss and micro:  # a collective of the loss's mesh: every
-                losses[cut:] = [_whole_sum(losses[cut:])]  # rank does it at this step
-            self._cut = cut = len(losses)
-            opt = self._opt if self._opt is not None else self._find_optimizer()
-            groups = getattr(opt, "param_groups", None)
-            lr = groups[0].get("lr") if groups else None
-            if lr is not None and type(lr) is not float:  # a tensor lr (capturable
-                lr = float(lr)  # optimizers) changes in place: read now
-            self._recorded.append((self.rt.step, cut, micro, self._samples, self._tokens,
-                                   self._norm, lr, elapsed, self._steps,
-                                   memory(True) if self._cuda else None))
+            losses.clear()
+            self._samples = self._tokens = self._steps = 0
+            return
+        if self._dtensor_loss and micro:  # a collective of the loss's mesh: every rank
+            losses[cut:] = [_whole_sum(losses[cut:])]  # does it at this step
+        self._cut = cut = len(losses)
+        opt = self._opt if self._opt is not None else self._find_optimizer()
+        groups = getattr(opt, "param_groups", None)
+        lr = groups[0].get("lr") if groups else None
+        if lr is not None and type(lr) is not float:  # a tensor lr (capturable
+            lr = float(lr)  # optimizers) changes in place: read now
+        self._recorded.append((self.rt.step, cut, micro, self._samples, self._tokens,
+                               self._norm, lr, elapsed, self._steps,
+                               memory(True) if self._cuda else None))
         self._samples = self._tokens = self._steps = 0
         self._norm = None
         if not self._exit_hook:  # the last rows are flushed at exit too
