@@ -106,6 +106,8 @@ def test_loss_parallel_matches_single_process(two_ranks):
     assert lp["logits_sharded"]
     losses, params = adamw_reference(hf_llama(), batches(vocab=128, ignored=3), None)
     assert max(abs(a - b) for a, b in zip(lp["hf_losses"], losses)) < 1e-5
+    assert len(lp["hf_logged"]) == len(losses)  # one step-metrics row a step
+    assert max(abs(a - b) for a, b in zip(lp["hf_logged"], lp["hf_losses"])) < 1e-6
     assert_params(lp["hf_params"], params)
     torch.manual_seed(0)
     model = llama()

@@ -112,7 +112,11 @@ def scenario_loss_parallel():
     from torch.distributed.tensor import DTensor
 
     rt = od.accelerate(hf_llama(), tp_plan(loss_parallel=True), optimizer=adamw)
-    out = {"hf_losses": [x.item() for x in run(rt, batches(vocab=128, ignored=3))],
+    hf_losses = [x.item() for x in run(rt, batches(vocab=128, ignored=3))]
+    rt.finish()  # the step metrics' rows: their loss is the DTensor loss made whole
+    logged = [json.loads(line)["loss"] for line in
+              (rt.run_dir / "metrics.jsonl").read_text().splitlines()] if rt.is_main else []
+    out = {"hf_losses": hf_losses, "hf_logged": logged,
            "hf_params": full_params(rt.model),
            "details": {k: rt.report["tensor_parallel"].details[k]
                        for k in ("loss_parallel", "loss_head")}}
