@@ -24,7 +24,10 @@ added per optimizer step; its default step metrics (``trackers=("jsonl",)``,
 the same runtime with its step meter detached (``overdrive_unlogged``: the logged
 variant's own model and runtime, so nothing but the logging differs; the two trade slots
 every other round), both from the median and from the mean of the paired differences
-(the mean includes the rows' flush every 0.5 s, which the median leaves out);
+(the mean includes the rows' flush every 0.5 s, which the median leaves out; the flush
+and log-line intervals are scaled by the number of variants taking turns, so that a
+flush holds the rows of 0.5 s of the logged variant's own steps, as in a loop running
+alone, not 1/7 of them with 7 times a flush's fixed cost each: ``solo_intervals``);
 ``--logging-aa`` keeps the meter attached in both slots (that ratio is the comparison's
 own noise), and the step metrics' bookkeeping is also timed alone (the feeds one step
 makes on the logged runtime's meter, 20,000 times, with the flushes of those rows: µs per
@@ -361,6 +364,7 @@ def measure(w: Workload, accum: int, rounds: int, warmup: int, blocks: int,
         except Exception as err:  # noqa: BLE001 — reported in the row
             errors[name] = f"{type(err).__name__}: {err}"
     variants = {n: variants[n] for n in RUN_ORDER if n in variants}
+    solo_intervals(len(variants))
     wall: dict[str, list[float]] = {n: [] for n in variants}
     cpu: dict[str, list[float]] = {n: [] for n in variants}
     names = list(variants)
@@ -482,6 +486,28 @@ def ledger_bookkeeping_us(name: str, accum: int, steps: int = 20000) -> float | 
             ledger.inside = None
         ledger.point(step)
     return round((clock() - t0) / steps * 1e6, 2)
+
+
+def solo_intervals(n_variants: int) -> None:
+    """The step meter's flush and log-line intervals, scaled by the variants taking turns:
+    both are wall time (0.5 s), and the logged variant runs one step in ``n_variants``,
+    so its flushes would hold 1/n of the rows a loop running alone holds, and each row
+    would carry n times its share of a flush's fixed cost (a write, the log line, the
+    store round trips to the other ranks' parts). Scaled, a flush holds the rows of
+    0.5 s of this variant's own steps, as in a real loop."""
+    from overdrive.runtime import step_metrics
+
+    step_metrics.FLUSH_INTERVAL_S = _SOLO[0] * n_variants
+    step_metrics.LINE_INTERVAL_S = _SOLO[1] * n_variants
+
+
+def _solo_defaults() -> tuple[float, float]:
+    from overdrive.runtime import step_metrics
+
+    return step_metrics.FLUSH_INTERVAL_S, step_metrics.LINE_INTERVAL_S
+
+
+_SOLO = _solo_defaults()
 
 
 def meter_bookkeeping_us(w: Workload, accum: int, steps: int = 20000) -> float | None:
