@@ -4,7 +4,8 @@
 time, before anything is mutated, and returns a ``TrackingConfig``. The runtime's
 ``Tracking`` owns the trackers on rank 0: they are opened at the first row (nothing is
 written by a run that never logs), receive the run config and the resolved plan once, one
-row per ``rt.log`` call, and are finished by ``rt.finish()`` or at interpreter exit.
+row per ``rt.log`` call (the step metrics' rows a flush at a time, ``Tracker.log_rows``),
+and are finished by ``rt.finish()`` or at interpreter exit.
 
 Built-in trackers: ``"jsonl"`` (``run_dir/metrics.jsonl``, no dependency),
 ``"tensorboard"``, ``"wandb"`` (``WANDB_MODE=offline`` is wandb's own switch),
