@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -70,8 +71,23 @@ def run_torchrun(script: str | Path, nproc: int, *args: str, tmp_path: Path | No
     if check and proc.returncode != 0:
         raise AssertionError(
             f"torchrun {script} (nproc={nproc}) exited {proc.returncode}\n"
+            f"--- each rank's last error lines ---\n{_error_lines(proc.stderr)}\n"
             f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-8000:]}")
     return proc
+
+
+_ERROR_LINE = re.compile(r"Error|terminate called|what\(\)|Signal \d+|overdrive: rank")
+
+
+def _error_lines(stderr: str, per_rank: int = 6) -> str:
+    """The last few error-looking lines of each rank's stderr: a rank that aborted (gloo's
+    C++ abort prints no traceback) is otherwise lost behind another rank's long one."""
+    by_rank: dict[str, list[str]] = {}
+    for line in stderr.splitlines():
+        if _ERROR_LINE.search(line):
+            m = re.match(r"\[rank(\d+)\]", line)
+            by_rank.setdefault(m.group(1) if m else "-", []).append(line[:300])
+    return "\n".join(line for rank in sorted(by_rank) for line in by_rank[rank][-per_rank:])
 
 
 def read_json(path: Path):
