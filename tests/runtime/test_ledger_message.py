@@ -50,3 +50,31 @@ def test_books_that_share_no_point_compare_only_the_entries_both_hold():
     finding = {"reason": "mismatch", "ranks": [0, 1], "point": 40}
     text = desync_message(finding, {0: a._dump(), 1: b._dump()}, 5.0)
     assert "(entry #0)" not in text, text
+
+
+def test_the_watchdog_reads_the_books_while_the_main_thread_writes_them():
+    """_dump (the watchdog's side of a desync) and _at_point copy the deques before
+    walking them: walking one in Python while the main thread appends raised
+    "deque mutated during iteration" and ended the watchdog, so its rank "did not
+    answer" (seen in CI)."""
+    import threading
+
+    ledger = _books(0, 400, None)
+    errors, stop = [], threading.Event()
+
+    def read():
+        try:
+            while not stop.is_set():
+                ledger._dump()
+                ledger._at_point(ledger.points - 50)
+        except Exception as err:  # noqa: BLE001 — the test reports it
+            errors.append(err)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for step in range(401, 3000):
+        ledger.point(step)
+        _reduce(ledger)
+    stop.set()
+    reader.join()
+    assert errors == []

@@ -379,10 +379,14 @@ class Ledger:
     def _dump(self) -> dict:
         """What a desync message is built from: the position, the recent entries and the
         points' hashes (where the ranks' books first differ: ``_first_divergence``)."""
-        first = self.entries[0][0] if self.entries else self.total
+        # the watchdog calls this while the main thread appends: list() copies a deque in
+        # one C call under the GIL, where iterating it in Python could meet an append
+        # (RuntimeError: deque mutated during iteration) and end the watchdog
+        entries, history = list(self.entries), list(self.history)
+        first = entries[0][0] if entries else self.total
         return {"rank": self.rank, "pos": list(self._position()),
-                "entries": [(i, describe(e), _helper_point(e)) for i, e in self.entries],
-                "points": [(p, h, i) for p, h, _, i in self.history if i >= first]}
+                "entries": [(i, describe(e), _helper_point(e)) for i, e in entries],
+                "points": [(p, h, i) for p, h, _, i in history if i >= first]}
 
     # -- the watchdog ----------------------------------------------------------------
     def start(self) -> None:
@@ -493,7 +497,7 @@ class Ledger:
         """(hash, collectives issued) when this rank reached ``point`` (None: not kept)."""
         if point == 0:
             return 0, 0
-        for p, h, n, _ in reversed(self.history):
+        for p, h, n, _ in reversed(list(self.history)):  # a snapshot: see _dump
             if p == point:
                 return h, n
             if p < point:
