@@ -40,7 +40,6 @@ The same numbers go to rank 0's "overdrive" logger as one compact line, at most 
 from __future__ import annotations
 
 import atexit
-import gc
 import itertools
 import json
 import logging
@@ -182,21 +181,6 @@ class StepMeter:
 
     # -- a flush: read, complete, write ---------------------------------------------
     def _flush(self, now: float, final: bool = False) -> None:
-        """Read, complete and write the recorded rows. The garbage collector is paused
-        meanwhile: a flush allocates a few objects a row and frees them before it
-        returns, and the collections those allocations would start (a full one walks
-        every object of the process: tens of ms with a model loaded) are work for
-        nothing."""
-        paused = gc.isenabled()
-        if paused:
-            gc.disable()
-        try:
-            self._complete(now, final)
-        finally:
-            if paused:
-                gc.enable()
-
-    def _complete(self, now: float, final: bool) -> None:
         self._flushed_at = now
         recorded, self._recorded = self._recorded, []
         losses, cut = self._losses, self._cut
