@@ -287,8 +287,9 @@ class StepMeter:
                         "rank's part did not arrive within %.0f s (call rt.finish() on every "
                         "rank before the process group goes away)", steps[0], steps[-1],
                         FINISH_WAIT_S)
-            for entry in [e for e in self._queue if isinstance(e, _UserRow)]:
-                self.tracking.log_rows([(entry.row, entry.step)])
+            user_rows = [(e.row, e.step) for e in self._queue if isinstance(e, _UserRow)]
+            if user_rows:
+                self.tracking.log_rows(user_rows)
             self._queue.clear()
 
     def _find_optimizer(self):
@@ -512,15 +513,14 @@ def token_counter(batch: Any) -> Callable[[Any, int], int] | None:
     def count(b: Any, n_real: int) -> int:
         try:
             t = _slot(b, where)
-            tokens, rows = t.numel(), t.shape[0]
-        except (KeyError, IndexError, TypeError, AttributeError):
+        except (KeyError, IndexError, TypeError):
             t = None
-        if t is None or not isinstance(t, torch.Tensor):
+        if not isinstance(t, torch.Tensor) or t.ndim < 2:
             other = _token_slot(b)
             if other is None:
                 return 0
             t = _slot(b, other)
-            tokens, rows = t.numel(), t.shape[0]
+        tokens, rows = t.numel(), t.shape[0]
         return tokens if rows == n_real or not rows else tokens * n_real // rows
     return count
 

@@ -127,8 +127,11 @@ def _json_lines(rows: list[tuple[dict[str, Any], Any]]) -> str:
 
 
 def _json_run(run: list[tuple[dict[str, Any], Any]], keys: tuple) -> str:
+    """One run's lines: one %-format of the template repeated when every row is plain
+    (``repr`` is JSON's own number text for finite floats and ints); else row by row,
+    a row that is not plain through ``json.dumps``."""
     template = _template_of(keys)
-    if template is not None and len(run) > 1:
+    if template is not None:
         flat: list[Any] = []
         for metrics, step in run:
             flat.append(step)
@@ -136,7 +139,10 @@ def _json_run(run: list[tuple[dict[str, Any], Any]], keys: tuple) -> str:
         if _PLAIN.issuperset(map(type, flat)) and \
                 all(type(step) is int for _, step in run) and _finite(flat):
             return (template * len(run)) % tuple(flat)
-    return "".join([_json_line(step, metrics) for metrics, step in run])
+    if len(run) > 1:
+        return "".join([_json_run([row], keys) for row in run])
+    metrics, step = run[0]
+    return json.dumps({"step": step, **metrics}) + "\n"
 
 
 def _finite(values: list) -> bool:
@@ -155,20 +161,6 @@ def _template_of(keys: tuple) -> str | None:
         if len(_TEMPLATES) < 256:
             _TEMPLATES[keys] = template
     return template
-
-
-def _json_line(step: Any, metrics: dict[str, Any]) -> str:
-    """What ``json.dumps({"step": step, **metrics}) + "\n"`` writes: for a row of finite
-    floats and ints (``repr`` is JSON's own number text there) one %-format of a template
-    made once per key tuple; anything else goes through ``json.dumps``."""
-    template = _template_of(tuple(metrics))
-    if template is not None and type(step) is int:
-        values = tuple(metrics.values())
-        if not values:
-            return template % step
-        if _PLAIN.issuperset(map(type, values)) and _finite(values):
-            return template % (step, *values)
-    return json.dumps({"step": step, **metrics}) + "\n"
 
 
 def _template(keys: tuple) -> str | None:
