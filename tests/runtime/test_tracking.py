@@ -436,3 +436,27 @@ def test_jsonl_log_rows_writes_each_row_as_json_dumps_would(tmp_path):
     tracker.finish()
     expected = "".join(json.dumps({"step": step, **m}) + "\n" for m, step in rows)
     assert (tmp_path / "metrics.jsonl").read_text() == expected
+
+
+def test_cpu_losses_are_kept_as_the_floats_the_guard_read(tmp_path):
+    """On the CPU the non-finite guard already reads each loss (item()): the meter keeps
+    that float, not a tensor (nothing held between flushes); where the guard read
+    nothing the detached tensor is kept, and the row's loss is the mean of both kinds."""
+    torch.manual_seed(0)
+    rt = od.accelerate(torch.nn.Linear(3, 1), od.Plan(grad_accum=3),
+                       optimizer=lambda p: torch.optim.SGD(p, lr=0.1), trackers=("jsonl",),
+                       run_dir=tmp_path / "run")
+    seen, kinds = [], []
+    for guarded in (True, False, True):
+        rt._guard.enabled = guarded
+        with rt.accumulate():
+            loss = rt.model(torch.randn(4, 3)).pow(2).mean()
+            seen.append(loss.item())
+            rt.backward(loss)
+            kinds.append(type(rt._meter._losses[-1]))
+            rt.optimizer.step()
+            rt.optimizer.zero_grad()
+    rt.finish()
+    assert kinds == [float, torch.Tensor, float]
+    (row,) = _rows(tmp_path / "run")
+    assert row["loss"] == pytest.approx(sum(seen) / 3, rel=1e-6)

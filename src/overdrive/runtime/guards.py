@@ -40,22 +40,25 @@ class NonFiniteGuard:
         self._what: str | None = None  # what was non-finite (CPU: known at once)
         self.skipped = 0  # steps skipped so far
 
-    def value(self, t: torch.Tensor, what: str) -> None:
-        """Record ``t`` (a loss or a norm); on the CPU a non-finite one raises at once."""
+    def value(self, t: torch.Tensor, what: str) -> float | None:
+        """Record ``t`` (a loss or a norm); on the CPU a non-finite one raises at once.
+        Returns the value where it was read (a CPU scalar: the step meter records that
+        float instead of reading the tensor again), else None."""
         if not self.enabled:
-            return
+            return None
         if t.is_cpu:  # (not t.device.type: building a torch.device costs µs per step)
             # item() reads past autograd without a detached copy (that copy cost µs a step)
-            v = t.item() if t.numel() == 1 else float(t.detach().sum())
-            if math.isfinite(v):
-                return
-            if not self.skip:
-                raise NonFiniteError(self._message(what, v))
-            self._bad, self._what = True, self._what or f"{what} is {v}"
-            return
+            scalar = t.numel() == 1
+            v = t.item() if scalar else float(t.detach().sum())
+            if not math.isfinite(v):
+                if not self.skip:
+                    raise NonFiniteError(self._message(what, v))
+                self._bad, self._what = True, self._what or f"{what} is {v}"
+            return v if scalar else None
         flag = ~torch.isfinite(t.detach()).all()
         self._bad = flag if self._bad is None or self._bad is False else self._bad | flag
         self._what = self._what or what
+        return None
 
     def allow_step(self) -> bool:
         """Read the step's flag once: True to step; False when skipping; raises otherwise."""

@@ -240,9 +240,9 @@ class Runtime:
     def _run_backward(self, loss: torch.Tensor, shown: torch.Tensor, kwargs: dict) -> None:
         """Backward of ``loss``; ``shown`` is the value checked and logged (the same, but
         under loss_normalization="tokens" where the backward also undoes 1/grad_accum)."""
-        self._guard.value(shown, "the loss")
+        value = self._guard.value(shown, "the loss")  # the float, where it was read
         if self._meter is not None:
-            self._meter.on_backward(shown)
+            self._meter.on_backward(shown, value)
         ledger = self._ledger
         if ledger is None:
             return self._backward(loss, kwargs)

@@ -1,7 +1,8 @@
 """Built-in step metrics: every ``log_every`` optimizer steps, one row and one log line.
 
 The runtime feeds the meter from the places that already see the numbers: ``rt.backward``
-(the loss, detached and appended to one flat list: no sync), ``rt.clip_grad_norm_`` (the
+(the loss appended to one flat list, no sync: on the CPU the float the non-finite guard
+already read, elsewhere the detached tensor), ``rt.clip_grad_norm_`` (the
 norm), ``rt.shard``'s loader (real rows and tokens, added to counters; ``token_counter``
 finds the tokens' place once an epoch) and the optimizer step. A logged step only
 *records* one tuple (the step, where its losses end in the list, the counts, the norm,
@@ -128,11 +129,15 @@ class StepMeter:
         if self._shadow is not None:
             self._trace_flops(batch, tokens or n_real)
 
-    def on_backward(self, loss: Any) -> None:
+    def on_backward(self, loss: Any, value: float | None = None) -> None:
+        """A micro-step's loss: ``value`` where the non-finite guard already read it (a
+        CPU scalar), else the tensor, detached (read at the flush: no sync here)."""
         if self._t_last is None:
             self._t_last = time.perf_counter()
         if type(loss) is torch.Tensor:
-            if loss.numel() == 1:
+            if value is not None:
+                self._losses.append(value)
+            elif loss.numel() == 1:
                 self._losses.append(loss.detach())
         elif isinstance(loss, torch.Tensor) and loss.numel() == 1:
             if hasattr(loss, "full_tensor"):
@@ -456,21 +461,27 @@ def _loss_sums(losses: list[torch.Tensor], cut: int, recorded: list[tuple]) -> l
     if not cut:
         return [0.0] * len(recorded)
     flat = losses[:cut]
-    try:
-        try:
-            values = torch.stack(flat).tolist()  # scalars (0-d), as losses are
-        except RuntimeError:  # some of shape (1,): all made 0-d
-            values = torch.stack([t.reshape(()) for t in flat]).tolist()
-        if isinstance(values[0], list):  # all of shape (1,): [[v], ...]
-            values = [v[0] for v in values]
-    except (RuntimeError, TypeError):  # mixed devices or kinds: one at a time
-        values = [float(t) for t in flat]
+    values = flat if all(type(v) is float for v in flat) else _read(flat)
     sums, start = [], 0
     for rec in recorded:
         end = rec[1]
         sums.append(values[start] if end - start == 1 else sum(values[start:end]))
         start = end
     return sums
+
+
+def _read(losses: list) -> list[float]:
+    """Scalar tensors (and floats) as floats, the tensors read in one copy."""
+    try:
+        try:
+            values = torch.stack(losses).tolist()  # scalars (0-d), as losses are
+        except RuntimeError:  # some of shape (1,): all made 0-d
+            values = torch.stack([t.reshape(()) for t in losses]).tolist()
+        if isinstance(values[0], list):  # all of shape (1,): [[v], ...]
+            values = [v[0] for v in values]
+    except (RuntimeError, TypeError):  # mixed devices or kinds (floats): one at a time
+        values = [float(t) for t in losses]
+    return values
 
 
 def _norms(norms: list[Any]) -> list[float | None]:
