@@ -23,8 +23,9 @@ added per optimizer step; its default step metrics (``trackers=("jsonl",)``,
 ``log_every=1``: a row per step in ``metrics.jsonl``, the log line to a file) ≤ 1.02×
 the same runtime with its step meter detached (``overdrive_unlogged``: the logged
 variant's own model and runtime, so nothing but the logging differs; the two trade slots
-every other round), both from the median and from the mean of the paired differences
-(the mean includes the rows' flush every 0.5 s, which the median leaves out; the flush
+every other round), from their per-round differences: the mean of the two halves'
+medians (the rounds in each order: what the step before a slot adds cancels, ``paired``)
+and the plain mean (the mean includes the rows' flush every 0.5 s, which the median leaves out; the flush
 and log-line intervals are scaled by the number of variants taking turns, so that a
 flush holds the rows of 0.5 s of the logged variant's own steps, as in a loop running
 alone, not 1/7 of them with 7 times a flush's fixed cost each: ``solo_intervals``);
@@ -43,8 +44,8 @@ Under torchrun every variant is data parallel over gloo: raw DDP (``DistributedS
 ddp pass, Accelerate's prepare (cpu=True). There ``overdrive_no_ledger`` is the same
 runtime with its collective ledger detached for its steps: overdrive / it is the ledger's
 bookkeeping cost (target ≤ 1.01; the two trade slots every other round, as a fixed slot
-alone was worth 2–3% at a 2 ms step), from the median of their per-round differences, as
-far as those resolve it (a few µs are below this machine's noise floor; ``--ledger-aa``
+alone was worth 2–3% at a 2 ms step), from their per-round differences (the mean of the
+two orders' medians, ``paired``), as far as those resolve it (a few µs are below this machine's noise floor; ``--ledger-aa``
 keeps the ledger attached in both slots: that ratio is the comparison's own noise,
 up to 1.02 in 300 rounds at the MLP size); the same bookkeeping is also timed alone (the ledger
 calls one step makes, 20,000 times: µs per step, and 1 + that / the raw step). DDP's
@@ -387,7 +388,9 @@ def measure(w: Workload, accum: int, rounds: int, warmup: int, blocks: int,
                 cpu[name].append(dc)
     out = summarize(w, accum, cpu, errors, blocks)
     if "overdrive_no_ledger" in cpu:
-        out["ledger"] = ledger_paired(cpu["overdrive"], cpu["overdrive_no_ledger"], blocks)
+        out["ledger"] = paired(cpu["overdrive"], cpu["overdrive_no_ledger"], blocks, warmup)
+    if "overdrive_logged" in cpu and "overdrive_unlogged" in cpu:
+        out["logging"] = paired(cpu["overdrive_logged"], cpu["overdrive_unlogged"], blocks, warmup)
     out["wall"] = summarize(w, accum, wall, errors, blocks)["variants"]
     return out
 
@@ -437,16 +440,25 @@ def summarize(w: Workload, accum: int, times: dict[str, list[float]], errors: di
             "raw_median_us": round(raw * 1e6, 1), "variants": rows}
 
 
-def ledger_paired(on: list[float], off: list[float], blocks: int) -> dict:
-    """The ledger's cost from the pair itself: the median over rounds of (overdrive's
-    step − overdrive_no_ledger's step of the same round), overall and per block. The
-    two share a round, so what loads the round cancels (the ratio of their medians each
-    taken against the raw loops adds both rows' noise). Even so the A/A
-    (``--ledger-aa``) reads up to 1.02 at the MLP size in 300 rounds: run 1000."""
+def paired(on: list[float], off: list[float], blocks: int, warmup: int) -> dict:
+    """A cost from its pair itself (the ledger: overdrive − overdrive_no_ledger; logging:
+    overdrive_logged − overdrive_unlogged): the per-round differences of the two steps.
+    The two share a round, so what loads the round cancels (the ratio of their medians
+    each taken against the raw loops adds both rows' noise: an A/A read 1.019–1.023 on
+    it). The pair trades places every other round (``SWAPPED``), so whatever the step
+    before a slot adds (a cold cache after Accelerate's step) is +x in one half of the
+    rounds and −x in the other: ``added`` is the mean of the two halves' medians, which
+    cancels it (the median of all the rounds sits wherever the two halves' spreads put
+    it). ``added_mean``: the plain mean, which keeps the rare slow steps (the logging's
+    flushes). The A/A (``--ledger-aa``, ``--logging-aa``) is this estimator's noise."""
     diffs = [a - b for a, b in zip(on, off)]
-    added = statistics.median(diffs)
-    return {"added_us": round(added * 1e6, 1),
-            "ratio": round(1 + added / statistics.median(off), 4),
+    first = warmup % 2  # which half the first timed round is in
+    halves = [diffs[(k + first) % 2::2] for k in (0, 1)]
+    added = statistics.fmean(statistics.median(h) for h in halves if h)
+    base, mean = statistics.median(off), statistics.fmean(diffs)
+    return {"added_us": round(added * 1e6, 1), "ratio": round(1 + added / base, 4),
+            "added_us_halves": [round(statistics.median(h) * 1e6, 1) for h in halves if h],
+            "added_us_mean": round(mean * 1e6, 1), "ratio_mean": round(1 + mean / base, 4),
             "added_us_per_block": per_block_us(diffs, blocks)}
 
 
@@ -556,12 +568,6 @@ def watchdog_share(seconds: float) -> float | None:
 # --------------------------------------------------------------------------- targets
 
 
-def step_of(variants: dict, name: str, raw: float, key: str = "added_us") -> float | None:
-    """A variant's step as measured paired: the raw median plus its µs added."""
-    added = variants.get(name, {}).get(key)
-    return None if added is None else raw + added
-
-
 def targets_of(cases: list[dict], world: int, distributed: bool,
                watchdog: float | None) -> list[dict]:
     baseline = "raw DDP loop" if distributed else "raw loop"
@@ -582,30 +588,31 @@ def targets_of(cases: list[dict], world: int, distributed: bool,
             pair = c.get("ledger", {})
             control = " with it attached (A/A control)" if LEDGER_AA else " without it"
             out.append(target(f"collective ledger: overdrive / the same runtime{control}, "
-                              f"{where} (median of the per-round differences: "
-                              f"{pair.get('added_us')} µs, per block "
+                              f"{where} (the two orders' medians of the per-round "
+                              f"differences: {pair.get('added_us')} µs, halves "
+                              f"{pair.get('added_us_halves')}, per block "
                               f"{pair.get('added_us_per_block')})", pair.get("ratio"), 1.01))
             alone = c.get("ledger_bookkeeping_us")
             out.append(target(f"collective ledger: 1 + its bookkeeping timed alone "
                               f"({alone} µs per optimizer step) / the raw step, {where}",
                               round(1 + alone / raw, 5) if alone is not None else None,
                               1.01))
-        logged, plain = step_of(v, "overdrive_logged", raw), step_of(v, "overdrive_unlogged", raw)
+        pair = c.get("logging", {})
         plain_is = "its meter attached too: A/A control" if LOGGING_AA else \
             "its meter detached"
         out.append(target(f"step metrics logged every step (jsonl + log line) / not "
-                          f"logged (the same runtime, {plain_is}), {where}",
-                          round(logged / plain, 4) if logged and plain else None, 1.02))
+                          f"logged (the same runtime, {plain_is}), {where} (the two orders' "
+                          f"medians of the per-round differences: {pair.get('added_us')} µs, "
+                          f"halves {pair.get('added_us_halves')}, per block "
+                          f"{pair.get('added_us_per_block')})", pair.get("ratio"), 1.02))
         alone = c.get("meter_bookkeeping_us")
         if alone is not None:
             out.append(target(f"step metrics: 1 + their bookkeeping timed alone ({alone} µs "
                               f"per optimizer step, feeds, records and flushes) / the raw "
                               f"step, {where}", round(1 + alone / raw, 5), 1.02))
-        logged = step_of(v, "overdrive_logged", raw, "added_us_mean")
-        plain = step_of(v, "overdrive_unlogged", raw, "added_us_mean")
-        out.append(target(f"step metrics, amortized: the same from the mean of the paired "
-                          f"differences (the 0.5 s flushes of the rows included), {where}",
-                          round(logged / plain, 4) if logged and plain else None, 1.02))
+        out.append(target(f"step metrics, amortized: the same from the mean of the per-round "
+                          f"differences ({pair.get('added_us_mean')} µs: the 0.5 s flushes "
+                          f"of the rows included), {where}", pair.get("ratio_mean"), 1.02))
         acc = v.get("accelerate", {})
         out.append(target(f"Accelerate / {baseline}, {where} (reference: the ratio depends "
                           f"on the step size; µs added {acc.get('added_us')})",
