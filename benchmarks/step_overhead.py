@@ -25,10 +25,10 @@ the same runtime with its step meter detached (``overdrive_unlogged``: the logge
 variant's own model and runtime, so nothing but the logging differs; the two trade slots
 every other round), from their per-round differences: the mean of the two halves'
 medians (the rounds in each order: what the step before a slot adds cancels, ``paired``)
-and the plain mean (the mean includes the rows' flush every 0.5 s, which the median leaves out; the flush
-and log-line intervals are scaled by the number of variants taking turns, so that a
-flush holds the rows of 0.5 s of the logged variant's own steps, as in a loop running
-alone, not 1/7 of them with 7 times a flush's fixed cost each: ``solo_intervals``);
+and the plain mean (the mean includes the rows' flush every 0.5 s, which the medians
+leave out; the flush and log-line intervals are scaled by the number of variants taking
+turns, so that a flush holds the rows of 0.5 s of the logged variant's own steps, as in a
+loop running alone, not 1/7 of them with 7 times a flush's fixed cost each: ``solo_intervals``);
 ``--logging-aa`` keeps the meter attached in both slots (that ratio is the comparison's
 own noise), and the step metrics' bookkeeping is also timed alone (the feeds one step
 makes on the logged runtime's meter, 20,000 times, with the flushes of those rows: µs per
@@ -45,13 +45,14 @@ ddp pass, Accelerate's prepare (cpu=True). There ``overdrive_no_ledger`` is the 
 runtime with its collective ledger detached for its steps: overdrive / it is the ledger's
 bookkeeping cost (target ≤ 1.01; the two trade slots every other round, as a fixed slot
 alone was worth 2–3% at a 2 ms step), from their per-round differences (the mean of the
-two orders' medians, ``paired``), as far as those resolve it (a few µs are below this machine's noise floor; ``--ledger-aa``
-keeps the ledger attached in both slots: that ratio is the comparison's own noise,
-up to 1.02 in 300 rounds at the MLP size); the same bookkeeping is also timed alone (the ledger
-calls one step makes, 20,000 times: µs per step, and 1 + that / the raw step). DDP's
-gradient sync is its C++ built-in for every overdrive variant (no comm hook): the ledger
-notes it once per synced backward. The ledger's watchdog thread is measured apart as its
-CPU time per second of wall time (it runs for every variant alike).
+two orders' medians, ``paired``), as far as those resolve it (a few µs are below this
+machine's noise floor; ``--ledger-aa`` keeps the ledger attached in both slots: that
+ratio is the comparison's own noise, up to 1.02 in 300 rounds at the MLP size); the same
+bookkeeping is also timed alone (the ledger calls one step makes, 20,000 times: µs per
+step, and 1 + that / the raw step). DDP's gradient sync is its C++ built-in for every
+overdrive variant (no comm hook): the ledger notes it once per synced backward. The
+ledger's watchdog thread is measured apart as its CPU time per second of wall time (it
+runs for every variant alike).
 
 Prints one JSON object and writes benchmarks/results/step_overhead[_dist].json.
 """
@@ -449,15 +450,16 @@ def paired(on: list[float], off: list[float], blocks: int, warmup: int) -> dict:
     before a slot adds (a cold cache after Accelerate's step) is +x in one half of the
     rounds and −x in the other: ``added`` is the mean of the two halves' medians, which
     cancels it (the median of all the rounds sits wherever the two halves' spreads put
-    it). ``added_mean``: the plain mean, which keeps the rare slow steps (the logging's
-    flushes). The A/A (``--ledger-aa``, ``--logging-aa``) is this estimator's noise."""
+    it). ``added_us_mean``: the plain mean, which keeps the rare slow steps (the
+    logging's flushes). The A/A (``--ledger-aa``, ``--logging-aa``) is this estimator's
+    noise."""
     diffs = [a - b for a, b in zip(on, off)]
     first = warmup % 2  # which half the first timed round is in
-    halves = [diffs[(k + first) % 2::2] for k in (0, 1)]
-    added = statistics.fmean(statistics.median(h) for h in halves if h)
+    halves = [statistics.median(h) for h in (diffs[first::2], diffs[1 - first::2]) if h]
+    added = statistics.fmean(halves)
     base, mean = statistics.median(off), statistics.fmean(diffs)
     return {"added_us": round(added * 1e6, 1), "ratio": round(1 + added / base, 4),
-            "added_us_halves": [round(statistics.median(h) * 1e6, 1) for h in halves if h],
+            "added_us_halves": [round(h * 1e6, 1) for h in halves],
             "added_us_mean": round(mean * 1e6, 1), "ratio_mean": round(1 + mean / base, 4),
             "added_us_per_block": per_block_us(diffs, blocks)}
 
