@@ -32,7 +32,8 @@ where a peak is known: FLOPs from the meta-device trace of the first batch),
 ``memory_allocated_gb`` and ``memory_peak_gb`` (the accelerator's at the step; on CPU the
 process's peak resident memory, read at the flush).
 
-A flush gives its rows to the trackers in one ``Tracking.log_rows`` call.
+A flush gives its rows to the trackers in one ``Tracking.log_rows`` call, column by column
+(``rows.StepColumns``: no dict per row unless a tracker asks for them).
 
 The same numbers go to rank 0's "overdrive" logger as one compact line, at most every
 ``LINE_INTERVAL_S`` seconds (a fast loop logs every row, but prints a line twice a second).
@@ -55,6 +56,7 @@ import torch
 import torch.distributed as dist
 
 from .grad import raw_optimizer
+from .rows import Rows, StepColumns
 
 log = logging.getLogger("overdrive")
 
@@ -200,6 +202,15 @@ class StepMeter:
         # after the row's step); an accelerator's is each row's own, read at its step
         memory_now = None if self._cuda else memory(False)
         queue, peers = self._queue, self._peers
+        if peers is None and not queue:  # one data rank, nothing waiting: complete now
+            if not recorded:
+                return
+            fields = list(zip(*recorded))  # the records column by column
+            memories = [memory_now] * len(recorded) if memory_now is not None else \
+                list(fields[9])
+            self._give([self._columns(fields, sums, fields[2], fields[3], fields[4], norms,
+                                      memories)], now)
+            return
         for rec, loss_sum, norm in zip(recorded, sums, norms):
             entry = _Entry(rec, [loss_sum, rec[2], rec[3], rec[4]], norm,
                            rec[9] if memory_now is None else memory_now)
@@ -213,51 +224,68 @@ class StepMeter:
     def _deliver(self, now: float) -> None:
         """Give the complete rows at the head of the queue to the trackers, in order
         (one batch: one write per tracker)."""
-        queue, rows, last = self._queue, [], None
+        queue, segments, run = self._queue, [], []
         while queue:
             entry = queue[0]
             if isinstance(entry, _UserRow):
                 queue.popleft()
-                rows.append((entry.row, entry.step))
+                if run:
+                    segments.append(self._entry_columns(run))
+                    run = []
+                segments.append((entry.row, entry.step))
                 continue
             if entry.missing:
                 break
             queue.popleft()
-            last = entry
-            rows.append((self._row(entry), entry.rec[0]))
-        if rows:
-            self.tracking.log_rows(rows)
-        if last is not None and now - self._line_at >= LINE_INTERVAL_S \
-                and log.isEnabledFor(logging.INFO):
-            self._line_at = now
-            log.info("%s", format_line(last.rec[0], last.row))
+            run.append(entry)
+        if run:
+            segments.append(self._entry_columns(run))
+        self._give(segments, now)
 
-    def _row(self, entry: "_Entry") -> dict[str, float]:
-        lr, elapsed, steps = entry.rec[6:9]
-        loss_sum, micro, samples, tokens = entry.total
+    def _give(self, segments: list, now: float) -> None:
+        """The rows to the trackers in one batch, and the log line of the last step row
+        (at most every LINE_INTERVAL_S)."""
+        if not segments:
+            return
+        self.tracking.log_rows(Rows(segments))
+        if now - self._line_at >= LINE_INTERVAL_S and log.isEnabledFor(logging.INFO):
+            last = next((s for s in reversed(segments) if isinstance(s, StepColumns)), None)
+            if last is not None:
+                self._line_at = now
+                log.info("%s", format_line(last.steps[-1], last.row(-1)))
+
+    def _entry_columns(self, entries: list["_Entry"]) -> StepColumns:
+        totals = [e.total for e in entries]
+        loss_sums, micros, samples, tokens = (list(c) for c in zip(*totals))
+        return self._columns(list(zip(*[e.rec for e in entries])), loss_sums, micros,
+                             samples, tokens, [e.norm for e in entries],
+                             [e.memory for e in entries])
+
+    def _columns(self, fields: list[tuple], loss_sums: list, micros: list, samples: list,
+                 tokens: list, norms: list, memories: list[dict]) -> StepColumns:
+        """The rows of the records ``fields`` (column by column: ``zip(*records)``; the
+        sums over the ranks given), a list per key; a key no row has is left out."""
+        steps, lrs, elapsed, nsteps = list(fields[0]), list(fields[6]), fields[7], fields[8]
         if self._cp > 1:  # counted by every cp peer
-            samples, tokens = samples / self._cp, tokens / self._cp
-        samples, tokens = int(samples), int(tokens)
-        row: dict[str, float] = {}
-        if micro:
-            row["loss"] = loss_sum / micro
-        if entry.norm is not None:
-            row["grad_norm"] = entry.norm
-        if lr is not None:
-            row["lr"] = lr
-        if elapsed > 0:
-            row["step_seconds"] = elapsed / steps
-            if samples:
-                row["samples_per_s"] = samples / elapsed
-            if tokens:
-                row["tokens_per_s"] = tokens / elapsed
-            if self._peak is not None and self._flops_per_token:
-                per_device = self._flops_per_token * (tokens or samples) / self.rt.world_size
-                row["tflops"] = per_device / elapsed / 1e12
-                row["mfu"] = per_device / elapsed / self._peak
-        row.update(entry.memory)
-        entry.row = row
-        return row
+            samples = [int(s / self._cp) for s in samples]
+            tokens = [int(t / self._cp) for t in tokens]
+        cols: dict[str, list] = {
+            "loss": [s / m if m else None for s, m in zip(loss_sums, micros)],
+            "grad_norm": norms,
+            "lr": lrs,
+            "step_seconds": [e / n if e > 0 else None for e, n in zip(elapsed, nsteps)],
+            "samples_per_s": [s / e if e > 0 and s else None for s, e in zip(samples, elapsed)],
+            "tokens_per_s": [t / e if e > 0 and t else None for t, e in zip(tokens, elapsed)],
+        }
+        if self._peak is not None and self._flops_per_token:
+            per_token, world = self._flops_per_token, self.rt.world_size
+            work = [per_token * (t or s) / world for t, s in zip(tokens, samples)]
+            cols["tflops"] = [w / e / 1e12 if e > 0 else None for w, e in zip(work, elapsed)]
+            cols["mfu"] = [w / e / self._peak if e > 0 else None for w, e in zip(work, elapsed)]
+        for key in memories[0]:
+            cols[key] = [m.get(key) for m in memories]
+        n = len(steps)
+        return StepColumns(steps, {k: c for k, c in cols.items() if c.count(None) != n})
 
     # -- rt.log and rt.finish -----------------------------------------------------------
     def hold(self, row: dict[str, float], step: int) -> bool:
@@ -294,7 +322,7 @@ class StepMeter:
                         FINISH_WAIT_S)
             user_rows = [(e.row, e.step) for e in self._queue if isinstance(e, _UserRow)]
             if user_rows:
-                self.tracking.log_rows(user_rows)
+                self.tracking.log_rows(Rows(user_rows))
             self._queue.clear()
 
     def _find_optimizer(self):
@@ -331,11 +359,11 @@ class _Entry:
     """A recorded row on rank 0: its record, its sums so far (``total``: loss sum,
     micro-steps, samples, tokens), how many ranks' parts are still missing, the row."""
 
-    __slots__ = ("rec", "total", "norm", "memory", "missing", "row")
+    __slots__ = ("rec", "total", "norm", "memory", "missing")
 
     def __init__(self, rec: tuple, total: list, norm: float | None, memory: dict):
         self.rec, self.total, self.norm, self.memory = rec, total, norm, memory
-        self.missing, self.row = 0, None
+        self.missing = 0
 
 
 class _UserRow:
@@ -455,13 +483,18 @@ def _whole_sum(losses: list[torch.Tensor]) -> torch.Tensor:
     return loss.full_tensor() if hasattr(loss, "full_tensor") else loss
 
 
+_FLOAT = frozenset({float})
+
+
 def _loss_sums(losses: list[torch.Tensor], cut: int, recorded: list[tuple]) -> list[float]:
     """Each recorded row's sum of micro-step losses (``losses[:cut]``, each row's ending
     where its record says): every loss read in one copy."""
     if not cut:
         return [0.0] * len(recorded)
     flat = losses[:cut]
-    values = flat if all(type(v) is float for v in flat) else _read(flat)
+    values = flat if _FLOAT.issuperset(map(type, flat)) else _read(flat)
+    if cut == len(recorded) and [r[2] for r in recorded].count(1) == cut:
+        return values  # a loss a row (no accumulation): the sums are the losses
     sums, start = [], 0
     for rec in recorded:
         end = rec[1]
@@ -486,6 +519,8 @@ def _read(losses: list) -> list[float]:
 
 def _norms(norms: list[Any]) -> list[float | None]:
     """The grad norms as floats: the tensors among them read in one copy."""
+    if norms.count(None) == len(norms):  # no clipping
+        return norms
     tensors = [n for n in norms if isinstance(n, torch.Tensor)]
     if not tensors:
         return [None if n is None else float(n) for n in norms]

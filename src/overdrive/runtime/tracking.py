@@ -31,6 +31,8 @@ from typing import Any, Callable, Iterable
 import torch
 
 from ..errors import BackendUnavailable, OverdriveError, PlanError
+from .jsonl import Writer, encode_columns, frame, json_lines
+from .rows import Rows, StepColumns
 
 log = logging.getLogger("overdrive")
 
@@ -64,112 +66,113 @@ class Tracker:
     def finish(self) -> None:
         """Flush and close."""
 
+    def _log_batch(self, rows: Rows) -> None:
+        """``Tracking.log_rows``'s way in: ``log_rows`` with the tracker's own dicts."""
+        self.log_rows(rows.pairs())
+
 
 # --------------------------------------------------------------------------- built-ins
 
 
 class JsonlTracker(Tracker):
     """``run_dir/metrics.jsonl``: one JSON object a line (``{"step": N, ...}``) and the
-    config in ``run_dir/config.json``. Buffered; flushed at least once a second."""
+    config in ``run_dir/config.json``. Buffered; flushed at least once a second.
+
+    A flush of ``WRITER_MIN_ROWS`` rows or more (a loop logging over a hundred rows a
+    second, where formatting them would be a share of the step) moves the writing to a
+    helper process (``jsonl.Writer``), fed the step metrics' columns as raw numbers; where
+    that process cannot start, or stops, the rows are written here as before."""
 
     name = "jsonl"
 
     def __init__(self):
+        self._path: Path | None = None
         self._file = None
         self._flushed = 0.0
+        self._writer: Writer | None = None
+        self._inline = False  # True: never (again) a writer process
 
     def open(self, run_dir: Path) -> None:
-        self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self._path = run_dir / "metrics.jsonl"
+        self._file = open(self._path, "a", encoding="utf-8")
         self._flushed = time.monotonic()
 
     def log_config(self, config: dict[str, Any]) -> None:
-        path = self._file.name if self._file else None
-        if path is not None:
-            Path(path).with_name("config.json").write_text(
+        if self._path is not None:
+            self._path.with_name("config.json").write_text(
                 json.dumps(config, indent=2, default=str) + "\n", encoding="utf-8")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        self.log_rows([(metrics, step)])
+        self._log_batch(Rows([(metrics, step)]))
 
     def log_rows(self, rows: list[tuple[dict[str, float], int]]) -> None:
-        self._file.write(_json_lines(rows))
+        self._log_batch(Rows(list(rows)))
+
+    def _log_batch(self, rows: Rows) -> None:
+        if self._writer is None and not self._inline and len(rows) >= WRITER_MIN_ROWS:
+            self._start_writer()
+        if self._writer is not None:
+            try:
+                self._writer.send(_frames(rows))
+                return
+            except OSError as err:
+                self._lose_writer(err)
+        self._file.write(json_lines(rows.pairs()))
         now = time.monotonic()
         if now - self._flushed >= 1.0:
             self._file.flush()
             self._flushed = now
 
+    def _start_writer(self) -> None:
+        self._file.close()  # what was written here is on disk before the child appends
+        self._file = None
+        try:
+            self._writer = Writer(self._path)
+        except OSError as err:
+            log.debug("overdrive: metrics.jsonl is written in this process (no writer "
+                      "process: %s)", err)
+            self._reopen()
+
+    def _lose_writer(self, err: OSError) -> None:
+        log.warning("overdrive: the process writing %s stopped (%s: %s); the rows are "
+                    "written in this process from now on, the last ones sent to it may "
+                    "be missing", self._path, type(err).__name__, err)
+        self._writer.kill()
+        self._writer = None
+        self._reopen()
+
+    def _reopen(self) -> None:
+        self._inline = True
+        self._file = open(self._path, "a", encoding="utf-8")
+
     def finish(self) -> None:
+        if self._writer is not None:
+            problem = self._writer.close(WRITER_FINISH_WAIT_S)
+            self._writer = None
+            if problem is not None:
+                log.warning("overdrive: %s may miss its last rows: %s", self._path, problem)
         if self._file is not None:
             self._file.close()
             self._file = None
 
 
-# the line format of each row's key tuple ('{"step": %d, "loss": %r}\n'); the step
-# metrics' rows repeat a few key tuples, so each row is one %-format. Bounded: key sets
-# made up per step are not kept.
-_TEMPLATES: dict[tuple, str | None] = {}
-_PLAIN = frozenset({float, int})
+# a flush of this many rows moves metrics.jsonl's writing to a helper process
+WRITER_MIN_ROWS = 64
+WRITER_FINISH_WAIT_S = 10.0  # rt.finish()'s wait for the writer process
 
 
-def _json_lines(rows: list[tuple[dict[str, Any], Any]]) -> str:
-    """The lines of ``rows``: each run of rows with the same keys (the step metrics' rows
-    are one run) is one %-format of its template repeated, when they are all plain (int
-    steps, finite floats and ints); any other row is written on its own."""
-    out, i, n = [], 0, len(rows)
-    while i < n:
-        keys = tuple(rows[i][0])
-        j = i + 1
-        while j < n and tuple(rows[j][0]) == keys:
-            j += 1
-        out.append(_json_run(rows[i:j], keys))
-        i = j
-    return "".join(out)
-
-
-def _json_run(run: list[tuple[dict[str, Any], Any]], keys: tuple) -> str:
-    """One run's lines: one %-format of the template repeated when every row is plain
-    (``repr`` is JSON's own number text for finite floats and ints); else row by row,
-    a row that is not plain through ``json.dumps``."""
-    template = _template_of(keys)
-    if template is not None:
-        flat: list[Any] = []
-        for metrics, step in run:
-            flat.append(step)
-            flat.extend(metrics.values())
-        if _PLAIN.issuperset(map(type, flat)) and \
-                all(type(step) is int for _, step in run) and _finite(flat):
-            return (template * len(run)) % tuple(flat)
-    if len(run) > 1:
-        return "".join([_json_run([row], keys) for row in run])
-    metrics, step = run[0]
-    return json.dumps({"step": step, **metrics}) + "\n"
-
-
-def _finite(values: list) -> bool:
-    """No nan or ±inf among these ints and floats (an overflow only says False)."""
-    try:
-        total = sum(values)
-    except OverflowError:
-        return False
-    return total - total == 0
-
-
-def _template_of(keys: tuple) -> str | None:
-    template = _TEMPLATES.get(keys, False)
-    if template is False:
-        template = _template(keys)
-        if len(_TEMPLATES) < 256:
-            _TEMPLATES[keys] = template
-    return template
-
-
-def _template(keys: tuple) -> str | None:
-    """The %-format line of rows with ``keys``; None when a key is not a string or is
-    "step" (json.dumps's own handling)."""
-    if "step" in keys or not all(isinstance(k, str) for k in keys):
-        return None
-    fields = "".join(f", {json.dumps(k).replace('%', '%%')}: %r" for k in keys)
-    return '{"step": %d' + fields + "}\n"
+def _frames(rows: Rows) -> bytes:
+    """The writer process's frames of ``rows``: the step metrics' columns as numbers,
+    any other row (and columns that are not all floats) as its text."""
+    out = []
+    for segment in rows.segments:
+        if isinstance(segment, StepColumns):
+            data = encode_columns(segment.steps, segment.columns)
+            out.append(data if data is not None else
+                       frame(b"T", json_lines(segment.pairs()).encode("utf-8")))
+        else:
+            out.append(frame(b"T", json_lines([segment]).encode("utf-8")))
+    return b"".join(out)
 
 
 class TensorBoardTracker(Tracker):
@@ -436,19 +439,17 @@ class Tracking:
 
     def log_row(self, row: dict[str, float], step: int) -> None:
         """A row of Python numbers: straight to the trackers."""
-        self.log_rows([(row, step)])
+        self.log_rows(Rows([(row, step)]))
 
-    def log_rows(self, rows: list[tuple[dict[str, float], int]]) -> None:
+    def log_rows(self, rows: Rows) -> None:
         """Rows of Python numbers (a flush of the step metrics): to each tracker at once."""
         if self._finished:
             raise OverdriveError("rt.log after rt.finish(): the trackers are closed; log "
                                  "before finishing, or accelerate a new runtime for a new run")
         if not self._opened:
             self._open()
-        last = len(self._trackers) - 1
-        for i, tracker in enumerate(self._trackers):  # the last one gets the rows
-            tracker.log_rows(rows if i == last else  # themselves: they are fresh dicts
-                             [(dict(row), step) for row, step in rows])
+        for tracker in self._trackers:
+            tracker._log_batch(rows)  # each makes its own dicts
 
 
 def _finish_at_exit(ref) -> None:
