@@ -4,7 +4,7 @@ Every variant iterates a real ``torch.utils.data.DataLoader`` (shuffled, collate
 fly): the raw loop iterates it directly, overdrive iterates ``rt.shard(loader)``,
 Accelerate iterates ``accelerator.prepare(loader)``. One optimizer step = ``grad_accum``
 micro-steps (fetch a batch, forward, loss, backward), the optimizer step and zero_grad.
-Two step sizes: a tiny MLP (~1 ms a step: overhead-bound, where a µs shows) and a small
+Two step sizes: a tiny MLP (~0.3 ms a step: overhead-bound, where a µs shows) and a small
 Llama (``overdrive.models.llama``, sized to ~10 ms a step on one core).
 
 The variants run interleaved: one optimizer step each, in a rotating order, round after
@@ -24,11 +24,17 @@ added per optimizer step; its default step metrics (``trackers=("jsonl",)``,
 the same runtime with its step meter detached (``overdrive_unlogged``: the logged
 variant's own model and runtime, so nothing but the logging differs; the two trade slots
 every other round), from their per-round differences: the mean of the two halves'
-medians (the rounds in each order: what the step before a slot adds cancels, ``paired``)
-and the plain mean (the mean includes the rows' flush every 0.5 s, which the medians
-leave out; the flush and log-line intervals are scaled by the number of variants taking
-turns, so that a flush holds the rows of 0.5 s of the logged variant's own steps, as in a
-loop running alone, not 1/7 of them with 7 times a flush's fixed cost each: ``solo_intervals``);
+medians (the rounds in each order: what the step before a slot adds cancels, ``paired``),
+and amortized: that plus the CPU time of the logged variant's flushes (the rows read,
+completed and handed over every 0.5 s, which the medians leave out), timed inside it and
+spread over its steps (``amortized``; the plain mean of the differences, which also
+counts the flushes, is kept as a reference: it keeps every rare slow step of both slots,
+and its A/A read up to 1.04). The flush and log-line intervals are scaled by the number
+of variants taking turns, so that a flush holds the rows of 0.5 s of the logged
+variant's own steps, as in a loop running alone, not 1/7 of them with 7 times a flush's
+fixed cost each (``solo_intervals``). A flush of 64 rows or more hands them to the jsonl
+writer process (``overdrive/runtime/jsonl.py``), which formats them on its own CPU: the
+CPU it used is reported per row (``writer_cpu_us_per_row``) beside the target;
 ``--logging-aa`` keeps the meter attached in both slots (that ratio is the comparison's
 own noise), and the step metrics' bookkeeping is also timed alone (the feeds one step
 makes on the logged runtime's meter, 20,000 times, with the flushes of those rows: µs per
@@ -255,6 +261,7 @@ def overdrive_step(rt, w: Workload, batches: Batches, accum: int) -> Callable:
 
 LEDGER_AA = False  # --ledger-aa: overdrive_no_ledger keeps its ledger (the A/A control)
 LOGGING_AA = False  # --logging-aa: overdrive_unlogged keeps the meter (the A/A control)
+INLINE_JSONL = False  # --inline-jsonl: metrics.jsonl written in the training process
 
 
 def overdrive_no_ledger_variant(w: Workload, accum: int, distributed: bool) -> Callable:
@@ -297,7 +304,80 @@ def logged_variant(w: Workload, accum: int, distributed: bool) -> Callable:
     rt = od.accelerate(w.build(), plan, optimizer=sgd, trackers=("jsonl",), run_dir=run_dir,
                        log_every=1)
     _LOGGED[(w.name, accum)] = rt
+    _IN_PLACE[(w.name, accum)] = InPlace(rt._meter, METER_CALLS)
     return overdrive_step(rt, w, Batches(rt.shard(user_loader(w, distributed))), accum)
+
+
+_IN_PLACE: dict[tuple[str, int], "InPlace"] = {}  # the logged meter's timed calls
+
+
+class InPlace:
+    """Calls of one object (the step meter's feeds and flushes, the ledger's entries)
+    timed where they run, inside the loop's steps: each between two ``perf_counter``
+    reads (wall time over a few µs; the timer's own ~0.1 µs a call is counted too), a
+    call made inside another (a flush inside ``on_step``) in the outer one's time. That
+    is the whole of what the object runs in this process, on the loop's own cold caches,
+    free of the block-to-block noise of a paired difference; what it cannot see is what
+    the object does to the rest of the step (the paired rows are that read)."""
+
+    def __init__(self, obj: Any, names: tuple[str, ...]):
+        self.seconds, self._depth = 0.0, 0
+        clock = time.perf_counter
+        for name in names:
+            setattr(obj, name, self._timed(getattr(obj, name), clock))
+
+    def _timed(self, call: Callable, clock: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            self._depth += 1
+            t0 = clock()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                self._depth -= 1
+                if not self._depth:
+                    self.seconds += clock() - t0
+        return timed
+
+    def reset(self) -> None:
+        self.seconds = 0.0
+
+
+METER_CALLS = ("on_batch", "on_backward", "on_step", "_flush")
+LEDGER_CALLS = ("note_engine", "point")
+
+
+def start_writer(rt) -> float | None:
+    """The jsonl writer process started before the timed rounds, as a loop this fast
+    starts it at its first flush of 64 rows or more: once a run (a few ms, reported
+    apart), not a cost of the timed rows. Returns its start in ms (process CPU)."""
+    tracker = next((t for t in rt._tracking._trackers if t.name == "jsonl"), None) \
+        if rt.is_main else None
+    if INLINE_JSONL or tracker is None or tracker._writer is not None or tracker._inline or \
+            tracker._path is None:
+        return None
+    c0 = time.process_time()
+    tracker._start_writer()
+    return round((time.process_time() - c0) * 1e3, 2) if tracker._writer else None
+
+
+def finish_logged(w: Workload, accum: int) -> dict:
+    """``rt.finish()`` of the logged runtime: its rows written, and the CPU the jsonl
+    writer process used (the children's CPU time, counted once it is reaped: µs per
+    row written; None when its rows were written in this process)."""
+    import resource
+
+    rt = _LOGGED.get((w.name, accum))
+    if rt is None or not rt.is_main:
+        return {}
+    tracker = next((t for t in rt._tracking._trackers if t.name == "jsonl"), None)
+    writer = tracker is not None and tracker._writer is not None
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    rt.finish()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    rows = sum(1 for _ in open(os.path.join(rt._tracking.run_dir, "metrics.jsonl")))
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return {"rows_written": rows, "writer_process": writer,
+            "writer_cpu_us_per_row": round(cpu / rows * 1e6, 2) if writer and rows else None}
 
 
 def unlogged_variant(w: Workload, accum: int, distributed: bool) -> Callable:
@@ -371,7 +451,11 @@ def measure(w: Workload, accum: int, rounds: int, warmup: int, blocks: int,
     cpu: dict[str, list[float]] = {n: [] for n in variants}
     names = list(variants)
     clock, cpu_clock = time.perf_counter, time.process_time
+    logged = _LOGGED.get((w.name, accum))
+    writer_start_ms = None
     for i in range(warmup + rounds):
+        if i == warmup and logged is not None:
+            writer_start_ms = start_writer(logged)
         order = names[i % len(names):] + names[: i % len(names)]  # rotate who goes first
         if i % 2:
             for a, b in SWAPPED:
@@ -392,6 +476,7 @@ def measure(w: Workload, accum: int, rounds: int, warmup: int, blocks: int,
         out["ledger"] = paired(cpu["overdrive"], cpu["overdrive_no_ledger"], blocks, warmup)
     if "overdrive_logged" in cpu and "overdrive_unlogged" in cpu:
         out["logging"] = paired(cpu["overdrive_logged"], cpu["overdrive_unlogged"], blocks, warmup)
+        out["logging"]["writer_start_ms"] = writer_start_ms
     out["wall"] = summarize(w, accum, wall, errors, blocks)["variants"]
     return out
 
@@ -462,6 +547,82 @@ def paired(on: list[float], off: list[float], blocks: int, warmup: int) -> dict:
             "added_us_halves": [round(h * 1e6, 1) for h in halves],
             "added_us_mean": round(mean * 1e6, 1), "ratio_mean": round(1 + mean / base, 4),
             "added_us_per_block": per_block_us(diffs, blocks)}
+
+
+SOLO_BLOCK = 64  # optimizer steps a block of the solo loop: one epoch of the workloads
+
+
+def solo_pair(rt, w: Workload, accum: int, distributed: bool, attr: str, in_place: InPlace,
+              seconds: float, aa: bool, last: Callable[[], None] | None = None) -> dict:
+    """A cost measured in a loop of its own, as a user runs one: ``rt`` alone, on a
+    fresh ``rt.shard`` loader, in blocks of one epoch (``SOLO_BLOCK`` optimizer steps)
+    with ``rt.<attr>`` (the step meter, the ledger) attached or detached, in the order
+    attached, detached, detached, attached (drift over a quad cancels), for about
+    ``seconds`` (``aa``: attached in all four, the A/A control). Reported: the median
+    over quads of the attached blocks' step minus the detached ones' (``added_us``:
+    every effect, the caches included), and its calls timed in place in the attached
+    blocks (``in_place_us`` a step; ``last`` runs inside the timing at the end: the last
+    rows' flush), each with 1 + it / the detached step."""
+    obj = getattr(rt, attr)
+    step = overdrive_step(rt, w, Batches(rt.shard(user_loader(w, distributed))), accum)
+    clock = time.process_time
+
+    def block(attached: bool) -> float:
+        setattr(rt, attr, obj if attached or aa else None)  # a new epoch reads it
+        if distributed:
+            dist.barrier()
+        c0 = clock()
+        for _ in range(SOLO_BLOCK):
+            step()
+        return (clock() - c0) / SOLO_BLOCK
+
+    quad_order = (True, False, False, True)
+    try:
+        quad = sum(block(a) for a in quad_order) * SOLO_BLOCK
+        n = max(3, int(seconds / max(quad, 1e-9)))
+        if distributed:  # every rank runs as many blocks
+            t = torch.tensor([n])
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            n = int(t)
+        in_place.reset()
+        diffs, off = [], []
+        for _ in range(n):
+            a, b, c, d = (block(x) for x in quad_order)
+            diffs.append((a + d - b - c) / 2)
+            off += [b, c]
+        if last is not None:
+            last()
+    finally:
+        setattr(rt, attr, obj)
+    base, added = statistics.median(off), statistics.median(diffs)
+    in_place_us = in_place.seconds / ((4 if aa else 2) * n * SOLO_BLOCK) * 1e6
+    return {"quads": n, "detached_median_us": round(base * 1e6, 1),
+            "added_us": round(added * 1e6, 2), "ratio": round(1 + added / base, 4),
+            "in_place_us": round(in_place_us, 2),
+            "ratio_in_place": round(1 + in_place_us / (base * 1e6), 4)}
+
+
+def logging_solo(w: Workload, accum: int, distributed: bool, seconds: float) -> dict | None:
+    """``solo_pair`` of the logged runtime's step meter (its flush and log-line intervals
+    a lone loop's, 0.5 s; the last rows' flush timed in place too)."""
+    from overdrive.runtime import step_metrics
+
+    rt, in_place = _LOGGED.get((w.name, accum)), _IN_PLACE.get((w.name, accum))
+    if rt is None or rt._meter is None or in_place is None:
+        return None
+    step_metrics.FLUSH_INTERVAL_S, step_metrics.LINE_INTERVAL_S = _SOLO
+    meter = rt._meter
+    return solo_pair(rt, w, accum, distributed, "_meter", in_place, seconds, LOGGING_AA,
+                     last=lambda: meter._flush(time.perf_counter()))
+
+
+def ledger_solo(w: Workload, accum: int, seconds: float) -> dict | None:
+    """``solo_pair`` of the overdrive runtime's collective ledger (2 processes)."""
+    rt = _RUNTIMES.get((w.name, accum), (None,))[0]
+    if rt is None or rt._ledger is None:
+        return None
+    return solo_pair(rt, w, accum, True, "_ledger", InPlace(rt._ledger, LEDGER_CALLS),
+                     seconds, LEDGER_AA)
 
 
 def per_block_us(diffs: list[float], blocks: int) -> list[float]:
@@ -594,6 +755,8 @@ def targets_of(cases: list[dict], world: int, distributed: bool,
                               f"differences: {pair.get('added_us')} µs, halves "
                               f"{pair.get('added_us_halves')}, per block "
                               f"{pair.get('added_us_per_block')})", pair.get("ratio"), 1.01))
+            out += solo_targets("collective ledger", "attached / detached",
+                                c.get("ledger_solo"), "", where, 1.01)
             alone = c.get("ledger_bookkeeping_us")
             out.append(target(f"collective ledger: 1 + its bookkeeping timed alone "
                               f"({alone} µs per optimizer step) / the raw step, {where}",
@@ -612,9 +775,15 @@ def targets_of(cases: list[dict], world: int, distributed: bool,
             out.append(target(f"step metrics: 1 + their bookkeeping timed alone ({alone} µs "
                               f"per optimizer step, feeds, records and flushes) / the raw "
                               f"step, {where}", round(1 + alone / raw, 5), 1.02))
-        out.append(target(f"step metrics, amortized: the same from the mean of the per-round "
-                          f"differences ({pair.get('added_us_mean')} µs: the 0.5 s flushes "
-                          f"of the rows included), {where}", pair.get("ratio_mean"), 1.02))
+        writer = pair.get("writer_cpu_us_per_row")
+        writer = f"; the jsonl writer process used {writer} µs of its own CPU a row" \
+            if writer is not None else "; rows written in this process"
+        out += solo_targets("step metrics", "logged / unlogged", c.get("logging_solo"),
+                            f", amortized: flushes included{writer}", where, 1.02)
+        out.append(target(f"step metrics: the plain mean of the per-round differences "
+                          f"({pair.get('added_us_mean')} µs; reference: it keeps every "
+                          f"rare slow step of both slots), {where}", pair.get("ratio_mean"),
+                          None))
         acc = v.get("accelerate", {})
         out.append(target(f"Accelerate / {baseline}, {where} (reference: the ratio depends "
                           f"on the step size; µs added {acc.get('added_us')})",
@@ -628,6 +797,18 @@ def targets_of(cases: list[dict], world: int, distributed: bool,
         out.append(target(f"collective ledger's watchdog thread: CPU s per wall s (share of "
                           f"one core), {world} processes", watchdog, 0.01))
     return out
+
+
+def solo_targets(what: str, blocks: str, solo: dict | None, in_place_note: str, where: str,
+                 limit: float) -> list[dict]:
+    """The two rows of a ``solo_pair``: its blocks' paired difference and its calls
+    timed in place."""
+    solo = solo or {}
+    return [target(f"{what} in a loop of its own ({blocks} blocks of {SOLO_BLOCK} steps, "
+                   f"{solo.get('quads')} quads; the median difference: "
+                   f"{solo.get('added_us')} µs), {where}", solo.get("ratio"), limit),
+            target(f"{what}: the calls timed in place in that loop ({solo.get('in_place_us')}"
+                   f" µs a step{in_place_note}), {where}", solo.get("ratio_in_place"), limit)]
 
 
 def _log_to_file() -> None:
@@ -649,14 +830,23 @@ def main() -> None:
     p.add_argument("--sizes", nargs="*", default=list(WORKLOADS), choices=list(WORKLOADS))
     p.add_argument("--accum", nargs="*", type=int, default=[1, 4])
     p.add_argument("--dist", action="store_true", help="run under torchrun (gloo, raw DDP baseline)")
+    p.add_argument("--solo-seconds", type=float, default=6.0,
+                   help="seconds of each case's solo loops (solo_pair: logging, ledger)")
+    p.add_argument("--inline-jsonl", action="store_true",
+                   help="metrics.jsonl written in the training process, never by the "
+                        "writer process (the comparison)")
     p.add_argument("--ledger-aa", action="store_true",
                    help="control: overdrive_no_ledger keeps its ledger (A/A of the ledger row)")
     p.add_argument("--logging-aa", action="store_true",
                    help="control: overdrive_unlogged keeps the step meter (A/A of the "
                         "logging rows)")
     args = p.parse_args()
-    global LEDGER_AA, LOGGING_AA
-    LEDGER_AA, LOGGING_AA = args.ledger_aa, args.logging_aa
+    global LEDGER_AA, LOGGING_AA, INLINE_JSONL
+    LEDGER_AA, LOGGING_AA, INLINE_JSONL = args.ledger_aa, args.logging_aa, args.inline_jsonl
+    if args.inline_jsonl:
+        from overdrive.runtime import tracking
+
+        tracking.WRITER_MIN_ROWS = 1 << 62
     torch.set_num_threads(1)
     _log_to_file()
     distributed = args.dist and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -678,6 +868,10 @@ def main() -> None:
                 cases[-1]["ledger_bookkeeping_us"] = ledger_bookkeeping_us(size, accum)
             else:
                 cases[-1]["meter_bookkeeping_us"] = meter_bookkeeping_us(w, accum)
+            cases[-1]["logging_solo"] = logging_solo(w, accum, distributed, args.solo_seconds)
+            if distributed:
+                cases[-1]["ledger_solo"] = ledger_solo(w, accum, args.solo_seconds)
+            cases[-1].setdefault("logging", {}).update(finish_logged(w, accum))
             if not distributed or dist.get_rank() == 0:
                 print(f"# {size} grad_accum {accum}: {cases[-1]['variants'].get('overdrive')}",
                       flush=True)
@@ -690,6 +884,7 @@ def main() -> None:
         "ledger_watchdog_cpu_share": watchdog,
         "ledger_aa": LEDGER_AA,  # overdrive_no_ledger kept its ledger (control)
         "logging_aa": LOGGING_AA,  # overdrive_unlogged kept the step meter (control)
+        "inline_jsonl": args.inline_jsonl,  # no jsonl writer process (the comparison)
         "clock": "process CPU time per optimizer step (time.process_time: the time other "
                  "processes on the machine take is not counted); wall-clock numbers under "
                  "each case's 'wall'",
