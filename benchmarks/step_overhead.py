@@ -25,16 +25,17 @@ the same runtime with its step meter detached (``overdrive_unlogged``: the logge
 variant's own model and runtime, so nothing but the logging differs; the two trade slots
 every other round), from their per-round differences: the mean of the two halves'
 medians (the rounds in each order: what the step before a slot adds cancels, ``paired``),
-and amortized: that plus the CPU time of the logged variant's flushes (the rows read,
-completed and handed over every 0.5 s, which the medians leave out), timed inside it and
-spread over its steps (``amortized``; the plain mean of the differences, which also
-counts the flushes, is kept as a reference: it keeps every rare slow step of both slots,
-and its A/A read up to 1.04). The flush and log-line intervals are scaled by the number
-of variants taking turns, so that a flush holds the rows of 0.5 s of the logged
+and the plain mean (a reference: it keeps the flushes, but also every rare slow step of
+both slots; its A/A read up to 1.04). The flush and log-line intervals are scaled by the
+number of variants taking turns, so that a flush holds the rows of 0.5 s of the logged
 variant's own steps, as in a loop running alone, not 1/7 of them with 7 times a flush's
-fixed cost each (``solo_intervals``). A flush of 64 rows or more hands them to the jsonl
-writer process (``overdrive/runtime/jsonl.py``), which formats them on its own CPU: the
-CPU it used is reported per row (``writer_cpu_us_per_row``) beside the target;
+fixed cost each (``solo_intervals``). The logged runtime is then also run in a loop of
+its own (``logging_solo``: blocks of 64 steps with the meter attached / detached, ABBA),
+its blocks' paired difference ≤ 1.02 and, amortized, the meter's calls timed in place in
+that loop, flushes included (``InPlace``) ≤ 1.02. A flush of 64 rows or more hands them to
+the jsonl writer process (``overdrive/runtime/jsonl.py``), which formats them on its own
+CPU: the CPU it used is reported per row (``writer_cpu_us_per_row``) beside the target
+(``--inline-jsonl``: written in the training process instead);
 ``--logging-aa`` keeps the meter attached in both slots (that ratio is the comparison's
 own noise), and the step metrics' bookkeeping is also timed alone (the feeds one step
 makes on the logged runtime's meter, 20,000 times, with the flushes of those rows: µs per
@@ -55,7 +56,9 @@ two orders' medians, ``paired``), as far as those resolve it (a few µs are belo
 machine's noise floor; ``--ledger-aa`` keeps the ledger attached in both slots: that
 ratio is the comparison's own noise, up to 1.02 in 300 rounds at the MLP size); the same
 bookkeeping is also timed alone (the ledger calls one step makes, 20,000 times: µs per
-step, and 1 + that / the raw step). DDP's gradient sync is its C++ built-in for every
+step, and 1 + that / the raw step), and the overdrive runtime runs in a loop of its own
+with its ledger attached / detached (``ledger_solo``: the blocks' paired difference and
+the ledger's calls timed in place, each ≤ 1.01). DDP's gradient sync is its C++ built-in for every
 overdrive variant (no comm hook): the ledger notes it once per synced backward. The
 ledger's watchdog thread is measured apart as its CPU time per second of wall time (it
 runs for every variant alike).
@@ -350,14 +353,20 @@ def start_writer(rt) -> float | None:
     """The jsonl writer process started before the timed rounds, as a loop this fast
     starts it at its first flush of 64 rows or more: once a run (a few ms, reported
     apart), not a cost of the timed rows. Returns its start in ms (process CPU)."""
-    tracker = next((t for t in rt._tracking._trackers if t.name == "jsonl"), None) \
-        if rt.is_main else None
+    tracker = _jsonl_tracker(rt)
     if INLINE_JSONL or tracker is None or tracker._writer is not None or tracker._inline or \
             tracker._path is None:
         return None
     c0 = time.process_time()
     tracker._start_writer()
     return round((time.process_time() - c0) * 1e3, 2) if tracker._writer else None
+
+
+def _jsonl_tracker(rt):
+    """Rank 0's jsonl tracker of ``rt`` (None elsewhere or when it has none)."""
+    if not rt.is_main:
+        return None
+    return next((t for t in rt._tracking._trackers if t.name == "jsonl"), None)
 
 
 def finish_logged(w: Workload, accum: int) -> dict:
@@ -369,7 +378,7 @@ def finish_logged(w: Workload, accum: int) -> dict:
     rt = _LOGGED.get((w.name, accum))
     if rt is None or not rt.is_main:
         return {}
-    tracker = next((t for t in rt._tracking._trackers if t.name == "jsonl"), None)
+    tracker = _jsonl_tracker(rt)
     writer = tracker is not None and tracker._writer is not None
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     rt.finish()

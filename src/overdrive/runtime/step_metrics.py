@@ -69,6 +69,7 @@ LINE_INTERVAL_S = 0.5
 FLUSH_INTERVAL_S = 0.5
 FINISH_WAIT_S = 10.0  # rank 0's wait at finish for the other ranks' last parts
 _MAX_LOSSES = 4096  # recorded micro-step losses that force a flush (device memory bound)
+_RECORD_WIDTH = 10  # the fields of on_step's record tuple
 _INSTANCES = itertools.count()  # meters made under a process group: the same on every rank
 
 
@@ -192,12 +193,15 @@ class StepMeter:
         recorded, self._recorded = self._recorded, []
         losses, cut = self._losses, self._cut
         self._losses, self._cut = losses[cut:], 0  # a partial interval stays
-        sums = _loss_sums(losses, cut, recorded)
+        # the records column by column (on_step's tuple: step, cut, micro, samples,
+        # tokens, norm, lr, elapsed, steps, memory)
+        fields = list(zip(*recorded)) if recorded else [()] * _RECORD_WIDTH
+        sums = _loss_sums(losses, cut, fields[1], fields[2])
         if not self._main:
             self._peers.post([(r[0], [s, r[2], r[3], r[4]]) for r, s in zip(recorded, sums)],
                              final)
             return
-        norms = _norms([r[5] for r in recorded])
+        norms = _norms(list(fields[5]))
         # on CPU the peak resident memory, read once a flush (a peak up to one interval
         # after the row's step); an accelerator's is each row's own, read at its step
         memory_now = None if self._cuda else memory(False)
@@ -205,7 +209,6 @@ class StepMeter:
         if peers is None and not queue:  # one data rank, nothing waiting: complete now
             if not recorded:
                 return
-            fields = list(zip(*recorded))  # the records column by column
             memories = [memory_now] * len(recorded) if memory_now is not None else \
                 list(fields[9])
             self._give([self._columns(fields, sums, fields[2], fields[3], fields[4], norms,
@@ -486,18 +489,18 @@ def _whole_sum(losses: list[torch.Tensor]) -> torch.Tensor:
 _FLOAT = frozenset({float})
 
 
-def _loss_sums(losses: list[torch.Tensor], cut: int, recorded: list[tuple]) -> list[float]:
+def _loss_sums(losses: list[torch.Tensor], cut: int, ends: tuple,
+               micros: tuple) -> list[float]:
     """Each recorded row's sum of micro-step losses (``losses[:cut]``, each row's ending
-    where its record says): every loss read in one copy."""
+    at its record's ``ends`` entry, ``micros`` losses long): every loss read in one copy."""
     if not cut:
-        return [0.0] * len(recorded)
+        return [0.0] * len(ends)
     flat = losses[:cut]
     values = flat if _FLOAT.issuperset(map(type, flat)) else _read(flat)
-    if cut == len(recorded) and [r[2] for r in recorded].count(1) == cut:
+    if cut == len(ends) and micros.count(1) == cut:
         return values  # a loss a row (no accumulation): the sums are the losses
     sums, start = [], 0
-    for rec in recorded:
-        end = rec[1]
+    for end in ends:
         sums.append(values[start] if end - start == 1 else sum(values[start:end]))
         start = end
     return sums
