@@ -32,7 +32,8 @@ variant's own steps, as in a loop running alone, not 1/7 of them with 7 times a 
 fixed cost each (``solo_intervals``). The logged runtime is then also run in a loop of
 its own (``logging_solo``: blocks of 64 steps with the meter attached / detached, ABBA),
 its blocks' paired difference ≤ 1.02 and, amortized, the meter's calls timed in place in
-that loop, flushes included (``InPlace``) ≤ 1.02. A flush of 64 rows or more hands them to
+that loop, flushes included (``InPlace``; net of the timer's own cost, which an empty
+call timed the same way once a step reads: ``timer_control``) ≤ 1.02. A flush of 64 rows or more hands them to
 the jsonl writer process (``overdrive/runtime/jsonl.py``), which formats them on its own
 CPU: the CPU it used is reported per row (``writer_cpu_us_per_row``) beside the target
 (``--inline-jsonl``: written in the training process instead);
@@ -58,7 +59,7 @@ ratio is the comparison's own noise, up to 1.02 in 300 rounds at the MLP size); 
 bookkeeping is also timed alone (the ledger calls one step makes, 20,000 times: µs per
 step, and 1 + that / the raw step), and the overdrive runtime runs in a loop of its own
 with its ledger attached / detached (``ledger_solo``: the blocks' paired difference and
-the ledger's calls timed in place, each ≤ 1.01). DDP's gradient sync is its C++ built-in for every
+the ledger's calls timed in place, net of the timer's cost, each ≤ 1.01). DDP's gradient sync is its C++ built-in for every
 overdrive variant (no comm hook): the ledger notes it once per synced backward. The
 ledger's watchdog thread is measured apart as its CPU time per second of wall time (it
 runs for every variant alike).
@@ -317,14 +318,15 @@ _IN_PLACE: dict[tuple[str, int], "InPlace"] = {}  # the logged meter's timed cal
 class InPlace:
     """Calls of one object (the step meter's feeds and flushes, the ledger's entries)
     timed where they run, inside the loop's steps: each between two ``perf_counter``
-    reads (wall time over a few µs; the timer's own ~0.1 µs a call is counted too), a
-    call made inside another (a flush inside ``on_step``) in the outer one's time. That
-    is the whole of what the object runs in this process, on the loop's own cold caches,
-    free of the block-to-block noise of a paired difference; what it cannot see is what
-    the object does to the rest of the step (the paired rows are that read)."""
+    reads (wall time), a call made inside another (a flush inside ``on_step``) in the
+    outer one's time. That is the whole of what the object runs in this process, on the
+    loop's own cold caches, free of the block-to-block noise of a paired difference;
+    what it cannot see is what the object does to the rest of the step (the paired rows
+    are that read). The timer's own cost on those cold caches (1–2 µs a call) is counted
+    too: ``timer_control`` measures it, to be taken off."""
 
     def __init__(self, obj: Any, names: tuple[str, ...]):
-        self.seconds, self._depth = 0.0, 0
+        self.seconds, self.calls, self._depth = 0.0, 0, 0
         clock = time.perf_counter
         for name in names:
             setattr(obj, name, self._timed(getattr(obj, name), clock))
@@ -339,10 +341,27 @@ class InPlace:
                 self._depth -= 1
                 if not self._depth:
                     self.seconds += clock() - t0
+                    self.calls += 1
         return timed
 
     def reset(self) -> None:
-        self.seconds = 0.0
+        self.seconds, self.calls = 0.0, 0
+
+    def net_seconds(self, control: "InPlace") -> float:
+        """``seconds`` less the timer's own cost of each call, as ``control`` read it."""
+        return self.seconds - self.calls * control.seconds / max(control.calls, 1)
+
+
+class _Empty:
+    def call(self) -> None:
+        return None
+
+
+def timer_control() -> tuple[InPlace, Callable[[], None]]:
+    """An empty method timed as ``InPlace`` times calls: called once a step in the same
+    loop, it reads what the timing itself costs a call there."""
+    empty = _Empty()
+    return InPlace(empty, ("call",)), empty.call
 
 
 METER_CALLS = ("on_batch", "on_backward", "on_step", "_flush")
@@ -570,10 +589,17 @@ def solo_pair(rt, w: Workload, accum: int, distributed: bool, attr: str, in_plac
     ``seconds`` (``aa``: attached in all four, the A/A control). Reported: the median
     over quads of the attached blocks' step minus the detached ones' (``added_us``:
     every effect, the caches included), and its calls timed in place in the attached
-    blocks (``in_place_us`` a step; ``last`` runs inside the timing at the end: the last
-    rows' flush), each with 1 + it / the detached step."""
+    blocks (``in_place_us`` a step, net of the timer's own cost: ``timer_control``;
+    ``last`` runs inside the timing at the end: the last rows' flush), each with 1 + it
+    / the detached step."""
     obj = getattr(rt, attr)
-    step = overdrive_step(rt, w, Batches(rt.shard(user_loader(w, distributed))), accum)
+    one_step = overdrive_step(rt, w, Batches(rt.shard(user_loader(w, distributed))), accum)
+    control, empty = timer_control()
+
+    def step() -> None:
+        one_step()
+        empty()
+
     clock = time.process_time
 
     def block(attached: bool) -> float:
@@ -594,6 +620,7 @@ def solo_pair(rt, w: Workload, accum: int, distributed: bool, attr: str, in_plac
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             n = int(t)
         in_place.reset()
+        control.reset()
         diffs, off = [], []
         for _ in range(n):
             a, b, c, d = (block(x) for x in quad_order)
@@ -604,9 +631,12 @@ def solo_pair(rt, w: Workload, accum: int, distributed: bool, attr: str, in_plac
     finally:
         setattr(rt, attr, obj)
     base, added = statistics.median(off), statistics.median(diffs)
-    in_place_us = in_place.seconds / ((4 if aa else 2) * n * SOLO_BLOCK) * 1e6
+    steps = (4 if aa else 2) * n * SOLO_BLOCK
+    in_place_us = in_place.net_seconds(control) / steps * 1e6
     return {"quads": n, "detached_median_us": round(base * 1e6, 1),
             "added_us": round(added * 1e6, 2), "ratio": round(1 + added / base, 4),
+            "in_place_gross_us": round(in_place.seconds / steps * 1e6, 2),
+            "timer_us_per_call": round(control.seconds / max(control.calls, 1) * 1e6, 2),
             "in_place_us": round(in_place_us, 2),
             "ratio_in_place": round(1 + in_place_us / (base * 1e6), 4)}
 
@@ -817,7 +847,10 @@ def solo_targets(what: str, blocks: str, solo: dict | None, in_place_note: str, 
                    f"{solo.get('quads')} quads; the median difference: "
                    f"{solo.get('added_us')} µs), {where}", solo.get("ratio"), limit),
             target(f"{what}: the calls timed in place in that loop ({solo.get('in_place_us')}"
-                   f" µs a step{in_place_note}), {where}", solo.get("ratio_in_place"), limit)]
+                   f" µs a step{in_place_note}; net of the timer's own "
+                   f"{solo.get('timer_us_per_call')} µs a call, read by an empty call timed "
+                   f"the same way once a step: {solo.get('in_place_gross_us')} µs gross), "
+                   f"{where}", solo.get("ratio_in_place"), limit)]
 
 
 def _log_to_file() -> None:
