@@ -106,6 +106,11 @@ _U32 = struct.Struct("<I")
 _FLOAT = frozenset({float})
 
 
+def all_floats(values) -> bool:
+    """Every value is a Python float (one C-level pass; no subclass, no int)."""
+    return _FLOAT.issuperset(map(type, values))
+
+
 def frame(kind: bytes, payload: bytes) -> bytes:
     return _HEAD.pack(kind, len(payload)) + payload
 
@@ -126,7 +131,7 @@ def encode_columns(steps: list[int], columns: dict[str, list]) -> bytes | None:
             sparse.append(key)
             body.append(bytes([v is not None for v in values]))
             values = [0.0 if v is None else v for v in values]
-        if not _FLOAT.issuperset(map(type, values)):
+        if not all_floats(values):
             return None
         body.append(array("d", values).tobytes())
     header = json.dumps({"n": n, "keys": list(columns), "sparse": sparse}).encode()

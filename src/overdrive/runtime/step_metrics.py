@@ -56,6 +56,7 @@ import torch
 import torch.distributed as dist
 
 from .grad import raw_optimizer
+from .jsonl import all_floats
 from .rows import Rows, StepColumns
 
 log = logging.getLogger("overdrive")
@@ -486,9 +487,6 @@ def _whole_sum(losses: list[torch.Tensor]) -> torch.Tensor:
     return loss.full_tensor() if hasattr(loss, "full_tensor") else loss
 
 
-_FLOAT = frozenset({float})
-
-
 def _loss_sums(losses: list[torch.Tensor], cut: int, ends: tuple,
                micros: tuple) -> list[float]:
     """Each recorded row's sum of micro-step losses (``losses[:cut]``, each row's ending
@@ -496,7 +494,7 @@ def _loss_sums(losses: list[torch.Tensor], cut: int, ends: tuple,
     if not cut:
         return [0.0] * len(ends)
     flat = losses[:cut]
-    values = flat if _FLOAT.issuperset(map(type, flat)) else _read(flat)
+    values = flat if all_floats(flat) else _read(flat)
     if cut == len(ends) and micros.count(1) == cut:
         return values  # a loss a row (no accumulation): the sums are the losses
     sums, start = [], 0
