@@ -33,10 +33,11 @@ fixed cost each (``solo_intervals``). The logged runtime is then also run in a l
 its own (``logging_solo``: blocks of 64 steps with the meter attached / detached, ABBA),
 its blocks' paired difference ≤ 1.02 and, amortized, the meter's calls timed in place in
 that loop, flushes included (``InPlace``; net of the timer's own cost, which an empty
-call timed the same way once a step reads: ``timer_control``) ≤ 1.02. A flush of 64 rows or more hands them to
-the jsonl writer process (``overdrive/runtime/jsonl.py``), which formats them on its own
-CPU: the CPU it used is reported per row (``writer_cpu_us_per_row``) beside the target
-(``--inline-jsonl``: written in the training process instead);
+call timed the same way once a step reads: ``timer_control``) ≤ 1.02. A flush of 64
+rows or more hands them to the jsonl writer process (``overdrive/runtime/jsonl.py``),
+which formats them on its own CPU: the CPU it used is reported per row
+(``writer_cpu_us_per_row``) beside the target (``--inline-jsonl``: written in the
+training process instead);
 ``--logging-aa`` keeps the meter attached in both slots (that ratio is the comparison's
 own noise), and the step metrics' bookkeeping is also timed alone (the feeds one step
 makes on the logged runtime's meter, 20,000 times, with the flushes of those rows: µs per
@@ -59,10 +60,10 @@ ratio is the comparison's own noise, up to 1.02 in 300 rounds at the MLP size); 
 bookkeeping is also timed alone (the ledger calls one step makes, 20,000 times: µs per
 step, and 1 + that / the raw step), and the overdrive runtime runs in a loop of its own
 with its ledger attached / detached (``ledger_solo``: the blocks' paired difference and
-the ledger's calls timed in place, net of the timer's cost, each ≤ 1.01). DDP's gradient sync is its C++ built-in for every
-overdrive variant (no comm hook): the ledger notes it once per synced backward. The
-ledger's watchdog thread is measured apart as its CPU time per second of wall time (it
-runs for every variant alike).
+the ledger's calls timed in place, net of the timer's cost, each ≤ 1.01). DDP's gradient
+sync is its C++ built-in for every overdrive variant (no comm hook): the ledger notes it
+once per synced backward. The ledger's watchdog thread is measured apart as its CPU time
+per second of wall time (it runs for every variant alike).
 
 Prints one JSON object and writes benchmarks/results/step_overhead[_dist].json.
 """
@@ -322,8 +323,8 @@ class InPlace:
     outer one's time. That is the whole of what the object runs in this process, on the
     loop's own cold caches, free of the block-to-block noise of a paired difference;
     what it cannot see is what the object does to the rest of the step (the paired rows
-    are that read). The timer's own cost on those cold caches (1–2 µs a call) is counted
-    too: ``timer_control`` measures it, to be taken off."""
+    are that read). The timer's own cost on those cold caches (0.4–2.4 µs a call) is
+    counted too: ``timer_control`` measures it, to be taken off."""
 
     def __init__(self, obj: Any, names: tuple[str, ...]):
         self.seconds, self.calls, self._depth = 0.0, 0, 0
@@ -347,9 +348,12 @@ class InPlace:
     def reset(self) -> None:
         self.seconds, self.calls = 0.0, 0
 
+    def per_call(self) -> float:
+        return self.seconds / max(self.calls, 1)
+
     def net_seconds(self, control: "InPlace") -> float:
         """``seconds`` less the timer's own cost of each call, as ``control`` read it."""
-        return self.seconds - self.calls * control.seconds / max(control.calls, 1)
+        return self.seconds - self.calls * control.per_call()
 
 
 class _Empty:
@@ -636,7 +640,7 @@ def solo_pair(rt, w: Workload, accum: int, distributed: bool, attr: str, in_plac
     return {"quads": n, "detached_median_us": round(base * 1e6, 1),
             "added_us": round(added * 1e6, 2), "ratio": round(1 + added / base, 4),
             "in_place_gross_us": round(in_place.seconds / steps * 1e6, 2),
-            "timer_us_per_call": round(control.seconds / max(control.calls, 1) * 1e6, 2),
+            "timer_us_per_call": round(control.per_call() * 1e6, 2),
             "in_place_us": round(in_place_us, 2),
             "ratio_in_place": round(1 + in_place_us / (base * 1e6), 4)}
 

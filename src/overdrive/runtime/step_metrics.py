@@ -361,7 +361,8 @@ def _finish_at_exit(ref) -> None:
 
 class _Entry:
     """A recorded row on rank 0: its record, its sums so far (``total``: loss sum,
-    micro-steps, samples, tokens), how many ranks' parts are still missing, the row."""
+    micro-steps, samples, tokens), its norm and memory, how many ranks' parts are still
+    missing."""
 
     __slots__ = ("rec", "total", "norm", "memory", "missing")
 

@@ -113,7 +113,7 @@ class JsonlTracker(Tracker):
             self._start_writer()
         if self._writer is not None:
             try:
-                self._writer.send(_frames(rows))
+                self._writer.send(_writer_frames(rows))
                 return
             except OSError as err:
                 self._lose_writer(err)
@@ -161,7 +161,7 @@ WRITER_MIN_ROWS = 64
 WRITER_FINISH_WAIT_S = 10.0  # rt.finish()'s wait for the writer process
 
 
-def _frames(rows: Rows) -> bytes:
+def _writer_frames(rows: Rows) -> bytes:
     """The writer process's frames of ``rows``: the step metrics' columns as numbers,
     any other row (and columns that are not all floats) as its text."""
     out = []
